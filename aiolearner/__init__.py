@@ -1,0 +1,92 @@
+"""aiolearner: an async, coroutine-based training framework for PyTorch, on anyio.
+
+The public API is what this module exports; everything else lives in private modules.
+"""
+
+from __future__ import annotations
+
+from ._callbacks import Callback as Callback
+from ._data import Batches as Batches
+from ._events import Event as Event
+from ._events import EventStream as EventStream
+from ._exceptions import AiolearnerError as AiolearnerError
+from ._exceptions import ConfigurationError as ConfigurationError
+from ._exceptions import ControlFlow as ControlFlow
+from ._exceptions import LearnerBusyError as LearnerBusyError
+from ._exceptions import SkipBatch as SkipBatch
+from ._exceptions import StateAccessError as StateAccessError
+from ._exceptions import StopEpoch as StopEpoch
+from ._exceptions import StopFit as StopFit
+from ._learner import Learner as Learner
+from ._learner import LearnerStatus as LearnerStatus
+from ._locks import ReadWriteLock as ReadWriteLock
+from ._runtime import ComputePolicy as ComputePolicy
+from ._runtime import Runtime as Runtime
+from ._stages import ComputeStage as ComputeStage
+from ._stages import Epoch as Epoch
+from ._stages import Fit as Fit
+from ._stages import FitBatch as FitBatch
+from ._stages import FitRun as FitRun
+from ._stages import Gradient as Gradient
+from ._stages import Stage as Stage
+from ._stages import Update as Update
+from ._stages import Validate as Validate
+from ._stages import ValidateBatch as ValidateBatch
+from ._stages import ValidateLoss as ValidateLoss
+from ._stages import split_batch as split_batch
+from ._state import ReadOnlyDict as ReadOnlyDict
+from ._state import ReadOnlyList as ReadOnlyList
+from ._state import State as State
+from ._state import StateView as StateView
+from ._trace import Trace as Trace
+from ._trace import TraceRecord as TraceRecord
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AiolearnerError",
+    "Batches",
+    "Callback",
+    "ComputePolicy",
+    "ComputeStage",
+    "ConfigurationError",
+    "ControlFlow",
+    "Epoch",
+    "Event",
+    "EventStream",
+    "Fit",
+    "FitBatch",
+    "FitRun",
+    "Gradient",
+    "Learner",
+    "LearnerBusyError",
+    "LearnerStatus",
+    "ReadOnlyDict",
+    "ReadOnlyList",
+    "ReadWriteLock",
+    "Runtime",
+    "SkipBatch",
+    "Stage",
+    "State",
+    "StateAccessError",
+    "StateView",
+    "StopEpoch",
+    "StopFit",
+    "Trace",
+    "TraceRecord",
+    "Update",
+    "Validate",
+    "ValidateBatch",
+    "ValidateLoss",
+    "split_batch",
+]
+
+# Public objects report their public module (as trio and httpx do).
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("aiolearner._"):
+        try:
+            _obj.__module__ = "aiolearner"
+        except (AttributeError, TypeError):  # pragma: no cover
+            pass
+del _name, _obj

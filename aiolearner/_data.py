@@ -1,0 +1,314 @@
+"""Feeding batches to the stages, overlapping data loading with compute.
+
+A :class:`BatchSource` wraps what the user gave as training or validation data: any iterable of
+batches (a torch DataLoader included) or an async iterable. For each pass it hands the stage a
+:class:`Batches` iterator, in one of two modes:
+
+* **inline**: ``next()`` on the source is called on the event loop when the batch is needed. This
+  is what a cheap source (tensors in memory, a DataLoader whose worker processes keep up) needs: a
+  thread hop costs ~200 us, far more than such a fetch.
+* **producer**: a producer task, started in the learner's run task group, fetches batches ahead of
+  use (in a worker thread for sync iterables, so a slow ``__getitem__`` or collate never blocks the
+  loop; directly for async iterables), moves them to the device (pinned memory and a side stream
+  on CUDA) and sends them into a bounded memory object stream of ``prefetch`` batches.
+
+With ``fetch="auto"`` (the default) a sync source starts inline and moves to the producer as soon
+as one fetch takes longer than ``fetch_budget`` seconds; async iterables always use the producer.
+
+Errors raised by the source surface in the stage that consumes the batch, as their own type, with a
+note naming the source and the batch index. Closing a pass cancels the producer and waits for it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._device import DeviceMover
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+__all__ = ["END", "BatchSource", "Batches", "FetchMode"]
+
+FetchMode = Literal["auto", "thread", "inline"]
+
+
+class _End:
+    def __repr__(self) -> str:
+        return "END"
+
+
+#: Returned by ``Batches.next()`` when the pass has no more batches.
+END: Any = _End()
+
+
+class _Failure:
+    __slots__ = ("exc", "index")
+
+    def __init__(self, exc: BaseException, index: int) -> None:
+        self.exc = exc
+        self.index = index
+
+
+def _describe(data: object) -> str:
+    return type(data).__name__
+
+
+class BatchSource:
+    """One data set of a learner (``train_data`` or ``val_data``)."""
+
+    def __init__(
+        self,
+        data: Any,
+        *,
+        name: str,
+        mover: DeviceMover,
+        prefetch: int,
+        fetch: FetchMode,
+        fetch_budget: float,
+        steps_per_epoch: int | None = None,
+    ) -> None:
+        self.is_async = hasattr(data, "__aiter__")
+        if not self.is_async and not hasattr(data, "__iter__"):
+            raise TypeError(
+                f"{name} must be an iterable of batches (a torch DataLoader, a list, a generator)"
+                f" or an async iterable, got {type(data).__name__}"
+            )
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+        if fetch not in ("auto", "thread", "inline"):
+            raise ValueError(f"fetch must be 'auto', 'thread' or 'inline', got {fetch!r}")
+        self.data = data
+        self.name = name
+        self.mover = mover
+        self.prefetch = prefetch
+        self.fetch = fetch
+        self.fetch_budget = fetch_budget
+        self.steps_per_epoch = steps_per_epoch
+        self.slow = fetch == "thread"
+        # Persisting across passes: the live iterator (when steps_per_epoch cuts passes short)
+        # and the batches fetched ahead but not consumed when a pass was interrupted.
+        self._it: Any = None
+        self._leftover: deque[Any] = deque()
+        self._limiter = anyio.CapacityLimiter(1)
+        #: Fetches done by the source (for tests and the throughput callback).
+        self.fetched = 0
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n if self.steps_per_epoch is None else min(n, self.steps_per_epoch)
+
+    @asynccontextmanager
+    async def open(
+        self, tg: TaskGroup, *, skip: int = 0, reset: Any = None
+    ) -> AsyncIterator[Batches]:
+        """One pass. ``skip`` batches are fast-forwarded over (resuming mid-epoch)."""
+        persistent = self.steps_per_epoch is not None
+        if self._it is None or not persistent:
+            self._leftover.clear()
+            if self.is_async:
+                self._it = aiter(self.data)
+                for _ in range(skip):
+                    await anext(self._it)
+            elif skip or self.slow:
+                self._it = await anyio.to_thread.run_sync(
+                    self._start_sync, skip, reset, limiter=self._limiter
+                )
+            else:
+                self._it = self._start_sync(0, None)
+        batches = Batches(self, self._it, tg, skip)
+        try:
+            yield batches
+        finally:
+            await batches.aclose()
+
+    def _start_sync(self, skip: int, reset: Any) -> Iterator[Any]:
+        if reset is not None:
+            it: Iterator[Any] = reset(lambda: self._fast_forward(skip))
+            return it
+        return self._fast_forward(skip)
+
+    def _fast_forward(self, skip: int) -> Iterator[Any]:
+        it: Iterator[Any] = iter(self.data)
+        for i in range(skip):
+            try:
+                next(it)
+            except StopIteration:
+                raise RuntimeError(
+                    f"cannot resume {self.name} at batch {skip}: it has only {i} batches now"
+                ) from None
+        return it
+
+    def exhausted(self) -> None:
+        """The live iterator ran out; the next pass starts a new one."""
+        self._it = None
+
+
+class Batches:
+    """The batches of one pass: ``await batches.next()`` until it returns ``batches.END``."""
+
+    END = END
+
+    def __init__(self, source: BatchSource, it: Any, tg: TaskGroup, index: int) -> None:
+        self.source = source
+        self._it = it
+        self._tg = tg
+        self.index = index
+        self._taken = 0
+        self._limit = source.steps_per_epoch
+        self._receive: MemoryObjectReceiveStream[Any] | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._done: anyio.Event | None = None
+        self._mover = source.mover
+        self._inflight: Any = END
+        if source.is_async or source.slow:
+            self._start_producer()
+
+    # -- consumer side ---------------------------------------------------------------------------
+
+    async def next(self) -> Any:
+        """The next batch, on the device, or ``END``."""
+        if self._limit is not None and self._taken >= self._limit:
+            return END
+        source = self.source
+        if source._leftover:
+            item = source._leftover.popleft()
+        elif self._receive is None:
+            item = self._fetch_inline()
+        else:
+            receive = self._receive
+            try:
+                item = receive.receive_nowait()
+            except anyio.WouldBlock:
+                try:
+                    item = await receive.receive()
+                except anyio.EndOfStream:
+                    item = END
+            except anyio.EndOfStream:
+                item = END
+        if item is END:
+            source.exhausted()
+            return END
+        if type(item) is _Failure:
+            raise self._failed(item.exc, item.index)
+        self._taken += 1
+        self.index += 1
+        if type(item) is tuple and len(item) == 2 and type(item[0]) is _Moved:
+            return self._mover.ready(item[0].batch, item[1])
+        return item
+
+    def _failed(self, exc: BaseException, index: int) -> BaseException:
+        exc.add_note(
+            f"aiolearner: raised by {self.source.name} ({_describe(self.source.data)}) while "
+            f"fetching batch {index} of this pass"
+        )
+        return exc
+
+    def _fetch_inline(self) -> Any:
+        start = time.perf_counter()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            return END
+        except Exception as exc:
+            raise self._failed(exc, self.index) from None
+        source = self.source
+        source.fetched += 1
+        if source.fetch == "auto" and time.perf_counter() - start > source.fetch_budget:
+            # This source is slow: fetch ahead in a worker thread from now on.
+            source.slow = True
+            self._start_producer()
+        return self._mover.move_inline(batch)
+
+    # -- producer side ---------------------------------------------------------------------------
+
+    def _start_producer(self) -> None:
+        send, receive = anyio.create_memory_object_stream[Any](self.source.prefetch)
+        self._receive = receive
+        self._scope = anyio.CancelScope()
+        self._done = anyio.Event()
+        self._tg.start_soon(
+            self._produce, send, self._scope, self._done, name=f"aiolearner.{self.source.name}"
+        )
+
+    def _fetch_sync(self) -> Any:
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            return END
+        self.source.fetched += 1
+        moved, event = self._mover.move_ahead(batch)
+        if event is None:
+            return moved
+        return (_Moved(moved), event)
+
+    async def _produce(
+        self, send: MemoryObjectSendStream[Any], scope: anyio.CancelScope, done: anyio.Event
+    ) -> None:
+        source = self.source
+        index = self.index
+        item: Any = END
+        try:
+            with scope, send:
+                while True:
+                    try:
+                        if source.is_async:
+                            try:
+                                raw = await anext(self._it)
+                            except StopAsyncIteration:
+                                return
+                            source.fetched += 1
+                            item = self._mover.move_inline(raw)
+                        else:
+                            item = await anyio.to_thread.run_sync(
+                                self._fetch_sync, limiter=source._limiter
+                            )
+                            if item is END:
+                                return
+                    except Exception as exc:
+                        item = END
+                        await send.send(_Failure(exc, index))
+                        return
+                    await send.send(item)
+                    item = END
+                    index += 1
+        finally:
+            # Fetched but never handed over (the pass was closed): aclose() keeps it for the next
+            # pass, after the batches still in the buffer, which were fetched before it.
+            self._inflight = item
+            done.set()
+
+    async def aclose(self) -> None:
+        """Stop the producer and keep what it fetched ahead for the next pass."""
+        if self._scope is None or self._done is None or self._receive is None:
+            return
+        self._scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await self._done.wait()
+        leftover = self.source._leftover
+        while True:
+            try:
+                item = self._receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                break
+            if item is not END and type(item) is not _Failure:
+                leftover.append(item)
+        if self._inflight is not END:
+            leftover.append(self._inflight)
+        self._receive.close()
+
+
+class _Moved:
+    """Marks a batch moved on a side CUDA stream (the consumer must wait on its event)."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch

@@ -1,0 +1,158 @@
+"""Every exception aiolearner raises on purpose.
+
+Hierarchy::
+
+    Exception
+    ├── AiolearnerError                 base of the "you misused it" errors
+    │   ├── ConfigurationError          bad callbacks/stages, found when the Learner is built
+    │   ├── StateAccessError            undeclared or invalid state access, where it happens
+    │   └── LearnerBusyError            a call that the learner's lifecycle does not allow now
+    └── ControlFlow                     raised on purpose to steer training, never an error
+        ├── SkipBatch                   drop the current batch; owned by FitBatch / ValidateBatch
+        ├── StopEpoch                   end the current pass (training or validation) early
+        └── StopFit                     end the whole run; teardown hooks still run
+
+"It broke" errors (a shape mismatch in the model, a failing callback) are never translated: they
+keep their own type and get notes (``add_note``) naming the stage, hook, callback, epoch and step.
+Errors of callbacks always arrive in an :class:`ExceptionGroup` (see ``docs/errors.md``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AiolearnerError",
+    "ConfigurationError",
+    "ControlFlow",
+    "LearnerBusyError",
+    "SkipBatch",
+    "StateAccessError",
+    "StopEpoch",
+    "StopFit",
+]
+
+
+class AiolearnerError(Exception):
+    """Base class of the errors that say aiolearner was used in a way it does not allow."""
+
+
+class ConfigurationError(AiolearnerError):
+    """Raised when a Learner is built from callbacks or stages that cannot work together.
+
+    Raised by ``Learner(...)`` (and by ``Learner.replace_stage``), never halfway through training:
+    two writers of one field on one hook with no declared order, an ordering cycle, an unknown hook
+    name, a hook with a wrong signature, a callback writing a stage-owned counter.
+
+    Attributes:
+        hook: the hook concerned, if any.
+        callbacks: names of the callbacks concerned (possibly empty).
+        field: the state field concerned, if any.
+    """
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        hook: str | None = None,
+        callbacks: tuple[str, ...] = (),
+        field: str | None = None,
+    ) -> None:
+        self.problem = problem
+        self.hook = hook
+        self.callbacks = callbacks
+        self.field = field
+        where = []
+        if callbacks:
+            where.append("callbacks " + ", ".join(repr(c) for c in callbacks))
+        if field is not None:
+            where.append(f"field {field!r}")
+        if hook is not None:
+            where.append(f"hook {hook!r}")
+        suffix = f" ({'; '.join(where)})" if where else ""
+        super().__init__(problem + suffix)
+
+
+class StateAccessError(AiolearnerError, AttributeError):
+    """Raised where a callback reads or writes state it may not touch, or reads an invalid field.
+
+    It derives from :class:`AttributeError` too, so ``hasattr(state, "loss")`` answers ``False``
+    for a field that is not valid yet.
+
+    Attributes:
+        field: the field.
+        callback: name of the callback (``None`` for a stage).
+        hook: the hook being run (``None`` outside hooks).
+        reason: why the access was refused.
+    """
+
+    def __init__(
+        self,
+        field: str,
+        *,
+        reason: str,
+        callback: str | None = None,
+        hook: str | None = None,
+    ) -> None:
+        self.field = field
+        self.callback = callback
+        self.hook = hook
+        self.reason = reason
+        who = f"callback {callback!r}" if callback is not None else "stage code"
+        at = f" in hook {hook!r}" if hook is not None else ""
+        super().__init__(f"{who}{at} cannot access state field {field!r}: {reason}")
+
+
+class LearnerBusyError(AiolearnerError, RuntimeError):
+    """Raised when a Learner method is called while the learner's lifecycle forbids it.
+
+    For example ``fit`` while the same learner is already running ``fit``, or
+    ``replace_stage`` during training.
+
+    Attributes:
+        action: what was attempted.
+        status: the learner's status at that time.
+    """
+
+    def __init__(self, action: str, status: str) -> None:
+        self.action = action
+        self.status = status
+        super().__init__(f"cannot {action}: the learner is {status}")
+
+
+class ControlFlow(Exception):  # noqa: N818 - these are signals, not errors
+    """Base of the exceptions callbacks and stages raise to steer training on purpose.
+
+    A control-flow exception raised by one callback never cancels the other callbacks of the same
+    hook: the hook finishes, then the stage that owns the exception acts on it.
+
+    Args:
+        reason: a human-readable reason, kept as ``.reason`` and shown in traces and events.
+    """
+
+    def __init__(self, reason: str = "") -> None:
+        self.reason = reason
+        super().__init__(reason or type(self).__name__)
+
+
+class SkipBatch(ControlFlow):
+    """Drop the current batch: the rest of its stages and ``after_fit_batch`` do not run.
+
+    Owned by ``FitBatch`` (and ``ValidateBatch`` during validation). The batch still counts as
+    consumed, so a resumed run does not repeat it.
+    """
+
+
+class StopEpoch(ControlFlow):
+    """End the current pass (the training pass or the validation pass) early.
+
+    Owned by ``Fit`` and ``Validate``: the pass closes normally (its ``after_`` hook runs) and the
+    epoch goes on (a stopped training pass is followed by validation and ``after_epoch``).
+    Raised from ``before_epoch`` or ``after_epoch`` it ends the epoch.
+    """
+
+
+class StopFit(ControlFlow):
+    """End the whole run: every stage stops, then ``after_fit_run`` (teardown) runs.
+
+    Owned by ``FitRun``; ``fit`` returns normally. Calling ``fit`` again continues from where
+    the run stopped.
+    """

@@ -1,0 +1,303 @@
+"""Turning callbacks' declarations into a run plan per hook, and running it.
+
+Decided once, when the learner is built:
+
+* which callbacks sit on each hook (a hook nobody uses gets no plan at all: ``None``);
+* their order, from ``after`` declarations and from reads-after-writes: a callback that reads a
+  field another callback on the hook writes runs after it;
+* which orders are impossible (two unordered writers of one field, cycles) -> ConfigurationError;
+* the *layers*: callbacks with no order between them share a layer. In a layer, ``def`` hooks are
+  called inline, one ``async def`` hook is simply awaited, and only two or more ``async def``
+  hooks open a task group. So the task group's cost (~200 us) is paid only where concurrency is.
+
+The rules for exceptions, decided once (docs/errors.md):
+
+* a control-flow exception (SkipBatch, StopEpoch, StopFit) does not cancel anything: the whole
+  hook finishes, then the strongest one is raised for the owning stage;
+* any other exception of a callback cancels the hook's other callbacks and always comes out as an
+  ``ExceptionGroup``, even when one callback failed alone. Whether a hook's callbacks ran
+  concurrently is a detail of the plan, so it must not change what the caller has to catch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._callbacks import Callback, HookMethod, is_async_hook
+from ._exceptions import ConfigurationError, ControlFlow, SkipBatch, StopEpoch, StopFit
+from ._state import State, StateView
+
+if TYPE_CHECKING:
+    from ._trace import Trace
+
+__all__ = ["HookPlan", "build_plan", "stronger"]
+
+_RANK = {SkipBatch: 1, StopEpoch: 2, StopFit: 3}
+
+
+def stronger(a: ControlFlow | None, b: ControlFlow) -> ControlFlow:
+    """Of two control-flow exceptions, the one that ends more (StopFit > StopEpoch > SkipBatch)."""
+    if a is None:
+        return b
+    rank_a = max((r for t, r in _RANK.items() if isinstance(a, t)), default=0)
+    rank_b = max((r for t, r in _RANK.items() if isinstance(b, t)), default=0)
+    return b if rank_b > rank_a else a
+
+
+@dataclass(slots=True)
+class Entry:
+    """One callback's hook method in a plan."""
+
+    callback: Callback
+    name: str
+    fn: HookMethod
+    is_async: bool
+    view: StateView
+
+
+@dataclass(slots=True)
+class Layer:
+    """Callbacks with no order between them."""
+
+    sync: list[Entry]
+    concurrent: list[Entry]
+
+
+def _note(exc: BaseException, entry: Entry, hook: str, stage: str) -> None:
+    d = entry.view._state.__dict__
+    exc.add_note(
+        f"aiolearner: raised by callback {entry.name!r} in hook {hook!r} (stage {stage!r}) "
+        f"at epoch {d.get('epoch')}, step {d.get('step')}"
+    )
+
+
+class HookPlan:
+    """The precomputed run order of one hook."""
+
+    def __init__(
+        self, hook: str, stage: str, layers: list[Layer], trace: Trace | None = None
+    ) -> None:
+        self.hook = hook
+        self.stage = stage
+        self.layers = layers
+        self.trace = trace
+        self.has_async = any(e.is_async for layer in layers for e in layer.concurrent)
+        self.opens_task_group = any(len(layer.concurrent) > 1 for layer in layers)
+
+    @property
+    def entries(self) -> list[Entry]:
+        return [e for layer in self.layers for e in (*layer.sync, *layer.concurrent)]
+
+    def _group(self, excs: Sequence[Exception]) -> ExceptionGroup[Exception]:
+        return ExceptionGroup(
+            f"callback error in hook {self.hook!r} (stage {self.stage!r})", list(excs)
+        )
+
+    def _enter(self, entry: Entry) -> float:
+        assert self.trace is not None
+        d = entry.view._state.__dict__
+        return self.trace.enter(entry.name, self.hook, d.get("epoch"), d.get("step"))
+
+    def _exit(self, entry: Entry, start: float) -> None:
+        assert self.trace is not None
+        d = entry.view._state.__dict__
+        self.trace.exit(entry.name, self.hook, d.get("epoch"), d.get("step"), start)
+
+    def run_sync(self) -> None:
+        """Run a plan without async hooks (inline, or in the compute worker thread)."""
+        pending: ControlFlow | None = None
+        trace = self.trace
+        for layer in self.layers:
+            for entry in layer.sync:
+                start = self._enter(entry) if trace is not None else 0.0
+                try:
+                    entry.fn(entry.view)
+                except ControlFlow as flow:
+                    pending = stronger(pending, flow)
+                except Exception as exc:
+                    _note(exc, entry, self.hook, self.stage)
+                    raise self._group([exc]) from None
+                finally:
+                    if trace is not None:
+                        self._exit(entry, start)
+        if pending is not None:
+            raise pending
+
+    async def run(self) -> None:
+        """Run the plan on the event loop."""
+        if not self.has_async:
+            self.run_sync()
+            return
+        pending: ControlFlow | None = None
+        trace = self.trace
+        for layer in self.layers:
+            for entry in layer.sync:
+                start = self._enter(entry) if trace is not None else 0.0
+                try:
+                    entry.fn(entry.view)
+                except ControlFlow as flow:
+                    pending = stronger(pending, flow)
+                except Exception as exc:
+                    _note(exc, entry, self.hook, self.stage)
+                    raise self._group([exc]) from None
+                finally:
+                    if trace is not None:
+                        self._exit(entry, start)
+            if len(layer.concurrent) == 1:
+                entry = layer.concurrent[0]
+                start = self._enter(entry) if trace is not None else 0.0
+                try:
+                    await entry.fn(entry.view)  # type: ignore[misc]
+                except ControlFlow as flow:
+                    pending = stronger(pending, flow)
+                except Exception as exc:
+                    _note(exc, entry, self.hook, self.stage)
+                    raise self._group([exc]) from None
+                finally:
+                    if trace is not None:
+                        self._exit(entry, start)
+            elif layer.concurrent:
+                flows: list[ControlFlow] = []
+                try:
+                    async with anyio.create_task_group() as tg:
+                        for entry in layer.concurrent:
+                            tg.start_soon(self._run_one, entry, flows, name=entry.name)
+                except ExceptionGroup as group:
+                    # anyio already grouped them; re-label so the hook is named.
+                    raise self._group(group.exceptions) from None
+                for caught in flows:
+                    pending = stronger(pending, caught)
+        if pending is not None:
+            raise pending
+
+    async def _run_one(self, entry: Entry, flows: list[ControlFlow]) -> None:
+        start = self._enter(entry) if self.trace is not None else 0.0
+        try:
+            await entry.fn(entry.view)  # type: ignore[misc]
+        except ControlFlow as flow:
+            flows.append(flow)
+        except Exception as exc:
+            _note(exc, entry, self.hook, self.stage)
+            raise
+        finally:
+            if self.trace is not None:
+                self._exit(entry, start)
+
+
+def _declared(cb: Callback, attr: str) -> frozenset[str]:
+    value = getattr(cb, attr)
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise ConfigurationError(
+            f"{attr!r} must be a set of field names, got {value!r}", callbacks=(cb.name,)
+        )
+    return frozenset(value)
+
+
+def _must_follow(later: Callback, earlier: Callback) -> bool:
+    return any(isinstance(earlier, t) for t in later.after)
+
+
+def _order(hook: str, cbs: list[Callback]) -> list[list[int]]:
+    """Topological layers of the callbacks on one hook (indices into ``cbs``)."""
+    n = len(cbs)
+    reads = [_declared(cb, "reads") for cb in cbs]
+    writes = [_declared(cb, "writes") for cb in cbs]
+    succ: list[set[int]] = [set() for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            a, b = cbs[i], cbs[j]
+            a_then_b, b_then_a = _must_follow(b, a), _must_follow(a, b)
+            if a_then_b and b_then_a:
+                raise ConfigurationError(
+                    "ordering cycle: each callback declares it runs 'after' the other",
+                    hook=hook,
+                    callbacks=(a.name, b.name),
+                )
+            if not (a_then_b or b_then_a):
+                both = sorted(writes[i] & writes[j])
+                if both:
+                    raise ConfigurationError(
+                        "two callbacks write the same field with no declared order between "
+                        "them; add one to the other's 'after'",
+                        hook=hook,
+                        callbacks=(a.name, b.name),
+                        field=both[0],
+                    )
+                b_reads_a = sorted(writes[i] & reads[j])
+                a_reads_b = sorted(writes[j] & reads[i])
+                if b_reads_a and a_reads_b:
+                    raise ConfigurationError(
+                        f"ordering cycle: {b.name!r} reads {b_reads_a[0]!r} written by "
+                        f"{a.name!r}, which reads {a_reads_b[0]!r} written by {b.name!r}",
+                        hook=hook,
+                        callbacks=(a.name, b.name),
+                        field=b_reads_a[0],
+                    )
+                a_then_b, b_then_a = bool(b_reads_a), bool(a_reads_b)
+            if a_then_b:
+                succ[i].add(j)
+            if b_then_a:
+                succ[j].add(i)
+    indegree = [0] * n
+    for s in succ:
+        for j in s:
+            indegree[j] += 1
+    layers: list[list[int]] = []
+    ready = [i for i in range(n) if indegree[i] == 0]
+    placed = 0
+    while ready:
+        layers.append(ready)
+        placed += len(ready)
+        nxt = []
+        for i in ready:
+            for j in sorted(succ[i]):
+                indegree[j] -= 1
+                if indegree[j] == 0:
+                    nxt.append(j)
+        ready = sorted(nxt)
+    if placed != n:
+        stuck = tuple(cbs[i].name for i in range(n) if indegree[i] > 0)
+        raise ConfigurationError("ordering cycle among callbacks", hook=hook, callbacks=stuck)
+    return layers
+
+
+def build_plan(
+    hook: str,
+    stage: str,
+    hooked: list[tuple[Callback, HookMethod]],
+    state: State,
+    learner: Any,
+    trace: Trace | None,
+) -> HookPlan | None:
+    """The plan of one hook, or ``None`` when no callback uses it (so it costs nothing)."""
+    if not hooked:
+        return None
+    cbs = [cb for cb, _ in hooked]
+    layers = []
+    for indices in _order(hook, cbs):
+        layer = Layer([], [])
+        for i in indices:
+            cb, fn = hooked[i]
+            view = StateView(
+                state,
+                learner,
+                callback=cb.name,
+                hook=hook,
+                reads=_declared(cb, "reads"),
+                writes=_declared(cb, "writes"),
+            )
+            is_async = is_async_hook(fn)
+            (layer.concurrent if is_async else layer.sync).append(
+                Entry(cb, cb.name, fn, is_async, view)
+            )
+        layers.append(layer)
+    return HookPlan(hook, stage, layers, trace)
+
+
+def monotonic() -> float:
+    return time.perf_counter()

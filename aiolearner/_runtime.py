@@ -1,0 +1,301 @@
+"""What the stages of one learner share while running: compute placement, data, progress.
+
+Compute placement (``Learner(compute=...)``):
+
+* ``"inline"``: stages run their torch work on the event loop. Lowest overhead; the loop is
+  blocked for as long as a batch computes (it still yields every ``yield_interval`` seconds,
+  between batches, so cancellation stays prompt).
+* ``"thread"``: the blocking work runs in the learner's compute worker (a capacity-1 limiter on
+  anyio's worker threads). A fused batch (the default tree with ``def`` hooks) is one hop; an
+  unfused one hops once per compute stage.
+* ``"auto"`` (default): runs inline while that blocks the loop for at most ``max_blocking``
+  seconds per batch *or* nothing else is running on the loop; otherwise hops. It re-decides every
+  ``recheck_interval`` seconds from measured batch times and the loop's task list, so a tiny
+  model keeps inline overhead, and a heavy model keeps a web service on the same loop responsive.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+import torch
+
+from ._data import Batches, BatchSource
+from ._events import EventHub
+from ._locks import ReadWriteLock
+from ._rng import capture_rng, restore_rng
+from ._state import State
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from ._exceptions import ControlFlow
+    from ._stages import Stage
+    from ._trace import Trace
+
+__all__ = ["ComputeMode", "ComputePolicy", "Runtime"]
+
+ComputeMode = Literal["auto", "thread", "inline"]
+
+
+def loop_is_shared() -> bool:
+    """Whether tasks other than this one, its ancestors and aiolearner's own are on the loop."""
+    me = anyio.get_current_task()
+    tasks = anyio.get_running_tasks()
+    by_id = {t.id: t for t in tasks}
+    mine = set()
+    node: Any = me
+    while node is not None:
+        mine.add(node.id)
+        node = by_id.get(node.parent_id) if node.parent_id is not None else None
+    for task in tasks:
+        if task.id in mine or task.name is None:
+            continue
+        if task.name.startswith(("<", "aiolearner.")):
+            continue
+        return True
+    return False
+
+
+class ComputePolicy:
+    """Where stage compute runs; see the module docstring."""
+
+    def __init__(
+        self, mode: ComputeMode, *, max_blocking: float, recheck_interval: float = 0.5
+    ) -> None:
+        if mode not in ("auto", "thread", "inline"):
+            raise ValueError(f"compute must be 'auto', 'thread' or 'inline', got {mode!r}")
+        if max_blocking <= 0:
+            raise ValueError(f"max_blocking must be positive, got {max_blocking}")
+        self.mode = mode
+        self.max_blocking = max_blocking
+        self.recheck_interval = recheck_interval
+        self.hopping = mode == "thread"
+        self.limiter = anyio.CapacityLimiter(1)
+        self._typical: float | None = None
+        self._next_check = 0.0
+        #: How many hops were made (for tests and the throughput report).
+        self.hops = 0
+
+    def observe(self, seconds: float) -> None:
+        """Record how long one batch (or compute stage) blocked; maybe change the decision."""
+        typical = self._typical
+        self._typical = seconds if typical is None else 0.8 * typical + 0.2 * seconds
+        if self.mode == "auto":
+            now = time.perf_counter()
+            if now >= self._next_check:
+                self._next_check = now + self.recheck_interval
+                self.reconsider()
+
+    def reconsider(self) -> None:
+        typical = self._typical
+        heavy = typical is not None and typical > self.max_blocking
+        self.hopping = heavy and loop_is_shared()
+
+    @property
+    def typical_seconds(self) -> float | None:
+        """The smoothed duration of a batch's compute, as measured."""
+        return self._typical
+
+
+class Runtime:
+    """Shared by the stages of one learner (the stage API: ``stage.runtime``)."""
+
+    def __init__(
+        self,
+        *,
+        policy: ComputePolicy,
+        train: BatchSource,
+        val: BatchSource | None,
+        hub: EventHub,
+        trace: Trace | None,
+        yield_interval: float,
+        teardown_timeout: float,
+    ) -> None:
+        self.policy = policy
+        self.train = train
+        self.val = val
+        self.hub = hub
+        self.trace = trace
+        self.weights_lock = ReadWriteLock()
+        self.yield_interval = yield_interval
+        self.teardown_timeout = teardown_timeout
+        self.teardown_timed_out = False
+        self.observed = trace is not None
+        self.last_yield = time.perf_counter()
+        # progress
+        self.target_epochs = 0
+        self.pass_done = False
+        self.committed = False
+        self.train_losses: list[torch.Tensor] = []
+        self.epoch_rng: dict[str, Any] | None = None
+        self.batch_is_atomic = True
+        self.tg: TaskGroup | None = None
+
+    # -- compute ------------------------------------------------------------------------------
+
+    @property
+    def offloading(self) -> bool:
+        return self.policy.mode != "inline"
+
+    @property
+    def hop_leaves(self) -> bool:
+        """Whether unfused compute stages hop to the worker now."""
+        return self.policy.hopping
+
+    @property
+    def has_val_data(self) -> bool:
+        return self.val is not None
+
+    async def hop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` in the compute worker; returns its result."""
+        policy = self.policy
+        policy.hops += 1
+        try:
+            if policy.mode == "auto":
+                result = await anyio.to_thread.run_sync(
+                    self._timed, fn, *args, limiter=policy.limiter
+                )
+            else:
+                result = await anyio.to_thread.run_sync(fn, *args, limiter=policy.limiter)
+        finally:
+            self.last_yield = time.perf_counter()
+            self.hub.flush()
+        return result
+
+    def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.policy.observe(time.perf_counter() - start)
+
+    async def run_fused(self, stage: Stage, state: State) -> None:
+        """Run a fused batch stage (all sync) inline or in one hop, holding the write lock."""
+        lock = self.weights_lock if stage._fused_writes else None
+        if lock is not None and not lock.acquire_write_nowait():
+            await lock.acquire_write()
+        try:
+            policy = self.policy
+            if policy.hopping:
+                await self.hop(stage.call_sync, state)
+            elif policy.mode == "auto":
+                start = time.perf_counter()
+                try:
+                    stage.call_sync(state)
+                finally:
+                    policy.observe(time.perf_counter() - start)
+            else:
+                stage.call_sync(state)
+        finally:
+            if lock is not None:
+                lock.release_write()
+
+    # -- progress -----------------------------------------------------------------------------
+
+    def commit(self, state: State) -> None:
+        """The current training batch is final: it will not be repeated on resume."""
+        state.step += 1
+        state.batch_index += 1
+        self.committed = True
+
+    def finish_batch(self, state: State, losses: list[torch.Tensor]) -> None:
+        d = state.__dict__
+        loss = d.get("loss")
+        if loss is not None:
+            losses.append(loss)
+        state.invalidate("batch", "output", "loss")
+        if not self.committed:
+            self.commit(state)
+
+    def abandon_batch(self, state: State, rng: dict[str, Any] | None) -> None:
+        """A batch was interrupted (error or cancellation) before it was committed."""
+        state.invalidate("batch", "output", "loss")
+        if self.committed:
+            return
+        optimizer = state.__dict__.get("optimizer")
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        if rng is not None:
+            restore_rng(rng)
+
+    def capture_rng(self) -> dict[str, Any]:
+        return capture_rng()
+
+    def end_epoch(self, state: State) -> None:
+        state.epoch += 1
+        state.batch_index = 0
+        self.pass_done = False
+        self.train_losses = []
+        self.epoch_rng = None
+
+    # -- data ---------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def open_train(self, state: State) -> AsyncIterator[Batches]:
+        assert self.tg is not None
+        skip = state.batch_index
+        reset: Callable[[Callable[[], Any]], Any] | None = None
+        if skip == 0 or self.epoch_rng is None:
+            self.epoch_rng = capture_rng()
+        else:
+            # Resuming mid-epoch: rebuild the epoch's iterator from the RNG state it started
+            # with (so a shuffling sampler draws the same order), skip the batches already
+            # done, then put back the RNG state training had reached.
+            epoch_rng = self.epoch_rng
+
+            def reset_rng(make: Callable[[], Any]) -> Any:
+                now = capture_rng()
+                restore_rng(epoch_rng)
+                try:
+                    return make()
+                finally:
+                    restore_rng(now)
+
+            reset = reset_rng
+
+        async with self.train.open(self.tg, skip=skip, reset=reset) as batches:
+            yield batches
+
+    @asynccontextmanager
+    async def open_val(self, state: State) -> AsyncIterator[Batches]:
+        assert self.tg is not None
+        assert self.val is not None
+        async with self.val.open(self.tg) as batches:
+            yield batches
+
+    # -- observation (trace and events) ---------------------------------------------------------
+
+    def enter(self, stage: Stage, state: State) -> float:
+        d = state.__dict__
+        self.hub.publish("stage_start", stage.name, d.get("epoch"), d.get("step"))
+        if self.trace is not None:
+            return self.trace.enter(stage.name, None, d.get("epoch"), d.get("step"))
+        return 0.0
+
+    def exit(self, stage: Stage, state: State, start: float) -> None:
+        d = state.__dict__
+        self.hub.publish("stage_end", stage.name, d.get("epoch"), d.get("step"))
+        if self.trace is not None:
+            self.trace.exit(stage.name, None, d.get("epoch"), d.get("step"), start)
+
+    def observe_control(self, stage: Stage, flow: ControlFlow, state: State) -> None:
+        d = state.__dict__
+        kind = type(flow).__name__
+        self.hub.publish(
+            "control",
+            stage.name,
+            d.get("epoch"),
+            d.get("step"),
+            {"kind": kind, "reason": flow.reason},
+        )
+        if self.trace is not None:
+            self.trace.control(stage.name, kind, d.get("epoch"), d.get("step"))
+
+    def publish(self, kind: str, source: str, state: State, data: dict[str, Any]) -> None:
+        d = state.__dict__
+        self.hub.publish(kind, source, d.get("epoch"), d.get("step"), data)

@@ -1,0 +1,589 @@
+"""Stages: the async coroutines that make up the training logic, and the default tree.
+
+::
+
+    FitRun                 (learner.fit; hooks before_fit_run / after_fit_run: setup, teardown)
+    └─ Epoch               (once per epoch)
+       ├─ Fit              (one pass over the training data)
+       │  └─ FitBatch      (one batch)
+       │     ├─ Gradient   forward, loss, backward
+       │     └─ Update     optimizer step, zero grad      (holds the weights' write lock)
+       └─ Validate         (one pass over the validation data)
+          └─ ValidateBatch
+             └─ ValidateLoss   forward + loss under inference_mode
+
+A stage's ``run`` awaits its sub-stages; calling a stage (``await stage(state)``) runs its
+``before_`` hook, its ``run``, and its ``after_`` hook, and acts on the control-flow exceptions the
+stage owns. Leaf stages that do blocking torch work subclass :class:`ComputeStage` and put that work
+in a plain ``def compute``: the learner's compute policy then decides whether it runs on the event
+loop or in the compute worker thread. A batch stage whose whole subtree is plain (default ``run``,
+compute leaves, ``def`` hooks only) is *fused*: in thread mode the whole batch, hooks included,
+runs in a single hop to the worker thread.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import anyio
+import torch
+
+from ._exceptions import ControlFlow, SkipBatch, StopEpoch, StopFit
+from ._state import State
+
+if TYPE_CHECKING:
+    from ._plan import HookPlan
+    from ._runtime import Runtime
+
+__all__ = [
+    "ComputeStage",
+    "Epoch",
+    "Fit",
+    "FitBatch",
+    "FitRun",
+    "Gradient",
+    "Stage",
+    "Update",
+    "Validate",
+    "ValidateBatch",
+    "ValidateLoss",
+    "split_batch",
+]
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+_NOTED = "_aiolearner_noted"
+
+
+def note_stage_error(exc: BaseException, stage: str, state: State) -> None:
+    """Add one note naming where a stage-body error happened (the innermost stage only)."""
+    if isinstance(exc, BaseExceptionGroup) or getattr(exc, _NOTED, False):
+        return
+    d = state.__dict__
+    exc.add_note(
+        f"aiolearner: raised in stage {stage!r} at epoch {d.get('epoch')}, step {d.get('step')}"
+        f" (batch {d.get('batch_index')} of the epoch, phase {d.get('phase')!r})"
+    )
+    try:
+        setattr(exc, _NOTED, True)
+    except AttributeError:  # pragma: no cover - exceptions with __slots__
+        pass
+
+
+class Stage:
+    """Base class of stages: one coroutine that transforms the state, awaiting its sub-stages.
+
+    Subclasses override :meth:`run`; the default awaits the sub-stages passed to ``__init__`` in
+    order. Each stage's ``name`` gives its hooks their names (``before_<name>``/``after_<name>``);
+    it defaults to the snake-case class name and is inherited by subclasses of named stages, so a
+    subclass of :class:`FitBatch` is still hooked as ``fit_batch``.
+
+    Class attributes:
+        name: the stage's name in the tree.
+        catches: the control-flow exceptions this stage owns and acts on.
+
+    Example:
+        >>> class TwoPassFitBatch(FitBatch):
+        ...     async def run(self, state):
+        ...         await self.gradient(state)
+        ...         await self.gradient(state)   # a stage may await a sub-stage twice
+        ...         await self.update(state)
+    """
+
+    name: ClassVar[str] = "stage"
+    catches: ClassVar[tuple[type[ControlFlow], ...]] = ()
+    #: Whether the stage's ``after_`` hook still runs once it caught one of its ``catches``.
+    after_hook_when_caught: ClassVar[bool] = True
+
+    _before: HookPlan | None
+    _after: HookPlan | None
+    _rt: Runtime | None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__ and all(
+            "name" not in base.__dict__ for base in cls.__mro__[1:] if base is not Stage
+        ):
+            cls.name = _snake(cls.__name__)
+
+    def __init__(self, *children: Stage) -> None:
+        self.children: tuple[Stage, ...] = children
+        self._before = None
+        self._after = None
+        self._rt = None
+        self._fused = False
+        self._fused_writes = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    def walk(self) -> Iterator[Stage]:
+        """This stage and every stage under it, depth first."""
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+    @property
+    def hook_names(self) -> tuple[str, str]:
+        """``("before_<name>", "after_<name>")``."""
+        return f"before_{self.name}", f"after_{self.name}"
+
+    @property
+    def runtime(self) -> Runtime:
+        """The learner's runtime (stage API): compute policy, data sources, progress."""
+        rt = self._rt
+        if rt is None:
+            raise RuntimeError(f"stage {self.name!r} is not part of a built Learner")
+        return rt
+
+    async def run(self, state: State) -> None:
+        """The stage's work. The default runs the sub-stages one after the other."""
+        for child in self.children:
+            await child(state)
+
+    def run_sync(self, state: State) -> None:
+        """The same as :meth:`run` without the event loop (used when the batch is fused)."""
+        for child in self.children:
+            child.call_sync(state)
+
+    def acted(self, state: State, flow: ControlFlow) -> None:
+        """Called when this stage caught one of its ``catches`` (records the reason)."""
+        state.stop_reason = flow.reason or type(flow).__name__
+        rt = self._rt
+        if rt is not None and rt.observed:
+            rt.observe_control(self, flow, state)
+
+    async def __call__(self, state: State) -> None:
+        rt = self._rt
+        if rt is None:
+            raise RuntimeError(f"stage {self.name!r} is not part of a built Learner")
+        if self._fused and rt.offloading:
+            await rt.run_fused(self, state)
+            return
+        observed = rt.observed
+        start = rt.enter(self, state) if observed else 0.0
+        before, after = self._before, self._after
+        in_after = False
+        try:
+            if before is not None:
+                await before.run()
+            await self.run(state)
+            if after is not None:
+                in_after = True
+                await after.run()
+        except ControlFlow as flow:
+            if not isinstance(flow, self.catches):
+                raise
+            self.acted(state, flow)
+            if after is not None and not in_after and self.after_hook_when_caught:
+                try:
+                    await after.run()
+                except ControlFlow as again:
+                    if not isinstance(again, self.catches):
+                        raise
+                    self.acted(state, again)
+        except Exception as exc:
+            note_stage_error(exc, self.name, state)
+            raise
+        finally:
+            if observed:
+                rt.exit(self, state, start)
+
+    def call_sync(self, state: State) -> None:
+        """:meth:`__call__` without the event loop; only for fused subtrees (def hooks only)."""
+        rt = self._rt
+        assert rt is not None
+        observed = rt.observed
+        start = rt.enter(self, state) if observed else 0.0
+        before, after = self._before, self._after
+        in_after = False
+        try:
+            if before is not None:
+                before.run_sync()
+            self.run_sync(state)
+            if after is not None:
+                in_after = True
+                after.run_sync()
+        except ControlFlow as flow:
+            if not isinstance(flow, self.catches):
+                raise
+            self.acted(state, flow)
+            if after is not None and not in_after and self.after_hook_when_caught:
+                try:
+                    after.run_sync()
+                except ControlFlow as again:
+                    if not isinstance(again, self.catches):
+                        raise
+                    self.acted(state, again)
+        except Exception as exc:
+            note_stage_error(exc, self.name, state)
+            raise
+        finally:
+            if observed:
+                rt.exit(self, state, start)
+
+
+class ComputeStage(Stage):
+    """A leaf stage whose work is blocking torch code, written as a plain ``def compute``.
+
+    The learner's compute policy runs ``compute`` on the event loop (inline) or in the compute
+    worker thread. Set ``writes_weights = True`` when ``compute`` changes the model's weights or
+    the optimizer: it then runs under the write side of the weights lock, and in thread mode it is
+    shielded from cancellation so an update is applied entirely or not at all.
+    """
+
+    writes_weights: ClassVar[bool] = False
+
+    def compute(self, state: State) -> None:
+        """The blocking work of the stage."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute(state)")
+
+    async def run(self, state: State) -> None:
+        rt = self.runtime
+        if self.writes_weights:
+            lock = rt.weights_lock
+            if not lock.acquire_write_nowait():
+                await lock.acquire_write()
+            try:
+                if rt.hop_leaves:
+                    # Shielded: the thread cannot be interrupted, and the counters written with
+                    # the update must land with it.
+                    with anyio.CancelScope(shield=True):
+                        await rt.hop(self.compute, state)
+                else:
+                    self.compute(state)
+            finally:
+                lock.release_write()
+        elif rt.hop_leaves:
+            await rt.hop(self.compute, state)
+        else:
+            self.compute(state)
+
+    def run_sync(self, state: State) -> None:
+        self.compute(state)
+
+
+def split_batch(batch: Any, stage: str) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch given as a pair (tuple or list)."""
+    if isinstance(batch, tuple | list) and len(batch) == 2:
+        return batch[0], batch[1]
+    got = type(batch).__name__
+    if isinstance(batch, tuple | list):
+        got += f" of {len(batch)}"
+    raise TypeError(
+        f"stage {stage!r} expects each batch as (inputs, targets), got {got}; give the data in"
+        " that form or replace the stage with one that unpacks your batches"
+    )
+
+
+def batch_size(batch: Any) -> int:
+    """The number of samples in a batch (its first tensor's first dimension; 1 if unknown)."""
+    item = batch
+    while isinstance(item, tuple | list) and item:
+        item = item[0]
+    if isinstance(item, dict) and item:
+        item = next(iter(item.values()))
+    if isinstance(item, torch.Tensor) and item.dim() > 0:
+        return int(item.shape[0])
+    return 1
+
+
+class Gradient(ComputeStage):
+    """Forward, loss and backward for ``state.batch``; sets ``state.output`` and ``state.loss``."""
+
+    name = "gradient"
+
+    def compute(self, state: State) -> None:
+        inputs, targets = split_batch(state.batch, self.name)
+        output = state.model(inputs)
+        loss = state.loss_fn(output, targets)
+        loss.backward()  # type: ignore[no-untyped-call]
+        state.output = output
+        state.loss = loss
+
+
+class Update(ComputeStage):
+    """Optimizer step and zero grad, then the batch is committed (``step`` advances with it)."""
+
+    name = "update"
+    writes_weights = True
+
+    def compute(self, state: State) -> None:
+        optimizer = state.optimizer
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.runtime.commit(state)
+
+
+class FitBatch(Stage):
+    """One training batch: Gradient, then Update. Owns :class:`SkipBatch`.
+
+    Pseudo-code, with hook order::
+
+        before_fit_batch
+          before_gradient; Gradient; after_gradient
+          before_update;   Update;   after_update     (step += 1 with the update)
+        after_fit_batch                               (not run when the batch was skipped)
+    """
+
+    name = "fit_batch"
+    catches = (SkipBatch,)
+    after_hook_when_caught = False
+
+    def __init__(self, gradient: Stage | None = None, update: Stage | None = None) -> None:
+        self.gradient = gradient if gradient is not None else Gradient()
+        self.update = update if update is not None else Update()
+        super().__init__(self.gradient, self.update)
+
+
+class Fit(Stage):
+    """One pass over the training data. Owns :class:`StopEpoch` (the pass ends early).
+
+    Pseudo-code::
+
+        before_fit
+        for batch in train_data (prefetched, on the device, resuming mid-epoch if interrupted):
+            state.batch = batch; FitBatch; clear batch/output/loss
+        metrics["train_loss"] = mean loss of the pass      (one host sync per epoch)
+        after_fit
+    """
+
+    name = "fit"
+    catches = (StopEpoch,)
+
+    def __init__(self, fit_batch: Stage | None = None) -> None:
+        self.fit_batch = fit_batch if fit_batch is not None else FitBatch()
+        super().__init__(self.fit_batch)
+
+    async def run(self, state: State) -> None:
+        rt = self.runtime
+        state.model.train()
+        losses = rt.train_losses
+        fit_batch = self.fit_batch
+        atomic = rt.batch_is_atomic
+        async with rt.open_train(state) as batches:
+            while True:
+                batch = await batches.next()
+                if batch is batches.END:
+                    break
+                state.batch = batch
+                rt.committed = False
+                rng = None if atomic else rt.capture_rng()
+                try:
+                    await fit_batch(state)
+                except StopEpoch as flow:
+                    rt.finish_batch(state, losses)
+                    self.acted(state, flow)
+                    break
+                except BaseException:
+                    rt.abandon_batch(state, rng)
+                    raise
+                rt.finish_batch(state, losses)
+                now = time.perf_counter()
+                if now - rt.last_yield >= rt.yield_interval:
+                    rt.last_yield = now
+                    await anyio.lowlevel.checkpoint()
+        if losses:
+            with torch.no_grad():
+                state.metrics["train_loss"] = float(
+                    torch.stack([x.detach() for x in losses]).mean()
+                )
+
+
+class ValidateLoss(ComputeStage):
+    """Forward and loss under ``torch.inference_mode``; sets ``state.output``, ``state.loss``."""
+
+    name = "validate_loss"
+
+    def compute(self, state: State) -> None:
+        inputs, targets = split_batch(state.batch, self.name)
+        with torch.inference_mode():
+            output = state.model(inputs)
+            loss = state.loss_fn(output, targets)
+        state.output = output
+        state.loss = loss
+
+
+class ValidateBatch(Stage):
+    """One validation batch. Owns :class:`SkipBatch` (the batch is left out of the results)."""
+
+    name = "validate_batch"
+    catches = (SkipBatch,)
+    after_hook_when_caught = False
+
+    def __init__(self, validate_loss: Stage | None = None) -> None:
+        self.validate_loss = validate_loss if validate_loss is not None else ValidateLoss()
+        super().__init__(self.validate_loss)
+
+
+class Validate(Stage):
+    """One pass over the validation data, on fully updated weights. Owns :class:`StopEpoch`.
+
+    Pseudo-code::
+
+        before_validate
+        with weights_lock.read(), model in eval mode:
+            for batch in val_data: state.batch = batch; ValidateBatch; clear batch/output/loss
+        state.validation = {"loss": sample-weighted mean loss}; validation_tag = (epoch, step)
+        metrics["val_loss"] = validation["loss"]
+        after_validate       (callbacks add their metrics to state.validation here)
+    """
+
+    name = "validate"
+    catches = (StopEpoch,)
+
+    def __init__(self, validate_batch: Stage | None = None) -> None:
+        self.validate_batch = validate_batch if validate_batch is not None else ValidateBatch()
+        super().__init__(self.validate_batch)
+
+    async def run(self, state: State) -> None:
+        rt = self.runtime
+        model = state.model
+        was_training = model.training
+        validate_batch = self.validate_batch
+        total: list[torch.Tensor] = []
+        count = 0
+        lock = rt.weights_lock
+        await lock.acquire_read()
+        try:
+            model.eval()
+            async with rt.open_val(state) as batches:
+                while True:
+                    batch = await batches.next()
+                    if batch is batches.END:
+                        break
+                    state.batch = batch
+                    try:
+                        await validate_batch(state)
+                        loss = state.__dict__.get("loss")
+                        if loss is not None:
+                            n = batch_size(batch)
+                            total.append(loss.detach() * n)
+                            count += n
+                    except StopEpoch as flow:
+                        self.acted(state, flow)
+                        break
+                    finally:
+                        state.invalidate("batch", "output", "loss")
+                    now = time.perf_counter()
+                    if now - rt.last_yield >= rt.yield_interval:
+                        rt.last_yield = now
+                        await anyio.lowlevel.checkpoint()
+        finally:
+            model.train(was_training)
+            lock.release_read()
+        results: dict[str, Any] = {}
+        if count:
+            results["loss"] = float(torch.stack(total).sum()) / count
+            state.metrics["val_loss"] = results["loss"]
+        state.validation = results
+        state.validation_tag = (state.epoch, state.step)
+        if rt.observed:
+            rt.publish("validation", self.name, state, dict(results))
+
+
+class Epoch(Stage):
+    """One epoch: the training pass, then validation. Owns :class:`StopEpoch` from its hooks.
+
+    Pseudo-code::
+
+        before_epoch
+        Fit          (skipped when resuming an epoch whose training pass had finished)
+        Validate     (when the learner has validation data)
+        after_epoch
+    """
+
+    name = "epoch"
+    catches = (StopEpoch,)
+
+    def __init__(self, fit: Stage | None = None, validate: Stage | None = None) -> None:
+        self.fit = fit if fit is not None else Fit()
+        self.validate = validate if validate is not None else Validate()
+        super().__init__(self.fit, self.validate)
+
+    async def run(self, state: State) -> None:
+        rt = self.runtime
+        if not rt.pass_done:
+            await self.fit(state)
+            rt.pass_done = True
+        if rt.has_val_data:
+            await self.validate(state)
+
+
+class FitRun(Stage):
+    """The whole run of ``learner.fit(epochs)``. Owns :class:`StopFit`.
+
+    Pseudo-code::
+
+        before_fit_run                       (setup)
+        while epoch < epochs:
+            Epoch; epoch += 1
+        after_fit_run                        (teardown: always runs, see docs/errors.md;
+                                              shielded with a time bound after an error or
+                                              a cancellation; state.outcome says which)
+    """
+
+    name = "fit_run"
+    catches = (StopFit,)
+
+    def __init__(self, epoch: Stage | None = None) -> None:
+        self.epoch = epoch if epoch is not None else Epoch()
+        super().__init__(self.epoch)
+
+    async def run(self, state: State) -> None:
+        rt = self.runtime
+        while state.epoch < rt.target_epochs:
+            await self.epoch(state)
+            rt.end_epoch(state)
+
+    async def __call__(self, state: State) -> None:
+        rt = self.runtime
+        observed = rt.observed
+        start = rt.enter(self, state) if observed else 0.0
+        outcome = "error"
+        try:
+            if self._before is not None:
+                await self._before.run()
+            await self.run(state)
+            outcome = "completed"
+        except StopFit as flow:
+            self.acted(state, flow)
+            if rt.pass_done:
+                rt.end_epoch(state)
+            outcome = "stopped"
+        except anyio.get_cancelled_exc_class():
+            outcome = "cancelled"
+            raise
+        except Exception as exc:
+            note_stage_error(exc, self.name, state)
+            raise
+        finally:
+            state.outcome = outcome
+            try:
+                await self._teardown(state, outcome)
+            finally:
+                state.invalidate("outcome")
+                if observed:
+                    rt.exit(self, state, start)
+
+    async def _teardown(self, state: State, outcome: str) -> None:
+        after = self._after
+        if after is None:
+            return
+        rt = self.runtime
+        try:
+            if outcome in ("completed", "stopped"):
+                await after.run()
+            else:
+                with anyio.move_on_after(rt.teardown_timeout, shield=True) as scope:
+                    await after.run()
+                if scope.cancelled_caught:
+                    rt.teardown_timed_out = True
+        except ControlFlow:
+            pass  # nothing is left to stop
