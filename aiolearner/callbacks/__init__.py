@@ -1,0 +1,26 @@
+"""Callbacks and stages for everyday training: metrics, schedules, stopping, checkpoints, ...
+
+Everything here is built only on aiolearner's public API (:class:`~aiolearner.Callback`,
+:class:`~aiolearner.StateView`, the stages and the learner's public methods), the same API your
+own callbacks use. See ``docs/callbacks.md`` for a table of what each one reads and writes.
+"""
+
+from __future__ import annotations
+
+from ._stopping import EarlyStopping as EarlyStopping
+from ._stopping import TimeLimit as TimeLimit
+
+__all__ = [
+    "EarlyStopping",
+    "TimeLimit",
+]
+
+# Public objects report their public module (as trio and httpx do).
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("aiolearner.callbacks._"):
+        try:
+            _obj.__module__ = "aiolearner.callbacks"
+        except (AttributeError, TypeError):  # pragma: no cover
+            pass
+del _name, _obj

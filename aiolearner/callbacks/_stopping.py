@@ -1,0 +1,207 @@
+"""Stopping rules: early stopping on a monitored metric, and a wall-clock time limit.
+
+Both raise :class:`~aiolearner.StopFit` with a reason; ``fit`` then returns normally, teardown
+hooks run, and ``state.stop_reason`` says why. Calling ``fit`` again continues the run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from .._callbacks import Callback
+from .._exceptions import StopFit
+from .._state import StateView
+
+__all__ = ["EarlyStopping", "TimeLimit"]
+
+
+class EarlyStopping(Callback):
+    """Stop the run when a metric has stopped improving.
+
+    Checked in ``after_epoch``, once every callback of ``after_validate`` and ``after_fit`` has
+    put its metrics in ``state.metrics``. An epoch improves on the best value so far when it beats
+    it by more than ``min_delta``; after ``patience`` epochs in a row without improvement the
+    callback raises :class:`~aiolearner.StopFit`.
+
+    Args:
+        monitor: the key in ``state.metrics`` (``"val_loss"``, ``"val_accuracy"``, ...).
+        mode: ``"min"`` when lower is better, ``"max"`` when higher is better.
+        patience: how many epochs without improvement are tolerated.
+        min_delta: the smallest change that counts as an improvement (non-negative).
+        strict: raise ``KeyError`` when the metric is missing at the end of an epoch; when
+            ``False`` such an epoch is ignored.
+        stop_on_nan: stop at once when the metric is NaN or infinite.
+
+    Raises:
+        ValueError: on a bad ``mode``, ``patience`` or ``min_delta``.
+
+    Reads ``metrics`` and ``epoch``; writes nothing.
+
+    Example:
+        >>> stop = EarlyStopping("val_loss", patience=3, min_delta=1e-3)
+        >>> learner = Learner(model, opt, loss_fn, train, val, callbacks=[stop])
+        >>> await learner.fit(100)          # returns early with state.stop_reason set
+    """
+
+    reads = frozenset({"metrics", "epoch"})
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        *,
+        mode: Literal["min", "max"] = "min",
+        patience: int = 3,
+        min_delta: float = 0.0,
+        strict: bool = True,
+        stop_on_nan: bool = True,
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if patience < 0:
+            raise ValueError(f"patience must be non-negative, got {patience}")
+        if min_delta < 0:
+            raise ValueError(f"min_delta must be non-negative, got {min_delta}")
+        self.monitor = monitor
+        self.mode = mode
+        self.patience = patience
+        self.min_delta = min_delta
+        self.strict = strict
+        self.stop_on_nan = stop_on_nan
+        #: The best value seen so far (``None`` before the first epoch).
+        self.best: float | None = None
+        #: The epoch (0-based) that produced :attr:`best`.
+        self.best_epoch: int | None = None
+        #: Epochs in a row without improvement.
+        self.wait = 0
+
+    def improves(self, value: float) -> bool:
+        """Whether ``value`` beats the best so far by more than ``min_delta``."""
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def after_epoch(self, state: StateView) -> None:
+        """Compare the monitored metric with the best so far; stop when patience runs out."""
+        metrics = state.metrics
+        if self.monitor not in metrics:
+            if self.strict:
+                raise KeyError(
+                    f"EarlyStopping: metric {self.monitor!r} is not in state.metrics at the end"
+                    f" of epoch {state.epoch} (it has {sorted(metrics)}); pass strict=False to"
+                    " ignore epochs without it"
+                )
+            return
+        value = float(metrics[self.monitor])
+        if not math.isfinite(value):
+            if self.stop_on_nan:
+                raise StopFit(f"early stopping: {self.monitor} is {value} at epoch {state.epoch}")
+            return
+        if self.improves(value):
+            self.best = value
+            self.best_epoch = state.epoch
+            self.wait = 0
+            return
+        self.wait += 1
+        if self.wait > self.patience:
+            raise StopFit(
+                f"early stopping: {self.monitor} has not improved by more than {self.min_delta}"
+                f" for {self.wait} epochs (best {self.best:.6g} at epoch {self.best_epoch},"
+                f" now {value:.6g} at epoch {state.epoch})"
+            )
+
+    def state_dict(self) -> Mapping[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        best = state.get("best")
+        self.best = None if best is None else float(best)
+        best_epoch = state.get("best_epoch")
+        self.best_epoch = None if best_epoch is None else int(best_epoch)
+        self.wait = int(state.get("wait", 0))
+
+
+class TimeLimit(Callback):
+    """Stop the run once it has trained for a given time.
+
+    The time counts while ``fit`` runs, summed over ``fit`` calls and kept in checkpoints (so a
+    resumed run does not get a fresh budget; call :meth:`reset` for that). It is checked after
+    every training batch and every epoch: reading a clock costs well under a microsecond and
+    needs no host sync. A batch in progress is never interrupted, so the run may overshoot by up
+    to one batch (or one validation pass).
+
+    Args:
+        seconds: the time budget.
+        clock: a function returning seconds (default ``time.monotonic``); tests inject a fake.
+
+    Raises:
+        ValueError: ``seconds`` is not positive.
+
+    Reads ``epoch`` and ``step``; writes nothing.
+
+    Example:
+        >>> learner = Learner(..., callbacks=[TimeLimit(3600)])   # at most one hour
+        >>> await learner.fit(1000)
+    """
+
+    reads = frozenset({"epoch", "step"})
+
+    def __init__(self, seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if not seconds > 0:
+            raise ValueError(f"seconds must be positive, got {seconds}")
+        self.seconds = float(seconds)
+        self.clock = clock
+        self._spent = 0.0
+        self._started: float | None = None
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds spent training so far (all ``fit`` calls)."""
+        if self._started is None:
+            return self._spent
+        return self._spent + (self.clock() - self._started)
+
+    def reset(self) -> None:
+        """Start a fresh budget."""
+        self._spent = 0.0
+        if self._started is not None:
+            self._started = self.clock()
+
+    def _check(self, state: StateView) -> None:
+        elapsed = self.elapsed
+        if elapsed >= self.seconds:
+            raise StopFit(
+                f"time limit: {elapsed:.1f} s spent training (limit {self.seconds:g} s), stopped"
+                f" at epoch {state.epoch}, step {state.step}"
+            )
+
+    def before_fit_run(self, state: StateView) -> None:
+        """Start the clock (and stop at once when the budget is already spent)."""
+        self._started = self.clock()
+        self._check(state)
+
+    def after_fit_batch(self, state: StateView) -> None:
+        """Stop when the budget is spent."""
+        self._check(state)
+
+    def after_epoch(self, state: StateView) -> None:
+        """Stop when the budget is spent (validation may have taken the time)."""
+        self._check(state)
+
+    def after_fit_run(self, state: StateView) -> None:
+        """Stop the clock."""
+        if self._started is not None:
+            self._spent += self.clock() - self._started
+            self._started = None
+
+    def state_dict(self) -> Mapping[str, Any]:
+        return {"elapsed": self.elapsed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._spent = float(state.get("elapsed", 0.0))
+        if self._started is not None:
+            self._started = self.clock()
