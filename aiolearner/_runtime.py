@@ -81,10 +81,18 @@ class ComputePolicy:
         #: How many hops were made (for tests and the throughput report).
         self.hops = 0
 
-    def observe(self, seconds: float) -> None:
-        """Record how long one batch (or compute stage) blocked; maybe change the decision."""
+    def record(self, seconds: float) -> None:
+        """Record how long one batch (or compute stage) took; safe from the worker thread."""
         typical = self._typical
         self._typical = seconds if typical is None else 0.8 * typical + 0.2 * seconds
+
+    def observe(self, seconds: float) -> None:
+        """Record a duration and maybe change the decision (on the event loop only)."""
+        self.record(seconds)
+        self.maybe_reconsider()
+
+    def maybe_reconsider(self) -> None:
+        """Re-decide if ``recheck_interval`` has passed (on the event loop only)."""
         if self.mode == "auto":
             now = time.perf_counter()
             if now >= self._next_check:
@@ -165,6 +173,8 @@ class Runtime:
         finally:
             self.last_yield = time.perf_counter()
             self.hub.flush()
+        if policy.mode == "auto":
+            policy.maybe_reconsider()
         return result
 
     def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -172,7 +182,8 @@ class Runtime:
         try:
             return fn(*args)
         finally:
-            self.policy.observe(time.perf_counter() - start)
+            # In the worker thread: record only; the decision is taken back on the loop.
+            self.policy.record(time.perf_counter() - start)
 
     async def run_fused(self, stage: Stage, state: State) -> None:
         """Run a fused batch stage (all sync) inline or in one hop, holding the write lock."""

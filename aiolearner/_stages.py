@@ -256,12 +256,24 @@ class ComputeStage(Stage):
                     # the update must land with it.
                     with anyio.CancelScope(shield=True):
                         await rt.hop(self.compute, state)
+                elif rt.policy.mode == "auto":
+                    start = time.perf_counter()
+                    try:
+                        self.compute(state)
+                    finally:
+                        rt.policy.observe(time.perf_counter() - start)
                 else:
                     self.compute(state)
             finally:
                 lock.release_write()
         elif rt.hop_leaves:
             await rt.hop(self.compute, state)
+        elif rt.policy.mode == "auto":
+            start = time.perf_counter()
+            try:
+                self.compute(state)
+            finally:
+                rt.policy.observe(time.perf_counter() - start)
         else:
             self.compute(state)
 
@@ -540,6 +552,8 @@ class FitRun(Stage):
         rt = self.runtime
         while state.epoch < rt.target_epochs:
             await self.epoch(state)
+            if rt.observed:
+                rt.publish("metrics", self.name, state, dict(state.metrics))
             rt.end_epoch(state)
 
     async def __call__(self, state: State) -> None:
@@ -557,6 +571,12 @@ class FitRun(Stage):
             if rt.pass_done:
                 rt.end_epoch(state)
             outcome = "stopped"
+        except ControlFlow as flow:
+            # A SkipBatch outside a batch, a StopEpoch outside an epoch: nobody owns it.
+            raise RuntimeError(
+                f"{type(flow).__name__} was raised where no stage owns it (the stage that would "
+                f"act on it is not running); reason: {flow.reason!r}"
+            ) from flow
         except anyio.get_cancelled_exc_class():
             outcome = "cancelled"
             raise
