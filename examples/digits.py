@@ -1,0 +1,175 @@
+"""Train a small network on scikit-learn's handwritten digits, under asyncio.
+
+The data set (1,797 8x8 grey-scale images of the digits 0-9) ships inside scikit-learn, so the
+demo needs no download. The learner runs inside an ordinary ``asyncio`` program, under a timeout
+like any other coroutine; two callbacks compute the validation accuracy and print one line per
+epoch. Run it with::
+
+    python examples/digits.py
+
+It exits with status 1 when the final validation accuracy is below 95 %.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from typing import Any
+
+import anyio
+import torch
+from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader, TensorDataset
+
+import aiolearner
+from aiolearner import Callback, Learner, StateView
+
+#: The accuracy the demo must reach on held-out digits.
+TARGET_ACCURACY = 0.95
+
+
+class Accuracy(Callback):
+    """Adds ``accuracy`` (fraction of correctly classified samples) to ``state.validation``.
+
+    Correct counts stay on the device as tensors during the pass; they are turned into a Python
+    number once, when the pass ends, so the callback adds no host sync per batch.
+    """
+
+    reads = frozenset({"batch", "output"})
+    writes = frozenset({"validation", "metrics"})
+
+    def __init__(self) -> None:
+        self._correct: list[torch.Tensor] = []
+        self._seen = 0
+
+    def before_validate(self, state: StateView) -> None:
+        self._correct = []
+        self._seen = 0
+
+    def after_validate_batch(self, state: StateView) -> None:
+        _, targets = state.batch
+        predicted = state.output.detach().argmax(dim=1)
+        self._correct.append((predicted == targets).sum())
+        self._seen += int(targets.shape[0])
+
+    def after_validate(self, state: StateView) -> None:
+        if not self._seen:
+            return
+        accuracy = float(torch.stack(self._correct).sum()) / self._seen
+        state.validation["accuracy"] = accuracy
+        state.metrics["val_accuracy"] = accuracy
+
+
+class PrintEpoch(Callback):
+    """Prints the training loss, validation loss and accuracy once per epoch."""
+
+    reads = frozenset({"epoch", "metrics", "validation"})
+
+    def __init__(self, epochs: int, *, out: Any = None) -> None:
+        self._epochs = epochs
+        self._out = out
+        self._start = time.perf_counter()
+
+    def before_fit_run(self, state: StateView) -> None:
+        self._start = time.perf_counter()
+
+    def after_epoch(self, state: StateView) -> None:
+        # `epoch` still counts the finished epochs here: it advances once the epoch is over.
+        validation = state.validation
+        print(
+            f"epoch {state.epoch + 1:2d}/{self._epochs}"
+            f"  train loss {state.metrics['train_loss']:.4f}"
+            f"  val loss {validation['loss']:.4f}"
+            f"  val accuracy {validation['accuracy']:6.2%}"
+            f"  ({time.perf_counter() - self._start:.1f} s)",
+            file=self._out if self._out is not None else sys.stdout,
+            flush=True,
+        )
+
+
+def make_data(
+    *, seed: int, batch_size: int = 64, val_fraction: float = 0.2
+) -> tuple[DataLoader[tuple[torch.Tensor, ...]], DataLoader[tuple[torch.Tensor, ...]]]:
+    """Training and held-out validation loaders of the digits, split with a fixed seed."""
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    n_val = int(len(labels) * val_fraction)
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    train = TensorDataset(images[train_idx], labels[train_idx])
+    val = TensorDataset(images[val_idx], labels[val_idx])
+    shuffle = torch.Generator().manual_seed(seed + 1)
+    return (
+        DataLoader(train, batch_size=batch_size, shuffle=True, generator=shuffle),
+        DataLoader(val, batch_size=256),
+    )
+
+
+def make_model() -> torch.nn.Module:
+    """A small convolutional network for 1x8x8 images."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, kernel_size=3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, kernel_size=3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32 * 4 * 4, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 10),
+    )
+
+
+async def train(
+    epochs: int = 10, *, seed: int = 0, verbose: bool = True, out: Any = None
+) -> dict[str, Any]:
+    """Train on the digits for ``epochs`` epochs; returns the last validation results.
+
+    Works under any anyio backend (the demo's ``main`` uses asyncio).
+    """
+    torch.manual_seed(seed)
+    train_data, val_data = make_data(seed=seed)
+    model = make_model()
+    callbacks: list[Callback] = [Accuracy()]
+    if verbose:
+        callbacks.append(PrintEpoch(epochs, out=out))
+    learner: Learner[tuple[torch.Tensor, torch.Tensor]] = Learner(
+        model,
+        torch.optim.Adam(model.parameters(), lr=3e-3),
+        torch.nn.functional.cross_entropy,
+        train_data,
+        val_data,
+        callbacks=callbacks,
+    )
+    await learner.fit(epochs)
+    return dict(learner.state.validation)
+
+
+async def amain(epochs: int = 10) -> float:
+    """The demo: train under a one-minute timeout; returns the final validation accuracy."""
+    print(
+        f"aiolearner {aiolearner.__version__}, torch {torch.__version__}: training a small CNN"
+        f" on scikit-learn's digits for {epochs} epochs",
+        flush=True,
+    )
+    # `fit` is an ordinary coroutine: a timeout (or any cancel scope) stops it cleanly.
+    with anyio.fail_after(60):
+        results = await train(epochs)
+    accuracy = float(results["accuracy"])
+    print(f"validation accuracy on held-out digits: {accuracy:.2%}", flush=True)
+    return accuracy
+
+
+def main() -> int:
+    """Run the demo under asyncio; the exit status says whether it reached the target."""
+    accuracy = asyncio.run(amain())
+    if accuracy < TARGET_ACCURACY:
+        print(f"FAILED: accuracy below {TARGET_ACCURACY:.0%}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
