@@ -24,7 +24,8 @@ class EarlyStopping(Callback):
     Checked in ``after_epoch``, once every callback of ``after_validate`` and ``after_fit`` has
     put its metrics in ``state.metrics``. An epoch improves on the best value so far when it beats
     it by more than ``min_delta``; after ``patience`` epochs in a row without improvement the
-    callback raises :class:`~aiolearner.StopFit`.
+    callback raises :class:`~aiolearner.StopFit` (``patience=0`` stops at the first epoch without
+    improvement, as ``patience=1`` does).
 
     Args:
         monitor: the key in ``state.metrics`` (``"val_loss"``, ``"val_accuracy"``, ...).
@@ -107,7 +108,7 @@ class EarlyStopping(Callback):
             self.wait = 0
             return
         self.wait += 1
-        if self.wait > self.patience:
+        if self.wait >= self.patience:
             raise StopFit(
                 f"early stopping: {self.monitor} has not improved by more than {self.min_delta}"
                 f" for {self.wait} epochs (best {self.best:.6g} at epoch {self.best_epoch},"

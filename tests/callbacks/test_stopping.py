@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import pytest
+
+from aiolearner import Callback, StateView
+from aiolearner.callbacks import EarlyStopping, TimeLimit
+from aiolearner.testing import make_learner
+
+
+class ScriptedScore(Callback):
+    """Puts the next value of a script into state.metrics["score"] after each validation."""
+
+    writes = frozenset({"metrics"})
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = list(values)
+
+    def after_validate(self, state: StateView) -> None:
+        state.metrics["score"] = self.values.pop(0)
+
+
+class Outcome(Callback):
+    reads = frozenset({"outcome", "stop_reason", "epoch"})
+
+    def __init__(self) -> None:
+        self.seen: tuple[str, str, int] | None = None
+
+    def after_fit_run(self, state: StateView) -> None:
+        reason = state.stop_reason if state.is_valid("stop_reason") else ""
+        self.seen = (state.outcome, reason, state.epoch)
+
+
+async def test_early_stopping_stops_after_patience_epochs_without_improvement() -> None:
+    stop = EarlyStopping("score", mode="min", patience=2, min_delta=0.1)
+    out = Outcome()
+    # epoch 0: 1.0 best; 1: 0.95 (not better by > 0.1); 2: 0.5 best; 3: 0.45; 4: 0.6 -> stop
+    learner = make_learner(
+        callbacks=[ScriptedScore([1.0, 0.95, 0.5, 0.45, 0.6, 0.1]), stop, out], n_batches=1
+    )
+    await learner.fit(10)
+    assert learner.state.epoch == 5
+    assert out.seen is not None
+    outcome, reason, _ = out.seen
+    assert outcome == "stopped"
+    assert "score has not improved" in reason
+    assert "best 0.5 at epoch 2" in reason
+    assert stop.state_dict() == {"best": 0.5, "best_epoch": 2, "wait": 2}
+
+
+async def test_early_stopping_mode_max_and_state_round_trip() -> None:
+    stop = EarlyStopping("score", mode="max", patience=0)
+    learner = make_learner(callbacks=[ScriptedScore([0.1, 0.2, 0.2, 0.9]), stop], n_batches=1)
+    await learner.fit(10)
+    assert learner.state.epoch == 3  # the third epoch did not improve; patience 0
+    again = EarlyStopping("score", mode="max", patience=0)
+    again.load_state_dict(stop.state_dict())
+    assert (again.best, again.best_epoch, again.wait) == (0.2, 1, 1)
+
+
+async def test_early_stopping_on_nan_and_missing_metric() -> None:
+    learner = make_learner(
+        callbacks=[ScriptedScore([1.0, float("nan")]), EarlyStopping("score")], n_batches=1
+    )
+    await learner.fit(10)
+    assert learner.state.epoch == 2
+    assert "score is nan at epoch 1" in learner.state.stop_reason
+
+    learner = make_learner(callbacks=[EarlyStopping("val_accuracy")], n_batches=1)
+    with pytest.RaisesGroup(pytest.RaisesExc(KeyError, match="val_accuracy")):
+        await learner.fit(2)
+
+    lenient = EarlyStopping("val_accuracy", strict=False)
+    learner = make_learner(callbacks=[lenient], n_batches=1)
+    await learner.fit(2)
+    assert learner.state.epoch == 2
+
+
+def test_early_stopping_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        EarlyStopping(mode="up")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStopping(patience=-1)
+    with pytest.raises(ValueError, match="min_delta"):
+        EarlyStopping(min_delta=-0.1)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Tick(Callback):
+    """Advances a fake clock by one second per training batch."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    def after_update(self, state: StateView) -> None:
+        self.clock.now += 1.0
+
+
+async def test_time_limit_stops_after_the_budget_and_keeps_it_across_calls() -> None:
+    clock = FakeClock()
+    limit = TimeLimit(2.5, clock=clock)
+    learner = make_learner(callbacks=[Tick(clock), limit], n_batches=4)
+    await learner.fit(3)
+    # After the third batch 3 s have passed: the batch finishes, then the run stops.
+    assert learner.state.step == 3
+    assert learner.state.epoch == 0
+    assert learner.state.stop_reason.startswith("time limit: 3.0 s spent training (limit 2.5 s)")
+    assert limit.elapsed == 3.0
+    # The budget is spent: a further call stops before any batch...
+    await learner.fit(3)
+    assert learner.state.step == 3
+    # ...and survives a checkpoint round trip, until reset.
+    restored = TimeLimit(2.5, clock=clock)
+    restored.load_state_dict(limit.state_dict())
+    assert restored.elapsed == 3.0
+    limit.reset()
+    await learner.fit(3)
+    assert learner.state.step == 6
+
+
+def test_time_limit_rejects_non_positive_budget() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        TimeLimit(0)
