@@ -206,7 +206,7 @@ async def test_fit_while_fitting_raises_learner_busy() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(learner.fit, 1)
             await blocker.reached.wait()
-            assert learner.status is LearnerStatus.FITTING
+            assert learner.status.value == "fitting"
             with pytest.raises(LearnerBusyError, match="fit") as info:
                 await learner.fit(2)
             assert info.value.status == "fitting"
