@@ -273,6 +273,16 @@ class Learner(Generic[TBatch]):
         return self._device
 
     @property
+    def train_data(self) -> Any:
+        """The training data, as given (for tools such as ``aiolearner.callbacks.lr_find``)."""
+        return self._train.data
+
+    @property
+    def val_data(self) -> Any:
+        """The validation data, as given, or ``None``."""
+        return None if self._val is None else self._val.data
+
+    @property
     def state(self) -> State:
         """The training state itself (not a view: code outside callbacks is trusted)."""
         return self._state

@@ -235,7 +235,7 @@ def _wrap_readonly(value: Any, field: str, view: StateView | None) -> Any:
 
 #: Attribute names of StateView itself; no field may use them.
 VIEW_ATTRIBUTES = frozenset(
-    {"start_soon", "weights_lock", "hook", "callback", "is_valid", "learner_status"}
+    {"start_soon", "weights_lock", "hook", "callback", "is_valid", "learner_status", "state_dict"}
 )
 
 
@@ -347,6 +347,16 @@ class StateView:
         weights; the Update stage holds the write side while it changes them.
         """
         return self._learner.weights_lock
+
+    def state_dict(self) -> dict[str, Any]:
+        """The learner's :meth:`~aiolearner.Learner.state_dict`: what a checkpoint must hold.
+
+        Its tensors are the live ones (no copies): take it and copy what you keep under
+        ``weights_lock.read()``, or from a ``def`` hook of the training batch, which runs while
+        the batch holds the weights. Checkpointing callbacks need it; they could not reach the
+        learner otherwise.
+        """
+        return self._learner.state_dict()
 
     def start_soon(self, fn: Callable[..., Any], *args: object, name: str | None = None) -> None:
         """Run ``await fn(*args)`` in the learner's background task group.
