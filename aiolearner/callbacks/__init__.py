@@ -7,12 +7,18 @@ own callbacks use. See ``docs/callbacks.md`` for a table of what each one reads 
 
 from __future__ import annotations
 
+from ._metrics import MetricFn as MetricFn
+from ._metrics import Metrics as Metrics
+from ._metrics import accuracy as accuracy
 from ._stopping import EarlyStopping as EarlyStopping
 from ._stopping import TimeLimit as TimeLimit
 
 __all__ = [
     "EarlyStopping",
+    "MetricFn",
+    "Metrics",
     "TimeLimit",
+    "accuracy",
 ]
 
 # Public objects report their public module (as trio and httpx do).

@@ -1,0 +1,386 @@
+"""Metrics computed on the device: accuracy, the loss, plain functions and torchmetrics.
+
+Per batch, a metric only queues torch ops on the device (a detached value multiplied by the batch
+size, added to a running sum): no ``.item()``, no host sync. The sums are turned into Python
+floats once per epoch, and once per ``log_every_n_steps`` training steps when asked.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .._callbacks import Callback
+from .._stages import split_batch
+from .._state import StateView
+
+if TYPE_CHECKING:
+    from torchmetrics import Metric as _TorchMetric
+
+__all__ = ["MetricFn", "Metrics", "accuracy"]
+
+MetricFn = Callable[[Any, Any], torch.Tensor]
+"""A metric as a function: ``fn(output, targets) -> scalar tensor`` (the batch's mean)."""
+
+
+def accuracy(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The fraction of correct predictions in a batch, as a tensor on the batch's device.
+
+    Class scores ``(N, C, ...)`` with class indices ``(N, ...)``: the arg-max over dimension 1 is
+    compared with the targets. Scores of the same shape as the targets (or ``(N, 1)`` against
+    ``(N,)``) are read as binary logits: a score above 0 predicts 1.
+
+    Example:
+        >>> accuracy(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))
+        tensor(0.5000)
+    """
+    if output.dim() == targets.dim() + 1 and output.shape[1] == 1:
+        output = output.squeeze(1)
+    if output.shape == targets.shape:
+        predicted = output > 0
+        return (predicted == (targets > 0.5)).float().mean()
+    if output.dim() != targets.dim() + 1:
+        raise ValueError(
+            f"accuracy: cannot compare outputs of shape {tuple(output.shape)} with targets of"
+            f" shape {tuple(targets.shape)}; expected class scores (N, C, ...) and class indices"
+            " (N, ...), or binary logits of the targets' shape"
+        )
+    return (output.argmax(dim=1) == targets).float().mean()
+
+
+def _batch_size(targets: Any) -> int:
+    if isinstance(targets, torch.Tensor) and targets.dim() > 0:
+        return int(targets.shape[0])
+    return 1
+
+
+def _is_torchmetric(obj: object) -> bool:
+    # Checked by name first so that torchmetrics is imported only when a user passes one.
+    for cls in type(obj).__mro__:
+        if cls.__name__ == "Metric" and cls.__module__.startswith("torchmetrics"):
+            return True
+    return False
+
+
+def _require_torchmetrics(what: str) -> None:
+    try:
+        import torchmetrics  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            f"{what} needs torchmetrics, which is not installed; install it with"
+            " `pip install torchmetrics` (or `pip install aiolearner[metrics]`)"
+        ) from exc
+
+
+class _Mean:
+    """A sample-weighted running mean kept on the device."""
+
+    __slots__ = ("count", "total")
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, value: torch.Tensor, n: int) -> None:
+        value = value.detach().to(torch.float32)
+        self.total = value * n if self.total is None else self.total + value * n
+        self.count += n
+
+    def value(self) -> float | None:
+        if self.total is None or self.count == 0:
+            return None
+        return float(self.total) / self.count  # the one host sync
+
+    def reset(self) -> None:
+        self.total = None
+        self.count = 0
+
+    def state(self) -> dict[str, Any]:
+        total = None if self.total is None else self.total.detach().cpu()
+        return {"total": total, "count": self.count}
+
+    def load(self, state: Mapping[str, Any], device: torch.device | None) -> None:
+        total = state.get("total")
+        self.total = None if total is None else total.to(device) if device else total
+        self.count = int(state.get("count", 0))
+
+
+class _Tracker:
+    """One metric in one phase: an epoch accumulator and, optionally, a window accumulator."""
+
+    def __init__(self, name: str, spec: Any, *, window: bool) -> None:
+        self.name = name
+        # isinstance first: a torchmetrics Metric overloads == to build a new metric.
+        self.is_loss = isinstance(spec, str) and spec == "loss"
+        self.fn: MetricFn | None = None
+        self.torchmetric: _TorchMetric | None = None
+        self.window_metric: _TorchMetric | None = None
+        if self.is_loss:
+            pass
+        elif isinstance(spec, str) and spec == "accuracy":
+            self.fn = accuracy
+        elif isinstance(spec, str):
+            raise TypeError(
+                f"metric {name!r}: unknown built-in {spec!r} (built-ins: 'accuracy', 'loss')"
+            )
+        elif _is_torchmetric(spec):
+            _require_torchmetrics(f"metric {name!r}")
+            self.torchmetric = spec
+            # Its states then travel in its state_dict, which our checkpoints use.
+            spec.persistent(True)
+            if window:
+                self.window_metric = copy.deepcopy(spec)
+        elif callable(spec):
+            self.fn = spec
+        else:
+            raise TypeError(
+                f"metric {name!r}: expected 'loss', 'accuracy', a torchmetrics Metric or a"
+                f" function fn(output, targets) -> tensor, got {type(spec).__name__}"
+            )
+        self.epoch = _Mean()
+        self.window = _Mean() if window and self.torchmetric is None else None
+        self.device: torch.device | None = None
+
+    def update(self, output: Any, targets: Any, loss: torch.Tensor | None) -> None:
+        if isinstance(output, torch.Tensor):
+            output = output.detach()
+        tm = self.torchmetric
+        if tm is not None:
+            if self.device is None and isinstance(output, torch.Tensor):
+                self.device = output.device
+                tm.to(output.device)
+                if self.window_metric is not None:
+                    self.window_metric.to(output.device)
+            tm.update(output, targets)
+            if self.window_metric is not None:
+                self.window_metric.update(output, targets)
+            return
+        if self.is_loss:
+            if loss is None:
+                return
+            value = loss
+        else:
+            assert self.fn is not None
+            value = self.fn(output, targets)
+            if not isinstance(value, torch.Tensor):
+                value = torch.as_tensor(value)
+        n = _batch_size(targets)
+        self.device = value.device
+        self.epoch.add(value, n)
+        if self.window is not None:
+            self.window.add(value, n)
+
+    @staticmethod
+    def _computed(metric: _TorchMetric) -> Any:
+        value = metric.compute()
+        if isinstance(value, torch.Tensor):
+            return float(value) if value.numel() == 1 else value.detach().cpu().tolist()
+        return value
+
+    def epoch_value(self) -> Any:
+        tm = self.torchmetric
+        if tm is not None:
+            return None if tm.update_count == 0 else self._computed(tm)
+        return self.epoch.value()
+
+    def window_value(self) -> Any:
+        wm = self.window_metric
+        if wm is not None:
+            if wm.update_count == 0:
+                return None
+            value = self._computed(wm)
+            wm.reset()
+            return value
+        if self.window is None:
+            return None
+        value = self.window.value()
+        self.window.reset()
+        return value
+
+    def reset(self) -> None:
+        if self.torchmetric is not None:
+            self.torchmetric.reset()
+        if self.window_metric is not None:
+            self.window_metric.reset()
+        self.epoch.reset()
+        if self.window is not None:
+            self.window.reset()
+
+    def state(self) -> dict[str, Any]:
+        tm = self.torchmetric
+        if tm is None:
+            return {"epoch": self.epoch.state()}
+        states = {k: v.detach().cpu() for k, v in tm.state_dict().items()}
+        return {"torchmetric": states, "update_count": tm.update_count}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        tm = self.torchmetric
+        if tm is None:
+            self.epoch.load(state.get("epoch", {}), self.device)
+            return
+        tm.load_state_dict(dict(state.get("torchmetric", {})))
+        # torchmetrics keeps the update count privately; compute() needs it to be right.
+        tm._update_count = int(state.get("update_count", 0))
+
+
+class Metrics(Callback):
+    """Running metrics for training and validation, computed on the device.
+
+    Each metric is given by name as one of:
+
+    * ``"accuracy"``: :func:`accuracy` of ``state.output`` against the batch's targets;
+    * ``"loss"``: the sample-weighted mean of ``state.loss``;
+    * a function ``fn(output, targets) -> scalar tensor`` giving the batch's mean;
+    * a ``torchmetrics.Metric`` (optional dependency): its ``update`` runs per batch and its
+      ``compute`` once per epoch; the validation pass uses a copy. Build it with
+      ``validate_args=False`` so that its update does not sync with the host either.
+
+    Where results go:
+
+    * training, at the end of the pass (``after_fit``): ``state.metrics["train_<name>"]``;
+    * training, every ``log_every_n_steps`` steps: ``state.metrics["train_<name>_step"]``, the
+      mean over those steps (one host sync per metric per interval);
+    * validation (``after_validate``): ``state.validation["<name>"]`` and
+      ``state.metrics["val_<name>"]``, so early stopping and checkpoints can monitor them.
+
+    Args:
+        metrics: ``{name: metric}``, or names of the built-ins (``["accuracy", "loss"]``).
+        train: compute the metrics on training batches.
+        validate: compute them on validation batches.
+        log_every_n_steps: also report the recent training value every N steps.
+        output_field: the state field holding the model's output (another stage may put, for
+            instance, an EMA model's output elsewhere).
+        prefix: prepended to every name (``prefix="ema_"`` gives ``val_ema_accuracy``).
+
+    Raises:
+        TypeError: a metric that is none of the above.
+        ImportError: a torchmetrics metric without torchmetrics installed.
+
+    Reads ``batch``, ``output`` (or ``output_field``) and ``loss``; writes ``metrics`` and
+    ``validation``.
+
+    Example:
+        >>> import torchmetrics
+        >>> metrics = Metrics({
+        ...     "accuracy": "accuracy",
+        ...     "f1": torchmetrics.F1Score(task="multiclass", num_classes=10,
+        ...                                validate_args=False),
+        ...     "mae": lambda out, y: (out.argmax(1) - y).abs().float().mean(),
+        ... })
+        >>> learner = Learner(..., callbacks=[metrics])
+        >>> await learner.fit(3)
+        >>> learner.state.metrics["val_f1"], learner.state.metrics["train_accuracy"]
+    """
+
+    reads = frozenset({"batch", "output", "loss"})
+    writes = frozenset({"metrics", "validation"})
+
+    def __init__(
+        self,
+        metrics: Mapping[str, Any] | Iterable[str] = ("accuracy",),
+        *,
+        train: bool = True,
+        validate: bool = True,
+        log_every_n_steps: int | None = None,
+        output_field: str = "output",
+        prefix: str = "",
+    ) -> None:
+        if log_every_n_steps is not None and log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be at least 1, got {log_every_n_steps}")
+        specs: dict[str, Any] = (
+            dict(metrics) if isinstance(metrics, Mapping) else {name: name for name in metrics}
+        )
+        if not specs:
+            raise ValueError("Metrics needs at least one metric")
+        self.log_every_n_steps = log_every_n_steps
+        self.output_field = output_field
+        self.prefix = prefix
+        # Reads depend on output_field: declared per instance (the learner reads the attribute).
+        self.__dict__["reads"] = frozenset({"batch", output_field, "loss"})
+        self._train: dict[str, _Tracker] = {}
+        self._val: dict[str, _Tracker] = {}
+        for name, spec in specs.items():
+            if train:
+                self._train[name] = _Tracker(name, spec, window=log_every_n_steps is not None)
+            if validate:
+                val_spec = copy.deepcopy(spec) if _is_torchmetric(spec) else spec
+                self._val[name] = _Tracker(name, val_spec, window=False)
+        self._steps_in_window = 0
+
+    def _update(self, trackers: dict[str, _Tracker], state: StateView) -> None:
+        targets = split_batch(state.batch, self.name)[1]
+        output = getattr(state, self.output_field)
+        loss = state.loss if state.is_valid("loss") else None
+        for tracker in trackers.values():
+            tracker.update(output, targets, loss)
+
+    # -- training ------------------------------------------------------------------------------
+
+    def after_gradient(self, state: StateView) -> None:
+        """Accumulate the training batch (device ops only)."""
+        if self._train:
+            self._update(self._train, state)
+
+    def after_fit_batch(self, state: StateView) -> None:
+        """Report the window's means every ``log_every_n_steps`` steps."""
+        every = self.log_every_n_steps
+        if every is None or not self._train:
+            return
+        self._steps_in_window += 1
+        if self._steps_in_window >= every:
+            self._steps_in_window = 0
+            for name, tracker in self._train.items():
+                value = tracker.window_value()
+                if value is not None:
+                    state.metrics[f"train_{self.prefix}{name}_step"] = value
+
+    def after_fit(self, state: StateView) -> None:
+        """Reduce the epoch (one host sync per metric) and start the next one."""
+        for name, tracker in self._train.items():
+            value = tracker.epoch_value()
+            if value is not None:
+                state.metrics[f"train_{self.prefix}{name}"] = value
+            tracker.reset()
+        self._steps_in_window = 0
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def before_validate(self, state: StateView) -> None:
+        """Start the validation accumulators."""
+        for tracker in self._val.values():
+            tracker.reset()
+
+    def after_validate_loss(self, state: StateView) -> None:
+        """Accumulate the validation batch (device ops only)."""
+        if self._val:
+            self._update(self._val, state)
+
+    def after_validate(self, state: StateView) -> None:
+        """Put the validation results in ``state.validation`` and ``state.metrics``."""
+        for name, tracker in self._val.items():
+            value = tracker.epoch_value()
+            if value is None:
+                continue
+            key = f"{self.prefix}{name}"
+            state.validation[key] = value
+            state.metrics[f"val_{key}"] = value
+            tracker.reset()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> Mapping[str, Any]:
+        """The training accumulators of the epoch in progress (to resume mid-epoch exactly)."""
+        return {
+            "train": {name: t.state() for name, t in self._train.items()},
+            "steps_in_window": self._steps_in_window,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = state.get("train", {})
+        for name, tracker in self._train.items():
+            if name in saved:
+                tracker.load(saved[name])
+        self._steps_in_window = int(state.get("steps_in_window", 0))
