@@ -97,6 +97,7 @@ class Stage:
     """
 
     name: ClassVar[str] = "stage"
+    _generic_base: ClassVar[bool] = True
     catches: ClassVar[tuple[type[ControlFlow], ...]] = ()
     #: Whether the stage's ``after_`` hook still runs once it caught one of its ``catches``.
     after_hook_when_caught: ClassVar[bool] = True
@@ -107,8 +108,12 @@ class Stage:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        # Generic bases (Stage, ComputeStage) do not pass their name on: a direct subclass of
+        # ComputeStage is a new stage, while a subclass of Gradient still is the gradient stage.
         if "name" not in cls.__dict__ and all(
-            "name" not in base.__dict__ for base in cls.__mro__[1:] if base is not Stage
+            "name" not in base.__dict__
+            for base in cls.__mro__[1:]
+            if not base.__dict__.get("_generic_base", False)
         ):
             cls.name = _snake(cls.__name__)
 
@@ -239,6 +244,7 @@ class ComputeStage(Stage):
     """
 
     writes_weights: ClassVar[bool] = False
+    _generic_base: ClassVar[bool] = True
 
     def compute(self, state: State) -> None:
         """The blocking work of the stage."""
