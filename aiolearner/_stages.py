@@ -32,7 +32,7 @@ import anyio
 import torch
 
 from ._exceptions import ControlFlow, SkipBatch, StopEpoch, StopFit
-from ._state import State
+from ._state import ReadOnlyList, State
 
 if TYPE_CHECKING:
     from ._plan import HookPlan
@@ -168,7 +168,7 @@ class Stage:
         rt = self._rt
         if rt is None:
             raise RuntimeError(f"stage {self.name!r} is not part of a built Learner")
-        if self._fused and rt.offloading:
+        if self._fused:
             await rt.run_fused(self, state)
             return
         observed = rt.observed
@@ -288,11 +288,15 @@ class ComputeStage(Stage):
 
 
 def split_batch(batch: Any, stage: str) -> tuple[Any, Any]:
-    """``(inputs, targets)`` of a batch given as a pair (tuple or list)."""
-    if isinstance(batch, tuple | list) and len(batch) == 2:
+    """``(inputs, targets)`` of a batch given as a pair (tuple or list).
+
+    A list batch (what a DataLoader yields) seen through a callback's read-only view is a
+    :class:`ReadOnlyList`; it is accepted too.
+    """
+    if isinstance(batch, tuple | list | ReadOnlyList) and len(batch) == 2:
         return batch[0], batch[1]
     got = type(batch).__name__
-    if isinstance(batch, tuple | list):
+    if isinstance(batch, tuple | list | ReadOnlyList):
         got += f" of {len(batch)}"
     raise TypeError(
         f"stage {stage!r} expects each batch as (inputs, targets), got {got}; give the data in"
