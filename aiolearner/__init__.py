@@ -17,6 +17,11 @@ from ._exceptions import SkipBatch as SkipBatch
 from ._exceptions import StateAccessError as StateAccessError
 from ._exceptions import StopEpoch as StopEpoch
 from ._exceptions import StopFit as StopFit
+from ._feed import Feed as Feed
+from ._handle import FitHandle as FitHandle
+from ._handle import FitSnapshot as FitSnapshot
+from ._handle import LearnerSnapshot as LearnerSnapshot
+from ._handle import RunState as RunState
 from ._learner import Learner as Learner
 from ._learner import LearnerStatus as LearnerStatus
 from ._locks import ReadWriteLock as ReadWriteLock
@@ -54,16 +59,21 @@ __all__ = [
     "Epoch",
     "Event",
     "EventStream",
+    "Feed",
     "Fit",
     "FitBatch",
+    "FitHandle",
     "FitRun",
+    "FitSnapshot",
     "Gradient",
     "Learner",
     "LearnerBusyError",
+    "LearnerSnapshot",
     "LearnerStatus",
     "ReadOnlyDict",
     "ReadOnlyList",
     "ReadWriteLock",
+    "RunState",
     "Runtime",
     "SkipBatch",
     "Stage",

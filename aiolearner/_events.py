@@ -89,6 +89,11 @@ class EventStream:
         try:
             return await self._receive.receive()
         except anyio.EndOfStream:
+            # Ended by the learner: free the receiving side, so that a stream consumed with
+            # ``async for`` needs no explicit aclose().
+            self._receive.close()
+            raise StopAsyncIteration from None
+        except anyio.ClosedResourceError:
             raise StopAsyncIteration from None
 
     async def __aenter__(self) -> EventStream:

@@ -19,6 +19,7 @@ from ._data import BatchSource, FetchMode
 from ._device import DeviceMover
 from ._events import EventHub, EventStream
 from ._exceptions import ConfigurationError, LearnerBusyError
+from ._handle import LearnerSnapshot
 from ._locks import ReadWriteLock
 from ._plan import HookPlan, build_plan
 from ._rng import capture_rng, restore_rng, rng_from_portable, rng_to_portable
@@ -291,6 +292,14 @@ class Learner(Generic[TBatch]):
     def status(self) -> LearnerStatus:
         """What the learner is doing now."""
         return self._status
+
+    def snapshot(self) -> LearnerSnapshot:
+        """Status, counters and metrics as plain values, for a status page or a log line.
+
+        Cheap and safe from any task on the learner's event loop (no lock, no await, no device
+        sync: metrics held as accelerator tensors are left out).
+        """
+        return LearnerSnapshot.of(self)
 
     @property
     def callbacks(self) -> tuple[Callback, ...]:

@@ -1,0 +1,156 @@
+"""FitHandle, RunState and snapshots: running a learner as a cancellable job."""
+
+from __future__ import annotations
+
+import math
+
+import anyio
+import anyio.lowlevel
+import pytest
+import torch
+from anyio import wait_all_tasks_blocked
+
+from aiolearner import (
+    Callback,
+    Event,
+    FitHandle,
+    LearnerSnapshot,
+    RunState,
+    StateView,
+    StopFit,
+)
+from aiolearner.testing import make_learner
+
+
+class CancelAtEpoch(Callback):
+    """Cancels a handle from inside the run once ``epoch`` epochs are done (a request would)."""
+
+    reads = frozenset({"epoch"})
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.handle: FitHandle | None = None
+
+    def after_epoch(self, state: StateView) -> None:
+        if state.epoch + 1 >= self.epoch and self.handle is not None:
+            self.handle.cancel()
+
+
+async def test_cancel_running_handle_finalizes_on_idle_learner() -> None:
+    canceller = CancelAtEpoch(2)
+    learner = make_learner(callbacks=[canceller], compute="inline")
+    seen: list[tuple[str, int]] = []
+
+    async def finalize(handle: FitHandle) -> None:
+        seen.append((handle.learner.status.value, handle.learner.state.epoch))
+        await anyio.lowlevel.checkpoint()  # may await: runs shielded
+
+    handle = FitHandle(learner, 1000, finalize=finalize)
+    canceller.handle = handle
+    events = handle.events(kinds={"metrics", "run_end"})
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(handle.run)
+        got: list[Event] = [event async for event in events]
+    assert handle.state is RunState.CANCELLED
+    assert handle.cancel_requested
+    assert seen == [("idle", learner.state.epoch)]
+    assert [e.kind for e in got][-1] == "run_end"
+    assert got[-1].data["outcome"] == "cancelled"
+    assert [e.epoch for e in got if e.kind == "metrics"] == [0, 1]
+    assert await handle.wait_done() is RunState.CANCELLED
+
+
+async def test_cancel_while_queued_leaves_the_queue() -> None:
+    limiter = anyio.CapacityLimiter(1)
+    first = FitHandle(make_learner(compute="inline"), 1)
+    finalized: list[FitHandle] = []
+
+    async def finalize(handle: FitHandle) -> None:
+        finalized.append(handle)
+
+    queued = FitHandle(make_learner(compute="inline"), 1, finalize=finalize)
+    async with anyio.create_task_group() as tg:
+        await limiter.acquire()  # the only slot is taken
+        tg.start_soon(first.run)
+        events = queued.events()
+        tg.start_soon(lambda: queued.run(limiter=limiter))
+        await wait_all_tasks_blocked()
+        assert queued.state is RunState.PENDING
+        queued.cancel()
+        assert await queued.wait_done() is RunState.CANCELLED
+        assert [e async for e in events] == []
+        limiter.release()
+    assert first.state is RunState.COMPLETED
+    assert finalized == []
+    assert queued.learner.state.step == 0
+
+
+async def test_start_reports_when_fit_begins_and_queue_order() -> None:
+    limiter = anyio.CapacityLimiter(1)
+    a = FitHandle(make_learner(compute="inline"), 2)
+    b = FitHandle(make_learner(compute="inline"), 2)
+    async with anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: a.run(limiter=limiter, task_status=task_status))
+        assert a.state is RunState.RUNNING
+        tg.start_soon(lambda: b.run(limiter=limiter))
+        await wait_all_tasks_blocked()
+        assert b.state is RunState.PENDING or a.done
+    assert (a.state, b.state) == (RunState.COMPLETED, RunState.COMPLETED)
+
+
+class StopAfterOne(Callback):
+    def after_epoch(self, state: StateView) -> None:
+        raise StopFit("enough")
+
+
+async def test_stopped_and_failed_states() -> None:
+    stopped = FitHandle(make_learner(callbacks=[StopAfterOne()]), 5)
+    assert await stopped.run() is RunState.STOPPED
+
+    bad = make_learner(train_data=[(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long))])
+    failed = FitHandle(bad, 1)
+    with pytest.raises(RuntimeError):
+        await failed.run()
+    assert failed.state is RunState.FAILED
+    assert isinstance(failed.error, RuntimeError)
+    assert failed.snapshot().error is not None
+    with pytest.raises(RuntimeError, match="runs once"):
+        await failed.run()
+
+
+async def test_events_after_the_run_end_at_once() -> None:
+    handle = FitHandle(make_learner(), 1)
+    await handle.run()
+    assert [e async for e in handle.events()] == []
+
+
+async def test_outer_cancellation_marks_cancelled_and_finalizes() -> None:
+    finalized: list[RunState] = []
+
+    async def finalize(handle: FitHandle) -> None:
+        finalized.append(handle.state)
+
+    handle = FitHandle(make_learner(compute="inline"), 10_000, finalize=finalize)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            await tg.start(handle.run)
+            scope.cancel()
+    assert handle.state is RunState.CANCELLED
+    assert finalized == [RunState.CANCELLED]
+
+
+def test_snapshot_is_plain_and_json_ready() -> None:
+    learner = make_learner()
+    learner.state.metrics["a"] = torch.tensor(2.0)
+    learner.state.metrics["b"] = math.nan
+    learner.state.metrics["c"] = torch.ones(3)  # not a scalar: left out
+    snap = learner.snapshot()
+    assert isinstance(snap, LearnerSnapshot)
+    assert snap.metrics["a"] == 2.0
+    assert "c" not in snap.metrics
+    d = snap.as_dict()
+    assert d["metrics"]["b"] is None
+    assert (d["status"], d["epoch"], d["step"]) == ("idle", 0, 0)
+    assert FitHandle(learner, 3).snapshot().as_dict()["state"] == "pending"
+    with pytest.raises(ValueError, match="epochs"):
+        FitHandle(learner, -1)
