@@ -21,6 +21,7 @@ note naming the source and the batch index. Closing a pass cancels the producer 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -122,7 +123,7 @@ class BatchSource:
                     self._start_sync, skip, reset, limiter=self._limiter
                 )
             else:
-                self._it = self._start_sync(0, None)
+                self._it = self._start_sync(0, reset)
         batches = Batches(self, self._it, tg, skip)
         try:
             yield batches
@@ -131,12 +132,20 @@ class BatchSource:
 
     def _start_sync(self, skip: int, reset: Any) -> Iterator[Any]:
         if reset is not None:
-            it: Iterator[Any] = reset(lambda: self._fast_forward(skip))
+            # At batch 0, fetch the first batch under the reset RNG state too: samplers draw
+            # their order on the first fetch, not when the iterator is created.
+            it: Iterator[Any] = reset(lambda: self._fast_forward(skip, prime=skip == 0))
             return it
         return self._fast_forward(skip)
 
-    def _fast_forward(self, skip: int) -> Iterator[Any]:
+    def _fast_forward(self, skip: int, *, prime: bool = False) -> Iterator[Any]:
         it: Iterator[Any] = iter(self.data)
+        if prime:
+            try:
+                first = next(it)
+            except StopIteration:
+                return iter(())
+            return itertools.chain([first], it)
         for i in range(skip):
             try:
                 next(it)

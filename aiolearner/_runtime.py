@@ -251,12 +251,14 @@ class Runtime:
         assert self.tg is not None
         skip = state.batch_index
         reset: Callable[[Callable[[], Any]], Any] | None = None
-        if skip == 0 or self.epoch_rng is None:
+        if self.epoch_rng is None:
             self.epoch_rng = capture_rng()
         else:
-            # Resuming mid-epoch: rebuild the epoch's iterator from the RNG state it started
-            # with (so a shuffling sampler draws the same order), skip the batches already
-            # done, then put back the RNG state training had reached.
+            # Resuming an epoch whose pass had started (also at batch 0: a checkpoint taken
+            # before the first batch, after the sampler drew its order): rebuild the epoch's
+            # iterator from the RNG state it started with (so a shuffling sampler draws the same
+            # order), skip the batches already done, then put back the RNG state training had
+            # reached.
             epoch_rng = self.epoch_rng
 
             def reset_rng(make: Callable[[], Any]) -> Any:
