@@ -7,6 +7,8 @@ own callbacks use. See ``docs/callbacks.md`` for a table of what each one reads 
 
 from __future__ import annotations
 
+from ._checkpoint import Checkpoint as Checkpoint
+from ._checkpoint import load_checkpoint_file as load_checkpoint_file
 from ._metrics import MetricFn as MetricFn
 from ._metrics import Metrics as Metrics
 from ._metrics import accuracy as accuracy
@@ -14,6 +16,8 @@ from ._stopping import EarlyStopping as EarlyStopping
 from ._stopping import TimeLimit as TimeLimit
 
 __all__ = [
+    "Checkpoint",
+    "load_checkpoint_file",
     "EarlyStopping",
     "MetricFn",
     "Metrics",

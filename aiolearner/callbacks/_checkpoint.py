@@ -1,0 +1,398 @@
+"""Checkpointing: the last state, the best by a metric (top-k), and every N steps or epochs.
+
+Where checkpoints are taken, and why there. A checkpoint must let ``fit(resume=...)`` continue
+exactly, so it is only taken where the learner's state is *between* units of work:
+
+* at the start of an epoch (``before_epoch``, when no batch of it has run yet): the previous
+  epoch, its validation and every ``after_epoch`` callback are done. Epoch-periodic and best
+  checkpoints are taken here. Taking them in ``after_epoch`` instead would make a resumed run
+  validate again and run ``after_epoch`` twice (an early-stopping counter would count twice);
+* before a training batch (``before_fit_batch``), for step-periodic checkpoints: the previous
+  batch is finished and counted, the next one has not touched weights or the RNG;
+* when the run ends (``after_fit_run``): completed, stopped, failed or cancelled. The core runs
+  this hook shielded, with the learner's ``teardown_timeout``, after an error or a cancellation.
+
+Writes never block the event loop: the state is copied (tensors cloned to the CPU) while the
+weights cannot change, and the copy is serialized and written in a worker thread, in the
+learner's background task group (joined before ``fit`` returns). The final checkpoint is
+awaited by ``after_fit_run`` itself. Each file is written atomically: a temporary file in the same
+directory, ``fsync``, ``os.replace``, then ``fsync`` of the directory, so a crash leaves the old
+file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import torch
+
+from .._callbacks import Callback
+from .._state import StateView
+
+__all__ = ["Checkpoint", "load_checkpoint_file", "snapshot"]
+
+# Indirections so tests can simulate a crash at each point of a write.
+_replace = os.replace
+_fsync = os.fsync
+
+LAST = "last.pt"
+
+
+def snapshot(value: Any) -> Any:
+    """A deep copy of a state dict whose tensors are detached CPU clones.
+
+    Later training steps cannot change the copy; containers are rebuilt so that callbacks' own
+    lists and dicts are not shared with it either.
+    """
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        return t.clone() if t.device.type == "cpu" else t.to("cpu")
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [snapshot(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(snapshot(v) for v in value)
+    return value
+
+
+def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint file with ``torch.load(weights_only=True)`` (never arbitrary pickles)."""
+    data = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a checkpoint dict")
+    return data
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable. Not every platform can open a directory (Windows).
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platform dependent
+        return
+    try:
+        _fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            _fsync(f.fileno())
+        _replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _check_name(name: object) -> str:
+    """A checkpoint file name must be a plain name in the directory, never a path."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or Path(name).name != name
+    ):
+        raise ValueError(f"invalid checkpoint file name {name!r}: it must be a plain file name")
+    return name
+
+
+class Checkpoint(Callback):
+    """Save checkpoints: the last one, the best by a metric (top-k), and every N steps/epochs.
+
+    Each file holds :meth:`Learner.state_dict() <aiolearner.Learner.state_dict>`: weights,
+    optimizer, epoch/step counters and position in the epoch, the RNG states of torch, numpy and
+    ``random``, and every callback's ``state_dict()`` (schedulers, scalers, EMA weights, early
+    stopping, this callback's own list of best files). ``fit(epochs, resume="last")`` continues
+    from ``last.pt`` in this or a fresh process; ``fit(epochs, resume=path)`` from any file.
+    Files are read back with ``torch.load(weights_only=True)`` only.
+
+    Files in ``directory`` (the counters are those at save time: ``epoch`` is the number of
+    completed epochs):
+
+    * ``last.pt``: rewritten at every save and when the run ends (also after an error or a
+      cancellation);
+    * ``epoch-EEEE.pt`` every ``every_n_epochs`` epochs and ``step-SSSSSSSS.pt`` every
+      ``every_n_steps`` steps (the newest ``keep_periodic`` of them, or all);
+    * ``best-epoch-EEEE-step-SSSSSSSS.pt``: the ``top_k`` best by ``state.metrics[monitor]``,
+      judged once per epoch (see :attr:`best`).
+
+    Args:
+        directory: where the files go (created when needed).
+        every_n_steps: also save before every N-th training step (``None``: never).
+        every_n_epochs: save at the end of every N-th epoch (``None`` or 0: never).
+        monitor: a key of ``state.metrics`` to keep the best checkpoints by (``None``: no best).
+        mode: ``"min"`` when lower is better, ``"max"`` when higher is.
+        top_k: how many best checkpoints to keep.
+        save_last: keep ``last.pt`` up to date.
+        keep_periodic: how many epoch/step-periodic files to keep (``None``: all).
+
+    Raises:
+        ValueError: bad arguments.
+
+    Reads ``epoch``, ``step``, ``batch_index``, ``metrics`` and ``outcome``; writes nothing.
+
+    Example:
+        >>> ckpt = Checkpoint("runs/ckpt", every_n_epochs=1, monitor="val_loss", top_k=3)
+        >>> learner = Learner(model, opt, loss_fn, train, val, callbacks=[ckpt])
+        >>> await learner.fit(10)
+        >>> # later, in a new process, with the learner built the same way:
+        >>> await learner.fit(20, resume="last")     # continues where the run stopped
+        >>> ckpt.best_path                            # the best file by val_loss
+    """
+
+    reads = frozenset({"epoch", "step", "batch_index", "metrics", "outcome"})
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = 1,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] = "min",
+        top_k: int = 1,
+        save_last: bool = True,
+        keep_periodic: int | None = None,
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
+        if every_n_epochs is not None and every_n_epochs < 0:
+            raise ValueError(f"every_n_epochs must be non-negative, got {every_n_epochs}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        if keep_periodic is not None and keep_periodic < 1:
+            raise ValueError(f"keep_periodic must be at least 1, got {keep_periodic}")
+        self.directory = Path(directory)
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs or None
+        self.monitor = monitor
+        self.mode = mode
+        self.top_k = top_k
+        self.save_last = save_last
+        self.keep_periodic = keep_periodic
+        #: The best checkpoints so far, best first: ``{"name", "score", "epoch", "step"}``.
+        self.best: list[dict[str, Any]] = []
+        self._periodic: list[str] = []
+        self._boundary: tuple[int, int] | None = None
+        self._last_step_saved: int | None = None
+        self._last_saved: tuple[int, int] | None = None
+        self._lock: anyio.Lock | None = None
+
+    # -- where files are -----------------------------------------------------------------------
+
+    def path(self, name: str) -> Path:
+        """The path of checkpoint file ``name`` (a plain file name inside :attr:`directory`)."""
+        return self.directory / _check_name(name)
+
+    @property
+    def last_path(self) -> Path:
+        """``directory / "last.pt"``."""
+        return self.path(LAST)
+
+    @property
+    def best_path(self) -> Path | None:
+        """The best checkpoint by ``monitor`` so far, or ``None``."""
+        return self.path(self.best[0]["name"]) if self.best else None
+
+    def find_checkpoint(self, which: str) -> Path | None:
+        """The file ``fit(resume=which)`` should load: ``"last"`` or ``"best"``; ``None`` if none."""
+        if which == "last":
+            path = self.last_path
+        elif which == "best":
+            found = self.best_path
+            if found is None:
+                return None
+            path = found
+        else:
+            raise ValueError(f"which must be 'last' or 'best', got {which!r}")
+        return path if path.is_file() else None
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    async def before_fit_run(self, state: StateView) -> None:
+        """Get ready to write (one write at a time, in order)."""
+        # A fresh lock per run: fit may run under another event loop next time.
+        self._lock = anyio.Lock()
+
+    async def before_epoch(self, state: StateView) -> None:
+        """At an epoch boundary: save epoch-periodic and best checkpoints, and ``last.pt``."""
+        if state.batch_index != 0 or state.epoch == 0:
+            return  # the start of training, or resuming inside an epoch
+        plan = self._plan_boundary(state)
+        if plan is not None:
+            await self._save(state, plan, wait=False)
+
+    def before_fit_batch(self, state: StateView) -> None:
+        """Every ``every_n_steps`` steps: save (a ``def`` hook: it keeps the batch fused)."""
+        n = self.every_n_steps
+        step = state.step
+        if n is None or step == 0 or step % n or step == self._last_step_saved:
+            return
+        self._last_step_saved = step
+        targets = [f"step-{step:08d}.pt"]
+        removes = self._add_periodic(targets[0])
+        if self.save_last:
+            targets.append(LAST)
+            self._last_saved = (state.epoch, step)
+        # A def hook of the batch: no weight update can run while it does (the batch holds the
+        # weights in thread mode; the update comes after this hook otherwise), so the copy is
+        # consistent without taking the read lock, which a def hook could not await.
+        snap = snapshot(state.state_dict())
+        state.start_soon(self._write, snap, targets, removes, name="Checkpoint.write")
+
+    async def after_fit_run(self, state: StateView) -> None:
+        """Save the final state (also after an error or a cancellation) and wait for it."""
+        targets: list[str] = []
+        removes: list[str] = []
+        if state.batch_index == 0 and state.epoch > 0:
+            plan = self._plan_boundary(state)
+            if plan is not None:
+                targets, removes = plan
+        point = (state.epoch, state.step)
+        if self.save_last and LAST not in targets and point != self._last_saved:
+            targets.append(LAST)
+            self._last_saved = point
+        if targets:
+            await self._save(state, (targets, removes), wait=True)
+
+    # -- deciding ------------------------------------------------------------------------------
+
+    def _plan_boundary(self, state: StateView) -> tuple[list[str], list[str]] | None:
+        epoch, step = state.epoch, state.step
+        if self._boundary == (epoch, step):
+            return None  # already judged (a second fit call starting where the last ended)
+        self._boundary = (epoch, step)
+        targets: list[str] = []
+        removes: list[str] = []
+        if self.every_n_epochs is not None and epoch % self.every_n_epochs == 0:
+            name = f"epoch-{epoch:04d}.pt"
+            targets.append(name)
+            removes += self._add_periodic(name)
+        if self.monitor is not None:
+            best_name, dropped = self._judge(state, epoch, step)
+            if best_name is not None:
+                targets.append(best_name)
+            removes += dropped
+        if not targets:
+            return None
+        if self.save_last:
+            targets.append(LAST)
+            self._last_saved = (epoch, step)
+        return targets, removes
+
+    def _judge(self, state: StateView, epoch: int, step: int) -> tuple[str | None, list[str]]:
+        assert self.monitor is not None
+        metrics = state.metrics
+        if self.monitor not in metrics:
+            raise KeyError(
+                f"Checkpoint: metric {self.monitor!r} is not in state.metrics after epoch"
+                f" {epoch} (it has {sorted(metrics)})"
+            )
+        score = float(metrics[self.monitor])
+        if math.isnan(score):
+            return None, []
+        sign = 1.0 if self.mode == "min" else -1.0
+        if len(self.best) >= self.top_k and sign * score >= sign * self.best[-1]["score"]:
+            return None, []
+        name = f"best-epoch-{epoch:04d}-step-{step:08d}.pt"
+        self.best.append({"name": name, "score": score, "epoch": epoch, "step": step})
+        # Stable: an equal score later does not displace an earlier one.
+        self.best.sort(key=lambda e: sign * e["score"])
+        dropped = [e["name"] for e in self.best[self.top_k :]]
+        del self.best[self.top_k :]
+        return name, dropped
+
+    def _add_periodic(self, name: str) -> list[str]:
+        self._periodic.append(name)
+        if self.keep_periodic is None or len(self._periodic) <= self.keep_periodic:
+            return []
+        dropped = self._periodic[: -self.keep_periodic]
+        del self._periodic[: -self.keep_periodic]
+        return dropped
+
+    # -- writing -------------------------------------------------------------------------------
+
+    async def _save(
+        self, state: StateView, plan: tuple[list[str], list[str]], *, wait: bool
+    ) -> None:
+        targets, removes = plan
+        # The state dict is cheap (references); the copy is a memcpy of every tensor, done in a
+        # worker thread while the read side of the weights lock keeps updates out.
+        async with state.weights_lock.read():
+            live = state.state_dict()
+            snap = await anyio.to_thread.run_sync(snapshot, live)
+        if wait:
+            await self._write(snap, targets, removes)
+        else:
+            state.start_soon(self._write, snap, targets, removes, name="Checkpoint.write")
+
+    async def _write(self, snap: dict[str, Any], targets: list[str], removes: list[str]) -> None:
+        if self._lock is None:  # pragma: no cover - before_fit_run always runs first
+            self._lock = anyio.Lock()
+        async with self._lock:
+            await anyio.to_thread.run_sync(self._write_sync, snap, targets, removes)
+
+    def _write_sync(self, snap: dict[str, Any], targets: list[str], removes: list[str]) -> None:
+        buffer = io.BytesIO()
+        torch.save(snap, buffer)
+        data = buffer.getvalue()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for name in targets:
+            atomic_write(self.path(name), data)
+        keep = set(targets) | {e["name"] for e in self.best} | set(self._periodic)
+        for name in removes:
+            if name not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path(name))
+
+    # -- resuming ------------------------------------------------------------------------------
+
+    def state_dict(self) -> Mapping[str, Any]:
+        return {
+            "best": [dict(e) for e in self.best],
+            "periodic": list(self._periodic),
+            "boundary": None if self._boundary is None else list(self._boundary),
+            "last_step_saved": self._last_step_saved,
+            "last_saved": None if self._last_saved is None else list(self._last_saved),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        best = [
+            {
+                "name": _check_name(e["name"]),
+                "score": float(e["score"]),
+                "epoch": int(e["epoch"]),
+                "step": int(e["step"]),
+            }
+            for e in state.get("best", [])
+        ]
+        periodic = [_check_name(n) for n in state.get("periodic", [])]
+        self.best = best
+        self._periodic = periodic
+        boundary = state.get("boundary")
+        self._boundary = None if boundary is None else (int(boundary[0]), int(boundary[1]))
+        last_step = state.get("last_step_saved")
+        self._last_step_saved = None if last_step is None else int(last_step)
+        last = state.get("last_saved")
+        self._last_saved = None if last is None else (int(last[0]), int(last[1]))

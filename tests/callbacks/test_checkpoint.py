@@ -1,0 +1,333 @@
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+import torch
+
+from aiolearner import Callback, Learner, StateView
+from aiolearner.callbacks import Checkpoint, EarlyStopping, load_checkpoint_file
+from aiolearner.callbacks import _checkpoint
+from aiolearner.testing import make_learner
+
+EPOCHS = 3
+BATCHES = 6  # per epoch
+
+
+class CancelAt(Callback):
+    """Cancels a scope right after the training batch that brings ``step`` to ``at``."""
+
+    reads = frozenset({"step"})
+
+    def __init__(self, at: int, scope: anyio.CancelScope) -> None:
+        self.at = at
+        self.scope = scope
+
+    async def after_fit_batch(self, state: StateView) -> None:
+        if state.step == self.at:
+            self.scope.cancel()
+
+
+def build(directory: Path, *extra: Callback) -> tuple[Learner[Any], Checkpoint]:
+    """A learner whose run depends on every RNG: a shuffling DataLoader and dropout."""
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCHES * 5, 4, generator=gen)
+    y = torch.randint(0, 3, (BATCHES * 5,), generator=gen)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=5, shuffle=True
+    )
+    val = [(x[:10], y[:10])]
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    ckpt = Checkpoint(directory, every_n_steps=3, monitor="val_loss", top_k=2)
+    stop = EarlyStopping("val_loss", patience=100)
+    learner: Learner[Any] = Learner(
+        model,
+        opt,
+        torch.nn.functional.cross_entropy,
+        loader,
+        val,
+        callbacks=[ckpt, stop, *extra],
+        yield_interval=0.0,
+    )
+    return learner, ckpt
+
+
+def final_state(learner: Learner[Any]) -> dict[str, Any]:
+    stop = next(cb for cb in learner.callbacks if isinstance(cb, EarlyStopping))
+    return {
+        "model": learner.model.state_dict(),
+        "optimizer": learner.optimizer.state_dict(),
+        "epoch": learner.state.epoch,
+        "step": learner.state.step,
+        "metrics": {k: float(v) for k, v in learner.state.metrics.items()},
+        "early_stopping": dict(stop.state_dict()),
+    }
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Equal to the bit: tensors with torch.equal, containers element by element."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, Mapping):
+        assert isinstance(b, Mapping) and set(a) == set(b), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+async def resume_main(directory: str, out: str, resume: str) -> None:
+    """What the fresh process runs: build the learner anew, resume, save the final state."""
+    learner, _ = build(Path(directory))
+    await learner.fit(EPOCHS, resume=resume)
+    torch.save(final_state(learner), out)
+
+
+async def reference(tmp_path: Path) -> dict[str, Any]:
+    learner, _ = build(tmp_path / "reference")
+    await learner.fit(EPOCHS)
+    return final_state(learner)
+
+
+async def interrupted(directory: Path, at: int) -> None:
+    with anyio.CancelScope() as scope:
+        learner, _ = build(directory, CancelAt(at, scope))
+        await learner.fit(EPOCHS)
+    assert scope.cancelled_caught
+    assert learner.state.step == at
+    assert learner.state.batch_index == at % BATCHES != 0  # inside an epoch
+
+
+async def test_cancelled_mid_epoch_then_resumed_equals_uninterrupted(tmp_path: Path) -> None:
+    expected = await reference(tmp_path)
+    directory = tmp_path / "run"
+    await interrupted(directory, at=8)
+    saved = load_checkpoint_file(directory / "last.pt")
+    assert saved["progress"]["step"] == 8
+    assert saved["progress"]["batch_index"] == 2
+
+    learner, _ = build(directory)
+    await learner.fit(EPOCHS, resume="last")
+    assert_same(final_state(learner), expected)
+
+
+def test_resumed_in_a_fresh_process_equals_uninterrupted(
+    tmp_path: Path, anyio_backend: tuple[str, dict[str, Any]]
+) -> None:
+    backend = anyio_backend[0]
+    expected = anyio.run(reference, tmp_path, backend=backend)
+    directory = tmp_path / "run"
+    anyio.run(interrupted, directory, 10, backend=backend)
+    out = tmp_path / "final.pt"
+    code = (
+        "import importlib.util, sys, anyio\n"
+        "spec = importlib.util.spec_from_file_location('ckpt_case', sys.argv[1])\n"
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        "anyio.run(mod.resume_main, sys.argv[2], sys.argv[3], 'last', backend=sys.argv[4])\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, __file__, str(directory), str(out), backend],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = torch.load(out, weights_only=True)
+    assert_same(got, expected)
+
+
+@pytest.mark.parametrize("name", ["step-00000003.pt", "step-00000006.pt", "epoch-0001.pt"])
+async def test_resume_from_a_periodic_checkpoint_equals_uninterrupted(
+    tmp_path: Path, name: str
+) -> None:
+    expected = await reference(tmp_path)
+    directory = tmp_path / "reference"
+    assert (directory / name).is_file()
+    learner, _ = build(tmp_path / "other")
+    await learner.fit(EPOCHS, resume=directory / name)
+    assert_same(final_state(learner), expected)
+
+
+async def test_files_written(tmp_path: Path) -> None:
+    learner, ckpt = build(tmp_path)
+    await learner.fit(EPOCHS)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    steps = [f"step-{s:08d}.pt" for s in range(3, EPOCHS * BATCHES, 3)]
+    epochs = [f"epoch-{e:04d}.pt" for e in range(1, EPOCHS + 1)]
+    best = [e["name"] for e in ckpt.best]
+    assert len(best) == 2
+    assert names == sorted({*steps, *epochs, *best, "last.pt"})
+    last = load_checkpoint_file(tmp_path / "last.pt")
+    assert last["progress"]["epoch"] == EPOCHS
+    assert_same(last["model"], learner.model.state_dict())
+    assert ckpt.find_checkpoint("last") == tmp_path / "last.pt"
+    assert ckpt.find_checkpoint("best") == ckpt.best_path
+
+
+class Scores(Callback):
+    """Puts a given score for each epoch into state.metrics."""
+
+    reads = frozenset({"epoch"})
+    writes = frozenset({"metrics"})
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores = scores
+
+    def after_epoch(self, state: StateView) -> None:
+        state.metrics["score"] = self.scores[state.epoch]
+
+
+@pytest.mark.parametrize(
+    ("mode", "keep"),
+    [("min", {4: 1.0, 5: 2.0}), ("max", {1: 5.0, 3: 4.0})],
+)
+async def test_top_k_keeps_exactly_the_k_best(
+    tmp_path: Path, mode: Any, keep: dict[int, float]
+) -> None:
+    scores = [5.0, 3.0, 4.0, 1.0, 2.0]
+    ckpt = Checkpoint(tmp_path, every_n_epochs=None, monitor="score", mode=mode, top_k=2)
+    learner = make_learner(callbacks=[ckpt, Scores(scores)], n_batches=2)
+    await learner.fit(len(scores))
+    files = sorted(p.name for p in tmp_path.glob("best-*.pt"))
+    assert len(files) == 2
+    assert {e["epoch"]: e["score"] for e in ckpt.best} == keep
+    assert files == sorted(e["name"] for e in ckpt.best)
+    for entry in ckpt.best:
+        saved = load_checkpoint_file(tmp_path / entry["name"])
+        assert saved["progress"]["epoch"] == entry["epoch"]
+        assert saved["metrics"]["score"] == entry["score"]
+    assert ckpt.best_path == tmp_path / ckpt.best[0]["name"]
+
+
+async def test_keep_periodic_prunes_the_oldest(tmp_path: Path) -> None:
+    ckpt = Checkpoint(tmp_path, every_n_steps=1, every_n_epochs=None, keep_periodic=2)
+    learner = make_learner(callbacks=[ckpt], n_batches=5)
+    await learner.fit(1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "last.pt",
+        "step-00000003.pt",
+        "step-00000004.pt",
+    ]
+
+
+async def test_missing_monitor_is_a_clear_error(tmp_path: Path) -> None:
+    learner = make_learner(callbacks=[Checkpoint(tmp_path, monitor="nope")], n_batches=1)
+    with pytest.raises(ExceptionGroup) as info:
+        await learner.fit(1)
+    assert info.group_contains(KeyError, match="nope")
+
+
+async def test_resume_last_without_a_checkpoint_says_so(tmp_path: Path) -> None:
+    learner = make_learner(callbacks=[Checkpoint(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="resume='last'"):
+        await learner.fit(1, resume="last")
+
+
+def test_atomic_write_failing_before_the_rename_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "last.pt"
+    _checkpoint.atomic_write(path, b"old")
+
+    def crash(src: Any, dst: Any) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(_checkpoint, "_replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        _checkpoint.atomic_write(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+async def test_a_crash_while_writing_never_leaves_a_corrupt_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt = Checkpoint(tmp_path)
+    learner = make_learner(callbacks=[ckpt], n_batches=2)
+    await learner.fit(1)
+    before = load_checkpoint_file(tmp_path / "last.pt")
+
+    real_fsync = os.fsync
+
+    def crash(fd: int) -> None:
+        real_fsync(fd)
+        raise OSError("power cut")
+
+    monkeypatch.setattr(_checkpoint, "_fsync", crash)
+    with pytest.raises(ExceptionGroup) as info:
+        await learner.fit(2)
+    assert info.group_contains(OSError, match="power cut")
+    monkeypatch.undo()
+    after = load_checkpoint_file(tmp_path / "last.pt")
+    assert_same(after, before)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_paths_cannot_leave_the_directory(tmp_path: Path) -> None:
+    ckpt = Checkpoint(tmp_path / "ckpt")
+    for bad in ["../evil.pt", "/etc/passwd", "a/b.pt", "..", "", "x\\y.pt"]:
+        with pytest.raises(ValueError, match="plain file name"):
+            ckpt.path(bad)
+    with pytest.raises(ValueError, match="plain file name"):
+        ckpt.load_state_dict(
+            {"best": [{"name": "../../evil.pt", "score": 0.0, "epoch": 1, "step": 1}]}
+        )
+    with pytest.raises(ValueError, match="plain file name"):
+        ckpt.load_state_dict({"periodic": ["../x.pt"]})
+    with pytest.raises(ValueError, match="'last' or 'best'"):
+        ckpt.find_checkpoint("../last")
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        Checkpoint("d", mode="median")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="top_k"):
+        Checkpoint("d", top_k=0)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        Checkpoint("d", every_n_steps=0)
+
+
+async def test_checkpoint_does_not_wait_on_the_event_loop(tmp_path: Path) -> None:
+    """Every write happens in a worker thread: the loop thread never writes a file."""
+    import threading
+
+    loop_thread = threading.get_ident()
+    writers: list[int] = []
+    real = _checkpoint.atomic_write
+
+    def spy(path: Path, data: bytes) -> None:
+        writers.append(threading.get_ident())
+        real(path, data)
+
+    learner = make_learner(
+        callbacks=[Checkpoint(tmp_path, every_n_steps=1)], n_batches=3, compute="inline"
+    )
+    old = _checkpoint.atomic_write
+    _checkpoint.atomic_write = spy
+    try:
+        await learner.fit(2)
+    finally:
+        _checkpoint.atomic_write = old
+    assert writers
+    assert loop_thread not in writers
