@@ -12,11 +12,17 @@ from ._checkpoint import load_checkpoint_file as load_checkpoint_file
 from ._metrics import MetricFn as MetricFn
 from ._metrics import Metrics as Metrics
 from ._metrics import accuracy as accuracy
+from ._schedule import LRSchedule as LRSchedule
+from ._schedule import OneCycle as OneCycle
+from ._schedule import WarmupCosine as WarmupCosine
 from ._stopping import EarlyStopping as EarlyStopping
 from ._stopping import TimeLimit as TimeLimit
 
 __all__ = [
     "Checkpoint",
+    "LRSchedule",
+    "OneCycle",
+    "WarmupCosine",
     "load_checkpoint_file",
     "EarlyStopping",
     "MetricFn",

@@ -1,0 +1,258 @@
+"""Learning-rate schedules: any torch scheduler per step or per epoch, one-cycle, warmup + cosine.
+
+A per-step scheduler steps once per *optimizer step*, not per batch: it watches the optimizer
+with ``register_step_post_hook``, so batches that only accumulate gradients (see
+:class:`~aiolearner.callbacks.AccumulateGradients`) and steps a gradient scaler skipped after an
+overflow (see :class:`~aiolearner.callbacks.MixedPrecision`) do not advance the schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
+
+from .._callbacks import Callback
+from .._state import StateView
+
+__all__ = ["LRSchedule", "OneCycle", "WarmupCosine"]
+
+Scheduler = LRScheduler | ReduceLROnPlateau
+SchedulerFactory = Callable[[torch.optim.Optimizer], Scheduler]
+
+
+class LRSchedule(Callback):
+    """Steps a torch learning-rate scheduler during training.
+
+    Args:
+        scheduler: a scheduler built on the learner's optimizer, or a function
+            ``make(optimizer) -> scheduler`` called when training starts (convenient when the
+            optimizer is created with the learner).
+        interval: ``"step"`` (after every optimizer step) or ``"epoch"`` (after every epoch).
+        monitor: for ``ReduceLROnPlateau`` only: the key in ``state.metrics`` passed to its
+            ``step`` at the end of each epoch (``"val_loss"`` by default).
+        frequency: step the scheduler every this many steps or epochs.
+
+    Raises:
+        ValueError: ``ReduceLROnPlateau`` with ``interval="step"``, or a bad ``interval``.
+        KeyError: (during ``fit``) the monitored metric is missing at the end of an epoch.
+
+    The scheduler's state is part of :meth:`state_dict`, so checkpoints resume the schedule.
+    Reads ``optimizer`` and ``metrics``; writes nothing (it changes the optimizer's
+    learning rates, as schedulers do).
+
+    Example:
+        >>> schedule = LRSchedule(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10),
+        ...                       interval="epoch")
+        >>> plateau = LRSchedule(lambda opt: ReduceLROnPlateau(opt, patience=2),
+        ...                      interval="epoch", monitor="val_loss")
+    """
+
+    reads = frozenset({"optimizer", "metrics"})
+
+    def __init__(
+        self,
+        scheduler: Scheduler | SchedulerFactory,
+        *,
+        interval: Literal["step", "epoch"] = "step",
+        monitor: str = "val_loss",
+        frequency: int = 1,
+    ) -> None:
+        if interval not in ("step", "epoch"):
+            raise ValueError(f"interval must be 'step' or 'epoch', got {interval!r}")
+        if frequency < 1:
+            raise ValueError(f"frequency must be at least 1, got {frequency}")
+        if isinstance(scheduler, ReduceLROnPlateau) and interval == "step":
+            raise ValueError(
+                "ReduceLROnPlateau reacts to a metric computed once per epoch: use interval='epoch'"
+            )
+        self.interval = interval
+        self.monitor = monitor
+        self.frequency = frequency
+        self._factory: SchedulerFactory | None = None
+        self.scheduler: Scheduler | None = None
+        if isinstance(scheduler, LRScheduler | ReduceLROnPlateau):
+            self.scheduler = scheduler
+        elif callable(scheduler):
+            self._factory = scheduler
+        else:
+            raise TypeError(
+                "scheduler must be a torch LR scheduler or a function optimizer -> scheduler,"
+                f" got {type(scheduler).__name__}"
+            )
+        self._pending: Mapping[str, Any] | None = None
+        self._optimizer_steps = 0
+        self._counted = 0
+        self._hook: Any = None
+
+    def _build(self, optimizer: torch.optim.Optimizer) -> Scheduler:
+        if self.scheduler is None:
+            assert self._factory is not None
+            scheduler = self._factory(optimizer)
+            if not isinstance(scheduler, LRScheduler | ReduceLROnPlateau):
+                raise TypeError(
+                    f"the scheduler factory returned {type(scheduler).__name__}, not a torch LR"
+                    " scheduler"
+                )
+            if isinstance(scheduler, ReduceLROnPlateau) and self.interval == "step":
+                raise ValueError(
+                    "ReduceLROnPlateau reacts to a metric computed once per epoch: use"
+                    " interval='epoch'"
+                )
+            self.scheduler = scheduler
+        if self.scheduler.optimizer is not optimizer:
+            raise ValueError("the scheduler was built on another optimizer than the learner's")
+        if self._pending is not None:
+            self._restore(self._pending)
+            self._pending = None
+        return self.scheduler
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        scheduler = self.scheduler
+        assert scheduler is not None
+        scheduler.load_state_dict(dict(state))
+        # Building a scheduler resets the optimizer's rates to the schedule's start; put back
+        # the rates the checkpointed run had reached (chainable schedulers build on them).
+        if isinstance(scheduler, LRScheduler):
+            for group, lr in zip(
+                scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True
+            ):
+                group["lr"] = lr
+
+    def _count(self, *args: object, **kwargs: object) -> None:
+        self._optimizer_steps += 1
+
+    def before_fit_run(self, state: StateView) -> None:
+        """Build the scheduler (from the factory) and watch the optimizer's steps."""
+        optimizer = state.optimizer
+        self._build(optimizer)
+        if self.interval == "step" and self._hook is None:
+            self._hook = optimizer.register_step_post_hook(self._count)
+
+    def after_update(self, state: StateView) -> None:
+        """Step a per-step scheduler once per optimizer step."""
+        if self.interval != "step":
+            return
+        scheduler = self.scheduler
+        assert scheduler is not None
+        while self._counted < self._optimizer_steps:
+            self._counted += 1
+            if self._counted % self.frequency == 0:
+                scheduler.step()
+
+    def after_epoch(self, state: StateView) -> None:
+        """Step a per-epoch scheduler (``ReduceLROnPlateau`` with the monitored metric)."""
+        if self.interval != "epoch":
+            return
+        scheduler = self.scheduler
+        assert scheduler is not None
+        self._counted += 1
+        if self._counted % self.frequency != 0:
+            return
+        if isinstance(scheduler, ReduceLROnPlateau):
+            metrics = state.metrics
+            if self.monitor not in metrics:
+                raise KeyError(
+                    f"LRSchedule: metric {self.monitor!r} for ReduceLROnPlateau is not in"
+                    f" state.metrics (it has {sorted(metrics)})"
+                )
+            scheduler.step(float(metrics[self.monitor]))
+        else:
+            scheduler.step()
+
+    def after_fit_run(self, state: StateView) -> None:
+        """Stop watching the optimizer."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @property
+    def last_lr(self) -> list[float]:
+        """The learning rate of each parameter group after the last step."""
+        scheduler = self.scheduler
+        if scheduler is None:
+            raise RuntimeError("the scheduler is built when training starts")
+        return [float(lr) for lr in scheduler.get_last_lr()]
+
+    def state_dict(self) -> Mapping[str, Any]:
+        scheduler = self.scheduler
+        saved = scheduler.state_dict() if scheduler is not None else self._pending
+        return {"scheduler": saved, "counted": self._counted}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = state.get("scheduler")
+        # Checkpoints are taken between batches, when every optimizer step has been handled.
+        self._counted = self._optimizer_steps = int(state.get("counted", 0))
+        if saved is None:
+            return
+        if self.scheduler is None:
+            self._pending = saved
+        else:
+            self._restore(saved)
+
+
+class OneCycle(LRSchedule):
+    """The one-cycle policy (``torch.optim.lr_scheduler.OneCycleLR``), stepped per step.
+
+    Args:
+        max_lr: the peak learning rate (or one per parameter group).
+        total_steps: the number of optimizer steps of the whole run.
+        **kwargs: passed to ``OneCycleLR`` (``pct_start``, ``anneal_strategy``, ...).
+
+    Example:
+        >>> learner = Learner(..., callbacks=[OneCycle(0.1, total_steps=epochs * len(loader))])
+    """
+
+    def __init__(self, max_lr: float | list[float], total_steps: int, **kwargs: Any) -> None:
+        def make(optimizer: torch.optim.Optimizer) -> Scheduler:
+            return OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, **kwargs)
+
+        super().__init__(make, interval="step")
+        self.total_steps = total_steps
+
+
+def warmup_cosine_factor(
+    step: int, warmup_steps: int, total_steps: int, min_factor: float
+) -> float:
+    """The factor on the base learning rate at ``step`` of linear warmup then cosine decay."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if step >= total_steps:
+        return min_factor
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupCosine(LRSchedule):
+    """Linear warmup, then cosine decay to ``min_factor`` times the base rate, per step.
+
+    Args:
+        warmup_steps: optimizer steps of linear warmup (the rate climbs towards the base rate).
+        total_steps: optimizer steps of the whole run; after them the rate stays at the minimum.
+        min_factor: the final rate as a fraction of the optimizer's base rate.
+
+    Example:
+        >>> learner = Learner(..., callbacks=[WarmupCosine(500, total_steps=20_000)])
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, *, min_factor: float = 0.0) -> None:
+        if warmup_steps < 0 or total_steps <= warmup_steps:
+            raise ValueError(
+                f"need 0 <= warmup_steps < total_steps, got {warmup_steps} and {total_steps}"
+            )
+        if not 0.0 <= min_factor <= 1.0:
+            raise ValueError(f"min_factor must be in [0, 1], got {min_factor}")
+
+        def make(optimizer: torch.optim.Optimizer) -> Scheduler:
+            return LambdaLR(
+                optimizer,
+                lambda step: warmup_cosine_factor(step, warmup_steps, total_steps, min_factor),
+            )
+
+        super().__init__(make, interval="step")
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_factor = min_factor
