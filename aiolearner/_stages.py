@@ -363,6 +363,14 @@ class FitBatch(Stage):
         self.update = update if update is not None else Update()
         super().__init__(self.gradient, self.update)
 
+    def acted(self, state: State, flow: ControlFlow) -> None:
+        super().acted(state, flow)
+        rt = self._rt
+        if rt is not None and not rt.committed:
+            # A skipped batch must leave nothing behind: its gradients would otherwise be added
+            # to the next batch's and reach the weights with the next update.
+            state.model.zero_grad(set_to_none=True)
+
 
 class Fit(Stage):
     """One pass over the training data. Owns :class:`StopEpoch` (the pass ends early).
@@ -400,6 +408,10 @@ class Fit(Stage):
                 try:
                     await fit_batch(state)
                 except StopEpoch as flow:
+                    if not rt.committed:
+                        # As for a skipped batch: its gradients must not leak into the next
+                        # epoch's first update.
+                        state.model.zero_grad(set_to_none=True)
                     rt.finish_batch(state, losses)
                     self.acted(state, flow)
                     break
