@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from ._checkpoint import Checkpoint as Checkpoint
 from ._checkpoint import load_checkpoint_file as load_checkpoint_file
+from ._gradients import AccumulateGradients as AccumulateGradients
+from ._gradients import GradientClipping as GradientClipping
 from ._metrics import MetricFn as MetricFn
 from ._metrics import Metrics as Metrics
 from ._metrics import accuracy as accuracy
@@ -19,7 +21,9 @@ from ._stopping import EarlyStopping as EarlyStopping
 from ._stopping import TimeLimit as TimeLimit
 
 __all__ = [
+    "AccumulateGradients",
     "Checkpoint",
+    "GradientClipping",
     "LRSchedule",
     "OneCycle",
     "WarmupCosine",

@@ -1,0 +1,171 @@
+"""Gradient accumulation over micro-batches (a Fit stage) and gradient clipping (a callback).
+
+Accumulation changes which batches end in an optimizer step, so it is a stage, not a callback:
+a callback cannot keep the Update stage from running. :class:`AccumulateGradients` replaces the
+``fit`` stage with one whose batches run Gradient on every micro-batch and Update on every n-th,
+after dividing the summed gradients by the number of micro-batches. The loss itself is left
+alone, so ``train_loss`` and loss metrics keep their meaning.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from .._callbacks import Callback
+from .._stages import Fit, FitBatch, Stage
+from .._state import State, StateView
+
+__all__ = ["AccumulateGradients", "GradientClipping"]
+
+
+def _scale_gradients(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    grads = [
+        p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+    ]
+    if grads and factor != 1.0:
+        with torch.no_grad():
+            torch._foreach_mul_(grads, factor)
+
+
+class _AccumulatingFitBatch(FitBatch):
+    """A FitBatch that runs Update only on every n-th micro-batch of the epoch."""
+
+    def __init__(self, every: int, gradient: Stage | None = None, update: Stage | None = None):
+        super().__init__(gradient, update)
+        self.every = every
+
+    async def run(self, state: State) -> None:
+        await self.gradient(state)
+        # batch_index counts the epoch's batches done so far (also after a mid-epoch resume),
+        # so groups stay aligned with the epoch whatever interrupted it.
+        if (state.batch_index + 1) % self.every == 0:
+            _scale_gradients(state.optimizer, 1.0 / self.every)
+            await self.update(state)
+        else:
+            # The micro-batch is done once its gradients are in .grad: commit it now, so the
+            # counters in after_fit_batch read as after an update, and so an interruption from
+            # here on neither repeats it nor clears the group's gradients.
+            self.runtime.commit(state)
+
+
+class AccumulateGradients(Fit):
+    """The training pass, with one optimizer step per ``every`` micro-batches.
+
+    Each micro-batch runs the Gradient stage (forward, loss, backward: gradients add up in
+    ``.grad``); every ``every``-th one then divides the gradients by ``every`` and runs the
+    Update stage, so an update over n micro-batches of equal size equals one over their
+    concatenation. A group left incomplete when the pass ends is applied then, divided by its
+    own size. ``step`` and ``batch_index`` still count batches (micro-batches); the hooks
+    ``before_update``/``after_update`` run only for real updates, so schedulers, clipping and
+    EMA see optimizer steps.
+
+    Use it as the ``fit`` stage; other replacements (such as :class:`MixedPrecision`'s stages)
+    go after it in the mapping, so that they replace the stages inside it::
+
+        Learner(..., stages={"fit": AccumulateGradients(4), **amp.stages()})
+
+    Limitation: the gradients of a group in progress live in ``.grad`` only; they are not in
+    checkpoints, and cancelling the run inside a micro-batch's Gradient stage clears them (the
+    learner zeroes gradients of an interrupted batch), so a run interrupted mid-group applies
+    that group with fewer micro-batches.
+
+    Args:
+        every: micro-batches per optimizer step (1 behaves like the default stage).
+        gradient: the Gradient stage to use (default: :class:`~aiolearner.Gradient`).
+        update: the Update stage to use (default: :class:`~aiolearner.Update`).
+
+    Raises:
+        ValueError: ``every`` is less than 1.
+    """
+
+    def __init__(
+        self, every: int, *, gradient: Stage | None = None, update: Stage | None = None
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every must be at least 1, got {every}")
+        self.every = every
+        super().__init__(_AccumulatingFitBatch(every, gradient, update))
+
+    async def run(self, state: State) -> None:
+        await super().run(state)
+        pending = state.batch_index % self.every
+        if pending:
+            await self._flush(state, pending)
+
+    async def _flush(self, state: State, pending: int) -> None:
+        fit_batch = self.fit_batch
+        assert isinstance(fit_batch, FitBatch)
+        _scale_gradients(state.optimizer, 1.0 / pending)
+        rt = self.runtime
+        # The last micro-batch already committed without an update; the update now commits in
+        # its place (Update stages commit with the weights), so the counters end where they were.
+        state.step -= 1
+        state.batch_index -= 1
+        rt.committed = False
+        try:
+            await fit_batch.update(state)
+        finally:
+            if not rt.committed:
+                rt.commit(state)
+
+
+class GradientClipping(Callback):
+    """Clip gradients by their total norm and/or by value, just before each optimizer step.
+
+    It runs in ``before_update``, when the gradients are complete: after the last micro-batch
+    of a group under :class:`AccumulateGradients`, and after unscaling under
+    :class:`MixedPrecision` (it unscales through the ``grad_scaler`` field when that stage set
+    one). The total norm before clipping is kept, as a tensor (no host sync), in
+    :attr:`last_norm`.
+
+    Args:
+        max_norm: clip the total norm of all gradients to this (``None``: no norm clipping).
+        max_value: clip each gradient element to ``[-max_value, max_value]``.
+        norm_type: the norm's p (2.0; ``math.inf`` for the max-norm).
+
+    Raises:
+        ValueError: neither ``max_norm`` nor ``max_value`` is given, or one is not positive.
+
+    Reads ``optimizer`` and ``grad_scaler``; writes nothing (it changes the gradients).
+
+    Example:
+        >>> learner = Learner(..., callbacks=[GradientClipping(max_norm=1.0)])
+    """
+
+    reads = frozenset({"optimizer", "grad_scaler"})
+
+    def __init__(
+        self,
+        max_norm: float | None = None,
+        *,
+        max_value: float | None = None,
+        norm_type: float | Literal["inf"] = 2.0,
+    ) -> None:
+        if max_norm is None and max_value is None:
+            raise ValueError("give max_norm, max_value or both")
+        for label, value in (("max_norm", max_norm), ("max_value", max_value)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{label} must be positive, got {value}")
+        self.max_norm = max_norm
+        self.max_value = max_value
+        self.norm_type = math.inf if norm_type == "inf" else float(norm_type)
+        #: The total gradient norm before the last clipping (a tensor on the device).
+        self.last_norm: torch.Tensor | None = None
+
+    def before_update(self, state: StateView) -> None:
+        """Unscale (under mixed precision), then clip the gradients."""
+        optimizer = state.optimizer
+        if state.is_valid("grad_scaler"):
+            scaler = state.grad_scaler
+            if scaler is not None and scaler.is_enabled():
+                scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.max_value is not None:
+            torch.nn.utils.clip_grad_value_(params, self.max_value, foreach=True)
+        if self.max_norm is not None:
+            self.last_norm = torch.nn.utils.clip_grad_norm_(
+                params, self.max_norm, norm_type=self.norm_type, foreach=True
+            )
