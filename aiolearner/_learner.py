@@ -371,6 +371,11 @@ class Learner(Generic[TBatch]):
                 )
                 raise failure
             outcome = "completed"
+        except anyio.get_cancelled_exc_class():
+            # Also when closing the task group re-raises an enclosing scope's cancellation
+            # (trio does) before the check above runs.
+            outcome = "cancelled"
+            raise
         finally:
             rt.tg = None
             self._status = LearnerStatus.IDLE
