@@ -14,6 +14,7 @@ from ._gradients import GradientClipping as GradientClipping
 from ._metrics import MetricFn as MetricFn
 from ._metrics import Metrics as Metrics
 from ._metrics import accuracy as accuracy
+from ._precision import MixedPrecision as MixedPrecision
 from ._schedule import LRSchedule as LRSchedule
 from ._schedule import OneCycle as OneCycle
 from ._schedule import WarmupCosine as WarmupCosine
@@ -25,6 +26,7 @@ __all__ = [
     "Checkpoint",
     "GradientClipping",
     "LRSchedule",
+    "MixedPrecision",
     "OneCycle",
     "WarmupCosine",
     "load_checkpoint_file",

@@ -1,0 +1,193 @@
+"""Mixed precision: autocast for the forward pass, a gradient scaler for float16.
+
+Autocast is thread-local and must wrap the forward pass itself, so it cannot be switched on from
+a hook (hooks may run on another thread than the compute, and after it). It comes as stages:
+:class:`MixedPrecision` is a callback (its scaler's state goes into checkpoints) that hands out
+the ``gradient``, ``update`` and ``validate_loss`` stages to use with it.
+
+* bfloat16 (``"bf16"``): has float32's range, needs no scaler; works on CPU and on recent GPUs.
+* float16 (``"fp16"``): needs loss scaling against gradient underflow; the stages use a
+  ``torch.amp.GradScaler``, which skips the optimizer step when it finds inf/NaN gradients and
+  lowers the scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+
+from .._callbacks import Callback
+from .._stages import Gradient, Stage, Update, ValidateLoss, split_batch
+from .._state import State
+
+__all__ = ["MixedPrecision"]
+
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+class MixedPrecision(Callback):
+    """Mixed-precision training with autocast, and loss scaling for float16.
+
+    Pass its stages to the learner and the object itself as a callback::
+
+        amp = MixedPrecision("bf16")
+        learner = Learner(..., callbacks=[amp], stages=amp.stages())
+
+    The Gradient stage runs the forward pass and the loss under ``torch.autocast`` and the
+    backward pass outside it (scaling the loss first under float16); the Update stage steps the
+    optimizer through the scaler (and updates the scale); the ValidateLoss stage runs validation
+    under autocast too. The stages put the scaler in the ``grad_scaler`` state field, where
+    :class:`GradientClipping` finds it to unscale before clipping.
+
+    Args:
+        dtype: ``"bf16"`` or ``"fp16"`` (or the torch dtype).
+        device_type: the autocast device type (default: the learner's device type, found when
+            the stages first run).
+        scaler: use a gradient scaler (default: for float16 only). Pass a
+            ``torch.amp.GradScaler`` to configure it.
+        validate: run validation under autocast as well.
+
+    Raises:
+        ValueError: an unknown dtype.
+
+    The scaler's state is in :meth:`state_dict` (so in checkpoints). As a callback it declares
+    no access: it only carries the state.
+
+    Example:
+        >>> amp = MixedPrecision("fp16")                      # on CUDA
+        >>> learner = Learner(model, opt, loss_fn, train, val, device="cuda",
+        ...                   callbacks=[amp, GradientClipping(1.0)], stages=amp.stages())
+    """
+
+    def __init__(
+        self,
+        dtype: Literal["bf16", "bfloat16", "fp16", "float16"] | torch.dtype = "bf16",
+        *,
+        device_type: str | None = None,
+        scaler: bool | torch.amp.GradScaler | None = None,
+        validate: bool = True,
+    ) -> None:
+        if isinstance(dtype, torch.dtype):
+            if dtype not in (torch.bfloat16, torch.float16):
+                raise ValueError(f"dtype must be bfloat16 or float16, got {dtype}")
+            self.dtype = dtype
+        else:
+            if dtype not in _DTYPES:
+                raise ValueError(f"dtype must be 'bf16' or 'fp16', got {dtype!r}")
+            self.dtype = _DTYPES[dtype]
+        self.device_type = device_type
+        self.validate = validate
+        self._scaler_option = scaler
+        self.scaler: torch.amp.GradScaler | None = (
+            scaler if isinstance(scaler, torch.amp.GradScaler) else None
+        )
+        self._pending: Mapping[str, Any] | None = None
+
+    def stages(self) -> dict[str, Stage]:
+        """The stages to pass to the learner (``stages=amp.stages()``)."""
+        out: dict[str, Stage] = {
+            "gradient": AutocastGradient(self),
+            "update": ScaledUpdate(self),
+        }
+        if self.validate:
+            out["validate_loss"] = AutocastValidateLoss(self)
+        return out
+
+    def resolve(self, device: torch.device) -> tuple[str, torch.amp.GradScaler | None]:
+        """The autocast device type and the scaler (built on first use) for ``device``."""
+        if self.device_type is None:
+            self.device_type = device.type
+        if self.scaler is None:
+            wanted = self._scaler_option
+            if wanted is None:
+                wanted = self.dtype == torch.float16
+            if wanted:
+                self.scaler = torch.amp.GradScaler(self.device_type)
+                if self._pending is not None:
+                    self.scaler.load_state_dict(dict(self._pending))
+                    self._pending = None
+        return self.device_type, self.scaler
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The autocast context for ``device``."""
+        device_type, _ = self.resolve(device)
+        return torch.autocast(device_type, dtype=self.dtype)
+
+    def state_dict(self) -> Mapping[str, Any]:
+        if self.scaler is not None:
+            return {"scaler": self.scaler.state_dict()}
+        return {"scaler": self._pending}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = state.get("scaler")
+        if not saved:
+            return
+        if self.scaler is not None:
+            self.scaler.load_state_dict(dict(saved))
+        else:
+            self._pending = saved
+
+
+class AutocastGradient(Gradient):
+    """Forward and loss under autocast; backward outside it, on the scaled loss if scaling."""
+
+    def __init__(self, precision: MixedPrecision) -> None:
+        super().__init__()
+        self.precision = precision
+
+    def compute(self, state: State) -> None:
+        inputs, targets = split_batch(state.batch, self.name)
+        precision = self.precision
+        with precision.autocast(state.device):
+            output = state.model(inputs)
+            loss = state.loss_fn(output, targets)
+        scaler = precision.scaler
+        state.grad_scaler = scaler
+        if scaler is not None:
+            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        else:
+            loss.backward()  # type: ignore[no-untyped-call]
+        state.output = output
+        state.loss = loss
+
+
+class ScaledUpdate(Update):
+    """The optimizer step through the gradient scaler (when there is one), then the commit."""
+
+    def __init__(self, precision: MixedPrecision) -> None:
+        super().__init__()
+        self.precision = precision
+
+    def compute(self, state: State) -> None:
+        optimizer = state.optimizer
+        _, scaler = self.precision.resolve(state.device)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.runtime.commit(state)
+
+
+class AutocastValidateLoss(ValidateLoss):
+    """Validation forward and loss under ``inference_mode`` and autocast."""
+
+    def __init__(self, precision: MixedPrecision) -> None:
+        super().__init__()
+        self.precision = precision
+
+    def compute(self, state: State) -> None:
+        inputs, targets = split_batch(state.batch, self.name)
+        with torch.inference_mode(), self.precision.autocast(state.device):
+            output = state.model(inputs)
+            loss = state.loss_fn(output, targets)
+        state.output = output
+        state.loss = loss
