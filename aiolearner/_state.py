@@ -356,7 +356,8 @@ class StateView:
         the batch holds the weights. Checkpointing callbacks need it; they could not reach the
         learner otherwise.
         """
-        return self._learner.state_dict()
+        snapshot: dict[str, Any] = self._learner.state_dict()
+        return snapshot
 
     def start_soon(self, fn: Callable[..., Any], *args: object, name: str | None = None) -> None:
         """Run ``await fn(*args)`` in the learner's background task group.

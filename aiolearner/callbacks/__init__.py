@@ -11,15 +11,25 @@ from ._checkpoint import Checkpoint as Checkpoint
 from ._checkpoint import load_checkpoint_file as load_checkpoint_file
 from ._gradients import AccumulateGradients as AccumulateGradients
 from ._gradients import GradientClipping as GradientClipping
+from ._loggers import CSVLogger as CSVLogger
+from ._loggers import JSONLinesLogger as JSONLinesLogger
+from ._loggers import TensorBoardLogger as TensorBoardLogger
+from ._lr_finder import LRFinderResult as LRFinderResult
+from ._lr_finder import lr_find as lr_find
 from ._metrics import MetricFn as MetricFn
 from ._metrics import Metrics as Metrics
 from ._metrics import accuracy as accuracy
 from ._precision import MixedPrecision as MixedPrecision
+from ._progress import ProgressBar as ProgressBar
+from ._recorder import Recorder as Recorder
+from ._recorder import plot_history as plot_history
 from ._schedule import LRSchedule as LRSchedule
 from ._schedule import OneCycle as OneCycle
 from ._schedule import WarmupCosine as WarmupCosine
 from ._stopping import EarlyStopping as EarlyStopping
 from ._stopping import TimeLimit as TimeLimit
+from ._throughput import Throughput as Throughput
+from ._throughput import stage_times as stage_times
 
 __all__ = [
     "AccumulateGradients",
@@ -30,6 +40,16 @@ __all__ = [
     "OneCycle",
     "WarmupCosine",
     "load_checkpoint_file",
+    "CSVLogger",
+    "JSONLinesLogger",
+    "LRFinderResult",
+    "ProgressBar",
+    "Recorder",
+    "TensorBoardLogger",
+    "Throughput",
+    "lr_find",
+    "plot_history",
+    "stage_times",
     "EarlyStopping",
     "MetricFn",
     "Metrics",

@@ -216,7 +216,7 @@ class Checkpoint(Callback):
         return self.path(self.best[0]["name"]) if self.best else None
 
     def find_checkpoint(self, which: str) -> Path | None:
-        """The file ``fit(resume=which)`` should load: ``"last"`` or ``"best"``; ``None`` if none."""
+        """The file for ``fit(resume=which)``: ``"last"`` or ``"best"``; ``None`` if none."""
         if which == "last":
             path = self.last_path
         elif which == "best":
@@ -360,9 +360,9 @@ class Checkpoint(Callback):
         self.directory.mkdir(parents=True, exist_ok=True)
         for name in targets:
             atomic_write(self.path(name), data)
-        keep = set(targets) | {e["name"] for e in self.best} | set(self._periodic)
+        # Dropped names are never reused (each names its own epoch/step), so no target is lost.
         for name in removes:
-            if name not in keep:
+            if name not in targets:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path(name))
 

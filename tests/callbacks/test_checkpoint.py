@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from aiolearner import Callback, Learner, StateView
-from aiolearner.callbacks import Checkpoint, EarlyStopping, load_checkpoint_file
-from aiolearner.callbacks import _checkpoint
+from aiolearner.callbacks import Checkpoint, EarlyStopping, _checkpoint, load_checkpoint_file
 from aiolearner.testing import make_learner
 
 EPOCHS = 3
@@ -66,6 +65,10 @@ def build(directory: Path, *extra: Callback) -> tuple[Learner[Any], Checkpoint]:
     return learner, ckpt
 
 
+def names(directory: Path, pattern: str = "*") -> list[str]:
+    return sorted(p.name for p in directory.glob(pattern))
+
+
 def final_state(learner: Learner[Any]) -> dict[str, Any]:
     stop = next(cb for cb in learner.callbacks if isinstance(cb, EarlyStopping))
     return {
@@ -82,13 +85,16 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
     """Equal to the bit: tensors with torch.equal, containers element by element."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), where
-        assert a.dtype == b.dtype and torch.equal(a, b), where
+        assert a.dtype == b.dtype, where
+        assert torch.equal(a, b), where
     elif isinstance(a, Mapping):
-        assert isinstance(b, Mapping) and set(a) == set(b), where
+        assert isinstance(b, Mapping), where
+        assert set(a) == set(b), where
         for k in a:
             assert_same(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, list | tuple):
-        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        assert isinstance(b, list | tuple), where
+        assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same(x, y, f"{where}[{i}]")
     else:
@@ -172,12 +178,12 @@ async def test_resume_from_a_periodic_checkpoint_equals_uninterrupted(
 async def test_files_written(tmp_path: Path) -> None:
     learner, ckpt = build(tmp_path)
     await learner.fit(EPOCHS)
-    names = sorted(p.name for p in tmp_path.iterdir())
+    written = names(tmp_path)
     steps = [f"step-{s:08d}.pt" for s in range(3, EPOCHS * BATCHES, 3)]
     epochs = [f"epoch-{e:04d}.pt" for e in range(1, EPOCHS + 1)]
     best = [e["name"] for e in ckpt.best]
     assert len(best) == 2
-    assert names == sorted({*steps, *epochs, *best, "last.pt"})
+    assert written == sorted({*steps, *epochs, *best, "last.pt"})
     last = load_checkpoint_file(tmp_path / "last.pt")
     assert last["progress"]["epoch"] == EPOCHS
     assert_same(last["model"], learner.model.state_dict())
@@ -209,7 +215,7 @@ async def test_top_k_keeps_exactly_the_k_best(
     ckpt = Checkpoint(tmp_path, every_n_epochs=None, monitor="score", mode=mode, top_k=2)
     learner = make_learner(callbacks=[ckpt, Scores(scores)], n_batches=2)
     await learner.fit(len(scores))
-    files = sorted(p.name for p in tmp_path.glob("best-*.pt"))
+    files = names(tmp_path, "best-*.pt")
     assert len(files) == 2
     assert {e["epoch"]: e["score"] for e in ckpt.best} == keep
     assert files == sorted(e["name"] for e in ckpt.best)
@@ -224,7 +230,7 @@ async def test_keep_periodic_prunes_the_oldest(tmp_path: Path) -> None:
     ckpt = Checkpoint(tmp_path, every_n_steps=1, every_n_epochs=None, keep_periodic=2)
     learner = make_learner(callbacks=[ckpt], n_batches=5)
     await learner.fit(1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert names(tmp_path) == [
         "last.pt",
         "step-00000003.pt",
         "step-00000004.pt",
@@ -257,7 +263,7 @@ def test_atomic_write_failing_before_the_rename_keeps_the_old_file(
     with pytest.raises(OSError, match="disk gone"):
         _checkpoint.atomic_write(path, b"new")
     assert path.read_bytes() == b"old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    assert names(tmp_path) == ["last.pt"]
 
 
 async def test_a_crash_while_writing_never_leaves_a_corrupt_checkpoint(
@@ -281,7 +287,7 @@ async def test_a_crash_while_writing_never_leaves_a_corrupt_checkpoint(
     monkeypatch.undo()
     after = load_checkpoint_file(tmp_path / "last.pt")
     assert_same(after, before)
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not [n for n in names(tmp_path) if n.endswith(".tmp")]
 
 
 def test_paths_cannot_leave_the_directory(tmp_path: Path) -> None:

@@ -1,0 +1,223 @@
+"""A progress bar on rich, or plain log lines when the output is not a terminal.
+
+The hooks only note counters and keep a reference to the latest loss tensor (no ``.item()``, no
+I/O); a background task renders at most every ``refresh_interval`` seconds. So a fast training
+loop does not pay for drawing, and the one host sync per render happens off the batch.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+import anyio
+import torch
+
+from .._callbacks import Callback
+from .._stages import batch_size
+from .._state import StateView
+from ._optional import require
+
+__all__ = ["ProgressBar"]
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = float(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class ProgressBar(Callback):
+    """Show epochs and batches with the loss, the metrics and the throughput.
+
+    On a terminal it draws a rich progress bar (rich is the ``rich`` extra); elsewhere (CI logs,
+    files) it prints plain lines: one per epoch, and one every ``log_interval`` seconds during long
+    epochs. The number of batches per epoch is learned from the first epoch.
+
+    Args:
+        refresh_interval: the shortest time between two renders of the bar (seconds).
+        log_interval: in plain mode, the shortest time between two progress lines inside an
+            epoch (seconds).
+        plain: force plain lines (``True``) or the rich bar (``False``); by default, the bar when
+            ``file`` is a terminal.
+        file: where to write (default ``sys.stdout``).
+        console: a ``rich.console.Console`` to draw on (implies the bar).
+
+    Raises:
+        ImportError: the bar is wanted and rich is not installed.
+
+    Reads ``epoch``, ``step``, ``batch_index``, ``batch``, ``loss`` and ``metrics``; writes
+    nothing.
+
+    Example:
+        >>> learner = Learner(..., callbacks=[Metrics(accuracy), ProgressBar()])
+        >>> await learner.fit(10)
+        epoch 3/10 ━━━━━━━━━━━━━━━━━━╸━━━━━━━━  61/100  0:00:04  loss 0.412  1830 samples/s
+    """
+
+    reads = frozenset({"epoch", "step", "batch_index", "batch", "loss", "metrics"})
+
+    def __init__(
+        self,
+        *,
+        refresh_interval: float = 0.1,
+        log_interval: float = 10.0,
+        plain: bool | None = None,
+        file: TextIO | None = None,
+        console: Any = None,
+    ) -> None:
+        if refresh_interval <= 0 or log_interval <= 0:
+            raise ValueError("refresh_interval and log_interval must be positive")
+        self.refresh_interval = refresh_interval
+        self.log_interval = log_interval
+        self._file = file
+        self._console = console
+        if plain is None:
+            out = file if file is not None else sys.stdout
+            plain = console is None and not (hasattr(out, "isatty") and out.isatty())
+        self.plain = plain
+        if not plain:
+            require("rich.progress", extra="rich", what="ProgressBar")
+        self._progress: Any = None
+        self._task: Any = None
+        self._stop: anyio.Event | None = None
+        self._total: int | None = None
+        self._epoch = 0
+        self._batches = 0
+        self._samples = 0
+        self._started = 0.0
+        self._loss: torch.Tensor | None = None
+        self._last_line = 0.0
+        self._dirty = False
+
+    @property
+    def file(self) -> TextIO:
+        return self._file if self._file is not None else sys.stdout
+
+    # -- hooks (cheap: counters only) ------------------------------------------------------------
+
+    def before_fit_run(self, state: StateView) -> None:
+        """Start the renderer."""
+        self._stop = anyio.Event()
+        if not self.plain:
+            rp = require("rich.progress", extra="rich", what="ProgressBar")
+            self._progress = rp.Progress(
+                rp.TextColumn("{task.description}"),
+                rp.BarColumn(),
+                rp.MofNCompleteColumn(),
+                rp.TimeElapsedColumn(),
+                rp.TextColumn("{task.fields[info]}"),
+                console=self._console or self._make_console(),
+                auto_refresh=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("", total=None, info="")
+        state.start_soon(self._render_loop, name="ProgressBar.render")
+
+    def _make_console(self) -> Any:
+        console_mod = require("rich.console", extra="rich", what="ProgressBar")
+        return console_mod.Console(file=self._file)
+
+    def before_epoch(self, state: StateView) -> None:
+        """Start counting an epoch."""
+        self._epoch = state.epoch
+        self._batches = state.batch_index
+        self._samples = 0
+        self._loss = None
+        self._started = self._last_line = time.perf_counter()
+        self._dirty = True
+
+    def after_fit_batch(self, state: StateView) -> None:
+        """Note the batch (the loss stays a tensor until the next render)."""
+        self._batches = state.batch_index
+        self._samples += batch_size(state.batch)
+        if state.is_valid("loss"):
+            self._loss = state.loss.detach()
+        self._dirty = True
+
+    def after_fit(self, state: StateView) -> None:
+        """Learn how many batches an epoch has."""
+        if self._total is None or state.batch_index > self._total:
+            self._total = state.batch_index
+
+    def after_epoch(self, state: StateView) -> None:
+        """Write the epoch's line (metrics and throughput)."""
+        line = self._epoch_line(state)
+        if self.plain:
+            print(line, file=self.file, flush=True)
+        elif self._progress is not None:
+            self._progress.console.print(line)
+        self._dirty = True
+
+    async def after_fit_run(self, state: StateView) -> None:
+        """Stop the renderer and draw the final state."""
+        if self._stop is not None:
+            self._stop.set()
+        if self._progress is not None:
+            self._render()
+            self._progress.stop()
+            self._progress = None
+        await anyio.lowlevel.checkpoint()
+
+    # -- rendering (in the background task) ------------------------------------------------------
+
+    def _throughput(self) -> float:
+        elapsed = time.perf_counter() - self._started
+        return self._samples / elapsed if elapsed > 0 else 0.0
+
+    def _info(self) -> str:
+        parts = []
+        if self._loss is not None:
+            parts.append(f"loss {float(self._loss):.4g}")
+        parts.append(f"{self._throughput():.0f} samples/s")
+        return "  ".join(parts)
+
+    def _epoch_line(self, state: StateView) -> str:
+        metrics = "  ".join(
+            f"{k} {_fmt(v)}"
+            for k, v in state.metrics.items()
+            if isinstance(v, int | float) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+        )
+        elapsed = time.perf_counter() - self._started
+        return (
+            f"epoch {state.epoch + 1}: {metrics}  ({self._batches} batches, {elapsed:.1f} s,"
+            f" {self._throughput():.0f} samples/s)"
+        )
+
+    def _render(self) -> None:
+        if self._progress is None:
+            return
+        self._progress.update(
+            self._task,
+            description=f"epoch {self._epoch + 1}",
+            completed=self._batches,
+            total=self._total,
+            info=self._info(),
+        )
+        self._progress.refresh()
+
+    async def _render_loop(self) -> None:
+        stop = self._stop
+        assert stop is not None
+        interval = self.refresh_interval
+        while not stop.is_set():
+            with anyio.move_on_after(interval):
+                await stop.wait()
+            if stop.is_set() or not self._dirty:
+                continue
+            self._dirty = False
+            if self.plain:
+                now = time.perf_counter()
+                if now - self._last_line >= self.log_interval and self._batches:
+                    self._last_line = now
+                    total = f"/{self._total}" if self._total else ""
+                    print(
+                        f"epoch {self._epoch + 1} batch {self._batches}{total}  {self._info()}",
+                        file=self.file,
+                        flush=True,
+                    )
+            else:
+                self._render()

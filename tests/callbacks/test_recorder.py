@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aiolearner.callbacks import Checkpoint, LRSchedule, Recorder, plot_history
+from aiolearner.testing import make_learner
+
+
+async def test_records_every_step_and_epoch() -> None:
+    recorder = Recorder()
+    learner = make_learner(callbacks=[recorder], n_batches=3)
+    await learner.fit(2)
+    h = recorder.history
+    assert h["step"] == [1, 2, 3, 4, 5, 6]
+    assert len(h["loss"]) == 6
+    assert all(isinstance(x, float) for x in h["loss"])
+    assert h["lr"] == [[0.1]] * 6
+    assert [e["epoch"] for e in h["epochs"]] == [0.0, 1.0]
+    assert [e["step"] for e in h["epochs"]] == [3.0, 6.0]
+    assert h["epochs"][-1]["val_loss"] == learner.state.metrics["val_loss"]
+    # the epoch's train_loss is the mean of its recorded batch losses
+    expected = torch.tensor(h["loss"][3:]).mean().item()
+    assert h["epochs"][-1]["train_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+async def test_records_the_learning_rate_each_update_used() -> None:
+    recorder = Recorder()
+    sched = LRSchedule(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
+    learner = make_learner(callbacks=[recorder, sched], n_batches=2)
+    await learner.fit(2)
+    assert recorder.history["lr"] == [[0.1], [0.05], [0.025], [0.0125]]
+
+
+async def test_history_survives_a_checkpoint_resume(tmp_path: Path) -> None:
+    first = Recorder()
+    learner = make_learner(callbacks=[first, Checkpoint(tmp_path)], n_batches=2)
+    await learner.fit(2)
+    second = Recorder()
+    resumed = make_learner(callbacks=[second, Checkpoint(tmp_path)], n_batches=2)
+    await resumed.fit(3, resume="last")
+    await learner.fit(3)
+    assert second.history == first.history
+    assert len(second.history["epochs"]) == 3
+
+
+def test_plot_history_writes_a_png(tmp_path: Path) -> None:
+    recorder = Recorder()
+    learner = make_learner(callbacks=[recorder], n_batches=5)
+    learner.fit_sync(4)
+    out = recorder.plot_history(tmp_path / "history.png")
+    data = out.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(data) > 10_000
+    # the same from the function, with the history dict
+    assert plot_history(recorder.history, tmp_path / "again.png").is_file()
+
+
+def test_plot_without_matplotlib_says_which_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"aiolearner\[plot\]"):
+        Recorder().plot_history(tmp_path / "x.png")
