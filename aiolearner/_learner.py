@@ -348,10 +348,12 @@ class Learner(Generic[TBatch]):
         self._loop_thread = threading.get_ident()
         self._hub.bind_loop_thread()
         state = self._state
-        state.phase = _verb(status)
         rt = self._rt
         rt.teardown_timed_out = False
-        self._hub.publish("run_start", "learner", state.epoch, state.step, {"phase": state.phase})
+        # run_start opens the run's event stream: publish it before the run's first state write.
+        phase = _verb(status)
+        self._hub.publish("run_start", "learner", state.epoch, state.step, {"phase": phase})
+        state.phase = phase
         outcome = "error"
         try:
             failure: BaseException | None = None

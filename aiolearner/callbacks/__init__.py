@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._checkpoint import Checkpoint as Checkpoint
 from ._checkpoint import load_checkpoint_file as load_checkpoint_file
+from ._ema import EMA as EMA
 from ._gradients import AccumulateGradients as AccumulateGradients
 from ._gradients import GradientClipping as GradientClipping
 from ._loggers import CSVLogger as CSVLogger
@@ -34,6 +35,7 @@ from ._throughput import stage_times as stage_times
 __all__ = [
     "AccumulateGradients",
     "Checkpoint",
+    "EMA",
     "GradientClipping",
     "LRSchedule",
     "MixedPrecision",

@@ -1,0 +1,234 @@
+"""An exponential moving average (EMA) of the weights, and validation of the averaged model.
+
+The average is a copy of the model, updated after every optimizer step:
+``ema = decay * ema + (1 - decay) * weights``. Validation can run on it instead of the model, or
+on both, through the stages :meth:`EMA.stages` hands out.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+
+from .._callbacks import Callback
+from .._stages import Stage, ValidateBatch, ValidateLoss, split_batch
+from .._state import State, StateView
+from ._metrics import Metrics, _Tracker
+
+__all__ = ["EMA"]
+
+
+class EMA(Callback):
+    """Keeps an exponential moving average of the model's weights.
+
+    The copy is made when training starts, under the read side of the weights lock, and updated
+    in ``after_update`` (a ``def`` hook, so the batch stays fused). That hook runs in the batch's
+    own flow, right after the Update stage, while nothing else can change the weights; in a
+    fused batch it even runs under the write lock. Buffers (batch-norm statistics) are copied,
+    not averaged.
+
+    Validation of the average, through stages::
+
+        ema = EMA(0.999, metrics=["accuracy"])
+        Learner(..., callbacks=[ema], stages=ema.stages())              # both models
+        Learner(..., callbacks=[ema], stages=ema.stages(validate="ema"))  # the average only
+
+    * ``validate="both"`` (default): validation runs the model as usual and the average on the
+      same batches; the callback adds ``state.validation["ema_loss"]`` (and ``ema_<metric>`` for
+      each of ``metrics``) and ``state.metrics["val_ema_loss"]`` (``val_ema_<metric>``).
+    * ``validate="ema"``: validation runs on the average alone, so ``val_loss`` and every
+      validation metric (and early stopping, best checkpoints) follow the averaged model.
+
+    Args:
+        decay: the weight of the old average per update (0.999 averages over ~1000 steps).
+        every_n_steps: update the average every this many steps.
+        warmup: use ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so the average
+            does not remember the random initial weights for long.
+        metrics: metrics for the average in ``validate="both"`` mode, given as to
+            :class:`Metrics` (names of built-ins, functions, torchmetrics metrics).
+
+    Raises:
+        ValueError: ``decay`` not in ``[0, 1)`` or ``every_n_steps`` < 1.
+
+    The average is in :meth:`state_dict`, so in checkpoints. Reads ``model``, ``step``,
+    ``batch``, ``ema_output`` and ``ema_loss``; writes ``metrics`` and ``validation`` (after
+    :class:`Metrics` on the hooks they share).
+
+    Example:
+        >>> ema = EMA(0.999)
+        >>> learner = Learner(..., callbacks=[ema], stages=ema.stages())
+        >>> await learner.fit(10)
+        >>> learner.state.metrics["val_ema_loss"], ema.model    # the averaged nn.Module
+    """
+
+    reads = frozenset({"model", "step", "batch", "ema_output", "ema_loss"})
+    writes = frozenset({"metrics", "validation"})
+    after = (Metrics,)
+
+    def __init__(
+        self,
+        decay: float = 0.999,
+        *,
+        every_n_steps: int = 1,
+        warmup: bool = False,
+        metrics: Mapping[str, Any] | list[str] | tuple[str, ...] = (),
+    ) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
+        self.decay = decay
+        self.every_n_steps = every_n_steps
+        self.warmup = warmup
+        specs = dict(metrics) if isinstance(metrics, Mapping) else {m: m for m in metrics}
+        self._trackers = {"loss": _Tracker("loss", "loss", window=False)}
+        for name, spec in specs.items():
+            self._trackers[name] = _Tracker(name, spec, window=False)
+        #: The averaged model (``None`` until training starts or a checkpoint is loaded).
+        self.model: torch.nn.Module | None = None
+        #: How many times the average was updated.
+        self.updates = 0
+        self._pending: Mapping[str, Any] | None = None
+
+    def stages(self, validate: Literal["both", "ema"] = "both") -> dict[str, Stage]:
+        """Validation stages for the average (pass them as ``Learner(stages=...)``)."""
+        if validate == "both":
+            return {"validate_batch": _BothValidateBatch(_BothValidateLoss(self))}
+        if validate == "ema":
+            return {"validate_loss": EMAValidateLoss(self)}
+        raise ValueError(f"validate must be 'both' or 'ema', got {validate!r}")
+
+    def ensure(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The averaged model, made as a copy of ``model`` on first use (hold a weights lock)."""
+        if self.model is None:
+            ema = copy.deepcopy(model)
+            ema.requires_grad_(False)
+            ema.eval()
+            if self._pending is not None:
+                ema.load_state_dict(dict(self._pending))
+                self._pending = None
+            self.model = ema
+        return self.model
+
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        if self.warmup:
+            return min(self.decay, (1 + self.updates) / (10 + self.updates))
+        return self.decay
+
+    async def before_fit_run(self, state: StateView) -> None:
+        """Make the copy (under the read side of the weights lock)."""
+        if self.model is None:
+            async with state.weights_lock.read():
+                self.ensure(state.model)
+
+    def after_update(self, state: StateView) -> None:
+        """Move the average towards the new weights."""
+        if state.step % self.every_n_steps != 0:
+            return
+        ema = self.ensure(state.model)
+        weight = 1.0 - self.current_decay()
+        with torch.no_grad():
+            averaged: list[torch.Tensor] = []
+            current: list[torch.Tensor] = []
+            for e, p in zip(ema.parameters(), state.model.parameters(), strict=True):
+                if e.dtype.is_floating_point:
+                    averaged.append(e)
+                    current.append(p.detach())
+                else:
+                    e.copy_(p)
+            if averaged:
+                torch._foreach_lerp_(averaged, current, weight)
+            for eb, b in zip(ema.buffers(), state.model.buffers(), strict=True):
+                eb.copy_(b)
+        self.updates += 1
+
+    # -- validation of the average in "both" mode ----------------------------------------------
+
+    def before_validate(self, state: StateView) -> None:
+        """Start the average's validation results."""
+        for tracker in self._trackers.values():
+            tracker.reset()
+
+    def after_validate_loss(self, state: StateView) -> None:
+        """Accumulate the average's loss and metrics for the batch (device ops only)."""
+        if not state.is_valid("ema_output"):
+            return
+        targets = split_batch(state.batch, self.name)[1]
+        output, loss = state.ema_output, state.ema_loss
+        for tracker in self._trackers.values():
+            tracker.update(output, targets, loss)
+
+    def after_validate(self, state: StateView) -> None:
+        """Report the average's validation results (``ema_loss``, ``ema_<metric>``)."""
+        for name, tracker in self._trackers.items():
+            value = tracker.epoch_value()
+            if value is None:
+                continue
+            state.validation[f"ema_{name}"] = value
+            state.metrics[f"val_ema_{name}"] = value
+            tracker.reset()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> Mapping[str, Any]:
+        weights = self.model.state_dict() if self.model is not None else self._pending
+        return {"model": weights, "updates": self.updates}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.updates = int(state.get("updates", 0))
+        weights = state.get("model")
+        if weights is None:
+            return
+        if self.model is not None:
+            self.model.load_state_dict(dict(weights))
+        else:
+            self._pending = weights
+
+
+class EMAValidateLoss(ValidateLoss):
+    """Validation forward and loss on the averaged model instead of the model."""
+
+    def __init__(self, ema: EMA) -> None:
+        super().__init__()
+        self.ema = ema
+
+    def compute(self, state: State) -> None:
+        inputs, targets = split_batch(state.batch, self.name)
+        model = self.ema.ensure(state.model)  # Validate holds the weights' read lock here
+        with torch.inference_mode():
+            output = model(inputs)
+            loss = state.loss_fn(output, targets)
+        state.output = output
+        state.loss = loss
+
+
+class _BothValidateLoss(ValidateLoss):
+    """Validation on the model (``output``, ``loss``) and on the average (``ema_*``)."""
+
+    def __init__(self, ema: EMA) -> None:
+        super().__init__()
+        self.ema = ema
+
+    def compute(self, state: State) -> None:
+        super().compute(state)
+        inputs, targets = split_batch(state.batch, self.name)
+        model = self.ema.ensure(state.model)
+        with torch.inference_mode():
+            output = model(inputs)
+            loss = state.loss_fn(output, targets)
+        state.ema_output = output
+        state.ema_loss = loss
+
+
+class _BothValidateBatch(ValidateBatch):
+    """A validation batch that also clears the ``ema_*`` fields when it ends."""
+
+    async def __call__(self, state: State) -> None:
+        try:
+            await super().__call__(state)
+        finally:
+            state.invalidate("ema_output", "ema_loss")

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aiolearner import Callback, StateView
+from aiolearner.callbacks import EMA, Metrics, accuracy
+from aiolearner.testing import make_batches, make_learner
+
+
+class Weights(Callback):
+    """The model's weights after every update."""
+
+    reads = frozenset({"model"})
+
+    def __init__(self) -> None:
+        self.after: list[list[torch.Tensor]] = []
+
+    def after_update(self, state: StateView) -> None:
+        self.after.append([p.detach().clone() for p in state.model.parameters()])
+
+
+def _loss_and_accuracy(
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[float, float]:
+    n = sum(len(y) for _, y in batches)
+    with torch.no_grad():
+        loss = sum(
+            float(torch.nn.functional.cross_entropy(model(x), y)) * len(y) for x, y in batches
+        )
+        acc = sum(float(accuracy(model(x), y)) * len(y) for x, y in batches)
+    return loss / n, acc / n
+
+
+async def test_average_follows_the_formula() -> None:
+    ema = EMA(0.9)
+    weights = Weights()
+    learner = make_learner(callbacks=[ema, weights], n_batches=3, with_validation=False)
+    expected = [p.detach().clone() for p in learner.model.parameters()]
+    await learner.fit(2)
+    for step in weights.after:
+        expected = [0.9 * e + 0.1 * w for e, w in zip(expected, step, strict=True)]
+    assert ema.model is not None
+    assert ema.updates == 6
+    for e, got in zip(expected, ema.model.parameters(), strict=True):
+        torch.testing.assert_close(got, e)
+        assert not got.requires_grad
+    # The average differs from the trained weights.
+    assert not torch.equal(next(iter(ema.model.parameters())), weights.after[-1][0])
+
+
+async def test_warmup_and_every_n_steps() -> None:
+    ema = EMA(0.999, warmup=True, every_n_steps=2)
+    learner = make_learner(callbacks=[ema], n_batches=4, with_validation=False)
+    assert ema.current_decay() == pytest.approx(0.1)
+    await learner.fit(1)
+    assert ema.updates == 2
+    assert ema.current_decay() == pytest.approx(3 / 12)
+
+
+async def test_validating_both_models() -> None:
+    val = make_batches(3, batch_size=4, seed=11)
+    ema = EMA(0.5, metrics=["accuracy"])
+    metrics = Metrics(["accuracy"])
+    learner = make_learner(callbacks=[metrics, ema], stages=ema.stages(), val_data=val, n_batches=3)
+    await learner.fit(2)
+    assert ema.model is not None
+    raw_loss, raw_acc = _loss_and_accuracy(learner.model, val)
+    ema_loss, ema_acc = _loss_and_accuracy(ema.model, val)
+    v = learner.state.validation
+    assert v["loss"] == pytest.approx(raw_loss, rel=1e-5)
+    assert v["accuracy"] == pytest.approx(raw_acc)
+    assert v["ema_loss"] == pytest.approx(ema_loss, rel=1e-5)
+    assert v["ema_accuracy"] == pytest.approx(ema_acc)
+    assert learner.state.metrics["val_ema_loss"] == v["ema_loss"]
+    assert ema_loss != pytest.approx(raw_loss)
+
+
+async def test_validating_the_average_only() -> None:
+    val = make_batches(2, batch_size=4, seed=11)
+    ema = EMA(0.5)
+    learner = make_learner(
+        callbacks=[ema], stages=ema.stages(validate="ema"), val_data=val, n_batches=3
+    )
+    await learner.fit(1)
+    assert ema.model is not None
+    ema_loss, _ = _loss_and_accuracy(ema.model, val)
+    assert learner.state.metrics["val_loss"] == pytest.approx(ema_loss, rel=1e-5)
+    assert "val_ema_loss" not in learner.state.metrics
+    with pytest.raises(ValueError, match="both"):
+        ema.stages(validate="raw")  # type: ignore[arg-type]
+
+
+async def test_average_is_checkpointed() -> None:
+    ema = EMA(0.9)
+    learner = make_learner(callbacks=[ema], n_batches=2, with_validation=False)
+    await learner.fit(1)
+    checkpoint = learner.state_dict()
+    again = EMA(0.9)
+    fresh = make_learner(callbacks=[again], n_batches=2, with_validation=False)
+    fresh.load_state_dict(checkpoint)
+    assert again.updates == 2
+    assert ema.model is not None
+    restored = again.ensure(fresh.model)
+    for a, b in zip(ema.model.parameters(), restored.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    # Continuing both runs keeps them equal.
+    await learner.fit(2)
+    await fresh.fit(2)
+    for a, b in zip(ema.model.parameters(), restored.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="decay"):
+        EMA(1.0)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        EMA(every_n_steps=0)
