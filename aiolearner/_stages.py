@@ -370,6 +370,8 @@ class FitBatch(Stage):
             # A skipped batch must leave nothing behind: its gradients would otherwise be added
             # to the next batch's and reach the weights with the next update.
             state.model.zero_grad(set_to_none=True)
+            # Nor its loss in the pass's train_loss.
+            state.invalidate("output", "loss")
 
 
 class Fit(Stage):
@@ -454,6 +456,12 @@ class ValidateBatch(Stage):
     def __init__(self, validate_loss: Stage | None = None) -> None:
         self.validate_loss = validate_loss if validate_loss is not None else ValidateLoss()
         super().__init__(self.validate_loss)
+
+    def acted(self, state: State, flow: ControlFlow) -> None:
+        super().acted(state, flow)
+        # Left out of the results even when the loss was already computed (a SkipBatch raised
+        # in after_validate_loss): Validate counts only batches that still have a loss.
+        state.invalidate("output", "loss")
 
 
 class Validate(Stage):
