@@ -14,10 +14,10 @@ class Weights(Callback):
     reads = frozenset({"model"})
 
     def __init__(self) -> None:
-        self.after: list[list[torch.Tensor]] = []
+        self.seen: list[list[torch.Tensor]] = []
 
     def after_update(self, state: StateView) -> None:
-        self.after.append([p.detach().clone() for p in state.model.parameters()])
+        self.seen.append([p.detach().clone() for p in state.model.parameters()])
 
 
 def _loss_and_accuracy(
@@ -38,7 +38,7 @@ async def test_average_follows_the_formula() -> None:
     learner = make_learner(callbacks=[ema, weights], n_batches=3, with_validation=False)
     expected = [p.detach().clone() for p in learner.model.parameters()]
     await learner.fit(2)
-    for step in weights.after:
+    for step in weights.seen:
         expected = [0.9 * e + 0.1 * w for e, w in zip(expected, step, strict=True)]
     assert ema.model is not None
     assert ema.updates == 6
@@ -46,7 +46,7 @@ async def test_average_follows_the_formula() -> None:
         torch.testing.assert_close(got, e)
         assert not got.requires_grad
     # The average differs from the trained weights.
-    assert not torch.equal(next(iter(ema.model.parameters())), weights.after[-1][0])
+    assert not torch.equal(next(iter(ema.model.parameters())), weights.seen[-1][0])
 
 
 async def test_warmup_and_every_n_steps() -> None:
