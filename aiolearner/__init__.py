@@ -25,6 +25,7 @@ from ._handle import RunState as RunState
 from ._learner import Learner as Learner
 from ._learner import LearnerStatus as LearnerStatus
 from ._locks import ReadWriteLock as ReadWriteLock
+from ._parallel import Parallel as Parallel
 from ._runtime import ComputePolicy as ComputePolicy
 from ._runtime import Runtime as Runtime
 from ._stages import ComputeStage as ComputeStage
@@ -70,6 +71,7 @@ __all__ = [
     "LearnerBusyError",
     "LearnerSnapshot",
     "LearnerStatus",
+    "Parallel",
     "ReadOnlyDict",
     "ReadOnlyList",
     "ReadWriteLock",

@@ -27,6 +27,7 @@ from ._runtime import ComputeMode, ComputePolicy, Runtime
 from ._stages import ComputeStage, FitRun, Stage, split_batch
 from ._state import STAGE_OWNED, VIEW_ATTRIBUTES, State, _ObservedState
 from ._trace import Trace
+from ._validation import SnapshotPolicy, ValidateEvery, ValidateMode, bind_states, make_validator
 
 __all__ = ["Learner", "LearnerStatus"]
 
@@ -70,6 +71,17 @@ class Learner(Generic[TBatch]):
         yield_interval: the longest (seconds) the training loop runs without giving the event
             loop a turn, between batches.
         teardown_timeout: the time bound of ``after_fit_run`` after an error or a cancellation.
+        validate: ``"sequential"`` (default: training waits for each validation pass) or
+            ``"concurrent"`` (a snapshot of the weights is validated in the background while
+            training goes on); see ``docs/concurrent-validation.md``.
+        validate_every: when to validate: ``"epoch"`` (default: at the end of each epoch), an
+            ``int`` N (after every N-th optimizer step, counted globally) or a
+            ``datetime.timedelta`` (between batches, once that much time has passed).
+        max_snapshots: with ``validate="concurrent"``, how many snapshots may be in flight
+            (taken and not yet validated); each holds a copy of the model.
+        snapshot_policy: with ``validate="concurrent"``, what happens when a validation is due
+            and ``max_snapshots`` are in flight: ``"wait"`` (default: training waits for a free
+            slot, back-pressure) or ``"skip"`` (this validation is skipped and counted).
 
     Raises:
         ConfigurationError: callbacks or stages that cannot work together (see the message).
@@ -102,6 +114,10 @@ class Learner(Generic[TBatch]):
         trace: bool = False,
         yield_interval: float = 0.001,
         teardown_timeout: float = 30.0,
+        validate: ValidateMode = "sequential",
+        validate_every: ValidateEvery = "epoch",
+        max_snapshots: int = 1,
+        snapshot_policy: SnapshotPolicy = "wait",
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -157,6 +173,13 @@ class Learner(Generic[TBatch]):
             trace=self._trace,
             yield_interval=yield_interval,
             teardown_timeout=teardown_timeout,
+        )
+        self._rt.validator = make_validator(
+            validate,
+            validate_every,
+            max_snapshots,
+            snapshot_policy,
+            has_val_data=val_data is not None,
         )
         state = State()
         state.model = model
@@ -230,6 +253,7 @@ class Learner(Generic[TBatch]):
         fit_batch = names.get("fit_batch")
         self._rt.batch_is_atomic = fit_batch is None or fit_batch._fused
         self._stages = names
+        bind_states(self)
 
     def replace_stage(self, name: str, stage: Stage) -> None:
         """Put ``stage`` in place of the stage called ``name`` (before or between runs).
@@ -459,8 +483,12 @@ class Learner(Generic[TBatch]):
         self._check_idle("validate")
         if self._val is None:
             raise ValueError("this learner has no val_data to validate on")
+        validator = self._rt.validator
         async with self._running(LearnerStatus.VALIDATING):
-            await self._stages["validate"](self._state)
+            if validator is None:
+                await self._stages["validate"](self._state)
+            else:
+                await validator.validate_now(self._stages["validate"], self._state)
         return dict(self._state.validation)
 
     def validate_sync(self, *, backend: Literal["asyncio", "trio"] = "asyncio") -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -36,10 +37,24 @@ if TYPE_CHECKING:
     from ._exceptions import ControlFlow
     from ._stages import Stage
     from ._trace import Trace
+    from ._validation import Validator
 
 __all__ = ["ComputeMode", "ComputePolicy", "Runtime"]
 
 ComputeMode = Literal["auto", "thread", "inline"]
+
+#: The compute lane of the current task: a task that runs stages next to the training loop (a
+#: concurrent validation, a branch of ``Parallel``) sets its own capacity-1 limiter here, so its
+#: hops to worker threads overlap the training's instead of queueing behind them.
+compute_lane: ContextVar[anyio.CapacityLimiter | None] = ContextVar(
+    "aiolearner_compute_lane", default=None
+)
+#: Set while the current task validates a private weight snapshot (concurrent validation): the
+#: pass reads this source (opened when the snapshot was taken) instead of the learner's
+#: ``val_data``, and Validate takes no weights lock (nobody else writes the snapshot).
+snapshot_source: ContextVar[BatchSource | None] = ContextVar(
+    "aiolearner_snapshot_source", default=None
+)
 
 
 def loop_is_shared() -> bool:
@@ -143,6 +158,8 @@ class Runtime:
         self.epoch_rng: dict[str, Any] | None = None
         self.batch_is_atomic = True
         self.tg: TaskGroup | None = None
+        #: Validation mode and schedule (None: sequential, at the end of each epoch).
+        self.validator: Validator | None = None
 
     # -- compute ------------------------------------------------------------------------------
 
@@ -163,8 +180,12 @@ class Runtime:
         """Run ``fn(*args)`` in the compute worker; returns its result."""
         policy = self.policy
         policy.hops += 1
+        lane = compute_lane.get()
         try:
-            if policy.mode == "auto":
+            if lane is not None:
+                # Not timed: the policy's measurements are the training loop's batches.
+                result = await anyio.to_thread.run_sync(fn, *args, limiter=lane)
+            elif policy.mode == "auto":
                 result = await anyio.to_thread.run_sync(
                     self._timed, fn, *args, limiter=policy.limiter
                 )
@@ -278,7 +299,10 @@ class Runtime:
     async def open_val(self, state: State) -> AsyncIterator[Batches]:
         assert self.tg is not None
         assert self.val is not None
-        async with self.val.open(self.tg) as batches:
+        source = snapshot_source.get()
+        if source is None:
+            source = self.val
+        async with source.open(self.tg) as batches:
             yield batches
 
     # -- observation (trace and events) ---------------------------------------------------------

@@ -23,6 +23,7 @@ runs in a single hop to the worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ import anyio
 import torch
 
 from ._exceptions import ControlFlow, SkipBatch, StopEpoch, StopFit
+from ._runtime import snapshot_source
 from ._state import ReadOnlyList, State
 
 if TYPE_CHECKING:
@@ -399,6 +401,7 @@ class Fit(Stage):
         losses = rt.train_losses
         fit_batch = self.fit_batch
         atomic = rt.batch_is_atomic
+        validator = rt.validator
         async with rt.open_train(state) as batches:
             while True:
                 batch = await batches.next()
@@ -421,6 +424,9 @@ class Fit(Stage):
                     rt.abandon_batch(state, rng)
                     raise
                 rt.finish_batch(state, losses)
+                if validator is not None:
+                    # A validation due by steps or time; a concurrent one's StopFit or error.
+                    await validator.between_batches(state)
                 now = time.perf_counter()
                 if now - rt.last_yield >= rt.yield_interval:
                     rt.last_yield = now
@@ -491,8 +497,10 @@ class Validate(Stage):
         validate_batch = self.validate_batch
         total: list[torch.Tensor] = []
         count = 0
-        lock = rt.weights_lock
-        await lock.acquire_read()
+        # A concurrent validation's snapshot is private: no lock (it would stall training).
+        lock = rt.weights_lock if snapshot_source.get() is None else None
+        if lock is not None:
+            await lock.acquire_read()
         try:
             model.eval()
             async with rt.open_val(state) as batches:
@@ -519,7 +527,8 @@ class Validate(Stage):
                         await anyio.lowlevel.checkpoint()
         finally:
             model.train(was_training)
-            lock.release_read()
+            if lock is not None:
+                lock.release_read()
         results: dict[str, Any] = {}
         if count:
             results["loss"] = float(torch.stack(total).sum()) / count
@@ -555,7 +564,12 @@ class Epoch(Stage):
             await self.fit(state)
             rt.pass_done = True
         if rt.has_val_data:
-            await self.validate(state)
+            validator = rt.validator
+            if validator is None:
+                await self.validate(state)
+            else:
+                # Concurrent: snapshot now, validate in the background; or another schedule.
+                await validator.at_epoch_end(self.validate, state)
 
 
 class FitRun(Stage):
@@ -580,11 +594,15 @@ class FitRun(Stage):
 
     async def run(self, state: State) -> None:
         rt = self.runtime
-        while state.epoch < rt.target_epochs:
-            await self.epoch(state)
-            if rt.observed:
-                rt.publish("metrics", self.name, state, dict(state.metrics))
-            rt.end_epoch(state)
+        validator = rt.validator
+        # Concurrent validations still running are awaited (their after_validate hooks too)
+        # before after_fit_run, and cancelled if the run fails (see docs/concurrent-validation.md).
+        async with contextlib.nullcontext() if validator is None else validator.session(state):
+            while state.epoch < rt.target_epochs:
+                await self.epoch(state)
+                if rt.observed:
+                    rt.publish("metrics", self.name, state, dict(state.metrics))
+                rt.end_epoch(state)
 
     async def __call__(self, state: State) -> None:
         rt = self.runtime
