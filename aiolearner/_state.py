@@ -126,7 +126,8 @@ class State:
 
     def write(self, name: str, value: object, *, who: str) -> None:
         """Set a field on behalf of ``who``, recording it when tracing or publishing."""
-        setattr(self, name, value)
+        # Not setattr: while observed, that would record the write a second time, as the stage's.
+        object.__setattr__(self, name, value)
         self._record_write(name, who)
 
     def _record_write(self, name: str, who: str) -> None:

@@ -154,3 +154,18 @@ def test_snapshot_is_plain_and_json_ready() -> None:
     assert FitHandle(learner, 3).snapshot().as_dict()["state"] == "pending"
     with pytest.raises(ValueError, match="epochs"):
         FitHandle(learner, -1)
+
+
+async def test_run_end_says_cancelled_when_another_task_cancels() -> None:
+    # A prefetching producer task in the learner's task group: closing that group re-raises
+    # the cancellation under trio.
+    handle = FitHandle(make_learner(fetch="thread"), 10_000)
+    async with anyio.create_task_group() as tg:
+        await tg.start(handle.run)
+        got = []
+        async for event in handle.events(kinds={"metrics", "run_end"}):
+            handle.cancel()  # after the first epoch, with the producer running
+            got.append(event)
+    assert got[0].kind == "metrics"
+    assert got[-1].data["outcome"] == "cancelled"
+    assert handle.state is RunState.CANCELLED
