@@ -28,6 +28,7 @@ from ._schedule import LRSchedule as LRSchedule
 from ._schedule import OneCycle as OneCycle
 from ._schedule import WarmupCosine as WarmupCosine
 from ._stopping import EarlyStopping as EarlyStopping
+from ._stopping import NonFiniteGuard as NonFiniteGuard
 from ._stopping import TimeLimit as TimeLimit
 from ._throughput import Throughput as Throughput
 from ._throughput import stage_times as stage_times
@@ -39,6 +40,7 @@ __all__ = [
     "GradientClipping",
     "LRSchedule",
     "MixedPrecision",
+    "NonFiniteGuard",
     "OneCycle",
     "WarmupCosine",
     "load_checkpoint_file",

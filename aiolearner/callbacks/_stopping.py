@@ -1,7 +1,8 @@
-"""Stopping rules: early stopping on a monitored metric, and a wall-clock time limit.
+"""Stopping rules: early stopping on a monitored metric, a time limit, a NaN/Inf guard.
 
-Both raise :class:`~aiolearner.StopFit` with a reason; ``fit`` then returns normally, teardown
-hooks run, and ``state.stop_reason`` says why. Calling ``fit`` again continues the run.
+They raise :class:`~aiolearner.StopFit` with a reason (the guard may skip the batch instead);
+``fit`` then returns normally, teardown hooks run, and ``state.stop_reason`` says why. Calling
+``fit`` again continues the run.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
+import torch
+
 from .._callbacks import Callback
-from .._exceptions import StopFit
+from .._exceptions import SkipBatch, StopFit
 from .._state import StateView
 
-__all__ = ["EarlyStopping", "TimeLimit"]
+__all__ = ["EarlyStopping", "NonFiniteGuard", "TimeLimit"]
 
 
 class EarlyStopping(Callback):
@@ -206,3 +209,117 @@ class TimeLimit(Callback):
         self._spent = float(state.get("elapsed", 0.0))
         if self._started is not None:
             self._started = self.clock()
+
+
+class NonFiniteGuard(Callback):
+    """Stop the run, or skip the batch, when the loss (or a gradient) is NaN or infinite.
+
+    Checked in ``after_gradient``, before the Update stage: with ``every_n_steps=1`` a bad batch
+    never reaches the weights. The reason names the epoch, the step and the batch.
+
+    The trade-off: knowing whether a tensor on the device is finite needs a host sync, which
+    stalls the pipeline of queued GPU work. So the guard can check every N steps instead: per
+    batch it only records, on the device, whether something was non-finite and at which step
+    first; every N steps it syncs once and stops naming that step. The weights may then already
+    hold up to N - 1 bad updates (resume from a checkpoint taken before). Skipping needs a
+    decision per batch, so ``action="skip"`` checks (and syncs) every step.
+
+    Args:
+        action: ``"stop"`` (raise :class:`~aiolearner.StopFit`) or ``"skip"`` (raise
+            :class:`~aiolearner.SkipBatch`: the batch's gradients are dropped, training goes on).
+        every_n_steps: how often to sync and act (``"stop"`` only).
+        check_grads: check the gradients' norms as well as the loss. Ignored while a gradient
+            scaler is enabled (see :class:`MixedPrecision`): it finds and skips such steps itself.
+
+    Raises:
+        ValueError: a bad ``action``, ``every_n_steps`` < 1, or ``"skip"`` with
+            ``every_n_steps`` > 1.
+
+    Reads ``loss``, ``optimizer``, ``grad_scaler`` and the counters; writes nothing.
+    :attr:`skipped` lists the steps skipped.
+
+    Example:
+        >>> guard = NonFiniteGuard("skip")                # drop bad batches, sync per step
+        >>> guard = NonFiniteGuard("stop", every_n_steps=50)   # one sync per 50 steps
+    """
+
+    reads = frozenset({"loss", "optimizer", "grad_scaler", "epoch", "step", "batch_index"})
+
+    def __init__(
+        self,
+        action: Literal["stop", "skip"] = "stop",
+        *,
+        every_n_steps: int = 1,
+        check_grads: bool = False,
+    ) -> None:
+        if action not in ("stop", "skip"):
+            raise ValueError(f"action must be 'stop' or 'skip', got {action!r}")
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
+        if action == "skip" and every_n_steps != 1:
+            raise ValueError("action='skip' must decide on every batch: use every_n_steps=1")
+        self.action = action
+        self.every_n_steps = every_n_steps
+        self.check_grads = check_grads
+        #: Steps whose batches were skipped.
+        self.skipped: list[int] = []
+        self._bad: torch.Tensor | None = None
+        self._first: torch.Tensor | None = None
+        self._seen = 0
+
+    def _finite(self, state: StateView) -> tuple[torch.Tensor, str]:
+        loss = state.loss.detach()
+        ok = torch.isfinite(loss).all()
+        what = "loss"
+        if self.check_grads:
+            scaler = state.grad_scaler if state.is_valid("grad_scaler") else None
+            if scaler is None or not scaler.is_enabled():
+                grads = [
+                    p.grad
+                    for group in state.optimizer.param_groups
+                    for p in group["params"]
+                    if p.grad is not None
+                ]
+                if grads:
+                    norms = torch.stack(torch._foreach_norm(grads))
+                    ok = ok & torch.isfinite(norms).all()
+                    what = "loss or gradient"
+        return ok, what
+
+    def after_gradient(self, state: StateView) -> None:
+        """Check the batch (or record it, between syncs)."""
+        ok, what = self._finite(state)
+        where = f"epoch {state.epoch}, step {state.step} (batch {state.batch_index} of the epoch)"
+        if self.every_n_steps == 1:
+            if bool(ok):  # the host sync
+                return
+            if self.action == "skip":
+                self.skipped.append(state.step)
+                raise SkipBatch(f"non-finite {what} at {where}: batch skipped")
+            raise StopFit(f"non-finite {what} at {where}")
+        bad = ~ok
+        step = torch.full((), state.step, device=bad.device)
+        if self._bad is None or self._first is None:
+            self._bad = bad
+            self._first = torch.where(bad, step, torch.full_like(step, -1))
+        else:
+            self._first = torch.where(~self._bad & bad, step, self._first)
+            self._bad = self._bad | bad
+        self._seen += 1
+        if self._seen >= self.every_n_steps:
+            self._settle(state, what)
+
+    def _settle(self, state: StateView, what: str) -> None:
+        bad, first = self._bad, self._first
+        self._bad = self._first = None
+        self._seen = 0
+        if bad is not None and first is not None and bool(bad):  # the host sync
+            raise StopFit(
+                f"non-finite {what} at step {int(first)} (found at epoch {state.epoch}, step"
+                f" {state.step}; checked every {self.every_n_steps} steps)"
+            )
+
+    def after_fit(self, state: StateView) -> None:
+        """Settle the steps not checked yet when the pass ends."""
+        if self._bad is not None:
+            self._settle(state, "loss or gradient" if self.check_grads else "loss")

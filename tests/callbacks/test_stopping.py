@@ -1,10 +1,13 @@
 from __future__ import annotations
 
-import pytest
+from typing import Any
 
-from aiolearner import Callback, StateView
-from aiolearner.callbacks import EarlyStopping, TimeLimit
-from aiolearner.testing import make_learner
+import pytest
+import torch
+
+from aiolearner import Callback, Learner, StateView
+from aiolearner.callbacks import EarlyStopping, NonFiniteGuard, TimeLimit
+from aiolearner.testing import make_batches, make_learner, tiny_model
 
 
 class ScriptedScore(Callback):
@@ -127,3 +130,94 @@ async def test_time_limit_stops_after_the_budget_and_keeps_it_across_calls() -> 
 def test_time_limit_rejects_non_positive_budget() -> None:
     with pytest.raises(ValueError, match="positive"):
         TimeLimit(0)
+
+
+def _guarded_learner(
+    guard: NonFiniteGuard,
+    poison: set[int],
+    *,
+    n_batches: int = 4,
+    loss_fn: Any = torch.nn.functional.cross_entropy,
+) -> Learner[Any]:
+    batches = make_batches(n_batches, seed=2)
+    batches = [
+        (torch.full_like(x, float("nan")) if i in poison else x, y)
+        for i, (x, y) in enumerate(batches)
+    ]
+    model = tiny_model()
+    return Learner(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, batches, callbacks=[guard]
+    )
+
+
+def _finite(learner: Learner[Any]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in learner.model.parameters())
+
+
+async def test_guard_skips_bad_batches() -> None:
+    guard = NonFiniteGuard("skip")
+    learner = _guarded_learner(guard, {1})
+    await learner.fit(1)
+    assert guard.skipped == [1]
+    assert learner.state.step == 4
+    assert learner.state.stop_reason == (
+        "non-finite loss at epoch 0, step 1 (batch 1 of the epoch): batch skipped"
+    )
+    assert _finite(learner)
+    # The same as training on the good batches alone.
+    clean = make_batches(4, seed=2)
+    model = tiny_model()
+    reference: Learner[Any] = Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.nn.functional.cross_entropy,
+        [clean[0], clean[2], clean[3]],
+    )
+    await reference.fit(1)
+    for a, b in zip(learner.model.parameters(), reference.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+async def test_guard_stops_before_the_bad_update() -> None:
+    learner = _guarded_learner(NonFiniteGuard(), {2})
+    await learner.fit(3)
+    assert learner.state.stop_reason == "non-finite loss at epoch 0, step 2 (batch 2 of the epoch)"
+    assert learner.state.step == 2
+    assert _finite(learner)
+
+
+async def test_guard_checking_every_n_steps_names_the_first_bad_step() -> None:
+    learner = _guarded_learner(NonFiniteGuard(every_n_steps=3), {1, 2}, n_batches=6)
+    await learner.fit(1)
+    reason = learner.state.stop_reason
+    assert reason.startswith("non-finite loss at step 1 (found at epoch 0, step 2;")
+    # The leftover steps are settled when the pass ends.
+    learner = _guarded_learner(NonFiniteGuard(every_n_steps=3), {3}, n_batches=4)
+    await learner.fit(2)
+    assert learner.state.stop_reason.startswith("non-finite loss at step 3 ")
+    assert learner.state.epoch == 0
+
+
+async def test_guard_checks_gradients_when_asked() -> None:
+    def nan_gradient_loss(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        zero = output.sum() * 0
+        return zero + torch.sqrt(zero)  # finite value, NaN gradient
+
+    learner = _guarded_learner(NonFiniteGuard(), set(), loss_fn=nan_gradient_loss)
+    await learner.fit(1)
+    # The first loss looks fine, so its NaN gradients reach the weights; the next loss is NaN.
+    assert learner.state.stop_reason.startswith("non-finite loss at epoch 0, step 1")
+    assert not _finite(learner)
+    learner = _guarded_learner(NonFiniteGuard(check_grads=True), set(), loss_fn=nan_gradient_loss)
+    await learner.fit(1)
+    assert learner.state.stop_reason.startswith("non-finite loss or gradient at epoch 0, step 0")
+    assert _finite(learner)
+
+
+def test_guard_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="action"):
+        NonFiniteGuard("warn")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="every_n_steps=1"):
+        NonFiniteGuard("skip", every_n_steps=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        NonFiniteGuard(every_n_steps=0)
