@@ -58,21 +58,12 @@ def _batch_size(targets: Any) -> int:
 
 
 def _is_torchmetric(obj: object) -> bool:
-    # Checked by name first so that torchmetrics is imported only when a user passes one.
+    # Recognised by the class hierarchy's names: aiolearner never imports torchmetrics itself,
+    # so it stays an optional dependency that only users of its metrics install.
     for cls in type(obj).__mro__:
         if cls.__name__ == "Metric" and cls.__module__.startswith("torchmetrics"):
             return True
     return False
-
-
-def _require_torchmetrics(what: str) -> None:
-    try:
-        import torchmetrics  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
-            f"{what} needs torchmetrics, which is not installed; install it with"
-            " `pip install torchmetrics` (or `pip install aiolearner[metrics]`)"
-        ) from exc
 
 
 class _Mean:
@@ -127,7 +118,6 @@ class _Tracker:
                 f"metric {name!r}: unknown built-in {spec!r} (built-ins: 'accuracy', 'loss')"
             )
         elif _is_torchmetric(spec):
-            _require_torchmetrics(f"metric {name!r}")
             self.torchmetric = spec
             # Its states then travel in its state_dict, which our checkpoints use.
             spec.persistent(True)
@@ -257,7 +247,6 @@ class Metrics(Callback):
 
     Raises:
         TypeError: a metric that is none of the above.
-        ImportError: a torchmetrics metric without torchmetrics installed.
 
     Reads ``batch``, ``output`` (or ``output_field``) and ``loss``; writes ``metrics`` and
     ``validation``.

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -152,3 +154,8 @@ def test_bad_metrics_are_rejected() -> None:
         Metrics([])
     with pytest.raises(ValueError, match="log_every_n_steps"):
         Metrics(log_every_n_steps=0)
+
+
+def test_torchmetrics_stays_optional() -> None:
+    code = "import sys, aiolearner.callbacks; sys.exit('torchmetrics' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
