@@ -27,6 +27,7 @@ import io
 import math
 import os
 import uuid
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -198,6 +199,10 @@ class Checkpoint(Callback):
         self._last_step_saved: int | None = None
         self._last_saved: tuple[int, int] | None = None
         self._lock: anyio.Lock | None = None
+        # Snapshots waiting to be written, oldest first. A write task may be cancelled before it
+        # runs (the run is cancelled right after a save point): the snapshot then stays here and
+        # after_fit_run, which runs shielded, writes it before the final one.
+        self._queue: deque[tuple[dict[str, Any], list[str], list[str]]] = deque()
 
     # -- where files are -----------------------------------------------------------------------
 
@@ -258,11 +263,13 @@ class Checkpoint(Callback):
         # A def hook of the batch: no weight update can run while it does (the batch holds the
         # weights in thread mode; the update comes after this hook otherwise), so the copy is
         # consistent without taking the read lock, which a def hook could not await.
-        snap = snapshot(state.state_dict())
-        state.start_soon(self._write, snap, targets, removes, name="Checkpoint.write")
+        self._queue.append((snapshot(state.state_dict()), targets, removes))
+        state.start_soon(self._drain, name="Checkpoint.write")
 
     async def after_fit_run(self, state: StateView) -> None:
-        """Save the final state (also after an error or a cancellation) and wait for it."""
+        """Save the final state (also after an error or a cancellation) and wait for it.
+
+        Snapshots of earlier save points that are still waiting are written first."""
         targets: list[str] = []
         removes: list[str] = []
         if state.batch_index == 0 and state.epoch > 0:
@@ -275,6 +282,8 @@ class Checkpoint(Callback):
             self._last_saved = point
         if targets:
             await self._save(state, (targets, removes), wait=True)
+        elif self._queue:
+            await self._drain()
 
     # -- deciding ------------------------------------------------------------------------------
 
@@ -342,16 +351,22 @@ class Checkpoint(Callback):
         async with state.weights_lock.read():
             live = state.state_dict()
             snap = await anyio.to_thread.run_sync(snapshot, live)
+        self._queue.append((snap, targets, removes))
         if wait:
-            await self._write(snap, targets, removes)
+            await self._drain()
         else:
-            state.start_soon(self._write, snap, targets, removes, name="Checkpoint.write")
+            state.start_soon(self._drain, name="Checkpoint.write")
 
-    async def _write(self, snap: dict[str, Any], targets: list[str], removes: list[str]) -> None:
+    async def _drain(self) -> None:
+        """Write the queued snapshots in order, one at a time."""
         if self._lock is None:  # pragma: no cover - before_fit_run always runs first
             self._lock = anyio.Lock()
         async with self._lock:
-            await anyio.to_thread.run_sync(self._write_sync, snap, targets, removes)
+            queue = self._queue
+            while queue:
+                # Taken off the queue only once written: a cancelled task leaves it queued.
+                await anyio.to_thread.run_sync(self._write_sync, *queue[0])
+                queue.popleft()
 
     def _write_sync(self, snap: dict[str, Any], targets: list[str], removes: list[str]) -> None:
         buffer = io.BytesIO()

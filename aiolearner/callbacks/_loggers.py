@@ -79,8 +79,8 @@ class _BufferedLogger(Callback):
         n = self.every_n_steps
         if n is None or state.step % n or not state.is_valid("loss"):
             return
-        self._add({"kind": "step", "epoch": state.epoch, "step": state.step,
-                   "loss": float(state.loss)}, state)  # fmt: skip
+        loss = float(state.loss.detach())
+        self._add({"kind": "step", "epoch": state.epoch, "step": state.step, "loss": loss}, state)
 
     def after_epoch(self, state: StateView) -> None:
         """Buffer the epoch's metrics and start writing them."""
@@ -107,9 +107,13 @@ class _BufferedLogger(Callback):
         if self._lock is None:  # pragma: no cover - before_fit_run always runs first
             self._lock = anyio.Lock()
         async with self._lock:
-            rows = [self._rows.popleft() for _ in range(len(self._rows))]
+            # Rows leave the buffer only once written: a flush cancelled before its thread
+            # started (the run was cancelled) leaves them for after_fit_run, which runs shielded.
+            rows = list(self._rows)
             if rows or not self._started:
                 await anyio.to_thread.run_sync(self._write, rows)
+            for _ in rows:
+                self._rows.popleft()
 
     def _write(self, rows: list[Row]) -> None:
         if not self._started:

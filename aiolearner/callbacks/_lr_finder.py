@@ -100,7 +100,7 @@ class _RangeTest(Callback):
 
     def after_fit_batch(self, state: StateView) -> None:
         result = self.result
-        loss = float(state.loss)  # one sync per step: the test needs the value now
+        loss = float(state.loss.detach())  # one sync per step: the test needs the value now
         i = len(result.raw_losses)
         result.raw_losses.append(loss)
         self._avg = self.smooth * loss + (1 - self.smooth) * self._avg

@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from aiolearner import Callback, StateView
+from aiolearner.callbacks import (
+    Checkpoint,
+    CSVLogger,
+    JSONLinesLogger,
+    Metrics,
+    TensorBoardLogger,
+    _loggers,
+    accuracy,
+)
+from aiolearner.testing import make_learner
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+async def test_jsonl_logs_epochs_and_every_n_steps(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    learner = make_learner(
+        callbacks=[Metrics({"accuracy": accuracy}), JSONLinesLogger(path, every_n_steps=2)],
+        n_batches=4,
+    )
+    await learner.fit(2)
+    rows = read_jsonl(path)
+    assert [(r["kind"], r["step"]) for r in rows] == [
+        ("step", 2),
+        ("step", 4),
+        ("epoch", 4),
+        ("step", 6),
+        ("step", 8),
+        ("epoch", 8),
+    ]
+    last = rows[-1]
+    assert last["epoch"] == 1
+    for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
+        assert last[key] == pytest.approx(float(learner.state.metrics[key]))
+    assert all(isinstance(r["loss"], float) for r in rows if r["kind"] == "step")
+
+
+async def test_csv_rewrites_its_header_when_columns_appear(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    learner = make_learner(callbacks=[CSVLogger(path, every_n_steps=3)], n_batches=3)
+    await learner.fit(2)
+    header = path.read_text().splitlines()[0].split(",")
+    assert header == ["kind", "epoch", "step", "loss", "train_loss", "val_loss"]
+    rows = read_csv(path)
+    assert [(r["kind"], r["step"]) for r in rows] == [
+        ("step", "3"),
+        ("epoch", "3"),
+        ("step", "6"),
+        ("epoch", "6"),
+    ]
+    assert rows[0]["val_loss"] == ""
+    assert float(rows[-1]["val_loss"]) == pytest.approx(learner.state.metrics["val_loss"])
+
+
+async def test_a_second_fit_appends_and_a_new_logger_starts_afresh(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    learner = make_learner(callbacks=[JSONLinesLogger(path)], n_batches=2)
+    await learner.fit(1)
+    await learner.fit(2)
+    assert [r["epoch"] for r in read_jsonl(path)] == [0, 1]
+    other = make_learner(callbacks=[JSONLinesLogger(path)], n_batches=2)
+    await other.fit(1)
+    assert [r["epoch"] for r in read_jsonl(path)] == [0]
+
+
+class CancelAfterEpoch(Callback):
+    reads = frozenset({"epoch", "step"})
+
+    def __init__(self, epoch: int, step_in_epoch: int, scope: anyio.CancelScope) -> None:
+        self.epoch = epoch
+        self.step = step_in_epoch
+        self.scope = scope
+
+    async def after_fit_batch(self, state: StateView) -> None:
+        if state.epoch == self.epoch and state.step % 4 == self.step:
+            self.scope.cancel()
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+async def test_resumed_from_a_checkpoint_it_drops_rows_logged_after_it(
+    tmp_path: Path, kind: str
+) -> None:
+    """Rows of the lost part of a run are cut; the result equals an uninterrupted log."""
+
+    def logger(path: Path) -> CSVLogger | JSONLinesLogger:
+        if kind == "csv":
+            return CSVLogger(path, every_n_steps=1)
+        return JSONLinesLogger(path, every_n_steps=1)
+
+    def read(path: Path) -> list[Any]:
+        return read_csv(path) if kind == "csv" else read_jsonl(path)
+
+    ref = tmp_path / f"ref.{kind}"
+    await make_learner(callbacks=[logger(ref)], n_batches=4).fit(3)
+
+    path = tmp_path / f"run.{kind}"
+    ckpt_dir = tmp_path / "ckpt"
+    # every_n_epochs=1: the checkpoint at the start of epoch 2 is "last"; the step checkpoints
+    # are off so the rows of epoch 2 logged before the cancellation are lost with the run...
+    with anyio.CancelScope() as scope:
+        learner = make_learner(
+            callbacks=[
+                logger(path),
+                Checkpoint(ckpt_dir, save_last=False),
+                CancelAfterEpoch(2, 2, scope),
+            ],
+            n_batches=4,
+            yield_interval=0.0,  # the cancellation lands right after the batch
+        )
+        await learner.fit(3)
+    assert len(read(path)) == 2 * 5 + 2
+    # ... and resumed from epoch-0002.pt, the log is cut back to what that checkpoint saw
+    resumed = make_learner(callbacks=[logger(path), Checkpoint(ckpt_dir)], n_batches=4)
+    await resumed.fit(3, resume=ckpt_dir / "epoch-0002.pt")
+    assert read(path) == read(ref)
+
+
+async def test_writes_happen_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    real = _loggers.JSONLinesLogger._write_rows
+
+    def spy(self: JSONLinesLogger, rows: list[dict[str, Any]]) -> None:
+        threads.append(threading.get_ident())
+        real(self, rows)
+
+    monkeypatch.setattr(_loggers.JSONLinesLogger, "_write_rows", spy)
+    learner = make_learner(
+        callbacks=[JSONLinesLogger(tmp_path / "x.jsonl", every_n_steps=1, flush_rows=2)],
+        n_batches=5,
+        compute="inline",
+    )
+    await learner.fit(2)
+    assert threads
+    assert loop_thread not in threads
+    assert len(read_jsonl(tmp_path / "x.jsonl")) == 12
+
+
+def test_tensorboard_logs_scalars(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    learner = make_learner(callbacks=[TensorBoardLogger(tmp_path, every_n_steps=2)], n_batches=4)
+    learner.fit_sync(2)
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert set(tags) == {"epoch/train_loss", "epoch/val_loss", "step/loss"}
+    val = acc.Scalars("epoch/val_loss")
+    assert [e.step for e in val] == [4, 8]
+    assert val[-1].value == pytest.approx(learner.state.metrics["val_loss"])
+    assert [e.step for e in acc.Scalars("step/loss")] == [2, 4, 6, 8]
+
+
+def test_tensorboard_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(ImportError, match=r"aiolearner\[tensorboard\]"):
+        TensorBoardLogger("runs")
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="every_n_steps"):
+        CSVLogger("x.csv", every_n_steps=0)
+    with pytest.raises(ValueError, match="flush_rows"):
+        JSONLinesLogger("x.jsonl", flush_rows=0)
