@@ -219,6 +219,7 @@ class FitHandle:
         self._scope: anyio.CancelScope | None = None
         self._done: anyio.Event | None = None
         self._cancel_requested = False
+        self._finished = False
         self._state = RunState.PENDING
         self._claimed = False
         self._error: BaseException | None = None
@@ -241,8 +242,8 @@ class FitHandle:
 
     @property
     def done(self) -> bool:
-        """Whether the run is over (completed, stopped, cancelled or failed)."""
-        return self._state.done
+        """Whether the run is over, its finalizer included."""
+        return self._finished
 
     @property
     def error(self) -> BaseException | None:
@@ -265,8 +266,8 @@ class FitHandle:
             self._scope.cancel()
 
     async def wait_done(self) -> RunState:
-        """Wait until the run is over; returns its final state."""
-        if not self._state.done:
+        """Wait until the run is over, its finalizer included; returns its final state."""
+        if not self._finished:
             if self._done is None:
                 self._done = anyio.Event()
             await self._done.wait()
@@ -290,7 +291,7 @@ class FitHandle:
         ``buffer``.
         """
         stream = self._learner.events(kinds=kinds, buffer=buffer)
-        if self._state.done:
+        if self._finished or (self._state.done and self._claimed):
             _end(stream)
         else:
             self._streams.append(stream)
@@ -360,6 +361,7 @@ class FitHandle:
                 for stream in self._streams:
                     _end(stream)
                 self._streams.clear()
+                self._finished = True
                 self._done.set()
         if not reported:
             # Cancelled before it started: tg.start() must still return.

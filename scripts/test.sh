@@ -7,6 +7,12 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 # constraints.txt pins torch to the CPU wheel this kind of machine has on disk.
 .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+# The dashboard's browser test drives Debian's chromium (never `playwright install`, which
+# downloads browsers); without it that test skips and says why.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+        || echo "could not install chromium: the browser test will be skipped" >&2
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

@@ -169,3 +169,23 @@ async def test_run_end_says_cancelled_when_another_task_cancels() -> None:
     assert got[0].kind == "metrics"
     assert got[-1].data["outcome"] == "cancelled"
     assert handle.state is RunState.CANCELLED
+
+
+async def test_done_and_wait_done_include_the_finalizer() -> None:
+    release = anyio.Event()
+    entered = anyio.Event()
+
+    async def finalize(handle: FitHandle) -> None:
+        entered.set()
+        await release.wait()
+
+    handle = FitHandle(make_learner(), 1, finalize=finalize)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(handle.run)
+        await entered.wait()
+        assert handle.state is RunState.COMPLETED
+        assert not handle.done
+        assert [e async for e in handle.events()] == []  # no run will come: ends at once
+        release.set()
+        assert await handle.wait_done() is RunState.COMPLETED
+        assert handle.done

@@ -60,11 +60,11 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     dataset: Literal["digits", "synthetic"] = "digits"
-    hidden: int = Field(32, ge=1, le=512, description="width of the hidden layer")
-    epochs: int = Field(20, ge=1, le=10_000)
-    lr: float = Field(0.1, gt=0.0, le=10.0, allow_inf_nan=False)
-    batch_size: int = Field(64, ge=1, le=1024)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    hidden: int = Field(default=32, ge=1, le=512, description="width of the hidden layer")
+    epochs: int = Field(default=20, ge=1, le=10_000)
+    lr: float = Field(default=0.1, gt=0.0, le=10.0, allow_inf_nan=False)
+    batch_size: int = Field(default=64, ge=1, le=1024)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
 @dataclass
@@ -230,7 +230,9 @@ class TrainingService:
         """Owns the task group every job runs in: shutting down cancels them (they still save)."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self._slots = anyio.CapacityLimiter(self.max_running)
-        await anyio.to_thread.run_sync(load_dataset, "digits")
+        # Off the event loop: load the default data set, and pay once what building a learner
+        # imports the first time (torch's optimizers import torch._dynamo: seconds).
+        await anyio.to_thread.run_sync(build_learner, JobSpec())
         async with anyio.create_task_group() as tg:
             self._tg = tg
             try:
