@@ -196,7 +196,7 @@ async def test_reader_sees_no_update_while_holding_the_read_lock(compute: str) -
     with anyio.fail_after(20):
         await learner.fit(1)
     assert len(reader.checks) == 3
-    for same, write_locked, text in reader.checks:
+    for same, write_locked, _ in reader.checks:
         assert same
         assert not write_locked
     # An Update was waiting for the reader at the last check.
