@@ -230,7 +230,8 @@ class Metrics(Callback):
 
     Where results go:
 
-    * training, at the end of the pass (``after_fit``): ``state.metrics["train_<name>"]``;
+    * training, at the end of the pass (``after_fit``): ``state.metrics["train_<name>"]``
+      (batches that were skipped are left out);
     * training, every ``log_every_n_steps`` steps: ``state.metrics["train_<name>_step"]``, the
       mean over those steps (one host sync per metric per interval);
     * validation (``after_validate``): ``state.validation["<name>"]`` and
@@ -308,15 +309,19 @@ class Metrics(Callback):
 
     # -- training ------------------------------------------------------------------------------
 
-    def after_gradient(self, state: StateView) -> None:
-        """Accumulate the training batch (device ops only)."""
-        if self._train:
-            self._update(self._train, state)
-
     def after_fit_batch(self, state: StateView) -> None:
-        """Report the window's means every ``log_every_n_steps`` steps."""
+        """Accumulate the training batch (device ops only); report the window every N steps.
+
+        Accumulating here rather than in ``after_gradient`` leaves out skipped batches (a
+        :class:`NonFiniteGuard` dropping a NaN loss), since ``after_fit_batch`` does not run
+        for them.
+        """
+        if not self._train:
+            return
+        if state.is_valid(self.output_field):
+            self._update(self._train, state)
         every = self.log_every_n_steps
-        if every is None or not self._train:
+        if every is None:
             return
         self._steps_in_window += 1
         if self._steps_in_window >= every:

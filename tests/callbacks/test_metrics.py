@@ -159,3 +159,26 @@ def test_bad_metrics_are_rejected() -> None:
 def test_torchmetrics_stays_optional() -> None:
     code = "import sys, aiolearner.callbacks; sys.exit('torchmetrics' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+async def test_skipped_batches_are_left_out() -> None:
+    from aiolearner import SkipBatch
+
+    class SkipSecond(Callback):
+        reads = frozenset({"batch_index"})
+
+        def after_gradient(self, state: StateView) -> None:
+            if state.batch_index == 1:
+                raise SkipBatch("test")
+
+    spy = Spy()
+    metrics = Metrics(["accuracy"], validate=False)
+    learner = make_learner(
+        callbacks=[spy, SkipSecond(), metrics], n_batches=3, with_validation=False, seed=1
+    )
+    await learner.fit(1)
+    kept = [spy.rows[0], spy.rows[2]]
+    everything = sum(float(accuracy(o, y)) for o, y in spy.rows) / 3
+    assert everything != pytest.approx(sum(float(accuracy(o, y)) for o, y in kept) / 2)
+    expected = sum(float(accuracy(o, y)) * len(y) for o, y in kept) / sum(len(y) for _, y in kept)
+    assert learner.state.metrics["train_accuracy"] == pytest.approx(expected)
