@@ -1,0 +1,188 @@
+"""Background work is joined; nothing (task, thread, reference) outlives ``fit``."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from typing import Any
+
+import anyio
+import pytest
+
+from aiolearner import Callback, LearnerStatus, StateView
+from aiolearner.testing import make_learner
+
+# -- background work ---------------------------------------------------------------------------
+
+
+class Uploader(Callback):
+    """Starts slow side work in after_epoch that only finishes after the run's last hook."""
+
+    reads = frozenset({"epoch"})
+
+    def __init__(self) -> None:
+        self.last_hook_done = anyio.Event()
+        self.finished: list[int] = []
+
+    async def after_epoch(self, state: StateView) -> None:
+        state.start_soon(self._upload, state.epoch, name="upload")
+
+    async def _upload(self, epoch: int) -> None:
+        await self.last_hook_done.wait()
+        for _ in range(3):
+            await anyio.lowlevel.checkpoint()
+        self.finished.append(epoch)
+
+    async def after_fit_run(self, state: StateView) -> None:
+        self.last_hook_done.set()
+
+
+async def test_background_work_is_joined_before_fit_returns() -> None:
+    uploader = Uploader()
+    learner = make_learner(callbacks=[uploader], n_batches=2)
+    with anyio.fail_after(10):
+        await learner.fit(2)
+    assert sorted(uploader.finished) == [0, 1]
+    assert not any(t.name and t.name.startswith("aiolearner") for t in anyio.get_running_tasks())
+
+
+class FromWorker(Callback):
+    """start_soon from a def hook of a fused batch, which runs in the compute worker thread."""
+
+    reads = frozenset({"step"})
+
+    def __init__(self) -> None:
+        self.threads: set[int] = set()
+        self.done: list[int] = []
+
+    def after_update(self, state: StateView) -> None:
+        self.threads.add(threading.get_ident())
+        state.start_soon(self._work, state.step)
+
+    async def _work(self, step: int) -> None:
+        await anyio.lowlevel.checkpoint()
+        self.done.append(step)
+
+
+async def test_start_soon_from_the_compute_worker_thread() -> None:
+    cb = FromWorker()
+    learner = make_learner(callbacks=[cb], n_batches=3, compute="thread")
+    await learner.fit(1)
+    assert threading.get_ident() not in cb.threads
+    assert sorted(cb.done) == [1, 2, 3]
+
+
+class UploadFailedError(Exception):
+    pass
+
+
+class FailingUpload(Callback):
+    async def after_fit(self, state: StateView) -> None:
+        state.start_soon(self._upload)
+
+    async def _upload(self) -> None:
+        await anyio.lowlevel.checkpoint()
+        raise UploadFailedError("network down")
+
+
+async def test_background_error_propagates_from_fit_in_a_group() -> None:
+    learner = make_learner(callbacks=[FailingUpload()], n_batches=2)
+    with anyio.fail_after(10), pytest.raises(ExceptionGroup) as info:
+        await learner.fit(3)
+    assert any(isinstance(e, UploadFailedError) for e in info.value.exceptions)
+    assert learner.status is LearnerStatus.IDLE
+
+
+# -- nothing outlives fit ----------------------------------------------------------------------
+
+
+def task_names() -> set[str]:
+    return {t.name or "" for t in anyio.get_running_tasks()}
+
+
+class Noise(Callback):
+    """Two concurrent async hooks and background work: tasks of every kind aiolearner makes."""
+
+    async def after_fit_batch(self, state: StateView) -> None:
+        state.start_soon(anyio.lowlevel.checkpoint)
+
+    async def after_fit(self, state: StateView) -> None:
+        await anyio.lowlevel.checkpoint()
+
+
+class Noise2(Callback):
+    async def after_fit(self, state: StateView) -> None:
+        await anyio.lowlevel.checkpoint()
+
+
+async def fit_with_everything(**options: Any) -> None:
+    learner = make_learner(callbacks=[Noise(), Noise2()], n_batches=3, **options)
+    async with anyio.create_task_group() as tg:
+
+        async def consume() -> None:
+            async for _ in learner.events():
+                pass
+
+        tg.start_soon(consume)
+        await learner.fit(2)
+    assert learner.status is LearnerStatus.IDLE
+
+
+@pytest.mark.parametrize(("compute", "fetch"), [("inline", "inline"), ("thread", "thread")])
+async def test_no_task_or_thread_outlives_fit(compute: str, fetch: str) -> None:
+    # A first run lets anyio start the worker threads it keeps around idle.
+    await fit_with_everything(compute=compute, fetch=fetch)
+    tasks_before = task_names()
+    threads_before = threading.active_count()
+    for _ in range(3):
+        await fit_with_everything(compute=compute, fetch=fetch)
+    assert task_names() == tasks_before
+    assert not any(name.startswith("aiolearner") for name in task_names())
+    assert threading.active_count() <= threads_before
+
+
+async def test_no_task_outlives_a_failed_or_cancelled_fit() -> None:
+    before = task_names()
+    learner = make_learner(callbacks=[FailingUpload()], fetch="thread")
+    with pytest.raises(ExceptionGroup):
+        await learner.fit(2)
+    with anyio.move_on_after(0):
+        await learner.fit(2)
+    assert task_names() == before
+    assert learner.status is LearnerStatus.IDLE
+
+
+# -- references ----------------------------------------------------------------------------------
+
+
+def assert_collectable(*refs: weakref.ref[Any]) -> None:
+    gc.collect()
+    alive = [r() for r in refs if r() is not None]
+    assert alive == []
+
+
+@pytest.mark.parametrize("compute", ["inline", "thread"])
+async def test_learner_and_model_are_collected_after_fit(compute: str) -> None:
+    learner = make_learner(callbacks=[Noise(), Noise2()], compute=compute, fetch="thread")
+    await learner.fit(1)
+    refs = (weakref.ref(learner), weakref.ref(learner.model), weakref.ref(learner.optimizer))
+    del learner
+    assert_collectable(*refs)
+
+
+async def test_learner_is_collected_after_a_failed_fit() -> None:
+    learner = make_learner(callbacks=[FailingUpload()])
+    refs = (weakref.ref(learner), weakref.ref(learner.model))
+    with pytest.raises(ExceptionGroup) as info:
+        await learner.fit(1)
+    del info, learner
+    assert_collectable(*refs)
+
+
+def test_learner_is_collected_after_fit_sync() -> None:
+    learner = make_learner(trace=True)
+    learner.fit_sync(1, backend="trio")
+    refs = (weakref.ref(learner), weakref.ref(learner.model))
+    del learner
+    assert_collectable(*refs)
