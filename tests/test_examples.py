@@ -61,6 +61,8 @@ async def test_gan_generator_learns_the_distribution() -> None:
 def test_gan_stages_are_named_after_their_classes() -> None:
     learner = gan.make_learner(verbose=False)
     tree = learner.describe()
+    # Both optimizer steps run as one fused batch: one call, one hop, one write-lock hold.
+    assert "GANFitBatch (fit_batch) [fused batch]" in tree
     assert "DiscriminatorStep (discriminator_step)" in tree
     assert "GeneratorStep (generator_step)" in tree
     assert learner.stage("fit_batch").children[0].name == "discriminator_step"
