@@ -38,7 +38,8 @@ class LRFinderResult:
         losses: the smoothed (bias-corrected exponential moving average) loss of each step.
         raw_losses: the loss of each step.
         suggestion: the learning rate where the smoothed loss falls fastest (steepest negative
-            slope against log(lr)), or ``None`` when too few steps ran.
+            slope against log(lr)) before its minimum; a tenth of ``min_loss_lr`` when it does
+            not fall; ``None`` when no loss was finite.
         min_loss_lr: the learning rate of the lowest smoothed loss.
         diverged: whether the test stopped because the loss diverged.
     """
@@ -66,6 +67,11 @@ class LRFinderResult:
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("loss")
+        finite = [x for x in self.losses if math.isfinite(x)]
+        if finite:
+            # Keep the interesting part in view: the last steps of a divergence go off the scale.
+            low, start = min(finite), finite[0]
+            ax.set_ylim(low - 0.1 * (start - low + 1e-12), max(start, low) * 1.5 + 1e-12)
         if self.suggestion is not None:
             i = self.lrs.index(self.suggestion)
             ax.plot([self.suggestion], [self.losses[i]], "ro", label=f"{self.suggestion:.2e}")
@@ -116,19 +122,26 @@ class _RangeTest(Callback):
 
 def _suggest(result: LRFinderResult, skip_start: int, skip_end: int) -> None:
     lrs, losses = result.lrs[: len(result.losses)], result.losses
-    finite = [i for i, x in enumerate(losses) if math.isfinite(x)]
-    if finite:
-        best = min(finite, key=lambda i: losses[i])
-        result.min_loss_lr = lrs[best]
-    end = len(losses) - skip_end
-    window = [i for i in range(skip_start, end) if i + 1 < end]
+    finite = [i for i, x in enumerate(losses[: len(losses) - skip_end]) if math.isfinite(x)]
+    if not finite:
+        return
+    best = min(finite, key=lambda i: losses[i])
+    result.min_loss_lr = lrs[best]
+    # The steepest descent *before* the minimum: past it the loss is rising (or noisy on its way
+    # to diverging), and a drop there is no sign of a good learning rate.
+    # Slopes over a window of a tenth of the run, not between neighbours: the smoothed loss
+    # still wobbles from batch to batch, and the steepest wobble is not the steepest descent.
+    w = max(1, len(losses) // 10)
     slopes = []
-    for i in window:
-        a, b = losses[i], losses[i + 1]
+    for i in range(skip_start, best - w + 1):
+        a, b = losses[i], losses[i + w]
         if math.isfinite(a) and math.isfinite(b):
-            slopes.append(((b - a) / (math.log(lrs[i + 1]) - math.log(lrs[i])), i))
-    if slopes:
+            slopes.append(((b - a) / (math.log(lrs[i + w]) - math.log(lrs[i])), i + w // 2))
+    if slopes and min(slopes)[0] < 0:
         result.suggestion = lrs[min(slopes)[1]]
+    else:
+        # No descent to speak of: a tenth of the rate with the lowest loss (a common rule).
+        result.suggestion = min(lrs, key=lambda lr: abs(lr - lrs[best] / 10))
 
 
 async def lr_find(

@@ -129,6 +129,9 @@ class ProgressBar(Callback):
         self._loss = None
         self._started = self._last_line = time.perf_counter()
         self._dirty = True
+        if self._progress is not None:
+            # Only updates the task's numbers: drawing is left to the renderer.
+            self._progress.reset(self._task, total=self._total, completed=self._batches)
 
     def after_fit_batch(self, state: StateView) -> None:
         """Note the batch (the loss stays a tensor until the next render)."""

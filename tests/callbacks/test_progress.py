@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import io
+import re
+import sys
+
+import pytest
+
+from aiolearner.callbacks import Metrics, ProgressBar, accuracy
+from aiolearner.testing import make_learner
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_plain_lines_when_not_a_terminal() -> None:
+    out = io.StringIO()
+    bar = ProgressBar(file=out)
+    assert bar.plain
+    learner = make_learner(callbacks=[Metrics({"accuracy": accuracy}), bar], n_batches=3)
+    await learner.fit(2)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("epoch 1: ")
+    assert lines[1].startswith("epoch 2: ")
+    for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
+        assert f"{key} {learner.state.metrics[key]:.4g}" in lines[1]
+    assert "(3 batches," in lines[1]
+    assert re.search(r"\d+ samples/s\)$", lines[1])
+
+
+async def test_rich_bar_on_a_terminal() -> None:
+    from rich.console import Console
+
+    out = FakeTerminal()
+    console = Console(file=out, force_terminal=True, width=120, color_system=None)
+    bar = ProgressBar(console=console)
+    assert not bar.plain
+    learner = make_learner(callbacks=[bar], n_batches=4)
+    await learner.fit(2)
+    text = out.getvalue()
+    assert "epoch 1: train_loss" in text
+    assert "epoch 2: train_loss" in text
+    # the final render shows the last epoch complete, with its loss and throughput
+    assert "4/4" in text
+    assert re.search(r"loss \d\.\d+", text)
+    assert "samples/s" in text
+
+
+def test_terminal_detection_picks_the_bar() -> None:
+    assert not ProgressBar(file=FakeTerminal()).plain
+    assert ProgressBar(file=io.StringIO()).plain
+    assert ProgressBar(file=FakeTerminal(), plain=True).plain
+
+
+def test_rich_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m == "rich" or m.startswith("rich.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "rich", None)
+    with pytest.raises(ImportError, match=r"aiolearner\[rich\]"):
+        ProgressBar(file=FakeTerminal())
+    # plain lines need no rich
+    assert ProgressBar(file=io.StringIO()).plain
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        ProgressBar(refresh_interval=0)
