@@ -337,3 +337,42 @@ async def test_checkpoint_does_not_wait_on_the_event_loop(tmp_path: Path) -> Non
         _checkpoint.atomic_write = old
     assert writers
     assert loop_thread not in writers
+
+
+async def test_a_save_point_just_before_a_cancellation_is_still_written(tmp_path: Path) -> None:
+    """The epoch checkpoint's write task never got to run; the shielded teardown writes it."""
+    with anyio.CancelScope() as scope:
+        learner = make_learner(
+            callbacks=[Checkpoint(tmp_path, save_last=False), CancelAt(5, scope)],
+            n_batches=4,
+            yield_interval=1e9,  # no turn for the write task between the save and the cancel
+            compute="inline",
+        )
+        await learner.fit(3)
+    assert scope.cancelled_caught
+    assert names(tmp_path) == ["epoch-0001.pt"]
+    assert load_checkpoint_file(tmp_path / "epoch-0001.pt")["progress"]["step"] == 4
+
+
+@pytest.mark.parametrize("compute", ["thread", "inline"])
+async def test_step_checkpoints_from_the_compute_thread_resume_exactly(
+    tmp_path: Path, compute: Any
+) -> None:
+    def learner_for(directory: Path) -> tuple[Learner[Any], Checkpoint]:
+        ckpt = Checkpoint(directory, every_n_steps=2, every_n_epochs=None)
+        return make_learner(callbacks=[ckpt], n_batches=5, compute=compute), ckpt
+
+    reference, _ = learner_for(tmp_path / "a")
+    await reference.fit(2)
+    assert names(tmp_path / "a") == [
+        "last.pt",
+        "step-00000002.pt",
+        "step-00000004.pt",
+        "step-00000006.pt",
+        "step-00000008.pt",
+    ]
+    resumed, _ = learner_for(tmp_path / "b")
+    await resumed.fit(2, resume=tmp_path / "a" / "step-00000006.pt")
+    assert_same(resumed.model.state_dict(), reference.model.state_dict())
+    assert_same(resumed.optimizer.state_dict(), reference.optimizer.state_dict())
+    assert resumed.state.metrics == reference.state.metrics
