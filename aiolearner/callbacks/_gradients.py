@@ -10,7 +10,8 @@ alone, so ``train_loss`` and loss metrics keep their meaning.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 
@@ -18,7 +19,7 @@ from .._callbacks import Callback
 from .._stages import Fit, FitBatch, Stage
 from .._state import State, StateView
 
-__all__ = ["AccumulateGradients", "GradientClipping"]
+__all__ = ["AccumulateGradients", "GradientClipping", "GroupGradients"]
 
 
 def _scale_gradients(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -67,10 +68,11 @@ class AccumulateGradients(Fit):
 
         Learner(..., stages={"fit": AccumulateGradients(4), **amp.stages()})
 
-    Limitation: the gradients of a group in progress live in ``.grad`` only; they are not in
-    checkpoints, and cancelling the run inside a micro-batch's Gradient stage clears them (the
-    learner zeroes gradients of an interrupted batch), so a run interrupted mid-group applies
-    that group with fewer micro-batches.
+    The gradients of a group in progress live in ``.grad``, which the learner's checkpoints do
+    not hold. When a checkpoint may fall inside a group, add :meth:`checkpoint_callback` to the
+    callbacks: it puts them in the checkpoint and back. Cancelling the run *inside* a
+    micro-batch's Gradient stage still loses them (the learner clears the gradients of an
+    interrupted batch), so that group is applied with fewer micro-batches.
 
     Args:
         every: micro-batches per optimizer step (1 behaves like the default stage).
@@ -88,6 +90,10 @@ class AccumulateGradients(Fit):
             raise ValueError(f"every must be at least 1, got {every}")
         self.every = every
         super().__init__(_AccumulatingFitBatch(every, gradient, update))
+
+    def checkpoint_callback(self) -> Callback:
+        """A callback that keeps the gradients of a group in progress in checkpoints."""
+        return GroupGradients()
 
     async def run(self, state: State) -> None:
         await super().run(state)
@@ -110,6 +116,42 @@ class AccumulateGradients(Fit):
         finally:
             if not rt.committed:
                 rt.commit(state)
+
+
+class GroupGradients(Callback):
+    """Carries the gradients accumulated so far (``.grad``) through checkpoints.
+
+    Made by :meth:`AccumulateGradients.checkpoint_callback`. Reads ``model``; writes nothing.
+    """
+
+    reads = frozenset({"model"})
+
+    def __init__(self) -> None:
+        self._model: torch.nn.Module | None = None
+        self._pending: list[torch.Tensor | None] | None = None
+
+    def before_fit_run(self, state: StateView) -> None:
+        """Remember the model; put back gradients loaded from a checkpoint."""
+        model = state.model
+        self._model = model
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            for p, g in zip(model.parameters(), pending, strict=True):
+                p.grad = None if g is None else g.to(p.device)
+
+    def state_dict(self) -> Mapping[str, Any]:
+        if self._model is None:
+            return {} if self._pending is None else {"grads": self._pending}
+        grads = [
+            None if p.grad is None else p.grad.detach().clone() for p in self._model.parameters()
+        ]
+        if all(g is None for g in grads):
+            return {}
+        return {"grads": grads}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        grads = state.get("grads")
+        self._pending = None if grads is None else list(grads)
 
 
 class GradientClipping(Callback):

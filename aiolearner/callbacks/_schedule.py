@@ -89,6 +89,14 @@ class LRSchedule(Callback):
         self._hook: Any = None
 
     def _build(self, optimizer: torch.optim.Optimizer) -> Scheduler:
+        # Building a scheduler resets the optimizer's hyperparameters to the schedule's start
+        # (the rate, and the momentum for one-cycle). When resuming, the optimizer already holds
+        # the values the checkpointed run had reached: keep them and put them back.
+        reached = None
+        if self._pending is not None:
+            reached = [
+                {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
+            ]
         if self.scheduler is None:
             assert self._factory is not None
             scheduler = self._factory(optimizer)
@@ -106,21 +114,12 @@ class LRSchedule(Callback):
         if self.scheduler.optimizer is not optimizer:
             raise ValueError("the scheduler was built on another optimizer than the learner's")
         if self._pending is not None:
-            self._restore(self._pending)
+            self.scheduler.load_state_dict(dict(self._pending))
             self._pending = None
+        if reached is not None:
+            for group, values in zip(optimizer.param_groups, reached, strict=True):
+                group.update(values)
         return self.scheduler
-
-    def _restore(self, state: Mapping[str, Any]) -> None:
-        scheduler = self.scheduler
-        assert scheduler is not None
-        scheduler.load_state_dict(dict(state))
-        # Building a scheduler resets the optimizer's rates to the schedule's start; put back
-        # the rates the checkpointed run had reached (chainable schedulers build on them).
-        if isinstance(scheduler, LRScheduler):
-            for group, lr in zip(
-                scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True
-            ):
-                group["lr"] = lr
 
     def _count(self, *args: object, **kwargs: object) -> None:
         self._optimizer_steps += 1
@@ -191,7 +190,9 @@ class LRSchedule(Callback):
         if self.scheduler is None:
             self._pending = saved
         else:
-            self._restore(saved)
+            # A scheduler built before the learner: the learner has just loaded the optimizer,
+            # so only the scheduler's own state is missing.
+            self.scheduler.load_state_dict(dict(saved))
 
 
 class OneCycle(LRSchedule):
