@@ -10,7 +10,16 @@ import anyio
 import pytest
 import torch
 
-from aiolearner import Callback, SkipBatch, StateView, StopEpoch, StopFit
+from aiolearner import (
+    Callback,
+    FitBatch,
+    Gradient,
+    SkipBatch,
+    State,
+    StateView,
+    StopEpoch,
+    StopFit,
+)
 from aiolearner.testing import RecordingCallback, make_batches, make_learner, tiny_model
 
 N_BATCHES = 3
@@ -573,3 +582,97 @@ async def test_the_strongest_wins_among_concurrent_async_callbacks() -> None:
     )
     await learner.fit(1)
     assert outcome.seen == [("stopped", "strong")]
+
+
+# -- control flow raised by stages -------------------------------------------------------------
+
+
+class SkipSecondBatchGradient(Gradient):
+    """A user stage that decides, after backward, to drop the batch with index 1."""
+
+    def compute(self, state: State) -> None:
+        super().compute(state)
+        if state.batch_index == 1:
+            raise SkipBatch("stage says no")
+
+
+@pytest.mark.parametrize("compute", ["inline", "thread"])
+async def test_skip_batch_raised_by_a_stage(compute: str) -> None:
+    rec = RecordingCallback(with_counters=True)
+    outcome = Outcome()
+    learner = make_learner(
+        callbacks=[rec, outcome],
+        n_batches=N_BATCHES,
+        compute=compute,
+        stages={"gradient": SkipSecondBatchGradient()},
+    )
+    await learner.fit(1)
+    assert (
+        rec.calls[3:16]
+        == [
+            *fit_batch(0, 0),
+            *fit_batch(0, 1, until="before_gradient"),  # after_gradient and the rest skipped
+            *fit_batch(0, 2)[:5],
+        ]
+    )
+    assert outcome.seen == [("completed", "stage says no")]
+    assert learner.state.step == 3
+    # The gradient computed before the stage raised did not reach the weights.
+    assert_same(weights(learner), reference([[0, 2]]))
+
+
+class StopAfterTwo(FitBatch):
+    async def run(self, state: State) -> None:
+        await super().run(state)
+        if state.batch_index == 2:
+            raise StopEpoch("two is enough")
+
+
+async def test_stop_epoch_raised_by_a_custom_batch_stage() -> None:
+    rec = RecordingCallback(with_counters=True)
+    learner = make_learner(
+        callbacks=[rec], n_batches=N_BATCHES, stages={"fit_batch": StopAfterTwo()}
+    )
+    await learner.fit(2)
+    # Each epoch trains on two batches; the batch that raised had been committed.
+    assert (learner.state.epoch, learner.state.step) == (2, 4)
+    assert rec.calls.count("after_fit@0:2") == 1
+    assert rec.calls.count("after_fit@1:4") == 1
+    assert_same(weights(learner), reference([[0, 1], [0, 1]]))
+
+
+# -- teardown time bound -----------------------------------------------------------------------
+
+
+async def test_teardown_after_cancellation_is_time_bounded() -> None:
+    class StuckTeardown(Callback):
+        def __init__(self) -> None:
+            self.entered = False
+
+        async def after_fit_run(self, state: StateView) -> None:
+            self.entered = True
+            await anyio.sleep_forever()
+
+    hang = Hang("before_fit_batch", 0)
+    stuck = StuckTeardown()
+    learner = make_learner(callbacks=[hang, stuck], teardown_timeout=0.05)
+    with anyio.fail_after(10):  # without the bound, the shielded teardown never ends
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(learner.fit, 1)
+            await hang.reached.wait()
+            tg.cancel_scope.cancel()
+    assert stuck.entered
+    assert learner.status.value == "idle"
+
+
+# -- errors then fit again ---------------------------------------------------------------------
+
+
+async def test_fit_again_after_a_callback_error_redoes_the_failed_batch() -> None:
+    learner, _, outcome = setup({"after_gradient": HookError("once")})
+    with pytest.raises(ExceptionGroup):
+        await learner.fit(2)
+    assert learner.state.step == 0
+    await learner.fit(2)
+    assert outcome.seen == [("error", None), ("completed", None)]
+    assert_same(weights(learner), reference([[0, 1, 2], [0, 1, 2]]))
