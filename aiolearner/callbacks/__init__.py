@@ -26,6 +26,7 @@ from ._recorder import Recorder as Recorder
 from ._recorder import plot_history as plot_history
 from ._schedule import LRSchedule as LRSchedule
 from ._schedule import OneCycle as OneCycle
+from ._schedule import ParamSchedule as ParamSchedule
 from ._schedule import WarmupCosine as WarmupCosine
 from ._stopping import EarlyStopping as EarlyStopping
 from ._stopping import NonFiniteGuard as NonFiniteGuard
@@ -42,6 +43,7 @@ __all__ = [
     "MixedPrecision",
     "NonFiniteGuard",
     "OneCycle",
+    "ParamSchedule",
     "WarmupCosine",
     "load_checkpoint_file",
     "CSVLogger",

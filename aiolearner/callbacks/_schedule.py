@@ -1,4 +1,5 @@
-"""Learning-rate schedules: any torch scheduler per step or per epoch, one-cycle, warmup + cosine.
+"""Schedules: any torch LR scheduler per step or per epoch, one-cycle, warmup + cosine, and any
+optimizer hyperparameter as a function of the step.
 
 A per-step scheduler steps once per *optimizer step*, not per batch: it watches the optimizer
 with ``register_step_post_hook``, so batches that only accumulate gradients (see
@@ -18,7 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLR
 from .._callbacks import Callback
 from .._state import StateView
 
-__all__ = ["LRSchedule", "OneCycle", "WarmupCosine"]
+__all__ = ["LRSchedule", "OneCycle", "ParamSchedule", "WarmupCosine"]
 
 Scheduler = LRScheduler | ReduceLROnPlateau
 SchedulerFactory = Callable[[torch.optim.Optimizer], Scheduler]
@@ -257,3 +258,85 @@ class WarmupCosine(LRSchedule):
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_factor = min_factor
+
+
+class ParamSchedule(Callback):
+    """Sets any optimizer hyperparameter from a function of the step (or epoch) count.
+
+    For what torch has no scheduler for: weight decay, momentum, Adam's betas, or a
+    learning rate given as a formula. Before each optimizer step (``interval="step"``) or each
+    epoch (``"epoch"``), every parameter group's ``name`` is set to ``fn(t)``, where ``t``
+    counts the updates (epochs) done so far, from 0.
+
+    Args:
+        name: the param-group key (``"weight_decay"``, ``"momentum"``, ``"lr"``, ...).
+        fn: ``fn(t) -> value``.
+        interval: ``"step"`` or ``"epoch"``.
+
+    Raises:
+        ValueError: a bad ``interval``.
+        KeyError: (when training starts) the optimizer has no such hyperparameter.
+
+    Reads ``optimizer``; writes nothing (it changes the optimizer's param groups). The count is
+    in :meth:`state_dict`.
+
+    Example:
+        >>> ParamSchedule("weight_decay", lambda t: 0.05 * min(1.0, t / 1000))
+    """
+
+    reads = frozenset({"optimizer"})
+
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[int], Any],
+        *,
+        interval: Literal["step", "epoch"] = "step",
+    ) -> None:
+        if interval not in ("step", "epoch"):
+            raise ValueError(f"interval must be 'step' or 'epoch', got {interval!r}")
+        self.param = name
+        self.fn = fn
+        self.interval = interval
+        #: Updates (or epochs) done so far.
+        self.count = 0
+
+    def _apply(self, optimizer: torch.optim.Optimizer) -> None:
+        value = self.fn(self.count)
+        for group in optimizer.param_groups:
+            group[self.param] = value
+
+    def before_fit_run(self, state: StateView) -> None:
+        """Check the hyperparameter exists."""
+        for group in state.optimizer.param_groups:
+            if self.param not in group:
+                raise KeyError(
+                    f"ParamSchedule: the optimizer has no hyperparameter {self.param!r} (it has"
+                    f" {sorted(k for k in group if k != 'params')})"
+                )
+
+    def before_update(self, state: StateView) -> None:
+        """Set the value for this optimizer step."""
+        if self.interval == "step":
+            self._apply(state.optimizer)
+
+    def after_update(self, state: StateView) -> None:
+        """Count the step."""
+        if self.interval == "step":
+            self.count += 1
+
+    def before_epoch(self, state: StateView) -> None:
+        """Set the value for this epoch."""
+        if self.interval == "epoch":
+            self._apply(state.optimizer)
+
+    def after_epoch(self, state: StateView) -> None:
+        """Count the epoch."""
+        if self.interval == "epoch":
+            self.count += 1
+
+    def state_dict(self) -> Mapping[str, Any]:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.count = int(state.get("count", 0))

@@ -5,7 +5,7 @@ import torch
 from torch.optim.lr_scheduler import ExponentialLR, OneCycleLR, ReduceLROnPlateau, StepLR
 
 from aiolearner import Callback, StateView
-from aiolearner.callbacks import LRSchedule, OneCycle, WarmupCosine
+from aiolearner.callbacks import LRSchedule, OneCycle, ParamSchedule, WarmupCosine
 from aiolearner.callbacks._schedule import warmup_cosine_factor
 from aiolearner.testing import make_learner
 
@@ -136,3 +136,36 @@ async def test_schedule_state_resumes_from_a_checkpoint() -> None:
     await second.fit(3)
     assert log1.lrs + log2.lrs == log.lrs
     assert second.optimizer.param_groups[0]["lr"] == whole.optimizer.param_groups[0]["lr"]
+
+
+class GroupLog(Callback):
+    reads = frozenset({"optimizer"})
+    after = (ParamSchedule,)
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.values: list[float] = []
+
+    def before_update(self, state: StateView) -> None:
+        self.values.append(state.optimizer.param_groups[0][self.key])
+
+
+async def test_param_schedule_per_step_and_per_epoch() -> None:
+    log = GroupLog("weight_decay")
+    decay = ParamSchedule("weight_decay", lambda t: 0.01 * t)
+    learner = make_learner(callbacks=[decay, log], n_batches=3, with_validation=False)
+    await learner.fit(2)
+    assert log.values == pytest.approx([0.0, 0.01, 0.02, 0.03, 0.04, 0.05])
+    assert decay.state_dict() == {"count": 6}
+
+    log = GroupLog("momentum")
+    momentum = ParamSchedule("momentum", lambda epoch: 0.5 + 0.1 * epoch, interval="epoch")
+    learner = make_learner(callbacks=[momentum, log], n_batches=2, with_validation=False)
+    await learner.fit(3)
+    assert log.values == pytest.approx([0.5, 0.5, 0.6, 0.6, 0.7, 0.7])
+
+    learner = make_learner(callbacks=[ParamSchedule("betas", lambda t: (0.9, 0.99))])
+    with pytest.RaisesGroup(pytest.RaisesExc(KeyError, match="betas")):
+        await learner.fit(1)
+    with pytest.raises(ValueError, match="interval"):
+        ParamSchedule("lr", float, interval="batch")  # type: ignore[arg-type]
