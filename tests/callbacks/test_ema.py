@@ -32,10 +32,13 @@ def _loss_and_accuracy(
     return loss / n, acc / n
 
 
-async def test_average_follows_the_formula() -> None:
+@pytest.mark.parametrize("compute", ["inline", "thread"])
+async def test_average_follows_the_formula(compute: str) -> None:
     ema = EMA(0.9)
     weights = Weights()
-    learner = make_learner(callbacks=[ema, weights], n_batches=3, with_validation=False)
+    learner = make_learner(
+        callbacks=[ema, weights], n_batches=3, with_validation=False, compute=compute
+    )
     expected = [p.detach().clone() for p in learner.model.parameters()]
     await learner.fit(2)
     for step in weights.seen:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from aiolearner import Callback, Learner, StateView, StopFit
@@ -35,7 +36,9 @@ class Pause(Callback):
             raise StopFit("pause")
 
 
-def _build(pause_at: int | None) -> tuple[Learner[Any], EMA, OneCycle, MixedPrecision]:
+def _build(
+    pause_at: int | None, compute: str = "auto"
+) -> tuple[Learner[Any], EMA, OneCycle, MixedPrecision]:
     amp = MixedPrecision("bf16")
     ema = EMA(0.8)
     accumulate = AccumulateGradients(2)
@@ -55,21 +58,25 @@ def _build(pause_at: int | None) -> tuple[Learner[Any], EMA, OneCycle, MixedPrec
         callbacks=callbacks,
         train_data=make_batches(6, seed=3),
         stages={"fit": accumulate, **amp.stages(), **ema.stages()},
+        compute=compute,
     )
     return learner, ema, schedule, amp
 
 
-async def test_interrupted_and_resumed_from_a_file_equals_uninterrupted(tmp_path: Path) -> None:
-    whole, whole_ema, whole_schedule, _ = _build(None)
+@pytest.mark.parametrize("compute", ["inline", "thread"])
+async def test_interrupted_and_resumed_from_a_file_equals_uninterrupted(
+    tmp_path: Path, compute: str
+) -> None:
+    whole, whole_ema, whole_schedule, _ = _build(None, compute)
     await whole.fit(3)
 
-    first, _, _, _ = _build(pause_at=9)  # mid-epoch 1, inside an accumulation group
+    first, _, _, _ = _build(9, compute)  # mid-epoch 1, inside an accumulation group
     await first.fit(3)
     assert first.state.step == 9
     path = tmp_path / "checkpoint.pt"
     torch.save(first.state_dict(), path)
 
-    resumed, ema, schedule, _ = _build(None)
+    resumed, ema, schedule, _ = _build(None, compute)
     resumed.load_checkpoint(path)  # torch.load(weights_only=True)
     await resumed.fit(3)
 
