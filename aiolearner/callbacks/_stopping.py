@@ -24,20 +24,24 @@ __all__ = ["EarlyStopping", "NonFiniteGuard", "TimeLimit"]
 class EarlyStopping(Callback):
     """Stop the run when a metric has stopped improving.
 
-    Checked in ``after_epoch``, once every callback of ``after_validate`` and ``after_fit`` has
-    put its metrics in ``state.metrics``. An epoch improves on the best value so far when it beats
-    it by more than ``min_delta``; after ``patience`` epochs in a row without improvement the
-    callback raises :class:`~aiolearner.StopFit` (``patience=0`` stops at the first epoch without
-    improvement, as ``patience=1`` does).
+    A validation metric (a name starting with ``val_``) is checked in ``after_validate``, when
+    each validation result arrives (after the callbacks that write ``state.metrics`` on that
+    hook, such as :class:`Metrics`), which also works when validation runs concurrently with
+    training or more than once per epoch; any other metric is checked in ``after_epoch``. A check
+    improves on the best value so far when it beats it by more than ``min_delta``; after
+    ``patience`` checks in a row without improvement the callback raises
+    :class:`~aiolearner.StopFit` (``patience=0`` stops at the first check without improvement,
+    as ``patience=1`` does).
 
     Args:
         monitor: the key in ``state.metrics`` (``"val_loss"``, ``"val_accuracy"``, ...).
         mode: ``"min"`` when lower is better, ``"max"`` when higher is better.
-        patience: how many epochs without improvement are tolerated.
+        patience: how many checks (epochs, or validations) without improvement are tolerated.
         min_delta: the smallest change that counts as an improvement (non-negative).
-        strict: raise ``KeyError`` when the metric is missing at the end of an epoch; when
-            ``False`` such an epoch is ignored.
+        strict: raise ``KeyError`` when the metric is missing at a check; when ``False`` such a
+            check is ignored.
         stop_on_nan: stop at once when the metric is NaN or infinite.
+        check_on: ``"validate"`` or ``"epoch"`` to choose the hook (default: from ``monitor``).
 
     Raises:
         ValueError: on a bad ``mode``, ``patience`` or ``min_delta``.
@@ -61,7 +65,10 @@ class EarlyStopping(Callback):
         min_delta: float = 0.0,
         strict: bool = True,
         stop_on_nan: bool = True,
+        check_on: Literal["validate", "epoch"] | None = None,
     ) -> None:
+        if check_on not in (None, "validate", "epoch"):
+            raise ValueError(f"check_on must be 'validate' or 'epoch', got {check_on!r}")
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if patience < 0:
@@ -74,6 +81,7 @@ class EarlyStopping(Callback):
         self.min_delta = min_delta
         self.strict = strict
         self.stop_on_nan = stop_on_nan
+        self.check_on = check_on or ("validate" if monitor.startswith("val_") else "epoch")
         #: The best value seen so far (``None`` before the first epoch).
         self.best: float | None = None
         #: The epoch (0-based) that produced :attr:`best`.
@@ -89,15 +97,24 @@ class EarlyStopping(Callback):
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
 
+    def after_validate(self, state: StateView) -> None:
+        """Check a validation metric as its result arrives."""
+        if self.check_on == "validate":
+            self._check(state, "after validation")
+
     def after_epoch(self, state: StateView) -> None:
-        """Compare the monitored metric with the best so far; stop when patience runs out."""
+        """Check a metric of the epoch."""
+        if self.check_on == "epoch":
+            self._check(state, "at the end")
+
+    def _check(self, state: StateView, when: str) -> None:
         metrics = state.metrics
         if self.monitor not in metrics:
             if self.strict:
                 raise KeyError(
-                    f"EarlyStopping: metric {self.monitor!r} is not in state.metrics at the end"
-                    f" of epoch {state.epoch} (it has {sorted(metrics)}); pass strict=False to"
-                    " ignore epochs without it"
+                    f"EarlyStopping: metric {self.monitor!r} is not in state.metrics {when} of"
+                    f" epoch {state.epoch} (it has {sorted(metrics)}); pass strict=False to"
+                    " ignore checks without it"
                 )
             return
         value = float(metrics[self.monitor])
@@ -114,7 +131,8 @@ class EarlyStopping(Callback):
         if self.wait >= self.patience:
             raise StopFit(
                 f"early stopping: {self.monitor} has not improved by more than {self.min_delta}"
-                f" for {self.wait} epochs (best {self.best:.6g} at epoch {self.best_epoch},"
+                f" for {self.wait} {'validations' if self.check_on == 'validate' else 'epochs'}"
+                f" (best {self.best:.6g} at epoch {self.best_epoch},"
                 f" now {value:.6g} at epoch {state.epoch})"
             )
 

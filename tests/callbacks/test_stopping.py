@@ -221,3 +221,34 @@ def test_guard_rejects_bad_arguments() -> None:
         NonFiniteGuard("skip", every_n_steps=2)
     with pytest.raises(ValueError, match="at least 1"):
         NonFiniteGuard(every_n_steps=0)
+
+
+class ScriptedValScore(ScriptedScore):
+    def after_validate(self, state: StateView) -> None:
+        state.metrics["val_score"] = self.values.pop(0)
+
+
+@pytest.mark.parametrize("validate", ["sequential", "concurrent"])
+async def test_early_stopping_on_a_validation_metric_checks_each_validation(
+    validate: str,
+) -> None:
+    stop = EarlyStopping("val_score", patience=1)
+    assert stop.check_on == "validate"
+    learner = make_learner(
+        callbacks=[ScriptedValScore([1.0, 0.5, 0.7] + [0.0] * 10), stop],
+        n_batches=1,
+        validate=validate,
+    )
+    await learner.fit(10)
+    assert learner.state.stop_reason == (
+        "early stopping: val_score has not improved by more than 0.0 for 1 validations"
+        " (best 0.5 at epoch 1, now 0.7 at epoch 2)"
+    )
+    # Sequentially it stops in epoch 2; a concurrent validation's stop request may reach the
+    # training loop a validation period later.
+    if validate == "sequential":
+        assert learner.state.epoch == 3
+    else:
+        assert learner.state.epoch in (3, 4)
+    with pytest.raises(ValueError, match="check_on"):
+        EarlyStopping(check_on="batch")  # type: ignore[arg-type]
