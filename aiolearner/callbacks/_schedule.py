@@ -34,7 +34,8 @@ class LRSchedule(Callback):
             optimizer is created with the learner).
         interval: ``"step"`` (after every optimizer step) or ``"epoch"`` (after every epoch).
         monitor: for ``ReduceLROnPlateau`` only: the key in ``state.metrics`` passed to its
-            ``step`` at the end of each epoch (``"val_loss"`` by default).
+            ``step`` (``"val_loss"`` by default): after each validation for a ``val_`` metric,
+            at the end of each epoch otherwise.
         frequency: step the scheduler every this many steps or epochs.
 
     Raises:
@@ -143,10 +144,22 @@ class LRSchedule(Callback):
             if self._counted % self.frequency == 0:
                 scheduler.step()
 
+    def _on_validation(self) -> bool:
+        # ReduceLROnPlateau on a validation metric steps as each validation result arrives:
+        # that also works when validation runs concurrently with training.
+        return isinstance(self.scheduler, ReduceLROnPlateau) and self.monitor.startswith("val_")
+
+    def after_validate(self, state: StateView) -> None:
+        """Step ``ReduceLROnPlateau`` on a validation metric (``val_...``)."""
+        if self.interval == "epoch" and self._on_validation():
+            self._step_epoch(state)
+
     def after_epoch(self, state: StateView) -> None:
         """Step a per-epoch scheduler (``ReduceLROnPlateau`` with the monitored metric)."""
-        if self.interval != "epoch":
-            return
+        if self.interval == "epoch" and not self._on_validation():
+            self._step_epoch(state)
+
+    def _step_epoch(self, state: StateView) -> None:
         scheduler = self.scheduler
         assert scheduler is not None
         self._counted += 1

@@ -169,3 +169,30 @@ async def test_param_schedule_per_step_and_per_epoch() -> None:
         await learner.fit(1)
     with pytest.raises(ValueError, match="interval"):
         ParamSchedule("lr", float, interval="batch")  # type: ignore[arg-type]
+
+
+class ScriptedVal(Callback):
+    writes = frozenset({"metrics"})
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = list(values)
+
+    def after_validate(self, state: StateView) -> None:
+        state.metrics["val_score"] = self.values.pop(0)
+
+
+async def test_reduce_on_plateau_on_a_validation_metric_with_concurrent_validation() -> None:
+    plateau = LRSchedule(
+        lambda opt: ReduceLROnPlateau(opt, factor=0.5, patience=0),
+        interval="epoch",
+        monitor="val_score",
+    )
+    learner = make_learner(
+        callbacks=[ScriptedVal([1.0, 2.0, 3.0]), plateau],
+        n_batches=1,
+        lr=1.0,
+        validate="concurrent",
+    )
+    await learner.fit(3)
+    # Two validations without improvement, each halving the rate.
+    assert learner.optimizer.param_groups[0]["lr"] == 0.25
