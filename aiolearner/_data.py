@@ -13,7 +13,8 @@ batches (a torch DataLoader included) or an async iterable. For each pass it han
   on CUDA) and sends them into a bounded memory object stream of ``prefetch`` batches.
 
 With ``fetch="auto"`` (the default) a sync source starts inline and moves to the producer as soon
-as one fetch takes longer than ``fetch_budget`` seconds; async iterables always use the producer.
+as two fetches in a row take longer than ``fetch_budget`` seconds; async iterables always use the
+producer.
 
 Errors raised by the source surface in the stage that consumes the batch, as their own type, with a
 note naming the source and the batch index. Closing a pass cancels the producer and waits for it.
@@ -22,6 +23,7 @@ note naming the source and the batch index. Closing a pass cancels the producer 
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -36,7 +38,7 @@ from ._device import DeviceMover
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
-__all__ = ["END", "BatchSource", "Batches", "FetchMode"]
+__all__ = ["END", "WAIT", "BatchSource", "Batches", "FetchMode"]
 
 FetchMode = Literal["auto", "thread", "inline"]
 
@@ -48,6 +50,15 @@ class _End:
 
 #: Returned by ``Batches.next()`` when the pass has no more batches.
 END: Any = _End()
+
+
+class _Wait:
+    def __repr__(self) -> str:
+        return "WAIT"
+
+
+#: Returned by ``Batches.next_nowait()`` when the next batch must be awaited.
+WAIT: Any = _Wait()
 
 
 class _Failure:
@@ -94,6 +105,8 @@ class BatchSource:
         self.fetch_budget = fetch_budget
         self.steps_per_epoch = steps_per_epoch
         self.slow = fetch == "thread"
+        #: Consecutive inline fetches over ``fetch_budget`` (fetch="auto").
+        self.slow_fetches = 0
         # Persisting across passes: the live iterator (when steps_per_epoch cuts passes short)
         # and the batches fetched ahead but not consumed when a pass was interrupted.
         self._it: Any = None
@@ -164,6 +177,7 @@ class Batches:
     """The batches of one pass: ``await batches.next()`` until it returns ``batches.END``."""
 
     END = END
+    WAIT = WAIT
 
     def __init__(self, source: BatchSource, it: Any, tg: TaskGroup, index: int) -> None:
         self.source = source
@@ -172,7 +186,7 @@ class Batches:
         self.index = index
         self._taken = 0
         self._limit = source.steps_per_epoch
-        self._receive: MemoryObjectReceiveStream[Any] | None = None
+        self._receive: MemoryObjectReceiveStream[Any] | _Feed | None = None
         self._scope: anyio.CancelScope | None = None
         self._done: anyio.Event | None = None
         self._mover = source.mover
@@ -182,8 +196,11 @@ class Batches:
 
     # -- consumer side ---------------------------------------------------------------------------
 
-    async def next(self) -> Any:
-        """The next batch, on the device, or ``END``."""
+    def next_nowait(self) -> Any:
+        """The next batch if it is ready now, ``END``, or ``WAIT``: then await :meth:`next`.
+
+        The training loop's fast path: a batch that needs no waiting costs no coroutine.
+        """
         if self._limit is not None and self._taken >= self._limit:
             return END
         source = self.source
@@ -192,18 +209,29 @@ class Batches:
         elif self._receive is None:
             item = self._fetch_inline()
         else:
-            receive = self._receive
             try:
-                item = receive.receive_nowait()
+                item = self._receive.receive_nowait()
             except anyio.WouldBlock:
-                try:
-                    item = await receive.receive()
-                except anyio.EndOfStream:
-                    item = END
+                return WAIT
             except anyio.EndOfStream:
                 item = END
+        return self._accept(item)
+
+    async def next(self) -> Any:
+        """The next batch, on the device, or ``END``."""
+        item = self.next_nowait()
+        if item is WAIT:
+            assert self._receive is not None
+            try:
+                item = await self._receive.receive()
+            except anyio.EndOfStream:
+                item = END
+            item = self._accept(item)
+        return item
+
+    def _accept(self, item: Any) -> Any:
         if item is END:
-            source.exhausted()
+            self.source.exhausted()
             return END
         if type(item) is _Failure:
             raise self._failed(item.exc, item.index)
@@ -230,22 +258,33 @@ class Batches:
             raise self._failed(exc, self.index) from None
         source = self.source
         source.fetched += 1
-        if source.fetch == "auto" and time.perf_counter() - start > source.fetch_budget:
-            # This source is slow: fetch ahead in a worker thread from now on.
-            source.slow = True
-            self._start_producer()
+        if source.fetch == "auto":
+            if time.perf_counter() - start <= source.fetch_budget:
+                source.slow_fetches = 0
+            else:
+                # Two slow fetches in a row: this source is slow (one alone may be a garbage
+                # collection, the machine being busy, or a DataLoader starting its workers).
+                # Fetch ahead in a worker thread from now on.
+                source.slow_fetches += 1
+                if source.slow_fetches >= 2:
+                    source.slow = True
+                    self._start_producer()
         return self._mover.move_inline(batch)
 
     # -- producer side ---------------------------------------------------------------------------
 
     def _start_producer(self) -> None:
-        send, receive = anyio.create_memory_object_stream[Any](self.source.prefetch)
-        self._receive = receive
         self._scope = anyio.CancelScope()
         self._done = anyio.Event()
-        self._tg.start_soon(
-            self._produce, send, self._scope, self._done, name=f"aiolearner.{self.source.name}"
-        )
+        name = f"aiolearner.{self.source.name}"
+        if self.source.is_async:
+            send, receive = anyio.create_memory_object_stream[Any](self.source.prefetch)
+            self._receive = receive
+            self._tg.start_soon(self._produce, send, self._scope, self._done, name=name)
+        else:
+            feed = _Feed(self.source.prefetch)
+            self._receive = feed
+            self._tg.start_soon(self._produce_in_thread, feed, self._scope, self._done, name=name)
 
     def _fetch_sync(self) -> Any:
         try:
@@ -258,29 +297,54 @@ class Batches:
             return moved
         return (_Moved(moved), event)
 
+    async def _produce_in_thread(
+        self, feed: _Feed, scope: anyio.CancelScope, done: anyio.Event
+    ) -> None:
+        # One hop for the whole pass: the thread fetches batch after batch on its own, so
+        # fetching goes on while the event loop is busy (with inline compute, say). A hop per
+        # batch would need a turn of the loop to start each fetch and so would not overlap it.
+        try:
+            with scope:
+                await anyio.to_thread.run_sync(
+                    self._produce_sync, feed, self.index, limiter=self.source._limiter
+                )
+        finally:
+            done.set()
+
+    def _produce_sync(self, feed: _Feed, index: int) -> None:
+        item: Any = END
+        try:
+            while not feed.stopped:
+                try:
+                    item = self._fetch_sync()
+                except Exception as exc:
+                    item = END
+                    feed.put(_Failure(exc, index))
+                    return
+                if item is END or not feed.put(item):
+                    return
+                item = END
+                index += 1
+        finally:
+            # Fetched but never handed over (the pass was closed): aclose() keeps it.
+            self._inflight = item
+            feed.finish()
+
     async def _produce(
         self, send: MemoryObjectSendStream[Any], scope: anyio.CancelScope, done: anyio.Event
     ) -> None:
-        source = self.source
         index = self.index
         item: Any = END
         try:
             with scope, send:
                 while True:
                     try:
-                        if source.is_async:
-                            try:
-                                raw = await anext(self._it)
-                            except StopAsyncIteration:
-                                return
-                            source.fetched += 1
-                            item = self._mover.move_inline(raw)
-                        else:
-                            item = await anyio.to_thread.run_sync(
-                                self._fetch_sync, limiter=source._limiter
-                            )
-                            if item is END:
-                                return
+                        try:
+                            raw = await anext(self._it)
+                        except StopAsyncIteration:
+                            return
+                        self.source.fetched += 1
+                        item = self._mover.move_inline(raw)
                     except Exception as exc:
                         item = END
                         await send.send(_Failure(exc, index))
@@ -298,6 +362,9 @@ class Batches:
         """Stop the producer and keep what it fetched ahead for the next pass."""
         if self._scope is None or self._done is None or self._receive is None:
             return
+        if type(self._receive) is _Feed:
+            # The thread stops before its next fetch (or as soon as a full buffer has room).
+            self._receive.stop()
         self._scope.cancel()
         with anyio.CancelScope(shield=True):
             await self._done.wait()
@@ -321,3 +388,76 @@ class _Moved:
 
     def __init__(self, batch: Any) -> None:
         self.batch = batch
+
+
+class _Feed:
+    """A bounded, thread-safe buffer from a producer thread to the event loop.
+
+    The producer thread blocks while ``depth`` batches wait (it stops there, or before its next
+    fetch, once :meth:`stop` is called). The consumer takes batches without blocking the loop
+    and, when none is there, waits on an event the producer sets through
+    ``anyio.from_thread.run_sync`` (only then: a ready batch costs no cross-thread call).
+    """
+
+    def __init__(self, depth: int) -> None:
+        self._items: deque[Any] = deque()
+        self._depth = depth
+        self._cond = threading.Condition()
+        self._closed = False
+        self.stopped = False
+        self._waiter: anyio.Event | None = None
+
+    # -- event loop side --
+
+    def receive_nowait(self) -> Any:
+        with self._cond:
+            if self._items:
+                item = self._items.popleft()
+                self._cond.notify()
+                return item
+            if self._closed:
+                raise anyio.EndOfStream
+            raise anyio.WouldBlock
+
+    async def receive(self) -> Any:
+        while True:
+            with self._cond:
+                if self._items:
+                    item = self._items.popleft()
+                    self._cond.notify()
+                    return item
+                if self._closed:
+                    raise anyio.EndOfStream
+                event = self._waiter = anyio.Event()
+            await event.wait()
+
+    def stop(self) -> None:
+        with self._cond:
+            self.stopped = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self.stop()
+
+    # -- producer thread side --
+
+    def put(self, item: Any) -> bool:
+        """Hand over one item; ``False`` (item not taken) once the consumer has stopped."""
+        with self._cond:
+            while len(self._items) >= self._depth and not self.stopped:
+                self._cond.wait()
+            if self.stopped:
+                return False
+            self._items.append(item)
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            anyio.from_thread.run_sync(waiter.set)
+        return True
+
+    def finish(self) -> None:
+        """No more items will come."""
+        with self._cond:
+            self._closed = True
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            anyio.from_thread.run_sync(waiter.set)

@@ -29,6 +29,10 @@ class DeviceMover:
         """Move on the current stream (used on the event loop / the consumer's side)."""
         if self.cuda:
             return _map(batch, lambda t: t.to(self.device, non_blocking=t.is_pinned()))
+        # The common case (CPU training on CPU tensors) returns the batch itself: rebuilding
+        # the containers costs ~1.5 us a batch, a tenth of a tiny model's framework budget.
+        if _on_cpu(batch):
+            return batch
         return _map(batch, _to_cpu)
 
     def move_ahead(self, batch: Any) -> tuple[Any, Any]:
@@ -59,6 +63,28 @@ class DeviceMover:
 
 def _to_cpu(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_cpu else t.cpu()
+
+
+def _on_cpu(batch: Any) -> bool:
+    """Whether every tensor in a (nested) batch is on the CPU already."""
+    t = type(batch)
+    if t is torch.Tensor:
+        return batch.is_cpu  # type: ignore[no-any-return]
+    if t is tuple or t is list:
+        for item in batch:
+            if type(item) is torch.Tensor:
+                if not item.is_cpu:
+                    return False
+            elif not _on_cpu(item):
+                return False
+        return True
+    if t is dict:
+        return all(_on_cpu(v) for v in batch.values())
+    if isinstance(batch, torch.Tensor):
+        return batch.is_cpu
+    if isinstance(batch, tuple | list):
+        return all(_on_cpu(b) for b in batch)
+    return True
 
 
 def _map(batch: Any, fn: Any) -> Any:

@@ -1,0 +1,193 @@
+"""Per-step overhead over a hand-written PyTorch loop: aiolearner, Ignite and Lightning.
+
+Run (the whole benchmark, both models, all variants, interleaved repetitions)::
+
+    .venv/bin/python -m bench.overhead            # needs the `bench` extra for Ignite/Lightning
+
+Every variant trains a fresh copy of the same model (same seed) with SGD on the same batches, one
+epoch, with default settings: aiolearner with no callbacks (``compute`` inline / thread / auto, the
+default, on asyncio, and auto on trio); Ignite's ``create_supervised_trainer``; Lightning's
+``Trainer`` with logger, checkpointing, progress bar and model summary off. Per-step time is
+measured between the requests of batch ``k`` and ``n - k`` (see ``bench/_common.py``), so setup
+and teardown are left out. The final model of every variant must give bit for bit the loss the
+raw loop's model gives on a held-out batch; the script exits with status 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from aiolearner import Learner
+from bench._common import Batch, StampedData, machine, make_data, make_mlp, median, raw_step, table
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LOSS: LossFn = torch.nn.functional.cross_entropy
+
+MODELS: dict[str, tuple[list[int], int]] = {
+    "tiny": ([32, 64, 10], 64),
+    "heavy": ([512, 1024, 1024, 10], 256),
+}
+
+Runner = Callable[[torch.nn.Module, list[Batch], int], float]
+
+
+def _sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.01)
+
+
+def run_raw(model: torch.nn.Module, data: list[Batch], skip: int) -> float:
+    optimizer = _sgd(model)
+    stamped = StampedData(data, time.perf_counter)
+    model.train()
+    for x, y in stamped:
+        raw_step(model, optimizer, LOSS, x, y)
+    return stamped.per_step(skip)
+
+
+def aiolearner_runner(compute: Any, backend: Any) -> Runner:
+    def run(model: torch.nn.Module, data: list[Batch], skip: int) -> float:
+        stamped = StampedData(data, time.perf_counter)
+        learner: Learner[Batch] = Learner(model, _sgd(model), LOSS, stamped, compute=compute)
+        learner.fit_sync(1, backend=backend)
+        return stamped.per_step(skip)
+
+    return run
+
+
+def run_ignite(model: torch.nn.Module, data: list[Batch], skip: int) -> float:
+    from ignite.engine import create_supervised_trainer
+
+    stamped = StampedData(data, time.perf_counter)
+    trainer = create_supervised_trainer(model, _sgd(model), LOSS)
+    trainer.run(stamped, max_epochs=1)
+    return stamped.per_step(skip)
+
+
+def run_lightning(model: torch.nn.Module, data: list[Batch], skip: int) -> float:
+    import lightning
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return LOSS(self.model(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return _sgd(self.model)
+
+    stamped = StampedData(data, time.perf_counter)
+    trainer = lightning.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(Module(), train_dataloaders=stamped)
+    return stamped.per_step(skip)
+
+
+def final_loss(model: torch.nn.Module, probe: Batch) -> torch.Tensor:
+    with torch.no_grad():
+        return LOSS(model(probe[0]), probe[1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="tiny,heavy")
+    parser.add_argument("--tiny-steps", type=int, default=1000)
+    parser.add_argument("--heavy-steps", type=int, default=60)
+    parser.add_argument("--reps", type=int, default=11, help="repetitions of the tiny model")
+    parser.add_argument("--heavy-reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--no-peers", action="store_true", help="skip Ignite and Lightning")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "ignite"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    variants: dict[str, Runner] = {
+        "raw loop": run_raw,
+        "aiolearner inline": aiolearner_runner("inline", "asyncio"),
+        "aiolearner thread": aiolearner_runner("thread", "asyncio"),
+        "aiolearner auto (default)": aiolearner_runner("auto", "asyncio"),
+        "aiolearner auto, trio": aiolearner_runner("auto", "trio"),
+    }
+    if not args.no_peers:
+        variants["Ignite Engine"] = run_ignite
+        variants["Lightning Trainer"] = run_lightning
+
+    print(f"machine: {machine()}")
+    failed = False
+    for model_name in args.models.split(","):
+        sizes, batch = MODELS[model_name]
+        steps = args.tiny_steps if model_name == "tiny" else args.heavy_steps
+        reps = args.reps if model_name == "tiny" else args.heavy_reps
+        skip = max(2, steps // 20)
+        data = make_data(steps, batch, sizes[0], sizes[-1], seed=1)
+        probe = make_data(1, batch, sizes[0], sizes[-1], seed=2)[0]
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        losses: dict[str, torch.Tensor] = {}
+        for _ in range(reps):
+            for name, run in variants.items():
+                model = make_mlp(sizes, seed=0)
+                times[name].append(run(model, data, skip))
+                loss = final_loss(model, probe)
+                if name in losses and not torch.equal(losses[name], loss):
+                    raise RuntimeError(f"{name}: final loss changed between repetitions")
+                losses[name] = loss
+        raw = median(times["raw loop"])
+        raw_times = times["raw loop"]
+        rows = []
+        for name, ts in times.items():
+            # Overhead: the median of per-repetition differences with the raw run of the same
+            # repetition (adjacent in time, so slow phases of the shared machine cancel out).
+            overhead = median([t - r for t, r in zip(ts, raw_times, strict=True)])
+            same = torch.equal(losses[name], losses["raw loop"])
+            failed |= not same
+            rows.append(
+                [
+                    name,
+                    f"{median(ts) * 1e6:.1f}",
+                    f"{overhead * 1e6:+.1f}",
+                    f"{median(ts) / raw:.3f}",
+                    f"{losses[name].item():.6f}" + ("" if same else " (DIFFERS)"),
+                ]
+            )
+        print(
+            f"\n{model_name} MLP {'->'.join(map(str, sizes))}, batch {batch}: {steps} steps "
+            f"(timed {steps - 2 * skip}), {reps} interleaved repetitions, medians"
+        )
+        print(table(["variant", "us/step", "overhead us/step", "time / raw", "final loss"], rows))
+        if "Ignite Engine" in times and model_name == "tiny":
+            ours = median(
+                [t - r for t, r in zip(times["aiolearner auto (default)"], raw_times, strict=True)]
+            )
+            for peer, bound in (("Ignite Engine", 0.5), ("Lightning Trainer", 0.03)):
+                theirs = median([t - r for t, r in zip(times[peer], raw_times, strict=True)])
+                print(
+                    f"default overhead / {peer} overhead = {ours / theirs:.3f} (target <= {bound})"
+                )
+    if failed:
+        print("\nFAILED: a final loss differs from the raw loop's")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
