@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -119,3 +121,28 @@ def test_bad_arguments() -> None:
         EMA(1.0)
     with pytest.raises(ValueError, match="every_n_steps"):
         EMA(every_n_steps=0)
+
+
+@pytest.mark.parametrize("mode", ["both", "ema"])
+async def test_concurrent_validation_of_the_average(mode: str) -> None:
+    ema = EMA(0.5)
+    seen: list[torch.nn.Module] = []
+
+    class WhichModel(Callback):
+        reads = frozenset({"model"})
+
+        def after_validate_loss(self, state: StateView) -> None:
+            seen.append(ema.for_validation(state.model))
+
+    learner = make_learner(
+        callbacks=[ema, WhichModel()],
+        stages=ema.stages(validate=mode),  # type: ignore[arg-type]
+        n_batches=3,
+        validate="concurrent",
+    )
+    await learner.fit(2)
+    key = "val_ema_loss" if mode == "both" else "val_loss"
+    assert math.isfinite(learner.state.metrics[key])
+    # Each pass validated a copy of the average, not the average training keeps updating.
+    assert len(seen) == 4  # 2 passes of 2 batches
+    assert all(m is not ema.model for m in seen)
