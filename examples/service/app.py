@@ -48,6 +48,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from aiolearner import Event, FitHandle, Learner, RunState
 
+ComputeMode = Literal["auto", "thread", "inline"]
+
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 
 #: The event kinds streamed to clients (per-batch stage events would flood a browser).
@@ -108,7 +110,7 @@ def load_dataset(name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     raise ValueError(f"unknown data set {name!r}")
 
 
-def build_learner(spec: JobSpec) -> Learner[Any]:
+def build_learner(spec: JobSpec, *, compute: ComputeMode = "auto") -> Learner[Any]:
     """A small MLP for the job's data set; 80 % of the samples train, 20 % validate."""
     x, y, n_classes = load_dataset(spec.dataset)
     n_train = len(x) * 4 // 5
@@ -129,7 +131,8 @@ def build_learner(spec: JobSpec) -> Learner[Any]:
     )
     val = DataLoader(TensorDataset(x[n_train:], y[n_train:]), batch_size=256)
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9)
-    return Learner(model, optimizer, torch.nn.functional.cross_entropy, train, val)
+    loss_fn = torch.nn.functional.cross_entropy
+    return Learner(model, optimizer, loss_fn, train, val, compute=compute)
 
 
 def save_atomically(checkpoint: Mapping[str, Any], path: Path) -> None:
@@ -170,6 +173,8 @@ class TrainingService:
         checkpoint_dir: where final checkpoints go (``<job id>.pt``; ids are made here).
         max_running: jobs training at once.
         max_queued: jobs waiting for a slot before ``POST /jobs`` answers 429.
+        compute: the learners' compute policy (``"thread"`` keeps all torch work off the
+            event loop; see ``bench/service_latency.py`` for what each costs).
     """
 
     def __init__(
@@ -179,6 +184,7 @@ class TrainingService:
         checkpoint_dir: str | os.PathLike[str] = "checkpoints",
         max_running: int = 2,
         max_queued: int = 8,
+        compute: ComputeMode = "auto",
     ) -> None:
         token = token if token is not None else os.environ.get("AIOLEARNER_SERVICE_TOKEN")
         if not token:
@@ -189,6 +195,7 @@ class TrainingService:
         self.checkpoint_dir = Path(checkpoint_dir).resolve()
         self.max_running = max_running
         self.max_queued = max_queued
+        self.compute: ComputeMode = compute
         self.jobs: dict[str, Job] = {}
         self._slots: anyio.CapacityLimiter | None = None
         self._tg: TaskGroup | None = None
@@ -204,7 +211,11 @@ class TrainingService:
             raise QueueFullError(f"{waiting} jobs are waiting already")
         job_id = uuid.uuid4().hex  # the only name a checkpoint file gets
         finalize = functools.partial(self._finalize, job_id)
-        job = Job(job_id, spec, FitHandle(build_learner(spec), spec.epochs, finalize=finalize))
+        job = Job(
+            job_id,
+            spec,
+            FitHandle(build_learner(spec, compute=self.compute), spec.epochs, finalize=finalize),
+        )
         self.jobs[job_id] = job
         self._tg.start_soon(self.train, job, name=f"job {job_id}")
         return job
