@@ -184,3 +184,33 @@ def test_bad_arguments() -> None:
         CSVLogger("x.csv", every_n_steps=0)
     with pytest.raises(ValueError, match="flush_rows"):
         JSONLinesLogger("x.jsonl", flush_rows=0)
+
+
+async def test_tensorboard_resumed_from_a_checkpoint_purges_the_lost_steps(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logdir, ckpt_dir = tmp_path / "tb", tmp_path / "ckpt"
+    with anyio.CancelScope() as scope:
+        learner = make_learner(
+            callbacks=[
+                TensorBoardLogger(logdir, every_n_steps=1),
+                Checkpoint(ckpt_dir, save_last=False),
+                CancelAfterEpoch(2, 2, scope),
+            ],
+            n_batches=4,
+            yield_interval=0.0,
+        )
+        await learner.fit(3)
+    resumed = make_learner(
+        callbacks=[TensorBoardLogger(logdir, every_n_steps=1), Checkpoint(ckpt_dir)], n_batches=4
+    )
+    await resumed.fit(3, resume=ckpt_dir / "epoch-0002.pt")
+
+    def read() -> EventAccumulator:
+        acc = EventAccumulator(str(logdir))
+        acc.Reload()
+        return acc
+
+    acc = await anyio.to_thread.run_sync(read)
+    assert [e.step for e in acc.Scalars("step/loss")] == list(range(1, 13))
+    assert [e.step for e in acc.Scalars("epoch/val_loss")] == [4, 8, 12]
