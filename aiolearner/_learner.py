@@ -454,7 +454,9 @@ class Learner(Generic[TBatch]):
             raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
         self._check_idle("fit")
         if resume is not None:
-            self.load_checkpoint(self._find_checkpoint(resume))
+            # Find and read the file in a worker thread: the loop may be serving other work.
+            checkpoint = await anyio.to_thread.run_sync(self._resume_from, resume)
+            self.load_state_dict(checkpoint)  # checks again that nobody started meanwhile
         self._rt.target_epochs = epochs
         async with self._running(LearnerStatus.FITTING):
             await self._root(self._state)
@@ -672,8 +674,13 @@ class Learner(Generic[TBatch]):
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Load a checkpoint file written from :meth:`state_dict` (``weights_only=True``)."""
-        checkpoint = torch.load(Path(path), map_location=self._device, weights_only=True)
-        self.load_state_dict(checkpoint)
+        self.load_state_dict(self._read_checkpoint(Path(path)))
+
+    def _read_checkpoint(self, path: Path) -> Any:
+        return torch.load(path, map_location=self._device, weights_only=True)
+
+    def _resume_from(self, resume: str | os.PathLike[str]) -> Any:
+        return self._read_checkpoint(self._find_checkpoint(resume))
 
     def _find_checkpoint(self, resume: str | os.PathLike[str]) -> Path:
         if resume == "last":

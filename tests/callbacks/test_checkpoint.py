@@ -376,3 +376,28 @@ async def test_step_checkpoints_from_the_compute_thread_resume_exactly(
     assert_same(resumed.model.state_dict(), reference.model.state_dict())
     assert_same(resumed.optimizer.state_dict(), reference.optimizer.state_dict())
     assert resumed.state.metrics == reference.state.metrics
+
+
+async def test_no_blocking_call_on_the_event_loop(tmp_path: Path) -> None:
+    """blockbuster (asyncio only; a no-op check on trio) sees no file I/O on the loop."""
+    from blockbuster import blockbuster_ctx
+
+    from aiolearner.callbacks import CSVLogger, JSONLinesLogger, Recorder
+
+    def learner() -> Learner[Any]:
+        return make_learner(
+            callbacks=[
+                Checkpoint(tmp_path / "ckpt", every_n_steps=2, monitor="val_loss"),
+                CSVLogger(tmp_path / "log.csv", every_n_steps=1),
+                JSONLinesLogger(tmp_path / "log.jsonl", every_n_steps=1),
+                Recorder(),
+            ],
+            n_batches=3,
+            compute="thread",
+        )
+
+    first, second = learner(), learner()  # building may touch files (torch imports)
+    with blockbuster_ctx():
+        await first.fit(2)
+        await second.fit(3, resume="last")
+    assert second.state.epoch == 3
