@@ -1,14 +1,16 @@
 """A progress bar on rich, or plain log lines when the output is not a terminal.
 
 The hooks only note counters and keep a reference to the latest loss tensor (no ``.item()``, no
-I/O); a background task renders at most every ``refresh_interval`` seconds. So a fast training
-loop does not pay for drawing, and the one host sync per render happens off the batch.
+I/O); a background task renders at most every ``refresh_interval`` seconds, in a worker thread.
+So a fast training loop does not pay for drawing, the one host sync per render happens off the
+batch, and a slow terminal or pipe never blocks the event loop.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from typing import Any, TextIO
 
 import anyio
@@ -92,6 +94,10 @@ class ProgressBar(Callback):
         self._loss: torch.Tensor | None = None
         self._last_line = 0.0
         self._dirty = False
+        self._live = False
+        self._new_epoch = False
+        # Lines waiting for the renderer (hooks append, the render thread pops).
+        self._lines: deque[str] = deque()
 
     @property
     def file(self) -> TextIO:
@@ -113,8 +119,8 @@ class ProgressBar(Callback):
                 console=self._console or self._make_console(),
                 auto_refresh=False,
             )
-            self._progress.start()
             self._task = self._progress.add_task("", total=None, info="")
+            self._live = False
         state.start_soon(self._render_loop, name="ProgressBar.render")
 
     def _make_console(self) -> Any:
@@ -129,9 +135,7 @@ class ProgressBar(Callback):
         self._loss = None
         self._started = self._last_line = time.perf_counter()
         self._dirty = True
-        if self._progress is not None:
-            # Only updates the task's numbers: drawing is left to the renderer.
-            self._progress.reset(self._task, total=self._total, completed=self._batches)
+        self._new_epoch = True  # the renderer restarts the bar's clock (resetting draws)
 
     def after_fit_batch(self, state: StateView) -> None:
         """Note the batch (the loss stays a tensor until the next render)."""
@@ -147,23 +151,15 @@ class ProgressBar(Callback):
             self._total = state.batch_index
 
     def after_epoch(self, state: StateView) -> None:
-        """Write the epoch's line (metrics and throughput)."""
-        line = self._epoch_line(state)
-        if self.plain:
-            print(line, file=self.file, flush=True)
-        elif self._progress is not None:
-            self._progress.console.print(line)
+        """Queue the epoch's line (metrics and throughput) for the renderer."""
+        self._lines.append(self._epoch_line(state))
         self._dirty = True
 
     async def after_fit_run(self, state: StateView) -> None:
-        """Stop the renderer and draw the final state."""
+        """Stop the renderer; draw the final state and the lines still queued."""
         if self._stop is not None:
             self._stop.set()
-        if self._progress is not None:
-            self._render()
-            self._progress.stop()
-            self._progress = None
-        await anyio.lowlevel.checkpoint()
+        await anyio.to_thread.run_sync(self._finish)
 
     # -- rendering (in the background task) ------------------------------------------------------
 
@@ -190,37 +186,62 @@ class ProgressBar(Callback):
             f" {self._throughput():.0f} samples/s)"
         )
 
+    # Everything below writes to the terminal or file: it runs in a worker thread, so a slow
+    # terminal or pipe never blocks the event loop (rich's Progress is thread-safe).
+
+    def _print_lines(self) -> None:
+        lines = self._lines
+        while lines:
+            line = lines.popleft()
+            if self._progress is not None:
+                self._progress.console.print(line, highlight=False)
+            else:
+                print(line, file=self.file, flush=True)
+
     def _render(self) -> None:
-        if self._progress is None:
+        self._print_lines()
+        progress = self._progress
+        if progress is None:
+            now = time.perf_counter()
+            if now - self._last_line >= self.log_interval and self._batches:
+                self._last_line = now
+                total = f"/{self._total}" if self._total else ""
+                print(
+                    f"epoch {self._epoch + 1} batch {self._batches}{total}  {self._info()}",
+                    file=self.file,
+                    flush=True,
+                )
             return
-        self._progress.update(
+        if not self._live:
+            progress.start()
+            self._live = True
+        if self._new_epoch:
+            self._new_epoch = False
+            progress.reset(self._task, total=self._total, completed=self._batches)
+        progress.update(
             self._task,
             description=f"epoch {self._epoch + 1}",
             completed=self._batches,
             total=self._total,
             info=self._info(),
         )
-        self._progress.refresh()
+        progress.refresh()
+
+    def _finish(self) -> None:
+        if self._progress is not None:
+            self._render()
+            self._progress.stop()
+            self._progress = None
+        else:
+            self._print_lines()
 
     async def _render_loop(self) -> None:
         stop = self._stop
         assert stop is not None
-        interval = self.refresh_interval
         while not stop.is_set():
-            with anyio.move_on_after(interval):
+            with anyio.move_on_after(self.refresh_interval):
                 await stop.wait()
             if stop.is_set() or not self._dirty:
                 continue
             self._dirty = False
-            if self.plain:
-                now = time.perf_counter()
-                if now - self._last_line >= self.log_interval and self._batches:
-                    self._last_line = now
-                    total = f"/{self._total}" if self._total else ""
-                    print(
-                        f"epoch {self._epoch + 1} batch {self._batches}{total}  {self._info()}",
-                        file=self.file,
-                        flush=True,
-                    )
-            else:
-                self._render()
+            await anyio.to_thread.run_sync(self._render)

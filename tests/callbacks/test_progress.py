@@ -3,6 +3,8 @@ from __future__ import annotations
 import io
 import re
 import sys
+from pathlib import Path
+from typing import TextIO
 
 import pytest
 
@@ -68,3 +70,29 @@ def test_rich_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="positive"):
         ProgressBar(refresh_interval=0)
+
+
+def _open_for_writing(path: Path) -> TextIO:
+    return open(path, "w", encoding="utf-8")
+
+
+@pytest.mark.parametrize("plain", [True, False])
+async def test_never_writes_on_the_event_loop(tmp_path: Path, plain: bool) -> None:
+    """blockbuster (asyncio) sees no write to the real file on the loop thread."""
+    from blockbuster import blockbuster_ctx
+    from rich.console import Console
+
+    f = _open_for_writing(tmp_path / "out.txt")
+    try:
+        if plain:
+            bar = ProgressBar(file=f, plain=True, log_interval=1e-9)
+        else:
+            console = Console(file=f, force_terminal=True, width=100, color_system=None)
+            bar = ProgressBar(console=console)
+        learner = make_learner(callbacks=[bar], n_batches=3)
+        with blockbuster_ctx():
+            await learner.fit(2)
+    finally:
+        f.close()
+    text = (tmp_path / "out.txt").read_text()
+    assert "epoch 2: train_loss" in text
