@@ -33,6 +33,7 @@ import anyio
 import torch
 
 from ._data import END, WAIT
+from ._device import wait_ready
 from ._exceptions import ControlFlow, SkipBatch, StopEpoch, StopFit
 from ._runtime import snapshot_source
 from ._state import ReadOnlyList, State
@@ -457,9 +458,9 @@ class Fit(Stage):
                     await anyio.lowlevel.checkpoint()
         if losses:
             with torch.no_grad():
-                state.metrics["train_loss"] = float(
-                    torch.stack([x.detach() for x in losses]).mean()
-                )
+                mean = torch.stack([x.detach() for x in losses]).mean()
+            await wait_ready(mean)
+            state.metrics["train_loss"] = float(mean)
 
 
 class ValidateLoss(ComputeStage):
@@ -555,7 +556,9 @@ class Validate(Stage):
                 lock.release_read()
         results: dict[str, Any] = {}
         if count:
-            results["loss"] = float(torch.stack(total).sum()) / count
+            summed = torch.stack(total).sum()
+            await wait_ready(summed)
+            results["loss"] = float(summed) / count
             state.metrics["val_loss"] = results["loss"]
         state.validation = results
         state.validation_tag = (state.epoch, state.step)
