@@ -12,7 +12,8 @@ meanwhile. Two servers, the same jobs:
   batches and validation pass) inside the async task, giving the event loop a turn once per
   epoch, which is what calling a synchronous training loop from an async app amounts to.
 
-The figures depend on what else the machine runs: compare rows of one run, not runs.
+The figures depend on what else the machine runs: compare rows of one run, not runs. The first
+row (the service with no job) is the floor that the machine and the client set.
 
 Run::
 
@@ -115,7 +116,7 @@ def _total_steps(client: httpx.Client) -> int:
 
 
 def measure(
-    factory: str, *, probes: int, gap: float, warmup: float, max_seconds: float
+    factory: str, *, probes: int, gap: float, warmup: float, max_seconds: float, jobs: int = 4
 ) -> dict[str, Any]:
     """Start a server, train four jobs, time the health checks; returns the figures."""
     port = _free_port()
@@ -137,7 +138,7 @@ def measure(
                     if time.monotonic() > deadline or server.poll() is not None:
                         raise RuntimeError(f"{factory}: server did not start") from None
                     time.sleep(0.1)
-            for _ in range(4):
+            for _ in range(jobs):
                 client.post("/jobs", json=SPEC, headers=AUTH).raise_for_status()
             time.sleep(warmup)  # let all four jobs get going
             steps_before, start = _total_steps(client), time.perf_counter()
@@ -154,7 +155,7 @@ def measure(
         server.wait(timeout=60)
     latencies.sort()
     return {
-        "server": factory.removesuffix("_app"),
+        "server": factory.removesuffix("_app") if jobs else "idle (no job)",
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * latencies[min(len(latencies) - 1, round(0.99 * len(latencies)))],
         "max_ms": 1000 * latencies[-1],
@@ -175,9 +176,15 @@ def main() -> None:
         "| server | /health p50 (ms) | p99 (ms) | max (ms) | probes | training steps/s (4 jobs) |"
     )
     print("|---|---|---|---|---|---|")
-    for factory in ("aiolearner_app", "thread_app", "blocking_app"):
+    for factory, jobs in [
+        ("aiolearner_app", 0),
+        ("aiolearner_app", 4),
+        ("thread_app", 4),
+        ("blocking_app", 4),
+    ]:
         r = measure(
             factory,
+            jobs=jobs,
             probes=args.probes,
             gap=args.gap,
             warmup=args.warmup,
