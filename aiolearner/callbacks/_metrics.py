@@ -77,7 +77,9 @@ class _Mean:
 
     def add(self, value: torch.Tensor, n: int) -> None:
         value = value.detach().to(torch.float32)
-        self.total = value * n if self.total is None else self.total + value * n
+        total = self.total
+        # One op per batch: total + n * value (a fresh tensor: never in place on a caller's).
+        self.total = value * n if total is None else torch.add(total, value, alpha=n)
         self.count += n
 
     def value(self) -> float | None:

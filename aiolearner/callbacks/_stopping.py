@@ -237,8 +237,9 @@ class NonFiniteGuard(Callback):
 
     The trade-off: knowing whether a tensor on the device is finite needs a host sync, which
     stalls the pipeline of queued GPU work. So the guard can check every N steps instead: per
-    batch it only records, on the device, whether something was non-finite and at which step
-    first; every N steps it syncs once and stops naming that step. The weights may then already
+    batch it only keeps the finiteness flag (a device tensor); every N steps it syncs once and
+    stops naming the first bad step. (On CPU a sync costs nothing, so checking every step is
+    as cheap there.) The weights may then already
     hold up to N - 1 bad updates (resume from a checkpoint taken before). Skipping needs a
     decision per batch, so ``action="skip"`` checks (and syncs) every step.
 
@@ -281,9 +282,9 @@ class NonFiniteGuard(Callback):
         self.check_grads = check_grads
         #: Steps whose batches were skipped.
         self.skipped: list[int] = []
-        self._bad: torch.Tensor | None = None
-        self._first: torch.Tensor | None = None
-        self._seen = 0
+        # Between syncs: one finiteness flag (a device tensor) per step, and the step numbers.
+        self._flags: list[torch.Tensor] = []
+        self._steps: list[int] = []
 
     def _finite(self, state: StateView) -> tuple[torch.Tensor, str]:
         loss = state.loss.detach()
@@ -315,29 +316,25 @@ class NonFiniteGuard(Callback):
                 self.skipped.append(state.step)
                 raise SkipBatch(f"non-finite {what} at {where}: batch skipped")
             raise StopFit(f"non-finite {what} at {where}")
-        bad = ~ok
-        step = torch.full((), state.step, device=bad.device)
-        if self._bad is None or self._first is None:
-            self._bad = bad
-            self._first = torch.where(bad, step, torch.full_like(step, -1))
-        else:
-            self._first = torch.where(~self._bad & bad, step, self._first)
-            self._bad = self._bad | bad
-        self._seen += 1
-        if self._seen >= self.every_n_steps:
+        self._flags.append(ok)
+        self._steps.append(state.step)
+        if len(self._flags) >= self.every_n_steps:
             self._settle(state, what)
 
     def _settle(self, state: StateView, what: str) -> None:
-        bad, first = self._bad, self._first
-        self._bad = self._first = None
-        self._seen = 0
-        if bad is not None and first is not None and bool(bad):  # the host sync
-            raise StopFit(
-                f"non-finite {what} at step {int(first)} (found at epoch {state.epoch}, step"
-                f" {state.step}; checked every {self.every_n_steps} steps)"
-            )
+        flags, steps = self._flags, self._steps
+        self._flags, self._steps = [], []
+        if not flags:
+            return
+        ok = torch.stack(flags)
+        if bool(ok.all()):  # the host sync
+            return
+        first = steps[int((~ok).nonzero()[0, 0])]
+        raise StopFit(
+            f"non-finite {what} at step {first} (found at epoch {state.epoch}, step"
+            f" {state.step}; checked every {self.every_n_steps} steps)"
+        )
 
     def after_fit(self, state: StateView) -> None:
         """Settle the steps not checked yet when the pass ends."""
-        if self._bad is not None:
-            self._settle(state, "loss or gradient" if self.check_grads else "loss")
+        self._settle(state, "loss or gradient" if self.check_grads else "loss")
