@@ -182,3 +182,15 @@ async def test_skipped_batches_are_left_out() -> None:
     assert everything != pytest.approx(sum(float(accuracy(o, y)) for o, y in kept) / 2)
     expected = sum(float(accuracy(o, y)) * len(y) for o, y in kept) / sum(len(y) for _, y in kept)
     assert learner.state.metrics["train_accuracy"] == pytest.approx(expected)
+
+
+async def test_concurrent_validation_gives_the_same_metrics() -> None:
+    results = []
+    for validate in ("sequential", "concurrent"):
+        learner = make_learner(
+            callbacks=[Metrics(["accuracy", "loss"])], n_batches=3, validate=validate
+        )
+        await learner.fit(2)
+        results.append(dict(learner.state.metrics))
+    assert results[0] == results[1]
+    assert "val_accuracy" in results[0]
