@@ -391,6 +391,9 @@ class Learner(Generic[TBatch]):
                     # still come out grouped).
                     failure = exc
                     tg.cancel_scope.cancel()
+                finally:
+                    # The compute worker thread (if a hop started it) goes back to the pool.
+                    rt.worker.stop()
             if failure is not None:
                 outcome = (
                     "cancelled" if isinstance(failure, anyio.get_cancelled_exc_class()) else "error"

@@ -30,6 +30,7 @@ from ._events import EventHub
 from ._locks import ReadWriteLock
 from ._rng import capture_rng, restore_rng
 from ._state import State
+from ._worker import ComputeWorker
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -158,6 +159,8 @@ class Runtime:
         self.epoch_rng: dict[str, Any] | None = None
         self.batch_is_atomic = True
         self.tg: TaskGroup | None = None
+        #: The compute worker thread of the current run (stopped when the run ends).
+        self.worker = ComputeWorker()
         #: Validation mode and schedule (None: sequential, at the end of each epoch).
         self.validator: Validator | None = None
 
@@ -185,12 +188,12 @@ class Runtime:
             if lane is not None:
                 # Not timed: the policy's measurements are the training loop's batches.
                 result = await anyio.to_thread.run_sync(fn, *args, limiter=lane)
-            elif policy.mode == "auto":
-                result = await anyio.to_thread.run_sync(
-                    self._timed, fn, *args, limiter=policy.limiter
-                )
             else:
-                result = await anyio.to_thread.run_sync(fn, *args, limiter=policy.limiter)
+                assert self.tg is not None
+                if policy.mode == "auto":
+                    result = await self.worker.run(self.tg, self._timed, fn, *args)
+                else:
+                    result = await self.worker.run(self.tg, fn, *args)
         finally:
             self.last_yield = time.perf_counter()
             self.hub.flush()
