@@ -13,8 +13,8 @@ batches (a torch DataLoader included) or an async iterable. For each pass it han
   on CUDA) and sends them into a bounded memory object stream of ``prefetch`` batches.
 
 With ``fetch="auto"`` (the default) a sync source starts inline and moves to the producer as soon
-as two fetches in a row take longer than ``fetch_budget`` seconds; async iterables always use the
-producer.
+as two fetches in a row take longer than ``fetch_budget`` seconds, or one takes over 10 ms; async
+iterables always use the producer.
 
 Errors raised by the source surface in the stage that consumes the batch, as their own type, with a
 note naming the source and the batch index. Closing a pass cancels the producer and waits for it.
@@ -50,6 +50,11 @@ class _End:
 
 #: Returned by ``Batches.next()`` when the pass has no more batches.
 END: Any = _End()
+
+
+#: A fetch this long (seconds) moves a source to the producer thread at once: far beyond a
+#: collection pause or a scheduling hiccup, and every such fetch not overlapped costs as much.
+_CLEARLY_SLOW = 0.01
 
 
 class _Wait:
@@ -259,14 +264,15 @@ class Batches:
         source = self.source
         source.fetched += 1
         if source.fetch == "auto":
-            if time.perf_counter() - start <= source.fetch_budget:
+            took = time.perf_counter() - start
+            if took <= source.fetch_budget:
                 source.slow_fetches = 0
             else:
-                # Two slow fetches in a row: this source is slow (one alone may be a garbage
-                # collection, the machine being busy, or a DataLoader starting its workers).
-                # Fetch ahead in a worker thread from now on.
+                # Slow: two fetches in a row over budget (one alone may be a garbage collection
+                # or the machine being busy), or one that is unmistakably slow. Fetch ahead in
+                # a worker thread from now on.
                 source.slow_fetches += 1
-                if source.slow_fetches >= 2:
+                if source.slow_fetches >= 2 or took > _CLEARLY_SLOW:
                     source.slow = True
                     self._start_producer()
         return self._mover.move_inline(batch)
