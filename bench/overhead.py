@@ -73,6 +73,10 @@ def run_ignite(model: torch.nn.Module, data: list[Batch], skip: int) -> float:
 def run_lightning(model: torch.nn.Module, data: list[Batch], skip: int) -> float:
     import lightning
 
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("lightning", "pytorch_lightning")):
+            logging.getLogger(name).setLevel(logging.ERROR)  # "GPU available: False", tips
+
     class Module(lightning.LightningModule):
         def __init__(self) -> None:
             super().__init__()
