@@ -52,8 +52,9 @@ import anyio
 import torch
 
 from ._data import BatchSource
-from ._exceptions import StopFit
+from ._exceptions import ControlFlow, StopFit
 from ._parallel import Parallel, rebind
+from ._rng import capture_rng, restore_rng
 from ._runtime import compute_lane, snapshot_source
 from ._state import State
 
@@ -305,8 +306,8 @@ class Validator:
         if not self.concurrent:
             await stage(state)
             return
-        slot = self._acquire()
-        assert slot is not None  # outside a session nothing is in flight
+        # Outside a session only snapshots of an interrupted run can hold the slots.
+        slot = self._acquire() or _Slot()
         try:
             await self._take(slot, state)
             await self._pass(slot, stage, state)
@@ -326,14 +327,16 @@ class Validator:
         self._changed = anyio.Event()
         self._last_time = anyio.current_time()
         try:
+            if self._queue:
+                self._resume_pending()
             try:
                 yield
             except StopFit:
                 await self._drain(stopping=True)
                 raise
             await self._drain(stopping=False)
-        except BaseException:
-            await self._abort()
+        except BaseException as exc:
+            await self._abort(keep=isinstance(exc, anyio.get_cancelled_exc_class()))
             raise
         finally:
             self._open = False
@@ -436,6 +439,21 @@ class Validator:
         # Created here, where the sequential pass would create it: same random draws.
         slot.data = aiter(val.data) if val.is_async else iter(val.data)
 
+    def _resume_pending(self) -> None:
+        # Snapshots whose validation a cancellation interrupted: their shadows are untouched, so
+        # they are validated first, as the uninterrupted run would have. Their data iterators
+        # are created again without drawing from the training's random stream (the interrupted
+        # run drew already, when it took them).
+        val = self._val
+        assert val is not None
+        rng = capture_rng()
+        try:
+            for slot in self._queue:
+                slot.data = aiter(val.data) if val.is_async else iter(val.data)
+        finally:
+            restore_rng(rng)
+        self._start_worker()
+
     # -- the worker -------------------------------------------------------------------------------
 
     def _start_worker(self) -> None:
@@ -464,6 +482,7 @@ class Validator:
                     main = self._main
                     assert stage is not None
                     assert main is not None
+                    # A cancelled pass keeps its slot queued (see _resume_pending).
                     try:
                         await self._pass(slot, stage, main)
                     except StopFit as stop:
@@ -475,13 +494,15 @@ class Validator:
                             f"epoch {slot.tag[0]}, step {slot.tag[1]}"
                         )
                         self._failure = exc
-                        return
-                    finally:
                         self._release(slot)
                         self._notify()
+                        return
+                    self._release(slot)
+                    self._notify()
         finally:
-            self._worker_scope = None
-            self._worker_done = None
+            if self._worker_done is done:
+                self._worker_scope = None
+                self._worker_done = None
             done.set()
             self._notify()
 
@@ -519,8 +540,15 @@ class Validator:
             self._lane = anyio.CapacityLimiter(1)
         lane = compute_lane.set(self._lane)
         src = snapshot_source.set(source)
+        # Results land only from a pass that ran to its end (a StopFit in after_validate too).
+        land = False
         try:
-            await stage(v)
+            try:
+                await stage(v)
+            except ControlFlow:
+                land = True
+                raise
+            land = True
         finally:
             snapshot_source.reset(src)
             compute_lane.reset(lane)
@@ -530,7 +558,7 @@ class Validator:
             v.__class__ = State
             for name in [k for k in d if not k.startswith("_")]:
                 del d[name]
-            if results is not None and tag is not None:
+            if land and results is not None and tag is not None:
                 main.validation = results
                 main.validation_tag = tag
 
@@ -546,7 +574,7 @@ class Validator:
             self._stop = None
         self._check()
 
-    async def _abort(self) -> None:
+    async def _abort(self, *, keep: bool) -> None:
         scope, done = self._worker_scope, self._worker_done
         if scope is not None and done is not None:
             scope.cancel()
@@ -555,5 +583,10 @@ class Validator:
             # Shielded and bounded: a pass in a worker thread finishes its batch first.
             with anyio.move_on_after(timeout, shield=True):
                 await done.wait()
+        self._worker_scope = None
+        self._worker_done = None
         for slot in list(self._queue):
-            self._release(slot)
+            if keep:
+                slot.data = None  # a resumed run opens the data again
+            else:
+                self._release(slot)
