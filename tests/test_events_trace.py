@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from aiolearner import Callback, Event, EventStream, SkipBatch, StateView, TraceRecord
-from aiolearner.testing import make_learner
+from aiolearner.testing import make_batches, make_learner
 
 N_BATCHES = 3
 EPOCHS = 2
@@ -288,3 +288,69 @@ async def test_trace_requires_trace_mode() -> None:
     learner = make_learner()
     with pytest.raises(RuntimeError, match="trace=True"):
         learner.trace  # noqa: B018
+
+
+class Fail(Callback):
+    def after_fit(self, state: StateView) -> None:
+        raise ValueError("no")
+
+
+class WaitForever(Callback):
+    def __init__(self) -> None:
+        self.reached = anyio.Event()
+
+    async def before_fit_batch(self, state: StateView) -> None:
+        self.reached.set()
+        await anyio.sleep_forever()
+
+
+async def test_run_end_tells_the_outcome_of_failed_and_cancelled_runs() -> None:
+    learner = make_learner(callbacks=[Fail()])
+    events: list[Event] = []
+    failures: list[BaseException] = []
+
+    async def fit_and_catch() -> None:
+        try:
+            await learner.fit(1)
+        except ExceptionGroup as group:
+            failures.append(group)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(collect, learner.events(kinds={"run_start", "run_end"}), events)
+            await fit_and_catch()
+    assert len(failures) == 1
+    assert [(e.kind, dict(e.data)) for e in events] == [
+        ("run_start", {"phase": "fit"}),
+        ("run_end", {"outcome": "error"}),
+    ]
+
+    waiter = WaitForever()
+    learner = make_learner(callbacks=[waiter])
+    events.clear()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(collect, learner.events(kinds={"run_end"}), events)
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(learner.fit, 1)
+                await waiter.reached.wait()
+                inner.cancel_scope.cancel()
+    assert [dict(e.data) for e in events] == [{"outcome": "cancelled"}]
+
+
+async def test_events_of_validate_and_predict() -> None:
+    learner = make_learner()
+    events: list[Event] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(collect, learner.events(kinds={"run_start", "validation"}), events)
+        await learner.validate()
+    assert [e.kind for e in events] == ["run_start", "validation"]
+    assert events[0].data == {"phase": "validate"}
+    events.clear()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(collect, learner.events(kinds={"run_start", "run_end"}), events)
+        await learner.predict([x for x, _ in make_batches(2)])
+    assert [(e.kind, dict(e.data)) for e in events] == [
+        ("run_start", {"phase": "predict"}),
+        ("run_end", {"outcome": "completed"}),
+    ]
