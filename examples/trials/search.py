@@ -3,8 +3,10 @@
 Every trial is a learner run by an :class:`aiolearner.FitHandle` in one task group. At each rung
 (``min_epochs``, ``min_epochs * eta``, ...) the search compares the validation loss of the trials
 still alive once all of them reached it, keeps the best ``1 / eta`` and cancels the others through
-their handles, wherever they are: trials run at their own pace, so a cancelled trial is usually in
-the middle of an epoch. The survivors keep training undisturbed (the test checks their weights
+their handles, wherever they are: trials run at their own pace past a rung, so a cancelled trial
+is often in the middle of an epoch. A trial only waits (an ``async`` callback, :class:`RungGate`)
+when it reaches the next rung, or its last epoch, before the previous rungs are judged, so that no
+trial outruns the rule. The survivors keep training undisturbed (the test checks their weights
 against the same trials trained alone, bit for bit). The best trial is checkpointed at the end.
 Run it with::
 
@@ -27,7 +29,7 @@ from typing import Any
 import anyio
 import torch
 
-from aiolearner import FitHandle, Learner, RunState
+from aiolearner import Callback, FitHandle, Learner, RunState, StateView
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -78,7 +80,29 @@ def make_data(seed: int = 0, n_batches: int = 8) -> tuple[list[Batch], list[Batc
     return batches(n_batches), batches(2)
 
 
-def make_learner(config: TrialConfig, train: list[Batch], val: list[Batch]) -> Learner[Batch]:
+class RungGate(Callback):
+    """Holds a trial at the end of epoch ``e`` (a gate) until every rung before ``e`` is judged."""
+
+    reads = frozenset({"epoch"})
+
+    def __init__(self, gates: set[int], decided: dict[int, anyio.Event]) -> None:
+        self.gates = gates
+        self.decided = decided
+
+    async def after_epoch(self, state: StateView) -> None:
+        finished = state.epoch + 1  # ``epoch`` advances once the epoch is over
+        if finished in self.gates:
+            for rung, event in self.decided.items():
+                if rung < finished:
+                    await event.wait()
+
+
+def make_learner(
+    config: TrialConfig,
+    train: list[Batch],
+    val: list[Batch],
+    callbacks: Sequence[Callback] = (),
+) -> Learner[Batch]:
     """The trial's model, initialized from its own seed (no global RNG involved)."""
     gen = torch.Generator().manual_seed(config.seed)
     model = torch.nn.Sequential(
@@ -88,7 +112,8 @@ def make_learner(config: TrialConfig, train: list[Batch], val: list[Batch]) -> L
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
-    return Learner(model, optimizer, torch.nn.functional.cross_entropy, train, val)
+    loss_fn = torch.nn.functional.cross_entropy
+    return Learner(model, optimizer, loss_fn, train, val, callbacks=callbacks)
 
 
 def rungs(min_epochs: int, max_epochs: int, eta: int) -> list[int]:
@@ -124,17 +149,18 @@ async def successive_halving(
 ) -> SearchResult:
     """Run the search; returns every trial, the best one and the path of its checkpoint."""
     train, val = make_data()
+    schedule = rungs(min_epochs, max_epochs, eta)
+    decided = {rung: anyio.Event() for rung in schedule}
+    gates = {*schedule, max_epochs}
     trials = []
     for config in configs:
-        learner = make_learner(config, train, val)
+        learner = make_learner(config, train, val, [RungGate(gates, decided)])
         trials.append(Trial(config, learner, FitHandle(learner, max_epochs)))
-    schedule = rungs(min_epochs, max_epochs, eta)
-    decided: set[int] = set()
 
     def decide() -> None:
         # Rung by rung: judge a rung once every trial still alive has reached it.
         for rung in schedule:
-            if rung in decided:
+            if decided[rung].is_set():
                 continue
             alive = [t for t in trials if t.pruned_at is None]
             if not all(rung in t.scores for t in alive):
@@ -143,7 +169,7 @@ async def successive_halving(
             for trial in ranked[max(1, len(alive) // eta) :]:
                 trial.pruned_at = rung
                 trial.handle.cancel()  # only this trial's fit: its cancel scope
-            decided.add(rung)
+            decided[rung].set()
 
     async def watch(trial: Trial, stream: Any) -> None:
         async for event in stream:  # one "metrics" event per finished epoch
