@@ -676,3 +676,28 @@ async def test_fit_again_after_a_callback_error_redoes_the_failed_batch() -> Non
     await learner.fit(2)
     assert outcome.seen == [("error", None), ("completed", None)]
     assert_same(weights(learner), reference([[0, 1, 2], [0, 1, 2]]))
+
+
+# -- control flow from the owner's own after_ hook, and without an owner ----------------------
+
+
+async def test_stop_epoch_from_after_fit_goes_on_with_validation() -> None:
+    learner, rec, outcome = setup({"after_fit": StopEpoch()})
+    await learner.fit(2)
+    assert rec.calls == ["before_fit_run@0:0", *epoch(0, 0), *epoch(1, 3), "after_fit_run@2:6"]
+    assert outcome.seen == [("completed", "StopEpoch")]
+
+
+async def test_stop_epoch_from_after_validate_goes_on_with_after_epoch() -> None:
+    learner, rec, _ = setup({"after_validate": StopEpoch()})
+    await learner.fit(2)
+    assert rec.calls == ["before_fit_run@0:0", *epoch(0, 0), *epoch(1, 3), "after_fit_run@2:6"]
+
+
+async def test_skip_batch_where_no_stage_owns_it_is_an_error() -> None:
+    learner, rec, outcome = setup({"after_epoch": SkipBatch("misplaced")})
+    with pytest.raises(RuntimeError, match="SkipBatch") as info:
+        await learner.fit(2)
+    assert "misplaced" in str(info.value)
+    assert rec.calls == ["before_fit_run@0:0", *epoch(0, 0), "after_fit_run@0:3"]
+    assert outcome.seen == [("error", None)]
