@@ -22,12 +22,25 @@ SMALL = {"dataset": "synthetic", "hidden": 8, "batch_size": 256}
 
 
 async def test_start_stream_and_checkpoint(tmp_path: Path) -> None:
-    async with asgi_client(tmp_path) as (_service, client):
+    async with asgi_client(tmp_path, max_running=1) as (service, client):
+        # Hold the only slot, so that the stream is open before the job starts.
+        slots = service._slots
+        assert slots is not None
+        await slots.acquire()
         created = await client.post("/jobs", json={**SMALL, "epochs": 3}, headers=AUTH)
         assert created.status_code == 201, created.text
         job_id = created.json()["id"]
-        # ASGITransport hands the body over when the stream ends: when the run is over.
-        events = parse_sse((await client.get(f"/jobs/{job_id}/events", headers=AUTH)).text)
+        bodies: list[str] = []
+
+        async def stream() -> None:
+            # ASGITransport hands the body over when the stream ends: when the run is over.
+            bodies.append((await client.get(f"/jobs/{job_id}/events", headers=AUTH)).text)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream)
+            await anyio.wait_all_tasks_blocked()
+            slots.release()
+        events = parse_sse(bodies[0])
         status = (await client.get(f"/jobs/{job_id}", headers=AUTH)).json()
         listed = (await client.get("/jobs", headers=AUTH)).json()["jobs"]
 
