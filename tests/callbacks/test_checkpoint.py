@@ -401,3 +401,52 @@ async def test_no_blocking_call_on_the_event_loop(tmp_path: Path) -> None:
         await first.fit(2)
         await second.fit(3, resume="last")
     assert second.state.epoch == 3
+
+
+def build_with_practices(directory: Path, *extra: Callback) -> tuple[Learner[Any], Any]:
+    """Every practice with state of its own: schedule, EMA, bf16 autocast, metrics, stopping."""
+    from aiolearner.callbacks import EMA, GradientClipping, Metrics, MixedPrecision, OneCycle
+
+    amp = MixedPrecision("bf16")
+    ema = EMA(0.8)
+    learner, _ = build(directory)
+    practices = [
+        Metrics(["accuracy", "loss"]),
+        OneCycle(0.05, total_steps=EPOCHS * BATCHES),
+        GradientClipping(1.0),
+        amp,
+        ema,
+        Checkpoint(directory, every_n_steps=4, monitor="val_accuracy", mode="max"),
+        EarlyStopping("val_loss", patience=100),
+        *extra,
+    ]
+    learner = Learner(
+        learner.model,
+        learner.optimizer,
+        torch.nn.functional.cross_entropy,
+        learner.train_data,
+        learner.val_data,
+        callbacks=practices,
+        stages={**amp.stages(), **ema.stages()},
+        yield_interval=0.0,
+    )
+    return learner, ema
+
+
+async def test_with_every_practice_cancelled_and_resumed_equals_uninterrupted(
+    tmp_path: Path,
+) -> None:
+    whole, whole_ema = build_with_practices(tmp_path / "whole")
+    await whole.fit(EPOCHS)
+
+    with anyio.CancelScope() as scope:
+        first, _ = build_with_practices(tmp_path / "run", CancelAt(9, scope))
+        await first.fit(EPOCHS)
+    assert first.state.step == 9
+
+    resumed, ema = build_with_practices(tmp_path / "run")
+    await resumed.fit(EPOCHS, resume="last")
+    assert_same(resumed.model.state_dict(), whole.model.state_dict())
+    assert_same(resumed.optimizer.state_dict(), whole.optimizer.state_dict())
+    assert_same(ema.model.state_dict(), whole_ema.model.state_dict())
+    assert resumed.state.metrics == whole.state.metrics
