@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TextIO
 
 import pytest
+import torch
 
 from aiolearner.callbacks import Metrics, ProgressBar, accuracy
 from aiolearner.testing import make_learner
@@ -96,3 +97,13 @@ async def test_never_writes_on_the_event_loop(tmp_path: Path, plain: bool) -> No
         f.close()
     text = (tmp_path / "out.txt").read_text()
     assert "epoch 2: train_loss" in text
+
+
+def test_plain_progress_line_inside_an_epoch() -> None:
+    """The renderer's plain line (drawn every log_interval seconds inside an epoch)."""
+    out = io.StringIO()
+    bar = ProgressBar(file=out, log_interval=1e-9)
+    bar._epoch, bar._batches, bar._total, bar._samples = 1, 7, 10, 35
+    bar._loss = torch.tensor(0.25)
+    bar._render()
+    assert re.fullmatch(r"epoch 2 batch 7/10  loss 0\.25  \d+ samples/s\n", out.getvalue())
