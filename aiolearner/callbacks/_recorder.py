@@ -92,7 +92,8 @@ class Recorder(Callback):
 
     def _flush(self) -> None:
         if self._pending:
-            values = torch.stack([x.reshape(()).float().cpu() for x in self._pending])
+            # Stacked where they are, then one transfer (not one per step).
+            values = torch.stack([x.reshape(()).float() for x in self._pending]).cpu()
             self._losses.extend(values.tolist())
             self._pending = []
 
