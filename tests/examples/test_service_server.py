@@ -1,12 +1,19 @@
-"""The training service under a real uvicorn server on 127.0.0.1: SSE over a socket, cancel."""
+"""The training service under real servers on 127.0.0.1 (uvicorn in a thread, hypercorn on trio
+in a subprocess): SSE over a socket, cancel."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
-from service_helpers import AUTH, live_server
+from service_helpers import AUTH, TOKEN, live_server
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_stream_and_cancel_over_a_real_socket(tmp_path: Path) -> None:
@@ -35,4 +42,48 @@ def test_stream_and_cancel_over_a_real_socket(tmp_path: Path) -> None:
     assert last["state"] == "cancelled"
     assert status["state"] == "cancelled"
     assert 2 <= int(status["epoch"]) < 10_000
+    assert (tmp_path / f"{job_id}.pt").is_file()
+
+
+def test_the_readme_hypercorn_command_serves_on_trio(tmp_path: Path) -> None:
+    # The README's command, with the listening socket handed over (no port race).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "AIOLEARNER_SERVICE_TOKEN": TOKEN,
+        "AIOLEARNER_SERVICE_CHECKPOINTS": str(tmp_path),
+        "PYTHONPATH": str(ROOT),
+    }
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "hypercorn", "--worker-class", "trio"),
+            *("--bind", f"fd://{sock.fileno()}", "examples.service.app:create_app()"),
+        ],
+        cwd=ROOT,
+        env=env,
+        pass_fds=[sock.fileno()],
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            # Connections queue on the listening socket until the server has started.
+            assert client.get("/health").json()["status"] == "ok"
+            spec = {"dataset": "synthetic", "hidden": 8, "epochs": 10_000}
+            job_id = client.post("/jobs", json=spec, headers=AUTH).json()["id"]
+            kinds = []
+            with client.stream("GET", f"/jobs/{job_id}/events", headers=AUTH) as response:
+                for line in response.iter_lines():
+                    if line.startswith("event: "):
+                        kinds.append(line.removeprefix("event: "))
+                        if kinds.count("metrics") == 1 and kinds[-1] == "metrics":
+                            client.post(f"/jobs/{job_id}/cancel", headers=AUTH)
+            status = client.get(f"/jobs/{job_id}", headers=AUTH).json()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        sock.close()
+    assert kinds[-2:] == ["run_end", "end"]
+    assert status["state"] == "cancelled"
     assert (tmp_path / f"{job_id}.pt").is_file()
