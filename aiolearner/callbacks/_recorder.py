@@ -59,7 +59,7 @@ class Recorder(Callback):
         self._losses: list[float] = []
         self._lrs: list[list[float]] = []
         self._epochs: list[dict[str, float]] = []
-        self._pending: list[torch.Tensor] = []
+        self._pending: list[torch.Tensor | None] = []
         self._lr_now: list[float] = []
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -70,10 +70,8 @@ class Recorder(Callback):
 
     def after_fit_batch(self, state: StateView) -> None:
         """Keep the batch's loss (a detached tensor) and learning rates."""
-        if state.is_valid("loss"):
-            self._pending.append(state.loss.detach())
-        else:
-            self._pending.append(torch.tensor(math.nan))
+        # None for a batch without a loss (a custom stage): recorded as NaN.
+        self._pending.append(state.loss.detach() if state.is_valid("loss") else None)
         self._steps.append(state.step)
         self._lrs.append(self._lr_now)
 
@@ -91,10 +89,12 @@ class Recorder(Callback):
         self._epochs.append(row)
 
     def _flush(self) -> None:
-        if self._pending:
+        pending = self._pending
+        if pending:
             # Stacked where they are, then one transfer (not one per step).
-            values = torch.stack([x.reshape(()).float() for x in self._pending]).cpu()
-            self._losses.extend(values.tolist())
+            valid = [x.reshape(()).float() for x in pending if x is not None]
+            values = iter(torch.stack(valid).cpu().tolist() if valid else [])
+            self._losses.extend(math.nan if x is None else next(values) for x in pending)
             self._pending = []
 
     # -- results -------------------------------------------------------------------------------

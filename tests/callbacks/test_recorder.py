@@ -67,3 +67,25 @@ def test_plot_without_matplotlib_says_which_extra(
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"aiolearner\[plot\]"):
         Recorder().plot_history(tmp_path / "x.png")
+
+
+async def test_a_batch_without_a_loss_is_recorded_as_nan() -> None:
+    from aiolearner import ComputeStage, State
+
+    class NoLossGradient(ComputeStage):
+        name = "gradient"
+
+        def compute(self, state: State) -> None:
+            inputs, targets = state.batch
+            if state.batch_index % 2:
+                return  # this batch produces no loss (and no gradient)
+            loss = torch.nn.functional.cross_entropy(state.model(inputs), targets)
+            loss.backward()  # type: ignore[no-untyped-call]
+            state.loss = loss
+
+    recorder = Recorder()
+    learner = make_learner(callbacks=[recorder], n_batches=4, stages={"gradient": NoLossGradient()})
+    await learner.fit(1)
+    losses = recorder.history["loss"]
+    assert len(losses) == 4
+    assert [x != x for x in losses] == [False, True, False, True]  # NaN != NaN
