@@ -330,6 +330,9 @@ class FitHandle:
             with scope:
                 if limiter is not None:
                     await limiter.acquire()
+                else:
+                    # A handle cancelled before it ran never starts fit.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
                 try:
                     self._state = RunState.RUNNING
                     started = True

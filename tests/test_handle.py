@@ -189,3 +189,16 @@ async def test_done_and_wait_done_include_the_finalizer() -> None:
         release.set()
         assert await handle.wait_done() is RunState.COMPLETED
         assert handle.done
+
+
+async def test_cancelled_before_run_never_fits() -> None:
+    finalized: list[FitHandle] = []
+
+    async def finalize(handle: FitHandle) -> None:
+        finalized.append(handle)
+
+    handle = FitHandle(make_learner(), 3, finalize=finalize)
+    handle.cancel()
+    assert await handle.run() is RunState.CANCELLED
+    assert handle.learner.state.step == 0
+    assert finalized == []
