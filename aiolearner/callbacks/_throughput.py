@@ -31,15 +31,36 @@ __all__ = ["Throughput", "stage_times"]
 def stage_times(trace: Trace) -> dict[str, dict[str, float]]:
     """Per stage (and per ``callback.hook``) of a trace: ``count``, ``total``, ``mean`` seconds.
 
+    Also ``"data_wait"``: in each training pass, the time from its start or the end of a batch to
+    the start of the next batch (the batch's fetch, its move to the device, the loop between
+    batches), one entry per batch.
+
     Example:
         >>> learner = Learner(..., trace=True)
         >>> await learner.fit(1)
         >>> stage_times(learner.trace)["fit_batch"]["mean"]
     """
+    durations = trace.durations()
+    waits: list[float] = []
+    mark: float | None = None  # when the loop started waiting for the next batch
+    for r in trace.records:
+        if r.hook is not None or r.name not in ("fit", "fit_batch"):
+            continue
+        if r.kind == "enter" and r.name == "fit":
+            mark = r.time
+        elif r.kind == "enter" and mark is not None:
+            waits.append(r.time - mark)
+            mark = None
+        elif r.kind == "exit" and r.name == "fit_batch":
+            mark = r.time
+        elif r.kind == "exit":
+            mark = None
+    if waits:
+        durations["data_wait"] = waits
     out: dict[str, dict[str, float]] = {}
-    for name, durations in trace.durations().items():
-        total = sum(durations)
-        out[name] = {"count": len(durations), "total": total, "mean": total / len(durations)}
+    for name, values in durations.items():
+        total = sum(values)
+        out[name] = {"count": len(values), "total": total, "mean": total / len(values)}
     return out
 
 

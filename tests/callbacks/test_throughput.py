@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from aiolearner import TraceRecord
 from aiolearner.callbacks import Throughput, stage_times
 from aiolearner.testing import make_learner
 
@@ -54,9 +55,31 @@ async def test_stage_times_from_the_trace() -> None:
     assert times["fit_batch"]["count"] == 6
     assert times["epoch"]["count"] == 2
     assert times["Throughput.after_fit_batch"]["count"] == 6
+    assert times["data_wait"]["count"] == 6  # one wait before each batch
     for t in times.values():
         assert t["total"] >= 0
         assert t["mean"] == pytest.approx(t["total"] / t["count"])
     report = speed.report(learner.trace)
     assert "samples/s" in report
     assert "fit_batch" in report
+
+
+def test_data_wait_from_the_trace_is_the_gap_before_each_batch() -> None:
+    from aiolearner import Trace
+
+    trace = Trace()
+    for kind, name, t in [
+        ("enter", "fit", 0.0),
+        ("enter", "fit_batch", 1.0),  # waited 1 s for the first batch
+        ("exit", "fit_batch", 3.0),
+        ("enter", "fit_batch", 3.5),  # then 0.5 s
+        ("exit", "fit_batch", 4.0),
+        ("exit", "fit", 6.0),  # the end of the pass is no wait for a batch
+        ("enter", "validate", 6.0),
+        ("exit", "validate", 7.0),
+    ]:
+        if kind == "enter":
+            trace.records.append(TraceRecord("enter", name, time=t))
+        else:
+            trace.records.append(TraceRecord("exit", name, time=t, duration=0.0))
+    assert stage_times(trace)["data_wait"] == {"count": 2, "total": 1.5, "mean": 0.75}
