@@ -19,6 +19,7 @@ the raw loop's loss on a held-out batch, bit for bit.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -89,14 +90,23 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--backends", default="asyncio,trio")
     parser.add_argument("--policies", default="auto,thread,inline")
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval() for the run (Python's default: 0.005 s)",
+    )
+    parser.add_argument("--tickers", default="on,off", help="ticker variants: on, off or both")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
 
     variants: dict[str, Callable[[torch.nn.Module, list[Batch], int], tuple[float, list[float]]]]
     variants = {"raw loop, no event loop": run_raw}
     for backend in args.backends.split(","):
         for policy in args.policies.split(","):
-            for ticker in (True, False):
+            for ticker in [t == "on" for t in args.tickers.split(",")]:
                 name = f"{backend} {policy}{' (default)' if policy == 'auto' else ''}, " + (
                     "1 ms ticker" if ticker else "alone"
                 )
@@ -156,7 +166,7 @@ def main() -> int:
             rows,
         )
     )
-    print(f"raw loop: {raw * 1e3:.2f} ms/step")
+    print(f"raw loop: {raw * 1e3:.2f} ms/step; GIL switch interval {sys.getswitchinterval()} s")
     if failed:
         print("FAILED: a final loss differs from the raw loop's")
         return 1
