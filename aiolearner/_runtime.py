@@ -6,8 +6,8 @@ Compute placement (``Learner(compute=...)``):
   blocked for as long as a batch computes (it still yields every ``yield_interval`` seconds,
   between batches, so cancellation stays prompt).
 * ``"thread"``: the blocking work runs in the learner's compute worker (one thread borrowed from
-  anyio's pool for the whole run, fed through a queue; see ``_worker.py``). A fused batch (the default tree with ``def`` hooks) is one hop; an
-  unfused one hops once per compute stage.
+  anyio's pool for the whole run, fed through a queue; see ``_worker.py``). A fused batch (the
+  default tree with ``def`` hooks) is one hop; an unfused one hops once per compute stage.
 * ``"auto"`` (default): runs inline while that blocks the loop for at most ``max_blocking``
   seconds per batch *or* nothing else is running on the loop; otherwise hops. It re-decides every
   ``recheck_interval`` seconds from measured batch times and the loop's task list, so a tiny
