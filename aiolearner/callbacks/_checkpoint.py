@@ -364,8 +364,13 @@ class Checkpoint(Callback):
         async with self._lock:
             queue = self._queue
             while queue:
-                # Taken off the queue only once written: a cancelled task leaves it queued.
-                await anyio.to_thread.run_sync(self._write_sync, *queue[0])
+                # Taken off the queue once written or failed (the error goes out of fit; the
+                # old files are intact): a task cancelled before the write leaves it queued.
+                try:
+                    await anyio.to_thread.run_sync(self._write_sync, *queue[0])
+                except Exception:
+                    queue.popleft()
+                    raise
                 queue.popleft()
 
     def _write_sync(self, snap: dict[str, Any], targets: list[str], removes: list[str]) -> None:

@@ -288,6 +288,9 @@ async def test_a_crash_while_writing_never_leaves_a_corrupt_checkpoint(
     after = load_checkpoint_file(tmp_path / "last.pt")
     assert_same(after, before)
     assert not [n for n in names(tmp_path) if n.endswith(".tmp")]
+    # the failed write is not retried forever: the next run saves again
+    await learner.fit(3)
+    assert load_checkpoint_file(tmp_path / "last.pt")["progress"]["epoch"] == 3
 
 
 def test_paths_cannot_leave_the_directory(tmp_path: Path) -> None:
