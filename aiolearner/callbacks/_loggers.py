@@ -109,11 +109,19 @@ class _BufferedLogger(Callback):
         async with self._lock:
             # Rows leave the buffer only once written: a flush cancelled before its thread
             # started (the run was cancelled) leaves them for after_fit_run, which runs shielded.
+            # Rows that failed to write are dropped too (the error leaves fit).
             rows = list(self._rows)
-            if rows or not self._started:
-                await anyio.to_thread.run_sync(self._write, rows)
-            for _ in rows:
-                self._rows.popleft()
+            try:
+                if rows or not self._started:
+                    await anyio.to_thread.run_sync(self._write, rows)
+            except Exception:
+                self._drop(len(rows))
+                raise
+            self._drop(len(rows))
+
+    def _drop(self, n: int) -> None:
+        for _ in range(n):
+            self._rows.popleft()
 
     def _write(self, rows: list[Row]) -> None:
         if not self._started:
