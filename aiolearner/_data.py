@@ -13,8 +13,8 @@ batches (a torch DataLoader included) or an async iterable. For each pass it han
   on CUDA) and sends them into a bounded memory object stream of ``prefetch`` batches.
 
 With ``fetch="auto"`` (the default) a sync source starts inline and moves to the producer as soon
-as two fetches in a row take longer than ``fetch_budget`` seconds, or one takes over 10 ms; async
-iterables always use the producer.
+as two fetches in a row take longer than ``fetch_budget`` seconds; async iterables always use the
+producer.
 
 Errors raised by the source surface in the stage that consumes the batch, as their own type, with a
 note naming the source and the batch index. Closing a pass cancels the producer and waits for it.
@@ -34,6 +34,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._device import DeviceMover
+from ._rng import capture_rng, restore_rng
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -50,11 +51,6 @@ class _End:
 
 #: Returned by ``Batches.next()`` when the pass has no more batches.
 END: Any = _End()
-
-
-#: A fetch this long (seconds) moves a source to the producer thread at once: far beyond a
-#: collection pause or a scheduling hiccup, and every such fetch not overlapped costs as much.
-_CLEARLY_SLOW = 0.01
 
 
 class _Wait:
@@ -76,6 +72,20 @@ class _Failure:
 
 def _describe(data: object) -> str:
     return type(data).__name__
+
+
+def _reset_rng_to(rng: dict[str, Any]) -> Any:
+    """A ``reset`` for :meth:`BatchSource.open`: build the iterator under ``rng``, then put back."""
+
+    def reset(make: Any) -> Any:
+        now = capture_rng()
+        restore_rng(rng)
+        try:
+            return make()
+        finally:
+            restore_rng(now)
+
+    return reset
 
 
 class BatchSource:
@@ -116,6 +126,11 @@ class BatchSource:
         # and the batches fetched ahead but not consumed when a pass was interrupted.
         self._it: Any = None
         self._leftover: deque[Any] = deque()
+        #: With steps_per_epoch: batches taken from the live iterator since it started, and the
+        #: RNG state it started from (what a checkpoint needs to rebuild the stream exactly).
+        self.position = 0
+        self.stream_rng: dict[str, Any] | None = None
+        self._resume: tuple[int, dict[str, Any] | None] | None = None
         self._limiter = anyio.CapacityLimiter(1)
         #: Fetches done by the source (for tests and the throughput callback).
         self.fetched = 0
@@ -128,17 +143,33 @@ class BatchSource:
     async def open(
         self, tg: TaskGroup, *, skip: int = 0, reset: Any = None
     ) -> AsyncIterator[Batches]:
-        """One pass. ``skip`` batches are fast-forwarded over (resuming mid-epoch)."""
+        """One pass. ``skip`` batches of it are done already (resuming mid-epoch).
+
+        A new iterator is fast-forwarded over them; with ``steps_per_epoch`` the live stream
+        continues instead (or, after a checkpoint was loaded, restarts at its saved position).
+        """
         persistent = self.steps_per_epoch is not None
         if self._it is None or not persistent:
             self._leftover.clear()
+            forward = skip
+            if persistent:
+                # A stream outlives epochs: it restarts from its own position and start RNG
+                # state (from a checkpoint), not from the epoch's.
+                if self._resume is not None:
+                    forward, rng = self._resume
+                    reset = None if rng is None else _reset_rng_to(rng)
+                    self.stream_rng = rng
+                else:
+                    self.stream_rng = capture_rng()
+                self._resume = None
+                self.position = forward
             if self.is_async:
                 self._it = aiter(self.data)
-                for _ in range(skip):
+                for _ in range(forward):
                     await anext(self._it)
-            elif skip or self.slow:
+            elif forward or self.slow:
                 self._it = await anyio.to_thread.run_sync(
-                    self._start_sync, skip, reset, limiter=self._limiter
+                    self._start_sync, forward, reset, limiter=self._limiter
                 )
             else:
                 self._it = self._start_sync(0, reset)
@@ -176,6 +207,19 @@ class BatchSource:
     def exhausted(self) -> None:
         """The live iterator ran out; the next pass starts a new one."""
         self._it = None
+        self.position = 0
+
+    def stream_state(self) -> tuple[int, dict[str, Any] | None] | None:
+        """With steps_per_epoch, where the live stream is: ``(position, start RNG)``, or None."""
+        if self.steps_per_epoch is None or self._it is None:
+            return None
+        return self.position, self.stream_rng
+
+    def restart(self, stream: tuple[int, dict[str, Any] | None] | None = None) -> None:
+        """Drop the live iterator (a checkpoint was loaded); ``stream`` says where to resume."""
+        self._it = None
+        self._leftover.clear()
+        self._resume = stream
 
 
 class Batches:
@@ -190,7 +234,9 @@ class Batches:
         self._tg = tg
         self.index = index
         self._taken = 0
-        self._limit = source.steps_per_epoch
+        # A resumed pass takes only what its epoch has left.
+        steps = source.steps_per_epoch
+        self._limit = None if steps is None else max(0, steps - index)
         self._receive: MemoryObjectReceiveStream[Any] | _Feed | None = None
         self._scope: anyio.CancelScope | None = None
         self._done: anyio.Event | None = None
@@ -242,6 +288,7 @@ class Batches:
             raise self._failed(item.exc, item.index)
         self._taken += 1
         self.index += 1
+        self.source.position += 1
         if type(item) is tuple and len(item) == 2 and type(item[0]) is _Moved:
             return self._mover.ready(item[0].batch, item[1])
         return item
@@ -268,11 +315,12 @@ class Batches:
             if took <= source.fetch_budget:
                 source.slow_fetches = 0
             else:
-                # Slow: two fetches in a row over budget (one alone may be a garbage collection
-                # or the machine being busy), or one that is unmistakably slow. Fetch ahead in
-                # a worker thread from now on.
+                # Slow: two fetches in a row over budget. One alone may be a garbage collection
+                # or the machine being busy: on a loaded machine a fetch of tensors in memory was
+                # seen to take over 10 ms once, so even a long single fetch is not enough.
+                # Fetch ahead in a worker thread from now on.
                 source.slow_fetches += 1
-                if source.slow_fetches >= 2 or took > _CLEARLY_SLOW:
+                if source.slow_fetches >= 2:
                     source.slow = True
                     self._start_producer()
         return self._mover.move_inline(batch)
