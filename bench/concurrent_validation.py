@@ -4,6 +4,7 @@ Run::
 
     .venv/bin/python -m bench.concurrent_validation            # both scenarios
     .venv/bin/python -m bench.concurrent_validation --reps 5 --only waits
+    .venv/bin/python -m bench.concurrent_validation --reps 5 --only real --threads 1
 
 Two scenarios, each training ``n`` batches and validating every ``every`` steps (``n / every``
 validation periods, each a pass over ``v`` validation batches):
@@ -21,7 +22,9 @@ Variants, run interleaved (one repetition of each, then the next), medians repor
 * ``train only``: ``fit`` with no validation data;
 * ``validation only``: the same number of validation passes (``learner.validate()``) on their own;
 * ``sequential``: ``fit`` with ``validate="sequential"`` (training waits for each pass);
-* ``concurrent``: ``fit`` with ``validate="concurrent"`` (one snapshot in flight, back-pressure).
+* ``concurrent``: ``fit`` with ``validate="concurrent"`` and ``max_snapshots=K`` (default 2:
+  with training and validation periods of equal length, one spare slot absorbs the jitter that
+  would otherwise make training wait; ``--max-snapshots 1`` shows the difference).
 
 The goal for the waits scenario: ``concurrent <= 1.10 * max(train only, validation only)``, while
 ``sequential`` is about their sum. The script checks that concurrent and sequential runs end with
@@ -78,6 +81,7 @@ def build(
     mode: str,
     every: int,
     callbacks: list[Callback],
+    max_snapshots: int = 1,
 ) -> Learner[Any]:
     model = make_model()
     return Learner(
@@ -90,6 +94,7 @@ def build(
         compute="thread",
         validate=mode,  # type: ignore[arg-type]
         validate_every=every,
+        max_snapshots=max_snapshots,
     )
 
 
@@ -114,6 +119,7 @@ async def scenario(
     *,
     every: int,
     reps: int,
+    max_snapshots: int,
 ) -> list[object]:
     passes = len(train) // every
     times: dict[str, list[float]] = {k: [] for k in ("train", "val", "seq", "conc")}
@@ -131,7 +137,15 @@ async def scenario(
         finals = {}
         for mode, key in (("sequential", "seq"), ("concurrent", "conc")):
             rec = Results()
-            learner = build(make_model, train, val, mode=mode, every=every, callbacks=[rec])
+            learner = build(
+                make_model,
+                train,
+                val,
+                mode=mode,
+                every=every,
+                callbacks=[rec],
+                max_snapshots=max_snapshots,
+            )
             times[key].append(await time_fit(learner))
             finals[mode] = ([p.detach().clone() for p in learner.model.parameters()], rec.seen)
         seq_w, seq_r = finals["sequential"]
@@ -143,7 +157,7 @@ async def scenario(
     ratio = c / max(t, v)
     return [
         name,
-        f"{passes} x {len(val)} batches",
+        f"{passes} x {len(val)} batches, K={max_snapshots}",
         f"{t * 1e3:.0f}",
         f"{v * 1e3:.0f}",
         f"{s * 1e3:.0f}",
@@ -171,6 +185,7 @@ async def main(args: argparse.Namespace) -> None:
                 val,
                 every=args.every,
                 reps=args.reps,
+                max_snapshots=args.max_snapshots,
             )
         )
     if args.only in (None, "real"):
@@ -186,6 +201,7 @@ async def main(args: argparse.Namespace) -> None:
                 val,
                 every=args.every,
                 reps=args.reps,
+                max_snapshots=args.max_snapshots,
             )
         )
     print(machine())
@@ -214,11 +230,19 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--t", type=float, default=10.0, help="waits: ms per training batch")
     parser.add_argument("--vt", type=float, default=10.0, help="waits: ms per validation batch")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--max-snapshots", type=int, default=2, help="concurrent: snapshots in flight (K)"
+    )
     parser.add_argument("--only", choices=["waits", "real"], default=None)
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
+    )
     return parser.parse_args()
 
 
 if __name__ == "__main__":
     arguments = parse()
+    if arguments.threads:
+        torch.set_num_threads(arguments.threads)
     anyio.run(main, arguments, backend=arguments.backend)
