@@ -46,7 +46,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from torch.utils.data import DataLoader, TensorDataset
 
-from aiolearner import Event, FitHandle, Learner, RunState
+from aiolearner import Callback, Event, FitHandle, Learner, RunState, StateView
 
 ComputeMode = Literal["auto", "thread", "inline"]
 
@@ -67,6 +67,20 @@ class JobSpec(BaseModel):
     lr: float = Field(default=0.1, gt=0.0, le=10.0, allow_inf_nan=False)
     batch_size: int = Field(default=64, ge=1, le=1024)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
+class History(Callback):
+    """Each finished epoch's metrics, so that a client connecting late still gets the whole curve
+    (a ``def`` hook on the learner: cheaper than one more event subscriber per job)."""
+
+    reads = frozenset({"epoch", "metrics"})
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, Any]] = []
+
+    def after_epoch(self, state: StateView) -> None:
+        # ``epoch`` is still the index of the epoch that just finished (as in "metrics" events).
+        self.epochs.append({"epoch": state.epoch, **jsonable(dict(state.metrics))})
 
 
 @dataclass
@@ -132,7 +146,7 @@ def build_learner(spec: JobSpec, *, compute: ComputeMode = "auto") -> Learner[An
     val = DataLoader(TensorDataset(x[n_train:], y[n_train:]), batch_size=256)
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9)
     loss_fn = torch.nn.functional.cross_entropy
-    return Learner(model, optimizer, loss_fn, train, val, compute=compute)
+    return Learner(model, optimizer, loss_fn, train, val, [History()], compute=compute)
 
 
 def save_atomically(checkpoint: Mapping[str, Any], path: Path) -> None:
@@ -399,7 +413,9 @@ class EventSourceResponse(Response):
 
                 tg.start_soon(watch_disconnect)
                 body = {"type": "http.response.body", "more_body": True}
-                await send({**body, "body": _sse("snapshot", job.as_dict())})
+                history = next(c for c in job.handle.learner.callbacks if isinstance(c, History))
+                snapshot = {**job.as_dict(), "history": history.epochs}
+                await send({**body, "body": _sse("snapshot", snapshot)})
                 async for event in stream:
                     await send({**body, "body": _sse(event.kind, _event_dict(event))})
                 await job.handle.wait_done()  # the final checkpoint is written

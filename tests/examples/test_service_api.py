@@ -43,6 +43,8 @@ async def test_start_stream_and_checkpoint(tmp_path: Path) -> None:
         events = parse_sse(bodies[0])
         status = (await client.get(f"/jobs/{job_id}", headers=AUTH)).json()
         listed = (await client.get("/jobs", headers=AUTH)).json()["jobs"]
+        # A client connecting after the run ends gets the whole curve at once.
+        late = parse_sse((await client.get(f"/jobs/{job_id}/events", headers=AUTH)).text)
 
     kinds = [kind for kind, _ in events]
     assert kinds[0] == "snapshot"
@@ -54,6 +56,13 @@ async def test_start_stream_and_checkpoint(tmp_path: Path) -> None:
     assert status["step"] > 0
     assert status["metrics"]["train_loss"] > 0
     assert [job["id"] for job in listed] == [job_id]
+    assert [kind for kind, _ in late] == ["snapshot", "end"]
+    history = late[0][1]["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[-1]["train_loss"] == status["metrics"]["train_loss"]
+    assert [h["val_loss"] for h in history] == [
+        data["data"]["val_loss"] for kind, data in events if kind == "metrics"
+    ]
     # The final checkpoint is under the configured directory, named by the server-made id,
     # and continues the run in a fresh learner.
     assert status["checkpoint"] == f"{job_id}.pt"
