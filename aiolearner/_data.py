@@ -126,9 +126,11 @@ class BatchSource:
         # and the batches fetched ahead but not consumed when a pass was interrupted.
         self._it: Any = None
         self._leftover: deque[Any] = deque()
-        #: With steps_per_epoch: batches taken from the live iterator since it started, and the
-        #: RNG state it started from (what a checkpoint needs to rebuild the stream exactly).
+        #: With steps_per_epoch: batches taken from the live iterator since it started, where
+        #: in it the current epoch's pass began, and the RNG state it started from (what a
+        #: checkpoint needs to rebuild the stream exactly).
         self.position = 0
+        self.origin = 0
         self.stream_rng: dict[str, Any] | None = None
         self._resume: tuple[int, dict[str, Any] | None] | None = None
         self._limiter = anyio.CapacityLimiter(1)
@@ -153,16 +155,19 @@ class BatchSource:
             self._leftover.clear()
             forward = skip
             if persistent:
-                # A stream outlives epochs: it restarts from its own position and start RNG
-                # state (from a checkpoint), not from the epoch's.
+                # A stream outlives epochs: it restarts where the checkpoint's epoch began in it,
+                # from the stream's own start RNG state, not from the epoch's.
+                origin = 0
                 if self._resume is not None:
-                    forward, rng = self._resume
+                    origin, rng = self._resume
+                    forward = origin + skip
                     reset = None if rng is None else _reset_rng_to(rng)
                     self.stream_rng = rng
                 else:
                     self.stream_rng = capture_rng()
                 self._resume = None
                 self.position = forward
+                self.origin = origin
             if self.is_async:
                 self._it = aiter(self.data)
                 for _ in range(forward):
@@ -173,11 +178,15 @@ class BatchSource:
                 )
             else:
                 self._it = self._start_sync(0, reset)
+        elif skip == 0:
+            self.origin = self.position  # a new epoch on the live stream
         batches = Batches(self, self._it, tg, skip)
         try:
             yield batches
         finally:
             await batches.aclose()
+            if batches.finished:
+                self.origin = self.position  # the next epoch's pass begins here
 
     def _start_sync(self, skip: int, reset: Any) -> Iterator[Any]:
         if reset is not None:
@@ -210,13 +219,15 @@ class BatchSource:
         self.position = 0
 
     def stream_state(self) -> tuple[int, dict[str, Any] | None] | None:
-        """With steps_per_epoch, where the live stream is: ``(position, start RNG)``, or None."""
+        """With steps_per_epoch: ``(where this epoch's pass began in the stream, the stream's
+        start RNG state)``; None without a live stream."""
         if self.steps_per_epoch is None or self._it is None:
             return None
-        return self.position, self.stream_rng
+        return self.origin, self.stream_rng
 
     def restart(self, stream: tuple[int, dict[str, Any] | None] | None = None) -> None:
-        """Drop the live iterator (a checkpoint was loaded); ``stream`` says where to resume."""
+        """Drop the live iterator (a checkpoint was loaded); ``stream`` is its
+        :meth:`stream_state`, to rebuild the stream there."""
         self._it = None
         self._leftover.clear()
         self._resume = stream
@@ -234,6 +245,8 @@ class Batches:
         self._tg = tg
         self.index = index
         self._taken = 0
+        #: Whether the pass ran to its end (not interrupted).
+        self.finished = False
         # A resumed pass takes only what its epoch has left.
         steps = source.steps_per_epoch
         self._limit = None if steps is None else max(0, steps - index)
@@ -253,6 +266,7 @@ class Batches:
         The training loop's fast path: a batch that needs no waiting costs no coroutine.
         """
         if self._limit is not None and self._taken >= self._limit:
+            self.finished = True
             return END
         source = self.source
         if source._leftover:
@@ -283,6 +297,7 @@ class Batches:
     def _accept(self, item: Any) -> Any:
         if item is END:
             self.source.exhausted()
+            self.finished = True
             return END
         if type(item) is _Failure:
             raise self._failed(item.exc, item.index)

@@ -641,6 +641,7 @@ class Learner(Generic[TBatch]):
                 "batch_index": state.batch_index,
                 "pass_done": rt.pass_done,
                 "train_losses": [x.detach().float().cpu().reshape(()) for x in rt.train_losses],
+                "stream": _stream_to_portable(self._train.stream_state()),
             },
             "metrics": {k: v for k, v in state.metrics.items() if _portable(v)},
             "rng": rng_to_portable(capture_rng()),
@@ -671,9 +672,9 @@ class Learner(Generic[TBatch]):
         for key, cb in _callback_keys(self._callbacks):
             if key in saved:
                 cb.load_state_dict(saved[key])
-        # Iterators of an earlier run cannot continue a restored one.
-        self._train._it = None
-        self._train._leftover.clear()
+        # Iterators of an earlier run cannot continue a restored one; a stream that outlives
+        # epochs (steps_per_epoch) restarts where the checkpoint's stream was.
+        self._train.restart(_stream_from_portable(progress.get("stream")))
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Load a checkpoint file written from :meth:`state_dict` (``weights_only=True``)."""
@@ -710,6 +711,20 @@ def _verb(status: LearnerStatus) -> str:
         LearnerStatus.PREDICTING: "predict",
         LearnerStatus.IDLE: "idle",
     }[status]
+
+
+def _stream_to_portable(stream: tuple[int, dict[str, Any] | None] | None) -> Any:
+    if stream is None:
+        return None
+    origin, rng = stream
+    return {"origin": origin, "rng": None if rng is None else rng_to_portable(rng)}
+
+
+def _stream_from_portable(stream: Any) -> tuple[int, dict[str, Any] | None] | None:
+    if stream is None:
+        return None
+    rng = stream["rng"]
+    return int(stream["origin"]), None if rng is None else rng_from_portable(rng)
 
 
 def _portable(value: object) -> bool:

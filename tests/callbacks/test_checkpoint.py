@@ -453,3 +453,36 @@ async def test_with_every_practice_cancelled_and_resumed_equals_uninterrupted(
     assert_same(resumed.optimizer.state_dict(), whole.optimizer.state_dict())
     assert_same(ema.model.state_dict(), whole_ema.model.state_dict())
     assert resumed.state.metrics == whole.state.metrics
+
+
+async def test_resume_of_a_stream_that_outlives_epochs(tmp_path: Path) -> None:
+    """steps_per_epoch: the checkpoint records where the epoch began in the stream, and the
+    stream's start RNG state (a shuffling loader), so every checkpoint resumes exactly."""
+
+    def learner_for(directory: Path) -> Learner[Any]:
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(35, 4, generator=gen), torch.randint(0, 3, (35,), generator=gen)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(x, y), batch_size=5, shuffle=True
+        )  # 7 batches a stream, 3 an epoch: streams end and restart inside epochs
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3))
+        return Learner(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            torch.nn.functional.cross_entropy,
+            loader,
+            callbacks=[Checkpoint(directory, every_n_steps=1)],
+            steps_per_epoch=3,
+        )
+
+    reference = learner_for(tmp_path / "a")
+    await reference.fit(5)
+    files = [n for n in names(tmp_path / "a") if n != "last.pt"]
+    assert len(files) > 10
+    for name in files:
+        resumed = learner_for(tmp_path / "b")
+        await resumed.fit(5, resume=tmp_path / "a" / name)
+        assert resumed.state.step == reference.state.step, name
+        assert_same(resumed.model.state_dict(), reference.model.state_dict(), name)
+        assert resumed.state.metrics == reference.state.metrics, name
