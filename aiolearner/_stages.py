@@ -386,6 +386,8 @@ class Fit(Stage):
         before_fit
         for batch in train_data (prefetched, on the device, resuming mid-epoch if interrupted):
             state.batch = batch; FitBatch; clear batch/output/loss
+            (validate_every=N steps or a timedelta: Validate, or a snapshot, when one is due;
+             a concurrent validation's StopFit or error is raised here)
         metrics["train_loss"] = mean loss of the pass      (one host sync per epoch)
         after_fit
     """
@@ -573,7 +575,8 @@ class Epoch(Stage):
 
         before_epoch
         Fit          (skipped when resuming an epoch whose training pass had finished)
-        Validate     (when the learner has validation data)
+        Validate     (when the learner has validation data; with validate="concurrent" a
+                      snapshot of the weights is taken here and validated in the background)
         after_epoch
     """
 
@@ -607,6 +610,7 @@ class FitRun(Stage):
         before_fit_run                       (setup)
         while epoch < epochs:
             Epoch; epoch += 1
+        (wait for concurrent validations still running, and their after_validate hooks)
         after_fit_run                        (teardown: always runs, see docs/errors.md;
                                               shielded with a time bound after an error or
                                               a cancellation; state.outcome says which)
