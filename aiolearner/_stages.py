@@ -412,6 +412,7 @@ class Fit(Stage):
         # Runtime.run_fused would do, minus ~2 us a batch (a tiny model's whole budget).
         fused = fit_batch._fused
         lock = rt.weights_lock if fit_batch._fused_writes else None
+        flat = _flat_program(fit_batch) if fused else None
         clock = time.perf_counter
         async with rt.open_train(state) as batches:
             take = batches.next_nowait
@@ -432,7 +433,10 @@ class Fit(Stage):
                     ):
                         start = clock()
                         try:
-                            fit_batch.call_sync(state)
+                            if flat is not None and not rt.observed:
+                                _run_flat(fit_batch, flat, state)
+                            else:
+                                fit_batch.call_sync(state)
                         finally:
                             if lock is not None:
                                 lock.release_write()
@@ -463,6 +467,52 @@ class Fit(Stage):
                 mean = torch.stack([x.detach() for x in losses]).mean()
             await wait_ready(mean)
             state.metrics["train_loss"] = float(mean)
+
+
+def _flat_program(stage: Stage) -> tuple[tuple[ComputeStage, Any], ...] | None:
+    """The compute leaves of a batch stage, when a batch is nothing but calling them in order.
+
+    That is: no hooks on the stage or its children, default ``call_sync``/``run_sync``, and
+    children that are plain compute leaves owning no control flow (the default FitBatch with
+    no callbacks on its hooks). Otherwise ``None``.
+    """
+    if stage._before is not None or stage._after is not None:
+        return None
+    if type(stage).call_sync is not Stage.call_sync or type(stage).run_sync is not Stage.run_sync:
+        return None
+    leaves = []
+    for child in stage.children:
+        if (
+            not isinstance(child, ComputeStage)
+            or child.children
+            or child.catches
+            or child._before is not None
+            or child._after is not None
+            or type(child).call_sync is not Stage.call_sync
+            or type(child).run_sync is not ComputeStage.run_sync
+        ):
+            return None
+        leaves.append((child, child.compute))
+    return tuple(leaves)
+
+
+def _run_flat(stage: Stage, leaves: tuple[tuple[ComputeStage, Any], ...], state: State) -> None:
+    """``stage.call_sync(state)`` for a stage :func:`_flat_program` accepted, in one frame.
+
+    The same outcome as the nested calls (~4 us a batch fewer on the development machine): a
+    control-flow exception the stage owns is acted on; an error is noted with the leaf's name.
+    """
+    leaf: Stage = stage
+    try:
+        for leaf, compute in leaves:  # noqa: B007 (the except clauses name the leaf)
+            compute(state)
+    except ControlFlow as flow:
+        if not isinstance(flow, stage.catches):
+            raise
+        stage.acted(state, flow)
+    except Exception as exc:
+        note_stage_error(exc, leaf.name, state)
+        raise
 
 
 class ValidateLoss(ComputeStage):

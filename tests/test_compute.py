@@ -239,3 +239,44 @@ async def test_the_detectors_see_blocking_calls_in_inline_mode() -> None:
     else:
         await learner.fit(1)
     assert loop in blocking.threads
+
+
+# -- the flat fast path of a hook-less default batch --------------------------------------------
+
+
+async def test_a_hookless_batch_runs_flat_with_the_same_errors_and_control_flow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiolearner import SkipBatch, _stages
+
+    calls: list[int] = []
+    run_flat = _stages._run_flat
+
+    def spy(*args: Any) -> None:
+        calls.append(1)
+        run_flat(*args)
+
+    monkeypatch.setattr(_stages, "_run_flat", spy)
+
+    class Fails(Gradient):
+        def compute(self, state: Any) -> None:
+            raise RuntimeError("shape mismatch")
+
+    learner = make_learner(stages={"gradient": Fails()}, with_validation=False)
+    with pytest.raises(RuntimeError, match="shape mismatch") as info:
+        await learner.fit(1)
+    assert any("stage 'gradient'" in note for note in info.value.__notes__)
+    assert learner.state.step == 0
+
+    class SkipsSecond(Gradient):
+        def compute(self, state: Any) -> None:
+            if state.batch_index == 1:
+                raise SkipBatch("second")
+            super().compute(state)
+
+    calls.clear()
+    learner = make_learner(stages={"gradient": SkipsSecond()}, n_batches=3, with_validation=False)
+    await learner.fit(1)
+    assert calls == [1, 1, 1]
+    assert learner.state.step == 3
+    assert learner.state.stop_reason == "second"
