@@ -580,3 +580,31 @@ async def test_concurrent_validation_with_thread_compute_overlaps_training() -> 
     )
     await learner.fit(2)
     assert met == ["validation", "training"]
+
+
+async def test_after_validate_sees_the_validated_weights_not_the_live_ones() -> None:
+    live: dict[int, list[torch.Tensor]] = {}
+    validated: dict[int, list[torch.Tensor]] = {}
+    release = anyio.Event()
+
+    class Checkpoint(Callback):
+        reads = frozenset({"model", "epoch", "validation_tag"})
+
+        def after_fit(self, state: StateView) -> None:  # training side: the weights at epoch end
+            live[state.epoch] = params(state.model)
+            if state.epoch == 1:
+                release.set()
+
+        async def after_validate(self, state: StateView) -> None:
+            if state.validation_tag[0] == 0:
+                await release.wait()  # training has finished epoch 1 meanwhile
+            validated[state.validation_tag[0]] = params(state.model)
+
+    learner = make_learner(
+        callbacks=[Checkpoint()], validate="concurrent", compute="inline", n_batches=3
+    )
+    await learner.fit(2)
+    assert sorted(validated) == [0, 1]
+    for epoch in (0, 1):
+        assert all(torch.equal(a, b) for a, b in zip(validated[epoch], live[epoch], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(live[0], live[1], strict=True))
