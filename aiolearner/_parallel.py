@@ -74,13 +74,12 @@ class Parallel(Stage):
             self.__dict__["name"] = name
         #: The state each branch runs on (hooks of the branch's stages are bound to it).
         self.branch_states: tuple[State, ...] = tuple(State() for _ in stages)
-        self._lanes: list[anyio.CapacityLimiter] | None = None
 
     async def run(self, state: State) -> None:
         children = self.children
         branches = self.branch_states
-        if self._lanes is None:
-            self._lanes = [anyio.CapacityLimiter(1) for _ in children]
+        # Per run: a limiter belongs to the event loop it was first used in.
+        lanes = [anyio.CapacityLimiter(1) for _ in children]
         starts: list[dict[str, Any]] = []
         for branch in branches:
             d = branch.__dict__
@@ -98,7 +97,7 @@ class Parallel(Stage):
                             i,
                             child,
                             branches[i],
-                            self._lanes[i],
+                            lanes[i],
                             flows,
                             name=f"aiolearner.parallel.{self.name}.{child.name}",
                         )

@@ -308,6 +308,7 @@ class Validator:
             return
         # Outside a session only snapshots of an interrupted run can hold the slots.
         slot = self._acquire() or _Slot()
+        self._lane = anyio.CapacityLimiter(1)
         try:
             await self._take(slot, state)
             await self._pass(slot, stage, state)
@@ -324,6 +325,7 @@ class Validator:
         self._main = state
         self._open = True
         self._closing = False
+        self._lane = anyio.CapacityLimiter(1)  # per run: it belongs to this event loop
         self._changed = anyio.Event()
         self._last_time = anyio.current_time()
         try:
@@ -536,8 +538,7 @@ class Validator:
             fetch_budget=val.fetch_budget,
         )
         source.slow = val.slow
-        if self._lane is None:
-            self._lane = anyio.CapacityLimiter(1)
+        assert self._lane is not None
         lane = compute_lane.set(self._lane)
         src = snapshot_source.set(source)
         # Results land only from a pass that ran to its end (a StopFit in after_validate too).

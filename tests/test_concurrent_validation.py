@@ -608,3 +608,14 @@ async def test_after_validate_sees_the_validated_weights_not_the_live_ones() -> 
     for epoch in (0, 1):
         assert all(torch.equal(a, b) for a, b in zip(validated[epoch], live[epoch], strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(live[0], live[1], strict=True))
+
+
+def test_one_learner_fits_under_asyncio_then_trio() -> None:
+    # Worker lanes and events belong to one event loop: they are created per run.
+    rec = Results()
+    learner = make_learner(callbacks=[rec], validate="concurrent", compute="thread", n_batches=3)
+    learner.fit_sync(1, backend="asyncio")
+    learner.fit_sync(2, backend="trio")
+    learner.fit_sync(3, backend="asyncio")
+    assert [s[0] for s in rec.seen] == [(0, 3), (1, 6), (2, 9)]
+    assert learner.validate_sync(backend="trio") == learner.state.validation

@@ -262,3 +262,16 @@ def test_parallel_needs_stages() -> None:
         Parallel()
     with pytest.raises(TypeError, match="takes stages"):
         Parallel("validate")  # type: ignore[arg-type]
+
+
+def test_one_learner_runs_parallel_under_asyncio_then_trio() -> None:
+    learner = learner_with(
+        Parallel(
+            Probe("branch_a", "result_a", 1), Probe("branch_b", "result_b", 2), name="validate"
+        ),
+        compute="thread",
+    )
+    learner.fit_sync(1, backend="asyncio")
+    learner.fit_sync(2, backend="trio")
+    assert (learner.state.result_a, learner.state.result_b) == (1, 2)
+    assert learner.state.epoch == 2
