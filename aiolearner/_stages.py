@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
@@ -311,9 +311,10 @@ def split_batch(batch: Any, stage: str) -> tuple[Any, Any]:
 def batch_size(batch: Any) -> int:
     """The number of samples in a batch (its first tensor's first dimension; 1 if unknown)."""
     item = batch
-    while isinstance(item, tuple | list) and item:
+    # Sequence and Mapping, not just list and dict: callbacks see batches through read-only views.
+    while isinstance(item, Sequence) and not isinstance(item, str | bytes) and len(item):
         item = item[0]
-    if isinstance(item, dict) and item:
+    if isinstance(item, Mapping) and item:
         item = next(iter(item.values()))
     if isinstance(item, torch.Tensor) and item.dim() > 0:
         return int(item.shape[0])

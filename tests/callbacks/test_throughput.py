@@ -4,7 +4,7 @@ import pytest
 
 from aiolearner import TraceRecord
 from aiolearner.callbacks import Throughput, stage_times
-from aiolearner.testing import make_learner
+from aiolearner.testing import make_batches, make_learner
 
 
 class FakeClock:
@@ -83,3 +83,12 @@ def test_data_wait_from_the_trace_is_the_gap_before_each_batch() -> None:
         else:
             trace.records.append(TraceRecord("exit", name, time=t, duration=0.0))
     assert stage_times(trace)["data_wait"] == {"count": 2, "total": 1.5, "mean": 0.75}
+
+
+async def test_counts_samples_of_list_batches_seen_through_the_view() -> None:
+    """A DataLoader yields lists; a callback sees them as read-only sequences."""
+    speed = Throughput()
+    batches = [[x, y] for x, y in make_batches(3)]
+    learner = make_learner(callbacks=[speed], train_data=batches, with_validation=False)
+    await learner.fit(1)
+    assert speed.epochs[0]["samples"] == 15
