@@ -9,6 +9,7 @@ batch, and a slow terminal or pipe never blocks the event loop.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections import deque
 from typing import Any, TextIO
@@ -96,6 +97,8 @@ class ProgressBar(Callback):
         self._dirty = False
         self._live = False
         self._new_epoch = False
+        self._finished = False
+        self._render_lock = threading.Lock()
         # Lines waiting for the renderer (hooks append, the render thread pops).
         self._lines: deque[str] = deque()
 
@@ -108,6 +111,7 @@ class ProgressBar(Callback):
     def before_fit_run(self, state: StateView) -> None:
         """Start the renderer."""
         self._stop = anyio.Event()
+        self._finished = False
         if not self.plain:
             rp = require("rich.progress", extra="rich", what="ProgressBar")
             self._progress = rp.Progress(
@@ -199,6 +203,13 @@ class ProgressBar(Callback):
                 print(line, file=self.file, flush=True)
 
     def _render(self) -> None:
+        # One renderer at a time: the final render of after_fit_run may start while the
+        # background one is still drawing.
+        with self._render_lock:
+            if not self._finished:
+                self._render_locked()
+
+    def _render_locked(self) -> None:
         self._print_lines()
         progress = self._progress
         if progress is None:
@@ -228,12 +239,14 @@ class ProgressBar(Callback):
         progress.refresh()
 
     def _finish(self) -> None:
-        if self._progress is not None:
-            self._render()
-            self._progress.stop()
-            self._progress = None
-        else:
-            self._print_lines()
+        with self._render_lock:
+            if self._progress is not None:
+                self._render_locked()
+                self._progress.stop()
+                self._progress = None
+            else:
+                self._print_lines()
+            self._finished = True
 
     async def _render_loop(self) -> None:
         stop = self._stop
