@@ -23,14 +23,14 @@ file or the new one, never a torn one.
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import os
+import shutil
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import anyio
 import torch
@@ -85,12 +85,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+
+    ``data`` is the bytes, or a function that writes them to the open file.
+    """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             _fsync(f.fileno())
         _replace(tmp, path)
@@ -99,6 +105,11 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _copy_into(source: Path, f: BinaryIO) -> None:
+    with open(source, "rb") as src:
+        shutil.copyfileobj(src, f, 4 << 20)
 
 
 def _check_name(name: object) -> str:
@@ -374,12 +385,14 @@ class Checkpoint(Callback):
                 queue.popleft()
 
     def _write_sync(self, snap: dict[str, Any], targets: list[str], removes: list[str]) -> None:
-        buffer = io.BytesIO()
-        torch.save(snap, buffer)
-        data = buffer.getvalue()
         self.directory.mkdir(parents=True, exist_ok=True)
-        for name in targets:
-            atomic_write(self.path(name), data)
+        # Serialized once, straight into the first file; the others are copies of it. (Not
+        # through a bytes buffer: copying hundreds of MB in memory holds the GIL, which the
+        # event loop thread needs.)
+        first = self.path(targets[0])
+        atomic_write(first, lambda f: torch.save(snap, f))
+        for name in targets[1:]:
+            atomic_write(self.path(name), lambda f: _copy_into(first, f))
         # Dropped names are never reused (each names its own epoch/step), so no target is lost.
         for name in removes:
             if name not in targets:

@@ -325,7 +325,7 @@ async def test_checkpoint_does_not_wait_on_the_event_loop(tmp_path: Path) -> Non
     writers: list[int] = []
     real = _checkpoint.atomic_write
 
-    def spy(path: Path, data: bytes) -> None:
+    def spy(path: Path, data: Any) -> None:
         writers.append(threading.get_ident())
         real(path, data)
 
