@@ -271,7 +271,13 @@ async def test_auto_fetch_moves_a_slow_source_to_the_producer_thread() -> None:
 
 async def test_fetch_thread_keeps_a_slow_getitem_off_the_loop() -> None:
     loop_thread = threading.get_ident()
-    data = CountingData(5)
+
+    class Slow(CountingData):
+        def _next(self, i: int) -> Batch:
+            time.sleep(0.001)  # a slow __getitem__ / collate
+            return super()._next(i)
+
+    data = Slow(5)
     learner = make_learner(train_data=data, with_validation=False, fetch="thread")
     await learner.fit(1)
     assert learner.state.step == 5
