@@ -28,14 +28,14 @@ import os
 import shutil
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import anyio
 import torch
 
-from .._callbacks import Callback
+from .._callbacks import Callback, HookMethod
 from .._state import StateView
 
 __all__ = ["Checkpoint", "load_checkpoint_file", "snapshot"]
@@ -245,6 +245,12 @@ class Checkpoint(Callback):
         return path if path.is_file() else None
 
     # -- hooks ---------------------------------------------------------------------------------
+
+    def hooks(self) -> Iterator[tuple[str, HookMethod]]:
+        # Without every_n_steps, no per-batch hook at all: a hook nobody uses costs nothing.
+        for hook, method in super().hooks():
+            if hook != "before_fit_batch" or self.every_n_steps is not None:
+                yield hook, method
 
     async def before_fit_run(self, state: StateView) -> None:
         """Get ready to write (one write at a time, in order)."""

@@ -22,14 +22,14 @@ import io
 import json
 import os
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import anyio
 import torch
 
-from .._callbacks import Callback
+from .._callbacks import Callback, HookMethod
 from .._state import StateView
 from ._checkpoint import atomic_write
 from ._optional import require
@@ -69,6 +69,12 @@ class _BufferedLogger(Callback):
         self._resume_rows: int | None = None
         self._started = False
         self._lock: anyio.Lock | None = None
+
+    def hooks(self) -> Iterator[tuple[str, HookMethod]]:
+        # Without every_n_steps, no per-batch hook at all: a hook nobody uses costs nothing.
+        for hook, method in super().hooks():
+            if hook != "after_fit_batch" or self.every_n_steps is not None:
+                yield hook, method
 
     def before_fit_run(self, state: StateView) -> None:
         """Get ready to write (a fresh lock: the next run may use another event loop)."""

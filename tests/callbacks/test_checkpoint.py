@@ -486,3 +486,18 @@ async def test_resume_of_a_stream_that_outlives_epochs(tmp_path: Path) -> None:
         assert resumed.state.step == reference.state.step, name
         assert_same(resumed.model.state_dict(), reference.model.state_dict(), name)
         assert resumed.state.metrics == reference.state.metrics, name
+
+
+def test_no_per_batch_hook_unless_saving_every_n_steps() -> None:
+    from aiolearner.callbacks import CSVLogger, JSONLinesLogger
+
+    def hooks(cb: Callback) -> set[str]:
+        return {h for h, _ in cb.hooks()}
+
+    assert "before_fit_batch" not in hooks(Checkpoint("d"))
+    assert "before_fit_batch" in hooks(Checkpoint("d", every_n_steps=10))
+    assert "after_fit_batch" not in hooks(JSONLinesLogger("x.jsonl"))
+    assert "after_fit_batch" in hooks(CSVLogger("x.csv", every_n_steps=10))
+    learner = make_learner(callbacks=[Checkpoint("d"), JSONLinesLogger("x.jsonl")])
+    assert "before_fit_batch" not in learner.describe()
+    assert "after_fit_batch" not in learner.describe()
