@@ -1,8 +1,27 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread in the tests.
+
+    The test models are tiny, so a thread pool only costs time (several times the work on a busy
+    2-core machine). And when two threads call torch at once (training in the compute worker while
+    a concurrent validation runs on the loop), a shared pool can split a reduction differently
+    from one call to the next, which breaks the bit-for-bit comparisons some tests make.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(
