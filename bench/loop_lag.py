@@ -86,6 +86,13 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=BATCH,
+        help="batch size (the issue's ~8 ms step is batch 128 on its machine; pick one that "
+        "gives ~8 ms here)",
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--backends", default="asyncio,trio")
@@ -112,8 +119,8 @@ def main() -> int:
                 )
                 variants[name] = learner_run(policy, backend, ticker)
 
-    data = make_data(args.steps, BATCH, SIZES[0], SIZES[-1], seed=1)
-    probe = make_data(1, BATCH, SIZES[0], SIZES[-1], seed=2)[0]
+    data = make_data(args.steps, args.batch, SIZES[0], SIZES[-1], seed=1)
+    probe = make_data(1, args.batch, SIZES[0], SIZES[-1], seed=2)[0]
     skip = max(2, args.steps // 20)
     times: dict[str, list[float]] = {v: [] for v in variants}
     lags: dict[str, list[float]] = {v: [] for v in variants}
@@ -129,7 +136,7 @@ def main() -> int:
 
     print(f"machine: {machine()}")
     print(
-        f"MLP {'->'.join(map(str, SIZES))}, batch {BATCH}: {args.steps} steps (timed "
+        f"MLP {'->'.join(map(str, SIZES))}, batch {args.batch}: {args.steps} steps (timed "
         f"{args.steps - 2 * skip}), {args.reps} interleaved repetitions; ticker period 1 ms"
     )
     raw_times = times["raw loop, no event loop"]
