@@ -2,10 +2,12 @@
 
 The data set (1,797 8x8 grey-scale images of the digits 0-9) ships inside scikit-learn, so the
 demo needs no download. The learner runs inside an ordinary ``asyncio`` program, under a timeout
-like any other coroutine; aiolearner's ``Metrics`` callback computes the accuracy on the device
-and a small callback of the demo prints one line per epoch. Run it with::
+like any other coroutine, with the shipped practices: ``Metrics`` (accuracy on the device),
+``ProgressBar`` (plain lines when stdout is not a terminal), ``Checkpoint`` (last and best, written
+atomically off the event loop), ``EarlyStopping`` and ``Recorder`` (whose history is plotted to a
+PNG at the end); a small callback of the demo prints one line per epoch. Run it with::
 
-    python examples/digits.py
+    python examples/digits.py [output directory, default runs/digits]
 
 It exits with status 1 when the final validation accuracy is below 95 %.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -24,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import aiolearner
 from aiolearner import Callback, Learner, StateView
-from aiolearner.callbacks import Metrics
+from aiolearner.callbacks import Checkpoint, EarlyStopping, Metrics, ProgressBar, Recorder
 
 #: The accuracy the demo must reach on held-out digits.
 TARGET_ACCURACY = 0.95
@@ -93,11 +96,19 @@ def make_model() -> torch.nn.Module:
 
 
 async def train(
-    epochs: int = 10, *, seed: int = 0, verbose: bool = True, out: Any = None
+    epochs: int = 10,
+    *,
+    seed: int = 0,
+    verbose: bool = True,
+    out: Any = None,
+    directory: Path | None = None,
 ) -> dict[str, Any]:
     """Train on the digits for ``epochs`` epochs; returns the last validation results.
 
-    Works under any anyio backend (the demo's ``main`` uses asyncio).
+    With ``directory``, checkpoints (last and best by validation accuracy) go to
+    ``directory/checkpoints``, training stops early when validation accuracy stalls for 3 epochs,
+    and the recorded history is plotted to ``directory/history.png``. Works under any anyio
+    backend (the demo's ``main`` uses asyncio).
     """
     torch.manual_seed(seed)
     train_data, val_data = make_data(seed=seed)
@@ -107,6 +118,16 @@ async def train(
     callbacks: list[Callback] = [Metrics(["accuracy"])]
     if verbose:
         callbacks.append(PrintEpoch(epochs, out=out))
+        if out is None and sys.stdout.isatty():
+            # A live rich bar on a terminal; elsewhere (CI logs) the epoch lines above suffice.
+            callbacks.append(ProgressBar())
+    recorder = Recorder()
+    if directory is not None:
+        callbacks += [
+            Checkpoint(directory / "checkpoints", monitor="val_accuracy", mode="max", top_k=1),
+            EarlyStopping("val_accuracy", mode="max", patience=3),
+            recorder,
+        ]
     learner: Learner[tuple[torch.Tensor, torch.Tensor]] = Learner(
         model,
         torch.optim.Adam(model.parameters(), lr=3e-3),
@@ -116,10 +137,15 @@ async def train(
         callbacks=callbacks,
     )
     await learner.fit(epochs)
+    if directory is not None:
+        # Plotting is blocking work: off the event loop.
+        plot = await anyio.to_thread.run_sync(recorder.plot_history, directory / "history.png")
+        if verbose:
+            print(f"history plot: {plot}", file=out if out is not None else sys.stdout)
     return dict(learner.state.validation)
 
 
-async def amain(epochs: int = 10) -> float:
+async def amain(epochs: int = 10, directory: Path = Path("runs/digits")) -> float:
     """The demo: train under a one-minute timeout; returns the final validation accuracy."""
     print(
         f"aiolearner {aiolearner.__version__}, torch {torch.__version__}: training a small CNN"
@@ -128,7 +154,7 @@ async def amain(epochs: int = 10) -> float:
     )
     # `fit` is an ordinary coroutine: a timeout (or any cancel scope) stops it cleanly.
     with anyio.fail_after(60):
-        results = await train(epochs)
+        results = await train(epochs, directory=directory)
     accuracy = float(results["accuracy"])
     print(f"validation accuracy on held-out digits: {accuracy:.2%}", flush=True)
     return accuracy
@@ -139,7 +165,8 @@ def main() -> int:
     # The model's ops are far too small to gain from splitting them across threads; one thread
     # avoids the thread pool's hand-offs, which cost several times the work on a busy machine.
     torch.set_num_threads(1)
-    accuracy = asyncio.run(amain())
+    directory = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/digits")
+    accuracy = asyncio.run(amain(directory=directory))
     if accuracy < TARGET_ACCURACY:
         print(f"FAILED: accuracy below {TARGET_ACCURACY:.0%}", file=sys.stderr)
         return 1

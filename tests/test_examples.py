@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,7 +97,7 @@ async def test_digits_learns_in_two_epochs() -> None:
 
 
 def test_digits_main_exit_status(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def poor(epochs: int = 10) -> float:
+    async def poor(epochs: int = 10, directory: Path = Path("unused")) -> float:
         return 0.5
 
     monkeypatch.setattr(digits, "amain", poor)
