@@ -383,6 +383,7 @@ class Learner(Generic[TBatch]):
             failure: BaseException | None = None
             async with anyio.create_task_group() as tg:
                 rt.tg = tg
+                rt.worker.open()
                 try:
                     yield
                 except BaseException as exc:

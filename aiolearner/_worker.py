@@ -49,6 +49,13 @@ class ComputeWorker:
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[_Job | None] | None = None
+        # After stop(), until the next run opens: background work still finishing must not
+        # start a thread that nobody would stop (the run's task group would wait on it forever).
+        self._closed = False
+
+    def open(self) -> None:
+        """A run starts: hops may start the thread again."""
+        self._closed = False
 
     @property
     def running(self) -> bool:
@@ -57,6 +64,8 @@ class ComputeWorker:
 
     async def run(self, tg: TaskGroup, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` in the worker thread (started in ``tg`` if needed); its result."""
+        if self._closed:
+            return await anyio.to_thread.run_sync(fn, *args)
         jobs = self._jobs
         if jobs is None:
             jobs = self._jobs = queue.SimpleQueue()
@@ -77,6 +86,7 @@ class ComputeWorker:
     def stop(self) -> None:
         """The run is over: the thread finishes its queue and returns to anyio's pool."""
         jobs, self._jobs = self._jobs, None
+        self._closed = True
         if jobs is not None:
             jobs.put(None)
 
