@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
+from cancel_helpers import Hang
 from torch.utils.data import DataLoader, TensorDataset
 
 from aiolearner import Callback, Learner, StateView
@@ -81,25 +82,6 @@ async def reference(kind: str, compute: str) -> Reference:
         assert learner.state.step == EPOCHS * N_BATCHES
         _REFERENCES[key] = (log.by_step, snapshot(learner.model))
     return _REFERENCES[key]
-
-
-class Hang(Callback):
-    """At ``hook`` of step ``at_step`` (first time only): signals, then waits to be cancelled."""
-
-    reads = frozenset({"step"})
-
-    def __init__(self, hook: str, at_step: int) -> None:
-        self.hook = hook
-        self.at_step = at_step
-        self.reached = anyio.Event()
-
-    def hooks(self) -> Any:
-        yield self.hook, self._hang
-
-    async def _hang(self, state: StateView) -> None:
-        if state.step == self.at_step and not self.reached.is_set():
-            self.reached.set()
-            await anyio.sleep_forever()
 
 
 async def cancel_when(reached: anyio.Event, learner: Learner[Any], epochs: int) -> bool:

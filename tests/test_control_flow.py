@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
+from cancel_helpers import Hang
 
 from aiolearner import (
     Callback,
@@ -385,25 +386,6 @@ async def test_error_in_after_fit_run_itself() -> None:
 
 
 # -- cancellation ------------------------------------------------------------------------------
-
-
-class Hang(Callback):
-    """In ``hook``: signals, then waits forever (until cancelled)."""
-
-    reads = frozenset({"step"})
-
-    def __init__(self, hook: str, at_step: int) -> None:
-        self.hook = hook
-        self.at_step = at_step
-        self.reached = anyio.Event()
-
-    def hooks(self) -> Any:
-        yield self.hook, self._hang
-
-    async def _hang(self, state: StateView) -> None:
-        if state.step == self.at_step and not self.reached.is_set():
-            self.reached.set()
-            await anyio.sleep_forever()
 
 
 @pytest.mark.parametrize(
