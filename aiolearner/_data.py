@@ -478,26 +478,27 @@ class _Feed:
 
     # -- event loop side --
 
+    def _take_locked(self) -> Any:
+        # With self._cond held: the next item (waking the producer), or EndOfStream/WouldBlock.
+        if self._items:
+            item = self._items.popleft()
+            self._cond.notify()
+            return item
+        if self._closed:
+            raise anyio.EndOfStream
+        raise anyio.WouldBlock
+
     def receive_nowait(self) -> Any:
         with self._cond:
-            if self._items:
-                item = self._items.popleft()
-                self._cond.notify()
-                return item
-            if self._closed:
-                raise anyio.EndOfStream
-            raise anyio.WouldBlock
+            return self._take_locked()
 
     async def receive(self) -> Any:
         while True:
             with self._cond:
-                if self._items:
-                    item = self._items.popleft()
-                    self._cond.notify()
-                    return item
-                if self._closed:
-                    raise anyio.EndOfStream
-                event = self._waiter = anyio.Event()
+                try:
+                    return self._take_locked()
+                except anyio.WouldBlock:
+                    event = self._waiter = anyio.Event()
             await event.wait()
 
     def stop(self) -> None:
