@@ -222,6 +222,15 @@ class EMA(Callback):
             self._pending = weights
 
 
+def _ema_forward(ema: EMA, state: State, stage: str) -> tuple[Any, torch.Tensor]:
+    """Output and loss of the averaged model on the current batch, under inference mode."""
+    inputs, targets = split_batch(state.batch, stage)
+    model = ema.for_validation(state.model)
+    with torch.inference_mode():
+        output = model(inputs)
+        return output, state.loss_fn(output, targets)
+
+
 class EMAValidateLoss(ValidateLoss):
     """Validation forward and loss on the averaged model instead of the model."""
 
@@ -230,13 +239,7 @@ class EMAValidateLoss(ValidateLoss):
         self.ema = ema
 
     def compute(self, state: State) -> None:
-        inputs, targets = split_batch(state.batch, self.name)
-        model = self.ema.for_validation(state.model)
-        with torch.inference_mode():
-            output = model(inputs)
-            loss = state.loss_fn(output, targets)
-        state.output = output
-        state.loss = loss
+        state.output, state.loss = _ema_forward(self.ema, state, self.name)
 
 
 class _BothValidateLoss(ValidateLoss):
@@ -248,13 +251,7 @@ class _BothValidateLoss(ValidateLoss):
 
     def compute(self, state: State) -> None:
         super().compute(state)
-        inputs, targets = split_batch(state.batch, self.name)
-        model = self.ema.for_validation(state.model)
-        with torch.inference_mode():
-            output = model(inputs)
-            loss = state.loss_fn(output, targets)
-        state.ema_output = output
-        state.ema_loss = loss
+        state.ema_output, state.ema_loss = _ema_forward(self.ema, state, self.name)
 
 
 class _BothValidateBatch(ValidateBatch):
