@@ -69,7 +69,8 @@ class Learner(Generic[TBatch]):
             continues in the next epoch), for endless or streaming data.
         trace: record every stage/hook entry and exit and every state write in ``learner.trace``.
         yield_interval: the longest (seconds) the training loop runs without giving the event
-            loop a turn, between batches.
+            loop a turn, between batches, while other tasks share the loop; ten times that while
+            nothing else runs on it (turns then only serve cancellation and deadlines).
         teardown_timeout: the time bound of ``after_fit_run`` after an error or a cancellation.
         validate: ``"sequential"`` (default: training waits for each validation pass) or
             ``"concurrent"`` (a snapshot of the weights is validated in the background while

@@ -4,7 +4,8 @@ Compute placement (``Learner(compute=...)``):
 
 * ``"inline"``: stages run their torch work on the event loop. Lowest overhead; the loop is
   blocked for as long as a batch computes (it still yields every ``yield_interval`` seconds,
-  between batches, so cancellation stays prompt).
+  between batches, so other tasks get turns and cancellation stays prompt; ten times less
+  often while no other task is on the loop, and at every epoch's end for cancellation).
 * ``"thread"``: the blocking work runs in the learner's compute worker (one thread borrowed from
   anyio's pool for the whole run, fed through a queue; see ``_worker.py``). A fused batch (the
   default tree with ``def`` hooks) is one hop; an unfused one hops once per compute stage.
@@ -58,23 +59,40 @@ snapshot_source: ContextVar[BatchSource | None] = ContextVar(
 )
 
 
-def loop_is_shared() -> bool:
-    """Whether tasks other than this one, its ancestors and aiolearner's own are on the loop."""
+def loop_is_shared(*, own_tasks: bool = False) -> bool:
+    """Whether tasks other than this one, its ancestors and aiolearner's own are on the loop.
+
+    With ``own_tasks=True`` (does the training loop need to give the loop turns often?), the
+    ancestors and aiolearner's own tasks count too: a parent that started ``fit`` in a task group
+    may well go on with work of its own, and a data producer or a concurrent validation needs
+    turns as much as a user's task does; only the compute worker's task, which just waits on its
+    thread, does not.
+    """
     me = anyio.get_current_task()
     tasks = anyio.get_running_tasks()
-    by_id = {t.id: t for t in tasks}
-    mine = set()
-    node: Any = me
-    while node is not None:
-        mine.add(node.id)
-        node = by_id.get(node.parent_id) if node.parent_id is not None else None
+    mine = {me.id}
+    if not own_tasks:
+        by_id = {t.id: t for t in tasks}
+        node: Any = me
+        while node is not None:
+            mine.add(node.id)
+            node = by_id.get(node.parent_id) if node.parent_id is not None else None
+    ignored = ("<", "aiolearner.compute") if own_tasks else ("<", "aiolearner.")
     for task in tasks:
         if task.id in mine or task.name is None:
             continue
-        if task.name.startswith(("<", "aiolearner.")):
+        if task.name.startswith(ignored):
             continue
         return True
     return False
+
+
+#: While nothing else runs on the loop, the training loop gives it a turn this many times less
+#: often than ``yield_interval`` (a turn then only serves cancellation and deadlines; at the 1 ms
+#: default each costs a tiny model ~2 us a batch). How often a shared loop is checked for still
+#: being shared (listing the tasks costs ~10-20 us); a lone one is checked at every turn.
+LONE_YIELD_FACTOR = 10
+SHARING_RECHECK = 0.5
 
 
 class ComputePolicy:
@@ -151,6 +169,10 @@ class Runtime:
         self.teardown_timed_out = False
         self.observed = trace is not None
         self.last_yield = time.perf_counter()
+        #: The current interval between turns: ``yield_interval`` while other tasks share the
+        #: loop, LONE_YIELD_FACTOR times that while the training loop has it alone.
+        self.yield_every = yield_interval
+        self._sharing_checked_at = -SHARING_RECHECK
         # progress
         self.target_epochs = 0
         self.pass_done = False
@@ -229,6 +251,22 @@ class Runtime:
         finally:
             if lock is not None:
                 lock.release_write()
+
+    async def give_turn(self, now: float) -> None:
+        """Give the event loop a turn; the batch loops call this every ``yield_every`` seconds."""
+        self.last_yield = now
+        await anyio.lowlevel.checkpoint()
+        # Alone, every turn looks again (a task that arrives waits ~one lone interval at most);
+        # shared, every SHARING_RECHECK seconds (listing the tasks costs ~10-20 us).
+        if (
+            self.yield_every > self.yield_interval
+            or now - self._sharing_checked_at >= SHARING_RECHECK
+        ):
+            self._sharing_checked_at = now
+            if loop_is_shared(own_tasks=True):
+                self.yield_every = self.yield_interval
+            else:
+                self.yield_every = self.yield_interval * LONE_YIELD_FACTOR
 
     # -- progress -----------------------------------------------------------------------------
 

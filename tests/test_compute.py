@@ -280,3 +280,112 @@ async def test_a_hookless_batch_runs_flat_with_the_same_errors_and_control_flow(
     assert calls == [1, 1, 1]
     assert learner.state.step == 3
     assert learner.state.stop_reason == "second"
+
+
+# -- the default batch in one frame ---------------------------------------------------------------
+
+
+class Plain(Gradient):
+    """The default Gradient under another type: the batch takes the general flat path."""
+
+
+async def test_the_default_batch_matches_the_general_path_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiolearner import _stages
+
+    calls: list[int] = []
+    run_default = _stages._run_default_batch
+
+    def spy(*args: Any) -> None:
+        calls.append(1)
+        run_default(*args)
+
+    monkeypatch.setattr(_stages, "_run_default_batch", spy)
+    fast = make_learner(n_batches=5, compute="inline")
+    await fast.fit(2)
+    assert calls == [1] * 10
+    calls.clear()
+    general = make_learner(n_batches=5, compute="inline", stages={"gradient": Plain()})
+    await general.fit(2)
+    assert calls == []
+    assert fast.state.step == general.state.step == 10
+    assert fast.state.metrics == general.state.metrics
+    for a, b in zip(fast.model.parameters(), general.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+class Exploding(torch.optim.SGD):
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        raise RuntimeError("step failed")
+
+
+async def test_the_default_batch_names_the_update_stage_and_commits_nothing() -> None:
+    learner = make_learner(n_batches=2, with_validation=False, compute="inline")
+    learner.optimizer.__class__ = Exploding
+    with pytest.raises(RuntimeError, match="step failed") as info:
+        await learner.fit(1)
+    notes = [n for n in info.value.__notes__ if n.startswith("aiolearner:")]
+    assert len(notes) == 1
+    assert "stage 'update'" in notes[0]
+    assert learner.state.step == 0
+    assert all(p.grad is None for p in learner.model.parameters())
+
+
+class SkipsOnEmpty(torch.nn.Module):
+    """A model that raises SkipBatch for a batch of one sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from aiolearner import SkipBatch
+
+        if len(x) == 1:
+            raise SkipBatch("one sample")
+        return self.linear(x)  # type: ignore[no-any-return]
+
+
+async def test_the_default_batch_acts_on_a_skip_from_the_model() -> None:
+    from aiolearner import Learner
+
+    batches = make_batches(3)
+    batches[1] = (batches[1][0][:1], batches[1][1][:1])
+    model = SkipsOnEmpty()
+    learner: Learner[Any] = Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.nn.functional.cross_entropy,
+        batches,
+        compute="inline",
+    )
+    await learner.fit(1)
+    assert learner.state.step == 3  # a skipped batch is passed over: it still counts as a step
+    assert learner.state.stop_reason == "one sample"
+    assert all(p.grad is None for p in model.parameters())
+
+
+# -- turns of the event loop ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_training_loop_alone_on_the_event_loop_gives_turns_less_often(backend: str) -> None:
+    # Its own event loop (the test runner keeps a task of its own on the asyncio one).
+    learner = make_learner(n_batches=4, compute="inline", yield_interval=1e-9)
+    learner.fit_sync(1, backend=backend)  # type: ignore[arg-type]
+    assert learner._rt.yield_every == pytest.approx(1e-8)
+
+
+async def test_a_shared_event_loop_gets_a_turn_every_yield_interval() -> None:
+    learner = make_learner(n_batches=4, compute="inline", yield_interval=1e-9)
+    done = anyio.Event()
+
+    async def train() -> None:
+        await learner.fit(1)
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(train)
+        await done.wait()  # this task shares the loop (it could as well serve requests)
+    assert learner._rt.yield_every == pytest.approx(1e-9)

@@ -210,6 +210,9 @@ class Checkpoint(Callback):
         self._last_step_saved: int | None = None
         self._last_saved: tuple[int, int] | None = None
         self._lock: anyio.Lock | None = None
+        # A boundary save point that was planned but never snapshotted (cancelled while taking
+        # the snapshot), with its (epoch, step): after_fit_run saves it, so it is not lost.
+        self._unsaved: tuple[tuple[int, int], tuple[list[str], list[str]]] | None = None
         # Snapshots waiting to be written, oldest first. A write task may be cancelled before it
         # runs (the run is cancelled right after a save point): the snapshot then stays here and
         # after_fit_run, which runs shielded, writes it before the final one.
@@ -289,11 +292,14 @@ class Checkpoint(Callback):
         Snapshots of earlier save points that are still waiting are written first."""
         targets: list[str] = []
         removes: list[str] = []
-        if state.batch_index == 0 and state.epoch > 0:
+        point = (state.epoch, state.step)
+        unsaved, self._unsaved = self._unsaved, None
+        if unsaved is not None and unsaved[0] == point:
+            targets, removes = list(unsaved[1][0]), list(unsaved[1][1])
+        elif state.batch_index == 0 and state.epoch > 0:
             plan = self._plan_boundary(state)
             if plan is not None:
                 targets, removes = plan
-        point = (state.epoch, state.step)
         if self.save_last and LAST not in targets and point != self._last_saved:
             targets.append(LAST)
             self._last_saved = point
@@ -363,12 +369,16 @@ class Checkpoint(Callback):
         self, state: StateView, plan: tuple[list[str], list[str]], *, wait: bool
     ) -> None:
         targets, removes = plan
+        # Until the snapshot is queued, the plan is kept for after_fit_run (a cancellation
+        # landing in the copy below must not lose the save point it was planned for).
+        self._unsaved = ((state.epoch, state.step), plan)
         # The state dict is cheap (references); the copy is a memcpy of every tensor, done in a
         # worker thread while the read side of the weights lock keeps updates out.
         async with state.weights_lock.read():
             live = state.state_dict()
             snap = await anyio.to_thread.run_sync(snapshot, live)
         self._queue.append((snap, targets, removes))
+        self._unsaved = None
         if wait:
             await self._drain()
         else:

@@ -21,14 +21,18 @@ EPOCHS = 3
 BATCHES = 6  # per epoch
 
 
-class CancelAt(Callback):
-    """Cancels a scope right after the training batch that brings ``step`` to ``at``."""
-
-    reads = frozenset({"step"})
+class Canceller(Callback):
+    """Cancels ``scope`` when a counter reaches ``at`` (subclasses say which, and when)."""
 
     def __init__(self, at: int, scope: anyio.CancelScope) -> None:
         self.at = at
         self.scope = scope
+
+
+class CancelAt(Canceller):
+    """Cancels a scope right after the training batch that brings ``step`` to ``at``."""
+
+    reads = frozenset({"step"})
 
     async def after_fit_batch(self, state: StateView) -> None:
         if state.step == self.at:
@@ -343,7 +347,11 @@ async def test_checkpoint_does_not_wait_on_the_event_loop(tmp_path: Path) -> Non
 
 
 async def test_a_save_point_just_before_a_cancellation_is_still_written(tmp_path: Path) -> None:
-    """The epoch checkpoint's write task never got to run; the shielded teardown writes it."""
+    """The epoch checkpoint's write task never got to run; the shielded teardown writes it.
+
+    The cancellation (asked for during the second epoch) lands at the end of that epoch, a save
+    point of its own, which the teardown writes too.
+    """
     with anyio.CancelScope() as scope:
         learner = make_learner(
             callbacks=[Checkpoint(tmp_path, save_last=False), CancelAt(5, scope)],
@@ -353,8 +361,41 @@ async def test_a_save_point_just_before_a_cancellation_is_still_written(tmp_path
         )
         await learner.fit(3)
     assert scope.cancelled_caught
-    assert names(tmp_path) == ["epoch-0001.pt"]
+    assert (learner.state.epoch, learner.state.step) == (2, 8)
+    assert names(tmp_path) == ["epoch-0001.pt", "epoch-0002.pt"]
     assert load_checkpoint_file(tmp_path / "epoch-0001.pt")["progress"]["step"] == 4
+    assert load_checkpoint_file(tmp_path / "epoch-0002.pt")["progress"]["step"] == 8
+
+
+class CancelBeforeEpoch(Canceller):
+    """Cancels a scope in ``before_epoch`` of epoch ``at``, next to Checkpoint's save there."""
+
+    reads = frozenset({"epoch"})
+
+    async def before_epoch(self, state: StateView) -> None:
+        if state.epoch == self.at:
+            self.scope.cancel()
+
+
+async def test_a_cancellation_while_a_save_point_is_copied_does_not_lose_it(
+    tmp_path: Path,
+) -> None:
+    """Cancelled while the boundary's snapshot is taken: the teardown still saves that point."""
+    with anyio.CancelScope() as scope:
+        learner = make_learner(
+            callbacks=[Checkpoint(tmp_path, save_last=False), CancelBeforeEpoch(1, scope)],
+            n_batches=4,
+            compute="inline",
+        )
+        await learner.fit(3)
+    assert scope.cancelled_caught
+    # Where it lands depends on the backend (trio finishes a thread call it cannot abandon
+    # before it notices a cancellation); either way every epoch boundary passed is saved.
+    ended = learner.state.epoch
+    assert ended >= 1
+    assert names(tmp_path) == [f"epoch-{e:04d}.pt" for e in range(1, ended + 1)]
+    for e in range(1, ended + 1):
+        assert load_checkpoint_file(tmp_path / f"epoch-{e:04d}.pt")["progress"]["step"] == 4 * e
 
 
 @pytest.mark.parametrize("compute", ["thread", "inline"])
