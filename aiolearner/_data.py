@@ -260,10 +260,13 @@ class Batches:
 
     # -- consumer side ---------------------------------------------------------------------------
 
-    def next_nowait(self) -> Any:
+    def next_nowait(self, *, off_loop: bool = False) -> Any:
         """The next batch if it is ready now, ``END``, or ``WAIT``: then await :meth:`next`.
 
         The training loop's fast path: a batch that needs no waiting costs no coroutine.
+        ``off_loop``: called from the compute worker thread (a burst of batches, see ``Fit``):
+        ``WAIT`` wherever going on needs the event loop (an async source's stream), and a source
+        found slow gets its producer once the loop calls :meth:`start_producer_if_slow`.
         """
         if self._limit is not None and self._taken >= self._limit:
             self.finished = True
@@ -272,7 +275,9 @@ class Batches:
         if source._leftover:
             item = source._leftover.popleft()
         elif self._receive is None:
-            item = self._fetch_inline()
+            item = self._fetch_inline(off_loop)
+        elif off_loop and type(self._receive) is not _Feed:
+            return WAIT
         else:
             try:
                 item = self._receive.receive_nowait()
@@ -315,7 +320,17 @@ class Batches:
         )
         return exc
 
-    def _fetch_inline(self) -> Any:
+    @property
+    def wants_producer(self) -> bool:
+        """Whether the source was found slow off the loop and waits for its producer."""
+        return self._receive is None and self.source.slow
+
+    def start_producer_if_slow(self) -> None:
+        """On the event loop, after a burst: start the producer a slow source now needs."""
+        if self.wants_producer:
+            self._start_producer()
+
+    def _fetch_inline(self, off_loop: bool = False) -> Any:
         start = time.perf_counter()
         try:
             batch = next(self._it)
@@ -337,7 +352,8 @@ class Batches:
                 source.slow_fetches += 1
                 if source.slow_fetches >= 2:
                     source.slow = True
-                    self._start_producer()
+                    if not off_loop:  # a task can only be started from the loop
+                        self._start_producer()
         return self._mover.move_inline(batch)
 
     # -- producer side ---------------------------------------------------------------------------

@@ -55,6 +55,11 @@ class ReadWriteLock:
         return self._readers
 
     @property
+    def waiting(self) -> int:
+        """How many tasks wait to take either side now."""
+        return len(self._waiters)
+
+    @property
     def write_locked(self) -> bool:
         """Whether the write side is held now."""
         return self._writer

@@ -125,6 +125,10 @@ class ComputePolicy:
         self.record(seconds)
         self.maybe_reconsider()
 
+    def reconsider_due(self, now: float) -> bool:
+        """Whether auto's next decision is due (a burst of batches then hands back to the loop)."""
+        return self.mode == "auto" and now >= self._next_check
+
     def maybe_reconsider(self) -> None:
         """Re-decide if ``recheck_interval`` has passed (on the event loop only)."""
         if self.mode == "auto":
@@ -201,8 +205,18 @@ class Runtime:
     def has_val_data(self) -> bool:
         return self.val is not None
 
-    async def hop(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` in the compute worker; returns its result."""
+    async def hop(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        timed: bool = True,
+        on_cancel: Callable[[], object] | None = None,
+    ) -> Any:
+        """Run ``fn(*args)`` in the compute worker; returns its result.
+
+        ``timed=False``: ``fn`` records its batches' times itself (a burst of several batches).
+        ``on_cancel``: see :meth:`ComputeWorker.run`.
+        """
         policy = self.policy
         policy.hops += 1
         lane = compute_lane.get()
@@ -212,10 +226,12 @@ class Runtime:
                 result = await anyio.to_thread.run_sync(fn, *args, limiter=lane)
             else:
                 assert self.tg is not None
-                if policy.mode == "auto":
-                    result = await self.worker.run(self.tg, self._timed, fn, *args)
+                if timed and policy.mode == "auto":
+                    result = await self.worker.run(
+                        self.tg, self._timed, fn, *args, on_cancel=on_cancel
+                    )
                 else:
-                    result = await self.worker.run(self.tg, fn, *args)
+                    result = await self.worker.run(self.tg, fn, *args, on_cancel=on_cancel)
         finally:
             self.last_yield = time.perf_counter()
             self.hub.flush()

@@ -62,8 +62,18 @@ class ComputeWorker:
         """Whether a thread is serving this run."""
         return self._jobs is not None
 
-    async def run(self, tg: TaskGroup, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` in the worker thread (started in ``tg`` if needed); its result."""
+    async def run(
+        self,
+        tg: TaskGroup,
+        fn: Callable[..., Any],
+        *args: Any,
+        on_cancel: Callable[[], object] | None = None,
+    ) -> Any:
+        """``fn(*args)`` in the worker thread (started in ``tg`` if needed); its result.
+
+        ``on_cancel`` is called (on the loop) when the waiting task is cancelled, before it
+        waits for the job to finish: a job made of several batches uses it to stop early.
+        """
         if self._closed:
             return await anyio.to_thread.run_sync(fn, *args)
         jobs = self._jobs
@@ -75,6 +85,8 @@ class ComputeWorker:
         try:
             await job.done.wait()
         except anyio.get_cancelled_exc_class():
+            if on_cancel is not None:
+                on_cancel()
             with anyio.CancelScope(shield=True):
                 await job.done.wait()
             raise

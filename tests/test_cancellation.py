@@ -190,8 +190,12 @@ async def test_cancel_during_a_fused_batch_in_the_worker_thread_applies_it_whole
             block.release.set()
     assert scope.cancelled_caught
     # The batch in the worker could not be interrupted: it was applied entirely and counted.
-    assert learner.state.step == 6
-    assert_equal(snapshot(learner.model), by_step[6])
+    # (The worker runs a burst of batches: it stops at the first batch boundary after the
+    # cancellation has reached the training task, which may be a batch or more later when
+    # batches are this short.) Counters and weights agree either way.
+    step = learner.state.step
+    assert step >= 6
+    assert_equal(snapshot(learner.model), by_step[step])
     await learner.fit(EPOCHS)
     assert_equal(snapshot(learner.model), final)
 

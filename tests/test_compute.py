@@ -46,7 +46,10 @@ class AsyncHook(Callback):
         await anyio.lowlevel.checkpoint()
 
 
-async def test_thread_mode_runs_a_fused_batch_in_one_hop() -> None:
+async def test_thread_mode_runs_a_fused_batch_in_one_hop(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiolearner import _stages
+
+    monkeypatch.setattr(_stages, "BURST_SECONDS", 0.0)  # one batch a hop (no bursts)
     loop = threading.get_ident()
     gradient, hook = ThreadOf(), DefHook()
     learner = make_learner(
