@@ -7,8 +7,9 @@ Compute placement (``Learner(compute=...)``):
   between batches, so other tasks get turns and cancellation stays prompt; ten times less
   often while no other task is on the loop, and at every epoch's end for cancellation).
 * ``"thread"``: the blocking work runs in the learner's compute worker (one thread borrowed from
-  anyio's pool for the whole run, fed through a queue; see ``_worker.py``). A fused batch (the
-  default tree with ``def`` hooks) is one hop; an unfused one hops once per compute stage.
+  anyio's pool for the whole run, fed through a queue; see ``_worker.py``). Fused batches (the
+  default tree with ``def`` hooks) go over in bursts, several batches a hop (``Fit._burst``);
+  an unfused batch hops once per compute stage.
 * ``"auto"`` (default): runs inline while that blocks the loop for at most ``max_blocking``
   seconds per batch *or* nothing else is running on the loop; otherwise hops. It re-decides every
   ``recheck_interval`` seconds from measured batch times and the loop's task list, so a tiny

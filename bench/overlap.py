@@ -16,7 +16,8 @@ Two scenarios, each over ``n`` batches:
 
 Variants: the serial hand-written loop; the hand-written loop over a torch DataLoader with one
 worker process; aiolearner with default settings (``fetch="auto"``: the source is read inline
-until fetches turn out slow, then by a producer thread); and aiolearner reading the same
+until two fetches in a row turn out slow, then by a producer thread); aiolearner with
+``fetch="thread"`` (the source declared slow: no probe fetches); and aiolearner reading the same
 DataLoader with one worker. Variants run interleaved, repetition after repetition; times are
 medians. Every variant's final model must give the serial loop's loss, bit for bit.
 """
@@ -96,12 +97,17 @@ def run_serial(model: torch.nn.Module, data: Any) -> float:
     return time.perf_counter() - start
 
 
-def run_learner(model: torch.nn.Module, data: Any) -> float:
+def run_learner(model: torch.nn.Module, data: Any, fetch: Any = "auto") -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    learner: Learner[Batch] = Learner(model, optimizer, LOSS, data)
+    learner: Learner[Batch] = Learner(model, optimizer, LOSS, data, fetch=fetch)
     start = time.perf_counter()
     learner.fit_sync(1)
     return time.perf_counter() - start
+
+
+def run_learner_thread(model: torch.nn.Module, data: Any) -> float:
+    """The source declared slow: a producer thread from the first batch, no probe fetches."""
+    return run_learner(model, data, fetch="thread")
 
 
 def run_scenario(scenario: str, n: int, load: float, compute: float, reps: int) -> bool:
@@ -133,6 +139,7 @@ def run_scenario(scenario: str, n: int, load: float, compute: float, reps: int) 
         "serial loop": (run_serial, False),
         "loop over DataLoader (1 worker)": (run_serial, True),
         "aiolearner (default)": (run_learner, False),
+        "aiolearner, fetch='thread'": (run_learner_thread, False),
         "aiolearner over DataLoader (1 worker)": (run_learner, True),
     }
     times: dict[str, list[float]] = {v: [] for v in variants}
