@@ -62,6 +62,18 @@ class _Wait:
 WAIT: Any = _Wait()
 
 
+#: The most turns the consumer gives a producer thread it has just started to begin fetching.
+PRODUCER_START_TURNS = 20
+
+
+class _Switched(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised by an inline fetch that has just started the producer: the loop should give the
+    producer a turn before the batch (``batch``, already fetched) is computed."""
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+
+
 class _Failure:
     __slots__ = ("exc", "index")
 
@@ -255,6 +267,8 @@ class Batches:
         self._done: anyio.Event | None = None
         self._mover = source.mover
         self._inflight: Any = END
+        # Set when the producer was started by an inline fetch: next() gives it a turn first.
+        self._producer_fresh = False
         if source.is_async or source.slow:
             self._start_producer()
 
@@ -275,7 +289,13 @@ class Batches:
         if source._leftover:
             item = source._leftover.popleft()
         elif self._receive is None:
-            item = self._fetch_inline(off_loop)
+            try:
+                item = self._fetch_inline(off_loop)
+            except _Switched as switched:
+                # The batch goes first, then what the producer fetches after it; the caller
+                # awaits next(), which gives the producer its first turn before that batch.
+                source._leftover.appendleft(switched.batch)
+                return WAIT
         elif off_loop and type(self._receive) is not _Feed:
             return WAIT
         else:
@@ -289,6 +309,16 @@ class Batches:
 
     async def next(self) -> Any:
         """The next batch, on the device, or ``END``."""
+        if self._producer_fresh:
+            # Started by an inline fetch just now: a few turns let its thread begin fetching the
+            # batch after this one, which then overlaps this one's compute instead of following
+            # it. (Starting a worker thread takes anyio a few turns; bounded, once per source.)
+            self._producer_fresh = False
+            feed = self._receive
+            for _ in range(PRODUCER_START_TURNS):
+                await anyio.lowlevel.checkpoint()
+                if type(feed) is not _Feed or feed.started:
+                    break
         item = self.next_nowait()
         if item is WAIT:
             assert self._receive is not None
@@ -354,6 +384,8 @@ class Batches:
                     source.slow = True
                     if not off_loop:  # a task can only be started from the loop
                         self._start_producer()
+                        self._producer_fresh = True
+                        raise _Switched(self._mover.move_inline(batch))
         return self._mover.move_inline(batch)
 
     # -- producer side ---------------------------------------------------------------------------
@@ -397,6 +429,7 @@ class Batches:
             done.set()
 
     def _produce_sync(self, feed: _Feed, index: int) -> None:
+        feed.started = True
         item: Any = END
         try:
             while not feed.stopped:
@@ -490,6 +523,8 @@ class _Feed:
         self._cond = threading.Condition()
         self._closed = False
         self.stopped = False
+        #: Set by the producer thread when it begins (read by the loop, see Batches.next).
+        self.started = False
         self._waiter: anyio.Event | None = None
 
     # -- event loop side --

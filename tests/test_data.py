@@ -269,6 +269,56 @@ async def test_auto_fetch_moves_a_slow_source_to_the_producer_thread() -> None:
     assert len(data.threads) == 2
 
 
+class Announcing:
+    """Batches that announce (a threading.Event) when fetching of batch ``watch`` begins."""
+
+    def __init__(self, batches: list[Batch], watch: int) -> None:
+        self.batches = batches
+        self.watch = watch
+        self.fetching = threading.Event()
+
+    def __iter__(self) -> Iterator[Batch]:
+        for i, batch in enumerate(self.batches):
+            if i == self.watch:
+                self.fetching.set()
+            yield batch
+
+
+class WaitsForFetch(Callback):
+    """At ``step``, before the batch computes, waits (bounded) for the source's announcement."""
+
+    reads = frozenset({"step"})
+
+    def __init__(self, source: Announcing, step: int) -> None:
+        self.source = source
+        self.step = step
+        self.overlapped: bool | None = None
+
+    def before_gradient(self, state: StateView) -> None:
+        if state.step == self.step:
+            # Blocks the loop on purpose (inline compute): only a producer thread that is
+            # already running can fetch meanwhile.
+            self.overlapped = self.source.fetching.wait(5)
+
+
+async def test_the_producer_started_by_a_switch_fetches_during_the_current_batch() -> None:
+    # fetch_budget 0: every fetch is "slow", so the source switches at batch 1's fetch. Batch 2
+    # must then be fetched by the producer while batch 1 computes, not after it.
+    source = Announcing(make_batches(5), watch=2)
+    waits = WaitsForFetch(source, step=1)
+    learner = make_learner(
+        train_data=source,
+        with_validation=False,
+        compute="inline",
+        fetch="auto",
+        fetch_budget=0.0,
+        callbacks=[waits],
+    )
+    await learner.fit(1)
+    assert learner.state.step == 5
+    assert waits.overlapped is True
+
+
 async def test_fetch_thread_keeps_a_slow_getitem_off_the_loop() -> None:
     loop_thread = threading.get_ident()
 
