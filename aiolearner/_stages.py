@@ -17,31 +17,37 @@ A stage's ``run`` awaits its sub-stages; calling a stage (``await stage(state)``
 stage owns. Leaf stages that do blocking torch work subclass :class:`ComputeStage` and put that work
 in a plain ``def compute``: the learner's compute policy then decides whether it runs on the event
 loop or in the compute worker thread. A batch stage whose whole subtree is plain (default ``run``,
-compute leaves, ``def`` hooks only) is *fused*: in thread mode the whole batch, hooks included,
-runs in a single hop to the worker thread.
+compute leaves, ``def`` hooks only) is *fused*: it runs as one synchronous call, on the loop or,
+in thread mode, in the compute worker, several batches a hop (``_fused.py``). The base classes
+are in ``_stage.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import torch
 
+from . import _fused
 from ._data import END, WAIT
 from ._device import wait_ready
 from ._exceptions import ControlFlow, SkipBatch, StopEpoch, StopFit
 from ._runtime import snapshot_source
-from ._state import ReadOnlyList, State
+from ._stage import (
+    ComputeStage,
+    FlatProgram,
+    Stage,
+    batch_size,
+    note_stage_error,
+    split_batch,
+)
+from ._state import State
 
 if TYPE_CHECKING:
     from ._data import Batches
-    from ._locks import ReadWriteLock
-    from ._plan import HookPlan
     from ._runtime import Runtime
 
 __all__ = [
@@ -56,275 +62,10 @@ __all__ = [
     "Validate",
     "ValidateBatch",
     "ValidateLoss",
+    "batch_size",
+    "note_stage_error",
     "split_batch",
 ]
-
-
-#: The compute leaves of a flat batch stage with their ``compute`` methods (see _flat_program).
-FlatProgram = tuple[tuple["ComputeStage", Any], ...]
-
-
-def _snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
-_NOTED = "_aiolearner_noted"
-
-
-def note_stage_error(exc: BaseException, stage: str, state: State) -> None:
-    """Add one note naming where a stage-body error happened (the innermost stage only)."""
-    if isinstance(exc, BaseExceptionGroup) or getattr(exc, _NOTED, False):
-        return
-    d = state.__dict__
-    exc.add_note(
-        f"aiolearner: raised in stage {stage!r} at epoch {d.get('epoch')}, step {d.get('step')}"
-        f" (batch {d.get('batch_index')} of the epoch, phase {d.get('phase')!r})"
-    )
-    try:
-        setattr(exc, _NOTED, True)
-    except AttributeError:  # pragma: no cover - exceptions with __slots__
-        pass
-
-
-class Stage:
-    """Base class of stages: one coroutine that transforms the state, awaiting its sub-stages.
-
-    Subclasses override :meth:`run`; the default awaits the sub-stages passed to ``__init__`` in
-    order. Each stage's ``name`` gives its hooks their names (``before_<name>``/``after_<name>``);
-    it defaults to the snake-case class name and is inherited by subclasses of named stages, so a
-    subclass of :class:`FitBatch` is still hooked as ``fit_batch``.
-
-    Class attributes:
-        name: the stage's name in the tree.
-        catches: the control-flow exceptions this stage owns and acts on.
-
-    Example:
-        >>> class TwoPassFitBatch(FitBatch):
-        ...     async def run(self, state):
-        ...         await self.gradient(state)
-        ...         await self.gradient(state)   # a stage may await a sub-stage twice
-        ...         await self.update(state)
-    """
-
-    name: ClassVar[str] = "stage"
-    _generic_base: ClassVar[bool] = True
-    catches: ClassVar[tuple[type[ControlFlow], ...]] = ()
-    #: Whether the stage's ``after_`` hook still runs once it caught one of its ``catches``.
-    after_hook_when_caught: ClassVar[bool] = True
-
-    _before: HookPlan | None
-    _after: HookPlan | None
-    _rt: Runtime | None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # Generic bases (Stage, ComputeStage) do not pass their name on: a direct subclass of
-        # ComputeStage is a new stage, while a subclass of Gradient still is the gradient stage.
-        if "name" not in cls.__dict__ and all(
-            "name" not in base.__dict__
-            for base in cls.__mro__[1:]
-            if not base.__dict__.get("_generic_base", False)
-        ):
-            cls.name = _snake(cls.__name__)
-
-    def __init__(self, *children: Stage) -> None:
-        self.children: tuple[Stage, ...] = children
-        self._before = None
-        self._after = None
-        self._rt = None
-        self._fused = False
-        self._fused_writes = False
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r}>"
-
-    def walk(self) -> Iterator[Stage]:
-        """This stage and every stage under it, depth first."""
-        yield self
-        for child in self.children:
-            yield from child.walk()
-
-    @property
-    def hook_names(self) -> tuple[str, str]:
-        """``("before_<name>", "after_<name>")``."""
-        return f"before_{self.name}", f"after_{self.name}"
-
-    @property
-    def runtime(self) -> Runtime:
-        """The learner's runtime (stage API): compute policy, data sources, progress."""
-        rt = self._rt
-        if rt is None:
-            raise RuntimeError(f"stage {self.name!r} is not part of a built Learner")
-        return rt
-
-    async def run(self, state: State) -> None:
-        """The stage's work. The default runs the sub-stages one after the other."""
-        for child in self.children:
-            await child(state)
-
-    def run_sync(self, state: State) -> None:
-        """The same as :meth:`run` without the event loop (used when the batch is fused)."""
-        for child in self.children:
-            child.call_sync(state)
-
-    def acted(self, state: State, flow: ControlFlow) -> None:
-        """Called when this stage caught one of its ``catches`` (records the reason)."""
-        state.stop_reason = flow.reason or type(flow).__name__
-        rt = self._rt
-        if rt is not None and rt.observed:
-            rt.observe_control(self, flow, state)
-
-    async def __call__(self, state: State) -> None:
-        rt = self._rt
-        if rt is None:
-            raise RuntimeError(f"stage {self.name!r} is not part of a built Learner")
-        if self._fused:
-            await rt.run_fused(self, state)
-            return
-        observed = rt.observed
-        start = rt.enter(self, state) if observed else 0.0
-        before, after = self._before, self._after
-        in_after = False
-        try:
-            if before is not None:
-                await before.run()
-            await self.run(state)
-            if after is not None:
-                in_after = True
-                await after.run()
-        except ControlFlow as flow:
-            if not isinstance(flow, self.catches):
-                raise
-            self.acted(state, flow)
-            if after is not None and not in_after and self.after_hook_when_caught:
-                try:
-                    await after.run()
-                except ControlFlow as again:
-                    if not isinstance(again, self.catches):
-                        raise
-                    self.acted(state, again)
-        except Exception as exc:
-            note_stage_error(exc, self.name, state)
-            raise
-        finally:
-            if observed:
-                rt.exit(self, state, start)
-
-    def call_sync(self, state: State) -> None:
-        """:meth:`__call__` without the event loop; only for fused subtrees (def hooks only)."""
-        rt = self._rt
-        assert rt is not None
-        observed = rt.observed
-        start = rt.enter(self, state) if observed else 0.0
-        before, after = self._before, self._after
-        in_after = False
-        try:
-            if before is not None:
-                before.run_sync()
-            self.run_sync(state)
-            if after is not None:
-                in_after = True
-                after.run_sync()
-        except ControlFlow as flow:
-            if not isinstance(flow, self.catches):
-                raise
-            self.acted(state, flow)
-            if after is not None and not in_after and self.after_hook_when_caught:
-                try:
-                    after.run_sync()
-                except ControlFlow as again:
-                    if not isinstance(again, self.catches):
-                        raise
-                    self.acted(state, again)
-        except Exception as exc:
-            note_stage_error(exc, self.name, state)
-            raise
-        finally:
-            if observed:
-                rt.exit(self, state, start)
-
-
-class ComputeStage(Stage):
-    """A leaf stage whose work is blocking torch code, written as a plain ``def compute``.
-
-    The learner's compute policy runs ``compute`` on the event loop (inline) or in the compute
-    worker thread. Set ``writes_weights = True`` when ``compute`` changes the model's weights or
-    the optimizer: it then runs under the write side of the weights lock, and in thread mode it is
-    shielded from cancellation so an update is applied entirely or not at all.
-    """
-
-    writes_weights: ClassVar[bool] = False
-    _generic_base: ClassVar[bool] = True
-
-    def compute(self, state: State) -> None:
-        """The blocking work of the stage."""
-        raise NotImplementedError(f"{type(self).__name__} must implement compute(state)")
-
-    async def run(self, state: State) -> None:
-        rt = self.runtime
-        if self.writes_weights:
-            lock = rt.weights_lock
-            if not lock.acquire_write_nowait():
-                await lock.acquire_write()
-            try:
-                if rt.hop_leaves:
-                    # Shielded: the thread cannot be interrupted, and the counters written with
-                    # the update must land with it.
-                    with anyio.CancelScope(shield=True):
-                        await rt.hop(self.compute, state)
-                elif rt.policy.mode == "auto":
-                    start = time.perf_counter()
-                    try:
-                        self.compute(state)
-                    finally:
-                        rt.policy.observe(time.perf_counter() - start)
-                else:
-                    self.compute(state)
-            finally:
-                lock.release_write()
-        elif rt.hop_leaves:
-            await rt.hop(self.compute, state)
-        elif rt.policy.mode == "auto":
-            start = time.perf_counter()
-            try:
-                self.compute(state)
-            finally:
-                rt.policy.observe(time.perf_counter() - start)
-        else:
-            self.compute(state)
-
-    def run_sync(self, state: State) -> None:
-        self.compute(state)
-
-
-def split_batch(batch: Any, stage: str) -> tuple[Any, Any]:
-    """``(inputs, targets)`` of a batch given as a pair (tuple or list).
-
-    A list batch (what a DataLoader yields) seen through a callback's read-only view is a
-    :class:`ReadOnlyList`; it is accepted too.
-    """
-    if isinstance(batch, tuple | list | ReadOnlyList) and len(batch) == 2:
-        return batch[0], batch[1]
-    got = type(batch).__name__
-    if isinstance(batch, tuple | list | ReadOnlyList):
-        got += f" of {len(batch)}"
-    raise TypeError(
-        f"stage {stage!r} expects each batch as (inputs, targets), got {got}; give the data in"
-        " that form or replace the stage with one that unpacks your batches"
-    )
-
-
-def batch_size(batch: Any) -> int:
-    """The number of samples in a batch (its first tensor's first dimension; 1 if unknown)."""
-    item = batch
-    # Sequence and Mapping, not just list and dict: callbacks see batches through read-only views.
-    while isinstance(item, Sequence) and not isinstance(item, str | bytes) and len(item):
-        item = item[0]
-    if isinstance(item, Mapping) and item:
-        item = next(iter(item.values()))
-    if isinstance(item, torch.Tensor) and item.dim() > 0:
-        return int(item.shape[0])
-    return 1
 
 
 class Gradient(ComputeStage):
@@ -419,7 +160,7 @@ class Fit(Stage):
         # Runtime.run_fused would do, minus ~2 us a batch (a tiny model's whole budget).
         fused = fit_batch._fused
         lock = rt.weights_lock if fit_batch._fused_writes else None
-        flat = _flat_program(fit_batch) if fused else None
+        flat = _fused.flat_program(fit_batch) if fused else None
         plain = flat is not None and _is_default_batch(fit_batch)
         clock = time.perf_counter
         # Thread mode, fused batches, no validation between batches: a burst of batches per hop.
@@ -447,7 +188,7 @@ class Fit(Stage):
                     ):
                         start = clock()
                         try:
-                            _run_fused(fit_batch, rt, state, losses, plain, flat)
+                            _fused.run_fused(fit_batch, rt, state, losses, plain, flat)
                         finally:
                             if lock is not None:
                                 lock.release_write()
@@ -496,8 +237,8 @@ class Fit(Stage):
         burst goes on in the worker with the next batch while one is ready without the event
         loop, and hands back when the loop is needed: a batch to await, the end of the pass, a
         cancellation (after the batch in progress), a task waiting for the weights lock, auto's
-        next decision, or BURST_SECONDS. The loop stays free all along; each batch is finished
-        exactly as on the loop. Returns what the loop takes next: ``None`` (take a batch),
+        next decision, or ``_fused.BURST_SECONDS``. The loop stays free all along; each batch is
+        finished exactly as on the loop. Returns what the loop takes next: ``None`` (take a batch),
         ``WAIT`` or ``END``.
         """
         fit_batch = self.fit_batch
@@ -507,7 +248,7 @@ class Fit(Stage):
         stop: list[bool] = []
         try:
             return await rt.hop(
-                _burst_sync,
+                _fused.burst_sync,
                 fit_batch,
                 rt,
                 state,
@@ -526,112 +267,6 @@ class Fit(Stage):
             batches.start_producer_if_slow()
 
 
-#: The longest a burst of batches keeps the compute worker before handing back to the loop.
-BURST_SECONDS = 0.05
-
-
-def _burst_sync(
-    fit_batch: Stage,
-    rt: Runtime,
-    state: State,
-    batches: Batches,
-    losses: list[torch.Tensor],
-    plain: bool,
-    flat: FlatProgram | None,
-    lock: ReadWriteLock | None,
-    stop: list[bool],
-) -> Any:
-    """The body of :meth:`Fit._burst`, in the compute worker thread."""
-    policy = rt.policy
-    clock = time.perf_counter
-    until = clock() + BURST_SECONDS
-    while True:
-        start = clock()
-        try:
-            _run_fused(fit_batch, rt, state, losses, plain, flat)
-        finally:
-            now = clock()
-            policy.record(now - start)
-        # Errors and StopEpoch leave the batch to the loop (Fit.run), as for a single batch.
-        rt.finish_batch(state, losses)
-        if (
-            stop
-            or now >= until
-            or policy.reconsider_due(now)
-            or (lock is not None and lock.waiting)
-            or batches.wants_producer
-        ):
-            return None
-        batch = batches.next_nowait(off_loop=True)
-        if batch is WAIT or batch is END:
-            return batch
-        state.batch = batch
-        rt.committed = False
-
-
-def _run_fused(
-    fit_batch: Stage,
-    rt: Runtime,
-    state: State,
-    losses: list[torch.Tensor],
-    plain: bool,
-    flat: FlatProgram | None,
-) -> None:
-    """One fused batch, by the shortest path that gives the same outcome."""
-    if plain and not rt.observed:
-        _run_default_batch(fit_batch, rt, state, losses)
-    elif flat is not None and not rt.observed:
-        _run_flat(fit_batch, flat, state)
-    else:
-        fit_batch.call_sync(state)
-
-
-def _flat_program(stage: Stage) -> FlatProgram | None:
-    """The compute leaves of a batch stage, when a batch is nothing but calling them in order.
-
-    That is: no hooks on the stage or its children, default ``call_sync``/``run_sync``, and
-    children that are plain compute leaves owning no control flow (the default FitBatch with
-    no callbacks on its hooks). Otherwise ``None``.
-    """
-    if stage._before is not None or stage._after is not None:
-        return None
-    if type(stage).call_sync is not Stage.call_sync or type(stage).run_sync is not Stage.run_sync:
-        return None
-    leaves = []
-    for child in stage.children:
-        if (
-            not isinstance(child, ComputeStage)
-            or child.children
-            or child.catches
-            or child._before is not None
-            or child._after is not None
-            or type(child).call_sync is not Stage.call_sync
-            or type(child).run_sync is not ComputeStage.run_sync
-        ):
-            return None
-        leaves.append((child, child.compute))
-    return tuple(leaves)
-
-
-def _run_flat(stage: Stage, leaves: FlatProgram, state: State) -> None:
-    """``stage.call_sync(state)`` for a stage :func:`_flat_program` accepted, in one frame.
-
-    The same outcome as the nested calls (~4 us a batch fewer on the development machine): a
-    control-flow exception the stage owns is acted on; an error is noted with the leaf's name.
-    """
-    leaf: Stage = stage
-    try:
-        for leaf, compute in leaves:  # noqa: B007 (the except clauses name the leaf)
-            compute(state)
-    except ControlFlow as flow:
-        if not isinstance(flow, stage.catches):
-            raise
-        stage.acted(state, flow)
-    except Exception as exc:
-        note_stage_error(exc, leaf.name, state)
-        raise
-
-
 def _is_default_batch(stage: Stage) -> bool:
     """Whether a flat batch stage is exactly the default FitBatch(Gradient(), Update())."""
     return (
@@ -640,39 +275,6 @@ def _is_default_batch(stage: Stage) -> bool:
         and type(stage.children[0]) is Gradient
         and type(stage.children[1]) is Update
     )
-
-
-def _run_default_batch(stage: Stage, rt: Runtime, state: State, losses: list[torch.Tensor]) -> None:
-    """:func:`_run_flat` for the default FitBatch with no hooks anywhere, in one frame.
-
-    The same work as ``Gradient.compute`` then ``Update.compute``, with the same outcome, minus
-    the state round trips nobody can observe: with no hook on the batch, ``output`` and ``loss``
-    would only be written to the state to be cleared by ``finish_batch``, so the loss goes
-    straight into the pass's ``losses`` and ``output`` is freed as soon as the loss is computed,
-    as in a hand-written loop. On a tiny model that is ~5 us a batch fewer (docs/performance.md):
-    keeping tensors alive longer and touching more Python objects between torch calls slows the
-    torch calls themselves, not only the Python around them.
-    """
-    d = state.__dict__
-    name = "gradient"
-    try:
-        inputs, targets = split_batch(d["batch"], name)
-        loss = d["loss_fn"](d["model"](inputs), targets)
-        loss.backward()
-        name = "update"
-        optimizer = d["optimizer"]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        rt.commit(state)
-    except ControlFlow as flow:
-        if not isinstance(flow, stage.catches):
-            raise
-        stage.acted(state, flow)
-        return
-    except Exception as exc:
-        note_stage_error(exc, name, state)
-        raise
-    losses.append(loss.detach())
 
 
 class ValidateLoss(ComputeStage):

@@ -13,7 +13,7 @@ import sniffio
 import torch
 from blockbuster import BlockingError, blockbuster_ctx
 
-from aiolearner import Callback, Gradient, StateView
+from aiolearner import Callback, Gradient, StateView, _fused
 from aiolearner.testing import make_batches, make_learner
 
 
@@ -47,9 +47,7 @@ class AsyncHook(Callback):
 
 
 async def test_thread_mode_runs_a_fused_batch_in_one_hop(monkeypatch: pytest.MonkeyPatch) -> None:
-    from aiolearner import _stages
-
-    monkeypatch.setattr(_stages, "BURST_SECONDS", 0.0)  # one batch a hop (no bursts)
+    monkeypatch.setattr(_fused, "BURST_SECONDS", 0.0)  # one batch a hop (no bursts)
     loop = threading.get_ident()
     gradient, hook = ThreadOf(), DefHook()
     learner = make_learner(
@@ -250,16 +248,16 @@ async def test_the_detectors_see_blocking_calls_in_inline_mode() -> None:
 async def test_a_hookless_batch_runs_flat_with_the_same_errors_and_control_flow(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from aiolearner import SkipBatch, _stages
+    from aiolearner import SkipBatch
 
     calls: list[int] = []
-    run_flat = _stages._run_flat
+    run_flat = _fused.run_flat
 
     def spy(*args: Any) -> None:
         calls.append(1)
         run_flat(*args)
 
-    monkeypatch.setattr(_stages, "_run_flat", spy)
+    monkeypatch.setattr(_fused, "run_flat", spy)
 
     class Fails(Gradient):
         def compute(self, state: Any) -> None:
@@ -295,16 +293,14 @@ class Plain(Gradient):
 async def test_the_default_batch_matches_the_general_path_bit_for_bit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from aiolearner import _stages
-
     calls: list[int] = []
-    run_default = _stages._run_default_batch
+    run_default = _fused.run_default_batch
 
     def spy(*args: Any) -> None:
         calls.append(1)
         run_default(*args)
 
-    monkeypatch.setattr(_stages, "_run_default_batch", spy)
+    monkeypatch.setattr(_fused, "run_default_batch", spy)
     fast = make_learner(n_batches=5, compute="inline")
     await fast.fit(2)
     assert calls == [1] * 10
