@@ -60,7 +60,8 @@ class Learner(Generic[TBatch]):
             (``{"fit_batch": MyFitBatch()}``), or a whole tree (a :class:`FitRun`).
         compute: ``"auto"`` (default), ``"thread"`` or ``"inline"``; see ``docs/performance.md``.
         max_blocking: with ``compute="auto"``, the longest a batch may block the event loop
-            (seconds) when other tasks share the loop.
+            (seconds) when other tasks share the loop; learners training inline on the same
+            loop count together.
         prefetch: how many batches the producer fetches ahead (memory stream depth).
         fetch: ``"auto"`` (default: inline while fetching is cheap, a producer thread once a
             fetch takes over ``fetch_budget`` seconds), ``"thread"`` or ``"inline"``.
@@ -385,6 +386,7 @@ class Learner(Generic[TBatch]):
             async with anyio.create_task_group() as tg:
                 rt.tg = tg
                 rt.worker.open()
+                rt.policy.enter_run(rt.yield_interval)
                 try:
                     yield
                 except BaseException as exc:
@@ -394,6 +396,7 @@ class Learner(Generic[TBatch]):
                     failure = exc
                     tg.cancel_scope.cancel()
                 finally:
+                    rt.policy.exit_run()
                     # The compute worker thread (if a hop started it) goes back to the pool.
                     rt.worker.stop()
             if failure is not None:

@@ -11,14 +11,18 @@ Compute placement (``Learner(compute=...)``):
   default tree with ``def`` hooks) go over in bursts, several batches a hop (``Fit._burst``);
   an unfused batch hops once per compute stage.
 * ``"auto"`` (default): runs inline while that blocks the loop for at most ``max_blocking``
-  seconds per batch *or* nothing else is running on the loop; otherwise hops. It re-decides every
-  ``recheck_interval`` seconds from measured batch times and the loop's task list, so a tiny
-  model keeps inline overhead, and a heavy model keeps a web service on the same loop responsive.
+  seconds per batch *or* nothing else is running on the loop; otherwise hops. Learners training
+  inline on one loop count together: their slices (a batch, or the batches between two turns)
+  add up against ``max_blocking``. It re-decides every ``recheck_interval`` seconds from
+  measured batch times and the loop's task list, so a tiny model keeps inline overhead, and a
+  heavy model keeps a web service on the same loop responsive.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -113,6 +117,9 @@ class ComputePolicy:
         self.limiter = anyio.CapacityLimiter(1)
         self._typical: float | None = None
         self._next_check = 0.0
+        # Set while a run is on (see enter_run): the event loop's thread, the turn interval.
+        self._loop_thread: int | None = None
+        self._turn = 0.0
         #: How many hops were made (for tests and the throughput report).
         self.hops = 0
 
@@ -138,15 +145,46 @@ class ComputePolicy:
                 self._next_check = now + self.recheck_interval
                 self.reconsider()
 
+    def enter_run(self, turn_interval: float) -> None:
+        """A run of this learner starts on the current thread's event loop."""
+        self._loop_thread = threading.get_ident()
+        self._turn = turn_interval
+        _RUNNING.add(self)
+
+    def exit_run(self) -> None:
+        """The run is over."""
+        _RUNNING.discard(self)
+        self._loop_thread = None
+
+    def blocking_slice(self) -> float:
+        """How long this learner, running inline, holds the event loop at a time: a batch, or
+        the batches between two turns, whichever is longer."""
+        return max(self._typical or 0.0, self._turn)
+
     def reconsider(self) -> None:
         typical = self._typical
         heavy = typical is not None and typical > self.max_blocking
+        if typical is not None and not heavy and self._loop_thread is not None:
+            # Several learners training inline on one event loop each hold it for a slice in
+            # turn: a task waiting for the loop waits for all of them. Count theirs too.
+            loop = self._loop_thread
+            crowd = self.blocking_slice() + sum(
+                other.blocking_slice()
+                for other in list(_RUNNING)
+                if other is not self and other._loop_thread == loop and not other.hopping
+            )
+            heavy = crowd > self.max_blocking
         self.hopping = heavy and loop_is_shared()
 
     @property
     def typical_seconds(self) -> float | None:
         """The smoothed duration of a batch's compute, as measured."""
         return self._typical
+
+
+#: The compute policies of the learners running now (any event loop, any thread): ``auto``
+#: counts the other learners training inline on its own event loop.
+_RUNNING: weakref.WeakSet[ComputePolicy] = weakref.WeakSet()
 
 
 class Runtime:

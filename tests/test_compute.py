@@ -388,3 +388,32 @@ async def test_a_shared_event_loop_gets_a_turn_every_yield_interval() -> None:
         tg.start_soon(train)
         await done.wait()  # this task shares the loop (it could as well serve requests)
     assert learner._rt.yield_every == pytest.approx(1e-9)
+
+
+async def test_auto_counts_the_other_learners_training_inline_on_the_loop() -> None:
+    from aiolearner._runtime import ComputePolicy
+
+    # Three learners on this loop, each with 0.1 ms batches and a turn every 0.8 ms: alone,
+    # each would stay inline (0.8 ms < max_blocking); together inline they hold the loop
+    # 2.4 ms a round, so auto hops until what is left inline fits the bound.
+    policies = [ComputePolicy("auto", max_blocking=0.002) for _ in range(3)]
+    async with anyio.create_task_group() as tg:
+        other = anyio.Event()
+        tg.start_soon(other.wait, name="app.other")  # the loop is shared with the application
+        await anyio.wait_all_tasks_blocked()
+        policies[0].enter_run(0.0008)
+        policies[0].record(0.0001)
+        policies[0].reconsider()
+        assert not policies[0].hopping  # alone: 0.8 ms a round
+        for policy in policies[1:]:
+            policy.enter_run(0.0008)
+            policy.record(0.0001)
+        policies[0].reconsider()
+        assert policies[0].hopping  # 3 x 0.8 ms inline would be over 2 ms
+        policies[1].reconsider()
+        assert not policies[1].hopping  # with the first one hopping: 2 x 0.8 ms fits
+        for policy in policies:
+            policy.exit_run()
+        policies[0].reconsider()
+        assert not policies[0].hopping  # the others are gone (and its run is over)
+        other.set()
