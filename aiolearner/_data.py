@@ -290,7 +290,7 @@ class Batches:
             item = source._leftover.popleft()
         elif self._receive is None:
             try:
-                item = self._fetch_inline(off_loop)
+                return self._fetch_inline(off_loop)
             except _Switched as switched:
                 # The batch goes first, then what the producer fetches after it; the caller
                 # awaits next(), which gives the producer its first turn before that batch.
@@ -361,11 +361,13 @@ class Batches:
             self._start_producer()
 
     def _fetch_inline(self, off_loop: bool = False) -> Any:
+        """Fetch on the calling thread; what :meth:`next_nowait` returns (the batch counted as
+        :meth:`_accept` counts one: it is done here, once a batch a call fewer)."""
         start = time.perf_counter()
         try:
             batch = next(self._it)
         except StopIteration:
-            return END
+            return self._accept(END)
         except Exception as exc:
             raise self._failed(exc, self.index) from None
         source = self.source
@@ -385,8 +387,13 @@ class Batches:
                     if not off_loop:  # a task can only be started from the loop
                         self._start_producer()
                         self._producer_fresh = True
+                        # Handed back through the leftover queue, counted when taken.
                         raise _Switched(self._mover.move_inline(batch))
-        return self._mover.move_inline(batch)
+        moved = self._mover.move_inline(batch)
+        self._taken += 1
+        self.index += 1
+        source.position += 1
+        return moved
 
     # -- producer side ---------------------------------------------------------------------------
 

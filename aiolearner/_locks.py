@@ -111,7 +111,9 @@ class ReadWriteLock:
         """Give back the write side."""
         if not self._writer:
             raise RuntimeError("release_write() without a matching acquire_write()")
-        self._release(write=True)
+        self._writer = False
+        if self._waiters:
+            self._grant()
 
     def _release(self, write: bool) -> None:
         if write:

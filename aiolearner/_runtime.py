@@ -128,10 +128,20 @@ class ComputePolicy:
         typical = self._typical
         self._typical = seconds if typical is None else 0.8 * typical + 0.2 * seconds
 
-    def observe(self, seconds: float) -> None:
-        """Record a duration and maybe change the decision (on the event loop only)."""
-        self.record(seconds)
-        self.maybe_reconsider()
+    def observe(self, seconds: float, now: float | None = None) -> None:
+        """Record a duration and maybe change the decision (on the event loop only).
+
+        ``now``: the current ``time.perf_counter()``, when the caller has it (the training loop
+        does; this runs once a batch, so the calls it saves count for a tiny model).
+        """
+        typical = self._typical
+        self._typical = seconds if typical is None else 0.8 * typical + 0.2 * seconds
+        if self.mode == "auto":
+            if now is None:
+                now = time.perf_counter()
+            if now >= self._next_check:
+                self._next_check = now + self.recheck_interval
+                self.reconsider()
 
     def reconsider_due(self, now: float) -> bool:
         """Whether auto's next decision is due (a burst of batches then hands back to the loop)."""

@@ -188,11 +188,15 @@ class Fit(Stage):
                     ):
                         start = clock()
                         try:
-                            _fused.run_fused(fit_batch, rt, state, losses, plain, flat)
+                            if plain and not rt.observed:
+                                _fused.run_default_batch(fit_batch, rt, state, losses)
+                            else:
+                                _fused.run_fused(fit_batch, rt, state, losses, plain, flat)
                         finally:
                             if lock is not None:
                                 lock.release_write()
-                            policy.observe(clock() - start)
+                            end = clock()
+                            policy.observe(end - start, end)
                     elif bursts and policy.hopping:
                         after_burst = await self._burst(rt, state, batches, losses, plain, flat)
                     else:
