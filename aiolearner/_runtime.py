@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -159,11 +158,13 @@ class ComputePolicy:
         """A run of this learner starts on the current thread's event loop."""
         self._loop_thread = threading.get_ident()
         self._turn = turn_interval
-        _RUNNING.add(self)
+        with _RUNNING_LOCK:
+            _RUNNING.add(self)
 
     def exit_run(self) -> None:
         """The run is over."""
-        _RUNNING.discard(self)
+        with _RUNNING_LOCK:
+            _RUNNING.discard(self)
         self._loop_thread = None
 
     def blocking_slice(self) -> float:
@@ -178,9 +179,11 @@ class ComputePolicy:
             # Several learners training inline on one event loop each hold it for a slice in
             # turn: a task waiting for the loop waits for all of them. Count theirs too.
             loop = self._loop_thread
+            with _RUNNING_LOCK:  # learners may run on event loops in other threads too
+                running = list(_RUNNING)
             crowd = self.blocking_slice() + sum(
                 other.blocking_slice()
-                for other in list(_RUNNING)
+                for other in running
                 if other is not self and other._loop_thread == loop and not other.hopping
             )
             heavy = crowd > self.max_blocking
@@ -193,8 +196,10 @@ class ComputePolicy:
 
 
 #: The compute policies of the learners running now (any event loop, any thread): ``auto``
-#: counts the other learners training inline on its own event loop.
-_RUNNING: weakref.WeakSet[ComputePolicy] = weakref.WeakSet()
+#: counts the other learners training inline on its own event loop. A run always leaves it
+#: (``Learner._running`` calls ``exit_run`` in a ``finally``).
+_RUNNING: set[ComputePolicy] = set()
+_RUNNING_LOCK = threading.Lock()
 
 
 class Runtime:

@@ -417,3 +417,22 @@ async def test_auto_counts_the_other_learners_training_inline_on_the_loop() -> N
         policies[0].reconsider()
         assert not policies[0].hopping  # the others are gone (and its run is over)
         other.set()
+
+
+async def test_a_run_registers_its_policy_only_while_it_runs() -> None:
+    from aiolearner import _runtime
+
+    seen: list[bool] = []
+
+    class Probe(Callback):
+        def before_fit(self, state: StateView) -> None:
+            seen.append(learner.compute_policy in _runtime._RUNNING)
+
+    learner = make_learner(n_batches=2, with_validation=False, callbacks=[Probe()])
+    await learner.fit(1)
+    assert seen == [True]
+    assert learner.compute_policy not in _runtime._RUNNING
+    bad = make_learner(train_data=[(torch.randn(5, 7), torch.zeros(5, dtype=torch.long))])
+    with pytest.raises(RuntimeError):
+        await bad.fit(1)
+    assert bad.compute_policy not in _runtime._RUNNING  # also after an error
