@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from aiolearner import Callback, StateView
 from examples import digits, gan, grad_accumulation
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """The examples' models are tiny: a torch thread pool only slows them down (a lot, on a busy
-    machine), as in the digits demo's ``main``."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class CountHooks(Callback):
