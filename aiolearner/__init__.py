@@ -6,6 +6,8 @@ The public API is what this module exports; everything else lives in private mod
 from __future__ import annotations
 
 from ._callbacks import Callback as Callback
+from ._context import StageContext as Runtime  # its earlier name
+from ._context import StageContext as StageContext
 from ._data import Batches as Batches
 from ._events import Event as Event
 from ._events import EventStream as EventStream
@@ -14,6 +16,7 @@ from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import ControlFlow as ControlFlow
 from ._exceptions import LearnerBusyError as LearnerBusyError
 from ._exceptions import SkipBatch as SkipBatch
+from ._exceptions import StageError as StageError
 from ._exceptions import StateAccessError as StateAccessError
 from ._exceptions import StopEpoch as StopEpoch
 from ._exceptions import StopFit as StopFit
@@ -26,20 +29,22 @@ from ._learner import Learner as Learner
 from ._learner import LearnerStatus as LearnerStatus
 from ._locks import ReadWriteLock as ReadWriteLock
 from ._parallel import Parallel as Parallel
-from ._runtime import ComputePolicy as ComputePolicy
-from ._runtime import Runtime as Runtime
-from ._stages import ComputeStage as ComputeStage
+from ._policy import ComputePolicy as ComputePolicy
+from ._rng import capture_rng as capture_rng
+from ._rng import restore_rng as restore_rng
+from ._stage import ComputeStage as ComputeStage
+from ._stage import Stage as Stage
+from ._stage import batch_size as batch_size
+from ._stage import split_batch as split_batch
 from ._stages import Epoch as Epoch
 from ._stages import Fit as Fit
 from ._stages import FitBatch as FitBatch
 from ._stages import FitRun as FitRun
 from ._stages import Gradient as Gradient
-from ._stages import Stage as Stage
 from ._stages import Update as Update
 from ._stages import Validate as Validate
 from ._stages import ValidateBatch as ValidateBatch
 from ._stages import ValidateLoss as ValidateLoss
-from ._stages import split_batch as split_batch
 from ._state import ReadOnlyDict as ReadOnlyDict
 from ._state import ReadOnlyList as ReadOnlyList
 from ._state import State as State
@@ -79,6 +84,8 @@ __all__ = [
     "Runtime",
     "SkipBatch",
     "Stage",
+    "StageContext",
+    "StageError",
     "State",
     "StateAccessError",
     "StateView",
@@ -90,6 +97,9 @@ __all__ = [
     "Validate",
     "ValidateBatch",
     "ValidateLoss",
+    "batch_size",
+    "capture_rng",
+    "restore_rng",
     "split_batch",
 ]
 

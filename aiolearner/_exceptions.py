@@ -6,7 +6,8 @@ Hierarchy::
     ├── AiolearnerError                 base of the "you misused it" errors
     │   ├── ConfigurationError          bad callbacks/stages, found when the Learner is built
     │   ├── StateAccessError            undeclared or invalid state access, where it happens
-    │   └── LearnerBusyError            a call that the learner's lifecycle does not allow now
+    │   ├── LearnerBusyError            a call that the learner's lifecycle does not allow now
+    │   └── StageError                  a stage broke the stage protocol while running
     └── ControlFlow                     raised on purpose to steer training, never an error
         ├── SkipBatch                   drop the current batch; owned by FitBatch / ValidateBatch
         ├── StopEpoch                   end the current pass (training or validation) early
@@ -25,6 +26,7 @@ __all__ = [
     "ControlFlow",
     "LearnerBusyError",
     "SkipBatch",
+    "StageError",
     "StateAccessError",
     "StopEpoch",
     "StopFit",
@@ -116,6 +118,27 @@ class LearnerBusyError(AiolearnerError, RuntimeError):
         self.action = action
         self.status = status
         super().__init__(f"cannot {action}: the learner is {status}")
+
+
+class StageError(AiolearnerError, RuntimeError):
+    """Raised where a stage breaks the rules every stage follows, found while it runs.
+
+    A training batch that ended without being committed (``context.commit(state)``), a
+    control-flow exception raised where no running stage owns it, two branches of a
+    :class:`~aiolearner.Parallel` changing the same state field, a stage that sets a state field
+    no stage declares in ``fields``, a batch compiled to run without the event loop whose stage
+    awaited something that suspends.
+
+    It derives from :class:`RuntimeError` too (what these cases raised before it existed).
+
+    Attributes:
+        stage: the name of the stage concerned.
+    """
+
+    def __init__(self, problem: str, *, stage: str) -> None:
+        self.problem = problem
+        self.stage = stage
+        super().__init__(f"stage {stage!r}: {problem}")
 
 
 class ControlFlow(Exception):  # noqa: N818 - these are signals, not errors

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import inspect
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -14,20 +13,22 @@ from typing import Any, Generic, Literal, TypeVar
 import anyio
 import torch
 
+from . import _build, _persist
 from ._callbacks import Callback
 from ._data import BatchSource, FetchMode
 from ._device import DeviceMover
 from ._events import EventHub, EventStream
-from ._exceptions import ConfigurationError, LearnerBusyError
+from ._exceptions import LearnerBusyError
+from ._executor import Executor
 from ._handle import LearnerSnapshot
 from ._locks import ReadWriteLock
-from ._plan import HookPlan, build_plan
-from ._rng import capture_rng, restore_rng, rng_from_portable, rng_to_portable
-from ._runtime import ComputeMode, ComputePolicy, Runtime
-from ._stages import ComputeStage, FitRun, Stage, split_batch
-from ._state import STAGE_OWNED, VIEW_ATTRIBUTES, State, _ObservedState
+from ._policy import ComputeMode, ComputePolicy
+from ._runtime import Runtime
+from ._stage import Stage, split_batch
+from ._stages import FitRun
+from ._state import State, _ObservedState
 from ._trace import Trace
-from ._validation import SnapshotPolicy, ValidateEvery, ValidateMode, bind_states, make_validator
+from ._validation import SnapshotPolicy, ValidateEvery, ValidateMode, make_validator
 
 __all__ = ["Learner", "LearnerStatus"]
 
@@ -173,9 +174,11 @@ class Learner(Generic[TBatch]):
             val=self._val,
             hub=self._hub,
             trace=self._trace,
+            device=self._device,
             yield_interval=yield_interval,
             teardown_timeout=teardown_timeout,
         )
+        self._rt.executor = Executor(self._rt)
         self._rt.validator = make_validator(
             validate,
             validate_every,
@@ -196,66 +199,11 @@ class Learner(Generic[TBatch]):
         self._state = state
         if trace:
             state.__class__ = _ObservedState
-        self._root = _build_tree(stages)
-        self._build()
+        self._stages: dict[str, Stage] = {}
+        self._root = _build.build_tree(stages)
+        _build.build(self)
 
     # -- building -----------------------------------------------------------------------------
-
-    def _build(self) -> None:
-        stages = list(self._root.walk())
-        names: dict[str, Stage] = {}
-        for stage in stages:
-            if stage.name in names and names[stage.name] is not stage:
-                raise ConfigurationError(
-                    f"two stages are named {stage.name!r} ({type(names[stage.name]).__name__} and"
-                    f" {type(stage).__name__}); stage names must be unique in the tree"
-                )
-            if stage._rt is not None and stage._rt is not self._rt:
-                raise ConfigurationError(
-                    f"stage {stage.name!r} already belongs to another Learner; create a new one"
-                )
-            names[stage.name] = stage
-        hook_owner = {}
-        for stage in stages:
-            before, after = stage.hook_names
-            hook_owner[before] = stage
-            hook_owner[after] = stage
-        hooked: dict[str, list[tuple[Callback, Any]]] = {h: [] for h in hook_owner}
-        for cb in self._callbacks:
-            _check_declarations(cb)
-            for hook, method in cb.hooks():
-                if hook not in hook_owner:
-                    known = ", ".join(sorted(hook_owner))
-                    raise ConfigurationError(
-                        f"unknown hook {hook!r}: no stage of this learner is named "
-                        f"{hook.split('_', 1)[1]!r} (hooks: {known})",
-                        hook=hook,
-                        callbacks=(cb.name,),
-                    )
-                _check_signature(cb, hook, method)
-                hooked[hook].append((cb, method))
-        for stage in stages:
-            before, after = stage.hook_names
-            stage._before = build_plan(
-                before, stage.name, hooked[before], self._state, self, self._trace
-            )
-            stage._after = build_plan(
-                after, stage.name, hooked[after], self._state, self, self._trace
-            )
-            stage._rt = self._rt
-            stage._fused = False
-            stage._fused_writes = False
-        for name in ("fit_batch", "validate_batch"):
-            batch_stage = names.get(name)
-            if batch_stage is not None and _fusable(batch_stage, root=True):
-                batch_stage._fused = True
-                batch_stage._fused_writes = any(
-                    isinstance(s, ComputeStage) and s.writes_weights for s in batch_stage.walk()
-                )
-        fit_batch = names.get("fit_batch")
-        self._rt.batch_is_atomic = fit_batch is None or fit_batch._fused
-        self._stages = names
-        bind_states(self)
 
     def replace_stage(self, name: str, stage: Stage) -> None:
         """Put ``stage`` in place of the stage called ``name`` (before or between runs).
@@ -273,14 +221,8 @@ class Learner(Generic[TBatch]):
                 raise TypeError("the root stage must be a FitRun")
             self._root = stage
         else:
-            for parent in self._root.walk():
-                for attr, value in list(vars(parent).items()):
-                    if value is self._stages[name]:
-                        setattr(parent, attr, stage)
-                parent.children = tuple(
-                    stage if c is self._stages[name] else c for c in parent.children
-                )
-        self._build()
+            _build.replace_in_tree(self._root, self._stages[name], stage)
+        _build.build(self)
 
     # -- public properties --------------------------------------------------------------------
 
@@ -541,11 +483,8 @@ class Learner(Generic[TBatch]):
                             batch = await batches.next()
                             if batch is batches.END:
                                 break
-                            if rt.policy.hopping:
-                                outputs.append(await rt.hop(forward, batch))
-                            else:
-                                outputs.append(forward(batch))
-                                await anyio.lowlevel.checkpoint()
+                            outputs.append(await rt.compute(forward, batch))
+                            await anyio.lowlevel.checkpoint()
                 finally:
                     model.train(was_training)
         if outputs and all(isinstance(o, torch.Tensor) for o in outputs):
@@ -586,44 +525,9 @@ class Learner(Generic[TBatch]):
         self._hub.publish(kind, source, d.get("epoch"), d.get("step"), dict(data))
 
     def describe(self) -> str:
-        """A readable tree: stages, each hook's callbacks in run order, declared access."""
-        lines = []
-
-        def plan_lines(plan: HookPlan | None, indent: str) -> None:
-            if plan is None:
-                return
-            lines.append(f"{indent}{plan.hook}:")
-            for i, layer in enumerate(plan.layers):
-                together = [*layer.sync, *layer.concurrent]
-                kind = "concurrently" if len(layer.concurrent) > 1 else "in order"
-                lines.append(f"{indent}  [{i + 1}] {kind}:")
-                for entry in together:
-                    mode = "async" if entry.is_async else "def"
-                    lines.append(f"{indent}    - {entry.name} ({mode})")
-
-        def walk(stage: Stage, depth: int) -> None:
-            indent = "  " * depth
-            extra = " [fused batch]" if stage._fused else ""
-            kind = " compute" if isinstance(stage, ComputeStage) else ""
-            lines.append(f"{indent}{type(stage).__name__} ({stage.name}){kind}{extra}")
-            plan_lines(stage._before, indent + "  ")
-            for child in stage.children:
-                walk(child, depth + 1)
-            plan_lines(stage._after, indent + "  ")
-
-        walk(self._root, 0)
-        policy = self._rt.policy
-        lines.append(f"compute: {policy.mode} (max_blocking={policy.max_blocking}s)")
-        if self._callbacks:
-            lines.append("callbacks:")
-            for cb in self._callbacks:
-                hooks = ", ".join(h for h, _ in cb.hooks()) or "-"
-                after = ", ".join(t.__name__ for t in cb.after) or "-"
-                lines.append(
-                    f"  {cb.name}: reads {sorted(cb.reads) or '-'}, writes "
-                    f"{sorted(cb.writes) or '-'}, after {after}; hooks {hooks}"
-                )
-        return "\n".join(lines)
+        """A readable tree: stages (and how each batch stage runs), each hook's callbacks in run
+        order, declared access."""
+        return _build.describe(self)
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -631,82 +535,35 @@ class Learner(Generic[TBatch]):
         """Everything needed to continue this run exactly, in ``torch.load(weights_only=True)``
         compatible form: weights, optimizer, counters and position in the epoch, RNG states,
         callback states. Take it under ``weights_lock.read()`` while training runs."""
-        state = self._state
-        rt = self._rt
-        callbacks: dict[str, Any] = {}
-        for key, cb in _callback_keys(self._callbacks):
-            callbacks[key] = dict(cb.state_dict())
-        return {
-            "format": 1,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "progress": {
-                "epoch": state.epoch,
-                "step": state.step,
-                "batch_index": state.batch_index,
-                "pass_done": rt.pass_done,
-                "train_losses": [x.detach().float().cpu().reshape(()) for x in rt.train_losses],
-                "stream": _stream_to_portable(self._train.stream_state()),
-            },
-            "metrics": {k: v for k, v in state.metrics.items() if _portable(v)},
-            "rng": rng_to_portable(capture_rng()),
-            "epoch_rng": None if rt.epoch_rng is None else rng_to_portable(rt.epoch_rng),
-            "callbacks": callbacks,
-        }
+        return _persist.state_dict(self)
 
     def load_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (when idle)."""
+        """Restore what :meth:`state_dict` returned (when idle).
+
+        All or nothing: weights that do not fit the model (another architecture) are refused
+        before anything is loaded, and a failure half way puts everything back, so a failed load
+        leaves model, optimizer, counters, random generators and callbacks as they were.
+
+        Raises:
+            LearnerBusyError: the learner is running.
+            ValueError: not a checkpoint of this kind, or weights that do not fit the model.
+        """
         self._check_idle("load a checkpoint")
-        if checkpoint.get("format") != 1:
-            raise ValueError("not an aiolearner checkpoint (format 1)")
-        state = self._state
-        rt = self._rt
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        progress = checkpoint["progress"]
-        state.epoch = int(progress["epoch"])
-        state.step = int(progress["step"])
-        state.batch_index = int(progress["batch_index"])
-        rt.pass_done = bool(progress["pass_done"])
-        rt.train_losses = [x.to(self._device) for x in progress["train_losses"]]
-        state.metrics = dict(checkpoint.get("metrics", {}))
-        restore_rng(rng_from_portable(checkpoint["rng"]))
-        epoch_rng = checkpoint.get("epoch_rng")
-        rt.epoch_rng = None if epoch_rng is None else rng_from_portable(epoch_rng)
-        saved = checkpoint.get("callbacks", {})
-        for key, cb in _callback_keys(self._callbacks):
-            if key in saved:
-                cb.load_state_dict(saved[key])
-        # Iterators of an earlier run cannot continue a restored one; a stream that outlives
-        # epochs (steps_per_epoch) restarts where the checkpoint's stream was.
-        self._train.restart(_stream_from_portable(progress.get("stream")))
+        _persist.load_state_dict(self, checkpoint)
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Load a checkpoint file written from :meth:`state_dict` (``weights_only=True``)."""
-        self.load_state_dict(self._read_checkpoint(Path(path)))
+        """Load a checkpoint file written from :meth:`state_dict` (``weights_only=True``).
 
-    def _read_checkpoint(self, path: Path) -> Any:
-        return torch.load(path, map_location=self._device, weights_only=True)
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: the file is damaged or not a checkpoint (the message names it), or its
+                weights do not fit the model; the learner is left as it was.
+        """
+        self.load_state_dict(_persist.read_checkpoint(Path(path), self._device))
 
     def _resume_from(self, resume: str | os.PathLike[str]) -> Any:
-        return self._read_checkpoint(self._find_checkpoint(resume))
-
-    def _find_checkpoint(self, resume: str | os.PathLike[str]) -> Path:
-        if resume == "last":
-            for cb in self._callbacks:
-                finder = getattr(cb, "find_checkpoint", None)
-                if finder is not None:
-                    found = finder("last")
-                    if found is not None:
-                        return Path(found)
-            raise FileNotFoundError(
-                "resume='last' found no checkpoint: no callback (such as "
-                "aiolearner.callbacks.Checkpoint) has written one yet"
-            )
-        path = Path(resume)
-        if not path.is_file():
-            raise FileNotFoundError(f"resume: no checkpoint file at {path}")
-        return path
+        path = _persist.find_checkpoint(self._callbacks, resume)
+        return _persist.read_checkpoint(path, self._device)
 
 
 def _verb(status: LearnerStatus) -> str:
@@ -718,137 +575,9 @@ def _verb(status: LearnerStatus) -> str:
     }[status]
 
 
-def _stream_to_portable(stream: tuple[int, dict[str, Any] | None] | None) -> Any:
-    if stream is None:
-        return None
-    origin, rng = stream
-    return {"origin": origin, "rng": None if rng is None else rng_to_portable(rng)}
-
-
-def _stream_from_portable(stream: Any) -> tuple[int, dict[str, Any] | None] | None:
-    if stream is None:
-        return None
-    rng = stream["rng"]
-    return int(stream["origin"]), None if rng is None else rng_from_portable(rng)
-
-
-def _portable(value: object) -> bool:
-    return isinstance(value, int | float | str | bool) or (
-        isinstance(value, torch.Tensor) and value.numel() == 1
-    )
-
-
-def _callback_keys(callbacks: Sequence[Callback]) -> list[tuple[str, Callback]]:
-    seen: dict[str, int] = {}
-    out = []
-    for cb in callbacks:
-        n = seen.get(cb.name, 0)
-        seen[cb.name] = n + 1
-        out.append((cb.name if n == 0 else f"{cb.name}#{n}", cb))
-    return out
-
-
 def _resolve_device(model: torch.nn.Module, device: torch.device | str | None) -> torch.device:
     if device is not None:
         return torch.device(device)
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def _build_tree(stages: Mapping[str, Stage] | FitRun | None) -> Stage:
-    if isinstance(stages, FitRun):
-        return stages
-    root: Stage = FitRun()
-    if stages is None:
-        return root
-    if not isinstance(stages, Mapping):
-        raise TypeError("stages must be a mapping of stage name to Stage, or a FitRun")
-    known = {s.name: s for s in root.walk()}
-    for name, stage in stages.items():
-        if not isinstance(stage, Stage):
-            raise TypeError(f"stages[{name!r}] must be a Stage, got {type(stage).__name__}")
-        if name not in known:
-            raise ConfigurationError(
-                f"stages: no stage named {name!r} in the default tree ({sorted(known)})"
-            )
-        if name == "fit_run":
-            if not isinstance(stage, FitRun):
-                raise TypeError("stages['fit_run'] must be a FitRun")
-            root = stage
-            known = {s.name: s for s in root.walk()}
-            continue
-        old = known[name]
-        for parent in root.walk():
-            for attr, value in list(vars(parent).items()):
-                if value is old:
-                    setattr(parent, attr, stage)
-            parent.children = tuple(stage if c is old else c for c in parent.children)
-        known = {s.name: s for s in root.walk()}
-    return root
-
-
-def _check_declarations(cb: Callback) -> None:
-    for attr in ("reads", "writes"):
-        value = getattr(cb, attr)
-        if isinstance(value, str) or not isinstance(value, Iterable):
-            raise ConfigurationError(
-                f"{attr!r} must be a set of field names, got {value!r}", callbacks=(cb.name,)
-            )
-    owned = sorted(set(cb.writes) & STAGE_OWNED)
-    if owned:
-        raise ConfigurationError(
-            "counters and the run phase are written by stages only; a callback cannot declare"
-            " them in 'writes'",
-            callbacks=(cb.name,),
-            field=owned[0],
-        )
-    clash = sorted((set(cb.reads) | set(cb.writes)) & VIEW_ATTRIBUTES)
-    if clash:
-        raise ConfigurationError(
-            f"{clash[0]!r} is a name of the state view itself, not a field",
-            callbacks=(cb.name,),
-            field=clash[0],
-        )
-    for t in cb.after:
-        if not (isinstance(t, type) and issubclass(t, Callback)):
-            raise ConfigurationError(
-                f"'after' must list Callback classes, got {t!r}", callbacks=(cb.name,)
-            )
-
-
-def _check_signature(cb: Callback, hook: str, method: Any) -> None:
-    try:
-        sig = inspect.signature(method)
-    except (TypeError, ValueError):  # pragma: no cover - builtins
-        return
-    params = [
-        p
-        for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-    ]
-    extra_required = [
-        p for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY and p.default is p.empty
-    ]
-    takes_varargs = any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
-    if extra_required or not (len(params) == 1 or (not params and takes_varargs)):
-        raise ConfigurationError(
-            f"hook {hook!r} of {cb.name} must take exactly one argument (the state view), "
-            f"its signature is {sig}",
-            hook=hook,
-            callbacks=(cb.name,),
-        )
-
-
-def _fusable(stage: Stage, *, root: bool) -> bool:
-    """Whether a stage's whole call can run without the event loop (see _stages)."""
-    for plan in (stage._before, stage._after):
-        if plan is not None and plan.has_async:
-            return False
-    if isinstance(stage, ComputeStage):
-        return type(stage).run is ComputeStage.run and type(stage).run_sync is ComputeStage.run_sync
-    if type(stage).run is not Stage.run or type(stage).run_sync is not Stage.run_sync:
-        return False
-    if type(stage).__call__ is not Stage.__call__:
-        return False
-    return all(_fusable(child, root=False) for child in stage.children)

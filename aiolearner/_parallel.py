@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._exceptions import ControlFlow
+from ._exceptions import ControlFlow, StageError
 from ._plan import build_plan, stronger
 from ._runtime import compute_lane
-from ._stages import Stage
+from ._stage import Stage
 from ._state import State
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class Parallel(Stage):
 
     Raises:
         ExceptionGroup: a branch failed (the others were cancelled).
-        RuntimeError: two branches changed the same field of the state.
+        StageError: two branches changed the same field of the state (a ``RuntimeError``).
 
     Example:
         Validate the raw model and its EMA copy at once, each writing its own result field::
@@ -146,10 +146,10 @@ class Parallel(Stage):
                     continue
                 if key in changes and key != "stop_reason":
                     first = self.children[changes[key][0]].name
-                    raise RuntimeError(
-                        f"branches {first!r} and {self.children[i].name!r} of parallel stage "
-                        f"{self.name!r} both changed state field {key!r}; let each branch write "
-                        "a field of its own"
+                    raise StageError(
+                        f"branches {first!r} and {self.children[i].name!r} both changed state "
+                        f"field {key!r}; let each branch write a field of its own",
+                        stage=self.name,
                     )
                 changes[key] = (i, new)
         for key, (_, value) in changes.items():

@@ -21,7 +21,6 @@ The rules for exceptions, decided once (docs/errors.md):
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -87,7 +86,6 @@ class HookPlan:
         self.layers = layers
         self.trace = trace
         self.has_async = any(e.is_async for layer in layers for e in layer.concurrent)
-        self.opens_task_group = any(len(layer.concurrent) > 1 for layer in layers)
 
     @property
     def entries(self) -> list[Entry]:
@@ -108,65 +106,66 @@ class HookPlan:
         d = entry.view._state.__dict__
         self.trace.exit(entry.name, self.hook, d.get("epoch"), d.get("step"), start)
 
-    def run_sync(self) -> None:
-        """Run a plan without async hooks (inline, or in the compute worker thread)."""
-        pending: ControlFlow | None = None
+    def _call(self, entry: Entry) -> ControlFlow | None:
+        """One ``def`` hook; its control flow is returned, to be raised when the hook is done."""
         trace = self.trace
-        for layer in self.layers:
-            for entry in layer.sync:
-                start = self._enter(entry) if trace is not None else 0.0
-                try:
-                    entry.fn(entry.view)
-                except ControlFlow as flow:
-                    pending = stronger(pending, flow)
-                except Exception as exc:
-                    _note(exc, entry, self.hook, self.stage)
-                    raise self._group([exc]) from None
-                finally:
-                    if trace is not None:
-                        self._exit(entry, start)
-        if pending is not None:
-            raise pending
+        start = self._enter(entry) if trace is not None else 0.0
+        try:
+            entry.fn(entry.view)
+        except ControlFlow as flow:
+            return flow
+        except Exception as exc:
+            _note(exc, entry, self.hook, self.stage)
+            raise self._group([exc]) from None
+        finally:
+            if trace is not None:
+                self._exit(entry, start)
+        return None
+
+    async def _acall(
+        self, entry: Entry, flows: list[ControlFlow] | None = None
+    ) -> ControlFlow | None:
+        """One ``async def`` hook, awaited (alone in its layer: ``flows`` is None, an error comes
+        out grouped) or as a task of the layer's group (errors go to the group, flows to
+        ``flows``)."""
+        trace = self.trace
+        start = self._enter(entry) if trace is not None else 0.0
+        try:
+            await entry.fn(entry.view)  # type: ignore[misc]
+        except ControlFlow as flow:
+            if flows is None:
+                return flow
+            flows.append(flow)
+        except Exception as exc:
+            _note(exc, entry, self.hook, self.stage)
+            if flows is None:
+                raise self._group([exc]) from None
+            raise
+        finally:
+            if trace is not None:
+                self._exit(entry, start)
+        return None
 
     async def run(self) -> None:
-        """Run the plan on the event loop."""
-        if not self.has_async:
-            self.run_sync()
-            return
+        """Run the plan. A plan of ``def`` hooks only never suspends, so a batch compiled to run
+        without the event loop can run it too (see _executor.py)."""
         pending: ControlFlow | None = None
-        trace = self.trace
         for layer in self.layers:
             for entry in layer.sync:
-                start = self._enter(entry) if trace is not None else 0.0
-                try:
-                    entry.fn(entry.view)
-                except ControlFlow as flow:
+                flow = self._call(entry)
+                if flow is not None:
                     pending = stronger(pending, flow)
-                except Exception as exc:
-                    _note(exc, entry, self.hook, self.stage)
-                    raise self._group([exc]) from None
-                finally:
-                    if trace is not None:
-                        self._exit(entry, start)
-            if len(layer.concurrent) == 1:
-                entry = layer.concurrent[0]
-                start = self._enter(entry) if trace is not None else 0.0
-                try:
-                    await entry.fn(entry.view)  # type: ignore[misc]
-                except ControlFlow as flow:
+            concurrent = layer.concurrent
+            if len(concurrent) == 1:
+                flow = await self._acall(concurrent[0])
+                if flow is not None:
                     pending = stronger(pending, flow)
-                except Exception as exc:
-                    _note(exc, entry, self.hook, self.stage)
-                    raise self._group([exc]) from None
-                finally:
-                    if trace is not None:
-                        self._exit(entry, start)
-            elif layer.concurrent:
+            elif concurrent:
                 flows: list[ControlFlow] = []
                 try:
                     async with anyio.create_task_group() as tg:
-                        for entry in layer.concurrent:
-                            tg.start_soon(self._run_one, entry, flows, name=entry.name)
+                        for entry in concurrent:
+                            tg.start_soon(self._acall, entry, flows, name=entry.name)
                 except ExceptionGroup as group:
                     # anyio already grouped them; re-label so the hook is named.
                     raise self._group(group.exceptions) from None
@@ -174,19 +173,6 @@ class HookPlan:
                     pending = stronger(pending, caught)
         if pending is not None:
             raise pending
-
-    async def _run_one(self, entry: Entry, flows: list[ControlFlow]) -> None:
-        start = self._enter(entry) if self.trace is not None else 0.0
-        try:
-            await entry.fn(entry.view)  # type: ignore[misc]
-        except ControlFlow as flow:
-            flows.append(flow)
-        except Exception as exc:
-            _note(exc, entry, self.hook, self.stage)
-            raise
-        finally:
-            if self.trace is not None:
-                self._exit(entry, start)
 
 
 def _declared(cb: Callback, attr: str) -> frozenset[str]:
@@ -297,7 +283,3 @@ def build_plan(
             )
         layers.append(layer)
     return HookPlan(hook, stage, layers, trace)
-
-
-def monotonic() -> float:
-    return time.perf_counter()

@@ -20,7 +20,14 @@ def _cuda_initialized() -> bool:
 
 
 def capture_rng() -> dict[str, Any]:
-    """The states of torch's CPU (and initialized CUDA) generators, numpy's and Python's."""
+    """The states of the global random generators: torch's CPU (and initialized CUDA) ones,
+    numpy's and Python's; :func:`restore_rng` puts them back.
+
+    Example:
+        >>> saved = capture_rng()
+        >>> trial()              # draws random numbers
+        >>> restore_rng(saved)   # as if it had not
+    """
     states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and _cuda_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()

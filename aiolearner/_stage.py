@@ -1,33 +1,45 @@
-"""The base classes of stages: :class:`Stage` and :class:`ComputeStage`, and batch helpers.
+"""The base classes of stages, :class:`Stage` and :class:`ComputeStage`, and what they share.
 
 A stage's ``run`` awaits its sub-stages; calling a stage (``await stage(state)``) runs its
-``before_`` hook, its ``run``, and its ``after_`` hook, and acts on the control-flow exceptions the
-stage owns. The default tree built from these is in ``_stages.py``; how fused batches are run
-(flat paths, bursts in the compute worker) is in ``_fused.py``.
+``before_`` hook, its ``run`` and its ``after_`` hook, and acts on the control-flow exceptions the
+stage owns. That call (``Stage.__call__``) is the one definition of running a stage: the batch
+executor (``_executor.py``) runs a batch either by awaiting it or, for a batch compiled to run
+without the event loop, by driving that same coroutine to its end in one step. :func:`owned` is
+the one place where an exception is judged: control flow a stage owns is acted on, any other error
+gets a note naming the innermost stage it went through.
 """
 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import anyio
 import torch
 
-from ._exceptions import ControlFlow
+from ._exceptions import ConfigurationError, ControlFlow, StageError
 from ._state import ReadOnlyList, State
 
 if TYPE_CHECKING:
+    from ._context import StageContext
+    from ._executor import BatchProgram
     from ._plan import HookPlan
     from ._runtime import Runtime
 
-__all__ = ["ComputeStage", "FlatProgram", "Stage", "batch_size", "note_stage_error", "split_batch"]
+__all__ = [
+    "LIFETIMES",
+    "ComputeStage",
+    "Lifetime",
+    "Stage",
+    "batch_size",
+    "note_stage_error",
+    "owned",
+    "split_batch",
+]
 
-
-#: The compute leaves of a flat batch stage with their ``compute`` methods (see flat_program).
-FlatProgram = tuple[tuple["ComputeStage", Any], ...]
+#: How long a field a stage adds to the state stays valid (see :attr:`Stage.fields`).
+Lifetime = Literal["batch", "epoch", "run"]
+LIFETIMES: tuple[Lifetime, ...] = ("batch", "epoch", "run")
 
 
 def _snake(name: str) -> str:
@@ -52,6 +64,33 @@ def note_stage_error(exc: BaseException, stage: str, state: State) -> None:
         pass
 
 
+def owned(stage: Stage, state: State, exc: BaseException, where: str | None = None) -> bool:
+    """Judge an exception that ends (part of) ``stage``; every stage's ``except`` calls this.
+
+    Control flow that ``stage`` owns (its ``catches``) is acted on (:meth:`Stage.acted`) and
+    ``True`` is returned: the caller swallows it. Anything else returns ``False`` and the caller
+    re-raises it; an error (not control flow, not a cancellation) first gets a note naming
+    ``where`` it happened (default: the stage), unless an inner stage noted it already.
+
+    A function rather than a context manager: it costs nothing until something is raised, which
+    matters on the path every batch takes. Sync and async callers use it alike::
+
+        try:
+            ...
+        except BaseException as exc:
+            if not owned(stage, state, exc):
+                raise
+    """
+    if isinstance(exc, ControlFlow):
+        if isinstance(exc, stage.catches):
+            stage.acted(state, exc)
+            return True
+        return False
+    if isinstance(exc, Exception):
+        note_stage_error(exc, where if where is not None else stage.name, state)
+    return False
+
+
 class Stage:
     """Base class of stages: one coroutine that transforms the state, awaiting its sub-stages.
 
@@ -63,24 +102,37 @@ class Stage:
     Class attributes:
         name: the stage's name in the tree.
         catches: the control-flow exceptions this stage owns and acts on.
+        after_hook_when_caught: whether the ``after_`` hook still runs once the stage caught one
+            of its ``catches``.
+        fields: the state fields this stage adds, with how long each stays valid: ``"batch"``
+            (cleared when the batch ends), ``"epoch"`` or ``"run"``. Reading one outside its
+            lifetime raises :class:`~aiolearner.StateAccessError` naming the stage.
+        fusable: ``None`` (default): a stage that does not override ``run`` can run inside a
+            batch compiled to run without the event loop (a *fused* batch); one that overrides
+            it cannot. ``True`` declares that an overridden ``run`` awaits nothing but its
+            sub-stages, so its batch stays fused; ``False`` keeps the batch on the event loop.
 
     Example:
         >>> class TwoPassFitBatch(FitBatch):
+        ...     fusable = True                     # run awaits only sub-stages
         ...     async def run(self, state):
-        ...         await self.gradient(state)
-        ...         await self.gradient(state)   # a stage may await a sub-stage twice
-        ...         await self.update(state)
+        ...         await self.children[0](state)  # a stage may await a sub-stage twice
+        ...         await self.children[0](state)
+        ...         await self.children[1](state)
     """
 
     name: ClassVar[str] = "stage"
     _generic_base: ClassVar[bool] = True
     catches: ClassVar[tuple[type[ControlFlow], ...]] = ()
-    #: Whether the stage's ``after_`` hook still runs once it caught one of its ``catches``.
     after_hook_when_caught: ClassVar[bool] = True
+    fields: ClassVar[Mapping[str, str]] = {}
+    fusable: ClassVar[bool | None] = None
 
     _before: HookPlan | None
     _after: HookPlan | None
     _rt: Runtime | None
+    #: Set on a batch stage compiled to run without the event loop (see _executor.py).
+    _program: BatchProgram | None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -92,14 +144,25 @@ class Stage:
             if not base.__dict__.get("_generic_base", False)
         ):
             cls.name = _snake(cls.__name__)
+        for field, lifetime in cls.__dict__.get("fields", {}).items():
+            if lifetime not in LIFETIMES:
+                raise ConfigurationError(
+                    f"stage class {cls.__name__} declares field {field!r} with lifetime "
+                    f"{lifetime!r}; a lifetime is one of {', '.join(map(repr, LIFETIMES))}",
+                    field=field,
+                )
 
     def __init__(self, *children: Stage) -> None:
+        for child in children:
+            if not isinstance(child, Stage):
+                raise TypeError(
+                    f"{type(self).__name__} takes stages as children, got {type(child).__name__}"
+                )
         self.children: tuple[Stage, ...] = children
         self._before = None
         self._after = None
         self._rt = None
-        self._fused = False
-        self._fused_writes = False
+        self._program = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -116,22 +179,26 @@ class Stage:
         return f"before_{self.name}", f"after_{self.name}"
 
     @property
-    def runtime(self) -> Runtime:
-        """The learner's runtime (stage API): compute policy, data sources, progress."""
+    def context(self) -> StageContext:
+        """What this stage may use of its learner: commit, compute, the weights lock, data."""
+        return self._built().context
+
+    @property
+    def runtime(self) -> StageContext:
+        """The same as :attr:`context` (its earlier name)."""
+        return self.context
+
+    def _built(self) -> Runtime:
+        """The learner's runtime (the core's own stages use it directly)."""
         rt = self._rt
         if rt is None:
-            raise RuntimeError(f"stage {self.name!r} is not part of a built Learner")
+            raise StageError("it is not part of a built Learner", stage=self.name)
         return rt
 
     async def run(self, state: State) -> None:
         """The stage's work. The default runs the sub-stages one after the other."""
         for child in self.children:
             await child(state)
-
-    def run_sync(self, state: State) -> None:
-        """The same as :meth:`run` without the event loop (used when the batch is fused)."""
-        for child in self.children:
-            child.call_sync(state)
 
     def acted(self, state: State, flow: ControlFlow) -> None:
         """Called when this stage caught one of its ``catches`` (records the reason)."""
@@ -141,70 +208,35 @@ class Stage:
             rt.observe_control(self, flow, state)
 
     async def __call__(self, state: State) -> None:
-        rt = self._rt
-        if rt is None:
-            raise RuntimeError(f"stage {self.name!r} is not part of a built Learner")
-        if self._fused:
-            await rt.run_fused(self, state)
+        """Run the stage: ``before_`` hook, :meth:`run`, ``after_`` hook, owned control flow.
+
+        A batch stage compiled to run without the event loop hands itself to the batch
+        executor, which runs this same coroutine there (inline, or in the compute worker).
+        """
+        rt = self._built()
+        program = self._program
+        if program is not None and not program.driving():
+            await program.execute(state)
             return
         observed = rt.observed
         start = rt.enter(self, state) if observed else 0.0
         before, after = self._before, self._after
-        in_after = False
         try:
-            if before is not None:
-                await before.run()
-            await self.run(state)
+            try:
+                if before is not None:
+                    await before.run()
+                await self.run(state)
+            except BaseException as exc:
+                if not owned(self, state, exc):
+                    raise
+                if not self.after_hook_when_caught:
+                    after = None
             if after is not None:
-                in_after = True
-                await after.run()
-        except ControlFlow as flow:
-            if not isinstance(flow, self.catches):
-                raise
-            self.acted(state, flow)
-            if after is not None and not in_after and self.after_hook_when_caught:
                 try:
                     await after.run()
-                except ControlFlow as again:
-                    if not isinstance(again, self.catches):
+                except BaseException as exc:
+                    if not owned(self, state, exc):
                         raise
-                    self.acted(state, again)
-        except Exception as exc:
-            note_stage_error(exc, self.name, state)
-            raise
-        finally:
-            if observed:
-                rt.exit(self, state, start)
-
-    def call_sync(self, state: State) -> None:
-        """:meth:`__call__` without the event loop; only for fused subtrees (def hooks only)."""
-        rt = self._rt
-        assert rt is not None
-        observed = rt.observed
-        start = rt.enter(self, state) if observed else 0.0
-        before, after = self._before, self._after
-        in_after = False
-        try:
-            if before is not None:
-                before.run_sync()
-            self.run_sync(state)
-            if after is not None:
-                in_after = True
-                after.run_sync()
-        except ControlFlow as flow:
-            if not isinstance(flow, self.catches):
-                raise
-            self.acted(state, flow)
-            if after is not None and not in_after and self.after_hook_when_caught:
-                try:
-                    after.run_sync()
-                except ControlFlow as again:
-                    if not isinstance(again, self.catches):
-                        raise
-                    self.acted(state, again)
-        except Exception as exc:
-            note_stage_error(exc, self.name, state)
-            raise
         finally:
             if observed:
                 rt.exit(self, state, start)
@@ -214,9 +246,10 @@ class ComputeStage(Stage):
     """A leaf stage whose work is blocking torch code, written as a plain ``def compute``.
 
     The learner's compute policy runs ``compute`` on the event loop (inline) or in the compute
-    worker thread. Set ``writes_weights = True`` when ``compute`` changes the model's weights or
-    the optimizer: it then runs under the write side of the weights lock, and in thread mode it is
-    shielded from cancellation so an update is applied entirely or not at all.
+    worker thread (``context.compute``). Set ``writes_weights = True`` when ``compute`` changes
+    the model's weights or the optimizer: it then runs under the write side of the weights lock,
+    and in thread mode it is shielded from cancellation so an update is applied entirely or not
+    at all.
     """
 
     writes_weights: ClassVar[bool] = False
@@ -227,40 +260,7 @@ class ComputeStage(Stage):
         raise NotImplementedError(f"{type(self).__name__} must implement compute(state)")
 
     async def run(self, state: State) -> None:
-        rt = self.runtime
-        if self.writes_weights:
-            lock = rt.weights_lock
-            if not lock.acquire_write_nowait():
-                await lock.acquire_write()
-            try:
-                if rt.hop_leaves:
-                    # Shielded: the thread cannot be interrupted, and the counters written with
-                    # the update must land with it.
-                    with anyio.CancelScope(shield=True):
-                        await rt.hop(self.compute, state)
-                elif rt.policy.mode == "auto":
-                    start = time.perf_counter()
-                    try:
-                        self.compute(state)
-                    finally:
-                        rt.policy.observe(time.perf_counter() - start)
-                else:
-                    self.compute(state)
-            finally:
-                lock.release_write()
-        elif rt.hop_leaves:
-            await rt.hop(self.compute, state)
-        elif rt.policy.mode == "auto":
-            start = time.perf_counter()
-            try:
-                self.compute(state)
-            finally:
-                rt.policy.observe(time.perf_counter() - start)
-        else:
-            self.compute(state)
-
-    def run_sync(self, state: State) -> None:
-        self.compute(state)
+        await self.context.compute(self.compute, state, writes_weights=self.writes_weights)
 
 
 def split_batch(batch: Any, stage: str) -> tuple[Any, Any]:

@@ -1,82 +1,81 @@
-"""Stages: the async coroutines that make up the training logic, and the default tree.
+"""The default stage tree, and the helpers its steps share with the batch executor.
 
 ::
 
     FitRun                 (learner.fit; hooks before_fit_run / after_fit_run: setup, teardown)
     └─ Epoch               (once per epoch)
        ├─ Fit              (one pass over the training data)
-       │  └─ FitBatch      (one batch)
+       │  └─ FitBatch      (one batch; any number of sub-stages)
        │     ├─ Gradient   forward, loss, backward
-       │     └─ Update     optimizer step, zero grad      (holds the weights' write lock)
+       │     └─ Update     optimizer step, zero grad, commit   (holds the weights' write lock)
        └─ Validate         (one pass over the validation data)
           └─ ValidateBatch
              └─ ValidateLoss   forward + loss under inference_mode
 
-A stage's ``run`` awaits its sub-stages; calling a stage (``await stage(state)``) runs its
-``before_`` hook, its ``run``, and its ``after_`` hook, and acts on the control-flow exceptions the
-stage owns. Leaf stages that do blocking torch work subclass :class:`ComputeStage` and put that work
-in a plain ``def compute``: the learner's compute policy then decides whether it runs on the event
-loop or in the compute worker thread. A batch stage whose whole subtree is plain (default ``run``,
-compute leaves, ``def`` hooks only) is *fused*: it runs as one synchronous call, on the loop or,
-in thread mode, in the compute worker, several batches a hop (``_fused.py``). The base classes
-are in ``_stage.py``.
+A stage's ``run`` awaits its sub-stages; calling a stage runs its hooks around ``run`` and acts on
+the control flow it owns (``_stage.py``). Leaf stages that do blocking torch work subclass
+:class:`ComputeStage` and put that work in a plain ``def compute``. Every batch runs through the
+batch executor (``_executor.py``), which compiles each batch stage once, when the learner is
+built: a batch that needs no event loop runs as one synchronous call, inline or in the compute
+worker; the others are awaited. :func:`forward` and :func:`optimizer_step` are the one definition
+of the default step: ``Gradient``, ``Update`` and the executor's compiled default batch call them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import anyio
 import torch
 
-from . import _fused
-from ._data import END, WAIT
 from ._device import wait_ready
-from ._exceptions import ControlFlow, SkipBatch, StopEpoch, StopFit
+from ._exceptions import ControlFlow, SkipBatch, StageError, StopEpoch, StopFit
 from ._runtime import snapshot_source
-from ._stage import (
-    ComputeStage,
-    FlatProgram,
-    Stage,
-    batch_size,
-    note_stage_error,
-    split_batch,
-)
+from ._stage import ComputeStage, Stage, batch_size, owned, split_batch
 from ._state import State
 
-if TYPE_CHECKING:
-    from ._data import Batches
-    from ._runtime import Runtime
-
 __all__ = [
-    "ComputeStage",
     "Epoch",
     "Fit",
     "FitBatch",
     "FitRun",
     "Gradient",
-    "Stage",
     "Update",
     "Validate",
     "ValidateBatch",
     "ValidateLoss",
-    "batch_size",
-    "note_stage_error",
-    "split_batch",
+    "forward",
+    "optimizer_step",
 ]
+
+
+def forward(
+    model: Callable[[Any], Any], loss_fn: Callable[[Any, Any], torch.Tensor], batch: Any, stage: str
+) -> tuple[Any, torch.Tensor]:
+    """``(output, loss)`` of the model on an ``(inputs, targets)`` batch (``stage`` names the
+    caller in the error for a batch of another shape)."""
+    inputs, targets = split_batch(batch, stage)
+    output = model(inputs)
+    return output, loss_fn(output, targets)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """One optimizer step, then the gradients are dropped (``zero_grad(set_to_none=True)``)."""
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 class Gradient(ComputeStage):
     """Forward, loss and backward for ``state.batch``; sets ``state.output`` and ``state.loss``."""
 
     name = "gradient"
+    fields: ClassVar[dict[str, str]] = {"output": "batch", "loss": "batch"}
 
     def compute(self, state: State) -> None:
-        inputs, targets = split_batch(state.batch, self.name)
-        output = state.model(inputs)
-        loss = state.loss_fn(output, targets)
+        output, loss = forward(state.model, state.loss_fn, state.batch, self.name)
         loss.backward()  # type: ignore[no-untyped-call]
         state.output = output
         state.loss = loss
@@ -89,14 +88,15 @@ class Update(ComputeStage):
     writes_weights = True
 
     def compute(self, state: State) -> None:
-        optimizer = state.optimizer
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        self.runtime.commit(state)
+        optimizer_step(state.optimizer)
+        self.context.commit(state)
 
 
 class FitBatch(Stage):
-    """One training batch: Gradient, then Update. Owns :class:`SkipBatch`.
+    """One training batch: its sub-stages in order (default: Gradient, then Update).
+
+    Owns :class:`SkipBatch`. Any number of sub-stages may run between the default two, e.g.
+    ``FitBatch(Gradient(), GradNoise(1e-3), Update())``.
 
     Pseudo-code, with hook order::
 
@@ -104,26 +104,56 @@ class FitBatch(Stage):
           before_gradient; Gradient; after_gradient
           before_update;   Update;   after_update     (step += 1 with the update)
         after_fit_batch                               (not run when the batch was skipped)
+
+    Args:
+        *stages: the sub-stages, run in order (default ``Gradient(), Update()``).
+        gradient: with no ``stages``, the first sub-stage instead of :class:`Gradient`.
+        update: with no ``stages``, the second sub-stage instead of :class:`Update`.
     """
 
     name = "fit_batch"
     catches = (SkipBatch,)
     after_hook_when_caught = False
+    fields: ClassVar[dict[str, str]] = {"batch": "batch"}
 
-    def __init__(self, gradient: Stage | None = None, update: Stage | None = None) -> None:
-        self.gradient = gradient if gradient is not None else Gradient()
-        self.update = update if update is not None else Update()
-        super().__init__(self.gradient, self.update)
+    def __init__(
+        self, *stages: Stage, gradient: Stage | None = None, update: Stage | None = None
+    ) -> None:
+        if stages and (gradient is not None or update is not None):
+            raise TypeError("FitBatch takes its sub-stages positionally or as gradient=/update=")
+        if not stages:
+            stages = (
+                gradient if gradient is not None else Gradient(),
+                update if update is not None else Update(),
+            )
+        super().__init__(*stages)
+
+    def _child(self, name: str) -> Stage:
+        for child in self.children:
+            if child.name == name:
+                return child
+        raise AttributeError(f"{type(self).__name__} has no sub-stage named {name!r}")
+
+    @property
+    def gradient(self) -> Stage:
+        """The sub-stage named ``gradient``."""
+        return self._child("gradient")
+
+    @property
+    def update(self) -> Stage:
+        """The sub-stage named ``update``."""
+        return self._child("update")
 
     def acted(self, state: State, flow: ControlFlow) -> None:
         super().acted(state, flow)
-        rt = self._rt
-        if rt is not None and not rt.committed:
+        context = self.context
+        if not context.committed:
             # A skipped batch must leave nothing behind: its gradients would otherwise be added
-            # to the next batch's and reach the weights with the next update.
+            # to the next batch's and reach the weights with the next update; nor its loss in
+            # the pass's train_loss. It is consumed all the same (not repeated on resume).
             state.model.zero_grad(set_to_none=True)
-            # Nor its loss in the pass's train_loss.
             state.invalidate("output", "loss")
+            context.commit(state)
 
 
 class Fit(Stage):
@@ -133,7 +163,7 @@ class Fit(Stage):
 
         before_fit
         for batch in train_data (prefetched, on the device, resuming mid-epoch if interrupted):
-            state.batch = batch; FitBatch; clear batch/output/loss
+            state.batch = batch; FitBatch; the batch's fields expire
             (validate_every=N steps or a timedelta: Validate, or a snapshot, when one is due;
              a concurrent validation's StopFit or error is raised here)
         metrics["train_loss"] = mean loss of the pass      (one host sync per epoch)
@@ -148,149 +178,29 @@ class Fit(Stage):
         super().__init__(self.fit_batch)
 
     async def run(self, state: State) -> None:
-        rt = self.runtime
+        rt = self._built()
         state.model.train()
+        async with rt.open_pass(state, "train") as batches:
+            # Take a batch, run the batch stage's program, finish the batch; until the pass
+            # ends (or a StopEpoch ends it: acted on here, as this stage owns it).
+            await rt.executor.train_pass(self, state, batches)
         losses = rt.train_losses
-        fit_batch = self.fit_batch
-        atomic = rt.batch_is_atomic
-        validator = rt.validator
-        policy = rt.policy
-        # A fused batch (default stages, def hooks only) that needs no hop is one plain call:
-        # no coroutine per stage, no event-loop round trip. This is what Stage.__call__ and
-        # Runtime.run_fused would do, minus ~2 us a batch (a tiny model's whole budget).
-        fused = fit_batch._fused
-        lock = rt.weights_lock if fit_batch._fused_writes else None
-        flat = _fused.flat_program(fit_batch) if fused else None
-        plain = flat is not None and _is_default_batch(fit_batch)
-        clock = time.perf_counter
-        # Thread mode, fused batches, no validation between batches: a burst of batches per hop.
-        bursts = fused and validator is None
-        after_burst: Any = None
-        async with rt.open_train(state) as batches:
-            take = batches.next_nowait
-            while True:
-                if after_burst is None:
-                    batch = take()
-                else:
-                    batch, after_burst = after_burst, None
-                if batch is WAIT:
-                    batch = await batches.next()
-                if batch is END:
-                    break
-                state.batch = batch
-                rt.committed = False
-                rng = None if atomic else rt.capture_rng()
-                try:
-                    if (
-                        fused
-                        and not policy.hopping
-                        and (lock is None or lock.acquire_write_nowait())
-                    ):
-                        start = clock()
-                        try:
-                            if plain and not rt.observed:
-                                _fused.run_default_batch(fit_batch, rt, state, losses)
-                            else:
-                                _fused.run_fused(fit_batch, rt, state, losses, plain, flat)
-                        finally:
-                            if lock is not None:
-                                lock.release_write()
-                            end = clock()
-                            policy.observe(end - start, end)
-                    elif bursts and policy.hopping:
-                        after_burst = await self._burst(rt, state, batches, losses, plain, flat)
-                    else:
-                        await fit_batch(state)
-                except StopEpoch as flow:
-                    if not rt.committed:
-                        # As for a skipped batch: its gradients must not leak into the next
-                        # epoch's first update.
-                        state.model.zero_grad(set_to_none=True)
-                    rt.finish_batch(state, losses)
-                    self.acted(state, flow)
-                    break
-                except BaseException:
-                    rt.abandon_batch(state, rng)
-                    raise
-                rt.finish_batch(state, losses)
-                if validator is not None:
-                    # A validation due by steps or time; a concurrent one's StopFit or error.
-                    await validator.between_batches(state)
-                now = clock()
-                if now - rt.last_yield >= rt.yield_every:
-                    await rt.give_turn(now)
         if losses:
             with torch.no_grad():
                 mean = torch.stack([x.detach() for x in losses]).mean()
             await wait_ready(mean)
             state.metrics["train_loss"] = float(mean)
 
-    async def _burst(
-        self,
-        rt: Runtime,
-        state: State,
-        batches: Batches,
-        losses: list[torch.Tensor],
-        plain: bool,
-        flat: FlatProgram | None,
-    ) -> Any:
-        """``state.batch`` and the batches after it, in one hop to the compute worker.
-
-        A hop costs two wake-ups of a sleeping thread, ~0.3-0.7 ms on the development machine
-        after a long batch (a CPU left idle wakes slowly), which is 3-7 % of a 10 ms batch. A
-        burst goes on in the worker with the next batch while one is ready without the event
-        loop, and hands back when the loop is needed: a batch to await, the end of the pass, a
-        cancellation (after the batch in progress), a task waiting for the weights lock, auto's
-        next decision, or ``_fused.BURST_SECONDS``. The loop stays free all along; each batch is
-        finished exactly as on the loop. Returns what the loop takes next: ``None`` (take a batch),
-        ``WAIT`` or ``END``.
-        """
-        fit_batch = self.fit_batch
-        lock = rt.weights_lock if fit_batch._fused_writes else None
-        if lock is not None and not lock.acquire_write_nowait():
-            await lock.acquire_write()
-        stop: list[bool] = []
-        try:
-            return await rt.hop(
-                _fused.burst_sync,
-                fit_batch,
-                rt,
-                state,
-                batches,
-                losses,
-                plain,
-                flat,
-                lock,
-                stop,
-                timed=False,
-                on_cancel=lambda: stop.append(True),
-            )
-        finally:
-            if lock is not None:
-                lock.release_write()
-            batches.start_producer_if_slow()
-
-
-def _is_default_batch(stage: Stage) -> bool:
-    """Whether a flat batch stage is exactly the default FitBatch(Gradient(), Update())."""
-    return (
-        type(stage) is FitBatch
-        and len(stage.children) == 2
-        and type(stage.children[0]) is Gradient
-        and type(stage.children[1]) is Update
-    )
-
 
 class ValidateLoss(ComputeStage):
     """Forward and loss under ``torch.inference_mode``; sets ``state.output``, ``state.loss``."""
 
     name = "validate_loss"
+    fields: ClassVar[dict[str, str]] = {"output": "batch", "loss": "batch"}
 
     def compute(self, state: State) -> None:
-        inputs, targets = split_batch(state.batch, self.name)
         with torch.inference_mode():
-            output = state.model(inputs)
-            loss = state.loss_fn(output, targets)
+            output, loss = forward(state.model, state.loss_fn, state.batch, self.name)
         state.output = output
         state.loss = loss
 
@@ -301,10 +211,19 @@ class ValidateBatch(Stage):
     name = "validate_batch"
     catches = (SkipBatch,)
     after_hook_when_caught = False
+    fields: ClassVar[dict[str, str]] = {"batch": "batch"}
 
-    def __init__(self, validate_loss: Stage | None = None) -> None:
-        self.validate_loss = validate_loss if validate_loss is not None else ValidateLoss()
-        super().__init__(self.validate_loss)
+    def __init__(self, *stages: Stage, validate_loss: Stage | None = None) -> None:
+        if stages and validate_loss is not None:
+            raise TypeError("ValidateBatch takes its sub-stages positionally or validate_loss=")
+        if not stages:
+            stages = (validate_loss if validate_loss is not None else ValidateLoss(),)
+        super().__init__(*stages)
+
+    @property
+    def validate_loss(self) -> Stage:
+        """The first sub-stage (the one that computes the loss)."""
+        return self.children[0]
 
     def acted(self, state: State, flow: ControlFlow) -> None:
         super().acted(state, flow)
@@ -320,7 +239,7 @@ class Validate(Stage):
 
         before_validate
         with weights_lock.read(), model in eval mode:
-            for batch in val_data: state.batch = batch; ValidateBatch; clear batch/output/loss
+            for batch in val_data: state.batch = batch; ValidateBatch; the batch's fields expire
         state.validation = {"loss": sample-weighted mean loss}; validation_tag = (epoch, step)
         metrics["val_loss"] = validation["loss"]
         after_validate       (callbacks add their metrics to state.validation here)
@@ -334,10 +253,12 @@ class Validate(Stage):
         super().__init__(self.validate_batch)
 
     async def run(self, state: State) -> None:
-        rt = self.runtime
+        rt = self._built()
         model = state.model
         was_training = model.training
         validate_batch = self.validate_batch
+        expire = rt.expiring["batch"]
+        d = state.__dict__
         total: list[torch.Tensor] = []
         count = 0
         # A concurrent validation's snapshot is private: no lock (it would stall training).
@@ -346,24 +267,22 @@ class Validate(Stage):
             await lock.acquire_read()
         try:
             model.eval()
-            async with rt.open_val(state) as batches:
-                while True:
-                    batch = await batches.next()
-                    if batch is batches.END:
-                        break
+            async with rt.open_pass(state, "validation") as batches:
+                while (batch := await batches.next()) is not batches.END:
                     state.batch = batch
                     try:
                         await validate_batch(state)
-                        loss = state.__dict__.get("loss")
+                        loss = d.get("loss")
                         if loss is not None:
                             n = batch_size(batch)
                             total.append(loss.detach() * n)
                             count += n
-                    except StopEpoch as flow:
-                        self.acted(state, flow)
+                    except BaseException as exc:
+                        if not owned(self, state, exc):
+                            raise
                         break
                     finally:
-                        state.invalidate("batch", "output", "loss")
+                        state.invalidate(*expire)
                     now = time.perf_counter()
                     if now - rt.last_yield >= rt.yield_every:
                         await rt.give_turn(now)
@@ -404,7 +323,7 @@ class Epoch(Stage):
         super().__init__(self.fit, self.validate)
 
     async def run(self, state: State) -> None:
-        rt = self.runtime
+        rt = self._built()
         if not rt.pass_done:
             await self.fit(state)
             rt.pass_done = True
@@ -429,6 +348,9 @@ class FitRun(Stage):
         after_fit_run                        (teardown: always runs, see docs/errors.md;
                                               shielded with a time bound after an error or
                                               a cancellation; state.outcome says which)
+
+    Unlike other stages its ``after_`` hook always runs (it is the teardown), so it is called
+    with its own ``__call__``; control flow nobody owned ends here as a :class:`StageError`.
     """
 
     name = "fit_run"
@@ -439,7 +361,7 @@ class FitRun(Stage):
         super().__init__(self.epoch)
 
     async def run(self, state: State) -> None:
-        rt = self.runtime
+        rt = self._built()
         validator = rt.validator
         # Concurrent validations still running are awaited (their after_validate hooks too)
         # before after_fit_run, and cancelled if the run fails (see docs/concurrent-validation.md).
@@ -454,7 +376,7 @@ class FitRun(Stage):
                 await anyio.lowlevel.checkpoint_if_cancelled()
 
     async def __call__(self, state: State) -> None:
-        rt = self.runtime
+        rt = self._built()
         observed = rt.observed
         start = rt.enter(self, state) if observed else 0.0
         outcome = "error"
@@ -463,23 +385,23 @@ class FitRun(Stage):
                 await self._before.run()
             await self.run(state)
             outcome = "completed"
-        except StopFit as flow:
-            self.acted(state, flow)
-            if rt.pass_done:
-                rt.end_epoch(state)
-            outcome = "stopped"
-        except ControlFlow as flow:
-            # A SkipBatch outside a batch, a StopEpoch outside an epoch: nobody owns it.
-            raise RuntimeError(
-                f"{type(flow).__name__} was raised where no stage owns it (the stage that would "
-                f"act on it is not running); reason: {flow.reason!r}"
-            ) from flow
-        except anyio.get_cancelled_exc_class():
-            outcome = "cancelled"
-            raise
-        except Exception as exc:
-            note_stage_error(exc, self.name, state)
-            raise
+        except BaseException as exc:
+            if owned(self, state, exc):
+                if rt.pass_done:
+                    rt.end_epoch(state)
+                outcome = "stopped"
+            elif isinstance(exc, anyio.get_cancelled_exc_class()):
+                outcome = "cancelled"
+                raise
+            elif isinstance(exc, ControlFlow):
+                # A SkipBatch outside a batch, a StopEpoch outside an epoch: nobody owns it.
+                raise StageError(
+                    f"{type(exc).__name__} was raised where no stage owns it (the stage that "
+                    f"would act on it is not running); reason: {exc.reason!r}",
+                    stage=self.name,
+                ) from exc
+            else:
+                raise
         finally:
             state.outcome = outcome
             try:
@@ -493,7 +415,7 @@ class FitRun(Stage):
         after = self._after
         if after is None:
             return
-        rt = self.runtime
+        rt = self._built()
         try:
             if outcome in ("completed", "stopped"):
                 await after.run()

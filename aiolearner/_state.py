@@ -12,7 +12,6 @@ read and write against the callback's declarations.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, overload
 
@@ -76,6 +75,8 @@ class State:
     # Set on the instance by the learner; kept out of field listings by the leading underscore.
     _trace: Trace | None
     _publish: Callable[[str, str, Any], None] | None
+    #: Fields stages declare (``Stage.fields``): name -> (stage, lifetime), set when built.
+    _lifetimes: dict[str, tuple[str, str]]
 
     # The built-in fields (annotations only: a field that is not valid is absent).
     model: torch.nn.Module
@@ -107,8 +108,7 @@ class State:
         # Only reached when `name` is not an instance attribute: the field is not valid now.
         if name.startswith("__"):
             raise AttributeError(name)
-        reason = FIELD_LIFETIMES.get(name, "no stage or callback has set it in this run")
-        raise StateAccessError(name, reason=f"it is not valid at this point; {reason}")
+        raise StateAccessError(name, reason=f"it is not valid at this point; {_when(self, name)}")
 
     def is_valid(self, name: str) -> bool:
         """Whether field ``name`` holds a value now."""
@@ -151,6 +151,18 @@ class _ObservedState(State):
         object.__setattr__(self, name, value)
         if not name.startswith("_"):
             self._record_write(name, "stage")
+
+
+def _when(state: State, name: str) -> str:
+    """When field ``name`` is valid: from the stages' declarations, or the built-in fields'."""
+    declared = state.__dict__.get("_lifetimes")
+    if declared is not None and name in declared:
+        stage, lifetime = declared[name]
+        return (
+            f"it is added by stage {stage!r} with lifetime {lifetime!r}, so it is valid from "
+            f"where that stage sets it until its {lifetime} ends"
+        )
+    return FIELD_LIFETIMES.get(name, "no stage or callback has set it in this run")
 
 
 def _refuse(view: StateView | None, field: str, what: str) -> NoReturn:
@@ -290,10 +302,9 @@ class StateView:
         try:
             value = self._state.__dict__[name]
         except KeyError:
-            reason = FIELD_LIFETIMES.get(name, "no stage or callback has set it in this run")
             raise StateAccessError(
                 name,
-                reason=f"it is not valid at this point; {reason}",
+                reason=f"it is not valid at this point; {_when(self._state, name)}",
                 callback=self._callback,
                 hook=self._hook,
             ) from None
@@ -368,8 +379,3 @@ class StateView:
         compute worker thread.
         """
         self._learner._start_background(fn, args, name or f"{self._callback}.{self._hook}")
-
-
-def now() -> float:
-    """The clock used for traces and events."""
-    return time.perf_counter()

@@ -61,7 +61,7 @@ from ._state import State
 if TYPE_CHECKING:
     from ._learner import Learner
     from ._runtime import Runtime
-    from ._stages import Stage
+    from ._stage import Stage
 
 __all__ = [
     "SnapshotPolicy",
@@ -526,6 +526,7 @@ class Validator:
         md = main.__dict__
         object.__setattr__(v, "_trace", md.get("_trace"))
         object.__setattr__(v, "_publish", md.get("_publish"))
+        object.__setattr__(v, "_lifetimes", md.get("_lifetimes"))
         v.__class__ = type(main)
         data = slot.data
         slot.data = None

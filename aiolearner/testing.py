@@ -18,7 +18,7 @@ import torch
 
 from ._callbacks import Callback
 from ._learner import Learner
-from ._stages import Stage
+from ._stage import Stage
 from ._state import StateView
 
 __all__ = [

@@ -44,7 +44,7 @@ class _NullUpdate(ComputeStage):
     writes_weights = True
 
     def compute(self, state: Any) -> None:
-        self.runtime.commit(state)
+        self.context.commit(state)
 
 
 def null_step(n: int) -> float:

@@ -21,7 +21,7 @@ Run it with::
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import torch
@@ -58,10 +58,13 @@ class GAN(torch.nn.Module):
 class DiscriminatorStep(ComputeStage):
     """Generates ``state.output`` (a fake batch) and takes one discriminator step.
 
-    Sets ``state.d_loss`` (a field of this example: stages may add their own).
+    Sets ``state.d_loss``, a field of this example: stages may add their own, declaring how
+    long each stays valid (here one batch: reading it in the next batch's ``before_`` hooks is
+    an error, not a stale value).
     """
 
     writes_weights = True
+    fields: ClassVar[dict[str, str]] = {"output": "batch", "d_loss": "batch"}
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         super().__init__()
@@ -100,7 +103,7 @@ class GeneratorStep(ComputeStage):
         gan.discriminator.zero_grad(set_to_none=True)
         state.output = state.output.detach()
         state.loss = loss.detach()
-        self.runtime.commit(state)
+        self.context.commit(state)
 
 
 class GANFitBatch(FitBatch):

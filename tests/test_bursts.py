@@ -9,14 +9,14 @@ import anyio
 import pytest
 import torch
 
-from aiolearner import Callback, Learner, StateView, StopEpoch, _fused
+from aiolearner import Callback, Learner, StateView, StopEpoch, _executor
 from aiolearner.testing import make_batches, make_learner
 
 
 @pytest.fixture
 def long_bursts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Bursts end only when something needs the loop, never on time."""
-    monkeypatch.setattr(_fused, "BURST_SECONDS", 1e9)
+    monkeypatch.setattr(_executor, "BURST_SECONDS", 1e9)
 
 
 class AtStep(Callback):

@@ -13,7 +13,7 @@ import sniffio
 import torch
 from blockbuster import BlockingError, blockbuster_ctx
 
-from aiolearner import Callback, Gradient, StateView, _fused
+from aiolearner import Callback, Gradient, Learner, StateView, _executor
 from aiolearner.testing import make_batches, make_learner
 
 
@@ -47,7 +47,7 @@ class AsyncHook(Callback):
 
 
 async def test_thread_mode_runs_a_fused_batch_in_one_hop(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_fused, "BURST_SECONDS", 0.0)  # one batch a hop (no bursts)
+    monkeypatch.setattr(_executor, "BURST_SECONDS", 0.0)  # one batch a hop (no bursts)
     loop = threading.get_ident()
     gradient, hook = ThreadOf(), DefHook()
     learner = make_learner(
@@ -245,19 +245,25 @@ async def test_the_detectors_see_blocking_calls_in_inline_mode() -> None:
 # -- the flat fast path of a hook-less default batch --------------------------------------------
 
 
-async def test_a_hookless_batch_runs_flat_with_the_same_errors_and_control_flow(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def spy_on_program(learner: Learner[Any], kind: str, calls: list[int]) -> None:
+    """Count the batches the fit_batch program runs by its shortcut of ``kind``."""
+    program = learner._rt.executor.program(learner.stage("fit_batch"))
+    if program.kind != kind:
+        return
+    fast = program.fast
+    assert fast is not None
+
+    def spy(state: Any) -> None:
+        calls.append(1)
+        fast(state)
+
+    program.fast = spy
+
+
+async def test_a_hookless_batch_runs_flat_with_the_same_errors_and_control_flow() -> None:
     from aiolearner import SkipBatch
 
     calls: list[int] = []
-    run_flat = _fused.run_flat
-
-    def spy(*args: Any) -> None:
-        calls.append(1)
-        run_flat(*args)
-
-    monkeypatch.setattr(_fused, "run_flat", spy)
 
     class Fails(Gradient):
         def compute(self, state: Any) -> None:
@@ -277,6 +283,7 @@ async def test_a_hookless_batch_runs_flat_with_the_same_errors_and_control_flow(
 
     calls.clear()
     learner = make_learner(stages={"gradient": SkipsSecond()}, n_batches=3, with_validation=False)
+    spy_on_program(learner, "flat", calls)
     await learner.fit(1)
     assert calls == [1, 1, 1]
     assert learner.state.step == 3
@@ -290,22 +297,15 @@ class Plain(Gradient):
     """The default Gradient under another type: the batch takes the general flat path."""
 
 
-async def test_the_default_batch_matches_the_general_path_bit_for_bit(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_the_default_batch_matches_the_general_path_bit_for_bit() -> None:
     calls: list[int] = []
-    run_default = _fused.run_default_batch
-
-    def spy(*args: Any) -> None:
-        calls.append(1)
-        run_default(*args)
-
-    monkeypatch.setattr(_fused, "run_default_batch", spy)
     fast = make_learner(n_batches=5, compute="inline")
+    spy_on_program(fast, "default", calls)
     await fast.fit(2)
     assert calls == [1] * 10
     calls.clear()
     general = make_learner(n_batches=5, compute="inline", stages={"gradient": Plain()})
+    spy_on_program(general, "default", calls)
     await general.fit(2)
     assert calls == []
     assert fast.state.step == general.state.step == 10
@@ -391,7 +391,7 @@ async def test_a_shared_event_loop_gets_a_turn_every_yield_interval() -> None:
 
 
 async def test_auto_counts_the_other_learners_training_inline_on_the_loop() -> None:
-    from aiolearner._runtime import ComputePolicy
+    from aiolearner._policy import ComputePolicy
 
     # Three learners on this loop, each with 0.1 ms batches and a turn every 0.8 ms: alone,
     # each would stay inline (0.8 ms < max_blocking); together inline they hold the loop
@@ -420,19 +420,19 @@ async def test_auto_counts_the_other_learners_training_inline_on_the_loop() -> N
 
 
 async def test_a_run_registers_its_policy_only_while_it_runs() -> None:
-    from aiolearner import _runtime
+    from aiolearner import _policy
 
     seen: list[bool] = []
 
     class Probe(Callback):
         def before_fit(self, state: StateView) -> None:
-            seen.append(learner.compute_policy in _runtime._RUNNING)
+            seen.append(learner.compute_policy in _policy._RUNNING)
 
     learner = make_learner(n_batches=2, with_validation=False, callbacks=[Probe()])
     await learner.fit(1)
     assert seen == [True]
-    assert learner.compute_policy not in _runtime._RUNNING
+    assert learner.compute_policy not in _policy._RUNNING
     bad = make_learner(train_data=[(torch.randn(5, 7), torch.zeros(5, dtype=torch.long))])
     with pytest.raises(RuntimeError):
         await bad.fit(1)
-    assert bad.compute_policy not in _runtime._RUNNING  # also after an error
+    assert bad.compute_policy not in _policy._RUNNING  # also after an error

@@ -35,8 +35,7 @@ from typing import Any, BinaryIO, Literal
 import anyio
 import torch
 
-from .._callbacks import Callback, HookMethod
-from .._state import StateView
+from aiolearner import Callback, StateView
 
 __all__ = ["Checkpoint", "load_checkpoint_file", "snapshot"]
 
@@ -249,7 +248,7 @@ class Checkpoint(Callback):
 
     # -- hooks ---------------------------------------------------------------------------------
 
-    def hooks(self) -> Iterator[tuple[str, HookMethod]]:
+    def hooks(self) -> Iterator[tuple[str, Callable[[StateView], Any]]]:
         # Without every_n_steps, no per-batch hook at all: a hook nobody uses costs nothing.
         for hook, method in super().hooks():
             if hook != "before_fit_batch" or self.every_n_steps is not None:

@@ -14,9 +14,8 @@ from typing import Any, Literal
 
 import torch
 
-from .._callbacks import Callback
-from .._stages import Stage, ValidateBatch, ValidateLoss, split_batch
-from .._state import State, StateView
+from aiolearner import Callback, Stage, State, StateView, ValidateBatch, ValidateLoss, split_batch
+
 from ._metrics import Metrics, _Tracker
 
 __all__ = ["EMA"]

@@ -15,9 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from .._callbacks import Callback
-from .._stages import Fit, FitBatch, Stage
-from .._state import State, StateView
+from aiolearner import Callback, Fit, FitBatch, Stage, State, StateView
 
 __all__ = ["AccumulateGradients", "GradientClipping", "GroupGradients"]
 
@@ -34,8 +32,10 @@ def _scale_gradients(optimizer: torch.optim.Optimizer, factor: float) -> None:
 class _AccumulatingFitBatch(FitBatch):
     """A FitBatch that runs Update only on every n-th micro-batch of the epoch."""
 
+    fusable = True  # run awaits only its sub-stages: the batch can run without the event loop
+
     def __init__(self, every: int, gradient: Stage | None = None, update: Stage | None = None):
-        super().__init__(gradient, update)
+        super().__init__(gradient=gradient, update=update)
         self.every = every
 
     async def run(self, state: State) -> None:
@@ -49,7 +49,7 @@ class _AccumulatingFitBatch(FitBatch):
             # The micro-batch is done once its gradients are in .grad: commit it now, so the
             # counters in after_fit_batch read as after an update, and so an interruption from
             # here on neither repeats it nor clears the group's gradients.
-            self.runtime.commit(state)
+            self.context.commit(state)
 
 
 class AccumulateGradients(Fit):
@@ -105,17 +105,11 @@ class AccumulateGradients(Fit):
         fit_batch = self.fit_batch
         assert isinstance(fit_batch, FitBatch)
         _scale_gradients(state.optimizer, 1.0 / pending)
-        rt = self.runtime
-        # The last micro-batch already committed without an update; the update now commits in
-        # its place (Update stages commit with the weights), so the counters end where they were.
-        state.step -= 1
-        state.batch_index -= 1
-        rt.committed = False
-        try:
-            await fit_batch.update(state)
-        finally:
-            if not rt.committed:
-                rt.commit(state)
+        # The last micro-batch is committed already, without an update: this update belongs to
+        # it, and its commit (Update commits with the weights) is that same commit, so the
+        # counters stay where they are.
+        assert self.context.committed
+        await fit_batch.update(state)
 
 
 class GroupGradients(Callback):

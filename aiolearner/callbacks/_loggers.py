@@ -22,15 +22,15 @@ import io
 import json
 import os
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import anyio
 import torch
 
-from .._callbacks import Callback, HookMethod
-from .._state import StateView
+from aiolearner import Callback, StateView
+
 from ._checkpoint import atomic_write
 from ._optional import require
 
@@ -70,7 +70,7 @@ class _BufferedLogger(Callback):
         self._started = False
         self._lock: anyio.Lock | None = None
 
-    def hooks(self) -> Iterator[tuple[str, HookMethod]]:
+    def hooks(self) -> Iterator[tuple[str, Callable[[StateView], Any]]]:
         # Without every_n_steps, no per-batch hook at all: a hook nobody uses costs nothing.
         for hook, method in super().hooks():
             if hook != "after_fit_batch" or self.every_n_steps is not None:

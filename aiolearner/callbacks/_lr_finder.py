@@ -19,11 +19,8 @@ from typing import Any
 
 import torch
 
-from .._callbacks import Callback
-from .._exceptions import StopFit
-from .._learner import Learner
-from .._rng import capture_rng, restore_rng
-from .._state import StateView
+from aiolearner import Callback, Learner, StateView, StopFit, capture_rng, restore_rng
+
 from ._optional import require
 
 __all__ = ["LRFinderResult", "lr_find"]
@@ -197,7 +194,7 @@ async def lr_find(
     if diverge <= 1:
         raise ValueError(f"diverge must be above 1, got {diverge}")
     if learner.status.value != "idle":
-        from .._exceptions import LearnerBusyError
+        from aiolearner import LearnerBusyError
 
         raise LearnerBusyError("run lr_find", learner.status.value)
     model, optimizer = learner.model, learner.optimizer

@@ -13,9 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._callbacks import Callback
-from .._stages import split_batch
-from .._state import StateView
+from aiolearner import Callback, StateView, split_batch
 
 if TYPE_CHECKING:
     from torchmetrics import Metric as _TorchMetric

@@ -14,13 +14,11 @@ the ``gradient``, ``update`` and ``validate_loss`` stages to use with it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from .._callbacks import Callback
-from .._stages import Gradient, Stage, Update, ValidateLoss, split_batch
-from .._state import State
+from aiolearner import Callback, Gradient, Stage, State, Update, ValidateLoss, split_batch
 
 __all__ = ["MixedPrecision"]
 
@@ -138,6 +136,12 @@ class MixedPrecision(Callback):
 class AutocastGradient(Gradient):
     """Forward and loss under autocast; backward outside it, on the scaled loss if scaling."""
 
+    fields: ClassVar[dict[str, str]] = {
+        "output": "batch",
+        "loss": "batch",
+        "grad_scaler": "batch",
+    }
+
     def __init__(self, precision: MixedPrecision) -> None:
         super().__init__()
         self.precision = precision
@@ -174,7 +178,7 @@ class ScaledUpdate(Update):
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        self.runtime.commit(state)
+        self.context.commit(state)
 
 
 class AutocastValidateLoss(ValidateLoss):

@@ -17,9 +17,8 @@ from typing import Any, TextIO
 import anyio
 import torch
 
-from .._callbacks import Callback
-from .._stages import batch_size
-from .._state import StateView
+from aiolearner import Callback, StateView, batch_size
+
 from ._optional import require
 
 __all__ = ["ProgressBar"]

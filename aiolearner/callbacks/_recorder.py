@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .._callbacks import Callback
-from .._state import StateView
+from aiolearner import Callback, StateView
+
 from ._optional import require
 
 __all__ = ["Recorder", "plot_history"]

@@ -16,8 +16,7 @@ from typing import Any, Literal
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
-from .._callbacks import Callback
-from .._state import StateView
+from aiolearner import Callback, StateView
 
 __all__ = ["LRSchedule", "OneCycle", "ParamSchedule", "WarmupCosine"]
 

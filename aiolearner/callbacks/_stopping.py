@@ -14,9 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from .._callbacks import Callback
-from .._exceptions import SkipBatch, StopFit
-from .._state import StateView
+from aiolearner import Callback, SkipBatch, StateView, StopFit
 
 __all__ = ["EarlyStopping", "NonFiniteGuard", "TimeLimit"]
 

@@ -20,10 +20,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from .._callbacks import Callback
-from .._stages import batch_size
-from .._state import StateView
-from .._trace import Trace
+from aiolearner import Callback, StateView, Trace, batch_size
 
 __all__ = ["Throughput", "stage_times"]
 

@@ -1,0 +1,255 @@
+"""Building a learner: the stage tree, each hook's plan, field lifetimes, the batch programs.
+
+Everything here runs when a :class:`~aiolearner.Learner` is made (and again after
+``replace_stage``), never while it trains: misuse found here is a
+:class:`~aiolearner.ConfigurationError` before the first batch, and the decisions taken here
+(which callbacks run on each hook and in which order, which fields expire when, how each batch
+stage runs) cost nothing per batch. ``describe()`` prints what was decided.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from ._callbacks import Callback, HookMethod
+from ._exceptions import ConfigurationError
+from ._plan import HookPlan, build_plan
+from ._stage import ComputeStage, Stage
+from ._stages import FitRun
+from ._state import FIELD_LIFETIMES, STAGE_OWNED, VIEW_ATTRIBUTES
+from ._validation import bind_states
+
+if TYPE_CHECKING:
+    from ._learner import Learner
+
+__all__ = ["build", "build_tree", "describe", "replace_in_tree"]
+
+
+def build(learner: Learner[Any]) -> None:
+    """(Re)build a learner from its tree and callbacks: names, plans, lifetimes, programs."""
+    rt = learner._rt
+    stages = list(learner._root.walk())
+    names: dict[str, Stage] = {}
+    for stage in stages:
+        if stage.name in names and names[stage.name] is not stage:
+            raise ConfigurationError(
+                f"two stages are named {stage.name!r} ({type(names[stage.name]).__name__} and"
+                f" {type(stage).__name__}); stage names must be unique in the tree"
+            )
+        if stage._rt is not None and stage._rt is not rt:
+            raise ConfigurationError(
+                f"stage {stage.name!r} already belongs to another Learner; create a new one"
+            )
+        names[stage.name] = stage
+    hook_owner = {}
+    for stage in stages:
+        before, after = stage.hook_names
+        hook_owner[before] = stage
+        hook_owner[after] = stage
+    hooked: dict[str, list[tuple[Callback, HookMethod]]] = {h: [] for h in hook_owner}
+    seen: dict[int, Callback] = {}
+    for cb in learner._callbacks:
+        if id(cb) in seen:
+            raise ConfigurationError(
+                "the same callback instance is given twice: every one of its hooks would run "
+                "twice; pass it once (or two separate instances, if that is what you mean)",
+                callbacks=(cb.name,),
+            )
+        seen[id(cb)] = cb
+        _check_declarations(cb)
+        for hook, method in cb.hooks():
+            if hook not in hook_owner:
+                known = ", ".join(sorted(hook_owner))
+                raise ConfigurationError(
+                    f"unknown hook {hook!r}: no stage of this learner is named "
+                    f"{hook.split('_', 1)[1]!r} (hooks: {known})",
+                    hook=hook,
+                    callbacks=(cb.name,),
+                )
+            _check_signature(cb, hook, method)
+            hooked[hook].append((cb, method))
+    state = learner._state
+    for stage in stages:
+        before, after = stage.hook_names
+        stage._before = build_plan(before, stage.name, hooked[before], state, learner, rt.trace)
+        stage._after = build_plan(after, stage.name, hooked[after], state, learner, rt.trace)
+        stage._rt = rt
+    lifetimes = _lifetimes(stages)
+    # The built-in per-batch fields expire with every batch, whatever stage sets them.
+    for name in ("batch", "output", "loss"):
+        lifetimes.setdefault(name, ("fit_batch", "batch"))
+    rt.expiring = {
+        lifetime: tuple(name for name, (_, life) in lifetimes.items() if life == lifetime)
+        for lifetime in ("batch", "epoch", "run")
+    }
+    # The built-in fields keep their own explanation (FIELD_LIFETIMES).
+    object.__setattr__(
+        state,
+        "_lifetimes",
+        {name: where for name, where in lifetimes.items() if name not in FIELD_LIFETIMES},
+    )
+    writes = {field for cb in learner._callbacks for field in cb.writes}
+    rt.executor.compile(learner._root, frozenset(FIELD_LIFETIMES) | set(lifetimes) | writes)
+    learner._stages = names
+    bind_states(learner)
+
+
+def _lifetimes(stages: Iterable[Stage]) -> dict[str, tuple[str, str]]:
+    """Every field the stages declare: name -> (declaring stage, lifetime)."""
+    out: dict[str, tuple[str, str]] = {}
+    for stage in stages:
+        for field, lifetime in stage.fields.items():
+            if field in STAGE_OWNED or field in VIEW_ATTRIBUTES or field.startswith("_"):
+                raise ConfigurationError(
+                    f"stage {stage.name!r} declares field {field!r}, a name it cannot add",
+                    field=field,
+                )
+            earlier = out.get(field)
+            if earlier is not None and earlier[1] != lifetime:
+                raise ConfigurationError(
+                    f"stages {earlier[0]!r} and {stage.name!r} declare field {field!r} with "
+                    f"different lifetimes ({earlier[1]!r} and {lifetime!r})",
+                    field=field,
+                )
+            if earlier is None:
+                out[field] = (stage.name, lifetime)
+    return out
+
+
+def build_tree(stages: Mapping[str, Stage] | FitRun | None) -> Stage:
+    """The stage tree for ``Learner(stages=...)``: the default tree with replacements."""
+    if isinstance(stages, FitRun):
+        return stages
+    root: Stage = FitRun()
+    if stages is None:
+        return root
+    if not isinstance(stages, Mapping):
+        raise TypeError("stages must be a mapping of stage name to Stage, or a FitRun")
+    known = {s.name: s for s in root.walk()}
+    for name, stage in stages.items():
+        if not isinstance(stage, Stage):
+            raise TypeError(f"stages[{name!r}] must be a Stage, got {type(stage).__name__}")
+        if name not in known:
+            raise ConfigurationError(
+                f"stages: no stage named {name!r} in the default tree ({sorted(known)})"
+            )
+        if name == "fit_run":
+            if not isinstance(stage, FitRun):
+                raise TypeError("stages['fit_run'] must be a FitRun")
+            root = stage
+            known = {s.name: s for s in root.walk()}
+            continue
+        replace_in_tree(root, known[name], stage)
+        known = {s.name: s for s in root.walk()}
+    return root
+
+
+def replace_in_tree(root: Stage, old: Stage, new: Stage) -> None:
+    """Put ``new`` in the place of ``old`` under ``root`` (children and named attributes)."""
+    for parent in root.walk():
+        for attr, value in list(vars(parent).items()):
+            if value is old:
+                setattr(parent, attr, new)
+        parent.children = tuple(new if c is old else c for c in parent.children)
+
+
+def _check_declarations(cb: Callback) -> None:
+    for attr in ("reads", "writes"):
+        value = getattr(cb, attr)
+        if isinstance(value, str) or not isinstance(value, Iterable):
+            raise ConfigurationError(
+                f"{attr!r} must be a set of field names, got {value!r}", callbacks=(cb.name,)
+            )
+    owned = sorted(set(cb.writes) & STAGE_OWNED)
+    if owned:
+        raise ConfigurationError(
+            "counters and the run phase are written by stages only; a callback cannot declare"
+            " them in 'writes'",
+            callbacks=(cb.name,),
+            field=owned[0],
+        )
+    clash = sorted((set(cb.reads) | set(cb.writes)) & VIEW_ATTRIBUTES)
+    if clash:
+        raise ConfigurationError(
+            f"{clash[0]!r} is a name of the state view itself, not a field",
+            callbacks=(cb.name,),
+            field=clash[0],
+        )
+    for t in cb.after:
+        if not (isinstance(t, type) and issubclass(t, Callback)):
+            raise ConfigurationError(
+                f"'after' must list Callback classes, got {t!r}", callbacks=(cb.name,)
+            )
+
+
+def _check_signature(cb: Callback, hook: str, method: Any) -> None:
+    try:
+        sig = inspect.signature(method)
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return
+    params = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    extra_required = [
+        p for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY and p.default is p.empty
+    ]
+    takes_varargs = any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
+    if extra_required or not (len(params) == 1 or (not params and takes_varargs)):
+        raise ConfigurationError(
+            f"hook {hook!r} of {cb.name} must take exactly one argument (the state view), "
+            f"its signature is {sig}",
+            hook=hook,
+            callbacks=(cb.name,),
+        )
+
+
+def describe(learner: Learner[Any]) -> str:
+    """A readable tree: stages, each hook's callbacks in run order, declared access."""
+    lines = []
+    programs = learner._rt.executor.programs
+
+    def plan_lines(plan: HookPlan | None, indent: str) -> None:
+        if plan is None:
+            return
+        lines.append(f"{indent}{plan.hook}:")
+        for i, layer in enumerate(plan.layers):
+            together = [*layer.sync, *layer.concurrent]
+            kind = "concurrently" if len(layer.concurrent) > 1 else "in order"
+            lines.append(f"{indent}  [{i + 1}] {kind}:")
+            for entry in together:
+                mode = "async" if entry.is_async else "def"
+                lines.append(f"{indent}    - {entry.name} ({mode})")
+
+    def walk(stage: Stage, depth: int) -> None:
+        indent = "  " * depth
+        program = programs.get(id(stage))
+        # A fused batch runs as one call without the event loop; the others are awaited.
+        extra = " [fused batch]" if program is not None and program.synchronous else ""
+        kind = " compute" if isinstance(stage, ComputeStage) else ""
+        lines.append(f"{indent}{type(stage).__name__} ({stage.name}){kind}{extra}")
+        own = {k: v for k, v in stage.fields.items() if k not in FIELD_LIFETIMES}
+        if own:
+            fields = ", ".join(f"{k} (for one {v})" for k, v in own.items())
+            lines.append(f"{indent}  adds fields: {fields}")
+        plan_lines(stage._before, indent + "  ")
+        for child in stage.children:
+            walk(child, depth + 1)
+        plan_lines(stage._after, indent + "  ")
+
+    walk(learner._root, 0)
+    policy = learner._rt.policy
+    lines.append(f"compute: {policy.mode} (max_blocking={policy.max_blocking}s)")
+    if learner._callbacks:
+        lines.append("callbacks:")
+        for cb in learner._callbacks:
+            hooks = ", ".join(h for h, _ in cb.hooks()) or "-"
+            after = ", ".join(t.__name__ for t in cb.after) or "-"
+            lines.append(
+                f"  {cb.name}: reads {sorted(cb.reads) or '-'}, writes "
+                f"{sorted(cb.writes) or '-'}, after {after}; hooks {hooks}"
+            )
+    return "\n".join(lines)

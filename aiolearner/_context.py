@@ -1,0 +1,120 @@
+"""What a stage may use of its learner: :class:`StageContext` (``stage.context``).
+
+Stages are the trusted core: they read and write the state directly. What they need beyond the
+state goes through this small surface, the same for the shipped stages and for users' own:
+committing a training batch, running blocking work where the compute policy says, the weights'
+lock, opening a pass over data, publishing events. Everything else about the running learner
+is private, so that it can change without breaking anybody's stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+if TYPE_CHECKING:
+    from ._data import Batches
+    from ._locks import ReadWriteLock
+    from ._runtime import Runtime
+    from ._state import State
+
+__all__ = ["StageContext"]
+
+T = TypeVar("T")
+
+
+class StageContext:
+    """The learner as its stages see it (``self.context`` inside a stage).
+
+    Example:
+        A leaf stage that adds noise to the gradients, between Gradient and Update::
+
+            class GradNoise(ComputeStage):
+                def __init__(self, std: float) -> None:
+                    super().__init__()
+                    self.std = std
+
+                def compute(self, state: State) -> None:
+                    for p in state.model.parameters():
+                        if p.grad is not None:
+                            p.grad.add_(torch.randn_like(p.grad), alpha=self.std)
+
+            learner = Learner(..., stages={"fit_batch": FitBatch(Gradient(), GradNoise(1e-3),
+                                                                 Update())})
+    """
+
+    __slots__ = ("_rt",)
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    def __repr__(self) -> str:
+        return f"<StageContext committed={self._rt.committed}>"
+
+    # -- the training batch ---------------------------------------------------------------------
+
+    def commit(self, state: State) -> None:
+        """The current training batch is final: ``step`` and ``batch_index`` advance.
+
+        Call it from the stage that applies the batch's update, with the update (``Update``
+        does, inside its ``compute``), so the counters always match the weights: a batch
+        interrupted before its commit is repeated when the run continues, one interrupted after
+        it is not. Committing twice in one batch is one commit. Every training batch must be
+        committed: one that ends without it raises :class:`~aiolearner.StageError` naming the
+        batch stage (a skipped or stopped batch is committed for you).
+        """
+        self._rt.commit(state)
+
+    @property
+    def committed(self) -> bool:
+        """Whether the current (or, between batches, the last) training batch is committed."""
+        return self._rt.committed
+
+    # -- compute and the weights ------------------------------------------------------------------
+
+    @property
+    def weights_lock(self) -> ReadWriteLock:
+        """The reader/writer lock on the model's weights and the optimizer."""
+        return self._rt.weights_lock
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model and the batches live."""
+        return self._rt.device
+
+    async def compute(self, fn: Callable[..., T], *args: Any, writes_weights: bool = False) -> T:
+        """``fn(*args)``, blocking torch work, run where the compute policy says; its result.
+
+        Inline on the event loop or in the learner's compute worker thread, timed for the
+        ``auto`` policy. With ``writes_weights=True`` it holds the write side of the weights
+        lock, and once started in the worker it finishes even if the caller is cancelled (the
+        cancellation is raised after it), so an update is applied entirely or not at all.
+        Inside a batch that runs without the event loop (a fused batch) it simply calls ``fn``:
+        the batch already holds the lock and runs where the policy says.
+        """
+        result: T = await self._rt.compute(fn, *args, writes_weights=writes_weights)
+        return result
+
+    # -- data and events --------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def open_pass(self, state: State, data: Any = "train") -> AsyncIterator[Batches]:
+        """One pass over data: ``async with context.open_pass(state, data) as batches:``.
+
+        ``data`` is ``"train"`` (the training data, resuming an interrupted epoch where it
+        stopped), ``"validation"`` (the validation data, or the snapshot of it a concurrent
+        validation took), or any iterable or async iterable of batches. Take batches with
+        ``await batches.next()`` until it returns ``batches.END``; they arrive on the device,
+        fetched ahead of use as the learner's ``fetch`` and ``prefetch`` options say.
+        """
+        async with self._rt.open_pass(state, data) as batches:
+            yield batches
+
+    def publish(self, kind: str, source: str, state: State, data: dict[str, Any]) -> None:
+        """Publish an event on the learner's stream (a no-op while nobody listens)."""
+        rt = self._rt
+        if rt.observed:
+            rt.publish(kind, source, state, data)

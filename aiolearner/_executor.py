@@ -1,0 +1,430 @@
+"""The batch executor: the one place where batches run.
+
+When the learner is built, every batch stage (the ``fit_batch`` of a :class:`~aiolearner.Fit`,
+the ``validate_batch`` of a :class:`~aiolearner.Validate`) is compiled once into a
+:class:`BatchProgram`. A batch stage whose whole subtree needs no event loop (``def`` hooks only,
+stages that do not override ``run`` or declare ``fusable = True``) gets a *synchronous*
+program: the whole batch, hooks included, is one call, made inline on the event loop or in the
+compute worker thread as the compute policy says, holding the weights' write lock for the batch.
+Any other batch stage is *awaited*: its hooks run on the loop and each compute stage goes through
+``Runtime.compute`` on its own.
+
+A synchronous program is always the stage's own definition, run without the event loop: its
+coroutine (``Stage.__call__``) is driven to its end in one step (nothing in it suspends). Two
+shortcuts give the same outcome with fewer calls, and are chosen only when they are exactly that
+definition:
+
+* **flat**: no hooks anywhere in the batch and sub-stages that are plain compute leaves: their
+  ``compute`` methods in order;
+* **default**: the default ``FitBatch(Gradient(), Update())`` with unchanged ``compute``
+  methods and no hooks: the helpers ``Gradient.compute`` and ``Update.compute`` are written with
+  (:func:`~aiolearner._stages.forward`, :func:`~aiolearner._stages.optimizer_step`), minus the
+  state round trips nobody can observe (the loss goes straight to the epoch's losses, the output
+  is dropped once the loss is computed, as in a hand-written loop).
+
+While the learner is observed (a trace, an event subscriber), synchronous programs run the full
+definition, so every stage's entry and exit is seen.
+
+The training pass (:meth:`Executor.train_pass`) takes a batch, runs its program and finishes the
+batch, until the pass ends. In thread mode, a synchronous program runs in *bursts*: the compute
+worker goes on with the next batch while one is ready without the event loop (see
+:func:`_burst`), so a pass of small batches costs a few hops instead of one per batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._data import END, WAIT
+from ._exceptions import ControlFlow, StageError
+from ._rng import capture_rng
+from ._runtime import DRIVING
+from ._stage import ComputeStage, Stage, owned
+from ._stages import Fit, FitBatch, Gradient, Update, Validate, forward, optimizer_step
+
+if TYPE_CHECKING:
+    import torch
+
+    from ._data import Batches
+    from ._locks import ReadWriteLock
+    from ._runtime import Runtime
+    from ._state import State
+
+__all__ = ["BURST_SECONDS", "BatchProgram", "Executor"]
+
+#: The longest a burst of batches keeps the compute worker before handing back to the loop.
+BURST_SECONDS = 0.05
+
+# The definitions the default program is compiled from, as they were when this module was
+# imported: a subclass or a patch that replaces either one runs as written, never this shortcut.
+_GRADIENT_COMPUTE = Gradient.compute
+_UPDATE_COMPUTE = Update.compute
+
+
+class BatchProgram:
+    """A batch stage compiled for the executor, once, when the learner is built.
+
+    Attributes:
+        stage: the batch stage.
+        kind: ``"default"``, ``"flat"``, ``"fused"`` (synchronous programs) or ``"async"``.
+        fast: the whole batch as one call by the shortest route with the same outcome (``None``
+            for an awaited program).
+        locks: whether the batch holds the weights' write lock while it runs (a synchronous
+            program with a compute stage that writes weights).
+    """
+
+    __slots__ = ("fast", "kind", "locks", "rt", "stage")
+
+    def __init__(self, stage: Stage, rt: Runtime) -> None:
+        self.stage = stage
+        self.rt = rt
+        self.kind = _kind(stage)
+        self.locks = self.kind != "async" and any(
+            isinstance(s, ComputeStage) and s.writes_weights for s in stage.walk()
+        )
+        self.fast: Callable[[State], None] | None
+        if self.kind == "default":
+            self.fast = self._default_batch()
+        elif self.kind == "flat":
+            self.fast = self._flat_batch()
+        elif self.kind == "fused":
+            self.fast = self.drive
+        else:
+            self.fast = None
+
+    def __repr__(self) -> str:
+        return f"<BatchProgram {self.kind} of {self.stage.name!r}>"
+
+    @property
+    def synchronous(self) -> bool:
+        """Whether the whole batch runs as one call (without the event loop)."""
+        return self.fast is not None
+
+    def now(self) -> Callable[[State], None]:
+        """The call that runs one batch now: the full definition while observed."""
+        return self.drive if self.rt.observed else self.fast  # type: ignore[return-value]
+
+    @staticmethod
+    def driving() -> bool:
+        """Whether the current batch runs as one synchronous call (see ``Stage.__call__``)."""
+        return DRIVING.get()
+
+    def drive(self, state: State) -> None:
+        """Run the batch stage's own coroutine to its end in one step, without the event loop."""
+        token = DRIVING.set(True)
+        try:
+            coro = self.stage(state)
+            try:
+                coro.send(None)
+            except StopIteration:
+                return
+            coro.close()
+            raise StageError(
+                "its batch runs without the event loop (it is fusable) but it awaited something "
+                "that suspends; set `fusable = False` on the stage that awaits it",
+                stage=self.stage.name,
+            )
+        finally:
+            DRIVING.reset(token)
+
+    async def execute(self, state: State) -> None:
+        """One batch from ``await stage(state)`` (a validation pass, a pass a user wrote)."""
+        rt = self.rt
+        fn = self.now()
+        if not rt.run_inline(fn, state, self.locks):
+            await rt.compute(fn, state, writes_weights=self.locks)
+
+    def _flat_batch(self) -> Callable[[State], None]:
+        stage = self.stage
+        leaves = tuple((leaf.name, leaf.compute) for leaf in stage.children)  # type: ignore[attr-defined]
+
+        def flat_batch(state: State) -> None:
+            where = stage.name
+            try:
+                for where, compute in leaves:  # noqa: B007 (the handler names the leaf)
+                    compute(state)
+            except BaseException as exc:
+                if not owned(stage, state, exc, where):
+                    raise
+
+        return flat_batch
+
+    def _default_batch(self) -> Callable[[State], None]:
+        stage = self.stage
+        rt = self.rt
+        gradient, update = (child.name for child in stage.children)
+
+        def default_batch(state: State) -> None:
+            d = state.__dict__
+            where = gradient
+            try:
+                loss = forward(d["model"], d["loss_fn"], d["batch"], gradient)[1]
+                loss.backward()  # type: ignore[no-untyped-call]
+                where = update
+                optimizer_step(d["optimizer"])
+                rt.commit(state)
+            except BaseException as exc:
+                if not owned(stage, state, exc, where):
+                    raise
+                return
+            rt.train_losses.append(loss.detach())
+
+        return default_batch
+
+
+def _kind(stage: Stage) -> str:
+    if not _synchronous(stage):
+        return "async"
+    if _flat(stage):
+        children = stage.children
+        if (
+            type(stage) is FitBatch
+            and len(children) == 2
+            and type(children[0]) is Gradient
+            and type(children[1]) is Update
+            and Gradient.compute is _GRADIENT_COMPUTE
+            and Update.compute is _UPDATE_COMPUTE
+        ):
+            return "default"
+        return "flat"
+    return "fused"
+
+
+def _synchronous(stage: Stage) -> bool:
+    """Whether the stage's whole call can run without the event loop."""
+    for plan in (stage._before, stage._after):
+        if plan is not None and plan.has_async:
+            return False
+    if type(stage).__call__ is not Stage.__call__:
+        return False
+    fusable = stage.fusable
+    if fusable is None:
+        default_run = ComputeStage.run if isinstance(stage, ComputeStage) else Stage.run
+        fusable = type(stage).run is default_run
+    return fusable and all(_synchronous(child) for child in stage.children)
+
+
+def _flat(stage: Stage) -> bool:
+    """Whether a batch is nothing but its compute leaves' ``compute`` in order: no hooks, the
+    default ``run``, and leaves that own no control flow and have no sub-stages."""
+    if stage._before is not None or stage._after is not None or type(stage).run is not Stage.run:
+        return False
+    return all(
+        isinstance(child, ComputeStage)
+        and type(child).run is ComputeStage.run
+        and not child.children
+        and not child.catches
+        and child._before is None
+        and child._after is None
+        for child in stage.children
+    )
+
+
+class Executor:
+    """Runs the batches of one learner (``runtime.executor``)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.programs: dict[int, BatchProgram] = {}
+        #: Fields anything may set during a batch (built-ins, declared by stages or callbacks).
+        self.known_fields: frozenset[str] = frozenset()
+
+    def compile(self, root: Stage, known_fields: frozenset[str]) -> None:
+        """Compile every batch stage of the tree (called at the end of every build)."""
+        self.programs = {}
+        self.known_fields = known_fields
+        for stage in root.walk():
+            stage._program = None
+        for stage in root.walk():
+            batch_stage = None
+            if isinstance(stage, Fit):
+                batch_stage = stage.fit_batch
+            elif isinstance(stage, Validate):
+                batch_stage = stage.validate_batch
+            if batch_stage is None or id(batch_stage) in self.programs:
+                continue
+            program = BatchProgram(batch_stage, self.rt)
+            self.programs[id(batch_stage)] = program
+            if program.synchronous:
+                batch_stage._program = program
+
+    def program(self, stage: Stage) -> BatchProgram:
+        """The program of a batch stage (compiled now if the build did not see it)."""
+        program = self.programs.get(id(stage))
+        if program is None:
+            program = self.programs[id(stage)] = BatchProgram(stage, self.rt)
+        return program
+
+    async def train_pass(self, fit: Stage, state: State, batches: Batches) -> None:
+        """Take a batch, run its program, finish it; until the pass ends.
+
+        A :class:`~aiolearner.StopEpoch` from a batch ends the pass: the batch is finished (it
+        counts as consumed) and ``fit``, which owns it, acts on it.
+        """
+        rt = self.rt
+        program = self.program(fit.fit_batch)  # type: ignore[attr-defined]
+        stage = program.stage
+        losses = rt.train_losses
+        validator = rt.validator
+        policy = rt.policy
+        synchronous = program.synchronous
+        # Bursts need nothing of the loop between batches: no validation due between them.
+        bursts = synchronous and validator is None
+        locks = program.locks
+        clock = time.perf_counter
+        take = batches.next_nowait
+        check_fields = True
+        before = set(state.__dict__)
+        pending: Any = None
+        while True:
+            if pending is None:
+                batch = take()
+            else:
+                batch, pending = pending, None
+            if batch is WAIT:
+                batch = await batches.next()
+            if batch is END:
+                break
+            state.batch = batch
+            rt.committed = False
+            # A synchronous batch cannot be interrupted half way by a cancellation; an awaited
+            # one can, and is then repeated on resume, drawing the same random numbers.
+            rng = None if synchronous else capture_rng()
+            try:
+                if synchronous:
+                    fn = program.now()
+                    if not rt.run_inline(fn, state, locks):
+                        if bursts and policy.hopping:
+                            pending = await self._burst(program, state, batches, losses)
+                        else:
+                            await rt.compute(fn, state, writes_weights=locks)
+                else:
+                    await stage(state)
+            except BaseException as exc:
+                if isinstance(exc, ControlFlow) and isinstance(exc, fit.catches):
+                    if not rt.committed:
+                        # As for a skipped batch: its gradients must not leak into the next
+                        # epoch's first update. It is consumed all the same.
+                        state.model.zero_grad(set_to_none=True)
+                        rt.commit(state)
+                    self.finish_batch(stage, state, losses)
+                    owned(fit, state, exc)
+                    break
+                rt.abandon_batch(state, rng)
+                raise
+            self.finish_batch(stage, state, losses)
+            if check_fields:
+                check_fields = False
+                self.check_fields(stage, state, before)
+            if validator is not None:
+                # A validation due by steps or time; a concurrent one's StopFit or error.
+                await validator.between_batches(state)
+            now = clock()
+            if now - rt.last_yield >= rt.yield_every:
+                await rt.give_turn(now)
+
+    def finish_batch(self, stage: Stage, state: State, losses: list[torch.Tensor]) -> None:
+        """The batch is over: keep its loss for ``train_loss``, end its fields, check the commit."""
+        d = state.__dict__
+        loss = d.get("loss")
+        if loss is not None:
+            # Detached: keeping the loss with its autograd graph alive until the end of the
+            # epoch slows every later step on a small model (allocator and graph bookkeeping).
+            losses.append(loss.detach())
+        for name in self.rt.expiring["batch"]:
+            d.pop(name, None)
+        if not self.rt.committed:
+            raise StageError(
+                "the training batch ended without being committed: the stage that applies the "
+                "batch's update must call `self.context.commit(state)` with it (Update does), "
+                "so that the counters match the weights",
+                stage=stage.name,
+            )
+
+    def check_fields(self, stage: Stage, state: State, before: set[str]) -> None:
+        """After a pass's first batch: a field set by stage code must be declared somewhere."""
+        unknown = sorted(k for k in state.__dict__ if k not in before and k[0] != "_")
+        unknown = [k for k in unknown if k not in self.known_fields]
+        if unknown:
+            raise StageError(
+                f"state field {unknown[0]!r} was set during a batch but no stage declares it; "
+                f"add it to the `fields` of the stage that sets it, with its lifetime "
+                f"(e.g. fields = {{{unknown[0]!r}: 'batch'}}), so it expires instead of "
+                "going stale",
+                stage=stage.name,
+            )
+
+    async def _burst(
+        self, program: BatchProgram, state: State, batches: Batches, losses: list[torch.Tensor]
+    ) -> Any:
+        """``state.batch`` and the batches after it, in one hop to the compute worker.
+
+        A hop costs two wake-ups of a sleeping thread, a few percent of a batch of several
+        milliseconds (docs/performance.md). A burst goes on in the worker with the next batch
+        while one is ready without the event loop, and hands back when the loop is needed: a
+        batch to await, the end of the pass, a cancellation (after the batch in progress), a
+        task waiting for the weights lock, auto's next decision, or ``BURST_SECONDS``. The loop
+        stays free all along; each batch is finished exactly as on the loop. Returns what the
+        loop takes next: ``None`` (take a batch), ``WAIT`` or ``END``.
+        """
+        rt = self.rt
+        lock = rt.weights_lock if program.locks else None
+        stop: list[bool] = []
+        try:
+            return await rt.compute(
+                _burst,
+                self,
+                program,
+                state,
+                batches,
+                losses,
+                lock,
+                stop,
+                writes_weights=program.locks,
+                timed=False,
+                on_cancel=lambda: stop.append(True),
+            )
+        finally:
+            batches.start_producer_if_slow()
+
+
+def _burst(
+    executor: Executor,
+    program: BatchProgram,
+    state: State,
+    batches: Batches,
+    losses: list[torch.Tensor],
+    lock: ReadWriteLock | None,
+    stop: list[bool],
+) -> Any:
+    """The body of :meth:`Executor._burst`, in the compute worker thread."""
+    rt = executor.rt
+    policy = rt.policy
+    stage = program.stage
+    fn = program.now()
+    clock = time.perf_counter
+    until = clock() + BURST_SECONDS
+    while True:
+        start = clock()
+        try:
+            fn(state)
+        finally:
+            now = clock()
+            policy.record(now - start)
+        # Errors and StopEpoch leave the batch to the loop (train_pass), as for a single batch.
+        executor.finish_batch(stage, state, losses)
+        if (
+            stop
+            or now >= until
+            or policy.reconsider_due(now)
+            or (lock is not None and lock.waiting)
+            or batches.wants_producer
+        ):
+            return None
+        batch = batches.next_nowait(off_loop=True)
+        if batch is WAIT or batch is END:
+            return batch
+        state.batch = batch
+        rt.committed = False

@@ -1,0 +1,202 @@
+"""A learner's persistent state: ``state_dict``, loading it back, checkpoint files.
+
+What a checkpoint holds is everything needed to continue a run exactly: weights, optimizer,
+counters and position in the epoch, every random generator's state (in a portable form that
+``torch.load(weights_only=True)`` accepts), metrics and the callbacks' own states. Loading is
+all or nothing: whatever is wrong with a checkpoint is found before anything changes, and a
+failure half way puts everything back, so a failed load leaves the learner as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._callbacks import Callback
+from ._rng import capture_rng, restore_rng, rng_from_portable, rng_to_portable
+
+if TYPE_CHECKING:
+    from ._learner import Learner
+
+__all__ = ["find_checkpoint", "load_state_dict", "read_checkpoint", "state_dict"]
+
+FORMAT = 1
+
+
+def state_dict(learner: Learner[Any]) -> dict[str, Any]:
+    """See :meth:`Learner.state_dict`."""
+    state = learner._state
+    rt = learner._rt
+    callbacks: dict[str, Any] = {}
+    for key, cb in callback_keys(learner._callbacks):
+        callbacks[key] = dict(cb.state_dict())
+    return {
+        "format": FORMAT,
+        "model": learner.model.state_dict(),
+        "optimizer": learner.optimizer.state_dict(),
+        "progress": {
+            "epoch": state.epoch,
+            "step": state.step,
+            "batch_index": state.batch_index,
+            "pass_done": rt.pass_done,
+            "train_losses": [x.detach().float().cpu().reshape(()) for x in rt.train_losses],
+            "stream": _stream_to_portable(learner._train.stream_state()),
+        },
+        "metrics": {k: v for k, v in state.metrics.items() if _portable(v)},
+        "rng": rng_to_portable(capture_rng()),
+        "epoch_rng": None if rt.epoch_rng is None else rng_to_portable(rt.epoch_rng),
+        "callbacks": callbacks,
+    }
+
+
+def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> None:
+    """See :meth:`Learner.load_state_dict`: all or nothing."""
+    if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != FORMAT:
+        raise ValueError(f"not an aiolearner checkpoint (format {FORMAT})")
+    _check_model(learner.model, checkpoint["model"])
+    state = learner._state
+    rt = learner._rt
+    # What a failure half way must put back (the optimizer state is copied: load_state_dict
+    # replaces it, but the tensors of the old one may be shared with nobody else).
+    saved: dict[str, Any] = {
+        "model": {k: v.detach().clone() for k, v in learner.model.state_dict().items()},
+        "optimizer": copy.deepcopy(learner.optimizer.state_dict()),
+        "counters": (state.epoch, state.step, state.batch_index),
+        "metrics": state.metrics,
+        "progress": (rt.pass_done, rt.train_losses, rt.epoch_rng),
+        "rng": capture_rng(),
+        "callbacks": [(cb, dict(cb.state_dict())) for cb in learner._callbacks],
+    }
+    try:
+        learner.model.load_state_dict(checkpoint["model"])
+        learner.optimizer.load_state_dict(checkpoint["optimizer"])
+        progress = checkpoint["progress"]
+        epoch_rng = checkpoint.get("epoch_rng")
+        new_epoch_rng = None if epoch_rng is None else rng_from_portable(epoch_rng)
+        rng = rng_from_portable(checkpoint["rng"])
+        state.epoch = int(progress["epoch"])
+        state.step = int(progress["step"])
+        state.batch_index = int(progress["batch_index"])
+        rt.pass_done = bool(progress["pass_done"])
+        rt.train_losses = [x.to(learner.device) for x in progress["train_losses"]]
+        state.metrics = dict(checkpoint.get("metrics", {}))
+        restore_rng(rng)
+        rt.epoch_rng = new_epoch_rng
+        stored = checkpoint.get("callbacks", {})
+        for key, cb in callback_keys(learner._callbacks):
+            if key in stored:
+                cb.load_state_dict(stored[key])
+        stream = _stream_from_portable(progress.get("stream"))
+    except BaseException:
+        learner.model.load_state_dict(saved["model"])
+        learner.optimizer.load_state_dict(saved["optimizer"])
+        state.epoch, state.step, state.batch_index = saved["counters"]
+        state.metrics = saved["metrics"]
+        rt.pass_done, rt.train_losses, rt.epoch_rng = saved["progress"]
+        restore_rng(saved["rng"])
+        for cb, cb_state in saved["callbacks"]:
+            cb.load_state_dict(cb_state)
+        raise
+    # Iterators of an earlier run cannot continue a restored one; a stream that outlives
+    # epochs (steps_per_epoch) restarts where the checkpoint's stream was.
+    learner._train.restart(stream)
+
+
+def _check_model(model: torch.nn.Module, weights: Any) -> None:
+    """Refuse weights that do not fit the model before any of them is copied in."""
+    if not isinstance(weights, Mapping):
+        raise ValueError("the checkpoint's 'model' entry is not a state dict")
+    mine = model.state_dict()
+    missing = sorted(set(mine) - set(weights))
+    unexpected = sorted(set(weights) - set(mine))
+    wrong = sorted(
+        k
+        for k in set(mine) & set(weights)
+        if isinstance(weights[k], torch.Tensor) and weights[k].shape != mine[k].shape
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"shape mismatch for {k!r}: checkpoint {tuple(weights[k].shape)}, model "
+                f"{tuple(mine[k].shape)}"
+                + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else "")
+            )
+        raise ValueError(
+            "the checkpoint's weights do not fit this model (another architecture?): "
+            + "; ".join(parts)
+            + "; nothing was loaded"
+        )
+
+
+def read_checkpoint(path: Path, device: torch.device) -> Any:
+    """The contents of a checkpoint file (``weights_only=True``), or a clear error naming it."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(
+            f"cannot read checkpoint file {str(path)!r}: it is damaged (truncated?) or not a "
+            f"checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def find_checkpoint(callbacks: Sequence[Callback], resume: str | os.PathLike[str]) -> Path:
+    """The file ``fit(resume=...)`` means: ``"last"`` (asks the callbacks) or a path."""
+    if resume == "last":
+        for cb in callbacks:
+            finder = getattr(cb, "find_checkpoint", None)
+            if finder is not None:
+                found = finder("last")
+                if found is not None:
+                    return Path(found)
+        raise FileNotFoundError(
+            "resume='last' found no checkpoint: no callback (such as "
+            "aiolearner.callbacks.Checkpoint) has written one yet"
+        )
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint file at {path}")
+    return path
+
+
+def _stream_to_portable(stream: tuple[int, dict[str, Any] | None] | None) -> Any:
+    if stream is None:
+        return None
+    origin, rng = stream
+    return {"origin": origin, "rng": None if rng is None else rng_to_portable(rng)}
+
+
+def _stream_from_portable(stream: Any) -> tuple[int, dict[str, Any] | None] | None:
+    if stream is None:
+        return None
+    rng = stream["rng"]
+    return int(stream["origin"]), None if rng is None else rng_from_portable(rng)
+
+
+def _portable(value: object) -> bool:
+    return isinstance(value, int | float | str | bool) or (
+        isinstance(value, torch.Tensor) and value.numel() == 1
+    )
+
+
+def callback_keys(callbacks: Sequence[Callback]) -> list[tuple[str, Callback]]:
+    """Each callback with the key its state has in a checkpoint (its name, numbered if shared)."""
+    seen: dict[str, int] = {}
+    out = []
+    for cb in callbacks:
+        n = seen.get(cb.name, 0)
+        seen[cb.name] = n + 1
+        out.append((cb.name if n == 0 else f"{cb.name}#{n}", cb))
+    return out

@@ -1,0 +1,180 @@
+"""Where a learner's compute runs: the compute policy, and whether the event loop is shared.
+
+Compute placement (``Learner(compute=...)``):
+
+* ``"inline"``: stages run their torch work on the event loop. Lowest overhead; the loop is
+  blocked for as long as a batch computes (it still yields every ``yield_interval`` seconds,
+  between batches, so other tasks get turns and cancellation stays prompt; ten times less
+  often while no other task is on the loop, and at every epoch's end for cancellation).
+* ``"thread"``: the blocking work runs in the learner's compute worker (one thread borrowed from
+  anyio's pool for the whole run, fed through a queue; see ``_worker.py``). Fused batches (the
+  default tree with ``def`` hooks) go over in bursts, several batches a hop (``_executor.py``);
+  an unfused batch hops once per compute stage.
+* ``"auto"`` (default): runs inline while that blocks the loop for at most ``max_blocking``
+  seconds per batch *or* nothing else is running on the loop; otherwise hops. Learners training
+  inline on one loop count together: their slices (a batch, or the batches between two turns)
+  add up against ``max_blocking``. It re-decides every ``recheck_interval`` seconds from
+  measured batch times and the loop's task list, so a tiny model keeps inline overhead, and a
+  heavy model keeps a web service on the same loop responsive.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Literal
+
+import anyio
+
+__all__ = ["LONE_YIELD_FACTOR", "SHARING_RECHECK", "ComputeMode", "ComputePolicy", "loop_is_shared"]
+
+ComputeMode = Literal["auto", "thread", "inline"]
+
+
+def loop_is_shared(*, own_tasks: bool = False) -> bool:
+    """Whether tasks other than this one, its ancestors and aiolearner's own are on the loop.
+
+    With ``own_tasks=True`` (does the training loop need to give the loop turns often?), the
+    ancestors and aiolearner's own tasks count too: a parent that started ``fit`` in a task group
+    may well go on with work of its own, and a data producer or a concurrent validation needs
+    turns as much as a user's task does; only the compute worker's task, which just waits on its
+    thread, does not.
+    """
+    me = anyio.get_current_task()
+    tasks = anyio.get_running_tasks()
+    mine = {me.id}
+    if not own_tasks:
+        by_id = {t.id: t for t in tasks}
+        node: Any = me
+        while node is not None:
+            mine.add(node.id)
+            node = by_id.get(node.parent_id) if node.parent_id is not None else None
+    ignored = ("<", "aiolearner.compute") if own_tasks else ("<", "aiolearner.")
+    for task in tasks:
+        if task.id in mine or task.name is None:
+            continue
+        if task.name.startswith(ignored):
+            continue
+        return True
+    return False
+
+
+#: While nothing else runs on the loop, the training loop gives it a turn this many times less
+#: often than ``yield_interval``: a turn then only serves cancellation and deadlines, and on a
+#: tiny model each costs a noticeable share of a batch (docs/performance.md). How often a shared
+#: loop is checked for still being shared (listing the tasks is not free); a lone one is checked
+#: at every turn.
+LONE_YIELD_FACTOR = 10
+SHARING_RECHECK = 0.5
+
+
+class ComputePolicy:
+    """Where stage compute runs; see the module docstring."""
+
+    def __init__(
+        self, mode: ComputeMode, *, max_blocking: float, recheck_interval: float = 0.5
+    ) -> None:
+        if mode not in ("auto", "thread", "inline"):
+            raise ValueError(f"compute must be 'auto', 'thread' or 'inline', got {mode!r}")
+        if max_blocking <= 0:
+            raise ValueError(f"max_blocking must be positive, got {max_blocking}")
+        self.mode = mode
+        self.max_blocking = max_blocking
+        self.recheck_interval = recheck_interval
+        self.hopping = mode == "thread"
+        self.limiter = anyio.CapacityLimiter(1)
+        self._typical: float | None = None
+        self._next_check = 0.0
+        # Set while a run is on (see enter_run): the event loop's thread, the turn interval.
+        self._loop_thread: int | None = None
+        self._turn = 0.0
+        #: How many hops were made (for tests and the throughput report).
+        self.hops = 0
+
+    def __repr__(self) -> str:
+        typical = self._typical
+        measured = "not measured yet" if typical is None else f"{typical * 1e3:.3g} ms"
+        where = "worker thread" if self.hopping else "event loop"
+        return (
+            f"ComputePolicy(mode={self.mode!r}, max_blocking={self.max_blocking}, "
+            f"now on the {where}, batch {measured}, hops={self.hops})"
+        )
+
+    def record(self, seconds: float) -> None:
+        """Record how long one batch (or compute stage) took; safe from the worker thread."""
+        typical = self._typical
+        self._typical = seconds if typical is None else 0.8 * typical + 0.2 * seconds
+
+    def observe(self, seconds: float, now: float | None = None) -> None:
+        """Record a duration and maybe change the decision (on the event loop only).
+
+        ``now``: the current ``time.perf_counter()``, when the caller has it (the training loop
+        does; this runs once a batch, so a saved clock call counts for a tiny model).
+        """
+        typical = self._typical
+        self._typical = seconds if typical is None else 0.8 * typical + 0.2 * seconds
+        if self.mode == "auto":
+            if now is None:
+                now = time.perf_counter()
+            if now >= self._next_check:
+                self._next_check = now + self.recheck_interval
+                self.reconsider()
+
+    def reconsider_due(self, now: float) -> bool:
+        """Whether auto's next decision is due (a burst of batches then hands back to the loop)."""
+        return self.mode == "auto" and now >= self._next_check
+
+    def maybe_reconsider(self) -> None:
+        """Re-decide if ``recheck_interval`` has passed (on the event loop only)."""
+        if self.mode == "auto":
+            now = time.perf_counter()
+            if now >= self._next_check:
+                self._next_check = now + self.recheck_interval
+                self.reconsider()
+
+    def enter_run(self, turn_interval: float) -> None:
+        """A run of this learner starts on the current thread's event loop."""
+        self._loop_thread = threading.get_ident()
+        self._turn = turn_interval
+        with _RUNNING_LOCK:
+            _RUNNING.add(self)
+
+    def exit_run(self) -> None:
+        """The run is over."""
+        with _RUNNING_LOCK:
+            _RUNNING.discard(self)
+        self._loop_thread = None
+
+    def blocking_slice(self) -> float:
+        """How long this learner, running inline, holds the event loop at a time: a batch, or
+        the batches between two turns, whichever is longer."""
+        return max(self._typical or 0.0, self._turn)
+
+    def reconsider(self) -> None:
+        typical = self._typical
+        heavy = typical is not None and typical > self.max_blocking
+        if typical is not None and not heavy and self._loop_thread is not None:
+            # Several learners training inline on one event loop each hold it for a slice in
+            # turn: a task waiting for the loop waits for all of them. Count theirs too.
+            loop = self._loop_thread
+            with _RUNNING_LOCK:  # learners may run on event loops in other threads too
+                running = list(_RUNNING)
+            crowd = self.blocking_slice() + sum(
+                other.blocking_slice()
+                for other in running
+                if other is not self and other._loop_thread == loop and not other.hopping
+            )
+            heavy = crowd > self.max_blocking
+        self.hopping = heavy and loop_is_shared()
+
+    @property
+    def typical_seconds(self) -> float | None:
+        """The smoothed duration of a batch's compute, as measured."""
+        return self._typical
+
+
+#: The compute policies of the learners running now (any event loop, any thread): ``auto``
+#: counts the other learners training inline on its own event loop. A run always leaves it
+#: (``Learner._running`` calls ``exit_run`` in a ``finally``).
+_RUNNING: set[ComputePolicy] = set()
+_RUNNING_LOCK = threading.Lock()
