@@ -6,7 +6,7 @@ batches (a torch DataLoader included) or an async iterable. For each pass it han
 
 * **inline**: ``next()`` on the source is called on the event loop when the batch is needed. This
   is what a cheap source (tensors in memory, a DataLoader whose worker processes keep up) needs: a
-  thread hop costs ~200 us, far more than such a fetch.
+  thread hop costs far more than such a fetch (docs/performance.md).
 * **producer**: a producer task, started in the learner's run task group, fetches batches ahead of
   use (in a worker thread for sync iterables, so a slow ``__getitem__`` or collate never blocks the
   loop; directly for async iterables), moves them to the device (pinned memory and a side stream
@@ -378,8 +378,8 @@ class Batches:
                 source.slow_fetches = 0
             else:
                 # Slow: two fetches in a row over budget. One alone may be a garbage collection
-                # or the machine being busy: on a loaded machine a fetch of tensors in memory was
-                # seen to take over 10 ms once, so even a long single fetch is not enough.
+                # or the machine being busy (a fetch of tensors in memory can take many times its
+                # usual time on a loaded machine), so even a long single fetch is not enough.
                 # Fetch ahead in a worker thread from now on.
                 source.slow_fetches += 1
                 if source.slow_fetches >= 2:

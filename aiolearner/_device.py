@@ -35,7 +35,7 @@ class DeviceMover:
         if self.cuda:
             return _map(batch, lambda t: t.to(self.device, non_blocking=t.is_pinned()))
         # The common case (CPU training on CPU tensors) returns the batch itself: rebuilding
-        # the containers costs ~1.5 us a batch, a tenth of a tiny model's framework budget.
+        # the containers costs a tenth of a tiny model's framework budget (docs/performance.md).
         if _on_cpu(batch):
             return batch
         return _map(batch, _to_cpu)

@@ -355,7 +355,7 @@ class Learner(Generic[TBatch]):
         finally:
             rt.tg = None
             self._status = LearnerStatus.IDLE
-            state.invalidate("phase")
+            state.invalidate("phase", *rt.expiring["run"])
             self._hub.publish("run_end", "learner", state.epoch, state.step, {"outcome": outcome})
             self._hub.close_all()
 

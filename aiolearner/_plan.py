@@ -8,7 +8,8 @@ Decided once, when the learner is built:
 * which orders are impossible (two unordered writers of one field, cycles) -> ConfigurationError;
 * the *layers*: callbacks with no order between them share a layer. In a layer, ``def`` hooks are
   called inline, one ``async def`` hook is simply awaited, and only two or more ``async def``
-  hooks open a task group. So the task group's cost (~200 us) is paid only where concurrency is.
+  hooks open a task group. So a task group, which costs more than a small model's whole step
+  (docs/performance.md), is paid for only where concurrency is.
 
 The rules for exceptions, decided once (docs/errors.md):
 

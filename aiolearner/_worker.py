@@ -1,11 +1,10 @@
 """The learner's compute worker: one thread that runs the blocking work of one batch at a time.
 
 Why not ``anyio.to_thread.run_sync`` per batch: each call pays for a capacity limiter, a cancel
-scope, a context copy and the worker pool's bookkeeping on top of the two thread wake-ups. Measured
-on the 2-core development machine (an empty job, median of 5 x 2000): 215 us a hop on asyncio and
-270 on trio, against 47 and 177 for this worker, which keeps one thread for the whole run and
-hands jobs over through a queue. With a heavy step that is the difference between a hop per batch
-costing ~2.5 % of an 8 ms step and ~0.6 %.
+scope, a context copy and the worker pool's bookkeeping on top of the two thread wake-ups. A worker
+that keeps one thread for the whole run and hands jobs over through a queue hops several times
+faster, which on a heavy step is the difference between a hop per batch costing a few percent of
+the step and a fraction of one (docs/performance.md has the figures).
 
 The thread is one of anyio's own worker threads, borrowed for the whole run by one
 ``to_thread.run_sync`` call in a task of the run's task group (``aiolearner.compute``), so it is

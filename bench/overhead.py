@@ -1,12 +1,16 @@
 """Per-step overhead over a hand-written PyTorch loop: aiolearner, Ignite and Lightning.
 
-Run (the whole benchmark, both models, all variants, interleaved repetitions)::
+Three models: ``null`` (one Linear 4->2, batch 2: the step is almost nothing, so what is measured
+is each framework's own per-batch work), ``tiny`` (an MLP 32->64->10, batch 64) and ``heavy``.
+
+Run (the whole benchmark, all models, all variants, interleaved repetitions)::
 
     .venv/bin/python -m bench.overhead            # needs the `bench` extra for Ignite/Lightning
 
 Every variant trains a fresh copy of the same model (same seed) with SGD on the same batches, one
 epoch, with default settings: aiolearner with no callbacks (``compute`` inline / thread / auto, the
-default, on asyncio, and auto on trio); Ignite's ``create_supervised_trainer``; Lightning's
+default, on asyncio, and auto on trio); Ignite's ``create_supervised_trainer`` and its bare
+``Engine(process_function)`` running the raw step; Lightning's
 ``Trainer`` with logger, checkpointing, progress bar and model summary off. Per-step time is
 measured between the requests of batch ``k`` and ``n - k`` (see ``bench/_common.py``), so setup
 and teardown are left out. The final model of every variant must give bit for bit the loss the
@@ -31,6 +35,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LOSS: LossFn = torch.nn.functional.cross_entropy
 
 MODELS: dict[str, tuple[list[int], int]] = {
+    # A near-null step (one Linear 4->2, batch 2): what is left is the framework's own work.
+    "null": ([4, 2], 2),
     "tiny": ([32, 64, 10], 64),
     "heavy": ([512, 1024, 1024, 10], 256),
 }
@@ -67,6 +73,22 @@ def run_ignite(model: torch.nn.Module, data: list[Batch], skip: int) -> float:
     stamped = StampedData(data, time.perf_counter)
     trainer = create_supervised_trainer(model, _sgd(model), LOSS)
     trainer.run(stamped, max_epochs=1)
+    return stamped.per_step(skip)
+
+
+def run_ignite_bare(model: torch.nn.Module, data: list[Batch], skip: int) -> float:
+    """Ignite's bare ``Engine(process_function)``: its loop and events, no supervised helpers."""
+    from ignite.engine import Engine
+
+    optimizer = _sgd(model)
+    stamped = StampedData(data, time.perf_counter)
+    model.train()
+
+    def process(engine: Any, batch: Batch) -> float:
+        raw_step(model, optimizer, LOSS, batch[0], batch[1])
+        return 0.0
+
+    Engine(process).run(stamped, max_epochs=1)
     return stamped.per_step(skip)
 
 
@@ -111,8 +133,8 @@ def final_loss(model: torch.nn.Module, probe: Batch) -> torch.Tensor:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="tiny,heavy")
-    parser.add_argument("--tiny-steps", type=int, default=1000)
+    parser.add_argument("--models", default="null,tiny,heavy")
+    parser.add_argument("--tiny-steps", type=int, default=1000, help="steps of null and tiny")
     parser.add_argument("--heavy-steps", type=int, default=60)
     parser.add_argument("--reps", type=int, default=11, help="repetitions of the tiny model")
     parser.add_argument("--heavy-reps", type=int, default=5)
@@ -134,14 +156,16 @@ def main() -> int:
     }
     if not args.no_peers:
         variants["Ignite Engine"] = run_ignite
+        variants["Ignite bare Engine"] = run_ignite_bare
         variants["Lightning Trainer"] = run_lightning
 
     print(f"machine: {machine()}")
     failed = False
     for model_name in args.models.split(","):
         sizes, batch = MODELS[model_name]
-        steps = args.tiny_steps if model_name == "tiny" else args.heavy_steps
-        reps = args.reps if model_name == "tiny" else args.heavy_reps
+        light = model_name in ("null", "tiny")
+        steps = args.tiny_steps if light else args.heavy_steps
+        reps = args.reps if light else args.heavy_reps
         skip = max(2, steps // 20)
         data = make_data(steps, batch, sizes[0], sizes[-1], seed=1)
         probe = make_data(1, batch, sizes[0], sizes[-1], seed=2)[0]
@@ -178,11 +202,16 @@ def main() -> int:
             f"(timed {steps - 2 * skip}), {reps} interleaved repetitions, medians"
         )
         print(table(["variant", "us/step", "overhead us/step", "time / raw", "final loss"], rows))
-        if "Ignite Engine" in times and model_name == "tiny":
+        if "Ignite Engine" in times and light:
             ours = median(
                 [t - r for t, r in zip(times["aiolearner auto (default)"], raw_times, strict=True)]
             )
-            for peer, bound in (("Ignite Engine", 0.5), ("Lightning Trainer", 0.03)):
+            peers = (
+                (("Ignite Engine", 0.5), ("Lightning Trainer", 0.03))
+                if model_name == "tiny"
+                else (("Ignite bare Engine", 0.5),)
+            )
+            for peer, bound in peers:
                 theirs = median([t - r for t, r in zip(times[peer], raw_times, strict=True)])
                 print(
                     f"default overhead / {peer} overhead = {ours / theirs:.3f} (target <= {bound})"

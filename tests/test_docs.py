@@ -65,3 +65,15 @@ def test_readme_quick_start_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "BestValidationLoss: reads ['epoch', 'validation'], writes ['metrics']" in out
     assert "epoch 4: val loss" in out
     assert "'best_val_loss'" in out
+
+
+def test_writing_stages_runs_top_to_bottom(capsys: pytest.CaptureFixture[str]) -> None:
+    page = ROOT / "docs" / "writing-stages.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
+    assert len(blocks) >= 5
+    namespace: dict[str, object] = {"__name__": "writing_stages"}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"docs/writing-stages.md (block {i + 1})", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "[fused batch]" in out
+    assert "epoch 0 starts" in out

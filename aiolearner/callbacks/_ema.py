@@ -97,7 +97,7 @@ class EMA(Callback):
         self.updates = 0
         self._pending: Mapping[str, Any] | None = None
         # Guards the average against being read (copied for a concurrent validation, saved)
-        # while after_update changes it, possibly on another thread. Uncontended: ~50 ns.
+        # while after_update changes it, possibly on another thread (uncontended, it is cheap).
         self._lock = threading.Lock()
         self._live: torch.nn.Module | None = None
         self._validated: torch.nn.Module | None = None
