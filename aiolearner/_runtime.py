@@ -148,7 +148,7 @@ class Runtime:
         if DRIVING.get():
             return fn(*args)
         lock = self.weights_lock if writes_weights else None
-        if lock is not None and not lock.acquire_write_nowait():
+        if lock is not None:
             await lock.acquire_write()
         try:
             policy = self.policy

@@ -429,13 +429,8 @@ class Validator:
         val = self._val
         assert rt is not None
         assert val is not None
-        lock = rt.weights_lock
-        if not lock.acquire_read_nowait():
-            await lock.acquire_read()
-        try:
+        async with rt.weights_lock.read():
             slot.refresh(state.model)
-        finally:
-            lock.release_read()
         slot.tag = (state.epoch, state.step)
         slot.batch_index = state.batch_index
         # Created here, where the sequential pass would create it: same random draws.
