@@ -1,7 +1,9 @@
 """A griffe extension for the API reference (mkdocs.yml); not a page.
 
 The docstrings follow the Google style, whose guide titles the example section ``Example:``;
-griffe knows it only as ``Examples:`` and would render the ``>>>`` lines as Markdown prose.
+griffe knows it only as ``Examples:`` and would render the ``>>>`` lines as Markdown prose. They
+also use Sphinx roles (``:class:`~aiolearner.FitRun```), which Markdown would show as they are:
+they become inline code.
 """
 
 from __future__ import annotations
@@ -12,11 +14,19 @@ from typing import Any
 import griffe
 
 EXAMPLE = re.compile(r"^(\s*)Example:[ \t]*$", re.M)
+ROLE = re.compile(r":(?:class|meth|func|attr|data|exc|mod|obj):`(~?)([\w.]+)(\(\))?`")
+
+
+def _role(match: re.Match[str]) -> str:
+    tilde, target, call = match.group(1), match.group(2), match.group(3) or ""
+    name = target.rsplit(".", 1)[-1] if tilde else target
+    return f"`{name}{call}`"
 
 
 class ExampleSections(griffe.Extension):
-    """Read an ``Example:`` section as ``Examples:`` (rendered as code)."""
+    """Read an ``Example:`` section as ``Examples:`` (rendered as code); roles as inline code."""
 
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
         if obj.docstring is not None:
-            obj.docstring.value = EXAMPLE.sub(r"\1Examples:", obj.docstring.value)
+            text = EXAMPLE.sub(r"\1Examples:", obj.docstring.value)
+            obj.docstring.value = ROLE.sub(_role, text)
