@@ -14,12 +14,17 @@ from typing import Any
 import griffe
 
 EXAMPLE = re.compile(r"^(\s*)Example:[ \t]*$", re.M)
-ROLE = re.compile(r":(?:class|meth|func|attr|data|exc|mod|obj):`(~?)([\w.]+)(\(\))?`")
+ROLE = re.compile(
+    r":(?:class|meth|func|attr|data|exc|mod|obj):`"
+    r"(?:(?P<title>[^`<]+?)\s*<[\w.]+>|(?P<tilde>~?)(?P<target>[\w.]+)(?P<call>\(\))?)`"
+)
 
 
 def _role(match: re.Match[str]) -> str:
-    tilde, target, call = match.group(1), match.group(2), match.group(3) or ""
-    name = target.rsplit(".", 1)[-1] if tilde else target
+    if match.group("title"):  # :meth:`shown text <target>`
+        return f"`{match.group('title')}`"
+    target, call = match.group("target"), match.group("call") or ""
+    name = target.rsplit(".", 1)[-1] if match.group("tilde") else target
     return f"`{name}{call}`"
 
 
