@@ -27,7 +27,6 @@ from typing import Any, Literal, TypeVar
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
-import sniffio
 
 __all__ = ["event_loop_running", "run_sync"]
 
@@ -37,11 +36,12 @@ T = TypeVar("T")
 def event_loop_running() -> bool:
     """Whether async code of a running event loop called into this thread's current code.
 
-    The same test ``anyio.run`` makes before it refuses to start.
+    The same test ``anyio.run`` makes before it refuses to start (which async library, if any,
+    runs the current task).
     """
     try:
-        sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
+        anyio.lowlevel.current_token()
+    except RuntimeError:  # NoEventLoopError (sniffio's AsyncLibraryNotFoundError before 4.12)
         return False
     return True
 
@@ -67,6 +67,8 @@ class _Run:
     """What the loop thread shares with the waiting thread."""
 
     def __init__(self) -> None:
+        self.go = threading.Event()  # the waiting thread is ready for an interrupt
+        self.abandoned = False  # interrupted before the run began: do not begin it
         self.entered = threading.Event()  # the cancel scope exists, or the thread has ended
         self.done = threading.Event()
         self.scope: anyio.CancelScope | None = None
@@ -88,7 +90,9 @@ def _run_on_thread(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], backe
 
     def target() -> None:
         try:
-            run.result = anyio.run(main, backend=backend)
+            run.go.wait()
+            if not run.abandoned:
+                run.result = anyio.run(main, backend=backend)
         except BaseException as exc:  # handed to the waiting thread, which raises it
             run.error = exc
         finally:
@@ -96,10 +100,17 @@ def _run_on_thread(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], backe
             run.done.set()
 
     thread = threading.Thread(target=target, name="aiolearner-sync", daemon=True)
-    thread.start()
     try:
+        # The run begins only once this thread is in the try: an interrupt it causes early on
+        # (as soon as it starts) must not land in thread.start(), outside the handler.
+        thread.start()
+        run.go.set()
         run.done.wait()
     except KeyboardInterrupt:
+        if not run.go.is_set():
+            run.abandoned = True  # nothing ran; a thread that did start leaves at once
+            run.go.set()
+            raise
         _cancel(run)
         _wait_ignoring_interrupts(run.done)
         thread.join()
