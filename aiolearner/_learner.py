@@ -27,6 +27,7 @@ from ._runtime import Runtime
 from ._stage import Stage, split_batch
 from ._stages import FitRun
 from ._state import State, _ObservedState
+from ._sync import run_sync
 from ._trace import Trace
 from ._validation import SnapshotPolicy, ValidateEvery, ValidateMode, make_validator
 
@@ -418,12 +419,17 @@ class Learner(Generic[TBatch]):
         resume: str | os.PathLike[str] | None = None,
         backend: Literal["asyncio", "trio"] = "asyncio",
     ) -> None:
-        """:meth:`fit` for scripts: runs its own event loop (``backend``) until done."""
+        """:meth:`fit` for scripts and notebooks: runs its own event loop (``backend``) until done.
+
+        Where an event loop already runs in this thread (a Jupyter cell), the run goes to a new
+        thread with its own loop and this call blocks until it ends; an interrupt
+        (``KeyboardInterrupt``) cancels the run, waits until it has stopped, and propagates.
+        """
 
         async def main() -> None:
             await self.fit(epochs, resume=resume)
 
-        anyio.run(main, backend=backend)
+        run_sync(main, backend=backend)
 
     async def validate(self) -> dict[str, Any]:
         """Run the Validate stage once on the current weights; returns ``state.validation``.
@@ -444,8 +450,8 @@ class Learner(Generic[TBatch]):
         return dict(self._state.validation)
 
     def validate_sync(self, *, backend: Literal["asyncio", "trio"] = "asyncio") -> dict[str, Any]:
-        """:meth:`validate` for scripts."""
-        return anyio.run(self.validate, backend=backend)
+        """:meth:`validate` for scripts and notebooks (see :meth:`fit_sync`)."""
+        return run_sync(self.validate, backend=backend)
 
     async def predict(self, data: Iterable[Any] | Any) -> Any:
         """The model's outputs for ``data`` (batches of ``(inputs, targets)`` or inputs alone).

@@ -16,6 +16,10 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+# The documentation site, warnings as errors, offline (no web fonts, nothing fetched).
+site_dir="$(mktemp -d)"
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$site_dir"
+rm -rf "$site_dir"
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?

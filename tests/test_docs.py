@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -67,13 +68,61 @@ def test_readme_quick_start_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "'best_val_loss'" in out
 
 
-def test_writing_stages_runs_top_to_bottom(capsys: pytest.CaptureFixture[str]) -> None:
-    page = ROOT / "docs" / "writing-stages.md"
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
-    assert len(blocks) >= 5
-    namespace: dict[str, object] = {"__name__": "writing_stages"}
-    for i, code in enumerate(blocks):
-        exec(compile(code, f"docs/writing-stages.md (block {i + 1})", "exec"), namespace)
-    out = capsys.readouterr().out
-    assert "[fused batch]" in out
-    assert "epoch 0 starts" in out
+# -- the documentation site (mkdocs.yml; `mkdocs build --strict` runs in scripts/test.sh) -------
+
+
+def nav_pages() -> list[str]:
+    """The pages named in mkdocs.yml's nav, in order."""
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    nav = config.split("\nnav:\n", 1)[1]
+    nav = re.split(r"\n(?=\S)", nav, maxsplit=1)[0]  # up to the next top-level key
+    return re.findall(r":\s*([\w./-]+\.md)\s*$", nav, flags=re.M)
+
+
+def test_every_docs_page_is_in_the_site_nav() -> None:
+    nav = nav_pages()
+    pages = sorted(str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md"))
+    missing = [p for p in pages if p not in nav]
+    assert not missing, f"add these pages to the nav in mkdocs.yml: {missing}"
+    assert not [p for p in nav if not (ROOT / "docs" / p).is_file()], "nav names a missing page"
+    assert len(nav) == len(set(nav)), "a page appears twice in the nav"
+
+
+def test_the_site_builds_offline() -> None:
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    assert re.search(r"^\s+font: false\s*$", config, flags=re.M), "no web fonts at build time"
+    assert "social" not in config, "the social plugin downloads fonts and images"
+    assert re.search(r"^strict: true\s*$", config, flags=re.M)
+    script = (ROOT / "scripts" / "test.sh").read_text(encoding="utf-8")
+    assert "mkdocs build --strict" in script
+
+
+REFERENCE_PAGES = {
+    "aiolearner": "reference.md",
+    "aiolearner.callbacks": "reference-callbacks.md",
+    "aiolearner.testing": "reference-testing.md",
+}
+
+
+@pytest.mark.parametrize("module", sorted(REFERENCE_PAGES))
+def test_the_api_reference_names_every_public_name(module: str) -> None:
+    exported = set(importlib.import_module(module).__all__)
+    page = ROOT / "docs" / REFERENCE_PAGES[module]
+    text = page.read_text(encoding="utf-8")
+    documented = set(re.findall(rf"^::: {re.escape(module)}\.(\w+)\s*$", text, flags=re.M))
+    missing = sorted(exported - documented)
+    assert not missing, f"{page.name} lacks `::: {module}.NAME` for {missing}"
+    extra = sorted(documented - exported)
+    assert not extra, f"{page.name} documents names {module} does not export: {extra}"
+    assert REFERENCE_PAGES[module] in nav_pages()
+
+
+def test_links_out_of_docs_become_repository_links_or_text() -> None:
+    hooks = importlib.import_module("docs._hooks")
+    page = type("Page", (), {"file": type("File", (), {"src_uri": "concepts.md"})()})()
+    text = "See [the demo](../examples/digits.py), [concepts](concepts.md).\n```\n[x](../a)\n```\n"
+    plain = hooks.on_page_markdown(text, page, {"repo_url": None}, None)
+    assert plain.startswith("See the demo, [concepts](concepts.md).")
+    assert "[x](../a)" in plain  # code stays as it is
+    linked = hooks.on_page_markdown(text, page, {"repo_url": "https://example.org/r/"}, None)
+    assert "[the demo](https://example.org/r/blob/main/examples/digits.py)" in linked

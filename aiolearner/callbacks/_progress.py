@@ -1,4 +1,4 @@
-"""A progress bar on rich, or plain log lines when the output is not a terminal.
+"""A progress display: live in Jupyter, a rich bar on a terminal, plain log lines elsewhere.
 
 The hooks only note counters and keep a reference to the latest loss tensor (no ``.item()``, no
 I/O); a background task renders at most every ``refresh_interval`` seconds, in a worker thread.
@@ -8,11 +8,12 @@ batch, and a slow terminal or pipe never blocks the event loop.
 
 from __future__ import annotations
 
+import html
 import sys
 import threading
 import time
 from collections import deque
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import anyio
 import torch
@@ -22,6 +23,18 @@ from aiolearner import Callback, StateView, batch_size
 from ._optional import require
 
 __all__ = ["ProgressBar"]
+
+Display = Literal["auto", "notebook", "rich", "plain"]
+
+
+def _in_jupyter() -> bool:
+    """Whether this process is a Jupyter kernel (IPython with a kernel attached)."""
+    ipython = sys.modules.get("IPython")  # never imported here: a kernel has imported it
+    if ipython is None:
+        return False
+    get_ipython = getattr(ipython, "get_ipython", None)
+    shell = get_ipython() if get_ipython is not None else None
+    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 def _fmt(value: object) -> str:
@@ -35,16 +48,20 @@ def _fmt(value: object) -> str:
 class ProgressBar(Callback):
     """Show epochs and batches with the loss, the metrics and the throughput.
 
-    On a terminal it draws a rich progress bar (rich is the ``rich`` extra); elsewhere (CI logs,
-    files) it prints plain lines: one per epoch, and one every ``log_interval`` seconds during long
-    epochs. The number of batches per epoch is learned from the first epoch.
+    The display is chosen by where the output goes: in a Jupyter kernel, a live display updated
+    in place (an IPython display handle with an HTML progress bar; no ipywidgets needed); on a
+    terminal, a rich progress bar (rich is the ``rich`` extra); elsewhere (CI logs, files), plain
+    lines: one per epoch, and one every ``log_interval`` seconds during long epochs. The number of
+    batches per epoch is learned from the first epoch.
 
     Args:
         refresh_interval: the shortest time between two renders of the bar (seconds).
         log_interval: in plain mode, the shortest time between two progress lines inside an
             epoch (seconds).
-        plain: force plain lines (``True``) or the rich bar (``False``); by default, the bar when
-            ``file`` is a terminal.
+        display: ``"notebook"``, ``"rich"`` or ``"plain"`` to force one; ``"auto"`` (default)
+            picks the notebook display in a Jupyter kernel writing to its own stdout, the rich
+            bar when ``file`` is a terminal (or a ``console`` is given), plain lines otherwise.
+        plain: the older switch: ``True`` for ``display="plain"``, ``False`` for ``"rich"``.
         file: where to write (default ``sys.stdout``).
         console: a ``rich.console.Console`` to draw on (implies the bar).
 
@@ -67,22 +84,39 @@ class ProgressBar(Callback):
         *,
         refresh_interval: float = 0.1,
         log_interval: float = 10.0,
+        display: Display = "auto",
         plain: bool | None = None,
         file: TextIO | None = None,
         console: Any = None,
     ) -> None:
         if refresh_interval <= 0 or log_interval <= 0:
             raise ValueError("refresh_interval and log_interval must be positive")
+        if display not in ("auto", "notebook", "rich", "plain"):
+            raise ValueError(f"display must be auto, notebook, rich or plain, got {display!r}")
         self.refresh_interval = refresh_interval
         self.log_interval = log_interval
         self._file = file
         self._console = console
-        if plain is None:
+        if plain is not None:
+            display = "plain" if plain else "rich"
+        if display == "auto":
             out = file if file is not None else sys.stdout
-            plain = console is None and not (hasattr(out, "isatty") and out.isatty())
-        self.plain = plain
-        if not plain:
+            if console is not None:
+                display = "rich"
+            elif file is None and _in_jupyter():
+                display = "notebook"
+            elif hasattr(out, "isatty") and out.isatty():
+                display = "rich"
+            else:
+                display = "plain"
+        #: The display in use: ``"notebook"``, ``"rich"`` or ``"plain"``.
+        self.display: Display = display
+        self.plain = display == "plain"
+        if display == "rich":
             require("rich.progress", extra="rich", what="ProgressBar")
+        elif display == "notebook":
+            require("IPython.display", extra="notebook", what="ProgressBar's notebook display")
+        self._handle: Any = None  # the IPython display handle (notebook display)
         self._progress: Any = None
         self._task: Any = None
         self._stop: anyio.Event | None = None
@@ -111,7 +145,8 @@ class ProgressBar(Callback):
         """Start the renderer."""
         self._stop = anyio.Event()
         self._finished = False
-        if not self.plain:
+        self._handle = None
+        if self.display == "rich":
             rp = require("rich.progress", extra="rich", what="ProgressBar")
             self._progress = rp.Progress(
                 rp.TextColumn("{task.description}"),
@@ -201,6 +236,31 @@ class ProgressBar(Callback):
             else:
                 print(line, file=self.file, flush=True)
 
+    def _bundle(self) -> dict[str, str]:
+        """The notebook display: an HTML progress bar, and a text form for plain frontends."""
+        total = self._total
+        done = self._batches
+        count = f"{done}/{total}" if total else f"{done}"
+        elapsed = time.perf_counter() - self._started if self._started else 0.0
+        text = f"epoch {self._epoch + 1}  {count}  {elapsed:.1f}s  {self._info()}"
+        bar = (
+            f'<progress value="{done}" max="{total}" style="width: 20em"></progress>'
+            if total
+            else '<progress style="width: 20em"></progress>'  # indeterminate: first epoch
+        )
+        return {
+            "text/plain": text,
+            "text/html": f"<div>{bar} <code>{html.escape(text)}</code></div>",
+        }
+
+    def _render_notebook(self) -> None:
+        ipy_display = require("IPython.display", extra="notebook", what="ProgressBar")
+        bundle = self._bundle()
+        if self._handle is None:
+            self._handle = ipy_display.display(bundle, raw=True, display_id=True)
+        else:
+            self._handle.update(bundle, raw=True)
+
     def _render(self) -> None:
         # One renderer at a time: the final render of after_fit_run may start while the
         # background one is still drawing.
@@ -209,6 +269,11 @@ class ProgressBar(Callback):
                 self._render_locked()
 
     def _render_locked(self) -> None:
+        if self.display == "notebook":
+            # The bar first, so that it stays above the epoch lines printed under it.
+            self._render_notebook()
+            self._print_lines()
+            return
         self._print_lines()
         progress = self._progress
         if progress is None:
@@ -243,6 +308,8 @@ class ProgressBar(Callback):
                 self._render_locked()
                 self._progress.stop()
                 self._progress = None
+            elif self.display == "notebook":
+                self._render_locked()
             else:
                 self._print_lines()
             self._finished = True

@@ -107,3 +107,65 @@ def test_plain_progress_line_inside_an_epoch() -> None:
     bar._loss = torch.tensor(0.25)
     bar._render()
     assert re.fullmatch(r"epoch 2 batch 7/10  loss 0\.25  \d+ samples/s\n", out.getvalue())
+
+
+class FakeHandle:
+    def __init__(self, shown: list[dict[str, str]]) -> None:
+        self.shown = shown
+
+    def update(self, bundle: dict[str, str], *, raw: bool) -> None:
+        assert raw
+        self.shown.append(bundle)
+
+
+class FakeShell:
+    kernel = object()
+
+
+def test_a_jupyter_kernel_picks_the_notebook_display(monkeypatch: pytest.MonkeyPatch) -> None:
+    import IPython
+
+    assert ProgressBar(file=io.StringIO()).display == "plain"
+    monkeypatch.setattr(IPython, "get_ipython", lambda: FakeShell())
+    assert ProgressBar().display == "notebook"
+    assert not ProgressBar().plain
+    # an explicit file or console still decides, and so does an explicit choice
+    assert ProgressBar(file=io.StringIO()).display == "plain"
+    assert ProgressBar(display="plain").display == "plain"
+    assert ProgressBar(plain=True).display == "plain"
+    monkeypatch.setattr(IPython, "get_ipython", lambda: None)  # IPython, but no kernel
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert ProgressBar().display == "plain"
+
+
+def test_display_must_be_known() -> None:
+    with pytest.raises(ValueError, match="display must be"):
+        ProgressBar(display="fancy")  # type: ignore[arg-type]
+
+
+async def test_notebook_display_updates_one_handle_in_place(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import IPython.display
+
+    shown: list[dict[str, str]] = []
+    handles: list[FakeHandle] = []
+
+    def display(bundle: dict[str, str], *, raw: bool, display_id: bool) -> FakeHandle:
+        assert raw
+        assert display_id
+        shown.append(bundle)
+        handles.append(FakeHandle(shown))
+        return handles[-1]
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    bar = ProgressBar(display="notebook", refresh_interval=0.01)
+    learner = make_learner(callbacks=[bar], n_batches=4)
+    await learner.fit(2)
+    assert len(handles) == 1  # one display, updated in place
+    final = shown[-1]
+    assert final["text/plain"].startswith("epoch 2  4/4  ")
+    assert '<progress value="4" max="4"' in final["text/html"]
+    assert "samples/s" in final["text/plain"]
+    out = capsys.readouterr().out.splitlines()  # the epoch lines, printed under the display
+    assert [line.split(":")[0] for line in out] == ["epoch 1", "epoch 2"]
