@@ -20,6 +20,7 @@ from ._device import DeviceMover
 from ._events import EventHub, EventStream
 from ._exceptions import ConfigurationError, LearnerBusyError
 from ._handle import LearnerSnapshot
+from ._hparams import check_hparams
 from ._locks import ReadWriteLock
 from ._plan import HookPlan, build_plan
 from ._rng import capture_rng, restore_rng, rng_from_portable, rng_to_portable
@@ -84,6 +85,8 @@ class Learner(Generic[TBatch]):
         snapshot_policy: with ``validate="concurrent"``, what happens when a validation is due
             and ``max_snapshots`` are in flight: ``"wait"`` (default: training waits for a free
             slot, back-pressure) or ``"skip"`` (this validation is skipped and counted).
+        hparams: the run's hyperparameters, any JSON-able mapping: kept as :attr:`hparams`,
+            in the ``hparams`` state field (for loggers), and in :meth:`state_dict`.
 
     Raises:
         ConfigurationError: callbacks or stages that cannot work together (see the message).
@@ -120,6 +123,7 @@ class Learner(Generic[TBatch]):
         validate_every: ValidateEvery = "epoch",
         max_snapshots: int = 1,
         snapshot_policy: SnapshotPolicy = "wait",
+        hparams: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -131,6 +135,7 @@ class Learner(Generic[TBatch]):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if steps_per_epoch is not None and steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
+        self._hparams = check_hparams(hparams)
         self._device = _resolve_device(model, device)
         if any(p.device != self._device for p in model.parameters()):
             model.to(self._device)
@@ -192,6 +197,7 @@ class Learner(Generic[TBatch]):
         state.step = 0
         state.batch_index = 0
         state.metrics = {}
+        state.hparams = self._hparams
         object.__setattr__(state, "_trace", self._trace)
         self._state = state
         if trace:
@@ -298,6 +304,11 @@ class Learner(Generic[TBatch]):
     def device(self) -> torch.device:
         """Where the model and batches live."""
         return self._device
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The hyperparameters given to the constructor, in their JSON form."""
+        return self._hparams
 
     @property
     def train_data(self) -> Any:
@@ -652,6 +663,7 @@ class Learner(Generic[TBatch]):
             "rng": rng_to_portable(capture_rng()),
             "epoch_rng": None if rt.epoch_rng is None else rng_to_portable(rt.epoch_rng),
             "callbacks": callbacks,
+            "hparams": check_hparams(self._hparams),
         }
 
     def load_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
