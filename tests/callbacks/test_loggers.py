@@ -140,13 +140,13 @@ async def test_writes_happen_off_the_event_loop(
 ) -> None:
     loop_thread = threading.get_ident()
     threads: list[int] = []
-    real = _loggers.JSONLinesLogger._write_rows
+    real = _loggers.JSONLinesLogger.write_metrics
 
     def spy(self: JSONLinesLogger, rows: list[dict[str, Any]]) -> None:
         threads.append(threading.get_ident())
         real(self, rows)
 
-    monkeypatch.setattr(_loggers.JSONLinesLogger, "_write_rows", spy)
+    monkeypatch.setattr(_loggers.JSONLinesLogger, "write_metrics", spy)
     learner = make_learner(
         callbacks=[JSONLinesLogger(tmp_path / "x.jsonl", every_n_steps=1, flush_rows=2)],
         n_batches=5,
