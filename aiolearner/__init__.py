@@ -28,6 +28,10 @@ from ._locks import ReadWriteLock as ReadWriteLock
 from ._parallel import Parallel as Parallel
 from ._runtime import ComputePolicy as ComputePolicy
 from ._runtime import Runtime as Runtime
+from ._seeding import SeedState as SeedState
+from ._seeding import dataloader_seeding as dataloader_seeding
+from ._seeding import seed_everything as seed_everything
+from ._seeding import seed_worker as seed_worker
 from ._stages import ComputeStage as ComputeStage
 from ._stages import Epoch as Epoch
 from ._stages import Fit as Fit
@@ -77,6 +81,7 @@ __all__ = [
     "ReadWriteLock",
     "RunState",
     "Runtime",
+    "SeedState",
     "SkipBatch",
     "Stage",
     "State",
@@ -90,6 +95,9 @@ __all__ = [
     "Validate",
     "ValidateBatch",
     "ValidateLoss",
+    "dataloader_seeding",
+    "seed_everything",
+    "seed_worker",
     "split_batch",
 ]
 
