@@ -34,6 +34,7 @@ from ._schedule import WarmupCosine as WarmupCosine
 from ._stopping import EarlyStopping as EarlyStopping
 from ._stopping import NonFiniteGuard as NonFiniteGuard
 from ._stopping import TimeLimit as TimeLimit
+from ._swa import SWA as SWA
 from ._throughput import Throughput as Throughput
 from ._throughput import stage_times as stage_times
 from ._tracking import MLflowLogger as MLflowLogger
@@ -44,6 +45,7 @@ __all__ = [
     "AccumulateGradients",
     "Checkpoint",
     "EMA",
+    "SWA",
     "GradientClipping",
     "LRSchedule",
     "MixedPrecision",
