@@ -284,6 +284,8 @@ def _copy_artifact(path: Path, directory: Path, name: str) -> None:
 
 
 def _write_hparams_file(path: Path, hparams: Mapping[str, Any]) -> None:
+    if not hparams:
+        return  # no file for a run without hyperparameters
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, (json.dumps(hparams, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
@@ -291,7 +293,7 @@ def _write_hparams_file(path: Path, hparams: Mapping[str, Any]) -> None:
 class JSONLinesLogger(ExperimentLogger):
     """Log rows as JSON objects, one per line, to a file.
 
-    The hyperparameters go to ``<path stem>.hparams.json`` beside it, and artifacts are copied
+    The hyperparameters (if any) go to ``<path stem>.hparams.json`` beside it; artifacts are copied
     into ``artifacts_dir``.
 
     Args:
@@ -351,8 +353,8 @@ class CSVLogger(ExperimentLogger):
     """Log rows to a CSV file with a header; a new column rewrites the file with it.
 
     Columns: ``kind``, ``epoch``, ``step``, then every metric in the order first seen. Cells of a
-    row without that column are empty. The hyperparameters go to ``<path stem>.hparams.json``
-    beside it, and artifacts are copied into ``artifacts_dir``.
+    row without that column are empty. The hyperparameters (if any) go to
+    ``<path stem>.hparams.json`` beside it, and artifacts are copied into ``artifacts_dir``.
 
     Args:
         path: the ``.csv`` file.
