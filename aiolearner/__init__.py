@@ -32,6 +32,10 @@ from ._parallel import Parallel as Parallel
 from ._policy import ComputePolicy as ComputePolicy
 from ._rng import capture_rng as capture_rng
 from ._rng import restore_rng as restore_rng
+from ._seeding import SeedState as SeedState
+from ._seeding import dataloader_seeding as dataloader_seeding
+from ._seeding import seed_everything as seed_everything
+from ._seeding import seed_worker as seed_worker
 from ._stage import ComputeStage as ComputeStage
 from ._stage import Stage as Stage
 from ._stage import batch_size as batch_size
@@ -82,6 +86,7 @@ __all__ = [
     "ReadWriteLock",
     "RunState",
     "Runtime",
+    "SeedState",
     "SkipBatch",
     "Stage",
     "StageContext",
@@ -100,6 +105,9 @@ __all__ = [
     "batch_size",
     "capture_rng",
     "restore_rng",
+    "dataloader_seeding",
+    "seed_everything",
+    "seed_worker",
     "split_batch",
 ]
 

@@ -21,6 +21,7 @@ from ._events import EventHub, EventStream
 from ._exceptions import LearnerBusyError
 from ._executor import Executor
 from ._handle import LearnerSnapshot
+from ._hparams import check_hparams
 from ._locks import ReadWriteLock
 from ._policy import ComputeMode, ComputePolicy
 from ._runtime import Runtime
@@ -86,6 +87,8 @@ class Learner(Generic[TBatch]):
         snapshot_policy: with ``validate="concurrent"``, what happens when a validation is due
             and ``max_snapshots`` are in flight: ``"wait"`` (default: training waits for a free
             slot, back-pressure) or ``"skip"`` (this validation is skipped and counted).
+        hparams: the run's hyperparameters, any JSON-able mapping: kept as :attr:`hparams`,
+            in the ``hparams`` state field (for loggers), and in :meth:`state_dict`.
 
     Raises:
         ConfigurationError: callbacks or stages that cannot work together (see the message).
@@ -122,6 +125,7 @@ class Learner(Generic[TBatch]):
         validate_every: ValidateEvery = "epoch",
         max_snapshots: int = 1,
         snapshot_policy: SnapshotPolicy = "wait",
+        hparams: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -133,6 +137,7 @@ class Learner(Generic[TBatch]):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if steps_per_epoch is not None and steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
+        self._hparams = check_hparams(hparams)
         self._device = _resolve_device(model, device)
         if any(p.device != self._device for p in model.parameters()):
             model.to(self._device)
@@ -196,6 +201,7 @@ class Learner(Generic[TBatch]):
         state.step = 0
         state.batch_index = 0
         state.metrics = {}
+        state.hparams = self._hparams
         object.__setattr__(state, "_trace", self._trace)
         self._state = state
         if trace:
@@ -241,6 +247,11 @@ class Learner(Generic[TBatch]):
     def device(self) -> torch.device:
         """Where the model and batches live."""
         return self._device
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The hyperparameters given to the constructor, in their JSON form."""
+        return self._hparams
 
     @property
     def train_data(self) -> Any:

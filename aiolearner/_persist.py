@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._callbacks import Callback
+from ._hparams import check_hparams
 from ._rng import capture_rng, restore_rng, rng_from_portable, rng_to_portable
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ def state_dict(learner: Learner[Any]) -> dict[str, Any]:
         "rng": rng_to_portable(capture_rng()),
         "epoch_rng": None if rt.epoch_rng is None else rng_to_portable(rt.epoch_rng),
         "callbacks": callbacks,
+        "hparams": check_hparams(learner.hparams),
     }
 
 

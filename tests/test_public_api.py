@@ -57,6 +57,11 @@ def test_public_objects_report_their_public_module(module: types.ModuleType) -> 
     assert wrong == {}
 
 
+def test_reproducibility_helpers_are_exported() -> None:
+    expected = {"SeedState", "dataloader_seeding", "seed_everything", "seed_worker"}
+    assert expected <= set(aiolearner.__all__)
+
+
 def test_version() -> None:
     assert isinstance(aiolearner.__version__, str)
     assert aiolearner.__version__.count(".") >= 2

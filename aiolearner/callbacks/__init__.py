@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from ._checkpoint import Checkpoint as Checkpoint
 from ._checkpoint import load_checkpoint_file as load_checkpoint_file
+from ._distributed import is_rank_zero as is_rank_zero
 from ._ema import EMA as EMA
 from ._gradients import AccumulateGradients as AccumulateGradients
 from ._gradients import GradientClipping as GradientClipping
 from ._loggers import CSVLogger as CSVLogger
+from ._loggers import ExperimentLogger as ExperimentLogger
 from ._loggers import JSONLinesLogger as JSONLinesLogger
+from ._loggers import OpenMode as OpenMode
 from ._loggers import TensorBoardLogger as TensorBoardLogger
 from ._lr_finder import LRFinderResult as LRFinderResult
 from ._lr_finder import lr_find as lr_find
@@ -31,13 +34,18 @@ from ._schedule import WarmupCosine as WarmupCosine
 from ._stopping import EarlyStopping as EarlyStopping
 from ._stopping import NonFiniteGuard as NonFiniteGuard
 from ._stopping import TimeLimit as TimeLimit
+from ._swa import SWA as SWA
 from ._throughput import Throughput as Throughput
 from ._throughput import stage_times as stage_times
+from ._tracking import MLflowLogger as MLflowLogger
+from ._tracking import WandbLogger as WandbLogger
+from ._tracking import flatten_hparams as flatten_hparams
 
 __all__ = [
     "AccumulateGradients",
     "Checkpoint",
     "EMA",
+    "SWA",
     "GradientClipping",
     "LRSchedule",
     "MixedPrecision",
@@ -47,7 +55,13 @@ __all__ = [
     "WarmupCosine",
     "load_checkpoint_file",
     "CSVLogger",
+    "ExperimentLogger",
     "JSONLinesLogger",
+    "MLflowLogger",
+    "OpenMode",
+    "WandbLogger",
+    "flatten_hparams",
+    "is_rank_zero",
     "LRFinderResult",
     "ProgressBar",
     "Recorder",

@@ -1,8 +1,15 @@
 """An exponential moving average (EMA) of the weights, and validation of the averaged model.
 
 The average is a copy of the model, updated after every optimizer step:
-``ema = decay * ema + (1 - decay) * weights``. Validation can run on it instead of the model, or
-on both, through the stages :meth:`EMA.stages` hands out.
+``ema = decay * ema + (1 - decay) * weights``, by torch's own EMA update
+(``torch.optim.swa_utils.get_ema_multi_avg_fn``, one fused ``lerp`` over all floating-point
+parameters). Validation can run on it instead of the model, or on both, through the stages
+:meth:`EMA.stages` hands out.
+
+Why not ``AveragedModel.update_parameters``: it keeps its update count in a CPU tensor that it
+moves to the parameters' device on every update (on CUDA, a synchronizing copy per step), and its
+first update copies the weights instead of averaging them. The update function it would call is
+used here directly, so the arithmetic is the same.
 """
 
 from __future__ import annotations
@@ -13,10 +20,11 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from aiolearner import Callback, Stage, State, StateView, ValidateBatch, ValidateLoss, split_batch
 
-from ._metrics import Metrics, _Tracker
+from ._metrics import Metrics
 
 __all__ = ["EMA"]
 
@@ -88,9 +96,16 @@ class EMA(Callback):
         self.every_n_steps = every_n_steps
         self.warmup = warmup
         specs = dict(metrics) if isinstance(metrics, Mapping) else {m: m for m in metrics}
-        self._trackers = {"loss": _Tracker("loss", "loss", window=False)}
-        for name, spec in specs.items():
-            self._trackers[name] = _Tracker(name, spec, window=False)
+        # The average's validation results, kept by a Metrics of its own that reads the EMA
+        # stages' fields and writes ema_<name> / val_ema_<name>; its hooks are called from ours.
+        self._metrics = Metrics(
+            {"loss": "loss", **specs},
+            train=False,
+            output_field="ema_output",
+            loss_field="ema_loss",
+            prefix="ema_",
+        )
+        self._avg_fn: tuple[float, Any] | None = None
         #: The averaged model (``None`` until training starts or a checkpoint is loaded).
         self.model: torch.nn.Module | None = None
         #: How many times the average was updated.
@@ -140,7 +155,10 @@ class EMA(Callback):
         if state.step % self.every_n_steps != 0:
             return
         ema = self.ensure(state.model)
-        weight = 1.0 - self.current_decay()
+        decay = self.current_decay()
+        if self._avg_fn is None or self._avg_fn[0] != decay:
+            self._avg_fn = (decay, get_ema_multi_avg_fn(decay))  # type: ignore[no-untyped-call]
+        update = self._avg_fn[1]
         with self._lock, torch.no_grad():
             averaged: list[torch.Tensor] = []
             current: list[torch.Tensor] = []
@@ -151,7 +169,7 @@ class EMA(Callback):
                 else:
                     e.copy_(p)
             if averaged:
-                torch._foreach_lerp_(averaged, current, weight)
+                update(averaged, current, None)  # lerp_(current, 1 - decay), fused
             for eb, b in zip(ema.buffers(), state.model.buffers(), strict=True):
                 eb.copy_(b)
         self.updates += 1
@@ -177,28 +195,17 @@ class EMA(Callback):
                 self._validated = copy.deepcopy(self.model)
         else:
             self._validated = None
-        for tracker in self._trackers.values():
-            tracker.reset()
+        self._metrics.before_validate(state)
 
     def after_validate_loss(self, state: StateView) -> None:
         """Accumulate the average's loss and metrics for the batch (device ops only)."""
-        if not state.is_valid("ema_output"):
-            return
-        targets = split_batch(state.batch, self.name)[1]
-        output, loss = state.ema_output, state.ema_loss
-        for tracker in self._trackers.values():
-            tracker.update(output, targets, loss)
+        if state.is_valid("ema_output"):  # not in validate="ema" mode
+            self._metrics.after_validate_loss(state)
 
     def after_validate(self, state: StateView) -> None:
         """Report the average's validation results (``ema_loss``, ``ema_<metric>``)."""
         self._validated = None
-        for name, tracker in self._trackers.items():
-            value = tracker.epoch_value()
-            if value is None:
-                continue
-            state.validation[f"ema_{name}"] = value
-            state.metrics[f"val_ema_{name}"] = value
-            tracker.reset()
+        self._metrics.after_validate(state)
 
     # -- checkpoints ---------------------------------------------------------------------------
 

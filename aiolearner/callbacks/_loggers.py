@@ -1,18 +1,21 @@
-"""Loggers: CSV and JSON lines (standard library), TensorBoard (optional).
+"""Loggers: the :class:`ExperimentLogger` protocol, CSV and JSON lines (standard library),
+TensorBoard (optional). MLflow and Weights & Biases adapters are in ``_tracking.py``.
 
-Every logger buffers rows in memory in its hooks (a dict of floats: no I/O, no waiting) and
-writes them in a worker thread from the learner's background task group, one write at a time and
-in order; ``after_fit_run`` writes what is left and waits for it. So a slow disk never blocks the
-event loop or the training batch.
+Every logger buffers what it is given in its hooks (rows of floats, the hyperparameters, the
+paths of artifacts: no I/O, no waiting) and writes it in a worker thread from the learner's
+background task group, one write at a time and in order; ``after_fit_run`` writes what is left,
+finalizes the output and waits. So a slow disk or tracking server never blocks the event loop or
+the training batch. Under ``torch.distributed`` only rank 0 logs.
 
 Rows: one ``kind="epoch"`` row per epoch with every numeric entry of ``state.metrics``, and with
 ``every_n_steps`` one ``kind="step"`` row every N training steps with the batch loss (reading it
 is a host sync, once per N steps). Each row has ``epoch`` (0-based) and ``step``.
 
 Resuming: a logger's checkpoint state is how many rows it had logged. Resumed from a checkpoint,
-it first cuts its file back to those rows, so rows logged after the checkpoint (and lost with the
-run) do not appear twice. A logger that was not resumed starts its file afresh the first time it
-writes; later ``fit`` calls of the same learner append.
+it opens its output in ``"resume"`` mode with that count, so a file logger cuts its file back to
+those rows and rows logged after the checkpoint (and lost with the run) do not appear twice. A
+logger that was not resumed starts its output afresh (``"new"``) the first time it writes; later
+``fit`` calls of the same learner continue it (``"continue"``).
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import csv
 import io
 import json
 import os
+import shutil
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import torch
@@ -32,11 +36,18 @@ import torch
 from aiolearner import Callback, StateView
 
 from ._checkpoint import atomic_write
+from ._distributed import is_rank_zero
 from ._optional import require
 
-__all__ = ["CSVLogger", "JSONLinesLogger", "TensorBoardLogger"]
+__all__ = ["CSVLogger", "ExperimentLogger", "JSONLinesLogger", "OpenMode", "TensorBoardLogger"]
 
 Row = dict[str, Any]
+
+OpenMode = Literal["new", "resume", "continue"]
+"""How :meth:`ExperimentLogger.open` finds its output: see there."""
+
+# The shape of a hook method, as the Callback base class yields them.
+_Hook = Callable[[StateView], Awaitable[None] | None]
 
 
 def _number(value: object) -> float | int | None:
@@ -49,10 +60,36 @@ def _number(value: object) -> float | int | None:
     return None
 
 
-class _BufferedLogger(Callback):
-    """Collects rows in hooks; writes them off the event loop (subclasses: ``_write_rows``)."""
+class ExperimentLogger(Callback):
+    """Base class of loggers: what to log is gathered in hooks, written in a worker thread.
 
-    reads = frozenset({"metrics", "epoch", "step", "loss"})
+    A logger for another backend subclasses it and implements the protocol below. Each method
+    runs in a worker thread (it may block: file or network I/O), one call at a time and in this
+    order within a run: :meth:`open` before the first write of each ``fit`` run, then
+    :meth:`write_hparams` once, then :meth:`write_metrics` and :meth:`write_artifact` as rows
+    and files come, and :meth:`finalize` when the run ends (completed, stopped, failed or
+    cancelled). Under ``torch.distributed`` only rank 0 logs; other ranks call none of them.
+
+    Args:
+        every_n_steps: also log the batch loss every N training steps (a ``kind="step"`` row).
+        flush_rows: start a write once this many rows are buffered (rows are also written at the
+            end of every epoch).
+
+    Raises:
+        ValueError: ``every_n_steps`` or ``flush_rows`` below 1.
+
+    Reads ``metrics``, ``epoch``, ``step``, ``loss``, ``hparams`` and ``outcome``; writes
+    nothing. Its checkpoint state is the number of rows logged (see :meth:`open`).
+
+    Example:
+        >>> class PrintLogger(ExperimentLogger):
+        ...     def write_metrics(self, rows):
+        ...         for row in rows:
+        ...             print(row)
+        >>> learner = Learner(..., callbacks=[PrintLogger()], hparams={"lr": 0.1})
+    """
+
+    reads = frozenset({"metrics", "epoch", "step", "loss", "hparams", "outcome"})
 
     def __init__(self, *, every_n_steps: int | None = None, flush_rows: int = 256) -> None:
         if every_n_steps is not None and every_n_steps < 1:
@@ -61,16 +98,67 @@ class _BufferedLogger(Callback):
             raise ValueError(f"flush_rows must be at least 1, got {flush_rows}")
         self.every_n_steps = every_n_steps
         self.flush_rows = flush_rows
-        # A deque: def hooks may append from the compute worker thread while a flush on the
-        # event loop takes rows out (append and popleft are atomic).
+        # Deques: def hooks may append from the compute worker thread while a flush on the
+        # event loop takes entries out (append and popleft are atomic).
         self._rows: deque[Row] = deque()
+        self._artifacts: deque[tuple[Path, str | None]] = deque()
+        self._hparams: dict[str, Any] = {}
         self._logged = 0
         self._last_step = -1
         self._resume_rows: int | None = None
-        self._started = False
+        self._started = False  # opened at least once (or since a checkpoint was loaded)
+        self._open = False  # opened in the current run, not finalized yet
+        self._active = True  # rank 0 (or not distributed) in the current run
         self._lock: anyio.Lock | None = None
 
-    def hooks(self) -> Iterator[tuple[str, Callable[[StateView], Any]]]:
+    # -- the protocol (run in a worker thread) ---------------------------------------------------
+
+    def open(self, mode: OpenMode, rows: int) -> None:
+        """Get the output ready before the first write of a ``fit`` run.
+
+        ``mode`` is ``"new"`` the first time this logger writes (start the output afresh),
+        ``"resume"`` after the learner was restored from a checkpoint taken when this logger
+        had logged ``rows`` rows (keep those, drop what came after; ``rows`` is 0 in the other
+        modes), and ``"continue"`` for a later run of the same learner (append). Default:
+        nothing to do.
+        """
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Record the run's hyperparameters (``Learner(hparams=...)``, in their JSON form).
+
+        Called once after each :meth:`open`, also when they are empty. Default: nothing.
+        """
+
+    def write_metrics(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Write rows: ``kind`` (``"epoch"`` or ``"step"``), ``epoch``, ``step``, then numbers."""
+        raise NotImplementedError
+
+    def write_artifact(self, path: Path, name: str) -> None:
+        """Keep a copy of the file or directory ``path`` under ``name`` (see :meth:`log_artifact`).
+
+        Raises:
+            NotImplementedError: this logger keeps no artifacts (the default).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not keep artifacts")
+
+    def finalize(self, outcome: str) -> None:
+        """Close the output when a run ends (``outcome``: ``"completed"``, ``"stopped"``,
+        ``"error"`` or ``"cancelled"``); a later run calls :meth:`open` again. Default: nothing."""
+
+    # -- for users ---------------------------------------------------------------------------
+
+    def log_artifact(self, path: str | os.PathLike[str], *, name: str | None = None) -> None:
+        """Queue a file (or directory) to be kept with the run, under ``name`` (default: its name).
+
+        Non-blocking, callable from any hook or thread: the file is read by the next write (at the
+        latest the one in ``after_fit_run``, before :meth:`finalize`), so it must still exist then.
+        Queued between runs, it goes with the next run's first write.
+        """
+        self._artifacts.append((Path(path), name))
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def hooks(self) -> Iterator[tuple[str, _Hook]]:
         # Without every_n_steps, no per-batch hook at all: a hook nobody uses costs nothing.
         for hook, method in super().hooks():
             if hook != "after_fit_batch" or self.every_n_steps is not None:
@@ -78,18 +166,22 @@ class _BufferedLogger(Callback):
 
     def before_fit_run(self, state: StateView) -> None:
         """Get ready to write (a fresh lock: the next run may use another event loop)."""
+        self._active = is_rank_zero()
         self._lock = anyio.Lock()
+        self._hparams = _plain(state.hparams) if state.is_valid("hparams") else {}
 
     def after_fit_batch(self, state: StateView) -> None:
         """Every ``every_n_steps`` steps: buffer a step row with the batch loss."""
         n = self.every_n_steps
-        if n is None or state.step % n or not state.is_valid("loss"):
+        if n is None or state.step % n or not self._active or not state.is_valid("loss"):
             return
         loss = float(state.loss.detach())
         self._add({"kind": "step", "epoch": state.epoch, "step": state.step, "loss": loss}, state)
 
     def after_epoch(self, state: StateView) -> None:
         """Buffer the epoch's metrics and start writing them."""
+        if not self._active:
+            return
         row: Row = {"kind": "epoch", "epoch": state.epoch, "step": state.step}
         for key, value in state.metrics.items():
             number = _number(value)
@@ -98,9 +190,10 @@ class _BufferedLogger(Callback):
         self._add(row, state, flush=True)
 
     async def after_fit_run(self, state: StateView) -> None:
-        """Write what is left, and wait for it."""
-        await self._flush()
-        await anyio.to_thread.run_sync(self._close)
+        """Write what is left, finalize the output, and wait for it."""
+        if not self._active:
+            return
+        await self._flush(final=state.outcome if state.is_valid("outcome") else "completed")
 
     def _add(self, row: Row, state: StateView, *, flush: bool = False) -> None:
         self._rows.append(row)
@@ -109,45 +202,52 @@ class _BufferedLogger(Callback):
         if flush or len(self._rows) >= self.flush_rows:
             state.start_soon(self._flush, name=f"{self.name}.flush")
 
-    async def _flush(self) -> None:
+    async def _flush(self, *, final: str | None = None) -> None:
+        """Write what is buffered; with ``final`` (the run's outcome), also open and finalize."""
         if self._lock is None:  # pragma: no cover - before_fit_run always runs first
             self._lock = anyio.Lock()
         async with self._lock:
-            # Rows leave the buffer only once written: a flush cancelled before its thread
+            # Entries leave the buffers only once written: a flush cancelled before its thread
             # started (the run was cancelled) leaves them for after_fit_run, which runs shielded.
-            # Rows that failed to write are dropped too (the error leaves fit).
+            # Entries that failed to write are dropped too (the error leaves fit). A flush task
+            # that gets the lock after the final one finds nothing to do: it never reopens.
             rows = list(self._rows)
+            artifacts = list(self._artifacts)
             try:
-                if rows or not self._started:
-                    await anyio.to_thread.run_sync(self._write, rows)
+                if rows or artifacts or final is not None:
+                    await anyio.to_thread.run_sync(self._write, rows, artifacts, final)
             except Exception:
-                self._drop(len(rows))
+                self._drop(len(rows), len(artifacts))
                 raise
-            self._drop(len(rows))
+            self._drop(len(rows), len(artifacts))
 
-    def _drop(self, n: int) -> None:
-        for _ in range(n):
+    def _drop(self, rows: int, artifacts: int) -> None:
+        for _ in range(rows):
             self._rows.popleft()
+        for _ in range(artifacts):
+            self._artifacts.popleft()
 
-    def _write(self, rows: list[Row]) -> None:
-        if not self._started:
-            self._start(self._resume_rows)
+    def _write(
+        self, rows: list[Row], artifacts: list[tuple[Path, str | None]], final: str | None
+    ) -> None:
+        if not self._open:
+            if self._resume_rows is not None:
+                self.open("resume", self._resume_rows)
+            else:
+                self.open("continue" if self._started else "new", 0)
             self._started = True
+            self._open = True
             self._resume_rows = None
-        if rows:
-            self._write_rows(rows)
-
-    # -- for subclasses (run in a worker thread) --------------------------------------------------
-
-    def _start(self, keep_rows: int | None) -> None:
-        """Prepare the output: keep its first ``keep_rows`` rows, or start it empty (``None``)."""
-        raise NotImplementedError
-
-    def _write_rows(self, rows: list[Row]) -> None:
-        raise NotImplementedError
-
-    def _close(self) -> None:
-        """Release what the logger holds open (nothing by default)."""
+            self.write_hparams(self._hparams)
+        try:
+            if rows:
+                self.write_metrics(rows)
+            for path, name in artifacts:
+                self.write_artifact(path, name or path.name)
+        finally:
+            if final is not None:
+                self._open = False
+                self.finalize(final)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -158,20 +258,54 @@ class _BufferedLogger(Callback):
         self._logged = int(state.get("rows", 0))
         self._last_step = int(state.get("step", -1))
         self._resume_rows = self._logged
-        self._started = False
+        self._open = False
         self._rows.clear()
 
 
-class JSONLinesLogger(_BufferedLogger):
+def _plain(value: Any) -> Any:
+    """A plain copy of a value read through a state view (its read-only windows unwrapped)."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _copy_artifact(path: Path, directory: Path, name: str) -> None:
+    """Copy a file or directory into ``directory`` as ``name`` (a plain name, never a path)."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"artifact names must be plain file names, got {name!r}")
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / name
+    if path.is_dir():
+        shutil.copytree(path, target, dirs_exist_ok=True)
+    else:
+        shutil.copy2(path, target)
+
+
+def _write_hparams_file(path: Path, hparams: Mapping[str, Any]) -> None:
+    if not hparams:
+        return  # no file for a run without hyperparameters
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, (json.dumps(hparams, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+class JSONLinesLogger(ExperimentLogger):
     """Log rows as JSON objects, one per line, to a file.
+
+    The hyperparameters (if any) go to ``<path stem>.hparams.json`` beside it; artifacts are copied
+    into ``artifacts_dir``.
 
     Args:
         path: the ``.jsonl`` file.
         every_n_steps: also log the batch loss every N training steps.
         flush_rows: start a write once this many rows are buffered (rows are also written at the
             end of every epoch).
+        artifacts_dir: where :meth:`~ExperimentLogger.log_artifact` copies files (default:
+            ``artifacts`` beside the file).
 
-    Reads ``metrics``, ``epoch``, ``step`` and ``loss``; writes nothing.
+    Reads ``metrics``, ``epoch``, ``step``, ``loss``, ``hparams`` and ``outcome``; writes
+    nothing.
 
     Example:
         >>> log = JSONLinesLogger("runs/metrics.jsonl", every_n_steps=50)
@@ -187,36 +321,50 @@ class JSONLinesLogger(_BufferedLogger):
         *,
         every_n_steps: int | None = None,
         flush_rows: int = 256,
+        artifacts_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, flush_rows=flush_rows)
         self.path = Path(path)
+        self.artifacts_dir = Path(artifacts_dir or self.path.parent / "artifacts")
 
-    def _start(self, keep_rows: int | None) -> None:
+    def open(self, mode: OpenMode, rows: int) -> None:
+        if mode == "continue":
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = b""
-        if keep_rows and self.path.is_file():
-            lines = self.path.read_bytes().splitlines(keepends=True)[:keep_rows]
+        if mode == "resume" and rows and self.path.is_file():
+            lines = self.path.read_bytes().splitlines(keepends=True)[:rows]
             kept = b"".join(lines)
         atomic_write(self.path, kept)
 
-    def _write_rows(self, rows: list[Row]) -> None:
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        _write_hparams_file(self.path.with_name(f"{self.path.stem}.hparams.json"), hparams)
+
+    def write_metrics(self, rows: Sequence[Mapping[str, Any]]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
 
+    def write_artifact(self, path: Path, name: str) -> None:
+        _copy_artifact(path, self.artifacts_dir, name)
 
-class CSVLogger(_BufferedLogger):
+
+class CSVLogger(ExperimentLogger):
     """Log rows to a CSV file with a header; a new column rewrites the file with it.
 
     Columns: ``kind``, ``epoch``, ``step``, then every metric in the order first seen. Cells of a
-    row without that column are empty.
+    row without that column are empty. The hyperparameters (if any) go to
+    ``<path stem>.hparams.json`` beside it, and artifacts are copied into ``artifacts_dir``.
 
     Args:
         path: the ``.csv`` file.
         every_n_steps: also log the batch loss every N training steps.
         flush_rows: start a write once this many rows are buffered.
+        artifacts_dir: where :meth:`~ExperimentLogger.log_artifact` copies files (default:
+            ``artifacts`` beside the file).
 
-    Reads ``metrics``, ``epoch``, ``step`` and ``loss``; writes nothing.
+    Reads ``metrics``, ``epoch``, ``step``, ``loss``, ``hparams`` and ``outcome``; writes
+    nothing.
 
     Example:
         >>> log = CSVLogger("runs/metrics.csv")
@@ -231,22 +379,26 @@ class CSVLogger(_BufferedLogger):
         *,
         every_n_steps: int | None = None,
         flush_rows: int = 256,
+        artifacts_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, flush_rows=flush_rows)
         self.path = Path(path)
+        self.artifacts_dir = Path(artifacts_dir or self.path.parent / "artifacts")
         self._columns: list[str] = []
         self._all: list[Row] = []
 
-    def _start(self, keep_rows: int | None) -> None:
+    def open(self, mode: OpenMode, rows: int) -> None:
+        if mode == "continue":
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._all = []
         self._columns = []
-        if keep_rows and self.path.is_file():
+        if mode == "resume" and rows and self.path.is_file():
             with open(self.path, newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f)
                 self._columns = list(reader.fieldnames or [])
                 for i, row in enumerate(reader):
-                    if i >= keep_rows:
+                    if i >= rows:
                         break
                     self._all.append({k: v for k, v in row.items() if v != ""})
         self._rewrite()
@@ -259,8 +411,11 @@ class CSVLogger(_BufferedLogger):
         writer.writerows(self._all)
         atomic_write(self.path, buffer.getvalue().encode("utf-8"))
 
-    def _write_rows(self, rows: list[Row]) -> None:
-        self._all.extend(rows)
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        _write_hparams_file(self.path.with_name(f"{self.path.stem}.hparams.json"), hparams)
+
+    def write_metrics(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self._all.extend(dict(row) for row in rows)
         new = [k for row in rows for k in row if k not in self._columns]
         if new:
             for key in new:
@@ -271,12 +426,17 @@ class CSVLogger(_BufferedLogger):
         with open(self.path, "a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, self._columns, lineterminator="\n").writerows(rows)
 
+    def write_artifact(self, path: Path, name: str) -> None:
+        _copy_artifact(path, self.artifacts_dir, name)
 
-class TensorBoardLogger(_BufferedLogger):
+
+class TensorBoardLogger(ExperimentLogger):
     """Log scalars for TensorBoard (needs the ``tensorboard`` package: the ``tensorboard`` extra).
 
     Epoch rows are logged as ``epoch/<metric>`` and step rows as ``step/loss``, at the training
-    step. Resumed from a checkpoint, it purges the events logged after it (``purge_step``).
+    step. Resumed from a checkpoint, it purges the events logged after it (``purge_step``). The
+    hyperparameters are logged as JSON text under the tag ``hparams`` (TensorBoard's Text tab);
+    artifacts are copied into ``log_dir / "artifacts"``.
 
     Args:
         log_dir: the directory for the event files.
@@ -286,7 +446,8 @@ class TensorBoardLogger(_BufferedLogger):
     Raises:
         ImportError: tensorboard is not installed.
 
-    Reads ``metrics``, ``epoch``, ``step`` and ``loss``; writes nothing.
+    Reads ``metrics``, ``epoch``, ``step``, ``loss``, ``hparams`` and ``outcome``; writes
+    nothing.
 
     Example:
         >>> learner = Learner(..., callbacks=[TensorBoardLogger("runs/tb", every_n_steps=10)])
@@ -306,13 +467,20 @@ class TensorBoardLogger(_BufferedLogger):
         self._writer: Any = None
         self._purge_step: int | None = None
 
-    def _start(self, keep_rows: int | None) -> None:
+    def open(self, mode: OpenMode, rows: int) -> None:
         if self._writer is None:
             tb = require("torch.utils.tensorboard", extra="tensorboard", what="TensorBoardLogger")
-            self._writer = tb.SummaryWriter(str(self.log_dir), purge_step=self._purge_step)
+            purge = self._purge_step if mode == "resume" else None
+            self._writer = tb.SummaryWriter(str(self.log_dir), purge_step=purge)
             self._purge_step = None
 
-    def _write_rows(self, rows: list[Row]) -> None:
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        if hparams:
+            text = json.dumps(hparams, indent=2, sort_keys=True)
+            # Markdown: indented by four spaces, the JSON shows as a code block.
+            self._writer.add_text("hparams", "    " + text.replace("\n", "\n    "))
+
+    def write_metrics(self, rows: Sequence[Mapping[str, Any]]) -> None:
         writer = self._writer
         for row in rows:
             step = int(row["step"])
@@ -322,6 +490,12 @@ class TensorBoardLogger(_BufferedLogger):
                     continue
                 writer.add_scalar(f"{prefix}/{key}", float(value), global_step=step)
         writer.flush()
+
+    def write_artifact(self, path: Path, name: str) -> None:
+        _copy_artifact(path, self.log_dir / "artifacts", name)
+
+    def finalize(self, outcome: str) -> None:
+        self._close()
 
     def _close(self) -> None:
         if self._writer is not None:

@@ -244,13 +244,14 @@ class Metrics(Callback):
         log_every_n_steps: also report the recent training value every N steps.
         output_field: the state field holding the model's output (another stage may put, for
             instance, an EMA model's output elsewhere).
+        loss_field: the state field holding the loss that the ``"loss"`` metric averages.
         prefix: prepended to every name (``prefix="ema_"`` gives ``val_ema_accuracy``).
 
     Raises:
         TypeError: a metric that is none of the above.
 
-    Reads ``batch``, ``output`` (or ``output_field``) and ``loss``; writes ``metrics`` and
-    ``validation``.
+    Reads ``batch``, ``output`` (or ``output_field``) and ``loss`` (or ``loss_field``); writes
+    ``metrics`` and ``validation``.
 
     Example:
         >>> import torchmetrics
@@ -276,6 +277,7 @@ class Metrics(Callback):
         validate: bool = True,
         log_every_n_steps: int | None = None,
         output_field: str = "output",
+        loss_field: str = "loss",
         prefix: str = "",
     ) -> None:
         if log_every_n_steps is not None and log_every_n_steps < 1:
@@ -287,9 +289,10 @@ class Metrics(Callback):
             raise ValueError("Metrics needs at least one metric")
         self.log_every_n_steps = log_every_n_steps
         self.output_field = output_field
+        self.loss_field = loss_field
         self.prefix = prefix
-        # Reads depend on output_field: declared per instance (the learner reads the attribute).
-        self.__dict__["reads"] = frozenset({"batch", output_field, "loss"})
+        # Reads depend on the fields: declared per instance (the learner reads the attribute).
+        self.__dict__["reads"] = frozenset({"batch", output_field, loss_field})
         self._train: dict[str, _Tracker] = {}
         self._val: dict[str, _Tracker] = {}
         for name, spec in specs.items():
@@ -303,7 +306,8 @@ class Metrics(Callback):
     def _update(self, trackers: dict[str, _Tracker], state: StateView) -> None:
         targets = split_batch(state.batch, self.name)[1]
         output = getattr(state, self.output_field)
-        loss = state.loss if state.is_valid("loss") else None
+        field = self.loss_field
+        loss = getattr(state, field) if state.is_valid(field) else None
         for tracker in trackers.values():
             tracker.update(output, targets, loss)
 

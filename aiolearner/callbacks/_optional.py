@@ -1,11 +1,13 @@
-"""Optional dependencies (rich, tensorboard, matplotlib): imported on demand, with a clear error."""
+"""Optional dependencies (rich, tensorboard, matplotlib, mlflow, wandb): imported on demand, with a
+clear error."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
-__all__ = ["require"]
+__all__ = ["require", "require_installed"]
 
 
 def require(module: str, *, extra: str, what: str) -> ModuleType:
@@ -19,8 +21,26 @@ def require(module: str, *, extra: str, what: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        top = module.split(".", 1)[0]
-        raise ImportError(
-            f"{what} needs the optional package {top!r}, which is not installed; install it with"
-            f" `pip install 'aiolearner[{extra}]'` (or `pip install {top}`)"
-        ) from exc
+        raise _missing(module, extra=extra, what=what) from exc
+
+
+def require_installed(module: str, *, extra: str, what: str) -> None:
+    """Raise :func:`require`'s error if ``module`` is not installed, without importing it.
+
+    For packages slow to import (mlflow, wandb): the check costs a file look-up, and the import
+    itself can then happen in a worker thread.
+    """
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise _missing(module, extra=extra, what=what)
+
+
+def _missing(module: str, *, extra: str, what: str) -> ImportError:
+    top = module.split(".", 1)[0]
+    return ImportError(
+        f"{what} needs the optional package {top!r}, which is not installed; install it with"
+        f" `pip install 'aiolearner[{extra}]'` (or `pip install {top}`)"
+    )

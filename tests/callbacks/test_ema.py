@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -146,3 +147,35 @@ async def test_concurrent_validation_of_the_average(mode: str) -> None:
     # Each pass validated a copy of the average, not the average training keeps updating.
     assert len(seen) == 4  # 2 passes of 2 batches
     assert all(m is not ema.model for m in seen)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+async def test_average_equals_torchs_averaged_model_to_the_bit(warmup: bool) -> None:
+    """The reference: torch.optim.swa_utils.AveragedModel with torch's EMA update function."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = EMA(0.9, warmup=warmup)
+    weights = Weights()
+    learner = make_learner(callbacks=[ema, weights], n_batches=3, with_validation=False)
+    scratch = copy.deepcopy(learner.model)
+    reference = AveragedModel(scratch, use_buffers=False)
+    reference.update_parameters(scratch)  # the first update copies: the initial weights
+    await learner.fit(2)
+    for n, step in enumerate(weights.seen):
+        decay = min(0.9, (1 + n) / (10 + n)) if warmup else 0.9
+        reference.multi_avg_fn = get_ema_multi_avg_fn(decay)  # type: ignore[no-untyped-call]
+        with torch.no_grad():
+            for p, w in zip(scratch.parameters(), step, strict=True):
+                p.copy_(w)
+        reference.update_parameters(scratch)
+    assert ema.model is not None
+    for got, want in zip(ema.model.parameters(), reference.module.parameters(), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_ema_uses_no_private_torch_call() -> None:
+    import inspect
+
+    from aiolearner.callbacks import _ema
+
+    assert "torch._" not in inspect.getsource(_ema)

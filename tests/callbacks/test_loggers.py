@@ -140,13 +140,13 @@ async def test_writes_happen_off_the_event_loop(
 ) -> None:
     loop_thread = threading.get_ident()
     threads: list[int] = []
-    real = _loggers.JSONLinesLogger._write_rows
+    real = _loggers.JSONLinesLogger.write_metrics
 
     def spy(self: JSONLinesLogger, rows: list[dict[str, Any]]) -> None:
         threads.append(threading.get_ident())
         real(self, rows)
 
-    monkeypatch.setattr(_loggers.JSONLinesLogger, "_write_rows", spy)
+    monkeypatch.setattr(_loggers.JSONLinesLogger, "write_metrics", spy)
     learner = make_learner(
         callbacks=[JSONLinesLogger(tmp_path / "x.jsonl", every_n_steps=1, flush_rows=2)],
         n_batches=5,
@@ -214,3 +214,17 @@ async def test_tensorboard_resumed_from_a_checkpoint_purges_the_lost_steps(tmp_p
     acc = await anyio.to_thread.run_sync(read)
     assert [e.step for e in acc.Scalars("step/loss")] == list(range(1, 13))
     assert [e.step for e in acc.Scalars("epoch/val_loss")] == [4, 8, 12]
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+async def test_file_loggers_keep_hparams_and_artifacts(tmp_path: Path, kind: str) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    path = tmp_path / "logs" / f"run.{kind}"
+    logger = CSVLogger(path) if kind == "csv" else JSONLinesLogger(path)
+    logger.log_artifact(notes, name="kept.txt")
+    learner = make_learner(callbacks=[logger], n_batches=2, hparams={"lr": 0.1, "net": [4, 3]})
+    await learner.fit(1)
+    hparams = json.loads((tmp_path / "logs" / "run.hparams.json").read_text())
+    assert hparams == {"lr": 0.1, "net": [4, 3]}
+    assert (tmp_path / "logs" / "artifacts" / "kept.txt").read_text() == "hello"
