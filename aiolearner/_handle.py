@@ -140,12 +140,21 @@ def _finite(data: Mapping[str, Any]) -> dict[str, Any]:
 class FitSnapshot:
     """A :class:`LearnerSnapshot` plus what the handle knows (from :meth:`FitHandle.snapshot`).
 
+    The learner snapshot's fields read directly on this one too (``snap.epoch`` is
+    ``snap.learner.epoch``), as they do in the flat :meth:`as_dict`.
+
     Attributes:
         state: the handle's :class:`RunState` value.
         target_epochs: the ``epochs`` the handle's run aims at.
         cancel_requested: whether :meth:`FitHandle.cancel` was called.
         error: ``repr`` of the run's exception when it failed.
         learner: the learner's snapshot.
+        status: ``learner.status`` (the :class:`LearnerStatus` value).
+        epoch: ``learner.epoch``, completed epochs.
+        step: ``learner.step``, committed training batches in total.
+        batch_index: ``learner.batch_index``, committed batches of the current epoch.
+        metrics: ``learner.metrics``.
+        validation: ``learner.validation``.
     """
 
     state: str
@@ -153,6 +162,32 @@ class FitSnapshot:
     cancel_requested: bool
     error: str | None
     learner: LearnerSnapshot
+
+    # The learner snapshot's fields, delegated (properties, so that they stay typed and a
+    # misspelt name is still an AttributeError).
+    @property
+    def status(self) -> str:
+        return self.learner.status
+
+    @property
+    def epoch(self) -> int:
+        return self.learner.epoch
+
+    @property
+    def step(self) -> int:
+        return self.learner.step
+
+    @property
+    def batch_index(self) -> int:
+        return self.learner.batch_index
+
+    @property
+    def metrics(self) -> Mapping[str, int | float | str | bool]:
+        return self.learner.metrics
+
+    @property
+    def validation(self) -> Mapping[str, int | float | str | bool]:
+        return self.learner.validation
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: the learner's fields, flattened, plus the handle's."""

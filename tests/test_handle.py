@@ -202,3 +202,25 @@ async def test_cancelled_before_run_never_fits() -> None:
     assert await handle.run() is RunState.CANCELLED
     assert handle.learner.state.step == 0
     assert finalized == []
+
+
+def test_fit_snapshot_reads_the_learner_snapshot_fields() -> None:
+    learner = make_learner()
+    learner.state.metrics["a"] = 1.5
+    snap = FitHandle(learner, 3).snapshot()
+    inner = snap.learner
+    # As described: the learner's snapshot plus the handle's state, read flat.
+    assert (snap.status, snap.epoch, snap.step, snap.batch_index) == (
+        inner.status,
+        inner.epoch,
+        inner.step,
+        inner.batch_index,
+    )
+    assert snap.metrics == inner.metrics == {"a": 1.5}
+    assert snap.validation == inner.validation
+    assert snap.state == "pending"
+    flat = snap.as_dict()
+    for name in ("status", "epoch", "step", "batch_index"):
+        assert flat[name] == getattr(snap, name)
+    with pytest.raises(AttributeError):
+        snap.epochs  # type: ignore[attr-defined]  # noqa: B018
