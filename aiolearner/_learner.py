@@ -327,6 +327,16 @@ class Learner(Generic[TBatch]):
         """
         return LearnerSnapshot.of(self)
 
+    def _running_train_loss(self) -> float | None:
+        """The mean training loss of the current epoch so far, for :meth:`snapshot`; ``None``
+        before the epoch's first batch, or when the losses live on an accelerator (a status
+        request must not wait for the device)."""
+        losses = list(self._rt.train_losses)  # a copy: the compute thread may append meanwhile
+        if not losses or losses[-1].device.type != "cpu":
+            return None
+        with torch.no_grad():
+            return float(torch.cat([x.reshape(-1) for x in losses]).float().mean())
+
     @property
     def callbacks(self) -> tuple[Callback, ...]:
         """The callbacks, as given."""
