@@ -62,6 +62,10 @@ class RunState(enum.Enum):
         return self not in (RunState.PENDING, RunState.RUNNING)
 
 
+#: The key of the running training loss in :attr:`LearnerSnapshot.metrics`.
+RUNNING_LOSS = "train_loss_running"
+
+
 def _plain(value: object) -> int | float | str | bool | None:
     """A number or string for a metric value, or None when it has none cheaply (no device sync)."""
     if isinstance(value, bool | int | float | str):
@@ -94,7 +98,9 @@ class LearnerSnapshot:
         step: committed training batches in total.
         batch_index: committed batches of the current epoch.
         metrics: ``state.metrics`` as numbers and strings (values without a cheap host value,
-            such as tensors on an accelerator, are left out).
+            such as tensors on an accelerator, are left out), plus ``train_loss_running``
+            while an epoch trains: the mean training loss of the epoch's batches so far (when
+            the losses are on the CPU; on an accelerator it would cost a device sync).
         validation: the latest ``state.validation``, likewise.
     """
 
@@ -109,12 +115,16 @@ class LearnerSnapshot:
     def of(cls, learner: Learner[Any]) -> LearnerSnapshot:
         """Take the snapshot (no lock, no await: counters are written by the event loop)."""
         d = learner.state.__dict__
+        metrics = _plain_mapping(d.get("metrics"))
+        running = learner._running_train_loss()
+        if running is not None:
+            metrics[RUNNING_LOSS] = running
         return cls(
             status=learner.status.value,
             epoch=int(d.get("epoch", 0)),
             step=int(d.get("step", 0)),
             batch_index=int(d.get("batch_index", 0)),
-            metrics=_plain_mapping(d.get("metrics")),
+            metrics=metrics,
             validation=_plain_mapping(d.get("validation")),
         )
 
