@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._checkpoint import Checkpoint as Checkpoint
 from ._checkpoint import load_checkpoint_file as load_checkpoint_file
+from ._checkpoint import load_weights as load_weights
 from ._ema import EMA as EMA
 from ._gradients import AccumulateGradients as AccumulateGradients
 from ._gradients import GradientClipping as GradientClipping
@@ -46,6 +47,7 @@ __all__ = [
     "ParamSchedule",
     "WarmupCosine",
     "load_checkpoint_file",
+    "load_weights",
     "CSVLogger",
     "JSONLinesLogger",
     "LRFinderResult",
