@@ -32,6 +32,9 @@ from ._schedule import WarmupCosine as WarmupCosine
 from ._stopping import EarlyStopping as EarlyStopping
 from ._stopping import NonFiniteGuard as NonFiniteGuard
 from ._stopping import TimeLimit as TimeLimit
+from ._summary import LayerSummary as LayerSummary
+from ._summary import ModelSummary as ModelSummary
+from ._summary import model_summary as model_summary
 from ._throughput import Throughput as Throughput
 from ._throughput import stage_times as stage_times
 
@@ -63,6 +66,9 @@ __all__ = [
     "Metrics",
     "TimeLimit",
     "accuracy",
+    "LayerSummary",
+    "ModelSummary",
+    "model_summary",
 ]
 
 # Public objects report their public module (as trio and httpx do).
