@@ -22,6 +22,7 @@ from ._metrics import MetricFn as MetricFn
 from ._metrics import Metrics as Metrics
 from ._metrics import accuracy as accuracy
 from ._precision import MixedPrecision as MixedPrecision
+from ._profiler import Profiler as Profiler
 from ._progress import ProgressBar as ProgressBar
 from ._recorder import Recorder as Recorder
 from ._recorder import plot_history as plot_history
@@ -54,6 +55,7 @@ __all__ = [
     "CSVLogger",
     "JSONLinesLogger",
     "LRFinderResult",
+    "Profiler",
     "ProgressBar",
     "Recorder",
     "TensorBoardLogger",
