@@ -240,3 +240,28 @@ async def test_a_crash_while_writing_safetensors_keeps_the_old_file(
 def test_safetensors_refuses_non_tensor_state_clearly(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"entry 'extra' is a int; safetensors files hold"):
         _checkpoint._save_safetensors({"extra": 3}, {}, tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("compute", ["inline", "thread"])
+async def test_no_blocking_call_on_the_event_loop(tmp_path: Path, compute: str) -> None:
+    """blockbuster (asyncio only; a no-op check on trio) sees no file I/O on the loop."""
+    from blockbuster import blockbuster_ctx
+
+    from aiolearner.callbacks import Profiler
+
+    callbacks: list[Callback] = [
+        Checkpoint(tmp_path / "a", monitor="val_loss", load_best=True, keep_periodic=0),
+        Checkpoint(
+            tmp_path / "b",
+            every_n_steps=3,
+            monitor="val_loss",
+            load_best=True,
+            save_weights_only=True,
+            format="safetensors",
+        ),
+        Profiler(tmp_path / "p", wait=1, warmup=1, active=1, repeat=2, worker_name="w"),
+    ]
+    learner = make_learner(callbacks=callbacks, n_batches=3, compute=compute)
+    with blockbuster_ctx():
+        await learner.fit(2)
+    assert learner.state.epoch == 2
