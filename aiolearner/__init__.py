@@ -55,6 +55,9 @@ from ._state import State as State
 from ._state import StateView as StateView
 from ._trace import Trace as Trace
 from ._trace import TraceRecord as TraceRecord
+from ._weights import match_state_dict as match_state_dict
+from ._weights import plain_state_dict as plain_state_dict
+from ._weights import unwrap_model as unwrap_model
 
 __version__ = "0.1.0"
 
@@ -108,7 +111,10 @@ __all__ = [
     "dataloader_seeding",
     "seed_everything",
     "seed_worker",
+    "match_state_dict",
+    "plain_state_dict",
     "split_batch",
+    "unwrap_model",
 ]
 
 # Public objects report their public module (as trio and httpx do).

@@ -62,6 +62,10 @@ class RunState(enum.Enum):
         return self not in (RunState.PENDING, RunState.RUNNING)
 
 
+#: The key of the running training loss in :attr:`LearnerSnapshot.metrics`.
+RUNNING_LOSS = "train_loss_running"
+
+
 def _plain(value: object) -> int | float | str | bool | None:
     """A number or string for a metric value, or None when it has none cheaply (no device sync)."""
     if isinstance(value, bool | int | float | str):
@@ -94,7 +98,9 @@ class LearnerSnapshot:
         step: committed training batches in total.
         batch_index: committed batches of the current epoch.
         metrics: ``state.metrics`` as numbers and strings (values without a cheap host value,
-            such as tensors on an accelerator, are left out).
+            such as tensors on an accelerator, are left out), plus ``train_loss_running``
+            while an epoch trains: the mean training loss of the epoch's batches so far (when
+            the losses are on the CPU; on an accelerator it would cost a device sync).
         validation: the latest ``state.validation``, likewise.
     """
 
@@ -109,12 +115,16 @@ class LearnerSnapshot:
     def of(cls, learner: Learner[Any]) -> LearnerSnapshot:
         """Take the snapshot (no lock, no await: counters are written by the event loop)."""
         d = learner.state.__dict__
+        metrics = _plain_mapping(d.get("metrics"))
+        running = learner._running_train_loss()
+        if running is not None:
+            metrics[RUNNING_LOSS] = running
         return cls(
             status=learner.status.value,
             epoch=int(d.get("epoch", 0)),
             step=int(d.get("step", 0)),
             batch_index=int(d.get("batch_index", 0)),
-            metrics=_plain_mapping(d.get("metrics")),
+            metrics=metrics,
             validation=_plain_mapping(d.get("validation")),
         )
 
@@ -140,12 +150,21 @@ def _finite(data: Mapping[str, Any]) -> dict[str, Any]:
 class FitSnapshot:
     """A :class:`LearnerSnapshot` plus what the handle knows (from :meth:`FitHandle.snapshot`).
 
+    The learner snapshot's fields read directly on this one too (``snap.epoch`` is
+    ``snap.learner.epoch``), as they do in the flat :meth:`as_dict`.
+
     Attributes:
         state: the handle's :class:`RunState` value.
         target_epochs: the ``epochs`` the handle's run aims at.
         cancel_requested: whether :meth:`FitHandle.cancel` was called.
         error: ``repr`` of the run's exception when it failed.
         learner: the learner's snapshot.
+        status: ``learner.status`` (the :class:`LearnerStatus` value).
+        epoch: ``learner.epoch``, completed epochs.
+        step: ``learner.step``, committed training batches in total.
+        batch_index: ``learner.batch_index``, committed batches of the current epoch.
+        metrics: ``learner.metrics``.
+        validation: ``learner.validation``.
     """
 
     state: str
@@ -153,6 +172,32 @@ class FitSnapshot:
     cancel_requested: bool
     error: str | None
     learner: LearnerSnapshot
+
+    # The learner snapshot's fields, delegated (properties, so that they stay typed and a
+    # misspelt name is still an AttributeError).
+    @property
+    def status(self) -> str:
+        return self.learner.status
+
+    @property
+    def epoch(self) -> int:
+        return self.learner.epoch
+
+    @property
+    def step(self) -> int:
+        return self.learner.step
+
+    @property
+    def batch_index(self) -> int:
+        return self.learner.batch_index
+
+    @property
+    def metrics(self) -> Mapping[str, int | float | str | bool]:
+        return self.learner.metrics
+
+    @property
+    def validation(self) -> Mapping[str, int | float | str | bool]:
+        return self.learner.validation
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: the learner's fields, flattened, plus the handle's."""

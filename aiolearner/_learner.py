@@ -8,7 +8,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import anyio
 import torch
@@ -31,6 +31,9 @@ from ._state import State, _ObservedState
 from ._sync import run_sync
 from ._trace import Trace
 from ._validation import SnapshotPolicy, ValidateEvery, ValidateMode, make_validator
+
+if TYPE_CHECKING:
+    from .callbacks import ModelSummary
 
 __all__ = ["Learner", "LearnerStatus"]
 
@@ -280,6 +283,16 @@ class Learner(Generic[TBatch]):
         sync: metrics held as accelerator tensors are left out).
         """
         return LearnerSnapshot.of(self)
+
+    def _running_train_loss(self) -> float | None:
+        """The mean training loss of the current epoch so far, for :meth:`snapshot`; ``None``
+        before the epoch's first batch, or when the losses live on an accelerator (a status
+        request must not wait for the device)."""
+        losses = list(self._rt.train_losses)  # a copy: the compute thread may append meanwhile
+        if not losses or losses[-1].device.type != "cpu":
+            return None
+        with torch.no_grad():
+            return float(torch.cat([x.reshape(-1) for x in losses]).float().mean())
 
     @property
     def callbacks(self) -> tuple[Callback, ...]:
@@ -540,6 +553,13 @@ class Learner(Generic[TBatch]):
         """Publish an event (``kind`` "metrics" or "log") on the learner's stream."""
         d = self._state.__dict__
         self._hub.publish(kind, source, d.get("epoch"), d.get("step"), dict(data))
+
+    def summary(self, batch: Any = None, *, max_depth: int | None = None) -> ModelSummary:
+        """The model's layers, parameter counts and (given a sample ``batch``) output shapes;
+        see :func:`aiolearner.callbacks.model_summary`."""
+        from .callbacks import model_summary  # the callbacks are built on this module
+
+        return model_summary(self, batch, max_depth=max_depth)
 
     def describe(self) -> str:
         """A readable tree: stages (and how each batch stage runs), each hook's callbacks in run

@@ -20,6 +20,7 @@ import torch
 from ._callbacks import Callback
 from ._hparams import check_hparams
 from ._rng import capture_rng, restore_rng, rng_from_portable, rng_to_portable
+from ._weights import match_state_dict, plain_state_dict
 
 if TYPE_CHECKING:
     from ._learner import Learner
@@ -38,7 +39,8 @@ def state_dict(learner: Learner[Any]) -> dict[str, Any]:
         callbacks[key] = dict(cb.state_dict())
     return {
         "format": FORMAT,
-        "model": learner.model.state_dict(),
+        # Keys as the uncompiled model has them: the file loads into either form.
+        "model": plain_state_dict(learner.model.state_dict()),
         "optimizer": learner.optimizer.state_dict(),
         "progress": {
             "epoch": state.epoch,
@@ -60,7 +62,8 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
     """See :meth:`Learner.load_state_dict`: all or nothing."""
     if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != FORMAT:
         raise ValueError(f"not an aiolearner checkpoint (format {FORMAT})")
-    _check_model(learner.model, checkpoint["model"])
+    weights = match_state_dict(learner.model, checkpoint["model"])
+    _check_model(learner.model, weights)
     state = learner._state
     rt = learner._rt
     # What a failure half way must put back (the optimizer state is copied: load_state_dict
@@ -75,7 +78,7 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         "callbacks": [(cb, dict(cb.state_dict())) for cb in learner._callbacks],
     }
     try:
-        learner.model.load_state_dict(checkpoint["model"])
+        learner.model.load_state_dict(weights)
         learner.optimizer.load_state_dict(checkpoint["optimizer"])
         progress = checkpoint["progress"]
         epoch_rng = checkpoint.get("epoch_rng")

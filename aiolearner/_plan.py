@@ -30,6 +30,7 @@ import anyio
 
 from ._callbacks import Callback, HookMethod, is_async_hook
 from ._exceptions import ConfigurationError, ControlFlow, SkipBatch, StopEpoch, StopFit
+from ._stage import epoch_words
 from ._state import State, StateView
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ def _note(exc: BaseException, entry: Entry, hook: str, stage: str) -> None:
     d = entry.view._state.__dict__
     exc.add_note(
         f"aiolearner: raised by callback {entry.name!r} in hook {hook!r} (stage {stage!r}) "
-        f"at epoch {d.get('epoch')}, step {d.get('step')}"
+        f"at {epoch_words(d.get('epoch'))}, step {d.get('step')}"
     )
 
 

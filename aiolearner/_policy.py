@@ -93,11 +93,11 @@ class ComputePolicy:
 
     def __repr__(self) -> str:
         typical = self._typical
-        measured = "not measured yet" if typical is None else f"{typical * 1e3:.3g} ms"
-        where = "worker thread" if self.hopping else "event loop"
+        batch = "unmeasured" if typical is None else f"{typical * 1e3:.3g} ms"
+        decision = "thread" if self.hopping else "inline"
         return (
-            f"ComputePolicy(mode={self.mode!r}, max_blocking={self.max_blocking}, "
-            f"now on the {where}, batch {measured}, hops={self.hops})"
+            f"ComputePolicy(mode={self.mode!r}, decision={decision!r}, batch_time={batch},"
+            f" max_blocking={self.max_blocking * 1e3:g} ms, hops={self.hops})"
         )
 
     def record(self, seconds: float) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "Lifetime",
     "Stage",
     "batch_size",
+    "epoch_words",
     "note_stage_error",
     "owned",
     "split_batch",
@@ -49,13 +50,24 @@ def _snake(name: str) -> str:
 _NOTED = "_aiolearner_noted"
 
 
+def epoch_words(epoch: object) -> str:
+    """An epoch for people (counted from 1) and for code (``state.epoch``, completed epochs)."""
+    if isinstance(epoch, int):
+        return f"epoch {epoch + 1} (state.epoch {epoch})"
+    return f"epoch {epoch}"
+
+
+def _epoch(d: dict[str, Any]) -> str:
+    return epoch_words(d.get("epoch"))
+
+
 def note_stage_error(exc: BaseException, stage: str, state: State) -> None:
     """Add one note naming where a stage-body error happened (the innermost stage only)."""
     if isinstance(exc, BaseExceptionGroup) or getattr(exc, _NOTED, False):
         return
     d = state.__dict__
     exc.add_note(
-        f"aiolearner: raised in stage {stage!r} at epoch {d.get('epoch')}, step {d.get('step')}"
+        f"aiolearner: raised in stage {stage!r} at {_epoch(d)}, step {d.get('step')}"
         f" (batch {d.get('batch_index')} of the epoch, phase {d.get('phase')!r})"
     )
     try:

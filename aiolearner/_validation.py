@@ -56,6 +56,7 @@ from ._exceptions import ControlFlow, StopFit
 from ._parallel import Parallel, rebind
 from ._rng import capture_rng, restore_rng
 from ._runtime import compute_lane, snapshot_source
+from ._stage import epoch_words
 from ._state import State
 
 if TYPE_CHECKING:
@@ -488,7 +489,7 @@ class Validator:
                     except Exception as exc:
                         exc.add_note(
                             "aiolearner: raised by the concurrent validation of the weights at "
-                            f"epoch {slot.tag[0]}, step {slot.tag[1]}"
+                            f"{epoch_words(slot.tag[0])}, step {slot.tag[1]}"
                         )
                         self._failure = exc
                         self._release(slot)

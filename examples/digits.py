@@ -3,9 +3,11 @@
 The data set (1,797 8x8 grey-scale images of the digits 0-9) ships inside scikit-learn, so the
 demo needs no download. The learner runs inside an ordinary ``asyncio`` program, under a timeout
 like any other coroutine, with the shipped practices: ``Metrics`` (accuracy on the device),
-``ProgressBar`` (plain lines when stdout is not a terminal), ``Checkpoint`` (last and best, written
-atomically off the event loop), ``EarlyStopping`` and ``Recorder`` (whose history is plotted to a
-PNG at the end); a small callback of the demo prints one line per epoch. Run it with::
+``ProgressBar`` (on a terminal), ``Checkpoint`` (``last.pt`` and the best by validation accuracy,
+nothing else, written atomically off the event loop), ``EarlyStopping`` and ``Recorder`` (whose
+history is plotted to a PNG at the end). On a terminal the bar prints one line per epoch; elsewhere
+(a log file, CI) a small callback of the demo does. Epochs are numbered from 1 in what it prints
+("epoch 1/10" is the first), while ``state.epoch`` counts the epochs completed. Run it with::
 
     python examples/digits.py [output directory, default runs/digits]
 
@@ -34,7 +36,10 @@ TARGET_ACCURACY = 0.95
 
 
 class PrintEpoch(Callback):
-    """Prints the training loss and accuracy, validation loss and accuracy once per epoch."""
+    """Prints the training loss and accuracy, validation loss and accuracy once per epoch.
+
+    For output that is not a terminal; on a terminal the progress bar prints each epoch's line.
+    """
 
     reads = frozenset({"epoch", "metrics", "validation"})
 
@@ -47,7 +52,8 @@ class PrintEpoch(Callback):
         self._start = time.perf_counter()
 
     def after_epoch(self, state: StateView) -> None:
-        # `epoch` still counts the finished epochs here: it advances once the epoch is over.
+        # `epoch` counts the completed epochs, and advances once this one is over: the epoch
+        # that just ended is number epoch + 1.
         validation = state.validation
         print(
             f"epoch {state.epoch + 1:2d}/{self._epochs}"
@@ -105,10 +111,12 @@ async def train(
 ) -> dict[str, Any]:
     """Train on the digits for ``epochs`` epochs; returns the last validation results.
 
-    With ``directory``, checkpoints (last and best by validation accuracy) go to
-    ``directory/checkpoints``, training stops early when validation accuracy stalls for 3 epochs,
-    and the recorded history is plotted to ``directory/history.png``. Works under any anyio
-    backend (the demo's ``main`` uses asyncio).
+    With ``verbose``, one line per epoch goes to ``out`` (default stdout): from a live progress bar
+    when ``out`` is a terminal, else from :class:`PrintEpoch`, never both. With ``directory``,
+    ``directory/checkpoints`` holds ``last.pt`` and the best checkpoint by validation accuracy
+    (only those: ``keep_periodic=0``), training stops early when validation accuracy stalls for 3
+    epochs, and the recorded history is plotted to ``directory/history.png``. Works under any
+    anyio backend (the demo's ``main`` uses asyncio).
     """
     torch.manual_seed(seed)
     train_data, val_data = make_data(seed=seed)
@@ -116,15 +124,25 @@ async def train(
     # Accuracy is accumulated on the device per batch and reduced once per pass (no host sync
     # per batch); it lands in state.validation["accuracy"] and state.metrics["val_accuracy"].
     callbacks: list[Callback] = [Metrics(["accuracy"])]
+    stream = out if out is not None else sys.stdout
     if verbose:
-        callbacks.append(PrintEpoch(epochs, out=out))
-        if out is None and sys.stdout.isatty():
-            # A live rich bar on a terminal; elsewhere (CI logs) the epoch lines above suffice.
-            callbacks.append(ProgressBar())
+        # One summary per epoch: the bar's on a terminal (printing beside a live bar would garble
+        # it), the demo's own lines elsewhere (CI logs, files).
+        if stream.isatty():
+            callbacks.append(ProgressBar(file=stream))
+        else:
+            callbacks.append(PrintEpoch(epochs, out=stream))
     recorder = Recorder()
     if directory is not None:
         callbacks += [
-            Checkpoint(directory / "checkpoints", monitor="val_accuracy", mode="max", top_k=1),
+            # Every epoch refreshes last.pt; the best by validation accuracy is kept beside it.
+            Checkpoint(
+                directory / "checkpoints",
+                monitor="val_accuracy",
+                mode="max",
+                top_k=1,
+                keep_periodic=0,
+            ),
             EarlyStopping("val_accuracy", mode="max", patience=3),
             recorder,
         ]
@@ -141,7 +159,7 @@ async def train(
         # Plotting is blocking work: off the event loop.
         plot = await anyio.to_thread.run_sync(recorder.plot_history, directory / "history.png")
         if verbose:
-            print(f"history plot: {plot}", file=out if out is not None else sys.stdout)
+            print(f"history plot: {plot}", file=stream)
     return dict(learner.state.validation)
 
 

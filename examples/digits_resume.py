@@ -102,7 +102,8 @@ def main() -> int:
     directory = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp())
     result = anyio.run(run, directory)
     epoch, step = result["interrupted_at"]
-    print(f"interrupted at epoch {epoch}, step {step}; resumed from {directory}/checkpoints")
+    # `epoch` is state.epoch then: completed epochs, so the run was in epoch number epoch + 1.
+    print(f"interrupted in epoch {epoch + 1}, step {step}; resumed from {directory}/checkpoints")
     print(f"validation accuracy after {result['epochs']} epochs: {result['accuracy']:.2%}")
     print(f"best checkpoint: {result['best']}; history plot: {result['plot']}")
     if result["accuracy"] < digits.TARGET_ACCURACY:

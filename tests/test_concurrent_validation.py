@@ -458,7 +458,7 @@ async def test_a_stage_error_in_validation_propagates_bare(compute: str) -> None
     with pytest.raises(ValueError, match="shape mismatch") as info:
         await learner.fit(5)
     notes = "\n".join(getattr(info.value, "__notes__", []))
-    assert "concurrent validation of the weights at epoch 1, step 6" in notes
+    assert "concurrent validation of the weights at epoch 2 (state.epoch 1), step 6" in notes
     assert outcome.outcome == "error"
     assert aiolearner_tasks() == []
     assert validator(learner).in_flight == 0

@@ -64,7 +64,8 @@ def test_readme_quick_start_runs(capsys: pytest.CaptureFixture[str]) -> None:
     exec(compile(code, "README.md (quick start)", "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
     assert "BestValidationLoss: reads ['epoch', 'validation'], writes ['metrics']" in out
-    assert "epoch 4: val loss" in out
+    assert "epoch 5: val loss" in out  # the fifth epoch, numbered from 1
+    assert "epoch 0:" not in out
     assert "'best_val_loss'" in out
 
 

@@ -88,3 +88,32 @@ def test_digits_main_exit_status(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(digits, "amain", poor)
     assert digits.main() == 1
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_digits_on_a_terminal_prints_each_epoch_once() -> None:
+    out = FakeTerminal()
+    await digits.train(3, out=out)
+    text = out.getvalue()
+    # The bar's line per epoch, numbered from 1; not the plain lines as well.
+    assert [text.count(f"epoch {n}: train_loss") for n in (1, 2, 3)] == [1, 1, 1]
+    assert "epoch 0" not in text
+    assert "train loss" not in text  # PrintEpoch's format
+
+
+async def test_digits_keeps_last_and_best_checkpoints_only(tmp_path: Path) -> None:
+    out = io.StringIO()
+    await digits.train(3, out=out, directory=tmp_path)
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert len(files) == 2
+    assert files[1] == "last.pt"
+    assert files[0].startswith("best-epoch-")
+    assert [line[:10] for line in out.getvalue().splitlines()[:3]] == [
+        "epoch  1/3",
+        "epoch  2/3",
+        "epoch  3/3",
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -14,6 +15,7 @@ from aiolearner import (
     Callback,
     Event,
     FitHandle,
+    Learner,
     LearnerSnapshot,
     RunState,
     StateView,
@@ -202,3 +204,68 @@ async def test_cancelled_before_run_never_fits() -> None:
     assert await handle.run() is RunState.CANCELLED
     assert handle.learner.state.step == 0
     assert finalized == []
+
+
+def test_fit_snapshot_reads_the_learner_snapshot_fields() -> None:
+    learner = make_learner()
+    learner.state.metrics["a"] = 1.5
+    snap = FitHandle(learner, 3).snapshot()
+    inner = snap.learner
+    # As described: the learner's snapshot plus the handle's state, read flat.
+    assert (snap.status, snap.epoch, snap.step, snap.batch_index) == (
+        inner.status,
+        inner.epoch,
+        inner.step,
+        inner.batch_index,
+    )
+    assert snap.metrics == inner.metrics == {"a": 1.5}
+    assert snap.validation == inner.validation
+    assert snap.state == "pending"
+    flat = snap.as_dict()
+    for name in ("status", "epoch", "step", "batch_index"):
+        assert flat[name] == getattr(snap, name)
+    with pytest.raises(AttributeError):
+        snap.epochs  # type: ignore[attr-defined]  # noqa: B018
+
+
+class WatchRunningLoss(Callback):
+    """Notes each batch's loss and, before each batch, what the learner's snapshot says."""
+
+    reads = frozenset({"loss", "epoch", "batch_index"})
+
+    def __init__(self) -> None:
+        self.learner: Learner[Any] | None = None
+        self.losses: dict[int, list[float]] = {}
+        self.seen: list[tuple[int, int, float | None, float | None]] = []
+
+    def before_fit_batch(self, state: StateView) -> None:
+        assert self.learner is not None
+        metrics = self.learner.snapshot().metrics
+        running = metrics.get("train_loss_running")
+        done = self.losses.get(state.epoch, [])
+        expected = sum(done) / len(done) if done else None
+        self.seen.append(
+            (state.epoch, state.batch_index, None if running is None else float(running), expected)
+        )
+
+    def after_fit_batch(self, state: StateView) -> None:
+        self.losses.setdefault(state.epoch, []).append(float(state.loss.detach()))
+
+
+async def test_snapshot_has_a_running_training_loss_before_the_first_epoch_ends() -> None:
+    watch = WatchRunningLoss()
+    learner = make_learner(callbacks=[watch], n_batches=4, compute="inline")
+    watch.learner = learner
+    assert "train_loss_running" not in learner.snapshot().metrics
+    await learner.fit(2)
+    # Before the epoch's first batch there is none; then the mean of the epoch's batches so far.
+    for epoch, index, running, expected in watch.seen:
+        if index == 0:
+            assert running is None, (epoch, index)
+        else:
+            assert running == pytest.approx(expected, rel=1e-6), (epoch, index)
+    assert [s[:2] for s in watch.seen] == [(e, i) for e in range(2) for i in range(4)]
+    # Between epochs (and after fit) the epoch's mean is train_loss; no running value then.
+    final = learner.snapshot().metrics
+    assert "train_loss_running" not in final
+    assert final["train_loss"] == pytest.approx(sum(watch.losses[1]) / 4, rel=1e-6)

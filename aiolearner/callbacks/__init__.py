@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._checkpoint import Checkpoint as Checkpoint
 from ._checkpoint import load_checkpoint_file as load_checkpoint_file
+from ._checkpoint import load_weights as load_weights
 from ._distributed import is_rank_zero as is_rank_zero
 from ._ema import EMA as EMA
 from ._gradients import AccumulateGradients as AccumulateGradients
@@ -24,6 +25,7 @@ from ._metrics import MetricFn as MetricFn
 from ._metrics import Metrics as Metrics
 from ._metrics import accuracy as accuracy
 from ._precision import MixedPrecision as MixedPrecision
+from ._profiler import Profiler as Profiler
 from ._progress import ProgressBar as ProgressBar
 from ._recorder import Recorder as Recorder
 from ._recorder import plot_history as plot_history
@@ -34,6 +36,9 @@ from ._schedule import WarmupCosine as WarmupCosine
 from ._stopping import EarlyStopping as EarlyStopping
 from ._stopping import NonFiniteGuard as NonFiniteGuard
 from ._stopping import TimeLimit as TimeLimit
+from ._summary import LayerSummary as LayerSummary
+from ._summary import ModelSummary as ModelSummary
+from ._summary import model_summary as model_summary
 from ._swa import SWA as SWA
 from ._throughput import Throughput as Throughput
 from ._throughput import stage_times as stage_times
@@ -54,6 +59,7 @@ __all__ = [
     "ParamSchedule",
     "WarmupCosine",
     "load_checkpoint_file",
+    "load_weights",
     "CSVLogger",
     "ExperimentLogger",
     "JSONLinesLogger",
@@ -63,6 +69,7 @@ __all__ = [
     "flatten_hparams",
     "is_rank_zero",
     "LRFinderResult",
+    "Profiler",
     "ProgressBar",
     "Recorder",
     "TensorBoardLogger",
@@ -75,6 +82,9 @@ __all__ = [
     "Metrics",
     "TimeLimit",
     "accuracy",
+    "LayerSummary",
+    "ModelSummary",
+    "model_summary",
 ]
 
 # Public objects report their public module (as trio and httpx do).

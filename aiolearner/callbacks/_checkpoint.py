@@ -18,6 +18,10 @@ learner's background task group (joined before ``fit`` returns). The final check
 awaited by ``after_fit_run`` itself. Each file is written atomically: a temporary file in the same
 directory, ``fsync``, ``os.replace``, then ``fsync`` of the directory, so a crash leaves the old
 file or the new one, never a torn one.
+
+Weights-only files (``save_weights_only=True``, and every ``format="safetensors"`` file) hold the
+model's ``state_dict`` alone, with the keys of the uncompiled model (``torch.compile``'s
+``_orig_mod.`` segments dropped), so that plain PyTorch code loads them; they cannot resume a run.
 """
 
 from __future__ import annotations
@@ -35,15 +39,21 @@ from typing import Any, BinaryIO, Literal
 import anyio
 import torch
 
-from aiolearner import Callback, StateView
+from aiolearner import Callback, StateView, match_state_dict, plain_state_dict
 
-__all__ = ["Checkpoint", "load_checkpoint_file", "snapshot"]
+from ._optional import require
+
+__all__ = ["Checkpoint", "load_checkpoint_file", "load_weights", "snapshot"]
 
 # Indirections so tests can simulate a crash at each point of a write.
 _replace = os.replace
 _fsync = os.fsync
 
 LAST = "last.pt"
+
+#: File suffix of each ``format``.
+SUFFIXES = {"torch": ".pt", "safetensors": ".safetensors"}
+SAFETENSORS_USER = "Checkpoint(format='safetensors')"
 
 
 def snapshot(value: Any) -> Any:
@@ -64,12 +74,71 @@ def snapshot(value: Any) -> Any:
     return value
 
 
-def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a checkpoint file with ``torch.load(weights_only=True)`` (never arbitrary pickles)."""
-    data = torch.load(Path(path), map_location="cpu", weights_only=True)
+def is_full_checkpoint(data: Mapping[str, Any]) -> bool:
+    """Whether ``data`` is a learner checkpoint (``Learner.state_dict()``), not bare weights."""
+    return "format" in data and isinstance(data.get("model"), Mapping)
+
+
+def load_checkpoint_file(
+    path: str | os.PathLike[str], *, model: torch.nn.Module | None = None
+) -> dict[str, Any]:
+    """Read a checkpoint file, onto the CPU.
+
+    A ``.safetensors`` file is read with the ``safetensors`` package; any other file with
+    ``torch.load(weights_only=True)`` (never arbitrary pickles). The result is the learner's
+    ``state_dict()`` for a full checkpoint, the weights for a weights-only file.
+
+    Args:
+        path: the file.
+        model: when given, the weights (``result["model"]`` of a full checkpoint, the result
+            itself for a weights-only file) come back keyed for this model: files saved from a
+            compiled model (``torch.compile``) load into a plain one and the other way round (see
+            :func:`aiolearner.match_state_dict`).
+
+    Raises:
+        ValueError: the file holds no dict of a checkpoint or of weights.
+    """
+    path = Path(path)
+    if path.suffix == SUFFIXES["safetensors"]:
+        st = require("safetensors.torch", extra="safetensors", what="reading .safetensors files")
+        data: Any = st.load_file(str(path), device="cpu")
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a checkpoint dict")
-    return data
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a checkpoint or weights dict")
+    out: dict[str, Any] = data
+    if model is not None:
+        if is_full_checkpoint(out):
+            out["model"] = match_state_dict(model, out["model"])
+        else:
+            out = match_state_dict(model, out)
+    return out
+
+
+def load_weights(
+    model: torch.nn.Module,
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    strict: bool = True,
+) -> Any:
+    """Load model weights from a checkpoint into ``model``, compiled or not.
+
+    ``source`` is a checkpoint file (full, weights-only or ``.safetensors``) or what
+    :func:`load_checkpoint_file` returned; only the weights are loaded (the optimizer, counters
+    and the rest of a full checkpoint are left alone). Reading a file blocks: from async code,
+    ``await anyio.to_thread.run_sync(load_weights, model, path)``.
+
+    Returns:
+        What ``model.load_state_dict`` returns (the missing and unexpected keys).
+
+    Example:
+        >>> model = make_model()                        # or torch.compile(make_model())
+        >>> load_weights(model, "runs/ckpt/best-epoch-0007-step-00000700.pt")
+        <All keys matched successfully>
+    """
+    data = load_checkpoint_file(source) if isinstance(source, str | os.PathLike) else dict(source)
+    weights = data["model"] if is_full_checkpoint(data) else data
+    return model.load_state_dict(match_state_dict(model, weights), strict=strict)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -106,6 +175,38 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None
     _fsync_dir(path.parent)
 
 
+def atomic_write_file(path: Path, write: Callable[[Path], object]) -> None:
+    """Like :func:`atomic_write`, for writers that take a file name (``write(temporary path)``)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            _fsync(fd)
+        finally:
+            os.close(fd)
+        _replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _save_safetensors(weights: Mapping[str, Any], meta: Mapping[str, str], path: Path) -> None:
+    st = require("safetensors.torch", extra="safetensors", what=SAFETENSORS_USER)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"Checkpoint(format='safetensors'): the model's state_dict entry {key!r} is a"
+                f" {type(value).__name__}; safetensors files hold tensors only (use"
+                " format='torch')"
+            )
+        tensors[key] = value.contiguous()
+    st.save_file(tensors, str(path), metadata=dict(meta))
+
+
 def _copy_into(source: Path, f: BinaryIO) -> None:
     with open(source, "rb") as src:
         shutil.copyfileobj(src, f, 4 << 20)
@@ -137,14 +238,17 @@ class Checkpoint(Callback):
     Files are read back with ``torch.load(weights_only=True)`` only.
 
     Files in ``directory`` (the counters are those at save time: ``epoch`` is the number of
-    completed epochs):
+    completed epochs, so ``epoch-0003.pt`` is saved after the third epoch):
 
     * ``last.pt``: rewritten at every save and when the run ends (also after an error or a
       cancellation);
     * ``epoch-EEEE.pt`` every ``every_n_epochs`` epochs and ``step-SSSSSSSS.pt`` every
-      ``every_n_steps`` steps (the newest ``keep_periodic`` of them, or all);
+      ``every_n_steps`` steps (the newest ``keep_periodic`` of them, or all; with
+      ``keep_periodic=0`` none: those save points then only refresh ``last.pt``);
     * ``best-epoch-EEEE-step-SSSSSSSS.pt``: the ``top_k`` best by ``state.metrics[monitor]``,
       judged once per epoch (see :attr:`best`).
+
+    With ``format="safetensors"`` the files end in ``.safetensors`` instead of ``.pt``.
 
     Args:
         directory: where the files go (created when needed).
@@ -154,12 +258,23 @@ class Checkpoint(Callback):
         mode: ``"min"`` when lower is better, ``"max"`` when higher is.
         top_k: how many best checkpoints to keep.
         save_last: keep ``last.pt`` up to date.
-        keep_periodic: how many epoch/step-periodic files to keep (``None``: all).
+        keep_periodic: how many epoch/step-periodic files to keep (``None``: all; 0: none).
+        save_weights_only: write the model's weights alone (keys of the uncompiled model): files
+            for inference or export, which ``fit(resume=...)`` cannot continue from.
+        format: ``"torch"`` (``torch.save``) or ``"safetensors"`` (the ``safetensors`` package;
+            weights only, so it needs ``save_weights_only=True``).
+        load_best: when the run ends normally (completed, or stopped by ``StopFit`` such as
+            early stopping), load the best checkpoint's weights into the model. Only the
+            weights: the optimizer state, the counters, ``state.metrics`` and the callbacks'
+            states stay those of the end of the run, and ``last.pt`` keeps the final weights.
+            Not after an error or a cancellation, so that calling ``fit`` again continues
+            exactly where the run stopped.
 
     Raises:
         ValueError: bad arguments.
 
-    Reads ``epoch``, ``step``, ``batch_index``, ``metrics`` and ``outcome``; writes nothing.
+    Reads ``model``, ``epoch``, ``step``, ``batch_index``, ``metrics`` and ``outcome``; writes
+    nothing (``load_best`` changes the model's weights under the weights lock's write side).
 
     Example:
         >>> ckpt = Checkpoint("runs/ckpt", every_n_epochs=1, monitor="val_loss", top_k=3)
@@ -170,7 +285,7 @@ class Checkpoint(Callback):
         >>> ckpt.best_path                            # the best file by val_loss
     """
 
-    reads = frozenset({"epoch", "step", "batch_index", "metrics", "outcome"})
+    reads = frozenset({"model", "epoch", "step", "batch_index", "metrics", "outcome"})
 
     def __init__(
         self,
@@ -183,6 +298,9 @@ class Checkpoint(Callback):
         top_k: int = 1,
         save_last: bool = True,
         keep_periodic: int | None = None,
+        save_weights_only: bool = False,
+        format: Literal["torch", "safetensors"] = "torch",
+        load_best: bool = False,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -192,8 +310,21 @@ class Checkpoint(Callback):
             raise ValueError(f"every_n_epochs must be non-negative, got {every_n_epochs}")
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
-        if keep_periodic is not None and keep_periodic < 1:
-            raise ValueError(f"keep_periodic must be at least 1, got {keep_periodic}")
+        if keep_periodic is not None and keep_periodic < 0:
+            raise ValueError(f"keep_periodic must be None or non-negative, got {keep_periodic}")
+        if format not in SUFFIXES:
+            raise ValueError(f"format must be 'torch' or 'safetensors', got {format!r}")
+        if format == "safetensors" and not save_weights_only:
+            raise ValueError(
+                "Checkpoint(format='safetensors') writes weights only (safetensors files hold"
+                " tensors, not optimizer states, counters or RNG states): pass"
+                " save_weights_only=True, or use format='torch' for resumable checkpoints"
+            )
+        if load_best and monitor is None:
+            raise ValueError("Checkpoint(load_best=True) needs a monitor= metric to judge by")
+        if format == "safetensors":
+            # Fail at construction, not at the first save halfway through training.
+            require("safetensors.torch", extra="safetensors", what=SAFETENSORS_USER)
         self.directory = Path(directory)
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs or None
@@ -202,6 +333,13 @@ class Checkpoint(Callback):
         self.top_k = top_k
         self.save_last = save_last
         self.keep_periodic = keep_periodic
+        self.save_weights_only = save_weights_only
+        self.format = format
+        self.load_best = load_best
+        self.suffix = SUFFIXES[format]
+        self._last_name = "last" + self.suffix
+        #: The path whose weights ``load_best`` loaded at the end of the last run, or ``None``.
+        self.loaded_best: Path | None = None
         #: The best checkpoints so far, best first: ``{"name", "score", "epoch", "step"}``.
         self.best: list[dict[str, Any]] = []
         self._periodic: list[str] = []
@@ -215,7 +353,7 @@ class Checkpoint(Callback):
         # Snapshots waiting to be written, oldest first. A write task may be cancelled before it
         # runs (the run is cancelled right after a save point): the snapshot then stays here and
         # after_fit_run, which runs shielded, writes it before the final one.
-        self._queue: deque[tuple[dict[str, Any], list[str], list[str]]] = deque()
+        self._queue: deque[tuple[dict[str, Any], list[str], list[str], dict[str, str]]] = deque()
 
     # -- where files are -----------------------------------------------------------------------
 
@@ -225,8 +363,8 @@ class Checkpoint(Callback):
 
     @property
     def last_path(self) -> Path:
-        """``directory / "last.pt"``."""
-        return self.path(LAST)
+        """``directory / "last.pt"`` (``last.safetensors`` with that format)."""
+        return self.path(self._last_name)
 
     @property
     def best_path(self) -> Path | None:
@@ -234,7 +372,14 @@ class Checkpoint(Callback):
         return self.path(self.best[0]["name"]) if self.best else None
 
     def find_checkpoint(self, which: str) -> Path | None:
-        """The file for ``fit(resume=which)``: ``"last"`` or ``"best"``; ``None`` if none."""
+        """The file for ``fit(resume=which)``: ``"last"`` or ``"best"``; ``None`` if none.
+
+        Always ``None`` with ``save_weights_only``: weights alone cannot resume a run (another
+        ``Checkpoint`` of the learner may have a resumable file)."""
+        if which not in ("last", "best"):
+            raise ValueError(f"which must be 'last' or 'best', got {which!r}")
+        if self.save_weights_only:
+            return None
         if which == "last":
             path = self.last_path
         elif which == "best":
@@ -242,8 +387,6 @@ class Checkpoint(Callback):
             if found is None:
                 return None
             path = found
-        else:
-            raise ValueError(f"which must be 'last' or 'best', got {which!r}")
         return path if path.is_file() else None
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -274,15 +417,17 @@ class Checkpoint(Callback):
         if n is None or step == 0 or step % n or step == self._last_step_saved:
             return
         self._last_step_saved = step
-        targets = [f"step-{step:08d}.pt"]
-        removes = self._add_periodic(targets[0])
+        targets: list[str] = []
+        removes = self._add_periodic(f"step-{step:08d}{self.suffix}", targets)
         if self.save_last:
-            targets.append(LAST)
+            targets.append(self._last_name)
             self._last_saved = (state.epoch, step)
+        if not targets:
+            return
         # A def hook of the batch: no weight update can run while it does (the batch holds the
         # weights in thread mode; the update comes after this hook otherwise), so the copy is
         # consistent without taking the read lock, which a def hook could not await.
-        self._queue.append((snapshot(state.state_dict()), targets, removes))
+        self._queue.append((self._copy(state), targets, removes, self._meta(state)))
         state.start_soon(self._drain, name="Checkpoint.write")
 
     async def after_fit_run(self, state: StateView) -> None:
@@ -299,13 +444,27 @@ class Checkpoint(Callback):
             plan = self._plan_boundary(state)
             if plan is not None:
                 targets, removes = plan
-        if self.save_last and LAST not in targets and point != self._last_saved:
-            targets.append(LAST)
+        if self.save_last and self._last_name not in targets and point != self._last_saved:
+            targets.append(self._last_name)
             self._last_saved = point
         if targets:
             await self._save(state, (targets, removes), wait=True)
         elif self._queue:
             await self._drain()
+        self.loaded_best = None
+        if self.load_best and state.outcome in ("completed", "stopped"):
+            await self._load_best(state)
+
+    async def _load_best(self, state: StateView) -> None:
+        path = self.best_path
+        if path is None:
+            return  # nothing was judged (no epoch completed, or every score was NaN)
+        weights = await anyio.to_thread.run_sync(_read_weights, path)
+        model = state.model
+        # The write side: nobody copies or validates half-loaded weights.
+        async with state.weights_lock.write():
+            await anyio.to_thread.run_sync(load_weights, model, weights)
+        self.loaded_best = path
 
     # -- deciding ------------------------------------------------------------------------------
 
@@ -316,20 +475,19 @@ class Checkpoint(Callback):
         self._boundary = (epoch, step)
         targets: list[str] = []
         removes: list[str] = []
-        if self.every_n_epochs is not None and epoch % self.every_n_epochs == 0:
-            name = f"epoch-{epoch:04d}.pt"
-            targets.append(name)
-            removes += self._add_periodic(name)
+        periodic = self.every_n_epochs is not None and epoch % self.every_n_epochs == 0
+        if periodic:
+            removes += self._add_periodic(f"epoch-{epoch:04d}{self.suffix}", targets)
         if self.monitor is not None:
             best_name, dropped = self._judge(state, epoch, step)
             if best_name is not None:
                 targets.append(best_name)
             removes += dropped
+        if self.save_last and (targets or periodic):
+            targets.append(self._last_name)
+            self._last_saved = (epoch, step)
         if not targets:
             return None
-        if self.save_last:
-            targets.append(LAST)
-            self._last_saved = (epoch, step)
         return targets, removes
 
     def _judge(self, state: StateView, epoch: int, step: int) -> tuple[str | None, list[str]]:
@@ -346,7 +504,7 @@ class Checkpoint(Callback):
         sign = 1.0 if self.mode == "min" else -1.0
         if len(self.best) >= self.top_k and sign * score >= sign * self.best[-1]["score"]:
             return None, []
-        name = f"best-epoch-{epoch:04d}-step-{step:08d}.pt"
+        name = f"best-epoch-{epoch:04d}-step-{step:08d}{self.suffix}"
         self.best.append({"name": name, "score": score, "epoch": epoch, "step": step})
         # Stable: an equal score later does not displace an earlier one.
         self.best.sort(key=lambda e: sign * e["score"])
@@ -354,7 +512,11 @@ class Checkpoint(Callback):
         del self.best[self.top_k :]
         return name, dropped
 
-    def _add_periodic(self, name: str) -> list[str]:
+    def _add_periodic(self, name: str, targets: list[str]) -> list[str]:
+        """Plan periodic file ``name`` (unless none are kept); returns the files to drop."""
+        if self.keep_periodic == 0:
+            return []
+        targets.append(name)
         self._periodic.append(name)
         if self.keep_periodic is None or len(self._periodic) <= self.keep_periodic:
             return []
@@ -374,9 +536,9 @@ class Checkpoint(Callback):
         # The state dict is cheap (references); the copy is a memcpy of every tensor, done in a
         # worker thread while the read side of the weights lock keeps updates out.
         async with state.weights_lock.read():
-            live = state.state_dict()
+            live = self._content(state)
             snap = await anyio.to_thread.run_sync(snapshot, live)
-        self._queue.append((snap, targets, removes))
+        self._queue.append((snap, targets, removes, self._meta(state)))
         self._unsaved = None
         if wait:
             await self._drain()
@@ -399,13 +561,32 @@ class Checkpoint(Callback):
                     raise
                 queue.popleft()
 
-    def _write_sync(self, snap: dict[str, Any], targets: list[str], removes: list[str]) -> None:
+    def _content(self, state: StateView) -> dict[str, Any]:
+        """What a file holds (live tensors): the learner's state dict, or the weights alone."""
+        live = state.state_dict()
+        return plain_state_dict(live["model"]) if self.save_weights_only else live
+
+    def _copy(self, state: StateView) -> dict[str, Any]:
+        copy: dict[str, Any] = snapshot(self._content(state))
+        return copy
+
+    def _meta(self, state: StateView) -> dict[str, str]:
+        # The safetensors header's metadata (string to string); torch files carry the counters
+        # in the state dict already.
+        return {"format": "pt", "epoch": str(state.epoch), "step": str(state.step)}
+
+    def _write_sync(
+        self, snap: dict[str, Any], targets: list[str], removes: list[str], meta: dict[str, str]
+    ) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         # Serialized once, straight into the first file; the others are copies of it. (Not
         # through a bytes buffer: copying hundreds of MB in memory holds the GIL, which the
         # event loop thread needs.)
         first = self.path(targets[0])
-        atomic_write(first, lambda f: torch.save(snap, f))
+        if self.format == "safetensors":
+            atomic_write_file(first, lambda tmp: _save_safetensors(snap, meta, tmp))
+        else:
+            atomic_write(first, lambda f: torch.save(snap, f))
         for name in targets[1:]:
             atomic_write(self.path(name), lambda f: _copy_into(first, f))
         # Dropped names are never reused (each names its own epoch/step), so no target is lost.
@@ -444,3 +625,9 @@ class Checkpoint(Callback):
         self._last_step_saved = None if last_step is None else int(last_step)
         last = state.get("last_saved")
         self._last_saved = None if last is None else (int(last[0]), int(last[1]))
+
+
+def _read_weights(path: Path) -> dict[str, Any]:
+    data = load_checkpoint_file(path)
+    weights: dict[str, Any] = data["model"] if is_full_checkpoint(data) else data
+    return weights

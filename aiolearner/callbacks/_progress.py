@@ -3,7 +3,12 @@
 The hooks only note counters and keep a reference to the latest loss tensor (no ``.item()``, no
 I/O); a background task renders at most every ``refresh_interval`` seconds, in a worker thread.
 So a fast training loop does not pay for drawing, the one host sync per render happens off the
-batch, and a slow terminal or pipe never blocks the event loop.
+batch, and a slow terminal or pipe never blocks the event loop. The end of an epoch wakes the
+renderer at once, so that the epoch's line appears when the epoch ends, not during the next one
+(with epochs shorter than ``refresh_interval``, the bar would otherwise trail a whole epoch).
+
+Epochs are numbered from 1 on screen ("epoch 1" is the first), while ``state.epoch`` counts the
+completed ones.
 """
 
 from __future__ import annotations
@@ -74,7 +79,8 @@ class ProgressBar(Callback):
     Example:
         >>> learner = Learner(..., callbacks=[Metrics(accuracy), ProgressBar()])
         >>> await learner.fit(10)
-        epoch 3/10 ━━━━━━━━━━━━━━━━━━╸━━━━━━━━  61/100  0:00:04  loss 0.412  1830 samples/s
+        epoch 1: train_loss 0.52  train_accuracy 0.84  val_loss 0.41  (100 batches, 3.2 s, ...)
+        epoch 2 ━━━━━━━━━━━━━━━━━━╸━━━━━━━━  61/100  0:00:02  loss 0.412  1830 samples/s
     """
 
     reads = frozenset({"epoch", "step", "batch_index", "batch", "loss", "metrics"})
@@ -132,6 +138,9 @@ class ProgressBar(Callback):
         self._new_epoch = False
         self._finished = False
         self._render_lock = threading.Lock()
+        # Set to wake the renderer before its next tick (an epoch ended, or the run).
+        self._nudge: anyio.Event | None = None
+        self._loop_thread: int | None = None
         # Lines waiting for the renderer (hooks append, the render thread pops).
         self._lines: deque[str] = deque()
 
@@ -144,6 +153,8 @@ class ProgressBar(Callback):
     def before_fit_run(self, state: StateView) -> None:
         """Start the renderer."""
         self._stop = anyio.Event()
+        self._nudge = anyio.Event()
+        self._loop_thread = threading.get_ident()
         self._finished = False
         self._handle = None
         if self.display == "rich":
@@ -192,14 +203,22 @@ class ProgressBar(Callback):
         """Queue the epoch's line (metrics and throughput) for the renderer."""
         self._lines.append(self._epoch_line(state))
         self._dirty = True
+        self._wake()
 
     async def after_fit_run(self, state: StateView) -> None:
         """Stop the renderer; draw the final state and the lines still queued."""
         if self._stop is not None:
             self._stop.set()
+            self._wake()
         await anyio.to_thread.run_sync(self._finish)
 
     # -- rendering (in the background task) ------------------------------------------------------
+
+    def _wake(self) -> None:
+        # anyio events are set from the event loop's thread only; elsewhere (a hook run in the
+        # compute worker) the renderer's next tick comes soon enough.
+        if self._nudge is not None and threading.get_ident() == self._loop_thread:
+            self._nudge.set()
 
     def _throughput(self) -> float:
         elapsed = time.perf_counter() - self._started
@@ -290,12 +309,21 @@ class ProgressBar(Callback):
         if not self._live:
             progress.start()
             self._live = True
+        description = f"epoch {self._epoch + 1}"
         if self._new_epoch:
             self._new_epoch = False
-            progress.reset(self._task, total=self._total, completed=self._batches)
+            # Reset and relabel in one step: reset() draws, and a frame with the new epoch's
+            # count under the old epoch's label would show the bar an epoch behind.
+            progress.reset(
+                self._task,
+                total=self._total,
+                completed=self._batches,
+                description=description,
+                info=self._info(),
+            )
         progress.update(
             self._task,
-            description=f"epoch {self._epoch + 1}",
+            description=description,
             completed=self._batches,
             total=self._total,
             info=self._info(),
@@ -318,8 +346,12 @@ class ProgressBar(Callback):
         stop = self._stop
         assert stop is not None
         while not stop.is_set():
+            nudge = self._nudge
+            assert nudge is not None
             with anyio.move_on_after(self.refresh_interval):
-                await stop.wait()
+                await nudge.wait()
+            if nudge.is_set():
+                self._nudge = anyio.Event()
             if stop.is_set() or not self._dirty:
                 continue
             self._dirty = False

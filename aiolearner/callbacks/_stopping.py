@@ -82,7 +82,8 @@ class EarlyStopping(Callback):
         self.check_on = check_on or ("validate" if monitor.startswith("val_") else "epoch")
         #: The best value seen so far (``None`` before the first epoch).
         self.best: float | None = None
-        #: The epoch (0-based) that produced :attr:`best`.
+        #: ``state.epoch`` when :attr:`best` was seen: the index of that epoch (0 for the first;
+        #: messages number epochs from 1).
         self.best_epoch: int | None = None
         #: Epochs in a row without improvement.
         self.wait = 0
@@ -111,14 +112,16 @@ class EarlyStopping(Callback):
             if self.strict:
                 raise KeyError(
                     f"EarlyStopping: metric {self.monitor!r} is not in state.metrics {when} of"
-                    f" epoch {state.epoch} (it has {sorted(metrics)}); pass strict=False to"
+                    f" epoch {state.epoch + 1} (it has {sorted(metrics)}); pass strict=False to"
                     " ignore checks without it"
                 )
             return
         value = float(metrics[self.monitor])
         if not math.isfinite(value):
             if self.stop_on_nan:
-                raise StopFit(f"early stopping: {self.monitor} is {value} at epoch {state.epoch}")
+                raise StopFit(
+                    f"early stopping: {self.monitor} is {value} in epoch {state.epoch + 1}"
+                )
             return
         if self.improves(value):
             self.best = value
@@ -127,11 +130,12 @@ class EarlyStopping(Callback):
             return
         self.wait += 1
         if self.wait >= self.patience:
+            best_in = "?" if self.best_epoch is None else self.best_epoch + 1
             raise StopFit(
                 f"early stopping: {self.monitor} has not improved by more than {self.min_delta}"
                 f" for {self.wait} {'validations' if self.check_on == 'validate' else 'epochs'}"
-                f" (best {self.best:.6g} at epoch {self.best_epoch},"
-                f" now {value:.6g} at epoch {state.epoch})"
+                f" (best {self.best:.6g} in epoch {best_in},"
+                f" now {value:.6g} in epoch {state.epoch + 1})"
             )
 
     def state_dict(self) -> Mapping[str, Any]:
@@ -196,7 +200,7 @@ class TimeLimit(Callback):
         if elapsed >= self.seconds:
             raise StopFit(
                 f"time limit: {elapsed:.1f} s spent training (limit {self.seconds:g} s), stopped"
-                f" at epoch {state.epoch}, step {state.step}"
+                f" in epoch {state.epoch + 1}, step {state.step}"
             )
 
     def before_fit_run(self, state: StateView) -> None:
@@ -306,7 +310,9 @@ class NonFiniteGuard(Callback):
     def after_gradient(self, state: StateView) -> None:
         """Check the batch (or record it, between syncs)."""
         ok, what = self._finite(state)
-        where = f"epoch {state.epoch}, step {state.step} (batch {state.batch_index} of the epoch)"
+        where = (
+            f"epoch {state.epoch + 1}, step {state.step} (batch {state.batch_index} of the epoch)"
+        )
         if self.every_n_steps == 1:
             if bool(ok):  # the host sync
                 return
@@ -329,7 +335,7 @@ class NonFiniteGuard(Callback):
             return
         first = steps[int((~ok).nonzero()[0, 0])]
         raise StopFit(
-            f"non-finite {what} at step {first} (found at epoch {state.epoch}, step"
+            f"non-finite {what} at step {first} (found in epoch {state.epoch + 1}, step"
             f" {state.step}; checked every {self.every_n_steps} steps)"
         )
 

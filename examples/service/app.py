@@ -14,6 +14,7 @@ Routes (all ``/jobs`` routes need ``Authorization: Bearer <token>``)::
     GET  /jobs                 all jobs
     GET  /jobs/{id}            one job: state, epoch, step, latest metrics
     GET  /jobs/{id}/events     server-sent events from the job's learner, until the run is over
+                               (sse-starlette: numbered events, keep-alive pings)
     POST /jobs/{id}/cancel     cancel the job (queued or running)
 
 Run it with uvicorn (asyncio) or hypercorn (trio); see README.md beside this file.
@@ -39,11 +40,11 @@ import anyio
 import torch
 from anyio.abc import TaskGroup
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 from torch.utils.data import DataLoader, TensorDataset
 
 from aiolearner import Callback, Event, FitHandle, Learner, RunState, StateView
@@ -51,6 +52,9 @@ from aiolearner import Callback, Event, FitHandle, Learner, RunState, StateView
 ComputeMode = Literal["auto", "thread", "inline"]
 
 DASHBOARD = Path(__file__).with_name("dashboard.html")
+
+#: Line ends of the event stream (the dashboard splits messages on blank lines).
+SSE_SEP = "\n"
 
 #: The event kinds streamed to clients (per-batch stage events would flood a browser).
 STREAMED_KINDS = frozenset({"run_start", "run_end", "metrics", "validation", "control"})
@@ -189,6 +193,8 @@ class TrainingService:
         max_queued: jobs waiting for a slot before ``POST /jobs`` answers 429.
         compute: the learners' compute policy (``"thread"`` keeps all torch work off the
             event loop; see ``bench/service_latency.py`` for what each costs).
+        sse_ping: seconds between keep-alive pings (SSE comment lines) on an event stream that
+            has nothing else to send, so that proxies do not close a quiet connection.
     """
 
     def __init__(
@@ -199,7 +205,10 @@ class TrainingService:
         max_running: int = 2,
         max_queued: int = 8,
         compute: ComputeMode = "auto",
+        sse_ping: float = 15.0,
     ) -> None:
+        if not sse_ping > 0:
+            raise ValueError(f"sse_ping must be a positive number of seconds, got {sse_ping!r}")
         token = token if token is not None else os.environ.get("AIOLEARNER_SERVICE_TOKEN")
         if not token:
             raise ValueError(
@@ -210,6 +219,7 @@ class TrainingService:
         self.max_running = max_running
         self.max_queued = max_queued
         self.compute: ComputeMode = compute
+        self.sse_ping = sse_ping
         self.jobs: dict[str, Job] = {}
         self._slots: anyio.CapacityLimiter | None = None
         self._tg: TaskGroup | None = None
@@ -351,7 +361,14 @@ class TrainingService:
 
     async def job_events(self, request: Request) -> Response:
         job = self._job(request)
-        return job if isinstance(job, Response) else EventSourceResponse(job)
+        if isinstance(job, Response):
+            return job
+        return EventSourceResponse(
+            job_events(job),
+            ping=self.sse_ping,
+            sep=SSE_SEP,
+            headers={"Cache-Control": "no-cache"},
+        )
 
 
 def _unauthorized() -> Response:
@@ -362,8 +379,9 @@ def _unauthorized() -> Response:
     )
 
 
-def _sse(kind: str, data: Any) -> bytes:
-    return f"event: {kind}\ndata: {json.dumps(jsonable(data), allow_nan=False)}\n\n".encode()
+def _sse(kind: str, data: Any, number: int) -> ServerSentEvent:
+    text = json.dumps(jsonable(data), allow_nan=False)
+    return ServerSentEvent(text, event=kind, id=str(number), sep=SSE_SEP)
 
 
 def _event_dict(event: Event) -> dict[str, Any]:
@@ -378,49 +396,24 @@ def _event_dict(event: Event) -> dict[str, Any]:
     }
 
 
-class EventSourceResponse(Response):
-    """Server-sent events of one job: a ``snapshot``, the learner's events, then ``end``.
+async def job_events(job: Job) -> AsyncIterator[ServerSentEvent]:
+    """One job's server-sent events: a ``snapshot``, the learner's events, then ``end``.
 
-    Written as a plain ASGI call rather than an async generator, so that the event stream is
-    closed in the task that opened it when the client goes away (a task group watches for the
-    disconnect).
+    Each event's ``id`` is its position in this stream (0 for the snapshot). A client that
+    reconnects gets a new stream whose snapshot holds every finished epoch, so it has no
+    ``Last-Event-ID`` to resume from. sse-starlette runs this generator in one task and, when the
+    client goes away, cancels that task: the event subscription is closed by the task that
+    opened it.
     """
-
-    def __init__(self, job: Job) -> None:
-        super().__init__(media_type="text/event-stream")
-        self.job = job
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        job = self.job
-        async with job.handle.events(kinds=STREAMED_KINDS, buffer=256) as stream:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream"),
-                        (b"cache-control", b"no-cache"),
-                        (b"x-accel-buffering", b"no"),
-                    ],
-                }
-            )
-            async with anyio.create_task_group() as tg:
-
-                async def watch_disconnect() -> None:
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(watch_disconnect)
-                body = {"type": "http.response.body", "more_body": True}
-                history = next(c for c in job.handle.learner.callbacks if isinstance(c, History))
-                snapshot = {**job.as_dict(), "history": history.epochs}
-                await send({**body, "body": _sse("snapshot", snapshot)})
-                async for event in stream:
-                    await send({**body, "body": _sse(event.kind, _event_dict(event))})
-                await job.handle.wait_done()  # the final checkpoint is written
-                await send({**body, "body": _sse("end", job.as_dict()), "more_body": False})
-                tg.cancel_scope.cancel()
+    async with job.handle.events(kinds=STREAMED_KINDS, buffer=256) as stream:
+        history = next(c for c in job.handle.learner.callbacks if isinstance(c, History))
+        yield _sse("snapshot", {**job.as_dict(), "history": history.epochs}, 0)
+        number = 0
+        async for event in stream:
+            number += 1
+            yield _sse(event.kind, _event_dict(event), number)
+    await job.handle.wait_done()  # the final checkpoint is written
+    yield _sse("end", job.as_dict(), number + 1)
 
 
 def create_app(**options: Any) -> Starlette:

@@ -198,8 +198,8 @@ async def main(n_trials: int, max_epochs: int) -> None:
         for trial in result.trials:
             snap = trial.handle.snapshot()
             print(
-                f"lr={trial.config.lr:.4f}: {snap.state:9} at epoch {snap.learner.epoch} step "
-                f"{snap.learner.step}, rung scores {trial.scores}"
+                f"lr={trial.config.lr:.4f}: {snap.state:9} after {snap.epoch} epochs, step "
+                f"{snap.step}, rung scores {trial.scores}"
             )
         print(f"best: lr={result.best.config.lr:.4f}, val_loss {result.best.val_loss:.4f}")
 

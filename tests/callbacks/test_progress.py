@@ -6,9 +6,12 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+import anyio
+import anyio.from_thread
 import pytest
 import torch
 
+from aiolearner import Callback, StateView
 from aiolearner.callbacks import Metrics, ProgressBar, accuracy
 from aiolearner.testing import make_learner
 
@@ -169,3 +172,48 @@ async def test_notebook_display_updates_one_handle_in_place(
     assert "samples/s" in final["text/plain"]
     out = capsys.readouterr().out.splitlines()  # the epoch lines, printed under the display
     assert [line.split(":")[0] for line in out] == ["epoch 1", "epoch 2"]
+
+
+class Lines(io.StringIO):
+    """An output that hands each complete line to the event loop as it is written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.send, self.receive = anyio.create_memory_object_stream[str](100)
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        n = super().write(text)
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            anyio.from_thread.run_sync(self.send.send_nowait, line)  # written in a worker
+        return n
+
+
+class ExpectEpochLine(Callback):
+    """Before each epoch, waits for the previous epoch's line (a timeout: it never came)."""
+
+    reads = frozenset({"epoch"})
+
+    def __init__(self, out: Lines) -> None:
+        self.out = out
+        self.seen: list[str] = []
+
+    async def before_epoch(self, state: StateView) -> None:
+        if state.epoch > 0:
+            with anyio.fail_after(30):
+                line = await self.out.receive.receive()
+            self.seen.append(line)
+            assert line.startswith(f"epoch {state.epoch}: ")
+
+
+async def test_an_epochs_line_is_printed_when_the_epoch_ends() -> None:
+    # A refresh interval longer than the run: only the end of an epoch can trigger the render.
+    out = Lines()
+    bar = ProgressBar(file=out, plain=True, refresh_interval=3600)
+    expect = ExpectEpochLine(out)
+    learner = make_learner(callbacks=[bar, expect], n_batches=2)
+    with out.send, out.receive:
+        await learner.fit(3)
+    assert [line.split(":")[0] for line in expect.seen] == ["epoch 1", "epoch 2"]

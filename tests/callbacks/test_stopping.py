@@ -46,7 +46,7 @@ async def test_early_stopping_stops_after_patience_epochs_without_improvement() 
     outcome, reason, _ = out.seen
     assert outcome == "stopped"
     assert "score has not improved" in reason
-    assert "best 0.5 at epoch 2" in reason
+    assert "best 0.5 in epoch 3" in reason
     assert stop.state_dict() == {"best": 0.5, "best_epoch": 2, "wait": 2}
 
 
@@ -66,7 +66,7 @@ async def test_early_stopping_on_nan_and_missing_metric() -> None:
     )
     await learner.fit(10)
     assert learner.state.epoch == 2
-    assert "score is nan at epoch 1" in learner.state.stop_reason
+    assert "score is nan in epoch 2" in learner.state.stop_reason
 
     learner = make_learner(callbacks=[EarlyStopping("val_accuracy")], n_batches=1)
     with pytest.RaisesGroup(pytest.RaisesExc(KeyError, match="val_accuracy")):
@@ -161,7 +161,7 @@ async def test_guard_skips_bad_batches() -> None:
     assert guard.skipped == [1]
     assert learner.state.step == 4
     assert learner.state.stop_reason == (
-        "non-finite loss at epoch 0, step 1 (batch 1 of the epoch): batch skipped"
+        "non-finite loss at epoch 1, step 1 (batch 1 of the epoch): batch skipped"
     )
     assert _finite(learner)
     # The same as training on the good batches alone.
@@ -181,7 +181,7 @@ async def test_guard_skips_bad_batches() -> None:
 async def test_guard_stops_before_the_bad_update() -> None:
     learner = _guarded_learner(NonFiniteGuard(), {2})
     await learner.fit(3)
-    assert learner.state.stop_reason == "non-finite loss at epoch 0, step 2 (batch 2 of the epoch)"
+    assert learner.state.stop_reason == "non-finite loss at epoch 1, step 2 (batch 2 of the epoch)"
     assert learner.state.step == 2
     assert _finite(learner)
 
@@ -190,7 +190,7 @@ async def test_guard_checking_every_n_steps_names_the_first_bad_step() -> None:
     learner = _guarded_learner(NonFiniteGuard(every_n_steps=3), {1, 2}, n_batches=6)
     await learner.fit(1)
     reason = learner.state.stop_reason
-    assert reason.startswith("non-finite loss at step 1 (found at epoch 0, step 2;")
+    assert reason.startswith("non-finite loss at step 1 (found in epoch 1, step 2;")
     # The leftover steps are settled when the pass ends.
     learner = _guarded_learner(NonFiniteGuard(every_n_steps=3), {3}, n_batches=4)
     await learner.fit(2)
@@ -206,11 +206,11 @@ async def test_guard_checks_gradients_when_asked() -> None:
     learner = _guarded_learner(NonFiniteGuard(), set(), loss_fn=nan_gradient_loss)
     await learner.fit(1)
     # The first loss looks fine, so its NaN gradients reach the weights; the next loss is NaN.
-    assert learner.state.stop_reason.startswith("non-finite loss at epoch 0, step 1")
+    assert learner.state.stop_reason.startswith("non-finite loss at epoch 1, step 1")
     assert not _finite(learner)
     learner = _guarded_learner(NonFiniteGuard(check_grads=True), set(), loss_fn=nan_gradient_loss)
     await learner.fit(1)
-    assert learner.state.stop_reason.startswith("non-finite loss or gradient at epoch 0, step 0")
+    assert learner.state.stop_reason.startswith("non-finite loss or gradient at epoch 1, step 0")
     assert _finite(learner)
 
 
@@ -242,7 +242,7 @@ async def test_early_stopping_on_a_validation_metric_checks_each_validation(
     await learner.fit(10)
     assert learner.state.stop_reason == (
         "early stopping: val_score has not improved by more than 0.0 for 1 validations"
-        " (best 0.5 at epoch 1, now 0.7 at epoch 2)"
+        " (best 0.5 in epoch 2, now 0.7 in epoch 3)"
     )
     # Sequentially it stops in epoch 2; a concurrent validation's stop request may reach the
     # training loop a validation period later.
