@@ -76,6 +76,7 @@ def build(learner: Learner[Any]) -> None:
         stage._before = build_plan(before, stage.name, hooked[before], state, learner, rt.trace)
         stage._after = build_plan(after, stage.name, hooked[after], state, learner, rt.trace)
         stage._rt = rt
+        stage._context = rt.context
     lifetimes = _lifetimes(stages)
     # The built-in per-batch fields expire with every batch, whatever stage sets them.
     for name in ("batch", "output", "loss"):
@@ -84,6 +85,7 @@ def build(learner: Learner[Any]) -> None:
         lifetime: tuple(name for name, (_, life) in lifetimes.items() if life == lifetime)
         for lifetime in ("batch", "epoch", "run")
     }
+    rt.batch_fields = rt.expiring["batch"]
     # The built-in fields keep their own explanation (FIELD_LIFETIMES).
     object.__setattr__(
         state,

@@ -46,13 +46,16 @@ class StageContext:
                                                                  Update())})
     """
 
-    __slots__ = ("_rt",)
+    # The commit state lives here, not in the runtime: commit() runs once a batch, and a method
+    # that only forwarded to the runtime would add a call to every batch.
+    __slots__ = ("_committed", "_rt")
 
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
+        self._committed = False
 
     def __repr__(self) -> str:
-        return f"<StageContext committed={self._rt.committed}>"
+        return f"<StageContext committed={self._committed}>"
 
     # -- the training batch ---------------------------------------------------------------------
 
@@ -66,12 +69,16 @@ class StageContext:
         committed: one that ends without it raises :class:`~aiolearner.StageError` naming the
         batch stage (a skipped or stopped batch is committed for you).
         """
-        self._rt.commit(state)
+        if self._committed:
+            return
+        state.step += 1
+        state.batch_index += 1
+        self._committed = True
 
     @property
     def committed(self) -> bool:
         """Whether the current (or, between batches, the last) training batch is committed."""
-        return self._rt.committed
+        return self._committed
 
     # -- compute and the weights ------------------------------------------------------------------
 

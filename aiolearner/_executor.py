@@ -140,8 +140,10 @@ class BatchProgram:
         stage = self.stage
         leaves = tuple((leaf.name, leaf.compute) for leaf in stage.children)  # type: ignore[attr-defined]
 
+        first = stage.name
+
         def flat_batch(state: State) -> None:
-            where = stage.name
+            where = first
             try:
                 for where, compute in leaves:  # noqa: B007 (the handler names the leaf)
                     compute(state)
@@ -269,10 +271,14 @@ class Executor:
         losses = rt.train_losses
         validator = rt.validator
         policy = rt.policy
-        synchronous = program.synchronous
+        fast, drive = program.fast, program.drive
+        synchronous = fast is not None
         # Bursts need nothing of the loop between batches: no validation due between them.
         bursts = synchronous and validator is None
         locks = program.locks
+        run_inline = rt.run_inline
+        context = rt.context
+        finish = self.finish_batch
         clock = time.perf_counter
         take = batches.next_nowait
         check_fields = True
@@ -288,18 +294,19 @@ class Executor:
             if batch is END:
                 break
             state.batch = batch
-            rt.committed = False
+            context._committed = False
             # A synchronous batch cannot be interrupted half way by a cancellation; an awaited
             # one can, and is then repeated on resume, drawing the same random numbers.
             rng = None if synchronous else capture_rng()
             try:
                 if synchronous:
-                    fn = program.now()
-                    if not rt.run_inline(fn, state, locks):
+                    # While observed, the full definition: every stage's entry and exit is seen.
+                    fn = drive if rt.observed else fast
+                    if not run_inline(fn, state, locks):  # type: ignore[arg-type]
                         if bursts and policy.hopping:
                             pending = await self._burst(program, state, batches, losses)
                         else:
-                            await rt.compute(fn, state, writes_weights=locks)
+                            await rt.compute(fn, state, writes_weights=locks)  # type: ignore[arg-type]
                 else:
                     await stage(state)
             except BaseException as exc:
@@ -309,12 +316,12 @@ class Executor:
                         # epoch's first update. It is consumed all the same.
                         state.model.zero_grad(set_to_none=True)
                         rt.commit(state)
-                    self.finish_batch(stage, state, losses)
+                    finish(stage, state, losses)
                     owned(fit, state, exc)
                     break
                 rt.abandon_batch(state, rng)
                 raise
-            self.finish_batch(stage, state, losses)
+            finish(stage, state, losses)
             if check_fields:
                 check_fields = False
                 self.check_fields(stage, state, before)
@@ -333,9 +340,10 @@ class Executor:
             # Detached: keeping the loss with its autograd graph alive until the end of the
             # epoch slows every later step on a small model (allocator and graph bookkeeping).
             losses.append(loss.detach())
-        for name in self.rt.expiring["batch"]:
+        rt = self.rt
+        for name in rt.batch_fields:
             d.pop(name, None)
-        if not self.rt.committed:
+        if not rt.committed:
             raise StageError(
                 "the training batch ended without being committed: the stage that applies the "
                 "batch's update must call `self.context.commit(state)` with it (Update does), "
@@ -427,4 +435,4 @@ def _burst(
         if batch is WAIT or batch is END:
             return batch
         state.batch = batch
-        rt.committed = False
+        rt.context._committed = False

@@ -90,12 +90,13 @@ class Runtime:
         # progress
         self.target_epochs = 0
         self.pass_done = False
-        self.committed = False
         self.train_losses: list[torch.Tensor] = []
         self.epoch_rng: dict[str, Any] | None = None
         #: The fields stages declared, by lifetime (see Stage.fields), set when the learner is
         #: built: each set is cleared when its batch, epoch or run ends.
         self.expiring: dict[str, tuple[str, ...]] = {"batch": (), "epoch": (), "run": ()}
+        #: ``expiring["batch"]``, read once a batch.
+        self.batch_fields: tuple[str, ...] = ()
         #: The batch executor (set by the learner: it compiles the batch stages at build).
         self.executor: Executor
         self.tg: TaskGroup | None = None
@@ -104,6 +105,9 @@ class Runtime:
         #: Validation mode and schedule (None: sequential, at the end of each epoch).
         self.validator: Validator | None = None
         self.context = StageContext(self)
+        #: The current training batch is final (see StageContext.commit); the executor resets
+        #: ``context._committed`` when a batch starts.
+        self.commit = self.context.commit
 
     @property
     def has_val_data(self) -> bool:
@@ -226,17 +230,14 @@ class Runtime:
 
     # -- progress -----------------------------------------------------------------------------
 
-    def commit(self, state: State) -> None:
-        """The current training batch is final: it will not be repeated on resume."""
-        if self.committed:
-            return
-        state.step += 1
-        state.batch_index += 1
-        self.committed = True
+    @property
+    def committed(self) -> bool:
+        """Whether the current training batch is committed."""
+        return self.context._committed
 
     def abandon_batch(self, state: State, rng: dict[str, Any] | None) -> None:
         """A batch was interrupted (error or cancellation) before it was committed."""
-        state.invalidate(*self.expiring["batch"])
+        state.invalidate(*self.batch_fields)
         if self.committed:
             return
         optimizer = state.__dict__.get("optimizer")

@@ -174,6 +174,7 @@ class Stage:
         self._before = None
         self._after = None
         self._rt = None
+        self._context: StageContext | None = None
         self._program = None
 
     def __repr__(self) -> str:
@@ -193,7 +194,10 @@ class Stage:
     @property
     def context(self) -> StageContext:
         """What this stage may use of its learner: commit, compute, the weights lock, data."""
-        return self._built().context
+        context = self._context
+        if context is None:
+            raise StageError("it is not part of a built Learner", stage=self.name)
+        return context
 
     @property
     def runtime(self) -> StageContext:
@@ -272,7 +276,8 @@ class ComputeStage(Stage):
         raise NotImplementedError(f"{type(self).__name__} must implement compute(state)")
 
     async def run(self, state: State) -> None:
-        await self.context.compute(self.compute, state, writes_weights=self.writes_weights)
+        # What context.compute does, without its extra await.
+        await self._built().compute(self.compute, state, writes_weights=self.writes_weights)
 
 
 def split_batch(batch: Any, stage: str) -> tuple[Any, Any]:
