@@ -18,6 +18,7 @@ from ._exceptions import LearnerBusyError as LearnerBusyError
 from ._exceptions import SkipBatch as SkipBatch
 from ._exceptions import StageError as StageError
 from ._exceptions import StateAccessError as StateAccessError
+from ._exceptions import StateKeyError as StateKeyError
 from ._exceptions import StopEpoch as StopEpoch
 from ._exceptions import StopFit as StopFit
 from ._feed import Feed as Feed
@@ -96,6 +97,7 @@ __all__ = [
     "StageError",
     "State",
     "StateAccessError",
+    "StateKeyError",
     "StateView",
     "StopEpoch",
     "StopFit",

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from ._callbacks import Callback, HookMethod
 from ._exceptions import ConfigurationError
-from ._plan import HookPlan, build_plan
+from ._plan import HookPlan, build_plan, describe_access
 from ._stage import ComputeStage, Stage
 from ._stages import FitRun
-from ._state import FIELD_LIFETIMES, STAGE_OWNED, VIEW_ATTRIBUTES
+from ._state import FIELD_LIFETIMES, STAGE_OWNED, VIEW_ATTRIBUTES, split_declaration
 from ._validation import bind_states
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def build(learner: Learner[Any]) -> None:
         "_lifetimes",
         {name: where for name, where in lifetimes.items() if name not in FIELD_LIFETIMES},
     )
-    writes = {field for cb in learner._callbacks for field in cb.writes}
+    writes = {split_declaration(name)[0] for cb in learner._callbacks for name in cb.writes}
     rt.executor.compile(learner._root, frozenset(FIELD_LIFETIMES) | set(lifetimes) | writes)
     learner._stages = names
     bind_states(learner)
@@ -164,7 +164,15 @@ def _check_declarations(cb: Callback) -> None:
             raise ConfigurationError(
                 f"{attr!r} must be a set of field names, got {value!r}", callbacks=(cb.name,)
             )
-    owned = sorted(set(cb.writes) & STAGE_OWNED)
+    for name in (*cb.reads, *cb.writes):
+        field, key = split_declaration(name)
+        if key == "" or not field:
+            raise ConfigurationError(
+                f"{name!r} is not a field name nor 'field.key' (a key of a dict field)",
+                callbacks=(cb.name,),
+                field=name,
+            )
+    owned = sorted({split_declaration(n)[0] for n in cb.writes} & STAGE_OWNED)
     if owned:
         raise ConfigurationError(
             "counters and the run phase are written by stages only; a callback cannot declare"
@@ -172,7 +180,7 @@ def _check_declarations(cb: Callback) -> None:
             callbacks=(cb.name,),
             field=owned[0],
         )
-    clash = sorted((set(cb.reads) | set(cb.writes)) & VIEW_ATTRIBUTES)
+    clash = sorted({split_declaration(n)[0] for n in (*cb.reads, *cb.writes)} & VIEW_ATTRIBUTES)
     if clash:
         raise ConfigurationError(
             f"{clash[0]!r} is a name of the state view itself, not a field",
@@ -251,7 +259,7 @@ def describe(learner: Learner[Any]) -> str:
             hooks = ", ".join(h for h, _ in cb.hooks()) or "-"
             after = ", ".join(t.__name__ for t in cb.after) or "-"
             lines.append(
-                f"  {cb.name}: reads {sorted(cb.reads) or '-'}, writes "
-                f"{sorted(cb.writes) or '-'}, after {after}; hooks {hooks}"
+                f"  {cb.name}: reads {describe_access(cb.reads)}, writes "
+                f"{describe_access(cb.writes)}, after {after}; hooks {hooks}"
             )
     return "\n".join(lines)

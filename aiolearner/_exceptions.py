@@ -6,6 +6,7 @@ Hierarchy::
     ├── AiolearnerError                 base of the "you misused it" errors
     │   ├── ConfigurationError          bad callbacks/stages, found when the Learner is built
     │   ├── StateAccessError            undeclared or invalid state access, where it happens
+    │   │   └── StateKeyError           a key of a dict field (``metrics``) that is not set now
     │   ├── LearnerBusyError            a call that the learner's lifecycle does not allow now
     │   └── StageError                  a stage broke the stage protocol while running
     └── ControlFlow                     raised on purpose to steer training, never an error
@@ -28,6 +29,7 @@ __all__ = [
     "SkipBatch",
     "StageError",
     "StateAccessError",
+    "StateKeyError",
     "StopEpoch",
     "StopFit",
 ]
@@ -101,6 +103,16 @@ class StateAccessError(AiolearnerError, AttributeError):
         who = f"callback {callback!r}" if callback is not None else "stage code"
         at = f" in hook {hook!r}" if hook is not None else ""
         super().__init__(f"{who}{at} cannot access state field {field!r}: {reason}")
+
+
+class StateKeyError(StateAccessError, KeyError):
+    """Raised where a callback reads a key of a dict field (``state.metrics["x"]``) that is not set.
+
+    Its ``field`` names the key (``"metrics['x']"``) and its message says which callbacks
+    declare writing that key, if any. It derives from :class:`KeyError` too, so
+    ``state.metrics.get("x")`` and ``except KeyError`` keep working. A callback that declares the
+    whole field in ``writes`` gets the dict itself, whose missing keys raise a plain ``KeyError``.
+    """
 
 
 class LearnerBusyError(AiolearnerError, RuntimeError):

@@ -6,6 +6,10 @@ Decided once, when the learner is built:
 * their order, from ``after`` declarations and from reads-after-writes: a callback that reads a
   field another callback on the hook writes runs after it;
 * which orders are impossible (two unordered writers of one field, cycles) -> ConfigurationError;
+* keys of dict fields: a declaration ``"metrics.best"`` names one key of ``metrics``. Two writers
+  of different keys need no order; two writers of one key, or a writer of the whole field and a
+  writer of any of its keys, are two writers of one thing. A reader of the whole field runs after
+  the writers of its keys; a reader of one key, after the writers of that key (or of the whole);
 * the *layers*: callbacks with no order between them share a layer. In a layer, ``def`` hooks are
   called inline, one ``async def`` hook is simply awaited, and only two or more ``async def``
   hooks open a task group. So a task group, which costs more than a small model's whole step
@@ -31,12 +35,12 @@ import anyio
 from ._callbacks import Callback, HookMethod, is_async_hook
 from ._exceptions import ConfigurationError, ControlFlow, SkipBatch, StopEpoch, StopFit
 from ._stage import epoch_words
-from ._state import State, StateView
+from ._state import State, StateView, split_declaration
 
 if TYPE_CHECKING:
     from ._trace import Trace
 
-__all__ = ["HookPlan", "build_plan", "stronger"]
+__all__ = ["HookPlan", "build_plan", "describe_access", "stronger"]
 
 _RANK = {SkipBatch: 1, StopEpoch: 2, StopFit: 3}
 
@@ -186,6 +190,60 @@ def _declared(cb: Callback, attr: str) -> frozenset[str]:
     return frozenset(value)
 
 
+def _overlaps(first: frozenset[str], second: frozenset[str]) -> list[tuple[str, str]]:
+    """Pairs of declarations, one from each set, that name the same thing: one field, or a
+    field and one of its keys, or one key of one field (sorted, for stable messages)."""
+    out = []
+    for a in sorted(first):
+        field_a, key_a = split_declaration(a)
+        for b in sorted(second):
+            field_b, key_b = split_declaration(b)
+            if field_a == field_b and (key_a is None or key_b is None or key_a == key_b):
+                out.append((a, b))
+    return out
+
+
+def _write_conflict(hook: str, a: Callback, b: Callback, pair: tuple[str, str]) -> None:
+    mine, theirs = pair
+    if mine == theirs:
+        problem = (
+            "two callbacks write the same field with no declared order between them; add one "
+            "to the other's 'after'"
+        )
+        if "." in mine:
+            problem = problem.replace("the same field", "the same key of a field")
+    else:
+        whole, keyed = (mine, theirs) if "." in theirs else (theirs, mine)
+        problem = (
+            f"one callback writes the whole field {whole!r} and the other writes its key "
+            f"{keyed!r}, with no declared order between them; declare the keys each one writes "
+            f"(writes={{'{whole}.<key>'}}) or add one to the other's 'after'"
+        )
+    raise ConfigurationError(problem, hook=hook, callbacks=(a.name, b.name), field=mine)
+
+
+def describe_access(names: frozenset[str] | set[str]) -> str:
+    """Declared names for ``describe()``: the fields, then the keys of fields declared by key:
+    ``['metrics', 'validation'] (metrics keys: best_val_loss)``."""
+    whole: set[str] = set()
+    keys: dict[str, list[str]] = {}
+    for name in names:
+        field, key = split_declaration(name)
+        if key is None:
+            whole.add(field)
+        else:
+            keys.setdefault(field, []).append(key)
+    fields = sorted(whole | keys.keys())
+    if not fields:
+        return "-"
+    parts = [
+        f"{field} keys: {', '.join(sorted(ks))}"
+        for field, ks in sorted(keys.items())
+        if field not in whole
+    ]
+    return f"{fields}" + (f" ({'; '.join(parts)})" if parts else "")
+
+
 def _must_follow(later: Callback, earlier: Callback) -> bool:
     return any(isinstance(earlier, t) for t in later.after)
 
@@ -207,17 +265,11 @@ def _order(hook: str, cbs: list[Callback]) -> list[list[int]]:
                     callbacks=(a.name, b.name),
                 )
             if not (a_then_b or b_then_a):
-                both = sorted(writes[i] & writes[j])
+                both = _overlaps(writes[i], writes[j])
                 if both:
-                    raise ConfigurationError(
-                        "two callbacks write the same field with no declared order between "
-                        "them; add one to the other's 'after'",
-                        hook=hook,
-                        callbacks=(a.name, b.name),
-                        field=both[0],
-                    )
-                b_reads_a = sorted(writes[i] & reads[j])
-                a_reads_b = sorted(writes[j] & reads[i])
+                    _write_conflict(hook, a, b, both[0])
+                b_reads_a = [read for _, read in _overlaps(writes[i], reads[j])]
+                a_reads_b = [read for _, read in _overlaps(writes[j], reads[i])]
                 if b_reads_a and a_reads_b:
                     raise ConfigurationError(
                         f"ordering cycle: {b.name!r} reads {b_reads_a[0]!r} written by "

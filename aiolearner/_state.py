@@ -17,18 +17,27 @@ from typing import TYPE_CHECKING, Any, NoReturn, overload
 
 import torch
 
-from ._exceptions import StateAccessError
+from ._exceptions import StateAccessError, StateKeyError
 
 if TYPE_CHECKING:
     from ._learner import Learner
     from ._trace import Trace
 
-__all__ = ["FIELD_LIFETIMES", "ReadOnlyDict", "ReadOnlyList", "State", "StateView"]
+__all__ = [
+    "FIELD_LIFETIMES",
+    "KeyedDict",
+    "ReadOnlyDict",
+    "ReadOnlyList",
+    "State",
+    "StateView",
+    "split_declaration",
+]
 
 #: When each built-in field is valid. Used in the message of StateAccessError.
 FIELD_LIFETIMES: dict[str, str] = {
     "model": "it is always valid",
     "optimizer": "it is always valid",
+    "optimizers": "it is always valid",
     "loss_fn": "it is always valid",
     "device": "it is always valid",
     "epoch": "it is always valid (written by stages only)",
@@ -63,6 +72,23 @@ FIELD_LIFETIMES: dict[str, str] = {
 #: Fields only stages may write.
 STAGE_OWNED = frozenset({"epoch", "step", "batch_index", "phase", "outcome"})
 
+#: Keys the default stages put in dict fields, and when (for the message of StateKeyError).
+STAGE_KEYS: dict[str, dict[str, str]] = {
+    "metrics": {
+        "train_loss": "the Fit stage sets it at the end of each training pass",
+        "val_loss": "the Validate stage sets it at the end of each validation pass",
+    },
+    "validation": {"loss": "the Validate stage sets it at the end of each validation pass"},
+}
+
+
+def split_declaration(name: str) -> tuple[str, str | None]:
+    """A declared name as ``(field, key)``: ``"metrics.best"`` -> ``("metrics", "best")``,
+    ``"metrics"`` -> ``("metrics", None)``. A field name never holds a dot (it is an attribute
+    name), so everything after the first dot is the key."""
+    field, dot, key = name.partition(".")
+    return (field, key) if dot else (name, None)
+
 
 class State:
     """Every variable involved in training at one point.
@@ -81,6 +107,7 @@ class State:
     # The built-in fields (annotations only: a field that is not valid is absent).
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
+    optimizers: dict[str, torch.optim.Optimizer]
     loss_fn: Callable[[Any, Any], torch.Tensor]
     device: torch.device
     epoch: int
@@ -187,7 +214,19 @@ class ReadOnlyDict(Mapping[str, Any]):
         self._view = view
 
     def __getitem__(self, key: str) -> Any:
-        return _wrap_readonly(self._data[key], f"{self._field}[{key!r}]", self._view)
+        try:
+            value = self._data[key]
+        except KeyError:
+            raise _key_error(self._view, self._field, key) from None
+        return _wrap_readonly(value, f"{self._field}[{key!r}]", self._view)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in self._data:
+            return self[key]
+        return default
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._data)
@@ -237,6 +276,143 @@ class ReadOnlyList(Sequence[Any]):
     append = extend = insert = pop = remove = clear = sort = reverse = _mutate
 
 
+class KeyedDict(Mapping[str, Any]):
+    """A dict field as a callback that declares some of its keys sees it.
+
+    A callback with ``writes={"metrics.best_val_loss"}`` gets ``state.metrics`` as this window:
+    it may set (and delete) the keys it declares; it may read those, the keys it declares in
+    ``reads`` (``"metrics.val_loss"``), or every key when it declares the whole field in
+    ``reads``. Anything else raises :class:`StateAccessError`; reading a declared key that is not
+    set raises :class:`StateKeyError` (also a ``KeyError``, so ``.get`` works).
+    """
+
+    __slots__ = ("_data", "_field", "_readable", "_view", "_writable")
+
+    def __init__(
+        self,
+        data: dict[str, Any],
+        field: str,
+        view: StateView | None,
+        writable: frozenset[str],
+        readable: frozenset[str] | None,
+    ) -> None:
+        self._data = data
+        self._field = field
+        self._view = view
+        self._writable = writable
+        #: The keys it may read; ``None``: every key.
+        self._readable = readable
+
+    def _check_read(self, key: str) -> None:
+        readable = self._readable
+        if readable is not None and key not in readable:
+            raise _undeclared_key(self._view, self._field, key, "read")
+
+    def __getitem__(self, key: str) -> Any:
+        self._check_read(key)
+        try:
+            value = self._data[key]
+        except KeyError:
+            raise _key_error(self._view, self._field, key) from None
+        if key in self._writable:
+            return value
+        return _wrap_readonly(value, f"{self._field}[{key!r}]", self._view)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        self._check_read(key)
+        return key in self._data
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._check_read(key)
+        if key in self._data:
+            return self[key]
+        return default
+
+    def __iter__(self) -> Iterator[str]:
+        readable = self._readable
+        keys = list(self._data)
+        return iter(keys if readable is None else [k for k in keys if k in readable])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return f"KeyedDict({ {k: self._data[k] for k in self}!r})"
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in self._writable:
+            raise _undeclared_key(self._view, self._field, key, "write")
+        # Not recorded in the trace: like any in-place change of a dict field, it is a change
+        # of the field's value, not an assignment of the field.
+        self._data[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self._writable:
+            raise _undeclared_key(self._view, self._field, key, "write")
+        del self._data[key]
+
+    def update(self, other: Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
+        for key, value in {**(other or {}), **kwargs}.items():
+            self[key] = value
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key not in self._writable:
+            raise _undeclared_key(self._view, self._field, key, "write")
+        return self._data.pop(key, *default)
+
+
+def _undeclared_key(view: StateView | None, field: str, key: str, what: str) -> StateAccessError:
+    declared = (
+        f"'writes' (as '{field}.{key}', or '{field}' for every key)"
+        if what == "write"
+        else f"'reads' or 'writes' (as '{field}.{key}', or '{field}' for every key)"
+    )
+    return StateAccessError(
+        f"{field}[{key!r}]",
+        reason=f"the callback may {what} only the keys of {field!r} it declares; add it to "
+        + declared,
+        callback=view._callback if view is not None else None,
+        hook=view._hook if view is not None else None,
+    )
+
+
+def _key_error(view: StateView | None, field: str, key: str) -> StateKeyError:
+    """The error for a key of a dict field that is not set, saying who would set it."""
+    return StateKeyError(
+        f"{field}[{key!r}]",
+        reason=f"the key is not set at this point; {_key_when(view, field, key)}",
+        callback=view._callback if view is not None else None,
+        hook=view._hook if view is not None else None,
+    )
+
+
+def _key_when(view: StateView | None, field: str, key: str) -> str:
+    stage = STAGE_KEYS.get(field, {}).get(key)
+    if stage is not None:
+        return stage
+    learner = view._learner if view is not None else None
+    writers = []
+    if learner is not None:
+        for cb in learner.callbacks:
+            writes = set(cb.writes)
+            if f"{field}.{key}" in writes or field in writes:
+                hooks = ", ".join(h for h, _ in cb.hooks()) or "no hooks"
+                writers.append(f"{cb.name!r} (hooks: {hooks})")
+    if writers:
+        return "callbacks that declare writing it: " + "; ".join(writers)
+    return (
+        f"no callback declares writing it (writes={{'{field}.{key}'}}) and no stage has set it "
+        "in this run"
+    )
+
+
 def _wrap_readonly(value: Any, field: str, view: StateView | None) -> Any:
     t = type(value)
     if t is dict:
@@ -270,7 +446,7 @@ class StateView:
         ...         print(state.step, state.loss)
     """
 
-    __slots__ = ("_callback", "_hook", "_learner", "_readable", "_state", "_writes")
+    __slots__ = ("_callback", "_hook", "_keyed", "_learner", "_readable", "_state", "_writes")
 
     def __init__(
         self,
@@ -286,8 +462,28 @@ class StateView:
         object.__setattr__(self, "_learner", learner)
         object.__setattr__(self, "_callback", callback)
         object.__setattr__(self, "_hook", hook)
-        object.__setattr__(self, "_readable", reads | writes)
-        object.__setattr__(self, "_writes", writes)
+        whole_reads = frozenset(n for n in reads if "." not in n)
+        whole_writes = frozenset(n for n in writes if "." not in n)
+        keyed_writes: dict[str, set[str]] = {}
+        keyed_reads: dict[str, set[str]] = {}
+        for names, out in ((writes, keyed_writes), (reads, keyed_reads)):
+            for name in names:
+                field, key = split_declaration(name)
+                if key is not None:
+                    out.setdefault(field, set()).add(key)
+        # Fields declared by key only (and not whole in 'writes'): handed out as a KeyedDict.
+        keyed: dict[str, tuple[frozenset[str], frozenset[str] | None]] = {}
+        for field in keyed_writes.keys() | keyed_reads.keys():
+            if field in whole_writes:
+                continue
+            mine = frozenset(keyed_writes.get(field, ()))
+            if not mine and field in whole_reads:
+                continue  # per-key reads add nothing to reading the whole field
+            readable = None if field in whole_reads else mine | keyed_reads.get(field, set())
+            keyed[field] = (mine, readable)
+        object.__setattr__(self, "_readable", whole_reads | whole_writes | keyed.keys())
+        object.__setattr__(self, "_writes", whole_writes)
+        object.__setattr__(self, "_keyed", keyed)
 
     def __getattr__(self, name: str) -> Any:
         if name not in self._readable:
@@ -310,10 +506,29 @@ class StateView:
             ) from None
         if name in self._writes:
             return value
+        keyed = self._keyed.get(name)
+        if keyed is not None:
+            if type(value) is not dict:
+                raise StateAccessError(
+                    name,
+                    reason="the callback declares keys of it, but it is not a dict (it is a "
+                    f"{type(value).__name__})",
+                    callback=self._callback,
+                    hook=self._hook,
+                )
+            return KeyedDict(value, name, self, *keyed)
         return _wrap_readonly(value, name, self)
 
     def __setattr__(self, name: str, value: object) -> None:
         if name not in self._writes:
+            if name in self._keyed:
+                raise StateAccessError(
+                    name,
+                    reason="the callback declares some of its keys, not the whole field; set "
+                    f"keys (state.{name}[key] = ...) or declare {name!r} in 'writes'",
+                    callback=self._callback,
+                    hook=self._hook,
+                )
             if name in self._readable:
                 _refuse(self, name, "it cannot be assigned")
             raise StateAccessError(

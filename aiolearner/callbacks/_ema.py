@@ -66,8 +66,9 @@ class EMA(Callback):
         ValueError: ``decay`` not in ``[0, 1)`` or ``every_n_steps`` < 1.
 
     The average is in :meth:`state_dict`, so in checkpoints. Reads ``model``, ``step``,
-    ``batch``, ``ema_output`` and ``ema_loss``; writes ``metrics`` and ``validation`` (after
-    :class:`Metrics` on the hooks they share).
+    ``batch``, ``ema_output`` and ``ema_loss``; writes its own keys of ``metrics`` and
+    ``validation`` (``val_ema_loss``, ``ema_loss``, ...), so it needs no order with
+    :class:`Metrics`.
 
     Example:
         >>> ema = EMA(0.999)
@@ -77,8 +78,7 @@ class EMA(Callback):
     """
 
     reads = frozenset({"model", "step", "batch", "ema_output", "ema_loss"})
-    writes = frozenset({"metrics", "validation"})
-    after = (Metrics,)
+    writes = frozenset({"metrics", "validation"})  # per instance: the keys it writes
 
     def __init__(
         self,
@@ -105,6 +105,8 @@ class EMA(Callback):
             loss_field="ema_loss",
             prefix="ema_",
         )
+        # Its hooks write through our views: we declare the keys it writes.
+        self.__dict__["writes"] = self._metrics.writes
         self._avg_fn: tuple[float, Any] | None = None
         #: The averaged model (``None`` until training starts or a checkpoint is loaded).
         self.model: torch.nn.Module | None = None

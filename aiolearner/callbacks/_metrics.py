@@ -251,7 +251,9 @@ class Metrics(Callback):
         TypeError: a metric that is none of the above.
 
     Reads ``batch``, ``output`` (or ``output_field``) and ``loss`` (or ``loss_field``); writes
-    ``metrics`` and ``validation``.
+    its own keys of ``metrics`` and ``validation`` (declared per key: ``"metrics.val_accuracy"``,
+    ``"validation.accuracy"``, ...), so other callbacks that add keys of their own need no order
+    with it.
 
     Example:
         >>> import torchmetrics
@@ -291,7 +293,8 @@ class Metrics(Callback):
         self.output_field = output_field
         self.loss_field = loss_field
         self.prefix = prefix
-        # Reads depend on the fields: declared per instance (the learner reads the attribute).
+        # Reads depend on the fields, writes on the names: declared per instance (the learner
+        # reads the attributes).
         self.__dict__["reads"] = frozenset({"batch", output_field, loss_field})
         self._train: dict[str, _Tracker] = {}
         self._val: dict[str, _Tracker] = {}
@@ -302,6 +305,15 @@ class Metrics(Callback):
                 val_spec = copy.deepcopy(spec) if _is_torchmetric(spec) else spec
                 self._val[name] = _Tracker(name, val_spec, window=False)
         self._steps_in_window = 0
+        writes = set()
+        for name in self._train:
+            writes.add(f"metrics.train_{prefix}{name}")
+            if log_every_n_steps is not None:
+                writes.add(f"metrics.train_{prefix}{name}_step")
+        for name in self._val:
+            writes.add(f"metrics.val_{prefix}{name}")
+            writes.add(f"validation.{prefix}{name}")
+        self.__dict__["writes"] = frozenset(writes)
 
     def _update(self, trackers: dict[str, _Tracker], state: StateView) -> None:
         targets = split_batch(state.batch, self.name)[1]
