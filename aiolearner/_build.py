@@ -17,7 +17,7 @@ from ._callbacks import Callback, HookMethod
 from ._exceptions import ConfigurationError
 from ._plan import HookPlan, build_plan, describe_access
 from ._stage import ComputeStage, Stage
-from ._stages import FitRun
+from ._stages import FitRun, Update
 from ._state import FIELD_LIFETIMES, STAGE_OWNED, VIEW_ATTRIBUTES, split_declaration
 from ._validation import bind_states
 
@@ -71,6 +71,7 @@ def build(learner: Learner[Any]) -> None:
             _check_signature(cb, hook, method)
             hooked[hook].append((cb, method))
     state = learner._state
+    _check_optimizer_names(stages, state.optimizers)
     for stage in stages:
         before, after = stage.hook_names
         stage._before = build_plan(before, stage.name, hooked[before], state, learner, rt.trace)
@@ -96,6 +97,18 @@ def build(learner: Learner[Any]) -> None:
     rt.executor.compile(learner._root, frozenset(FIELD_LIFETIMES) | set(lifetimes) | writes)
     learner._stages = names
     bind_states(learner)
+
+
+def _check_optimizer_names(stages: Iterable[Stage], optimizers: Mapping[str, Any]) -> None:
+    """An ``Update(optimizer=name)`` must name one of the learner's optimizers."""
+    for stage in stages:
+        if isinstance(stage, Update) and stage.optimizer is not None:
+            if stage.optimizer not in optimizers:
+                raise ConfigurationError(
+                    f"stage {stage.name!r} steps optimizer {stage.optimizer!r}, but the "
+                    f"learner's optimizers are {sorted(optimizers)} (Learner(model, "
+                    "{name: optimizer, ...}, ...) names them)"
+                )
 
 
 def _lifetimes(stages: Iterable[Stage]) -> dict[str, tuple[str, str]]:

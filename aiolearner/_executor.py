@@ -186,6 +186,9 @@ def _kind(stage: Stage) -> str:
             and len(children) == 2
             and type(children[0]) is Gradient
             and type(children[1]) is Update
+            # The default step: the first optimizer, committing with it.
+            and children[1].optimizer is None
+            and children[1].commit
             and Gradient.compute is _GRADIENT_COMPUTE
             and Update.compute is _UPDATE_COMPUTE
         ):

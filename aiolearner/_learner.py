@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import os
 import threading
+import types
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 import anyio
 import torch
 
-from . import _build, _persist
+from . import _build, _optim, _persist
 from ._callbacks import Callback
 from ._data import BatchSource, FetchMode
 from ._device import DeviceMover
@@ -54,7 +55,10 @@ class Learner(Generic[TBatch]):
 
     Args:
         model: the ``torch.nn.Module`` to train.
-        optimizer: its optimizer.
+        optimizer: its optimizer, or several by name (``{"g": opt_g, "d": opt_d}``): the state
+            field ``optimizers`` holds them all by name (a single one is named ``"main"``),
+            ``optimizer`` the first; every one is in :meth:`state_dict`; ``Update(optimizer=
+            "d")`` steps one by name. See ``docs/writing-stages.md``.
         loss_fn: ``loss_fn(output, targets) -> scalar tensor``.
         train_data: an iterable of batches (a DataLoader, a list, ...) or an async iterable; the
             default stages expect ``(inputs, targets)`` pairs.
@@ -107,7 +111,7 @@ class Learner(Generic[TBatch]):
     def __init__(
         self,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer],
         loss_fn: Callable[[Any, Any], torch.Tensor],
         train_data: Iterable[TBatch] | Any,
         val_data: Iterable[TBatch] | Any | None = None,
@@ -132,10 +136,7 @@ class Learner(Generic[TBatch]):
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+        optimizers = _optim.named_optimizers(optimizer)
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if steps_per_epoch is not None and steps_per_epoch < 1:
@@ -197,7 +198,8 @@ class Learner(Generic[TBatch]):
         )
         state = State()
         state.model = model
-        state.optimizer = optimizer
+        state.optimizer = next(iter(optimizers.values()))
+        state.optimizers = optimizers
         state.loss_fn = loss_fn
         state.device = self._device
         state.epoch = 0
@@ -243,8 +245,13 @@ class Learner(Generic[TBatch]):
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer."""
+        """The optimizer (the first one, when the learner has several)."""
         return self._state.optimizer
+
+    @property
+    def optimizers(self) -> Mapping[str, torch.optim.Optimizer]:
+        """Every optimizer by name, read-only (a single optimizer is named ``"main"``)."""
+        return types.MappingProxyType(self._state.optimizers)
 
     @property
     def device(self) -> torch.device:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import _optim
 from ._callbacks import Callback
 from ._hparams import check_hparams
 from ._rng import capture_rng, restore_rng, rng_from_portable, rng_to_portable
@@ -41,7 +42,8 @@ def state_dict(learner: Learner[Any]) -> dict[str, Any]:
         "format": FORMAT,
         # Keys as the uncompiled model has them: the file loads into either form.
         "model": plain_state_dict(learner.model.state_dict()),
-        "optimizer": learner.optimizer.state_dict(),
+        # "optimizer" for one optimizer (as always), "optimizers" by name for several.
+        **_optim.to_checkpoint(state.optimizers),
         "progress": {
             "epoch": state.epoch,
             "step": state.step,
@@ -66,11 +68,12 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
     _check_model(learner.model, weights)
     state = learner._state
     rt = learner._rt
-    # What a failure half way must put back (the optimizer state is copied: load_state_dict
-    # replaces it, but the tensors of the old one may be shared with nobody else).
+    optimizers = _optim.from_checkpoint(state.optimizers, checkpoint)
+    # What a failure half way must put back (the optimizer states are copied: load_state_dict
+    # replaces them, but the tensors of the old ones may be shared with nobody else).
     saved: dict[str, Any] = {
         "model": {k: v.detach().clone() for k, v in learner.model.state_dict().items()},
-        "optimizer": copy.deepcopy(learner.optimizer.state_dict()),
+        "optimizers": [copy.deepcopy(opt.state_dict()) for opt, _ in optimizers],
         "counters": (state.epoch, state.step, state.batch_index),
         "metrics": state.metrics,
         "progress": (rt.pass_done, rt.train_losses, rt.epoch_rng),
@@ -79,7 +82,8 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
     }
     try:
         learner.model.load_state_dict(weights)
-        learner.optimizer.load_state_dict(checkpoint["optimizer"])
+        for opt, opt_state in optimizers:
+            opt.load_state_dict(opt_state)
         progress = checkpoint["progress"]
         epoch_rng = checkpoint.get("epoch_rng")
         new_epoch_rng = None if epoch_rng is None else rng_from_portable(epoch_rng)
@@ -99,7 +103,8 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         stream = _stream_from_portable(progress.get("stream"))
     except BaseException:
         learner.model.load_state_dict(saved["model"])
-        learner.optimizer.load_state_dict(saved["optimizer"])
+        for (opt, _), opt_state in zip(optimizers, saved["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
         state.epoch, state.step, state.batch_index = saved["counters"]
         state.metrics = saved["metrics"]
         rt.pass_done, rt.train_losses, rt.epoch_rng = saved["progress"]

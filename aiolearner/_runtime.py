@@ -240,9 +240,11 @@ class Runtime:
         state.invalidate(*self.batch_fields)
         if self.committed:
             return
-        optimizer = state.__dict__.get("optimizer")
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
+        d = state.__dict__
+        # Every optimizer's: a batch may have run the gradient stages of several.
+        for optimizer in (d.get("optimizers") or {"": d.get("optimizer")}).values():
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
         if rng is not None:
             restore_rng(rng)
 

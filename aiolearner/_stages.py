@@ -82,14 +82,40 @@ class Gradient(ComputeStage):
 
 
 class Update(ComputeStage):
-    """Optimizer step and zero grad, then the batch is committed (``step`` advances with it)."""
+    """Optimizer step and zero grad, then the batch is committed (``step`` advances with it).
+
+    Args:
+        optimizer: the name of the optimizer it steps (``state.optimizers[optimizer]``), for a
+            learner with several; default: the first (``state.optimizer``). A named one is
+            the stage ``update_<optimizer>``, so two of them fit in one batch and callbacks
+            given ``optimizer="d"`` find their hooks (``before_update_d``, ``after_update_d``).
+        commit: commit the batch with this update. In a batch that steps several optimizers,
+            commit with the last one only (``commit=False`` on the others), so an interrupted
+            batch counts as done only once all its updates are.
+
+    Example:
+        >>> FitBatch(DiscriminatorGradient(), Update("d", commit=False),
+        ...          GeneratorGradient(), Update("g"))
+    """
 
     name = "update"
     writes_weights = True
 
+    def __init__(self, optimizer: str | None = None, *, commit: bool = True) -> None:
+        super().__init__()
+        if optimizer is not None and not (isinstance(optimizer, str) and optimizer):
+            raise TypeError(f"optimizer must be an optimizer's name, got {optimizer!r}")
+        self.optimizer = optimizer
+        self.commit = commit
+        if optimizer is not None:
+            # An instance's name (as Parallel's): the stage and its hooks are per optimizer.
+            self.__dict__["name"] = f"{type(self).name}_{optimizer}"
+
     def compute(self, state: State) -> None:
-        optimizer_step(state.optimizer)
-        self.context.commit(state)
+        name = self.optimizer
+        optimizer_step(state.optimizer if name is None else state.optimizers[name])
+        if self.commit:
+            self.context.commit(state)
 
 
 class FitBatch(Stage):

@@ -513,6 +513,7 @@ class Validator:
         d = v.__dict__
         v.model = slot.model
         v.optimizer = main.optimizer
+        v.optimizers = main.optimizers
         v.loss_fn = main.loss_fn
         v.device = main.device
         v.epoch, v.step = slot.tag

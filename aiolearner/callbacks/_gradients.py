@@ -5,6 +5,10 @@ a callback cannot keep the Update stage from running. :class:`AccumulateGradient
 ``fit`` stage with one whose batches run Gradient on every micro-batch and Update on every n-th,
 after dividing the summed gradients by the number of micro-batches. The loss itself is left
 alone, so ``train_loss`` and loss metrics keep their meaning.
+
+Both take the optimizer they apply to, for a learner with several (``optimizer="d"``; default:
+the first): accumulation then gates ``Update(optimizer="d")`` and scales that optimizer's
+gradients; clipping clips that optimizer's gradients in ``before_update_d``.
 """
 
 from __future__ import annotations
@@ -15,9 +19,17 @@ from typing import Any, Literal
 
 import torch
 
-from aiolearner import Callback, Fit, FitBatch, Stage, State, StateView
+from aiolearner import Callback, Fit, FitBatch, Stage, State, StateView, Update
+
+from ._per_optimizer import OptimizerCallback
 
 __all__ = ["AccumulateGradients", "GradientClipping", "GroupGradients"]
+
+
+def _stepped(state: State, update: Stage, default: str | None) -> torch.optim.Optimizer:
+    """The optimizer an update stage steps: an Update's own, otherwise ``default``'s."""
+    name = update.optimizer if isinstance(update, Update) else default
+    return state.optimizer if name is None else state.optimizers[name]
 
 
 def _scale_gradients(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -34,17 +46,33 @@ class _AccumulatingFitBatch(FitBatch):
 
     fusable = True  # run awaits only its sub-stages: the batch can run without the event loop
 
-    def __init__(self, every: int, gradient: Stage | None = None, update: Stage | None = None):
+    def __init__(
+        self,
+        every: int,
+        gradient: Stage | None = None,
+        update: Stage | None = None,
+        optimizer: str | None = None,
+    ):
+        if update is None and optimizer is not None:
+            update = Update(optimizer)
         super().__init__(gradient=gradient, update=update)
         self.every = every
+        self.optimizer = optimizer
+        # By reference, not by name: an update stage for a named optimizer is 'update_<name>'
+        # (replacing a stage in the tree replaces these attributes too).
+        self.gradient_stage, self.update_stage = self.children
+
+    def stepped(self, state: State) -> torch.optim.Optimizer:
+        """The optimizer its update stage steps."""
+        return _stepped(state, self.update_stage, self.optimizer)
 
     async def run(self, state: State) -> None:
-        await self.gradient(state)
+        await self.gradient_stage(state)
         # batch_index counts the epoch's batches done so far (also after a mid-epoch resume),
         # so groups stay aligned with the epoch whatever interrupted it.
         if (state.batch_index + 1) % self.every == 0:
-            _scale_gradients(state.optimizer, 1.0 / self.every)
-            await self.update(state)
+            _scale_gradients(self.stepped(state), 1.0 / self.every)
+            await self.update_stage(state)
         else:
             # The micro-batch is done once its gradients are in .grad: commit it now, so the
             # counters in after_fit_batch read as after an update, and so an interruption from
@@ -77,19 +105,28 @@ class AccumulateGradients(Fit):
     Args:
         every: micro-batches per optimizer step (1 behaves like the default stage).
         gradient: the Gradient stage to use (default: :class:`~aiolearner.Gradient`).
-        update: the Update stage to use (default: :class:`~aiolearner.Update`).
+        update: the Update stage to use (default: :class:`~aiolearner.Update`, or
+            ``Update(optimizer)`` when ``optimizer`` is given).
+        optimizer: the name of the optimizer whose steps it gates, for a learner with several
+            (default: the first). The gradients scaled are those of the optimizer the update
+            stage steps (an ``Update``'s own ``optimizer``, otherwise this one).
 
     Raises:
         ValueError: ``every`` is less than 1.
     """
 
     def __init__(
-        self, every: int, *, gradient: Stage | None = None, update: Stage | None = None
+        self,
+        every: int,
+        *,
+        gradient: Stage | None = None,
+        update: Stage | None = None,
+        optimizer: str | None = None,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be at least 1, got {every}")
         self.every = every
-        super().__init__(_AccumulatingFitBatch(every, gradient, update))
+        super().__init__(_AccumulatingFitBatch(every, gradient, update, optimizer))
 
     def checkpoint_callback(self) -> Callback:
         """A callback that keeps the gradients of a group in progress in checkpoints."""
@@ -103,13 +140,13 @@ class AccumulateGradients(Fit):
 
     async def _flush(self, state: State, pending: int) -> None:
         fit_batch = self.fit_batch
-        assert isinstance(fit_batch, FitBatch)
-        _scale_gradients(state.optimizer, 1.0 / pending)
+        assert isinstance(fit_batch, _AccumulatingFitBatch)
+        _scale_gradients(fit_batch.stepped(state), 1.0 / pending)
         # The last micro-batch is committed already, without an update: this update belongs to
         # it, and its commit (Update commits with the weights) is that same commit, so the
         # counters stay where they are.
         assert self.context.committed
-        await fit_batch.update(state)
+        await fit_batch.update_stage(state)
 
 
 class GroupGradients(Callback):
@@ -148,7 +185,7 @@ class GroupGradients(Callback):
         self._pending = None if grads is None else list(grads)
 
 
-class GradientClipping(Callback):
+class GradientClipping(OptimizerCallback):
     """Clip gradients by their total norm and/or by value, just before each optimizer step.
 
     It runs in ``before_update``, when the gradients are complete: after the last micro-batch
@@ -161,14 +198,20 @@ class GradientClipping(Callback):
         max_norm: clip the total norm of all gradients to this (``None``: no norm clipping).
         max_value: clip each gradient element to ``[-max_value, max_value]``.
         norm_type: the norm's p (2.0; ``math.inf`` for the max-norm).
+        optimizer: the name of the optimizer whose gradients it clips, for a learner with
+            several (default: the first); it then runs in ``before_update_<name>``, the hook of
+            ``Update(optimizer=name)``, and is named ``GradientClipping[<name>]``.
 
     Raises:
         ValueError: neither ``max_norm`` nor ``max_value`` is given, or one is not positive.
 
-    Reads ``optimizer`` and ``grad_scaler``; writes nothing (it changes the gradients).
+    Reads ``optimizer`` (``optimizers`` for a named one) and ``grad_scaler``; writes nothing
+    (it changes the gradients).
 
     Example:
         >>> learner = Learner(..., callbacks=[GradientClipping(max_norm=1.0)])
+        >>> gan = Learner(gan, {"g": opt_g, "d": opt_d}, ...,
+        ...               callbacks=[GradientClipping(1.0, optimizer="d")])
     """
 
     reads = frozenset({"optimizer", "grad_scaler"})
@@ -179,7 +222,9 @@ class GradientClipping(Callback):
         *,
         max_value: float | None = None,
         norm_type: float | Literal["inf"] = 2.0,
+        optimizer: str | None = None,
     ) -> None:
+        self._target(optimizer)
         if max_norm is None and max_value is None:
             raise ValueError("give max_norm, max_value or both")
         for label, value in (("max_norm", max_norm), ("max_value", max_value)):
@@ -192,8 +237,9 @@ class GradientClipping(Callback):
         self.last_norm: torch.Tensor | None = None
 
     def before_update(self, state: StateView) -> None:
-        """Unscale (under mixed precision), then clip the gradients."""
-        optimizer = state.optimizer
+        """Unscale (under mixed precision), then clip the gradients (``before_update_<name>``
+        for a named optimizer)."""
+        optimizer = self._optimizer(state)
         if state.is_valid("grad_scaler"):
             scaler = state.grad_scaler
             if scaler is not None and scaler.is_enabled():

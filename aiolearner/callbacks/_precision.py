@@ -9,6 +9,10 @@ the ``gradient``, ``update`` and ``validate_loss`` stages to use with it.
 * float16 (``"fp16"``): needs loss scaling against gradient underflow; the stages use a
   ``torch.amp.GradScaler``, which skips the optimizer step when it finds inf/NaN gradients and
   lowers the scale.
+
+Several optimizers share the one scaler (as torch recommends: a ``GradScaler`` keeps what it
+needs per optimizer): :meth:`MixedPrecision.update_stage` gives the update stage of a named
+optimizer, and :meth:`MixedPrecision.backward` the scaled backward pass for stages of your own.
 """
 
 from __future__ import annotations
@@ -55,6 +59,10 @@ class MixedPrecision(Callback):
     Raises:
         ValueError: an unknown dtype.
 
+    With several optimizers (a GAN), one ``MixedPrecision`` serves them all: write the gradient
+    stages with :meth:`autocast` and :meth:`backward`, and step each optimizer with
+    ``amp.update_stage("d")`` (the stage ``update_d``), which steps it through the shared scaler.
+
     The scaler's state is in :meth:`state_dict` (so in checkpoints). As a callback it declares
     no access: it only carries the state.
 
@@ -97,6 +105,22 @@ class MixedPrecision(Callback):
         if self.validate:
             out["validate_loss"] = AutocastValidateLoss(self)
         return out
+
+    def update_stage(self, optimizer: str | None = None, *, commit: bool = True) -> Update:
+        """An update stage stepping ``optimizer`` (a name; default: the first) through the
+        scaler: like ``Update(optimizer, commit=commit)``, named ``update_<optimizer>``."""
+        return ScaledUpdate(self, optimizer, commit=commit)
+
+    def backward(self, loss: torch.Tensor, state: State, **kwargs: Any) -> None:
+        """The backward pass of ``loss`` for a gradient stage of your own: on the scaled loss
+        when there is a scaler, which it also puts in ``state.grad_scaler`` (where
+        :class:`GradientClipping` finds it). ``kwargs`` go to ``backward`` (``inputs=...``)."""
+        _, scaler = self.resolve(state.device)
+        state.grad_scaler = scaler
+        if scaler is not None:
+            scaler.scale(loss).backward(**kwargs)  # type: ignore[no-untyped-call]
+        else:
+            loss.backward(**kwargs)  # type: ignore[no-untyped-call]
 
     def resolve(self, device: torch.device) -> tuple[str, torch.amp.GradScaler | None]:
         """The autocast device type and the scaler (built on first use) for ``device``."""
@@ -163,14 +187,24 @@ class AutocastGradient(Gradient):
 
 
 class ScaledUpdate(Update):
-    """The optimizer step through the gradient scaler (when there is one), then the commit."""
+    """The optimizer step through the gradient scaler (when there is one), then the commit.
 
-    def __init__(self, precision: MixedPrecision) -> None:
-        super().__init__()
+    ``optimizer`` and ``commit`` as for :class:`~aiolearner.Update`.
+    """
+
+    # Set by the gradient stage; declared here too, for gradient stages of users' own that
+    # call MixedPrecision.backward.
+    fields: ClassVar[dict[str, str]] = {"grad_scaler": "batch"}
+
+    def __init__(
+        self, precision: MixedPrecision, optimizer: str | None = None, *, commit: bool = True
+    ) -> None:
+        super().__init__(optimizer, commit=commit)
         self.precision = precision
 
     def compute(self, state: State) -> None:
-        optimizer = state.optimizer
+        name = self.optimizer
+        optimizer = state.optimizer if name is None else state.optimizers[name]
         _, scaler = self.precision.resolve(state.device)
         if scaler is not None:
             scaler.step(optimizer)
@@ -178,7 +212,8 @@ class ScaledUpdate(Update):
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        self.context.commit(state)
+        if self.commit:
+            self.context.commit(state)
 
 
 class AutocastValidateLoss(ValidateLoss):

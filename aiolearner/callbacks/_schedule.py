@@ -5,6 +5,10 @@ A per-step scheduler steps once per *optimizer step*, not per batch: it watches 
 with ``register_step_post_hook``, so batches that only accumulate gradients (see
 :class:`~aiolearner.callbacks.AccumulateGradients`) and steps a gradient scaler skipped after an
 overflow (see :class:`~aiolearner.callbacks.MixedPrecision`) do not advance the schedule.
+
+With several optimizers, each schedule takes the one it drives: ``LRSchedule(...,
+optimizer="d")`` schedules ``state.optimizers["d"]`` and steps in ``after_update_d``, the hook of
+``Update(optimizer="d")`` (see ``_per_optimizer.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from typing import Any, Literal
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
-from aiolearner import Callback, StateView
+from aiolearner import StateView
+
+from ._per_optimizer import OptimizerCallback
 
 __all__ = ["LRSchedule", "OneCycle", "ParamSchedule", "WarmupCosine"]
 
@@ -24,7 +30,7 @@ Scheduler = LRScheduler | ReduceLROnPlateau
 SchedulerFactory = Callable[[torch.optim.Optimizer], Scheduler]
 
 
-class LRSchedule(Callback):
+class LRSchedule(OptimizerCallback):
     """Steps a torch learning-rate scheduler during training.
 
     Args:
@@ -36,20 +42,26 @@ class LRSchedule(Callback):
             ``step`` (``"val_loss"`` by default): after each validation for a ``val_`` metric,
             at the end of each epoch otherwise.
         frequency: step the scheduler every this many steps or epochs.
+        optimizer: the name of the optimizer it schedules, for a learner with several
+            (default: the first). A per-step schedule then steps in ``after_update_<name>``,
+            the hook of ``Update(optimizer=name)``, and the callback is named
+            ``LRSchedule[<name>]``.
 
     Raises:
         ValueError: ``ReduceLROnPlateau`` with ``interval="step"``, or a bad ``interval``.
-        KeyError: (during ``fit``) the monitored metric is missing at the end of an epoch.
+        KeyError: (during ``fit``) the monitored metric is missing at the end of an epoch, or
+            the learner has no optimizer of that name.
 
     The scheduler's state is part of :meth:`state_dict`, so checkpoints resume the schedule.
-    Reads ``optimizer`` and ``metrics``; writes nothing (it changes the optimizer's
-    learning rates, as schedulers do).
+    Reads ``optimizer`` (``optimizers`` for a named one) and ``metrics``; writes nothing (it
+    changes the optimizer's learning rates, as schedulers do).
 
     Example:
         >>> schedule = LRSchedule(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10),
         ...                       interval="epoch")
         >>> plateau = LRSchedule(lambda opt: ReduceLROnPlateau(opt, patience=2),
         ...                      interval="epoch", monitor="val_loss")
+        >>> discriminator = LRSchedule(lambda opt: StepLR(opt, 1000), optimizer="d")
     """
 
     reads = frozenset({"optimizer", "metrics"})
@@ -61,7 +73,9 @@ class LRSchedule(Callback):
         interval: Literal["step", "epoch"] = "step",
         monitor: str = "val_loss",
         frequency: int = 1,
+        optimizer: str | None = None,
     ) -> None:
+        self._target(optimizer)
         if interval not in ("step", "epoch"):
             raise ValueError(f"interval must be 'step' or 'epoch', got {interval!r}")
         if frequency < 1:
@@ -113,7 +127,8 @@ class LRSchedule(Callback):
                 )
             self.scheduler = scheduler
         if self.scheduler.optimizer is not optimizer:
-            raise ValueError("the scheduler was built on another optimizer than the learner's")
+            which = "the learner's" if self.optimizer is None else f"optimizer {self.optimizer!r}"
+            raise ValueError(f"the scheduler was built on another optimizer than {which}")
         if self._pending is not None:
             self.scheduler.load_state_dict(dict(self._pending))
             self._pending = None
@@ -127,13 +142,14 @@ class LRSchedule(Callback):
 
     def before_fit_run(self, state: StateView) -> None:
         """Build the scheduler (from the factory) and watch the optimizer's steps."""
-        optimizer = state.optimizer
+        optimizer = self._optimizer(state)
         self._build(optimizer)
         if self.interval == "step" and self._hook is None:
             self._hook = optimizer.register_step_post_hook(self._count)
 
     def after_update(self, state: StateView) -> None:
-        """Step a per-step scheduler once per optimizer step."""
+        """Step a per-step scheduler once per optimizer step (``after_update_<name>`` for a
+        named optimizer)."""
         if self.interval != "step":
             return
         scheduler = self.scheduler
@@ -214,17 +230,26 @@ class OneCycle(LRSchedule):
     Args:
         max_lr: the peak learning rate (or one per parameter group).
         total_steps: the number of optimizer steps of the whole run.
+        optimizer: the name of the optimizer it schedules (default: the first); see
+            :class:`LRSchedule`.
         **kwargs: passed to ``OneCycleLR`` (``pct_start``, ``anneal_strategy``, ...).
 
     Example:
         >>> learner = Learner(..., callbacks=[OneCycle(0.1, total_steps=epochs * len(loader))])
     """
 
-    def __init__(self, max_lr: float | list[float], total_steps: int, **kwargs: Any) -> None:
-        def make(optimizer: torch.optim.Optimizer) -> Scheduler:
-            return OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, **kwargs)
+    def __init__(
+        self,
+        max_lr: float | list[float],
+        total_steps: int,
+        *,
+        optimizer: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        def make(opt: torch.optim.Optimizer) -> Scheduler:
+            return OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps, **kwargs)
 
-        super().__init__(make, interval="step")
+        super().__init__(make, interval="step", optimizer=optimizer)
         self.total_steps = total_steps
 
 
@@ -247,12 +272,21 @@ class WarmupCosine(LRSchedule):
         warmup_steps: optimizer steps of linear warmup (the rate climbs towards the base rate).
         total_steps: optimizer steps of the whole run; after them the rate stays at the minimum.
         min_factor: the final rate as a fraction of the optimizer's base rate.
+        optimizer: the name of the optimizer it schedules (default: the first); see
+            :class:`LRSchedule`.
 
     Example:
         >>> learner = Learner(..., callbacks=[WarmupCosine(500, total_steps=20_000)])
     """
 
-    def __init__(self, warmup_steps: int, total_steps: int, *, min_factor: float = 0.0) -> None:
+    def __init__(
+        self,
+        warmup_steps: int,
+        total_steps: int,
+        *,
+        min_factor: float = 0.0,
+        optimizer: str | None = None,
+    ) -> None:
         if warmup_steps < 0 or total_steps <= warmup_steps:
             raise ValueError(
                 f"need 0 <= warmup_steps < total_steps, got {warmup_steps} and {total_steps}"
@@ -260,19 +294,19 @@ class WarmupCosine(LRSchedule):
         if not 0.0 <= min_factor <= 1.0:
             raise ValueError(f"min_factor must be in [0, 1], got {min_factor}")
 
-        def make(optimizer: torch.optim.Optimizer) -> Scheduler:
+        def make(opt: torch.optim.Optimizer) -> Scheduler:
             return LambdaLR(
-                optimizer,
+                opt,
                 lambda step: warmup_cosine_factor(step, warmup_steps, total_steps, min_factor),
             )
 
-        super().__init__(make, interval="step")
+        super().__init__(make, interval="step", optimizer=optimizer)
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_factor = min_factor
 
 
-class ParamSchedule(Callback):
+class ParamSchedule(OptimizerCallback):
     """Sets any optimizer hyperparameter from a function of the step (or epoch) count.
 
     For what torch has no scheduler for: weight decay, momentum, Adam's betas, or a
@@ -284,13 +318,17 @@ class ParamSchedule(Callback):
         name: the param-group key (``"weight_decay"``, ``"momentum"``, ``"lr"``, ...).
         fn: ``fn(t) -> value``.
         interval: ``"step"`` or ``"epoch"``.
+        optimizer: the name of the optimizer it sets, for a learner with several (default: the
+            first); per step, it then runs on the hooks of ``Update(optimizer=name)``, as
+            :class:`LRSchedule` does.
 
     Raises:
         ValueError: a bad ``interval``.
-        KeyError: (when training starts) the optimizer has no such hyperparameter.
+        KeyError: (when training starts) the optimizer has no such hyperparameter, or the
+            learner has no optimizer of that name.
 
-    Reads ``optimizer``; writes nothing (it changes the optimizer's param groups). The count is
-    in :meth:`state_dict`.
+    Reads ``optimizer`` (``optimizers`` for a named one); writes nothing (it changes the
+    optimizer's param groups). The count is in :meth:`state_dict`.
 
     Example:
         >>> ParamSchedule("weight_decay", lambda t: 0.05 * min(1.0, t / 1000))
@@ -304,9 +342,11 @@ class ParamSchedule(Callback):
         fn: Callable[[int], Any],
         *,
         interval: Literal["step", "epoch"] = "step",
+        optimizer: str | None = None,
     ) -> None:
         if interval not in ("step", "epoch"):
             raise ValueError(f"interval must be 'step' or 'epoch', got {interval!r}")
+        self._target(optimizer)
         self.param = name
         self.fn = fn
         self.interval = interval
@@ -320,7 +360,7 @@ class ParamSchedule(Callback):
 
     def before_fit_run(self, state: StateView) -> None:
         """Check the hyperparameter exists."""
-        for group in state.optimizer.param_groups:
+        for group in self._optimizer(state).param_groups:
             if self.param not in group:
                 raise KeyError(
                     f"ParamSchedule: the optimizer has no hyperparameter {self.param!r} (it has"
@@ -330,7 +370,7 @@ class ParamSchedule(Callback):
     def before_update(self, state: StateView) -> None:
         """Set the value for this optimizer step."""
         if self.interval == "step":
-            self._apply(state.optimizer)
+            self._apply(self._optimizer(state))
 
     def after_update(self, state: StateView) -> None:
         """Count the step."""
@@ -340,7 +380,7 @@ class ParamSchedule(Callback):
     def before_epoch(self, state: StateView) -> None:
         """Set the value for this epoch."""
         if self.interval == "epoch":
-            self._apply(state.optimizer)
+            self._apply(self._optimizer(state))
 
     def after_epoch(self, state: StateView) -> None:
         """Count the epoch."""

@@ -1,0 +1,101 @@
+"""A learner's optimizers: one, or several by name, and their part of checkpoints.
+
+``Learner(model, optimizer, ...)`` takes one optimizer or a mapping ``{name: optimizer}``
+(a GAN's ``{"g": opt_g, "d": opt_d}``). The state has both views of them, always valid:
+
+* ``state.optimizers``: every optimizer by name (a single optimizer is named ``"main"``);
+* ``state.optimizer``: the first of them (the only one, usually), as before there could be
+  several, so that code written for one optimizer keeps working unchanged.
+
+In a checkpoint a single optimizer is stored as it always was, under ``"optimizer"``; several
+are stored under ``"optimizers"``, by name. Loading matches them by name (one against one needs
+no names) and refuses any other mismatch before anything is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["DEFAULT_NAME", "from_checkpoint", "named_optimizers", "to_checkpoint"]
+
+#: The name of an optimizer given alone (``Learner(model, opt, ...)``).
+DEFAULT_NAME = "main"
+
+
+def named_optimizers(
+    optimizer: torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer],
+) -> dict[str, torch.optim.Optimizer]:
+    """The learner's optimizers by name, checked: what ``state.optimizers`` holds.
+
+    Raises:
+        TypeError: not an optimizer nor a mapping of names to optimizers.
+        ValueError: an empty mapping, a name that is not an identifier, one optimizer twice.
+    """
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return {DEFAULT_NAME: optimizer}
+    if not isinstance(optimizer, Mapping):
+        raise TypeError(
+            "optimizer must be a torch.optim.Optimizer or a mapping of names to optimizers, "
+            f"got {type(optimizer).__name__}"
+        )
+    if not optimizer:
+        raise ValueError("optimizer: the mapping of optimizers is empty")
+    out: dict[str, torch.optim.Optimizer] = {}
+    seen: dict[int, str] = {}
+    for name, opt in optimizer.items():
+        # Names make stage and hook names (Update(optimizer="d") is the stage 'update_d').
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"optimizer names must be identifiers, got {name!r}")
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer {name!r} must be a torch.optim.Optimizer, got {type(opt).__name__}"
+            )
+        if id(opt) in seen:
+            raise ValueError(f"optimizers {seen[id(opt)]!r} and {name!r} are the same object")
+        seen[id(opt)] = name
+        out[name] = opt
+    return out
+
+
+def to_checkpoint(optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, Any]:
+    """The optimizers' entry of ``state_dict()``: ``{"optimizer": ...}`` for one (the format
+    checkpoints always had), ``{"optimizers": {name: ...}}`` for several."""
+    if len(optimizers) == 1:
+        (only,) = optimizers.values()
+        return {"optimizer": only.state_dict()}
+    return {"optimizers": {name: opt.state_dict() for name, opt in optimizers.items()}}
+
+
+def from_checkpoint(
+    optimizers: Mapping[str, torch.optim.Optimizer], checkpoint: Mapping[str, Any]
+) -> list[tuple[torch.optim.Optimizer, Any]]:
+    """Each optimizer with the state the checkpoint holds for it, checked before anything loads.
+
+    Raises:
+        ValueError: the checkpoint holds other optimizers (by number or by name).
+    """
+    mine = list(optimizers)
+    if "optimizers" in checkpoint:
+        stored = checkpoint["optimizers"]
+        if not isinstance(stored, Mapping):
+            raise ValueError("the checkpoint's 'optimizers' entry is not a mapping")
+        theirs = list(stored)
+        if len(mine) == 1 and len(theirs) == 1:
+            return [(optimizers[mine[0]], stored[theirs[0]])]
+        if set(theirs) != set(mine):
+            raise ValueError(
+                f"the checkpoint holds optimizers {sorted(theirs)}, this learner has "
+                f"{sorted(mine)}; nothing was loaded"
+            )
+        return [(optimizers[name], stored[name]) for name in mine]
+    if "optimizer" in checkpoint:
+        if len(mine) != 1:
+            raise ValueError(
+                f"the checkpoint holds one optimizer, this learner has {len(mine)} "
+                f"({sorted(mine)}); nothing was loaded"
+            )
+        return [(optimizers[mine[0]], checkpoint["optimizer"])]
+    raise ValueError("the checkpoint holds no optimizer state; nothing was loaded")
