@@ -64,13 +64,22 @@ class OptimizerCallback(Callback):
         base = type(self).__name__
         return base if self.optimizer is None else f"{base}[{self.optimizer}]"
 
+    def per_step(self) -> bool:
+        """Whether it acts on every optimizer step (its update hooks are wanted)."""
+        return True
+
     def hooks(self) -> Iterator[tuple[str, HookMethod]]:
         """The hooks, with ``before_update``/``after_update`` on the stage that steps the
-        optimizer (``update_<name>`` for a named one)."""
+        optimizer (``update_<name>`` for a named one), and none there when it acts per epoch
+        (so it needs no update stage, and costs the batch nothing)."""
         optimizer = self.optimizer
+        per_step = self.per_step()
         for hook, method in super().hooks():
-            if optimizer is not None and hook in _UPDATE_HOOKS:
-                hook = f"{hook}_{optimizer}"
+            if hook in _UPDATE_HOOKS:
+                if not per_step:
+                    continue
+                if optimizer is not None:
+                    hook = f"{hook}_{optimizer}"
             yield hook, method
 
     def _optimizer(self, state: StateView) -> torch.optim.Optimizer:

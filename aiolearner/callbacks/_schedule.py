@@ -137,6 +137,10 @@ class LRSchedule(OptimizerCallback):
                 group.update(values)
         return self.scheduler
 
+    def per_step(self) -> bool:
+        """Whether it steps per optimizer step (``interval="step"``)."""
+        return self.interval == "step"
+
     def _count(self, *args: object, **kwargs: object) -> None:
         self._optimizer_steps += 1
 
@@ -352,6 +356,10 @@ class ParamSchedule(OptimizerCallback):
         self.interval = interval
         #: Updates (or epochs) done so far.
         self.count = 0
+
+    def per_step(self) -> bool:
+        """Whether it sets the value per optimizer step (``interval="step"``)."""
+        return self.interval == "step"
 
     def _apply(self, optimizer: torch.optim.Optimizer) -> None:
         value = self.fn(self.count)
