@@ -23,7 +23,9 @@ class Callback:
     Class (or instance) attributes:
         reads: names of state fields the callback reads.
         writes: names of state fields the callback writes (and may read). Counters (``epoch``,
-            ``step``, ``batch_index``) are written by stages only.
+            ``step``, ``batch_index``) are written by stages only. A name may also be one key
+            of a dict field, ``"metrics.best_val_loss"``: the callback then touches that key
+            only, and callbacks writing different keys need no order between them.
         after: callback types this callback must run after, on every hook they share.
 
     Hooks are methods named ``before_<stage>`` / ``after_<stage>`` for any stage of the learner's

@@ -366,8 +366,18 @@ async def test_accumulation_gates_the_update_of_the_optimizer_it_names() -> None
         assert torch.allclose(a, b, atol=1e-6)
 
 
-async def test_mixed_precision_steps_each_optimizer_through_one_scaler() -> None:
-    amp = MixedPrecision("bf16", scaler=True)  # a scaler on CPU: exercised, scale stays finite
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ),
+    ],
+)
+async def test_mixed_precision_steps_each_optimizer_through_one_scaler(device: str) -> None:
+    amp = MixedPrecision("fp16")  # with a GradScaler (on CPU too)
     stages = {
         "fit_batch": FitBatch(
             Gradient(), amp.update_stage("a", commit=False), amp.update_stage("b")
@@ -375,7 +385,8 @@ async def test_mixed_precision_steps_each_optimizer_through_one_scaler() -> None
         "gradient": amp.stages()["gradient"],
     }
     clip = GradientClipping(10.0, optimizer="a")
-    learner = two_optimizers(callbacks=(amp, clip), stages=stages)
+    clip_b = GradientClipping(10.0, optimizer="b")  # each unscales its own optimizer's grads
+    learner = two_optimizers(callbacks=(amp, clip, clip_b), stages=stages, device=device)
     assert [s.name for s in learner.stage("fit_batch").children] == [
         "gradient",
         "update_a",
@@ -386,5 +397,6 @@ async def test_mixed_precision_steps_each_optimizer_through_one_scaler() -> None
     scaler = amp.scaler
     assert scaler is not None
     assert amp.state_dict()["scaler"]["scale"] == scaler.get_scale()
+    assert all(torch.isfinite(p).all() for p in learner.model.parameters())
     assert clip.last_norm is not None
     assert torch.isfinite(clip.last_norm)
