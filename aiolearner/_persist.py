@@ -20,6 +20,7 @@ import torch
 from ._callbacks import Callback
 from ._hparams import check_hparams
 from ._rng import capture_rng, restore_rng, rng_from_portable, rng_to_portable
+from ._validation import pending_in
 from ._weights import match_state_dict, plain_state_dict
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ def state_dict(learner: Learner[Any]) -> dict[str, Any]:
             "step": state.step,
             "batch_index": state.batch_index,
             "pass_done": rt.pass_done,
+            "val_done": rt.val_done,
             "train_losses": [x.detach().float().cpu().reshape(()) for x in rt.train_losses],
             "stream": _stream_to_portable(learner._train.stream_state()),
         },
@@ -55,6 +57,8 @@ def state_dict(learner: Learner[Any]) -> dict[str, Any]:
         "epoch_rng": None if rt.epoch_rng is None else rng_to_portable(rt.epoch_rng),
         "callbacks": callbacks,
         "hparams": check_hparams(learner.hparams),
+        # Concurrent validation: the epochs' tails still to run, with their snapshots.
+        "validation": None if rt.validator is None else rt.validator.state_dict(),
     }
 
 
@@ -66,6 +70,12 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
     _check_model(learner.model, weights)
     state = learner._state
     rt = learner._rt
+    validator = rt.validator
+    if pending_in(checkpoint) and (validator is None or not validator.concurrent):
+        raise ValueError(
+            "the checkpoint was taken while concurrent validations were in flight; continue it"
+            " with a learner built with validate='concurrent'; nothing was loaded"
+        )
     # What a failure half way must put back (the optimizer state is copied: load_state_dict
     # replaces it, but the tensors of the old one may be shared with nobody else).
     saved: dict[str, Any] = {
@@ -73,7 +83,8 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         "optimizer": copy.deepcopy(learner.optimizer.state_dict()),
         "counters": (state.epoch, state.step, state.batch_index),
         "metrics": state.metrics,
-        "progress": (rt.pass_done, rt.train_losses, rt.epoch_rng),
+        "progress": (rt.pass_done, rt.val_done, rt.train_losses, rt.epoch_rng),
+        "validator": None if validator is None else validator.export(),
         "rng": capture_rng(),
         "callbacks": [(cb, dict(cb.state_dict())) for cb in learner._callbacks],
     }
@@ -88,6 +99,7 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         state.step = int(progress["step"])
         state.batch_index = int(progress["batch_index"])
         rt.pass_done = bool(progress["pass_done"])
+        rt.val_done = bool(progress.get("val_done", False))
         rt.train_losses = [x.to(learner.device) for x in progress["train_losses"]]
         state.metrics = dict(checkpoint.get("metrics", {}))
         restore_rng(rng)
@@ -97,12 +109,16 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
             if key in stored:
                 cb.load_state_dict(stored[key])
         stream = _stream_from_portable(progress.get("stream"))
+        if validator is not None:
+            validator.load_state_dict(checkpoint.get("validation"), state)
     except BaseException:
         learner.model.load_state_dict(saved["model"])
         learner.optimizer.load_state_dict(saved["optimizer"])
         state.epoch, state.step, state.batch_index = saved["counters"]
         state.metrics = saved["metrics"]
-        rt.pass_done, rt.train_losses, rt.epoch_rng = saved["progress"]
+        rt.pass_done, rt.val_done, rt.train_losses, rt.epoch_rng = saved["progress"]
+        if validator is not None:
+            validator.restore(saved["validator"])
         restore_rng(saved["rng"])
         for cb, cb_state in saved["callbacks"]:
             cb.load_state_dict(cb_state)

@@ -35,7 +35,15 @@ FIELD_LIFETIMES: dict[str, str] = {
     "step": "it is always valid (written by stages only)",
     "batch_index": "it is always valid (written by stages only)",
     "metrics": "it is always valid",
-    "phase": "it is valid while the learner runs fit, validate or predict",
+    "phase": (
+        "it is valid while the learner runs fit, validate, test or predict ('fit', 'validate',"
+        " 'test', 'predict')"
+    ),
+    "validation_set": (
+        "it is set by Validate while it goes over a validation set (the set's name in a val_data"
+        " mapping, None for a single val_data), so it is valid in the batches of a validation"
+        " pass only"
+    ),
     "batch": (
         "it is set by FitBatch (ValidateBatch) for the current batch and cleared when that batch "
         "ends, so it is not valid outside a batch"
@@ -61,7 +69,7 @@ FIELD_LIFETIMES: dict[str, str] = {
 }
 
 #: Fields only stages may write.
-STAGE_OWNED = frozenset({"epoch", "step", "batch_index", "phase", "outcome"})
+STAGE_OWNED = frozenset({"epoch", "step", "batch_index", "phase", "outcome", "validation_set"})
 
 
 class State:
@@ -93,6 +101,7 @@ class State:
     loss: torch.Tensor
     validation: dict[str, Any]
     validation_tag: tuple[int, int]
+    validation_set: str | None
     outcome: str
     stop_reason: str
 
