@@ -20,7 +20,7 @@ import torch
 from ._callbacks import Callback
 from ._hparams import check_hparams
 from ._rng import capture_rng, restore_rng, rng_from_portable, rng_to_portable
-from ._validation import pending_in
+from ._validation import pending_in, progress_from_portable, progress_to_portable
 from ._weights import match_state_dict, plain_state_dict
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ def state_dict(learner: Learner[Any]) -> dict[str, Any]:
             "batch_index": state.batch_index,
             "pass_done": rt.pass_done,
             "val_done": rt.val_done,
+            "hooks": progress_to_portable(rt.hook_progress),
             "train_losses": [x.detach().float().cpu().reshape(()) for x in rt.train_losses],
             "stream": _stream_to_portable(learner._train.stream_state()),
         },
@@ -84,6 +85,7 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         "counters": (state.epoch, state.step, state.batch_index),
         "metrics": state.metrics,
         "progress": (rt.pass_done, rt.val_done, rt.train_losses, rt.epoch_rng),
+        "hooks": dict(rt.hook_progress),
         "validator": None if validator is None else validator.export(),
         "rng": capture_rng(),
         "callbacks": [(cb, dict(cb.state_dict())) for cb in learner._callbacks],
@@ -100,6 +102,9 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         state.batch_index = int(progress["batch_index"])
         rt.pass_done = bool(progress["pass_done"])
         rt.val_done = bool(progress.get("val_done", False))
+        hooks = progress_from_portable(progress.get("hooks"))
+        rt.hook_progress.clear()
+        rt.hook_progress.update(hooks)
         rt.train_losses = [x.to(learner.device) for x in progress["train_losses"]]
         state.metrics = dict(checkpoint.get("metrics", {}))
         restore_rng(rng)
@@ -117,6 +122,8 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         state.epoch, state.step, state.batch_index = saved["counters"]
         state.metrics = saved["metrics"]
         rt.pass_done, rt.val_done, rt.train_losses, rt.epoch_rng = saved["progress"]
+        rt.hook_progress.clear()
+        rt.hook_progress.update(saved["hooks"])
         if validator is not None:
             validator.restore(saved["validator"])
         restore_rng(saved["rng"])

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from ._exceptions import ControlFlow
     from ._executor import Executor
+    from ._plan import HookProgress
     from ._stage import Stage
     from ._trace import Trace
     from ._validation import Validator
@@ -133,6 +134,9 @@ class Runtime:
         #: The current epoch's validation (sequential, per epoch) has finished, ``after_validate``
         #: included: a resumed run goes on with ``after_epoch``, not with a second validation.
         self.val_done = False
+        #: Which callbacks finished the tracked hooks of the current epoch's tail (see
+        #: ``HookPlan.run``); one dict for the learner's life (the plans point at it).
+        self.hook_progress: HookProgress = {}
         self.train_losses: list[torch.Tensor] = []
         self.epoch_rng: dict[str, Any] | None = None
         #: The fields stages declared, by lifetime (see Stage.fields), set when the learner is

@@ -84,7 +84,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from ._learner import Learner
-    from ._plan import HookPlan
+    from ._plan import HookPlan, HookProgress
     from ._runtime import Runtime
     from ._stage import Stage
 
@@ -164,6 +164,20 @@ def bind_states(learner: Learner[Any]) -> None:
                 overrides[id(child)] = branch
     if overrides:
         rebind(learner, overrides)
+    # The hooks of an epoch's tail remember which callbacks finished them (see HookPlan.run):
+    # on the training state in the run's progress, on a concurrent tail in its item.
+    epoch = learner._stages.get("epoch")
+    tracked: list[Stage | None] = [
+        epoch,
+        getattr(epoch, "fit", None),
+        getattr(epoch, "validate", None),
+    ]
+    for tail in tracked:
+        if tail is None or tail._after is None:
+            continue
+        concurrent = validator is not None and validator.concurrent
+        on_snapshot_state = concurrent and validator is not None and tail is validator.stage
+        tail._after.progress = None if on_snapshot_state else rt.hook_progress
 
 
 class _Preopened:
@@ -346,7 +360,7 @@ class _Item:
     the phase it was in.
     """
 
-    __slots__ = ("data", "epoch_fields", "fields", "rng", "slot", "validate")
+    __slots__ = ("data", "epoch_fields", "fields", "hooks", "rng", "slot", "validate")
 
     def __init__(
         self,
@@ -363,6 +377,8 @@ class _Item:
         self.epoch_fields = epoch_fields
         self.rng = rng
         self.data: dict[str | None, Any] | None = None
+        #: Which callbacks finished the item's tracked hooks (see HookPlan.run).
+        self.hooks: HookProgress = {}
 
     @property
     def tag(self) -> tuple[int, int]:
@@ -859,6 +875,9 @@ class Validator:
         before = self._fill(item.fields, slot.model, main)
         d = self.state.__dict__
         previous = d.get("validation")
+        after = stage._after
+        if after is not None:
+            after.progress = item.hooks
         rt = self._rt
         assert rt is not None
         policy = rt.policy
@@ -879,6 +898,8 @@ class Validator:
                 done = d.get("validation") is not previous
                 raise
         finally:
+            if after is not None:
+                after.progress = None
             policy.unshare()
             on_snapshot.reset(tokens[2])
             validation_sources.reset(tokens[1])
@@ -915,11 +936,16 @@ class Validator:
         lock = rt.weights_lock if shadow is None else None
         if lock is not None:
             await lock.acquire_read()
+        plan = self._epoch_after
         try:
             before = self._fill(fields, shadow if shadow is not None else main.model, main)
+            if plan is not None:
+                plan.progress = item.hooks
             try:
-                await epoch.finish(self.state, self._epoch_after)
+                await epoch.finish(self.state, plan)
             finally:
+                if plan is not None:
+                    plan.progress = None
                 metrics = self.state.__dict__["metrics"]
                 self._empty()
             self._land(before, metrics, main)
@@ -979,6 +1005,7 @@ class Validator:
                     if slot is None or slot.model is None
                     else plain_state_dict(slot.model.state_dict()),
                     "rng": None if item.rng is None else rng_to_portable(item.rng),
+                    "hooks": progress_to_portable(item.hooks),
                 }
             )
         latest = self.latest
@@ -1092,6 +1119,24 @@ def _record_from_portable(saved: Mapping[str, Any], base: Mapping[str, Any]) -> 
     fields["batch_index"] = int(saved.get("batch_index", 0))
     fields["metrics"] = dict(saved["metrics"])
     return fields
+
+
+def progress_to_portable(progress: HookProgress) -> dict[str, Any]:
+    """Hook progress (see HookPlan.run) in a form ``torch.load(weights_only=True)`` reads."""
+    return {hook: {"at": list(at), "done": sorted(done)} for hook, (at, done) in progress.items()}
+
+
+def progress_from_portable(saved: Any) -> HookProgress:
+    """Undo :func:`progress_to_portable`."""
+    if not isinstance(saved, Mapping):
+        return {}
+    return {
+        str(hook): (
+            (entry["at"][0], entry["at"][1], entry["at"][2]),
+            {int(i) for i in entry["done"]},
+        )
+        for hook, entry in saved.items()
+    }
 
 
 def pending_in(checkpoint: Mapping[str, Any]) -> int:
