@@ -672,6 +672,12 @@ class Learner(Generic[TBatch]):
         callback states. Take it under ``weights_lock.read()`` while training runs."""
         return _persist.state_dict(self)
 
+    def _state_dict_of(self, state: State) -> dict[str, Any]:
+        """:meth:`state_dict` as seen from ``state``: a concurrent tail's state is a snapshot."""
+        if state is self._state:
+            return _persist.state_dict(self)
+        return _persist.state_dict(self, snapshot=state)
+
     def load_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (when idle).
 

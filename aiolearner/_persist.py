@@ -25,25 +25,43 @@ from ._weights import match_state_dict, plain_state_dict
 
 if TYPE_CHECKING:
     from ._learner import Learner
+    from ._state import State
 
 __all__ = ["find_checkpoint", "load_state_dict", "read_checkpoint", "state_dict"]
 
 FORMAT = 1
 
 
-def state_dict(learner: Learner[Any]) -> dict[str, Any]:
-    """See :meth:`Learner.state_dict`."""
+def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str, Any]:
+    """See :meth:`Learner.state_dict`.
+
+    ``snapshot``: the state a concurrent validation's tail runs on. The result then holds the
+    snapshot's weights, its epoch counted as complete and its metrics: the validated weights,
+    as a run that stops there would continue from them; the optimizer, random and callback
+    states are the live ones (nothing else was copied with the snapshot).
+    """
     state = learner._state
     rt = learner._rt
     callbacks: dict[str, Any] = {}
     for key, cb in callback_keys(learner._callbacks):
         callbacks[key] = dict(cb.state_dict())
-    return {
-        "format": FORMAT,
-        # Keys as the uncompiled model has them: the file loads into either form.
-        "model": plain_state_dict(learner.model.state_dict()),
-        "optimizer": learner.optimizer.state_dict(),
-        "progress": {
+    if snapshot is not None:
+        model = snapshot.model
+        progress: dict[str, Any] = {
+            "epoch": snapshot.epoch + 1,
+            "step": snapshot.step,
+            "batch_index": 0,
+            "pass_done": False,
+            "val_done": False,
+            "hooks": {},
+            "train_losses": [],
+            "stream": None,
+        }
+        metrics = snapshot.metrics
+        validation = None
+    else:
+        model = learner.model
+        progress = {
             "epoch": state.epoch,
             "step": state.step,
             "batch_index": state.batch_index,
@@ -52,14 +70,24 @@ def state_dict(learner: Learner[Any]) -> dict[str, Any]:
             "hooks": progress_to_portable(rt.hook_progress),
             "train_losses": [x.detach().float().cpu().reshape(()) for x in rt.train_losses],
             "stream": _stream_to_portable(learner._train.stream_state()),
-        },
-        "metrics": {k: v for k, v in state.metrics.items() if _portable(v)},
+        }
+        metrics = state.metrics
+        # Concurrent validation: the epochs' tails still to run, with their snapshots.
+        validation = None if rt.validator is None else rt.validator.state_dict()
+    return {
+        "format": FORMAT,
+        # Keys as the uncompiled model has them: the file loads into either form.
+        "model": plain_state_dict(model.state_dict()),
+        "optimizer": learner.optimizer.state_dict(),
+        "progress": progress,
+        "metrics": {k: v for k, v in metrics.items() if _portable(v)},
         "rng": rng_to_portable(capture_rng()),
-        "epoch_rng": None if rt.epoch_rng is None else rng_to_portable(rt.epoch_rng),
+        "epoch_rng": None
+        if rt.epoch_rng is None or snapshot is not None
+        else rng_to_portable(rt.epoch_rng),
         "callbacks": callbacks,
         "hparams": check_hparams(learner.hparams),
-        # Concurrent validation: the epochs' tails still to run, with their snapshots.
-        "validation": None if rt.validator is None else rt.validator.state_dict(),
+        "validation": validation,
     }
 
 

@@ -375,9 +375,10 @@ class StateView:
         Its tensors are the live ones (no copies): take it and copy what you keep under
         ``weights_lock.read()``, or from a ``def`` hook of the training batch, which runs while
         the batch holds the weights. Checkpointing callbacks need it; they could not reach the
-        learner otherwise.
+        learner otherwise. In a hook of a concurrent validation's tail, the weights, counters
+        and metrics are the snapshot's (see docs/concurrent-validation.md).
         """
-        snapshot: dict[str, Any] = self._learner.state_dict()
+        snapshot: dict[str, Any] = self._learner._state_dict_of(self._state)
         return snapshot
 
     def start_soon(self, fn: Callable[..., Any], *args: object, name: str | None = None) -> None:
