@@ -20,7 +20,8 @@ import torch
 from ._callbacks import Callback
 from ._hparams import check_hparams
 from ._rng import capture_rng, restore_rng, rng_from_portable, rng_to_portable
-from ._validation import pending_in, progress_from_portable, progress_to_portable
+from ._snapshot import portable_dict, progress_from_portable, progress_to_portable
+from ._validation import pending_in
 from ._weights import match_state_dict, plain_state_dict
 
 if TYPE_CHECKING:
@@ -53,7 +54,9 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
             "batch_index": 0,
             "pass_done": False,
             "val_done": False,
+            "val_after": False,
             "hooks": {},
+            "validation": None,
             "train_losses": [],
             "stream": None,
         }
@@ -67,7 +70,10 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
             "batch_index": state.batch_index,
             "pass_done": rt.pass_done,
             "val_done": rt.val_done,
+            "val_after": rt.val_after,
             "hooks": progress_to_portable(rt.hook_progress),
+            # Read again when the run resumes in an interrupted after_validate.
+            "validation": _validation_to_portable(state),
             "train_losses": [x.detach().float().cpu().reshape(()) for x in rt.train_losses],
             "stream": _stream_to_portable(learner._train.stream_state()),
         }
@@ -112,7 +118,10 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         "optimizer": copy.deepcopy(learner.optimizer.state_dict()),
         "counters": (state.epoch, state.step, state.batch_index),
         "metrics": state.metrics,
-        "progress": (rt.pass_done, rt.val_done, rt.train_losses, rt.epoch_rng),
+        "progress": (rt.pass_done, rt.val_done, rt.val_after, rt.train_losses, rt.epoch_rng),
+        "validation": {
+            k: state.__dict__[k] for k in ("validation", "validation_tag") if k in state.__dict__
+        },
         "hooks": dict(rt.hook_progress),
         "validator": None if validator is None else validator.export(),
         "rng": capture_rng(),
@@ -130,6 +139,11 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         state.batch_index = int(progress["batch_index"])
         rt.pass_done = bool(progress["pass_done"])
         rt.val_done = bool(progress.get("val_done", False))
+        rt.val_after = bool(progress.get("val_after", False))
+        validation = progress.get("validation")
+        if validation is not None:
+            state.validation = dict(validation["results"])
+            state.validation_tag = (int(validation["tag"][0]), int(validation["tag"][1]))
         hooks = progress_from_portable(progress.get("hooks"))
         rt.hook_progress.clear()
         rt.hook_progress.update(hooks)
@@ -149,7 +163,9 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         learner.optimizer.load_state_dict(saved["optimizer"])
         state.epoch, state.step, state.batch_index = saved["counters"]
         state.metrics = saved["metrics"]
-        rt.pass_done, rt.val_done, rt.train_losses, rt.epoch_rng = saved["progress"]
+        rt.pass_done, rt.val_done, rt.val_after, rt.train_losses, rt.epoch_rng = saved["progress"]
+        state.invalidate("validation", "validation_tag")
+        state.__dict__.update(saved["validation"])
         rt.hook_progress.clear()
         rt.hook_progress.update(saved["hooks"])
         if validator is not None:
@@ -225,6 +241,14 @@ def find_checkpoint(callbacks: Sequence[Callback], resume: str | os.PathLike[str
     if not path.is_file():
         raise FileNotFoundError(f"resume: no checkpoint file at {path}")
     return path
+
+
+def _validation_to_portable(state: State) -> dict[str, Any] | None:
+    d = state.__dict__
+    results, tag = d.get("validation"), d.get("validation_tag")
+    if results is None or tag is None:
+        return None
+    return {"results": portable_dict(results), "tag": [int(tag[0]), int(tag[1])]}
 
 
 def _stream_to_portable(stream: tuple[int, dict[str, Any] | None] | None) -> Any:

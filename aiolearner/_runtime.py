@@ -134,6 +134,9 @@ class Runtime:
         #: The current epoch's validation (sequential, per epoch) has finished, ``after_validate``
         #: included: a resumed run goes on with ``after_epoch``, not with a second validation.
         self.val_done = False
+        #: A validation's pass has finished and its ``after_validate`` was interrupted: the
+        #: resumed run runs that hook only, with the results in the state.
+        self.val_after = False
         #: Which callbacks finished the tracked hooks of the current epoch's tail (see
         #: ``HookPlan.run``); one dict for the learner's life (the plans point at it).
         self.hook_progress: HookProgress = {}

@@ -53,6 +53,7 @@ __all__ = [
     "ValidateLoss",
     "forward",
     "optimizer_step",
+    "validate_record",
 ]
 
 
@@ -341,6 +342,44 @@ class Validate(Stage):
             rt.publish("validation", self.name, state, dict(results))
 
 
+async def validate_record(validate: Stage, state: State) -> StopFit | None:
+    """Run a validation (the ``validate`` stage) on the training state, resumably.
+
+    If an earlier attempt's pass finished and its ``after_validate`` was interrupted (an error,
+    a cancellation), the pass is not run again: that hook runs alone, on the results the pass
+    left in the state, and the callbacks that had finished it are not called again (the hook is
+    tracked, see ``HookPlan.run``). Returns a StopFit raised by ``after_validate``: the
+    validation is over, the caller acts on it when its record is complete.
+    """
+    rt = validate._built()
+    d = state.__dict__
+    if rt.val_after:
+        after = validate._after
+        try:
+            if after is not None:
+                await after.run()
+        except StopFit as stop:
+            rt.val_after = False
+            return stop
+        except BaseException as exc:
+            if not owned(validate, state, exc):
+                raise
+        rt.val_after = False
+        return None
+    before = d.get("validation")
+    try:
+        await validate(state)
+    except StopFit as stop:
+        if d.get("validation") is not before:
+            return stop  # from after_validate: the pass had finished
+        raise
+    except BaseException:
+        if d.get("validation") is not before:
+            rt.val_after = True  # the pass finished; its after_validate did not
+        raise
+    return None
+
+
 class Epoch(Stage):
     """One epoch: the training pass, then its *tail*: validation and ``after_epoch``.
 
@@ -376,17 +415,12 @@ class Epoch(Stage):
             await self.fit(state)
             rt.pass_done = True
         if rt.has_val_data and rt.validator is None and not rt.val_done:
-            d = state.__dict__
-            before = d.get("validation")
-            try:
-                await self.validate(state)
-            except StopFit:
-                # From after_validate (the pass had set its results): the epoch's record is
-                # complete, so after_epoch still runs; the StopFit ends the run after it.
-                if d.get("validation") is not before:
-                    rt.val_done = True
-                raise
+            stop = await validate_record(self.validate, state)
             rt.val_done = True
+            if stop is not None:
+                # From after_validate: the epoch's record is complete, so after_epoch still
+                # runs (see __call__); the StopFit ends the run after it.
+                raise stop
 
     async def __call__(self, state: State) -> None:
         """Like :meth:`Stage.__call__`, with the epoch's tail: see the class docstring."""

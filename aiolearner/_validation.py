@@ -56,10 +56,8 @@ compute at once; on CUDA the pass runs on a stream of its own.
 
 from __future__ import annotations
 
-import copy
-import itertools
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -67,24 +65,19 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 import anyio
 import torch
 
-from ._data import BatchSource
-from ._device import DeviceMover
 from ._exceptions import StopFit
 from ._parallel import Parallel, rebind
 from ._plan import build_plan
-from ._rng import capture_rng, restore_rng, rng_from_portable, rng_to_portable
+from ._rng import capture_rng
 from ._runtime import compute_lane, on_snapshot, validation_sources
-from ._stage import epoch_words
-from ._stages import Epoch
+from ._snapshot import Lane, Sets, Slot, Tail, open_all, portable_dict, preopened
+from ._stage import epoch_words, owned
+from ._stages import Epoch, validate_record
 from ._state import State
-from ._weights import match_state_dict, plain_state_dict
-from ._worker import ComputeWorker
 
 if TYPE_CHECKING:
-    from anyio.abc import TaskGroup
-
     from ._learner import Learner
-    from ._plan import HookPlan, HookProgress
+    from ._plan import HookPlan
     from ._runtime import Runtime
     from ._stage import Stage
 
@@ -100,8 +93,6 @@ __all__ = [
 ValidateMode = Literal["sequential", "concurrent"]
 SnapshotPolicy = Literal["wait", "skip"]
 ValidateEvery: TypeAlias = Literal["epoch"] | int | timedelta
-
-Sets: TypeAlias = dict[str | None, BatchSource]
 
 
 def make_validator(
@@ -180,225 +171,6 @@ def bind_states(learner: Learner[Any]) -> None:
         tail._after.progress = None if on_snapshot_state else rt.hook_progress
 
 
-class _Preopened:
-    """Data whose iterator was created already (when the snapshot was taken)."""
-
-    def __init__(self, it: Iterator[Any]) -> None:
-        self._it = it
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._it
-
-
-class _PreopenedAsync:
-    def __init__(self, it: Any) -> None:
-        self._it = it
-
-    def __aiter__(self) -> Any:
-        return self._it
-
-
-def _open(source: BatchSource) -> Any:
-    """A pass's iterator over ``source``, its first batch fetched already when that is possible:
-    a shuffling sampler draws its order on the first fetch, not when the iterator is created,
-    and the draw must happen now, under the snapshot's random state, not during the pass."""
-    if source.is_async:
-        return aiter(source.data)
-    it = iter(source.data)
-    try:
-        first = next(it)
-    except StopIteration:
-        return iter(())
-    return itertools.chain([first], it)
-
-
-def _open_all(sets: Sets, rng: dict[str, Any]) -> dict[str | None, Any]:
-    """Each set's iterator, opened under ``rng``; the random state is put back afterwards."""
-    now = capture_rng()
-    restore_rng(rng)
-    try:
-        return {name: _open(source) for name, source in sets.items()}
-    finally:
-        restore_rng(now)
-
-
-def _on_stream(stream: Any, fn: Callable[..., Any], *args: Any) -> Any:
-    with torch.cuda.stream(stream):
-        return fn(*args)
-
-
-class _StreamMover(DeviceMover):
-    """Moves validation batches for the validation stream (CUDA only)."""
-
-    def __init__(self, device: torch.device, stream: Any) -> None:
-        super().__init__(device)
-        self.consumer = stream
-
-    def move_inline(self, batch: Any) -> Any:
-        with torch.cuda.stream(self.consumer):
-            return super().move_inline(batch)
-
-    def ready(self, batch: Any, event: Any) -> Any:
-        with torch.cuda.stream(self.consumer):
-            return super().ready(batch, event)
-
-
-class _Lane:
-    """The validator's own compute worker (and, on CUDA, its own stream), for one run.
-
-    A validation pass's hops go here instead of to the training's worker, so each side's
-    compute proceeds while the other's does; see ``Runtime._hop``.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.worker = ComputeWorker()
-        self.worker.open()
-        self.device = device
-        self.stream: Any = None
-        if device.type == "cuda":
-            self.stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-        self._movers: dict[int, DeviceMover] = {}
-
-    async def run(
-        self,
-        tg: TaskGroup,
-        fn: Callable[..., Any],
-        *args: Any,
-        on_cancel: Callable[[], object] | None = None,
-    ) -> Any:
-        if self.stream is None:
-            return await self.worker.run(tg, fn, *args, on_cancel=on_cancel)
-        return await self.worker.run(tg, _on_stream, self.stream, fn, *args, on_cancel=on_cancel)
-
-    def begin(self, copied_on: Any) -> None:
-        """A pass starts: its stream waits for the snapshot's copy."""
-        if self.stream is not None and copied_on is not None:
-            self.stream.wait_stream(copied_on)
-
-    def join(self) -> None:
-        """The current stream waits for the pass's work (before its results are read)."""
-        if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
-
-    def mover(self, base: DeviceMover) -> DeviceMover:
-        if self.stream is None:
-            return base
-        mover = self._movers.get(id(base))
-        if mover is None:
-            mover = self._movers[id(base)] = _StreamMover(base.device, self.stream)
-        return mover
-
-    def close(self) -> None:
-        self.worker.stop()
-
-
-class _Slot:
-    """A shadow model, allocated once and refreshed in place."""
-
-    def __init__(self) -> None:
-        self.model: torch.nn.Module | None = None
-        self._tensors: list[torch.Tensor] = []
-        self.stream: Any = None
-
-    def refresh(self, model: torch.nn.Module) -> None:
-        """Make the shadow model equal to ``model`` (call under the weights' read lock)."""
-        sources = [*model.parameters(), *model.buffers()]
-        shadow = self.model
-        if shadow is None or not _same_layout(self._tensors, sources):
-            self._allocate(model)
-            return
-        with torch.no_grad():
-            device = sources[0].device if sources else torch.device("cpu")
-            if device.type == "cuda":
-                # Copy on a side stream after the work already queued, and make the training
-                # stream wait for the copy before its next (weight-changing) kernels.
-                if self.stream is None:
-                    self.stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-                current = torch.cuda.current_stream(device)
-                self.stream.wait_stream(current)
-                with torch.cuda.stream(self.stream):
-                    torch._foreach_copy_(self._tensors, sources)
-                current.wait_stream(self.stream)
-            else:
-                for dst, src in zip(self._tensors, sources, strict=True):
-                    dst.copy_(src)
-
-    def load(self, model: torch.nn.Module, weights: Mapping[str, Any]) -> None:
-        """Make the shadow model hold ``weights`` (a snapshot read back from a checkpoint)."""
-        if self.model is None:
-            self._allocate(model)
-        assert self.model is not None
-        self.model.load_state_dict(match_state_dict(self.model, weights))
-
-    def _allocate(self, model: torch.nn.Module) -> None:
-        self.model = None
-        self._tensors = []
-        shadow = copy.deepcopy(model)
-        for p in shadow.parameters():
-            p.grad = None
-            p.requires_grad_(False)
-        shadow.eval()
-        self.model = shadow
-        self._tensors = [*shadow.parameters(), *shadow.buffers()]
-
-
-def _same_layout(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> bool:
-    if len(dsts) != len(srcs):
-        return False
-    for d, s in zip(dsts, srcs, strict=True):
-        if d.shape != s.shape or d.dtype != s.dtype or d.device != s.device:
-            return False
-    return True
-
-
-class _Item:
-    """Work of the worker: a validation of a snapshot, an ``after_epoch``, or both in order.
-
-    ``fields`` is the record the validation runs on and ``epoch_fields`` the one ``after_epoch``
-    runs on (the same dict when the snapshot is the epoch's end); ``validate`` and
-    ``epoch_fields`` are cleared as each phase completes, so an interrupted item resumes at
-    the phase it was in.
-    """
-
-    __slots__ = ("data", "epoch_fields", "fields", "hooks", "rng", "slot", "validate")
-
-    def __init__(
-        self,
-        slot: _Slot | None,
-        fields: dict[str, Any],
-        *,
-        validate: bool,
-        epoch_fields: dict[str, Any] | None,
-        rng: dict[str, Any] | None,
-    ) -> None:
-        self.slot = slot
-        self.fields = fields
-        self.validate = validate
-        self.epoch_fields = epoch_fields
-        self.rng = rng
-        self.data: dict[str | None, Any] | None = None
-        #: Which callbacks finished the item's tracked hooks (see HookPlan.run).
-        self.hooks: HookProgress = {}
-
-    @property
-    def tag(self) -> tuple[int, int]:
-        return int(self.fields["epoch"]), int(self.fields["step"])
-
-
-def _portable(value: object) -> bool:
-    return isinstance(value, int | float | str | bool) or (
-        isinstance(value, torch.Tensor) and value.numel() == 1
-    )
-
-
-def _portable_dict(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if isinstance(k, str) and _portable(v)}
-
-
-def _changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in after.items() if k not in before or before[k] is not v}
-
-
 class Validator:
     """Schedules validation and, in concurrent mode, runs the epochs' tails on snapshots.
 
@@ -437,12 +209,12 @@ class Validator:
         self._learner: Learner[Any] | None = None
         self._rt: Runtime | None = None
         self._epoch_after: HookPlan | None = None
-        self._slots: list[_Slot] = []
-        self._free: list[_Slot] = []
-        self._queue: deque[_Item] = deque()
+        self._slots: list[Slot] = []
+        self._free: list[Slot] = []
+        self._queue: deque[Tail] = deque()
         #: Items a run left unfinished (cancelled, failed): the next run does them first.
-        self._pending: list[_Item] = []
-        self._lane: _Lane | None = None
+        self._pending: list[Tail] = []
+        self._lane: Lane | None = None
         self._main: State | None = None
         self._open = False
         self._closing = False
@@ -536,8 +308,8 @@ class Validator:
         assert rt is not None
         sets = rt.val_sets if sets is None else sets
         # Outside a session only the tails of an interrupted run can hold the slots.
-        slot = self._acquire() or _Slot()
-        lane = self._lane = _Lane(rt.device)
+        slot = self._acquire() or Slot()
+        lane = self._lane = Lane(rt.device)
         self._main = state
         try:
             item = await self._take(slot, state, sets=sets, epoch_end=False)
@@ -561,7 +333,7 @@ class Validator:
         self._main = state
         self._open = True
         self._closing = False
-        self._lane = _Lane(rt.device)  # per run: its worker belongs to this event loop
+        self._lane = Lane(rt.device)  # per run: its worker belongs to this event loop
         self._changed = anyio.Event()
         self._last_time = anyio.current_time()
         try:
@@ -593,15 +365,10 @@ class Validator:
             return
         step = state.step
         if not self.concurrent:
-            d = state.__dict__
-            before = d.get("validation")
-            try:
-                await stage(state)
-            except StopFit:
-                if d.get("validation") is not before:
-                    self._accounted = step  # it stopped in after_validate: done
-                raise
+            stop = await validate_record(stage, state)
             self._accounted = step
+            if stop is not None:
+                raise stop
         elif self._open:
             await self._submit(state, epoch_end=False)
             self._accounted = step
@@ -635,20 +402,20 @@ class Validator:
         assert self._changed is not None
         await self._changed.wait()
 
-    def _acquire(self) -> _Slot | None:
+    def _acquire(self) -> Slot | None:
         if self._free:
             return self._free.pop()
         if len(self._slots) < self.max_snapshots:
-            slot = _Slot()
+            slot = Slot()
             self._slots.append(slot)
             return slot
         return None
 
-    def _release(self, slot: _Slot | None) -> None:
+    def _release(self, slot: Slot | None) -> None:
         if slot is not None and slot in self._slots and slot not in self._free:
             self._free.append(slot)
 
-    async def _submit(self, state: State, *, epoch_end: bool) -> _Item | None:
+    async def _submit(self, state: State, *, epoch_end: bool) -> Tail | None:
         """Take a snapshot and queue its tail; ``None`` if it was skipped (``"skip"``, or a stop
         request arrived while training waited for a slot)."""
         slot = self._acquire()
@@ -685,19 +452,19 @@ class Validator:
         self._notify()
         return item
 
-    async def _take(self, slot: _Slot, state: State, *, sets: Sets, epoch_end: bool) -> _Item:
+    async def _take(self, slot: Slot, state: State, *, sets: Sets, epoch_end: bool) -> Tail:
         rt = self._rt
         assert rt is not None
         async with rt.weights_lock.read():
             slot.refresh(state.model)
         fields = self._record(state)
         rng = capture_rng()
-        item = _Item(
+        item = Tail(
             slot, fields, validate=True, epoch_fields=fields if epoch_end else None, rng=rng
         )
         # Opened here, where the sequential pass would open them: the same random draws, and
         # training's random streams are left as they were.
-        item.data = _open_all(sets, rng)
+        item.data = open_all(sets, rng)
         return item
 
     def _record(self, state: State) -> dict[str, Any]:
@@ -724,7 +491,7 @@ class Validator:
             # epoch): after_epoch sees it.
             last.epoch_fields = fields
         else:
-            self._queue.append(_Item(None, fields, validate=False, epoch_fields=fields, rng=None))
+            self._queue.append(Tail(None, fields, validate=False, epoch_fields=fields, rng=None))
         self._start_worker()
         self._notify()
         return True
@@ -736,7 +503,7 @@ class Validator:
         assert rt is not None
         for item in self._pending:
             if item.validate and item.data is None and item.rng is not None:
-                item.data = _open_all(rt.val_sets, item.rng)
+                item.data = open_all(rt.val_sets, item.rng)
         self._queue.extendleft(reversed(self._pending))
         self._pending = []
         self._start_worker()
@@ -794,7 +561,7 @@ class Validator:
             done.set()
             self._notify()
 
-    async def _run(self, item: _Item) -> None:
+    async def _run(self, item: Tail) -> None:
         """The item's phases: its validation, then its ``after_epoch``."""
         main = self._main
         stage = self.stage
@@ -818,15 +585,12 @@ class Validator:
         if stop is not None:
             raise stop
 
-    def _fill(self, fields: dict[str, Any], model: torch.nn.Module, main: State) -> dict[str, Any]:
-        """Put a record into the worker's state, with what tails landed since it was taken."""
+    def _fill(self, fields: dict[str, Any], model: torch.nn.Module, main: State) -> None:
+        """Put a record into the worker's state."""
         v = self.state
         d = v.__dict__
         d.update(fields)
         d["model"] = model
-        metrics = fields["metrics"]
-        metrics.update(self.overlay)
-        d["metrics"] = metrics
         if self.latest is not None:
             d["validation"], d["validation_tag"] = self.latest
         md = main.__dict__
@@ -835,6 +599,11 @@ class Validator:
         object.__setattr__(v, "_publish", md.get("_publish"))
         object.__setattr__(v, "_lifetimes", md.get("_lifetimes"))
         v.__class__ = type(main)
+
+    def _overlay(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Bring a record's metrics up to what tails landed since it was taken (once per
+        record); returns them as they are before the phase writes anything."""
+        metrics.update(self.overlay)
         return dict(metrics)
 
     def _empty(self) -> None:
@@ -845,57 +614,54 @@ class Validator:
             del d[name]
 
     def _land(self, before: dict[str, Any], metrics: dict[str, Any], main: State) -> None:
-        changed = _changes(before, metrics)
+        changed = {k: v for k, v in metrics.items() if k not in before or _written(before[k], v)}
         self.overlay.update(changed)
         main.metrics.update(changed)
 
-    async def _validate(self, item: _Item, stage: Stage, main: State, *, sets: Sets) -> None:
+    async def _validate(self, item: Tail, stage: Stage, main: State, *, sets: Sets) -> None:
         """The validation phase of ``item``: ``item.validate`` is cleared once the pass and its
         ``after_validate`` are done (also when ``after_validate`` raised a StopFit)."""
         slot = item.slot
+        lane = self._lane
+        rt = self._rt
         assert slot is not None
         assert slot.model is not None
-        lane = self._lane
         assert lane is not None
-        data = item.data
-        assert data is not None
-        item.data = None
-        sources: Sets = {}
-        for name, source in sets.items():
-            it = data[name]
-            sources[name] = opened = BatchSource(
-                _PreopenedAsync(it) if source.is_async else _Preopened(it),
-                name=source.name,
-                mover=lane.mover(source.mover),
-                prefetch=source.prefetch,
-                fetch=source.fetch,
-                fetch_budget=source.fetch_budget,
-            )
-            opened.slow = source.slow
-        before = self._fill(item.fields, slot.model, main)
-        d = self.state.__dict__
+        assert rt is not None
+        v = self.state
+        d = v.__dict__
+        self._fill(item.fields, slot.model, main)
+        if item.before is None:
+            item.before = self._overlay(item.fields["metrics"])
+        after_only = item.results is not None
+        if item.results is not None:
+            # The pass had finished and its after_validate was interrupted: that hook only.
+            d["validation"], d["validation_tag"] = item.results
+            sources = None
+        else:
+            data = item.data
+            assert data is not None
+            item.data = None
+            sources = preopened(sets, data, lane.mover)
         previous = d.get("validation")
         after = stage._after
         if after is not None:
             after.progress = item.hooks
-        rt = self._rt
-        assert rt is not None
         policy = rt.policy
         lane.begin(slot.stream)
-        tokens = (
-            compute_lane.set(lane),
-            validation_sources.set(sources),
-            on_snapshot.set(True),
-        )
+        tokens = (compute_lane.set(lane), validation_sources.set(sources), on_snapshot.set(True))
         policy.share()
         done = False
         try:
             try:
-                await stage(self.state)
+                if after_only:
+                    await _after_hook(stage, v)
+                else:
+                    await stage(v)
                 done = True
             except StopFit:
                 # From after_validate (the pass had set its results): the phase is over.
-                done = d.get("validation") is not previous
+                done = after_only or d.get("validation") is not previous
                 raise
         finally:
             if after is not None:
@@ -904,24 +670,26 @@ class Validator:
             on_snapshot.reset(tokens[2])
             validation_sources.reset(tokens[1])
             compute_lane.reset(tokens[0])
-            for name, source in sets.items():
-                source.slow = source.slow or sources[name].slow
+            if sources is not None:
+                for name, source in sets.items():
+                    source.slow = source.slow or sources[name].slow
             results = d.get("validation")
             tag = d.get("validation_tag")
-            fresh = results is not previous
+            if not after_only and results is not None and results is not previous and tag:
+                item.results = (results, tag)  # the pass finished (whatever comes next)
             metrics = d["metrics"]
             self._empty()
             if done:
-                # A pass that did not run to its end (an error, a cancellation) lands nothing;
-                # a StopEpoch from before_validate lands no results (there are none).
-                self._land(before, metrics, main)
-                if fresh and results is not None and tag is not None:
-                    self.latest = (results, tag)
-                    main.validation = results
-                    main.validation_tag = tag
+                # A StopEpoch from before_validate finishes the phase without results.
+                self._land(item.before, metrics, main)
+                if item.results is not None:
+                    self.latest = item.results
+                    main.validation, main.validation_tag = item.results
                 item.validate = False
+                item.results = None
+                item.before = None
 
-    async def _epoch_end(self, item: _Item, main: State) -> None:
+    async def _epoch_end(self, item: Tail, main: State) -> None:
         """The ``after_epoch`` phase of ``item`` (and the epoch's ``metrics`` event)."""
         fields = item.epoch_fields
         epoch = self.epoch_stage
@@ -938,7 +706,13 @@ class Validator:
             await lock.acquire_read()
         plan = self._epoch_after
         try:
-            before = self._fill(fields, shadow if shadow is not None else main.model, main)
+            self._fill(fields, shadow if shadow is not None else main.model, main)
+            if item.epoch_before is None:
+                # The validation's own record has its results already; another record is
+                # brought up to date.
+                metrics = fields["metrics"]
+                same = fields is item.fields
+                item.epoch_before = dict(metrics) if same else self._overlay(metrics)
             if plan is not None:
                 plan.progress = item.hooks
             try:
@@ -948,8 +722,9 @@ class Validator:
                     plan.progress = None
                 metrics = self.state.__dict__["metrics"]
                 self._empty()
-            self._land(before, metrics, main)
+            self._land(item.epoch_before, metrics, main)
             item.epoch_fields = None
+            item.epoch_before = None
         finally:
             if lock is not None:
                 lock.release_read()
@@ -989,32 +764,13 @@ class Validator:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the validator: unfinished tails, overlay, progress."""
-        items = []
-        for item in [*self._pending, *self._queue]:
-            fields = item.fields
-            epoch_fields = item.epoch_fields
-            slot = item.slot
-            items.append(
-                {
-                    "record": _record_to_portable(fields),
-                    "validate": item.validate,
-                    "epoch_end": None
-                    if epoch_fields is None
-                    else (True if epoch_fields is fields else _record_to_portable(epoch_fields)),
-                    "model": None
-                    if slot is None or slot.model is None
-                    else plain_state_dict(slot.model.state_dict()),
-                    "rng": None if item.rng is None else rng_to_portable(item.rng),
-                    "hooks": progress_to_portable(item.hooks),
-                }
-            )
         latest = self.latest
         return {
-            "items": items,
-            "overlay": _portable_dict(self.overlay),
+            "items": [item.to_portable() for item in [*self._pending, *self._queue]],
+            "overlay": portable_dict(self.overlay),
             "latest": None
             if latest is None
-            else {"validation": _portable_dict(latest[0]), "tag": list(latest[1])},
+            else {"validation": portable_dict(latest[0]), "tag": list(latest[1])},
             "accounted": self._accounted,
             "taken": self.taken,
             "skipped": self.skipped,
@@ -1041,47 +797,21 @@ class Validator:
         """Restore :meth:`state_dict` (``None``: a checkpoint with nothing in flight)."""
         if self._queue:
             raise RuntimeError("cannot load validation progress while tails are in flight")
-        if saved is None:
-            for item in self._pending:
-                self._release(item.slot)
-            self._pending = []
-            self.overlay = {}
-            self.latest = None
-            self._accounted = 0
-            return
-        items: list[_Item] = []
-        acquired: list[_Slot] = []
+        items: list[Tail] = []
+        acquired: list[Slot] = []
         try:
-            for entry in saved.get("items", []):
+            for entry in [] if saved is None else saved.get("items", []):
                 weights = entry.get("model")
                 slot = None
                 if weights is not None:
                     slot = self._acquire()
                     if slot is None:  # more in the checkpoint than max_snapshots allows now
-                        slot = _Slot()
+                        slot = Slot()
                         self._slots.append(slot)
                     acquired.append(slot)
                     slot.load(state.model, weights)
                 base = {k: v for k, v in state.__dict__.items() if k[0] != "_" and k != "model"}
-                fields = _record_from_portable(entry["record"], base)
-                epoch_end = entry.get("epoch_end")
-                epoch_fields = (
-                    None
-                    if epoch_end is None
-                    else fields
-                    if epoch_end is True
-                    else _record_from_portable(epoch_end, base)
-                )
-                rng = entry.get("rng")
-                items.append(
-                    _Item(
-                        slot,
-                        fields,
-                        validate=bool(entry["validate"]),
-                        epoch_fields=epoch_fields,
-                        rng=None if rng is None else rng_from_portable(rng),
-                    )
-                )
+                items.append(Tail.from_portable(entry, base, slot))
         except BaseException:
             for slot in acquired:
                 self._release(slot)
@@ -1089,6 +819,7 @@ class Validator:
         for item in self._pending:
             self._release(item.slot)
         self._pending = items
+        saved = saved or {}
         self.overlay = dict(saved.get("overlay", {}))
         latest = saved.get("latest")
         self.latest = (
@@ -1101,42 +832,25 @@ class Validator:
         self.skipped = int(saved.get("skipped", self.skipped))
 
 
-def _record_to_portable(fields: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "epoch": int(fields["epoch"]),
-        "step": int(fields["step"]),
-        "batch_index": int(fields.get("batch_index", 0)),
-        "metrics": _portable_dict(fields["metrics"]),
-    }
+def _written(old: object, new: object) -> bool:
+    """Whether a metric was written: another object, unless it is the same plain value (a
+    record read back from a checkpoint holds copies of its numbers)."""
+    if old is new:
+        return False
+    plain = (int, float, str, bool)
+    return not (type(old) is type(new) and isinstance(new, plain) and old == new)
 
 
-def _record_from_portable(saved: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
-    fields = dict(base)
-    for name in ("validation", "validation_tag", "stop_reason"):
-        fields.pop(name, None)
-    fields["epoch"] = int(saved["epoch"])
-    fields["step"] = int(saved["step"])
-    fields["batch_index"] = int(saved.get("batch_index", 0))
-    fields["metrics"] = dict(saved["metrics"])
-    return fields
-
-
-def progress_to_portable(progress: HookProgress) -> dict[str, Any]:
-    """Hook progress (see HookPlan.run) in a form ``torch.load(weights_only=True)`` reads."""
-    return {hook: {"at": list(at), "done": sorted(done)} for hook, (at, done) in progress.items()}
-
-
-def progress_from_portable(saved: Any) -> HookProgress:
-    """Undo :func:`progress_to_portable`."""
-    if not isinstance(saved, Mapping):
-        return {}
-    return {
-        str(hook): (
-            (entry["at"][0], entry["at"][1], entry["at"][2]),
-            {int(i) for i in entry["done"]},
-        )
-        for hook, entry in saved.items()
-    }
+async def _after_hook(stage: Stage, state: State) -> None:
+    """A stage's ``after_`` hook alone, acting on the control flow the stage owns."""
+    after = stage._after
+    if after is None:
+        return
+    try:
+        await after.run()
+    except BaseException as exc:
+        if not owned(stage, state, exc):
+            raise
 
 
 def pending_in(checkpoint: Mapping[str, Any]) -> int:
