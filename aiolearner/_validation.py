@@ -711,8 +711,8 @@ class Validator:
                 # The validation's own record has its results already; another record is
                 # brought up to date.
                 metrics = fields["metrics"]
-                same = fields is item.fields
-                item.epoch_before = dict(metrics) if same else self._overlay(metrics)
+                validated = fields is item.fields and slot is not None
+                item.epoch_before = dict(metrics) if validated else self._overlay(metrics)
             if plan is not None:
                 plan.progress = item.hooks
             try:
