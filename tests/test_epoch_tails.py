@@ -7,6 +7,7 @@ is over), so that a record mixing two moments would show."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import threading
 from pathlib import Path
@@ -122,6 +123,10 @@ class EpochRows(Callback):
         self.rows.append({"epoch": state.epoch, "step": state.step, **state.metrics})
 
 
+def read_csv(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
 async def collect(learner: Learner[Any], events: list[Any]) -> None:
     async for event in learner.events(kinds={"metrics", "validation"}):
         events.append((event.kind, event.epoch, event.step, dict(event.data)))
@@ -148,8 +153,7 @@ async def test_loggers_recorder_and_events_get_the_same_rows_in_both_modes(
             tg.start_soon(collect, learner, events)
             await wait_all_tasks_blocked()
             await learner.fit(3)
-        with open(directory / "log.csv", newline="") as f:
-            table = list(csv.DictReader(f))
+        table = read_csv(directory / "log.csv")
         lines = (directory / "log.jsonl").read_text().splitlines()
         results[mode] = (
             recorder.history,
@@ -206,8 +210,7 @@ async def test_early_stopping_leaves_one_row_per_epoch_run(mode: str, tmp_path: 
         assert run == 4  # epochs 3 and 4 do not improve on epoch 2: stop after epoch 4
     else:
         assert run in (4, 5)  # at most one period late
-    with open(tmp_path / "log.csv", newline="") as f:
-        table = list(csv.DictReader(f))
+    table = read_csv(tmp_path / "log.csv")
     assert [int(r["epoch"]) for r in table] == list(range(run))
     assert [int(e["epoch"]) for e in recorder.history["epochs"]] == list(range(run))
     assert [r["epoch"] for r in rows.rows] == list(range(run))
