@@ -16,7 +16,7 @@ Compute placement (``Learner(compute=...)``):
   add up against ``max_blocking``. It re-decides every ``recheck_interval`` seconds from
   measured batch times and the loop's task list, so a tiny model keeps inline overhead, and a
   heavy model keeps a web service on the same loop responsive. While a pass of the learner's own
-  concurrent validation is in flight, it hops (:meth:`ComputePolicy.share`): that pass is work
+  concurrent validation is in flight, it hops (:meth:`ComputePolicy.set_shared`): that pass is work
   sharing the loop, and the two passes can only compute at once from two threads.
 """
 
@@ -165,19 +165,14 @@ class ComputePolicy:
         the batches between two turns, whichever is longer."""
         return max(self._typical or 0.0, self._turn)
 
-    def share(self) -> None:
-        """A pass of the learner's own concurrent validation starts: with ``auto``, training's
-        compute hops to its worker until every such pass has ended, so the two passes compute
-        at once (the validation hops to a worker of its own) instead of taking turns on the
-        event loop. ``inline`` stays inline: the passes then interleave between batches."""
-        self.shared += 1
+    def set_shared(self, shared: bool) -> None:
+        """Whether the learner's own concurrent validation has a pass in flight (from the
+        snapshot on): with ``auto``, training's compute then hops to its worker, so the two
+        passes compute at once (the validation hops to a worker of its own) instead of taking
+        turns on the event loop. ``inline`` stays inline: the passes then interleave between
+        batches."""
+        self.shared = int(shared)
         if self.mode == "auto":
-            self.reconsider()
-
-    def unshare(self) -> None:
-        """The pass that :meth:`share` announced has ended."""
-        self.shared -= 1
-        if self.shared == 0 and self.mode == "auto":
             self.reconsider()
 
     def reconsider(self) -> None:

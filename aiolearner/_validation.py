@@ -311,10 +311,12 @@ class Validator:
         slot = self._acquire() or Slot()
         lane = self._lane = Lane(rt.device)
         self._main = state
+        rt.policy.set_shared(True)
         try:
             item = await self._take(slot, state, sets=sets, epoch_end=False)
             await self._validate(item, stage, state, sets=sets)
         finally:
+            rt.policy.set_shared(False)
             lane.close()
             self._lane = None
             self._main = None
@@ -352,6 +354,7 @@ class Validator:
             self._lane.close()
             self._lane = None
             self._open = False
+            self._share()
             self._main = None
             self._changed = None
             self._failure = None
@@ -375,6 +378,14 @@ class Validator:
         else:
             await self.validate_now(stage, state)
             self._accounted = step
+
+    def _share(self) -> None:
+        """Tell the compute policy whether a validation is in flight (see set_shared)."""
+        rt = self._rt
+        if rt is not None:
+            shared = self._open and any(item.validate for item in self._queue)
+            if shared != bool(rt.policy.shared):
+                rt.policy.set_shared(shared)
 
     def _check(self) -> None:
         self._raise_failure()
@@ -448,6 +459,7 @@ class Validator:
             raise
         self._queue.append(item)
         self.taken += 1
+        self._share()
         self._start_worker()
         self._notify()
         return item
@@ -506,6 +518,7 @@ class Validator:
                 item.data = open_all(rt.val_sets, item.rng)
         self._queue.extendleft(reversed(self._pending))
         self._pending = []
+        self._share()
         self._start_worker()
 
     # -- the worker -------------------------------------------------------------------------------
@@ -553,6 +566,7 @@ class Validator:
                         return
                     self._queue.popleft()
                     self._release(item.slot)
+                    self._share()
                     self._notify()
         finally:
             if self._worker_done is done:
@@ -573,6 +587,7 @@ class Validator:
             assert stage is not None
             try:
                 await self._validate(item, stage, main, sets=rt.val_sets)
+                self._share()
             except StopFit as exc:
                 if item.validate:
                     # Stopped inside the pass: as in sequential mode, nothing after it runs.
@@ -647,10 +662,8 @@ class Validator:
         after = stage._after
         if after is not None:
             after.progress = item.hooks
-        policy = rt.policy
         lane.begin(slot.stream)
         tokens = (compute_lane.set(lane), validation_sources.set(sources), on_snapshot.set(True))
-        policy.share()
         done = False
         try:
             try:
@@ -666,7 +679,6 @@ class Validator:
         finally:
             if after is not None:
                 after.progress = None
-            policy.unshare()
             on_snapshot.reset(tokens[2])
             validation_sources.reset(tokens[1])
             compute_lane.reset(tokens[0])

@@ -297,7 +297,11 @@ class Rendezvous:
 
     Kept out of the model (the shadow models of concurrent validation are deep copies)."""
 
-    def __init__(self) -> None:
+    def __init__(self, after: int) -> None:
+        #: The training forward that waits for the validation: the first after a snapshot.
+        self.after = after
+        self.trained = 0
+        self.validating = threading.Event()
         self.barrier = threading.Barrier(2, timeout=20)
         self.met: list[str] = []
 
@@ -317,12 +321,15 @@ class Meet(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         meet = RENDEZVOUS[self.key]
         if torch.is_inference_mode_enabled():
-            if "validation" not in meet.met:
+            if not meet.validating.is_set():
+                meet.validating.set()
                 meet.met.append("validation")
                 meet.barrier.wait()
         else:
             threading.Event().wait(0.001)
-            if meet.met == ["validation"]:
+            meet.trained += 1
+            if meet.trained == meet.after:
+                assert meet.validating.wait(20), "the validation did not start meanwhile"
                 meet.met.append("training")
                 meet.barrier.wait()
         return self.linear(x)  # type: ignore[no-any-return]
@@ -331,7 +338,7 @@ class Meet(torch.nn.Module):
 @pytest.mark.parametrize("every", ["epoch", 4])
 async def test_validation_overlaps_training_with_the_default_compute(every: Any) -> None:
     key = len(RENDEZVOUS)
-    meet = RENDEZVOUS[key] = Rendezvous()
+    meet = RENDEZVOUS[key] = Rendezvous(after=9 if every == "epoch" else 5)
     model = Meet(key)
     learner: Learner[Any] = Learner(
         model,
@@ -413,3 +420,23 @@ async def test_validation_never_moves_training_random_streams() -> None:
         assert same_weights(weights(learner), expected[0]), mode
         assert torch.equal(torch.get_rng_state(), expected[1]), mode
         assert learner.state.validation_tag == (2, 18)
+
+
+async def test_a_validation_pass_whose_source_turns_slow_keeps_every_batch() -> None:
+    # fetch_budget=0: the second fetch finds the source slow and starts the producer from
+    # inside Batches.next(); the batch it fetched must still come, and in its place.
+    class Order(Callback):
+        reads = frozenset({"batch"})
+
+        def __init__(self) -> None:
+            self.seen: list[float] = []
+
+        def after_validate_batch(self, state: StateView) -> None:
+            self.seen.append(float(state.batch[0].sum()))
+
+    data = make_batches(3, seed=4)
+    for n in (2, 3):
+        order = Order()
+        learner = make_learner(callbacks=[order], val_data=data[:n], fetch_budget=0.0)
+        await learner.validate()
+        assert order.seen == [float(x.sum()) for x, _ in data[:n]]
