@@ -108,20 +108,21 @@ async def test_named_validation_sets(mode: str, tmp_path: Path) -> None:
     }
 
 
+class Rows(Callback):
+    reads = frozenset({"epoch", "metrics"})
+
+    def __init__(self) -> None:
+        self.rows: list[Any] = []
+
+    def after_epoch(self, state: StateView) -> None:
+        self.rows.append((state.epoch, sorted(state.metrics.items())))
+
+
 async def test_named_sets_give_the_same_records_in_both_modes() -> None:
     sets = {"a": make_batches(2, seed=2), "b": make_batches(2, seed=3)}
     runs: dict[str, Any] = {}
     for mode in MODES:
-
-        class Rows(Callback):
-            reads = frozenset({"epoch", "metrics"})
-            rows: list[Any] = []
-
-            def after_epoch(self, state: StateView) -> None:
-                self.rows.append((state.epoch, sorted(state.metrics.items())))
-
         rows = Rows()
-        rows.rows = []
         learner = make_learner(callbacks=[Metrics(), rows], val_data=sets, validate=mode)
         await learner.fit(3)
         runs[mode] = (rows.rows, [p.detach().clone() for p in learner.model.parameters()])
