@@ -84,8 +84,10 @@ class Learner(Generic[TBatch]):
             nothing else runs on it (turns then only serve cancellation and deadlines).
         teardown_timeout: the time bound of ``after_fit_run`` after an error or a cancellation.
         validate: ``"sequential"`` (default: training waits for each validation pass) or
-            ``"concurrent"`` (a snapshot of the weights is validated in the background while
-            training goes on); see ``docs/concurrent-validation.md``.
+            ``"concurrent"`` (a snapshot of the weights and of the epoch's record is validated,
+            and the epoch's ``after_epoch`` run, in the background while the next epoch
+            trains; with the default compute the two overlap); see
+            ``docs/concurrent-validation.md``.
         validate_every: when to validate: ``"epoch"`` (default: at the end of each epoch), an
             ``int`` N (after every N-th optimizer step, counted globally) or a
             ``datetime.timedelta`` (between batches, once that much time has passed).
@@ -439,8 +441,11 @@ class Learner(Generic[TBatch]):
                                        before_validate_loss ValidateLoss after_validate_loss
                                      after_validate_batch
                   after_validate
-                after_epoch
+                after_epoch          (also after a StopFit from after_validate)
             after_fit_run
+
+        With ``validate="concurrent"`` an epoch's validation and ``after_epoch`` run on a
+        snapshot, in the background, while the next epoch trains.
 
         Raises:
             LearnerBusyError: the learner is already running.
@@ -539,13 +544,18 @@ class Learner(Generic[TBatch]):
         state = self._state
         d = state.__dict__
         kept: dict[str, Any] = {k: d[k] for k in ("validation", "validation_tag") if k in d}
+        validator = self._rt.validator
+        latest = None if validator is None else validator.latest
         async with self._running(LearnerStatus.TESTING):
             try:
                 await self._evaluate(sets)
                 results = dict(state.validation)
             finally:
+                # A test is not a validation: the latest validation stays what it was.
                 state.invalidate("validation", "validation_tag")
                 d.update(kept)
+                if validator is not None:
+                    validator.latest = latest
         return {f"test_{key}": value for key, value in results.items()}
 
     def test_sync(

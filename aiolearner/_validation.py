@@ -50,7 +50,7 @@ augmentation of validation data in the main process) draws concurrently with tra
 docs/concurrent-validation.md.
 
 Compute: while a pass is in flight the training loop's compute hops to its worker (``auto``
-too, see :meth:`ComputePolicy.share`) and the pass's compute to a worker of its own, so both
+too, see :meth:`ComputePolicy.set_shared`) and the pass's compute to a worker of its own, so both
 compute at once; on CUDA the pass runs on a stream of its own.
 """
 

@@ -67,6 +67,10 @@ async def test_test_returns_test_metrics_and_leaves_validation_alone(mode: str) 
     assert learner.state.metrics["test_accuracy"] == results["test_accuracy"]
     assert learner.state.validation == validation
     assert learner.state.validation_tag == tag
+    validator = learner._rt.validator
+    if validator is not None:  # what later tails take as the latest validation
+        assert validator.latest is not None
+        assert validator.latest[1] == tag
     assert phases.phases == ["fit", "fit", "test"]
     assert dict(stop.state_dict()) == stop_state  # early stopping ignored the test
     # The same numbers as validating on that data.
