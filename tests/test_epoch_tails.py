@@ -440,3 +440,18 @@ async def test_a_validation_pass_whose_source_turns_slow_keeps_every_batch() -> 
         learner = make_learner(callbacks=[order], val_data=data[:n], fetch_budget=0.0)
         await learner.validate()
         assert order.seen == [float(x.sum()) for x, _ in data[:n]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+async def test_concurrent_validation_on_its_cuda_stream_gives_the_sequential_results() -> None:
+    runs = {}
+    for mode in MODES:
+        seen = Seen()
+        learner = make_learner(
+            callbacks=[seen, Metrics(["accuracy"])], validate=mode, device="cuda", n_batches=4
+        )
+        await learner.fit(3)
+        runs[mode] = (seen.at_validate, seen.at_epoch, [w.cpu() for w in weights(learner)])
+    assert runs["concurrent"][0] == runs["sequential"][0]
+    assert runs["concurrent"][1] == runs["sequential"][1]
+    assert same_weights(runs["concurrent"][2], runs["sequential"][2])

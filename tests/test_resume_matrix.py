@@ -87,7 +87,12 @@ def data(kind: str, n: int, seed: int) -> Any:
 
 
 def build(
-    mode: str, kind: str, directory: Path, interrupt: Interrupt | None = None
+    mode: str,
+    kind: str,
+    directory: Path,
+    interrupt: Interrupt | None = None,
+    *,
+    every: Any = "epoch",
 ) -> tuple[Learner[Any], dict[str, Any]]:
     torch.manual_seed(1234)  # every run draws dropout masks and shuffles from here on
     gen = torch.Generator().manual_seed(0)
@@ -121,6 +126,7 @@ def build(
         data(kind, 2, 2),
         callbacks=callbacks,
         validate=mode,  # type: ignore[arg-type]
+        validate_every=every,
     )
     return learner, parts
 
@@ -155,10 +161,10 @@ def assert_same(got: dict[str, Any], expected: dict[str, Any], where: str) -> No
 _REFERENCES: dict[tuple[str, str], dict[str, Any]] = {}
 
 
-async def reference(mode: str, kind: str, tmp: Path) -> dict[str, Any]:
-    key = (mode, kind)
+async def reference(mode: str, kind: str, tmp: Path, every: Any = "epoch") -> dict[str, Any]:
+    key = (mode, kind) if every == "epoch" else (mode, f"{kind}, every {every}")
     if key not in _REFERENCES:
-        learner, parts = build(mode, kind, tmp / "reference")
+        learner, parts = build(mode, kind, tmp / "reference", every=every)
         await learner.fit(EPOCHS)
         _REFERENCES[key] = final(learner, parts)
     return _REFERENCES[key]
@@ -171,10 +177,12 @@ def through_a_file(checkpoint: dict[str, Any]) -> Any:
     return torch.load(buffer, weights_only=True)
 
 
-async def interrupted(mode: str, kind: str, how: str, point: tuple[str, int], tmp: Path) -> Any:
+async def interrupted(
+    mode: str, kind: str, how: str, point: tuple[str, int], tmp: Path, every: Any = "epoch"
+) -> Any:
     """Interrupt a run at ``point``; the learner, its callbacks, and its checkpoint."""
     interrupt = Interrupt(*point, kind=how)
-    learner, parts = build(mode, kind, tmp / "run", interrupt)
+    learner, parts = build(mode, kind, tmp / "run", interrupt, every=every)
     if how == "error":
         with pytest.RaisesGroup(Crash, allow_unwrapped=True, flatten_subgroups=True):
             await learner.fit(EPOCHS)
@@ -203,6 +211,26 @@ async def test_resume_from_any_point_equals_uninterrupted(
 
     fresh, fresh_parts = build(mode, kind, tmp_path / "fresh")
     fresh.load_state_dict(checkpoint)  # as fit(resume=...) does
+    await fresh.fit(EPOCHS)
+    assert_same(final(fresh, fresh_parts), expected, "fresh learner")
+
+
+@pytest.mark.parametrize("mode", ["sequential", "concurrent"])
+@pytest.mark.parametrize("how", ["error", "cancel"])
+@pytest.mark.parametrize("hook", ["after_validate", "after_validate_batch"])
+async def test_resume_in_a_validation_inside_an_epoch(
+    mode: str, how: str, hook: str, tmp_path: Path
+) -> None:
+    # validate_every=2 steps of 3-batch epochs: epoch 1's first validation is at step 4, after
+    # its first batch; the resumed run must do it (or finish it) before that epoch's next batch.
+    expected = await reference(mode, "loader", tmp_path, every=2)
+    learner, parts, checkpoint = await interrupted(
+        mode, "loader", how, (hook, 1), tmp_path, every=2
+    )
+    await learner.fit(EPOCHS)
+    assert_same(final(learner, parts), expected, "continued")
+    fresh, fresh_parts = build(mode, "loader", tmp_path / "fresh", every=2)
+    fresh.load_state_dict(checkpoint)
     await fresh.fit(EPOCHS)
     assert_same(final(fresh, fresh_parts), expected, "fresh learner")
 
