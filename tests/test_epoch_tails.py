@@ -455,3 +455,25 @@ async def test_concurrent_validation_on_its_cuda_stream_gives_the_sequential_res
     assert runs["concurrent"][0] == runs["sequential"][0]
     assert runs["concurrent"][1] == runs["sequential"][1]
     assert same_weights(runs["concurrent"][2], runs["sequential"][2])
+
+
+async def test_best_checkpoints_are_the_same_in_both_modes(tmp_path: Path) -> None:
+    from aiolearner.callbacks import Checkpoint, load_checkpoint_file
+
+    runs = {}
+    for mode in MODES:
+        ckpt = Checkpoint(tmp_path / mode, monitor="val_accuracy", mode="max", top_k=2)
+        learner = make_learner(
+            callbacks=[Metrics(["accuracy"]), ckpt, Hold((0, 1), active=mode == "concurrent")],
+            validate=mode,
+            n_batches=3,
+        )
+        await learner.fit(4)
+        files = {
+            e["name"]: load_checkpoint_file(tmp_path / mode / e["name"])["model"] for e in ckpt.best
+        }
+        runs[mode] = (ckpt.best, files)
+    assert runs["concurrent"][0] == runs["sequential"][0]
+    for name, weights_seq in runs["sequential"][1].items():
+        weights_conc = runs["concurrent"][1][name]  # the validated snapshot's weights
+        assert all(torch.equal(weights_conc[k], v) for k, v in weights_seq.items()), name
