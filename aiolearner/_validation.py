@@ -212,7 +212,7 @@ class Validator:
         self._slots: list[Slot] = []
         self._free: list[Slot] = []
         self._queue: deque[Tail] = deque()
-        #: Items a run left unfinished (cancelled, failed): the next run does them first.
+        #: Tails a run left unfinished (cancelled, failed): the next run does them first.
         self._pending: list[Tail] = []
         self._lane: Lane | None = None
         self._main: State | None = None
