@@ -17,8 +17,8 @@ Per epoch, the snapshot carries the epoch's whole *tail*: the validation pass an
 (``epoch``, ``step``, ``metrics`` with the training metrics, ``validation``) describes the
 snapshot's moment, as in sequential mode, while the next epoch trains. With ``validate_every`` N
 steps or a time, an epoch that ends while validations are in flight hands its ``after_epoch`` to
-the worker too, behind them (on the snapshot of the epoch's end when one was taken there, on the
-live weights, under the read lock, otherwise); with none in flight it runs in the loop.
+the worker too, behind them (on the snapshot of the epoch's end when one was taken there, else on
+a copy of the weights as they are when it runs); with none in flight it runs in the loop.
 
 What a tail writes into its record's ``metrics`` (``val_loss``, a callback's ``best_val_loss``)
 lands in the training state's ``metrics`` when the tail's phase ends, and in every later
@@ -710,36 +710,35 @@ class Validator:
         assert epoch is not None
         assert rt is not None
         slot = item.slot
-        shadow = slot.model if slot is not None else None
-        # Without a snapshot of the epoch's end, after_epoch sees the live weights, under the
-        # read lock (nobody sees half an update).
-        lock = rt.weights_lock if shadow is None else None
-        if lock is not None:
-            await lock.acquire_read()
+        if slot is None:
+            # No snapshot of the epoch's end (validate_every=N not ending the epoch, a skipped
+            # validation, a stop): the weights as they are now, copied under the read lock so
+            # that the hooks see no half update and hold no lock (one of them may want it).
+            slot = Slot()
+            async with rt.weights_lock.read():
+                slot.refresh(main.model)
+        shadow = slot.model
+        assert shadow is not None
         plan = self._epoch_after
+        self._fill(fields, shadow, main)
+        if item.epoch_before is None:
+            # The validation's own record has its results already; another record is brought
+            # up to date.
+            metrics = fields["metrics"]
+            validated = fields is item.fields and item.slot is not None
+            item.epoch_before = dict(metrics) if validated else self._overlay(metrics)
+        if plan is not None:
+            plan.progress = item.hooks
         try:
-            self._fill(fields, shadow if shadow is not None else main.model, main)
-            if item.epoch_before is None:
-                # The validation's own record has its results already; another record is
-                # brought up to date.
-                metrics = fields["metrics"]
-                validated = fields is item.fields and slot is not None
-                item.epoch_before = dict(metrics) if validated else self._overlay(metrics)
-            if plan is not None:
-                plan.progress = item.hooks
-            try:
-                await epoch.finish(self.state, plan)
-            finally:
-                if plan is not None:
-                    plan.progress = None
-                metrics = self.state.__dict__["metrics"]
-                self._empty()
-            self._land(item.epoch_before, metrics, main)
-            item.epoch_fields = None
-            item.epoch_before = None
+            await epoch.finish(self.state, plan)
         finally:
-            if lock is not None:
-                lock.release_read()
+            if plan is not None:
+                plan.progress = None
+            metrics = self.state.__dict__["metrics"]
+            self._empty()
+        self._land(item.epoch_before, metrics, main)
+        item.epoch_fields = None
+        item.epoch_before = None
 
     async def _drain(self, *, stopping: bool) -> None:
         while self._queue and self._failure is None and self._worker_done is not None:
