@@ -113,7 +113,9 @@ class StageContext:
 
         ``data`` is ``"train"`` (the training data, resuming an interrupted epoch where it
         stopped), ``"validation"`` (the validation data, or the snapshot of it a concurrent
-        validation took), or any iterable or async iterable of batches. Take batches with
+        validation took, or the data ``learner.validate(data)``/``test(data)`` was given; with
+        several validation sets, the one Validate is going over), or any iterable or async
+        iterable of batches. Take batches with
         ``await batches.next()`` until it returns ``batches.END``; they arrive on the device,
         fetched ahead of use as the learner's ``fetch`` and ``prefetch`` options say.
         """

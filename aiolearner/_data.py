@@ -320,6 +320,10 @@ class Batches:
                 if type(feed) is not _Feed or feed.started:
                     break
         item = self.next_nowait()
+        if item is WAIT and self._producer_fresh:
+            # This very fetch found the source slow and started the producer: the batch it
+            # fetched waits in the leftover queue, taken after the producer's first turns.
+            return await self.next()
         if item is WAIT:
             assert self._receive is not None
             try:

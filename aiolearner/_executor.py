@@ -287,6 +287,10 @@ class Executor:
         check_fields = True
         before = set(state.__dict__)
         pending: Any = None
+        if validator is not None:
+            # A validation due at the step the pass starts from and not done yet (a run
+            # interrupted in it) comes first; a concurrent stop request or error surfaces here.
+            await validator.between_batches(state)
         while True:
             if pending is None:
                 batch = take()

@@ -25,7 +25,7 @@ from ._handle import LearnerSnapshot
 from ._hparams import check_hparams
 from ._locks import ReadWriteLock
 from ._policy import ComputeMode, ComputePolicy
-from ._runtime import Runtime
+from ._runtime import Runtime, validation_sources
 from ._stage import Stage, split_batch
 from ._stages import FitRun
 from ._state import State, _ObservedState
@@ -47,6 +47,7 @@ class LearnerStatus(enum.Enum):
     IDLE = "idle"
     FITTING = "fitting"
     VALIDATING = "validating"
+    TESTING = "testing"
     PREDICTING = "predicting"
 
 
@@ -62,7 +63,10 @@ class Learner(Generic[TBatch]):
         loss_fn: ``loss_fn(output, targets) -> scalar tensor``.
         train_data: an iterable of batches (a DataLoader, a list, ...) or an async iterable; the
             default stages expect ``(inputs, targets)`` pairs.
-        val_data: the same for validation, or ``None`` for no validation pass.
+        val_data: the same for validation, or ``None`` for no validation pass; or a mapping
+            ``{name: data}`` of several validation sets, validated one after the other in each
+            validation (their results are ``validation["<name>_loss"]`` and
+            ``metrics["val_<name>_loss"]``, and likewise for callbacks' metrics).
         callbacks: the callbacks; their hook order is worked out here.
         device: where batches go (default: where the model's parameters are; the model is moved
             there if it is elsewhere).
@@ -84,8 +88,10 @@ class Learner(Generic[TBatch]):
             nothing else runs on it (turns then only serve cancellation and deadlines).
         teardown_timeout: the time bound of ``after_fit_run`` after an error or a cancellation.
         validate: ``"sequential"`` (default: training waits for each validation pass) or
-            ``"concurrent"`` (a snapshot of the weights is validated in the background while
-            training goes on); see ``docs/concurrent-validation.md``.
+            ``"concurrent"`` (a snapshot of the weights and of the epoch's record is validated,
+            and the epoch's ``after_epoch`` run, in the background while the next epoch
+            trains; with the default compute the two overlap); see
+            ``docs/concurrent-validation.md``.
         validate_every: when to validate: ``"epoch"`` (default: at the end of each epoch), an
             ``int`` N (after every N-th optimizer step, counted globally) or a
             ``datetime.timedelta`` (between batches, once that much time has passed).
@@ -155,18 +161,9 @@ class Learner(Generic[TBatch]):
             fetch_budget=fetch_budget,
             steps_per_epoch=steps_per_epoch,
         )
-        self._val = (
-            None
-            if val_data is None
-            else BatchSource(
-                val_data,
-                name="val_data",
-                mover=mover,
-                prefetch=prefetch,
-                fetch=fetch,
-                fetch_budget=fetch_budget,
-            )
-        )
+        self._mover = mover
+        self._val_data = val_data
+        self._val_sets = self._sets_for(val_data, "val_data") if val_data is not None else {}
         self._callbacks: tuple[Callback, ...] = tuple(callbacks)
         for cb in self._callbacks:
             if not isinstance(cb, Callback):
@@ -181,7 +178,7 @@ class Learner(Generic[TBatch]):
         self._rt = Runtime(
             policy=ComputePolicy(compute, max_blocking=max_blocking),
             train=self._train,
-            val=self._val,
+            val=self._val_sets,
             hub=self._hub,
             trace=self._trace,
             device=self._device,
@@ -194,7 +191,7 @@ class Learner(Generic[TBatch]):
             validate_every,
             max_snapshots,
             snapshot_policy,
-            has_val_data=val_data is not None,
+            has_val_data=bool(self._val_sets),
         )
         state = State()
         state.model = model
@@ -270,8 +267,35 @@ class Learner(Generic[TBatch]):
 
     @property
     def val_data(self) -> Any:
-        """The validation data, as given, or ``None``."""
-        return None if self._val is None else self._val.data
+        """The validation data, as given (a mapping for several sets), or ``None``."""
+        return self._val_data
+
+    def _sets_for(self, data: Any, what: str) -> dict[str | None, BatchSource]:
+        """Validation data as sets by name: ``{None: data}`` for one, the mapping for several."""
+        train = self._train
+        if isinstance(data, Mapping):
+            if not data:
+                raise ValueError(f"{what}: a mapping of validation sets needs at least one set")
+            for name in data:
+                if not isinstance(name, str) or not name.isidentifier():
+                    raise ValueError(
+                        f"{what}: the names of validation sets go into metric names"
+                        f" (val_<name>_loss), so each must be an identifier; got {name!r}"
+                    )
+            items: list[tuple[str | None, Any]] = list(data.items())
+        else:
+            items = [(None, data)]
+        return {
+            name: BatchSource(
+                value,
+                name=what if name is None else f"{what}[{name!r}]",
+                mover=self._mover,
+                prefetch=train.prefetch,
+                fetch=train.fetch,
+                fetch_budget=train.fetch_budget,
+            )
+            for name, value in items
+        }
 
     @property
     def state(self) -> State:
@@ -424,8 +448,11 @@ class Learner(Generic[TBatch]):
                                        before_validate_loss ValidateLoss after_validate_loss
                                      after_validate_batch
                   after_validate
-                after_epoch
+                after_epoch          (also after a StopFit from after_validate)
             after_fit_run
+
+        With ``validate="concurrent"`` an epoch's validation and ``after_epoch`` run on a
+        snapshot, in the background, while the next epoch trains.
 
         Raises:
             LearnerBusyError: the learner is already running.
@@ -462,27 +489,108 @@ class Learner(Generic[TBatch]):
 
         run_sync(main, backend=backend)
 
-    async def validate(self) -> dict[str, Any]:
+    async def validate(
+        self, data: Iterable[Any] | Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Run the Validate stage once on the current weights; returns ``state.validation``.
+
+        Args:
+            data: what to validate on instead of ``val_data``: batches as for ``val_data``, or
+                a mapping ``{name: batches}`` of several sets.
+
+        The results become the learner's latest validation (``state.validation``, the
+        ``val_`` keys of ``state.metrics``), with the same callbacks as in training;
+        ``state.phase`` is ``"validate"``.
 
         Raises:
             LearnerBusyError: the learner is running.
-            ValueError: the learner has no validation data.
+            ValueError: no ``data`` and the learner has no validation data.
         """
         self._check_idle("validate")
-        if self._val is None:
-            raise ValueError("this learner has no val_data to validate on")
-        validator = self._rt.validator
+        sets = self._val_sets if data is None else self._sets_for(data, "data")
+        if not sets:
+            raise ValueError("this learner has no val_data to validate on; pass data=")
         async with self._running(LearnerStatus.VALIDATING):
-            if validator is None:
-                await self._stages["validate"](self._state)
-            else:
-                await validator.validate_now(self._stages["validate"], self._state)
+            await self._evaluate(None if data is None else sets)
         return dict(self._state.validation)
 
-    def validate_sync(self, *, backend: Literal["asyncio", "trio"] = "asyncio") -> dict[str, Any]:
+    def validate_sync(
+        self,
+        data: Iterable[Any] | Mapping[str, Any] | None = None,
+        *,
+        backend: Literal["asyncio", "trio"] = "asyncio",
+    ) -> dict[str, Any]:
         """:meth:`validate` for scripts and notebooks (see :meth:`fit_sync`)."""
-        return run_sync(self.validate, backend=backend)
+
+        async def main() -> dict[str, Any]:
+            return await self.validate(data)
+
+        return run_sync(main, backend=backend)
+
+    async def test(self, data: Iterable[Any] | Mapping[str, Any]) -> dict[str, Any]:
+        """Evaluate the current weights on test data; returns ``test_``-prefixed metrics.
+
+        The Validate stage runs over ``data`` with the same callbacks as a validation (its
+        hooks, ``before_validate`` ... ``after_validate``), while ``state.phase == "test"``:
+        results go to ``test_`` keys of ``state.metrics`` (``test_loss``, a :class:`Metrics`
+        callback's ``test_accuracy``; ``test_<name>_...`` for a mapping of sets), and callbacks
+        that act on validation results during training (early stopping, schedulers) leave
+        them alone. ``state.validation`` keeps the latest *validation* results.
+
+        Args:
+            data: batches as for ``val_data``, or a mapping ``{name: batches}``.
+
+        Returns:
+            ``{"test_loss": ..., "test_accuracy": ..., ...}``.
+
+        Raises:
+            LearnerBusyError: the learner is running.
+        """
+        self._check_idle("test")
+        sets = self._sets_for(data, "data")
+        state = self._state
+        d = state.__dict__
+        kept: dict[str, Any] = {k: d[k] for k in ("validation", "validation_tag") if k in d}
+        validator = self._rt.validator
+        latest = None if validator is None else validator.latest
+        async with self._running(LearnerStatus.TESTING):
+            try:
+                await self._evaluate(sets)
+                results = dict(state.validation)
+            finally:
+                # A test is not a validation: the latest validation stays what it was.
+                state.invalidate("validation", "validation_tag")
+                d.update(kept)
+                if validator is not None:
+                    validator.latest = latest
+        return {f"test_{key}": value for key, value in results.items()}
+
+    def test_sync(
+        self,
+        data: Iterable[Any] | Mapping[str, Any],
+        *,
+        backend: Literal["asyncio", "trio"] = "asyncio",
+    ) -> dict[str, Any]:
+        """:meth:`test` for scripts and notebooks (see :meth:`fit_sync`)."""
+
+        async def main() -> dict[str, Any]:
+            return await self.test(data)
+
+        return run_sync(main, backend=backend)
+
+    async def _evaluate(self, sets: dict[str | None, BatchSource] | None) -> None:
+        """The Validate stage once, over ``sets`` (``None``: ``val_data``)."""
+        stage = self._stages["validate"]
+        validator = self._rt.validator
+        token = None if sets is None else validation_sources.set(sets)
+        try:
+            if validator is None:
+                await stage(self._state)
+            else:
+                await validator.validate_now(stage, self._state, sets)
+        finally:
+            if token is not None:
+                validation_sources.reset(token)
 
     async def predict(self, data: Iterable[Any] | Any) -> Any:
         """The model's outputs for ``data`` (batches of ``(inputs, targets)`` or inputs alone).
@@ -581,6 +689,12 @@ class Learner(Generic[TBatch]):
         callback states. Take it under ``weights_lock.read()`` while training runs."""
         return _persist.state_dict(self)
 
+    def _state_dict_of(self, state: State) -> dict[str, Any]:
+        """:meth:`state_dict` as seen from ``state``: a concurrent tail's state is a snapshot."""
+        if state is self._state:
+            return _persist.state_dict(self)
+        return _persist.state_dict(self, snapshot=state)
+
     def load_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (when idle).
 
@@ -614,6 +728,7 @@ def _verb(status: LearnerStatus) -> str:
     return {
         LearnerStatus.FITTING: "fit",
         LearnerStatus.VALIDATING: "validate",
+        LearnerStatus.TESTING: "test",
         LearnerStatus.PREDICTING: "predict",
         LearnerStatus.IDLE: "idle",
     }[status]

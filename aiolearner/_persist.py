@@ -21,42 +21,81 @@ from . import _optim
 from ._callbacks import Callback
 from ._hparams import check_hparams
 from ._rng import capture_rng, restore_rng, rng_from_portable, rng_to_portable
+from ._snapshot import portable_dict, progress_from_portable, progress_to_portable
+from ._validation import pending_in
 from ._weights import match_state_dict, plain_state_dict
 
 if TYPE_CHECKING:
     from ._learner import Learner
+    from ._state import State
 
 __all__ = ["find_checkpoint", "load_state_dict", "read_checkpoint", "state_dict"]
 
 FORMAT = 1
 
 
-def state_dict(learner: Learner[Any]) -> dict[str, Any]:
-    """See :meth:`Learner.state_dict`."""
+def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str, Any]:
+    """See :meth:`Learner.state_dict`.
+
+    ``snapshot``: the state a concurrent validation's tail runs on. The result then holds the
+    snapshot's weights, its epoch counted as complete and its metrics: the validated weights,
+    as a run that stops there would continue from them; the optimizer, random and callback
+    states are the live ones (nothing else was copied with the snapshot).
+    """
     state = learner._state
     rt = learner._rt
     callbacks: dict[str, Any] = {}
     for key, cb in callback_keys(learner._callbacks):
         callbacks[key] = dict(cb.state_dict())
-    return {
-        "format": FORMAT,
-        # Keys as the uncompiled model has them: the file loads into either form.
-        "model": plain_state_dict(learner.model.state_dict()),
-        # "optimizer" for one optimizer (as always), "optimizers" by name for several.
-        **_optim.to_checkpoint(state.optimizers),
-        "progress": {
+    if snapshot is not None:
+        model = snapshot.model
+        progress: dict[str, Any] = {
+            "epoch": snapshot.epoch + 1,
+            "step": snapshot.step,
+            "batch_index": 0,
+            "pass_done": False,
+            "val_done": False,
+            "val_after": False,
+            "hooks": {},
+            "validation": None,
+            "train_losses": [],
+            "stream": None,
+        }
+        metrics = snapshot.metrics
+        validation = None
+    else:
+        model = learner.model
+        progress = {
             "epoch": state.epoch,
             "step": state.step,
             "batch_index": state.batch_index,
             "pass_done": rt.pass_done,
+            "val_done": rt.val_done,
+            "val_after": rt.val_after,
+            "hooks": progress_to_portable(rt.hook_progress),
+            # Read again when the run resumes in an interrupted after_validate.
+            "validation": _validation_to_portable(state),
             "train_losses": [x.detach().float().cpu().reshape(()) for x in rt.train_losses],
             "stream": _stream_to_portable(learner._train.stream_state()),
-        },
-        "metrics": {k: v for k, v in state.metrics.items() if _portable(v)},
+        }
+        metrics = state.metrics
+        # Concurrent validation: the epochs' tails still to run, with their snapshots.
+        validation = None if rt.validator is None else rt.validator.state_dict()
+    return {
+        "format": FORMAT,
+        # Keys as the uncompiled model has them: the file loads into either form.
+        "model": plain_state_dict(model.state_dict()),
+        # "optimizer" for one optimizer (as always), "optimizers" by name for several.
+        **_optim.to_checkpoint(state.optimizers),
+        "progress": progress,
+        "metrics": {k: v for k, v in metrics.items() if _portable(v)},
         "rng": rng_to_portable(capture_rng()),
-        "epoch_rng": None if rt.epoch_rng is None else rng_to_portable(rt.epoch_rng),
+        "epoch_rng": None
+        if rt.epoch_rng is None or snapshot is not None
+        else rng_to_portable(rt.epoch_rng),
         "callbacks": callbacks,
         "hparams": check_hparams(learner.hparams),
+        "validation": validation,
     }
 
 
@@ -68,6 +107,12 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
     _check_model(learner.model, weights)
     state = learner._state
     rt = learner._rt
+    validator = rt.validator
+    if pending_in(checkpoint) and (validator is None or not validator.concurrent):
+        raise ValueError(
+            "the checkpoint was taken while concurrent validations were in flight; continue it"
+            " with a learner built with validate='concurrent'; nothing was loaded"
+        )
     optimizers = _optim.from_checkpoint(state.optimizers, checkpoint)
     # What a failure half way must put back (the optimizer states are copied: load_state_dict
     # replaces them, but the tensors of the old ones may be shared with nobody else).
@@ -76,7 +121,12 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         "optimizers": [copy.deepcopy(opt.state_dict()) for opt, _ in optimizers],
         "counters": (state.epoch, state.step, state.batch_index),
         "metrics": state.metrics,
-        "progress": (rt.pass_done, rt.train_losses, rt.epoch_rng),
+        "progress": (rt.pass_done, rt.val_done, rt.val_after, rt.train_losses, rt.epoch_rng),
+        "validation": {
+            k: state.__dict__[k] for k in ("validation", "validation_tag") if k in state.__dict__
+        },
+        "hooks": dict(rt.hook_progress),
+        "validator": None if validator is None else validator.export(),
         "rng": capture_rng(),
         "callbacks": [(cb, dict(cb.state_dict())) for cb in learner._callbacks],
     }
@@ -92,6 +142,15 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         state.step = int(progress["step"])
         state.batch_index = int(progress["batch_index"])
         rt.pass_done = bool(progress["pass_done"])
+        rt.val_done = bool(progress.get("val_done", False))
+        rt.val_after = bool(progress.get("val_after", False))
+        validation = progress.get("validation")
+        if validation is not None:
+            state.validation = dict(validation["results"])
+            state.validation_tag = (int(validation["tag"][0]), int(validation["tag"][1]))
+        hooks = progress_from_portable(progress.get("hooks"))
+        rt.hook_progress.clear()
+        rt.hook_progress.update(hooks)
         rt.train_losses = [x.to(learner.device) for x in progress["train_losses"]]
         state.metrics = dict(checkpoint.get("metrics", {}))
         restore_rng(rng)
@@ -101,13 +160,21 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
             if key in stored:
                 cb.load_state_dict(stored[key])
         stream = _stream_from_portable(progress.get("stream"))
+        if validator is not None:
+            validator.load_state_dict(checkpoint.get("validation"), state)
     except BaseException:
         learner.model.load_state_dict(saved["model"])
         for (opt, _), opt_state in zip(optimizers, saved["optimizers"], strict=True):
             opt.load_state_dict(opt_state)
         state.epoch, state.step, state.batch_index = saved["counters"]
         state.metrics = saved["metrics"]
-        rt.pass_done, rt.train_losses, rt.epoch_rng = saved["progress"]
+        rt.pass_done, rt.val_done, rt.val_after, rt.train_losses, rt.epoch_rng = saved["progress"]
+        state.invalidate("validation", "validation_tag")
+        state.__dict__.update(saved["validation"])
+        rt.hook_progress.clear()
+        rt.hook_progress.update(saved["hooks"])
+        if validator is not None:
+            validator.restore(saved["validator"])
         restore_rng(saved["rng"])
         for cb, cb_state in saved["callbacks"]:
             cb.load_state_dict(cb_state)
@@ -179,6 +246,14 @@ def find_checkpoint(callbacks: Sequence[Callback], resume: str | os.PathLike[str
     if not path.is_file():
         raise FileNotFoundError(f"resume: no checkpoint file at {path}")
     return path
+
+
+def _validation_to_portable(state: State) -> dict[str, Any] | None:
+    d = state.__dict__
+    results, tag = d.get("validation"), d.get("validation_tag")
+    if results is None or tag is None:
+        return None
+    return {"results": portable_dict(results), "tag": [int(tag[0]), int(tag[1])]}
 
 
 def _stream_to_portable(stream: tuple[int, dict[str, Any] | None] | None) -> Any:

@@ -40,7 +40,7 @@ from ._state import State, StateView, split_declaration
 if TYPE_CHECKING:
     from ._trace import Trace
 
-__all__ = ["HookPlan", "build_plan", "describe_access", "stronger"]
+__all__ = ["HookPlan", "HookProgress", "build_plan", "describe_access", "stronger"]
 
 _RANK = {SkipBatch: 1, StopEpoch: 2, StopFit: 3}
 
@@ -63,6 +63,8 @@ class Entry:
     fn: HookMethod
     is_async: bool
     view: StateView
+    #: The callback's position in the learner's callbacks (stable across processes).
+    index: int
 
 
 @dataclass(slots=True)
@@ -92,6 +94,9 @@ class HookPlan:
         self.layers = layers
         self.trace = trace
         self.has_async = any(e.is_async for layer in layers for e in layer.concurrent)
+        #: Set on the hooks of an epoch's tail (``after_fit``, ``after_validate``,
+        #: ``after_epoch``) by their owner: see :meth:`_run_tracked`.
+        self.progress: HookProgress | None = None
 
     @property
     def entries(self) -> list[Entry]:
@@ -155,6 +160,9 @@ class HookPlan:
     async def run(self) -> None:
         """Run the plan. A plan of ``def`` hooks only never suspends, so a batch compiled to run
         without the event loop can run it too (see _executor.py)."""
+        if self.progress is not None:
+            await self._run_tracked(self.progress)
+            return
         pending: ControlFlow | None = None
         for layer in self.layers:
             for entry in layer.sync:
@@ -179,6 +187,59 @@ class HookPlan:
                     pending = stronger(pending, caught)
         if pending is not None:
             raise pending
+
+    async def _run_tracked(self, progress: HookProgress) -> None:
+        """:meth:`run`, remembering in ``progress`` which callbacks have finished this hook for
+        the record the state holds (its epoch, step and phase), until the hook is over.
+
+        An interrupted run of the hook (an error, a cancellation) leaves that list behind, and
+        checkpoints keep it: when the resumed run gets to the hook again for the same record,
+        the callbacks that had finished are not called a second time (an early-stopping
+        counter counts the epoch once).
+        """
+        entries = self.entries
+        d = entries[0].view._state.__dict__
+        at = (d.get("epoch"), d.get("step"), d.get("phase"))
+        known = progress.get(self.hook)
+        done: set[int] = set(known[1]) if known is not None and known[0] == at else set()
+        progress[self.hook] = (at, done)
+        pending: ControlFlow | None = None
+        for layer in self.layers:
+            for entry in layer.sync:
+                if entry.index in done:
+                    continue
+                flow = self._call(entry)
+                done.add(entry.index)
+                if flow is not None:
+                    pending = stronger(pending, flow)
+            concurrent = [e for e in layer.concurrent if e.index not in done]
+            if len(concurrent) == 1:
+                flow = await self._acall(concurrent[0])
+                done.add(concurrent[0].index)
+                if flow is not None:
+                    pending = stronger(pending, flow)
+            elif concurrent:
+                flows: list[ControlFlow] = []
+                try:
+                    async with anyio.create_task_group() as tg:
+                        for entry in concurrent:
+                            tg.start_soon(self._tracked, entry, flows, done, name=entry.name)
+                except ExceptionGroup as group:
+                    raise self._group(group.exceptions) from None
+                for caught in flows:
+                    pending = stronger(pending, caught)
+        del progress[self.hook]
+        if pending is not None:
+            raise pending
+
+    async def _tracked(self, entry: Entry, flows: list[ControlFlow], done: set[int]) -> None:
+        await self._acall(entry, flows)
+        done.add(entry.index)
+
+
+#: What the tracked hooks of a record have done: hook -> ((epoch, step, phase), callbacks done,
+#: by their index in the learner's callbacks).
+HookProgress = dict[str, tuple[tuple[Any, Any, Any], set[int]]]
 
 
 def _declared(cb: Callback, attr: str) -> frozenset[str]:
@@ -319,6 +380,7 @@ def build_plan(
         return None
     cbs = [cb for cb, _ in hooked]
     layers = []
+    everyone = list(getattr(learner, "_callbacks", ()))
     for indices in _order(hook, cbs):
         layer = Layer([], [])
         for i in indices:
@@ -332,8 +394,9 @@ def build_plan(
                 writes=_declared(cb, "writes"),
             )
             is_async = is_async_hook(fn)
+            index = next((k for k, c in enumerate(everyone) if c is cb), i)
             (layer.concurrent if is_async else layer.sync).append(
-                Entry(cb, cb.name, fn, is_async, view)
+                Entry(cb, cb.name, fn, is_async, view, index)
             )
         layers.append(layer)
     return HookPlan(hook, stage, layers, trace)

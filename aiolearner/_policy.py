@@ -15,7 +15,9 @@ Compute placement (``Learner(compute=...)``):
   inline on one loop count together: their slices (a batch, or the batches between two turns)
   add up against ``max_blocking``. It re-decides every ``recheck_interval`` seconds from
   measured batch times and the loop's task list, so a tiny model keeps inline overhead, and a
-  heavy model keeps a web service on the same loop responsive.
+  heavy model keeps a web service on the same loop responsive. While a pass of the learner's own
+  concurrent validation is in flight, it hops (:meth:`ComputePolicy.set_shared`): that pass is work
+  sharing the loop, and the two passes can only compute at once from two threads.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from typing import Any, Literal
 
 import anyio
 
-__all__ = ["LONE_YIELD_FACTOR", "SHARING_RECHECK", "ComputeMode", "ComputePolicy", "loop_is_shared"]
+__all__ = [
+    "LONE_YIELD_FACTOR",
+    "SHARED_MIN_BATCH",
+    "SHARING_RECHECK",
+    "ComputeMode",
+    "ComputePolicy",
+    "loop_is_shared",
+]
 
 ComputeMode = Literal["auto", "thread", "inline"]
 
@@ -66,6 +75,10 @@ def loop_is_shared(*, own_tasks: bool = False) -> bool:
 #: at every turn.
 LONE_YIELD_FACTOR = 10
 SHARING_RECHECK = 0.5
+#: With ``auto``, the shortest training batch (seconds) worth a hop so that it computes while a
+#: concurrent validation does: below it, two hops a batch (training's and validation's) cost
+#: about what overlapping saves, and the passes take turns on the loop instead.
+SHARED_MIN_BATCH = 0.0005
 
 
 class ComputePolicy:
@@ -83,6 +96,8 @@ class ComputePolicy:
         self.recheck_interval = recheck_interval
         self.hopping = mode == "thread"
         self.limiter = anyio.CapacityLimiter(1)
+        #: Concurrent validation passes in flight (see :meth:`share`).
+        self.shared = 0
         self._typical: float | None = None
         self._next_check = 0.0
         # Set while a run is on (see enter_run): the event loop's thread, the turn interval.
@@ -150,8 +165,21 @@ class ComputePolicy:
         the batches between two turns, whichever is longer."""
         return max(self._typical or 0.0, self._turn)
 
+    def set_shared(self, shared: bool) -> None:
+        """Whether the learner's own concurrent validation has a pass in flight (from the
+        snapshot on): with ``auto``, training's compute then hops to its worker, so the two
+        passes compute at once (the validation hops to a worker of its own) instead of taking
+        turns on the event loop. ``inline`` stays inline: the passes then interleave between
+        batches."""
+        self.shared = int(shared)
+        if self.mode == "auto":
+            self.reconsider()
+
     def reconsider(self) -> None:
         typical = self._typical
+        if self.shared and (typical is None or typical >= SHARED_MIN_BATCH):
+            self.hopping = True
+            return
         heavy = typical is not None and typical > self.max_blocking
         if typical is not None and not heavy and self._loop_thread is not None:
             # Several learners training inline on one event loop each hold it for a slice in

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import torch
@@ -31,24 +31,64 @@ if TYPE_CHECKING:
 
     from ._exceptions import ControlFlow
     from ._executor import Executor
+    from ._plan import HookProgress
     from ._stage import Stage
     from ._trace import Trace
     from ._validation import Validator
 
-__all__ = ["DRIVING", "Runtime", "compute_lane", "snapshot_source"]
+__all__ = [
+    "DRIVING",
+    "Lane",
+    "Runtime",
+    "compute_lane",
+    "current_set",
+    "join_lane",
+    "on_snapshot",
+    "validation_sources",
+]
+
+
+class Lane(Protocol):
+    """A compute worker of its own for a task that runs stages next to the training loop."""
+
+    async def run(
+        self,
+        tg: TaskGroup,
+        fn: Callable[..., Any],
+        *args: Any,
+        on_cancel: Callable[[], object] | None = None,
+    ) -> Any: ...
+
 
 #: The compute lane of the current task: a task that runs stages next to the training loop (a
-#: concurrent validation, a branch of ``Parallel``) sets its own capacity-1 limiter here, so its
-#: hops to worker threads overlap the training's instead of queueing behind them.
-compute_lane: ContextVar[anyio.CapacityLimiter | None] = ContextVar(
+#: concurrent validation, a branch of ``Parallel``) sets its own here (a capacity-1 limiter for
+#: anyio's worker threads, or a worker of its own), so its hops to worker threads overlap the
+#: training's instead of queueing behind them.
+compute_lane: ContextVar[anyio.CapacityLimiter | Lane | None] = ContextVar(
     "aiolearner_compute_lane", default=None
 )
-#: Set while the current task validates a private weight snapshot (concurrent validation): the
-#: pass reads this source (opened when the snapshot was taken) instead of the learner's
-#: ``val_data``, and Validate takes no weights lock (nobody else writes the snapshot).
-snapshot_source: ContextVar[BatchSource | None] = ContextVar(
-    "aiolearner_snapshot_source", default=None
+#: Set while the current task runs a validation pass on other data than the learner's
+#: ``val_data``: a concurrent validation's snapshot (iterators opened when the snapshot was
+#: taken), ``learner.validate(data)``, ``learner.test(data)``. By set name (``None`` for a single
+#: data set), in the order the sets are validated.
+validation_sources: ContextVar[dict[str | None, BatchSource] | None] = ContextVar(
+    "aiolearner_validation_sources", default=None
 )
+#: Set while the current task validates a private weight snapshot (concurrent validation):
+#: Validate takes no weights lock (nobody else writes the snapshot).
+on_snapshot: ContextVar[bool] = ContextVar("aiolearner_on_snapshot", default=False)
+#: The validation set the current task's Validate pass is on (``open_pass(state, "validation")``).
+current_set: ContextVar[str | None] = ContextVar("aiolearner_current_set", default=None)
+
+
+def join_lane() -> None:
+    """Make the current CUDA stream wait for what the current task's lane queued on a stream of
+    its own (a concurrent validation's), before reading its results; nothing elsewhere."""
+    join = getattr(compute_lane.get(), "join", None)
+    if join is not None:
+        join()
+
+
 #: Set while a batch compiled to run without the event loop runs (see _executor.py): its compute
 #: stages then call ``compute`` directly, since the batch as a whole already holds the weights
 #: lock, is timed, and runs where the policy put it. A context variable, not a flag on the
@@ -64,7 +104,7 @@ class Runtime:
         *,
         policy: ComputePolicy,
         train: BatchSource,
-        val: BatchSource | None,
+        val: dict[str | None, BatchSource],
         hub: EventHub,
         trace: Trace | None,
         device: torch.device,
@@ -73,7 +113,8 @@ class Runtime:
     ) -> None:
         self.policy = policy
         self.train = train
-        self.val = val
+        #: The validation data sets by name (``None``: a single ``val_data``), maybe empty.
+        self.val_sets = val
         self.hub = hub
         self.trace = trace
         self.device = device
@@ -90,6 +131,15 @@ class Runtime:
         # progress
         self.target_epochs = 0
         self.pass_done = False
+        #: The current epoch's validation (sequential, per epoch) has finished, ``after_validate``
+        #: included: a resumed run goes on with ``after_epoch``, not with a second validation.
+        self.val_done = False
+        #: A validation's pass has finished and its ``after_validate`` was interrupted: the
+        #: resumed run runs that hook only, with the results in the state.
+        self.val_after = False
+        #: Which callbacks finished the tracked hooks of the current epoch's tail (see
+        #: ``HookPlan.run``); one dict for the learner's life (the plans point at it).
+        self.hook_progress: HookProgress = {}
         self.train_losses: list[torch.Tensor] = []
         self.epoch_rng: dict[str, Any] | None = None
         #: The fields stages declared, by lifetime (see Stage.fields), set when the learner is
@@ -111,7 +161,12 @@ class Runtime:
 
     @property
     def has_val_data(self) -> bool:
-        return self.val is not None
+        return bool(self.val_sets)
+
+    def validation_sets(self) -> dict[str | None, BatchSource]:
+        """The sets the current validation pass goes over (see ``validation_sources``)."""
+        sources = validation_sources.get()
+        return self.val_sets if sources is None else sources
 
     # -- compute ------------------------------------------------------------------------------
 
@@ -186,9 +241,12 @@ class Runtime:
         policy.hops += 1
         lane = compute_lane.get()
         try:
-            if lane is not None:
+            if isinstance(lane, anyio.CapacityLimiter):
                 # Not timed: the policy's measurements are the training loop's batches.
                 result = await anyio.to_thread.run_sync(fn, *args, limiter=lane)
+            elif lane is not None:
+                assert self.tg is not None
+                result = await lane.run(self.tg, fn, *args, on_cancel=on_cancel)
             else:
                 assert self.tg is not None
                 if timed and policy.mode == "auto":
@@ -252,6 +310,9 @@ class Runtime:
         state.epoch += 1
         state.batch_index = 0
         self.pass_done = False
+        #: The current epoch's validation (sequential, per epoch) has finished, ``after_validate``
+        #: included: a resumed run goes on with ``after_epoch``, not with a second validation.
+        self.val_done = False
         self.train_losses = []
         self.epoch_rng = None
         state.invalidate(*self.expiring["epoch"])
@@ -271,11 +332,18 @@ class Runtime:
                 raise ValueError(
                     f"open_pass: data must be 'train', 'validation' or batches, got {data!r}"
                 )
-            source = snapshot_source.get()
-            if source is None:
-                source = self.val
-            if source is None:
+            sets = self.validation_sets()
+            if not sets:
                 raise ValueError("open_pass: this learner has no validation data")
+            name = current_set.get()
+            if name is None and None not in sets:
+                if len(sets) > 1:
+                    raise ValueError(
+                        "open_pass: this learner has several validation sets "
+                        f"({', '.join(map(repr, sets))}); the Validate stage goes over each in turn"
+                    )
+                name = next(iter(sets))
+            source = sets[name]
         else:
             train = self.train
             source = BatchSource(

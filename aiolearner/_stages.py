@@ -26,16 +26,20 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 import torch
 
 from ._device import wait_ready
 from ._exceptions import ControlFlow, SkipBatch, StageError, StopEpoch, StopFit
-from ._runtime import snapshot_source
+from ._rng import capture_rng, restore_rng
+from ._runtime import current_set, join_lane, on_snapshot
 from ._stage import ComputeStage, Stage, batch_size, owned, split_batch
 from ._state import State
+
+if TYPE_CHECKING:
+    from ._plan import HookPlan
 
 __all__ = [
     "Epoch",
@@ -49,6 +53,7 @@ __all__ = [
     "ValidateLoss",
     "forward",
     "optimizer_step",
+    "validate_record",
 ]
 
 
@@ -264,11 +269,18 @@ class Validate(Stage):
     Pseudo-code::
 
         before_validate
-        with weights_lock.read(), model in eval mode:
-            for batch in val_data: state.batch = batch; ValidateBatch; the batch's fields expire
-        state.validation = {"loss": sample-weighted mean loss}; validation_tag = (epoch, step)
-        metrics["val_loss"] = validation["loss"]
+        with weights_lock.read(), model in eval mode, training's random streams put back after:
+            for each validation set (one, or each value of a val_data mapping, in order):
+                state.validation_set = its name (None for a single val_data)
+                for batch in the set: state.batch = batch; ValidateBatch; the batch's fields expire
+        state.validation = {"loss": sample-weighted mean loss}   ("<set>_loss" for each named set)
+        validation_tag = (epoch, step); metrics["val_" + key] = validation[key]
+                                        ("test_" + key while learner.test() runs)
         after_validate       (callbacks add their metrics to state.validation here)
+
+    On a concurrent validation's snapshot the pass takes no lock (the snapshot is private) and
+    leaves the random streams alone (training draws from them meanwhile; the data's iterators
+    were created when the snapshot was taken).
     """
 
     name = "validate"
@@ -285,59 +297,134 @@ class Validate(Stage):
         validate_batch = self.validate_batch
         expire = rt.expiring["batch"]
         d = state.__dict__
-        total: list[torch.Tensor] = []
-        count = 0
+        sets = rt.validation_sets()
+        sums: dict[str | None, tuple[list[torch.Tensor], int]] = {}
+        snapshot = on_snapshot.get()
         # A concurrent validation's snapshot is private: no lock (it would stall training).
-        lock = rt.weights_lock if snapshot_source.get() is None else None
+        lock = None if snapshot else rt.weights_lock
+        # Validation never moves training's random streams (a shuffling DataLoader draws its
+        # order when its iterator is created): they are put back however the pass ends, so an
+        # interrupted run is resumed from the state validation started from.
+        rng = None if snapshot else capture_rng()
         if lock is not None:
             await lock.acquire_read()
         try:
             model.eval()
-            async with rt.open_pass(state, "validation") as batches:
-                while (batch := await batches.next()) is not batches.END:
-                    state.batch = batch
-                    try:
-                        await validate_batch(state)
-                        loss = d.get("loss")
-                        if loss is not None:
-                            n = batch_size(batch)
-                            total.append(loss.detach() * n)
-                            count += n
-                    except BaseException as exc:
-                        if not owned(self, state, exc):
-                            raise
-                        break
-                    finally:
-                        state.invalidate(*expire)
-                    now = time.perf_counter()
-                    if now - rt.last_yield >= rt.yield_every:
-                        await rt.give_turn(now)
+            for name in sets:
+                total: list[torch.Tensor] = []
+                count = 0
+                token = current_set.set(name)
+                state.validation_set = name
+                stopped = False
+                try:
+                    async with rt.open_pass(state, "validation") as batches:
+                        while (batch := await batches.next()) is not batches.END:
+                            state.batch = batch
+                            try:
+                                await validate_batch(state)
+                                loss = d.get("loss")
+                                if loss is not None:
+                                    n = batch_size(batch)
+                                    total.append(loss.detach() * n)
+                                    count += n
+                            except BaseException as exc:
+                                if not owned(self, state, exc):
+                                    raise
+                                stopped = True
+                                break
+                            finally:
+                                state.invalidate(*expire)
+                            now = time.perf_counter()
+                            if now - rt.last_yield >= rt.yield_every:
+                                await rt.give_turn(now)
+                finally:
+                    current_set.reset(token)
+                sums[name] = (total, count)
+                if stopped:
+                    break
         finally:
+            state.invalidate("validation_set")
             model.train(was_training)
             if lock is not None:
                 lock.release_read()
+            if rng is not None:
+                restore_rng(rng)
+        if snapshot:
+            # On CUDA the pass ran on a stream of its own: what reads its results from here
+            # (the sums below, after_validate callbacks) goes after it.
+            join_lane()
         results: dict[str, Any] = {}
-        if count:
-            summed = torch.stack(total).sum()
-            await wait_ready(summed)
-            results["loss"] = float(summed) / count
-            state.metrics["val_loss"] = results["loss"]
+        prefix = "test_" if d.get("phase") == "test" else "val_"
+        for name, (total, count) in sums.items():
+            if count:
+                summed = torch.stack(total).sum()
+                await wait_ready(summed)
+                key = "loss" if name is None else f"{name}_loss"
+                results[key] = float(summed) / count
+                state.metrics[prefix + key] = results[key]
         state.validation = results
         state.validation_tag = (state.epoch, state.step)
         if rt.observed:
             rt.publish("validation", self.name, state, dict(results))
 
 
+async def validate_record(validate: Stage, state: State) -> StopFit | None:
+    """Run a validation (the ``validate`` stage) on the training state, resumably.
+
+    If an earlier attempt's pass finished and its ``after_validate`` was interrupted (an error,
+    a cancellation), the pass is not run again: that hook runs alone, on the results the pass
+    left in the state, and the callbacks that had finished it are not called again (the hook is
+    tracked, see ``HookPlan.run``). Returns a StopFit raised by ``after_validate``: the
+    validation is over, the caller acts on it when its record is complete.
+    """
+    rt = validate._built()
+    d = state.__dict__
+    if rt.val_after:
+        after = validate._after
+        try:
+            if after is not None:
+                await after.run()
+        except StopFit as stop:
+            rt.val_after = False
+            return stop
+        except BaseException as exc:
+            if not owned(validate, state, exc):
+                raise
+        rt.val_after = False
+        return None
+    before = d.get("validation")
+    try:
+        await validate(state)
+    except StopFit as stop:
+        if d.get("validation") is not before:
+            return stop  # from after_validate: the pass had finished
+        raise
+    except BaseException:
+        if d.get("validation") is not before:
+            rt.val_after = True  # the pass finished; its after_validate did not
+        raise
+    return None
+
+
 class Epoch(Stage):
-    """One epoch: the training pass, then validation. Owns :class:`StopEpoch` from its hooks.
+    """One epoch: the training pass, then its *tail*: validation and ``after_epoch``.
+
+    Owns :class:`StopEpoch` from its hooks.
 
     Pseudo-code::
 
         before_epoch
         Fit          (skipped when resuming an epoch whose training pass had finished)
-        Validate     (when the learner has validation data; with validate="concurrent" a
-                      snapshot of the weights is taken here and validated in the background)
-        after_epoch
+        Validate     (when the learner has validation data and validates once per epoch;
+                      skipped when resuming an epoch whose validation had finished)
+        after_epoch  (also after a StopFit from after_validate: every finished epoch is
+                      recorded; the StopFit then ends the run)
+
+    With ``validate="concurrent"`` the tail is handed to the background: a snapshot of the
+    weights and of the epoch's record is taken where Validate would run, the next epoch starts
+    training, and Validate then ``after_epoch`` run on the snapshot (see
+    docs/concurrent-validation.md). Each epoch's ``metrics`` event is published after its
+    ``after_epoch``.
     """
 
     name = "epoch"
@@ -353,13 +440,61 @@ class Epoch(Stage):
         if not rt.pass_done:
             await self.fit(state)
             rt.pass_done = True
-        if rt.has_val_data:
+        if rt.has_val_data and rt.validator is None and not rt.val_done:
+            stop = await validate_record(self.validate, state)
+            rt.val_done = True
+            if stop is not None:
+                # From after_validate: the epoch's record is complete, so after_epoch still
+                # runs (see __call__); the StopFit ends the run after it.
+                raise stop
+
+    async def __call__(self, state: State) -> None:
+        """Like :meth:`Stage.__call__`, with the epoch's tail: see the class docstring."""
+        rt = self._built()
+        observed = rt.observed
+        start = rt.enter(self, state) if observed else 0.0
+        stop: StopFit | None = None
+        try:
+            ran = True
+            try:
+                if self._before is not None:
+                    await self._before.run()
+                await self.run(state)
+            except StopFit as exc:
+                if not rt.val_done:
+                    raise
+                stop = exc
+            except BaseException as exc:
+                if not owned(self, state, exc):
+                    raise
+                ran = False  # a StopEpoch from before_epoch: no pass, no validation
             validator = rt.validator
-            if validator is None:
-                await self.validate(state)
-            else:
-                # Concurrent: snapshot now, validate in the background; or another schedule.
-                await validator.at_epoch_end(self.validate, state)
+            handed = False
+            if validator is not None and validator.concurrent:
+                # The tail (or after_epoch alone, behind the tails in flight) may go to the
+                # background; a stop request that arrived meanwhile ends the run after it.
+                handed, late = await validator.at_epoch_end(self, state, validate=ran)
+                stop = stop or late
+            if not handed:
+                await self.finish(state, self._after)
+        finally:
+            if observed:
+                rt.exit(self, state, start)
+        if stop is not None:
+            raise stop
+
+    async def finish(self, state: State, after: HookPlan | None) -> None:
+        """``after_epoch`` (``after``: the hook's plan on ``state``, the training state or the
+        state a concurrent tail runs on) and the epoch's ``metrics`` event."""
+        if after is not None:
+            try:
+                await after.run()
+            except BaseException as exc:
+                if not owned(self, state, exc):
+                    raise
+        rt = self._built()
+        if rt.observed:
+            rt.publish("metrics", self.name, state, dict(state.metrics))
 
 
 class FitRun(Stage):
@@ -394,8 +529,6 @@ class FitRun(Stage):
         async with contextlib.nullcontext() if validator is None else validator.session(state):
             while state.epoch < rt.target_epochs:
                 await self.epoch(state)
-                if rt.observed:
-                    rt.publish("metrics", self.name, state, dict(state.metrics))
                 rt.end_epoch(state)
                 # A cancellation requested during the epoch (by a hook, say) lands here, at the
                 # epoch boundary, however short epochs are and whatever the turn interval.

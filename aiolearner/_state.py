@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ._trace import Trace
 
 __all__ = [
+    "declared_key",
     "FIELD_LIFETIMES",
     "KeyedDict",
     "ReadOnlyDict",
@@ -44,7 +45,15 @@ FIELD_LIFETIMES: dict[str, str] = {
     "step": "it is always valid (written by stages only)",
     "batch_index": "it is always valid (written by stages only)",
     "metrics": "it is always valid",
-    "phase": "it is valid while the learner runs fit, validate or predict",
+    "phase": (
+        "it is valid while the learner runs fit, validate, test or predict ('fit', 'validate',"
+        " 'test', 'predict')"
+    ),
+    "validation_set": (
+        "it is set by Validate while it goes over a validation set (the set's name in a val_data"
+        " mapping, None for a single val_data), so it is valid in the batches of a validation"
+        " pass only"
+    ),
     "batch": (
         "it is set by FitBatch (ValidateBatch) for the current batch and cleared when that batch "
         "ends, so it is not valid outside a batch"
@@ -70,7 +79,7 @@ FIELD_LIFETIMES: dict[str, str] = {
 }
 
 #: Fields only stages may write.
-STAGE_OWNED = frozenset({"epoch", "step", "batch_index", "phase", "outcome"})
+STAGE_OWNED = frozenset({"epoch", "step", "batch_index", "phase", "outcome", "validation_set"})
 
 #: Keys the default stages put in dict fields, and when (for the message of StateKeyError).
 STAGE_KEYS: dict[str, dict[str, str]] = {
@@ -120,6 +129,7 @@ class State:
     loss: torch.Tensor
     validation: dict[str, Any]
     validation_tag: tuple[int, int]
+    validation_set: str | None
     outcome: str
     stop_reason: str
 
@@ -303,10 +313,27 @@ class KeyedDict(Mapping[str, Any]):
         #: The keys it may read; ``None``: every key.
         self._readable = readable
 
+    def _declared(self, key: str) -> str:
+        """The declared name of ``key``: itself, or, for a validation result, the single-set
+        name it stands for (see :func:`declared_key`)."""
+        view = self._view
+        if view is None:
+            return key
+        state = view._state.__dict__
+        if "phase" not in state:
+            return key
+        sets = view._learner._rt.validation_sets()
+        return declared_key(self._field, key, state.get("phase"), [n for n in sets if n])
+
     def _check_read(self, key: str) -> None:
         readable = self._readable
-        if readable is not None and key not in readable:
+        if readable is not None and key not in readable and self._declared(key) not in readable:
             raise _undeclared_key(self._view, self._field, key, "read")
+
+    def _check_write(self, key: str) -> None:
+        writable = self._writable
+        if key not in writable and self._declared(key) not in writable:
+            raise _undeclared_key(self._view, self._field, key, "write")
 
     def __getitem__(self, key: str) -> Any:
         self._check_read(key)
@@ -314,7 +341,7 @@ class KeyedDict(Mapping[str, Any]):
             value = self._data[key]
         except KeyError:
             raise _key_error(self._view, self._field, key) from None
-        if key in self._writable:
+        if key in self._writable or self._declared(key) in self._writable:
             return value
         return _wrap_readonly(value, f"{self._field}[{key!r}]", self._view)
 
@@ -333,7 +360,9 @@ class KeyedDict(Mapping[str, Any]):
     def __iter__(self) -> Iterator[str]:
         readable = self._readable
         keys = list(self._data)
-        return iter(keys if readable is None else [k for k in keys if k in readable])
+        if readable is None:
+            return iter(keys)
+        return iter([k for k in keys if k in readable or self._declared(k) in readable])
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
@@ -342,15 +371,13 @@ class KeyedDict(Mapping[str, Any]):
         return f"KeyedDict({ {k: self._data[k] for k in self}!r})"
 
     def __setitem__(self, key: str, value: Any) -> None:
-        if key not in self._writable:
-            raise _undeclared_key(self._view, self._field, key, "write")
+        self._check_write(key)
         # Not recorded in the trace: like any in-place change of a dict field, it is a change
         # of the field's value, not an assignment of the field.
         self._data[key] = value
 
     def __delitem__(self, key: str) -> None:
-        if key not in self._writable:
-            raise _undeclared_key(self._view, self._field, key, "write")
+        self._check_write(key)
         del self._data[key]
 
     def update(self, other: Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
@@ -363,9 +390,30 @@ class KeyedDict(Mapping[str, Any]):
         return self[key]
 
     def pop(self, key: str, *default: Any) -> Any:
-        if key not in self._writable:
-            raise _undeclared_key(self._view, self._field, key, "write")
+        self._check_write(key)
         return self._data.pop(key, *default)
+
+
+def declared_key(field: str, key: str, phase: str | None, sets: Sequence[str]) -> str:
+    """The key a callback declares for ``key`` of a dict field, given the pass running now.
+
+    Keys of validation results are declared as for a single validation set: ``"metrics.val_acc"``
+    and ``"validation.acc"``. The same declarations cover what a pass writes in their place:
+    ``metrics["test_acc"]`` in ``learner.test()``, and ``metrics["val_<set>_acc"]`` /
+    ``validation["<set>_acc"]`` (``test_<set>_acc``) for named validation sets (``sets``). So a
+    callback declares its keys once, whatever sets the learner validates on, and two callbacks
+    conflict on a key exactly when they would on its single-set name.
+    """
+    if field == "metrics":
+        start = "test_" if phase == "test" else "val_"
+        for prefix in [f"{start}{name}_" for name in sets] or [start]:
+            if key.startswith(prefix) and prefix != "val_":
+                return "val_" + key[len(prefix) :]
+    elif field == "validation":
+        for name in sets:
+            if key.startswith(f"{name}_"):
+                return key[len(name) + 1 :]
+    return key
 
 
 def _undeclared_key(view: StateView | None, field: str, key: str, what: str) -> StateAccessError:
@@ -581,9 +629,10 @@ class StateView:
         Its tensors are the live ones (no copies): take it and copy what you keep under
         ``weights_lock.read()``, or from a ``def`` hook of the training batch, which runs while
         the batch holds the weights. Checkpointing callbacks need it; they could not reach the
-        learner otherwise.
+        learner otherwise. In a hook of a concurrent validation's tail, the weights, counters
+        and metrics are the snapshot's (see docs/concurrent-validation.md).
         """
-        snapshot: dict[str, Any] = self._learner.state_dict()
+        snapshot: dict[str, Any] = self._learner._state_dict_of(self._state)
         return snapshot
 
     def start_soon(self, fn: Callable[..., Any], *args: object, name: str | None = None) -> None:

@@ -1,49 +1,63 @@
-"""When validation runs, and validating a snapshot of the weights while training goes on.
+"""When validation runs, and the epoch's tail on a snapshot while training goes on.
 
 ``Learner(validate=..., validate_every=..., max_snapshots=..., snapshot_policy=...)``:
 
 * ``validate="sequential"`` (default): the Validate stage runs in the training loop, on the live
-  weights (under the weights' read lock); training waits for it.
-* ``validate="concurrent"``: when a validation is due, the training loop takes a *snapshot*: it
-  copies the weights (parameters and every buffer, batch-norm statistics included) into a shadow
-  model under the weights' read lock, so only fully updated weights are copied, and goes on
-  training. A worker task in the learner's run task group validates the snapshot, one snapshot at
-  a time, in the order they were taken. Each shadow model is allocated once (a deep copy of the
-  model at first use) and refreshed in place afterwards.
+  weights (under the weights' read lock); training waits for it. Per epoch, the
+  :class:`~aiolearner.Epoch` stage runs it (no validator at all: nothing to pay).
+* ``validate="concurrent"``: where a validation is due, the training loop takes a *snapshot*:
+  the weights (parameters and every buffer, batch-norm statistics included, copied under the
+  weights' read lock into a shadow model), the *record* (the training state's fields at that
+  moment: counters, a copy of ``metrics``, ...), the validation data's iterators and the random
+  state they were opened under; then it goes on training. A worker task in the run's task group
+  runs the snapshots' work in the order they were taken.
 
-A concurrent validation runs its stages (Validate, ValidateBatch, ValidateLoss and any under them)
-on a *validation state* of its own, not on the training state: ``model`` is the shadow model,
-``epoch``/``step``/``batch_index`` are the counters at the snapshot, ``metrics`` is the training
-state's dict (shared), ``optimizer`` is the live optimizer (not a snapshot). So the
-``after_validate`` callbacks see ``validation`` and ``validation_tag == (epoch, step)`` of the
-snapshot, and a best-model checkpoint saves exactly the weights that were validated. When the
-pass ends, its ``validation`` and ``validation_tag`` land in the training state too.
+Per epoch, the snapshot carries the epoch's whole *tail*: the validation pass and then the
+``after_epoch`` hooks, both on the snapshot's record, so everything a callback reads there
+(``epoch``, ``step``, ``metrics`` with the training metrics, ``validation``) describes the
+snapshot's moment, as in sequential mode, while the next epoch trains. With ``validate_every`` N
+steps or a time, an epoch that ends while validations are in flight hands its ``after_epoch`` to
+the worker too, behind them (on the snapshot of the epoch's end when one was taken there, else on
+a copy of the weights as they are when it runs); with none in flight it runs in the loop.
 
-Control flow and errors of a concurrent validation reach the training loop between batches, at
-the end of the epoch and when the run ends, whichever comes first:
+What a tail writes into its record's ``metrics`` (``val_loss``, a callback's ``best_val_loss``)
+lands in the training state's ``metrics`` when the tail's phase ends, and in every later
+record (the *overlay*): each record sees what it would have seen in sequential mode.
 
-* ``StopFit`` raised in ``after_validate`` (early stopping) is a *stop request*; the training loop
-  raises it at its next batch boundary. With ``snapshot_policy="wait"``, training cannot run
-  more than ``max_snapshots`` validation periods ahead of the results, so it stops at most that
-  many periods late (one, by default).
+Control flow and errors of the worker reach the training loop between batches, at the end of
+the epoch and when the run ends, whichever comes first:
+
+* ``StopFit`` is a *stop request*. From ``after_validate`` it first lets the same tail's
+  ``after_epoch`` run. The training loop raises it at its next batch boundary (the epoch in
+  progress is not counted) or, if the epoch's training pass is over, at the epoch's end: that
+  epoch is counted and its ``after_epoch`` runs, without a validation of its own.
 * any other exception ends the run as if a stage had raised it (bare, with a note naming the
   snapshot; callback errors in their ExceptionGroup).
-* the run (``FitRun``) waits for outstanding validations, and their ``after_validate`` hooks,
-  before ``after_fit_run``; an error or a cancellation of the run cancels them.
+* the run waits for outstanding tails before ``after_fit_run``; an error or a cancellation
+  cancels them.
 
-Random numbers: the validation data's iterator is created when the snapshot is taken, at the point
-where a sequential validation would create it (a DataLoader draws its base seed there), so both
-modes draw the same numbers. Anything that draws random numbers *while* the pass runs (random
-augmentation of validation data, a model that samples in eval mode) draws from the global
-generators concurrently with training and changes its random stream; see
+Exact continuation: tails not finished when a run ends (cancelled, failed, or interrupted by an
+error anywhere) are kept, with their shadows, records, progress (validated or not) and random
+state, in memory and in ``state_dict()``; the next ``fit`` (or ``fit(resume=...)`` in a fresh
+process) runs them first, re-opening the validation data under the random state of the
+snapshot, so the results are those of the uninterrupted run.
+
+Random numbers: validation never moves training's random streams. A sequential pass puts back
+the global generators' state when it ends (however it ends); a snapshot opens the validation
+data (a DataLoader draws its seed and its shuffled order there) under a saved state that is put
+back at once. What draws from the global generators *while* a concurrent pass runs (random
+augmentation of validation data in the main process) draws concurrently with training; see
 docs/concurrent-validation.md.
+
+Compute: while a pass is in flight the training loop's compute hops to its worker (``auto``
+too, see :meth:`ComputePolicy.set_shared`) and the pass's compute to a worker of its own, so both
+compute at once; on CUDA the pass runs on a stream of its own.
 """
 
 from __future__ import annotations
 
-import copy
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -51,16 +65,19 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 import anyio
 import torch
 
-from ._data import BatchSource
-from ._exceptions import ControlFlow, StopFit
+from ._exceptions import StopFit
 from ._parallel import Parallel, rebind
-from ._rng import capture_rng, restore_rng
-from ._runtime import compute_lane, snapshot_source
-from ._stage import epoch_words
+from ._plan import build_plan
+from ._rng import capture_rng
+from ._runtime import compute_lane, on_snapshot, validation_sources
+from ._snapshot import Lane, Sets, Slot, Tail, open_all, portable_dict, preopened
+from ._stage import epoch_words, owned
+from ._stages import Epoch, validate_record
 from ._state import State
 
 if TYPE_CHECKING:
     from ._learner import Learner
+    from ._plan import HookPlan
     from ._runtime import Runtime
     from ._stage import Stage
 
@@ -138,88 +155,29 @@ def bind_states(learner: Learner[Any]) -> None:
                 overrides[id(child)] = branch
     if overrides:
         rebind(learner, overrides)
-
-
-class _Preopened:
-    """Data whose iterator was created already (when the snapshot was taken)."""
-
-    def __init__(self, it: Iterator[Any]) -> None:
-        self._it = it
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._it
-
-
-class _PreopenedAsync:
-    def __init__(self, it: Any) -> None:
-        self._it = it
-
-    def __aiter__(self) -> Any:
-        return self._it
-
-
-class _Slot:
-    """One snapshot: a shadow model, refreshed in place, and where it was taken."""
-
-    def __init__(self) -> None:
-        self.model: torch.nn.Module | None = None
-        self._tensors: list[torch.Tensor] = []
-        self._stream: Any = None
-        self.tag = (0, 0)
-        self.batch_index = 0
-        self.data: Any = None
-
-    def refresh(self, model: torch.nn.Module) -> None:
-        """Make the shadow model equal to ``model`` (call under the weights' read lock)."""
-        sources = [*model.parameters(), *model.buffers()]
-        shadow = self.model
-        if shadow is None or not _same_layout(self._tensors, sources):
-            self._allocate(model)
-            return
-        with torch.no_grad():
-            device = sources[0].device if sources else torch.device("cpu")
-            if device.type == "cuda":
-                # Copy on a side stream after the work already queued, and make the training
-                # stream wait for the copy before its next (weight-changing) kernels.
-                if self._stream is None:
-                    self._stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-                current = torch.cuda.current_stream(device)
-                self._stream.wait_stream(current)
-                with torch.cuda.stream(self._stream):
-                    torch._foreach_copy_(self._tensors, sources)
-                current.wait_stream(self._stream)
-            else:
-                for dst, src in zip(self._tensors, sources, strict=True):
-                    dst.copy_(src)
-
-    def _allocate(self, model: torch.nn.Module) -> None:
-        self.model = None
-        self._tensors = []
-        shadow = copy.deepcopy(model)
-        for p in shadow.parameters():
-            p.grad = None
-            p.requires_grad_(False)
-        shadow.eval()
-        self.model = shadow
-        self._tensors = [*shadow.parameters(), *shadow.buffers()]
-
-
-def _same_layout(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> bool:
-    if len(dsts) != len(srcs):
-        return False
-    for d, s in zip(dsts, srcs, strict=True):
-        if d.shape != s.shape or d.dtype != s.dtype or d.device != s.device:
-            return False
-    return True
+    # The hooks of an epoch's tail remember which callbacks finished them (see HookPlan.run):
+    # on the training state in the run's progress, on a concurrent tail in its item.
+    epoch = learner._stages.get("epoch")
+    tracked: list[Stage | None] = [
+        epoch,
+        getattr(epoch, "fit", None),
+        getattr(epoch, "validate", None),
+    ]
+    for tail in tracked:
+        if tail is None or tail._after is None:
+            continue
+        concurrent = validator is not None and validator.concurrent
+        on_snapshot_state = concurrent and validator is not None and tail is validator.stage
+        tail._after.progress = None if on_snapshot_state else rt.hook_progress
 
 
 class Validator:
-    """Schedules validation passes and, in concurrent mode, runs them on snapshots.
+    """Schedules validation and, in concurrent mode, runs the epochs' tails on snapshots.
 
     One per learner (``runtime.validator``), created only for options other than the default.
-    The training loop calls :meth:`between_batches` after every batch and :meth:`at_epoch_end`
-    where the sequential validation would run; :class:`~aiolearner.FitRun` wraps the run in
-    :meth:`session`.
+    The training loop calls :meth:`between_batches` after every batch (and before the first) and
+    :meth:`at_epoch_end` where the sequential validation would run; :class:`~aiolearner.FitRun`
+    wraps the run in :meth:`session`.
     """
 
     def __init__(
@@ -236,18 +194,27 @@ class Validator:
         self.seconds = seconds
         self.max_snapshots = max_snapshots
         self.policy = policy
-        #: The state concurrent validation passes run on (hooks of the validate subtree see it).
+        #: The state the worker runs tails on (hooks of the validate subtree and the worker's
+        #: ``after_epoch`` plan see it).
         self.state = State()
         self.stage: Stage | None = None
+        self.epoch_stage: Epoch | None = None
         #: Snapshots taken, and skipped because ``max_snapshots`` were in flight (``"skip"``).
         self.taken = 0
         self.skipped = 0
+        #: What tails wrote into their records' metrics (see the module docstring).
+        self.overlay: dict[str, Any] = {}
+        #: The newest validation results and their tag, as tails landed them.
+        self.latest: tuple[dict[str, Any], tuple[int, int]] | None = None
+        self._learner: Learner[Any] | None = None
         self._rt: Runtime | None = None
-        self._val: BatchSource | None = None
-        self._slots: list[_Slot] = []
-        self._free: list[_Slot] = []
-        self._queue: deque[_Slot] = deque()
-        self._lane: anyio.CapacityLimiter | None = None
+        self._epoch_after: HookPlan | None = None
+        self._slots: list[Slot] = []
+        self._free: list[Slot] = []
+        self._queue: deque[Tail] = deque()
+        #: Tails a run left unfinished (cancelled, failed): the next run does them first.
+        self._pending: list[Tail] = []
+        self._lane: Lane | None = None
         self._main: State | None = None
         self._open = False
         self._closing = False
@@ -256,21 +223,40 @@ class Validator:
         self._worker_done: anyio.Event | None = None
         self._failure: BaseException | None = None
         self._stop: StopFit | None = None
-        self._last_step = -1
+        #: The last step whose validation is taken care of (validate_every=N): run, or taken
+        #: as a snapshot (whose item a checkpoint keeps), or skipped.
+        self._accounted = 0
         self._last_time: float | None = None
 
     def bind(self, learner: Learner[Any]) -> None:
-        """Attach to a (re)built learner: its runtime, validation data and validate stage."""
+        """Attach to a (re)built learner: its runtime, validate stage and ``after_epoch`` hook."""
+        self._learner = learner
         self._rt = learner._rt
-        self._val = learner._rt.val
         epoch = learner._stages.get("epoch")
         stage = getattr(epoch, "validate", None)
         self.stage = stage if stage is not None else learner._stages.get("validate")
+        self.epoch_stage = epoch if isinstance(epoch, Epoch) else None
+        self._epoch_after = None
+        if self.epoch_stage is not None and self.concurrent:
+            hook = self.epoch_stage.hook_names[1]
+            hooked = [(cb, m) for cb in learner._callbacks for h, m in cb.hooks() if h == hook]
+            self._epoch_after = build_plan(
+                hook, self.epoch_stage.name, hooked, self.state, learner, learner._trace
+            )
+
+    @property
+    def per_epoch(self) -> bool:
+        return self.steps is None and self.seconds is None
 
     @property
     def in_flight(self) -> int:
-        """How many snapshots are taken and not yet fully validated."""
-        return len(self._queue)
+        """How many snapshots this run has taken and not yet fully validated."""
+        return sum(1 for item in self._queue if item.slot is not None)
+
+    @property
+    def pending(self) -> int:
+        """How many tails an interrupted run left for the next one."""
+        return len(self._pending)
 
     @property
     def shadow_models(self) -> list[torch.nn.Module]:
@@ -280,13 +266,13 @@ class Validator:
     # -- called by the training loop ------------------------------------------------------------
 
     async def between_batches(self, state: State) -> None:
-        """After each training batch: surface a stop request or a failure; maybe validate."""
+        """After each training batch (and before a pass's first): surface a stop request or a
+        failure; maybe validate."""
         if self._failure is not None or self._stop is not None:
             self._check()
         if self.steps is not None:
             step = state.step
-            if step % self.steps == 0 and step != self._last_step:
-                self._last_step = step
+            if step % self.steps == 0 and step != self._accounted:
                 await self._trigger(state)
         elif self.seconds is not None:
             now = anyio.current_time()
@@ -296,41 +282,64 @@ class Validator:
                 self._last_time = now
                 await self._trigger(state)
 
-    async def at_epoch_end(self, stage: Stage, state: State) -> None:
-        """Where the sequential validation would run: validate if the schedule is per epoch."""
-        self._check()
-        if self.steps is None and self.seconds is None:
-            await self._trigger(state, stage)
+    async def at_epoch_end(
+        self, epoch: Epoch, state: State, *, validate: bool
+    ) -> tuple[bool, StopFit | None]:
+        """Where the sequential validation and ``after_epoch`` would run (concurrent mode).
 
-    async def validate_now(self, stage: Stage, state: State) -> None:
-        """Validate once and wait for it (``learner.validate()``, or outside a run session)."""
+        ``validate``: the epoch ran its training pass and validates once per epoch. Returns
+        whether the tail went to the worker (``after_epoch`` included), and a stop request to
+        raise once the epoch is over.
+        """
+        self._raise_failure()
+        if validate and self.per_epoch and self._stop is None and self.stage is not None:
+            item = await self._submit(state, epoch_end=True)
+            if item is not None:
+                return True, self._take_stop()
+        handed = self._hand_epoch_end(state)
+        return handed, self._take_stop()
+
+    async def validate_now(self, stage: Stage, state: State, sets: Sets | None = None) -> None:
+        """Validate once and wait for it (``learner.validate()``/``test()``, outside a run)."""
         if not self.concurrent:
             await stage(state)
             return
-        # Outside a session only snapshots of an interrupted run can hold the slots.
-        slot = self._acquire() or _Slot()
-        self._lane = anyio.CapacityLimiter(1)
+        rt = self._rt
+        assert rt is not None
+        sets = rt.val_sets if sets is None else sets
+        # Outside a session only the tails of an interrupted run can hold the slots.
+        slot = self._acquire() or Slot()
+        lane = self._lane = Lane(rt.device)
+        self._main = state
+        rt.policy.set_shared(True)
         try:
-            await self._take(slot, state)
-            await self._pass(slot, stage, state)
+            item = await self._take(slot, state, sets=sets, epoch_end=False)
+            await self._validate(item, stage, state, sets=sets)
         finally:
+            rt.policy.set_shared(False)
+            lane.close()
+            self._lane = None
+            self._main = None
             self._release(slot)
 
     @asynccontextmanager
     async def session(self, state: State) -> AsyncIterator[None]:
         """The run's window for concurrent validation (opened by FitRun around its epochs).
 
-        On a normal exit, waits for outstanding validations and raises their stop request or
-        error; on StopFit, waits for them too; on an error or a cancellation, cancels them.
+        On a normal exit, waits for outstanding tails and raises their stop request or error;
+        on StopFit, waits for them too; on an error or a cancellation, cancels them and keeps
+        the unfinished ones for the next run.
         """
+        rt = self._rt
+        assert rt is not None
         self._main = state
         self._open = True
         self._closing = False
-        self._lane = anyio.CapacityLimiter(1)  # per run: it belongs to this event loop
+        self._lane = Lane(rt.device)  # per run: its worker belongs to this event loop
         self._changed = anyio.Event()
         self._last_time = anyio.current_time()
         try:
-            if self._queue:
+            if self._pending:
                 self._resume_pending()
             try:
                 yield
@@ -338,11 +347,14 @@ class Validator:
                 await self._drain(stopping=True)
                 raise
             await self._drain(stopping=False)
-        except BaseException as exc:
-            await self._abort(keep=isinstance(exc, anyio.get_cancelled_exc_class()))
+        except BaseException:
+            await self._abort()
             raise
         finally:
+            self._lane.close()
+            self._lane = None
             self._open = False
+            self._share()
             self._main = None
             self._changed = None
             self._failure = None
@@ -350,26 +362,46 @@ class Validator:
 
     # -- scheduling -------------------------------------------------------------------------------
 
-    async def _trigger(self, state: State, stage: Stage | None = None) -> None:
-        stage = stage if stage is not None else self.stage
+    async def _trigger(self, state: State) -> None:
+        stage = self.stage
         if stage is None:
             return
+        step = state.step
         if not self.concurrent:
-            await stage(state)
-        elif self._open and stage is self.stage:
-            await self._submit(state)
+            stop = await validate_record(stage, state)
+            self._accounted = step
+            if stop is not None:
+                raise stop
+        elif self._open:
+            await self._submit(state, epoch_end=False)
+            self._accounted = step
         else:
             await self.validate_now(stage, state)
+            self._accounted = step
+
+    def _share(self) -> None:
+        """Tell the compute policy whether a validation is in flight (see set_shared)."""
+        rt = self._rt
+        if rt is not None:
+            shared = self._open and any(item.validate for item in self._queue)
+            if shared != bool(rt.policy.shared):
+                rt.policy.set_shared(shared)
 
     def _check(self) -> None:
+        self._raise_failure()
+        stop = self._take_stop()
+        if stop is not None:
+            raise stop
+
+    def _raise_failure(self) -> None:
         failure = self._failure
         if failure is not None:
             self._failure = None
             raise failure
-        stop = self._stop
-        if stop is not None:
-            self._stop = None
-            raise stop
+
+    def _take_stop(self) -> StopFit | None:
+        stop, self._stop = self._stop, None
+        return stop
 
     def _notify(self) -> None:
         changed = self._changed
@@ -381,23 +413,22 @@ class Validator:
         assert self._changed is not None
         await self._changed.wait()
 
-    def _acquire(self) -> _Slot | None:
+    def _acquire(self) -> Slot | None:
         if self._free:
             return self._free.pop()
         if len(self._slots) < self.max_snapshots:
-            slot = _Slot()
+            slot = Slot()
             self._slots.append(slot)
             return slot
         return None
 
-    def _release(self, slot: _Slot) -> None:
-        slot.data = None
-        if slot in self._queue:
-            self._queue.remove(slot)
-        if slot not in self._free:
+    def _release(self, slot: Slot | None) -> None:
+        if slot is not None and slot in self._slots and slot not in self._free:
             self._free.append(slot)
 
-    async def _submit(self, state: State) -> None:
+    async def _submit(self, state: State, *, epoch_end: bool) -> Tail | None:
+        """Take a snapshot and queue its tail; ``None`` if it was skipped (``"skip"``, or a stop
+        request arrived while training waited for a slot)."""
         slot = self._acquire()
         while slot is None:
             if self.policy == "skip":
@@ -410,46 +441,84 @@ class Validator:
                         state,
                         {"message": "validation skipped: max_snapshots in flight"},
                     )
-                return
-            # Back-pressure: training waits for the oldest validation to finish.
+                return None
+            # Back-pressure: training waits for the oldest tail to finish.
             await self._wait_change()
-            self._check()
+            self._raise_failure()
+            if self._stop is not None:
+                if epoch_end:
+                    return None  # the caller hands the epoch's end on, then stops
+                self._check()
             slot = self._acquire()
+        rt = self._rt
+        assert rt is not None
         try:
-            await self._take(slot, state)
+            item = await self._take(slot, state, sets=rt.val_sets, epoch_end=epoch_end)
         except BaseException:
             self._release(slot)
             raise
-        self._queue.append(slot)
+        self._queue.append(item)
         self.taken += 1
+        self._share()
         self._start_worker()
         self._notify()
+        return item
 
-    async def _take(self, slot: _Slot, state: State) -> None:
+    async def _take(self, slot: Slot, state: State, *, sets: Sets, epoch_end: bool) -> Tail:
         rt = self._rt
-        val = self._val
         assert rt is not None
-        assert val is not None
         async with rt.weights_lock.read():
             slot.refresh(state.model)
-        slot.tag = (state.epoch, state.step)
-        slot.batch_index = state.batch_index
-        # Created here, where the sequential pass would create it: same random draws.
-        slot.data = aiter(val.data) if val.is_async else iter(val.data)
+        fields = self._record(state)
+        rng = capture_rng()
+        item = Tail(
+            slot, fields, validate=True, epoch_fields=fields if epoch_end else None, rng=rng
+        )
+        # Opened here, where the sequential pass would open them: the same random draws, and
+        # training's random streams are left as they were.
+        item.data = open_all(sets, rng)
+        return item
+
+    def _record(self, state: State) -> dict[str, Any]:
+        """The training state's fields now (``metrics`` copied): what a tail runs on."""
+        rt = self._rt
+        assert rt is not None
+        skip = {"model", *rt.batch_fields}
+        fields = {k: v for k, v in state.__dict__.items() if k[0] != "_" and k not in skip}
+        fields["metrics"] = dict(state.metrics)
+        return fields
+
+    def _hand_epoch_end(self, state: State) -> bool:
+        """Queue ``after_epoch`` behind the tails in flight (``False``: none are, run it now)."""
+        if not self._queue or self.epoch_stage is None:
+            return False
+        last = self._queue[-1]
+        fields = self._record(state)
+        if (
+            last.slot is not None
+            and last.epoch_fields is None
+            and last.tag == (state.epoch, state.step)
+        ):
+            # A snapshot of these very weights is in flight (validate_every=N ending the
+            # epoch): after_epoch sees it.
+            last.epoch_fields = fields
+        else:
+            self._queue.append(Tail(None, fields, validate=False, epoch_fields=fields, rng=None))
+        self._start_worker()
+        self._notify()
+        return True
 
     def _resume_pending(self) -> None:
-        # Snapshots whose validation a cancellation interrupted: their shadows are untouched, so
-        # they are validated first, as the uninterrupted run would have. Their data iterators
-        # are created again without drawing from the training's random stream (the interrupted
-        # run drew already, when it took them).
-        val = self._val
-        assert val is not None
-        rng = capture_rng()
-        try:
-            for slot in self._queue:
-                slot.data = aiter(val.data) if val.is_async else iter(val.data)
-        finally:
-            restore_rng(rng)
+        # Tails a run left unfinished go first, as in the uninterrupted run. Their validation
+        # data is opened again under the random state of their snapshot.
+        rt = self._rt
+        assert rt is not None
+        for item in self._pending:
+            if item.validate and item.data is None and item.rng is not None:
+                item.data = open_all(rt.val_sets, item.rng)
+        self._queue.extendleft(reversed(self._pending))
+        self._pending = []
+        self._share()
         self._start_worker()
 
     # -- the worker -------------------------------------------------------------------------------
@@ -475,27 +544,29 @@ class Validator:
                             return
                         await self._wait_change()
                         continue
-                    slot = self._queue[0]
-                    stage = self.stage
-                    main = self._main
-                    assert stage is not None
-                    assert main is not None
-                    # A cancelled pass keeps its slot queued (see _resume_pending).
+                    item = self._queue[0]
+                    # A cancelled or failed item stays queued (see _abort), at the phase it
+                    # reached.
                     try:
-                        await self._pass(slot, stage, main)
+                        await self._run(item)
                     except StopFit as stop:
                         if self._stop is None:
                             self._stop = stop
                     except Exception as exc:
+                        e, s = item.tag
                         exc.add_note(
                             "aiolearner: raised by the concurrent validation of the weights at "
-                            f"{epoch_words(slot.tag[0])}, step {slot.tag[1]}"
+                            f"{epoch_words(e)}, step {s}"
+                            if item.slot is not None
+                            else f"aiolearner: raised in after_epoch of {epoch_words(e)}, step {s}"
+                            " (run after the concurrent validations before it)"
                         )
                         self._failure = exc
-                        self._release(slot)
                         self._notify()
                         return
-                    self._release(slot)
+                    self._queue.popleft()
+                    self._release(item.slot)
+                    self._share()
                     self._notify()
         finally:
             if self._worker_done is done:
@@ -504,62 +575,170 @@ class Validator:
             done.set()
             self._notify()
 
-    async def _pass(self, slot: _Slot, stage: Stage, main: State) -> None:
-        """Validate one snapshot on the validation state; land its results in ``main``."""
-        val = self._val
-        assert val is not None
-        assert slot.model is not None
+    async def _run(self, item: Tail) -> None:
+        """The item's phases: its validation, then its ``after_epoch``."""
+        main = self._main
+        stage = self.stage
+        rt = self._rt
+        assert main is not None
+        assert rt is not None
+        stop: StopFit | None = None
+        if item.validate:
+            assert stage is not None
+            try:
+                await self._validate(item, stage, main, sets=rt.val_sets)
+                self._share()
+            except StopFit as exc:
+                if item.validate:
+                    # Stopped inside the pass: as in sequential mode, nothing after it runs.
+                    item.validate = False
+                    item.epoch_fields = None
+                    raise
+                stop = exc  # from after_validate: after_epoch still runs, then the stop
+        if item.epoch_fields is not None:
+            await self._epoch_end(item, main)
+        if stop is not None:
+            raise stop
+
+    def _fill(self, fields: dict[str, Any], model: torch.nn.Module, main: State) -> None:
+        """Put a record into the worker's state."""
         v = self.state
         d = v.__dict__
-        v.model = slot.model
-        v.optimizer = main.optimizer
-        v.optimizers = main.optimizers
-        v.loss_fn = main.loss_fn
-        v.device = main.device
-        v.epoch, v.step = slot.tag
-        v.batch_index = slot.batch_index
-        v.metrics = main.metrics
-        v.phase = "validate"
+        d.update(fields)
+        d["model"] = model
+        if self.latest is not None:
+            d["validation"], d["validation_tag"] = self.latest
         md = main.__dict__
+        d["phase"] = md.get("phase", d.get("phase"))
         object.__setattr__(v, "_trace", md.get("_trace"))
         object.__setattr__(v, "_publish", md.get("_publish"))
         object.__setattr__(v, "_lifetimes", md.get("_lifetimes"))
         v.__class__ = type(main)
-        data = slot.data
-        slot.data = None
-        source = BatchSource(
-            _PreopenedAsync(data) if val.is_async else _Preopened(data),
-            name=val.name,
-            mover=val.mover,
-            prefetch=val.prefetch,
-            fetch=val.fetch,
-            fetch_budget=val.fetch_budget,
-        )
-        source.slow = val.slow
-        assert self._lane is not None
-        lane = compute_lane.set(self._lane)
-        src = snapshot_source.set(source)
-        # Results land only from a pass that ran to its end (a StopFit in after_validate too).
-        land = False
+
+    def _overlay(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Bring a record's metrics up to what tails landed since it was taken (once per
+        record); returns them as they are before the phase writes anything."""
+        metrics.update(self.overlay)
+        return dict(metrics)
+
+    def _empty(self) -> None:
+        v = self.state
+        d = v.__dict__
+        v.__class__ = State
+        for name in [k for k in d if not k.startswith("_")]:
+            del d[name]
+
+    def _land(self, before: dict[str, Any], metrics: dict[str, Any], main: State) -> None:
+        changed = {k: v for k, v in metrics.items() if k not in before or _written(before[k], v)}
+        self.overlay.update(changed)
+        main.metrics.update(changed)
+
+    async def _validate(self, item: Tail, stage: Stage, main: State, *, sets: Sets) -> None:
+        """The validation phase of ``item``: ``item.validate`` is cleared once the pass and its
+        ``after_validate`` are done (also when ``after_validate`` raised a StopFit)."""
+        slot = item.slot
+        lane = self._lane
+        rt = self._rt
+        assert slot is not None
+        assert slot.model is not None
+        assert lane is not None
+        assert rt is not None
+        v = self.state
+        d = v.__dict__
+        self._fill(item.fields, slot.model, main)
+        if item.before is None:
+            item.before = self._overlay(item.fields["metrics"])
+        after_only = item.results is not None
+        if item.results is not None:
+            # The pass had finished and its after_validate was interrupted: that hook only.
+            d["validation"], d["validation_tag"] = item.results
+            sources = None
+        else:
+            data = item.data
+            assert data is not None
+            item.data = None
+            sources = preopened(sets, data, lane.mover)
+        previous = d.get("validation")
+        after = stage._after
+        if after is not None:
+            after.progress = item.hooks
+        lane.begin(slot.stream)
+        tokens = (compute_lane.set(lane), validation_sources.set(sources), on_snapshot.set(True))
+        done = False
         try:
             try:
-                await stage(v)
-            except ControlFlow:
-                land = True
+                if after_only:
+                    await _after_hook(stage, v)
+                else:
+                    await stage(v)
+                done = True
+            except StopFit:
+                # From after_validate (the pass had set its results): the phase is over.
+                done = after_only or d.get("validation") is not previous
                 raise
-            land = True
         finally:
-            snapshot_source.reset(src)
-            compute_lane.reset(lane)
-            val.slow = val.slow or source.slow
+            if after is not None:
+                after.progress = None
+            on_snapshot.reset(tokens[2])
+            validation_sources.reset(tokens[1])
+            compute_lane.reset(tokens[0])
+            if sources is not None:
+                for name, source in sets.items():
+                    source.slow = source.slow or sources[name].slow
             results = d.get("validation")
             tag = d.get("validation_tag")
-            v.__class__ = State
-            for name in [k for k in d if not k.startswith("_")]:
-                del d[name]
-            if land and results is not None and tag is not None:
-                main.validation = results
-                main.validation_tag = tag
+            if not after_only and results is not None and results is not previous and tag:
+                item.results = (results, tag)  # the pass finished (whatever comes next)
+            metrics = d["metrics"]
+            self._empty()
+            if done:
+                # A StopEpoch from before_validate finishes the phase without results.
+                self._land(item.before, metrics, main)
+                if item.results is not None:
+                    self.latest = item.results
+                    main.validation, main.validation_tag = item.results
+                item.validate = False
+                item.results = None
+                item.before = None
+
+    async def _epoch_end(self, item: Tail, main: State) -> None:
+        """The ``after_epoch`` phase of ``item`` (and the epoch's ``metrics`` event)."""
+        fields = item.epoch_fields
+        epoch = self.epoch_stage
+        rt = self._rt
+        assert fields is not None
+        assert epoch is not None
+        assert rt is not None
+        slot = item.slot
+        if slot is None:
+            # No snapshot of the epoch's end (validate_every=N not ending the epoch, a skipped
+            # validation, a stop): the weights as they are now, copied under the read lock so
+            # that the hooks see no half update and hold no lock (one of them may want it).
+            slot = Slot()
+            async with rt.weights_lock.read():
+                slot.refresh(main.model)
+        shadow = slot.model
+        assert shadow is not None
+        plan = self._epoch_after
+        self._fill(fields, shadow, main)
+        if item.epoch_before is None:
+            # The validation's own record has its results already; another record is brought
+            # up to date.
+            metrics = fields["metrics"]
+            validated = fields is item.fields and item.slot is not None
+            item.epoch_before = dict(metrics) if validated else self._overlay(metrics)
+        if plan is not None:
+            plan.progress = item.hooks
+        try:
+            await epoch.finish(self.state, plan)
+        finally:
+            if plan is not None:
+                plan.progress = None
+            metrics = self.state.__dict__["metrics"]
+            self._empty()
+        self._land(item.epoch_before, metrics, main)
+        item.epoch_fields = None
+        item.epoch_before = None
 
     async def _drain(self, *, stopping: bool) -> None:
         while self._queue and self._failure is None and self._worker_done is not None:
@@ -573,7 +752,7 @@ class Validator:
             self._stop = None
         self._check()
 
-    async def _abort(self, *, keep: bool) -> None:
+    async def _abort(self) -> None:
         scope, done = self._worker_scope, self._worker_done
         if scope is not None and done is not None:
             scope.cancel()
@@ -584,8 +763,110 @@ class Validator:
                 await done.wait()
         self._worker_scope = None
         self._worker_done = None
-        for slot in list(self._queue):
-            if keep:
-                slot.data = None  # a resumed run opens the data again
-            else:
+        # Every unfinished tail is kept for the next run (its shadow is untouched); its data
+        # is opened again then.
+        for item in self._queue:
+            item.data = None
+        self._pending = [*self._queue, *self._pending]
+        self._queue.clear()
+        self._empty()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the validator: unfinished tails, overlay, progress."""
+        latest = self.latest
+        return {
+            "items": [item.to_portable() for item in [*self._pending, *self._queue]],
+            "overlay": portable_dict(self.overlay),
+            "latest": None
+            if latest is None
+            else {"validation": portable_dict(latest[0]), "tag": list(latest[1])},
+            "accounted": self._accounted,
+            "taken": self.taken,
+            "skipped": self.skipped,
+        }
+
+    def export(self) -> tuple[Any, ...]:
+        """Everything :meth:`load_state_dict` changes (to put back after a failed load)."""
+        return (
+            list(self._pending),
+            dict(self.overlay),
+            self.latest,
+            self._accounted,
+            self.taken,
+            self.skipped,
+        )
+
+    def restore(self, saved: tuple[Any, ...]) -> None:
+        """Undo a :meth:`load_state_dict` with what :meth:`export` returned."""
+        (self._pending, self.overlay, self.latest, self._accounted, self.taken, self.skipped) = (
+            saved
+        )
+
+    def load_state_dict(self, saved: Mapping[str, Any] | None, state: State) -> None:
+        """Restore :meth:`state_dict` (``None``: a checkpoint with nothing in flight)."""
+        if self._queue:
+            raise RuntimeError("cannot load validation progress while tails are in flight")
+        items: list[Tail] = []
+        acquired: list[Slot] = []
+        try:
+            for entry in [] if saved is None else saved.get("items", []):
+                weights = entry.get("model")
+                slot = None
+                if weights is not None:
+                    slot = self._acquire()
+                    if slot is None:  # more in the checkpoint than max_snapshots allows now
+                        slot = Slot()
+                        self._slots.append(slot)
+                    acquired.append(slot)
+                    slot.load(state.model, weights)
+                base = {k: v for k, v in state.__dict__.items() if k[0] != "_" and k != "model"}
+                items.append(Tail.from_portable(entry, base, slot))
+        except BaseException:
+            for slot in acquired:
                 self._release(slot)
+            raise
+        for item in self._pending:
+            self._release(item.slot)
+        self._pending = items
+        saved = saved or {}
+        self.overlay = dict(saved.get("overlay", {}))
+        latest = saved.get("latest")
+        self.latest = (
+            None
+            if latest is None
+            else (dict(latest["validation"]), (int(latest["tag"][0]), int(latest["tag"][1])))
+        )
+        self._accounted = int(saved.get("accounted", 0))
+        self.taken = int(saved.get("taken", self.taken))
+        self.skipped = int(saved.get("skipped", self.skipped))
+
+
+def _written(old: object, new: object) -> bool:
+    """Whether a metric was written: another object, unless it is the same plain value (a
+    record read back from a checkpoint holds copies of its numbers)."""
+    if old is new:
+        return False
+    plain = (int, float, str, bool)
+    return not (type(old) is type(new) and isinstance(new, plain) and old == new)
+
+
+async def _after_hook(stage: Stage, state: State) -> None:
+    """A stage's ``after_`` hook alone, acting on the control flow the stage owns."""
+    after = stage._after
+    if after is None:
+        return
+    try:
+        await after.run()
+    except BaseException as exc:
+        if not owned(stage, state, exc):
+            raise
+
+
+def pending_in(checkpoint: Mapping[str, Any]) -> int:
+    """How many unfinished concurrent tails a checkpoint holds."""
+    saved = checkpoint.get("validation")
+    if not isinstance(saved, Mapping):
+        return 0
+    return len(saved.get("items", []))

@@ -6,7 +6,11 @@ exactly, so it is only taken where the learner's state is *between* units of wor
 * at the start of an epoch (``before_epoch``, when no batch of it has run yet): the previous
   epoch, its validation and every ``after_epoch`` callback are done. Epoch-periodic and best
   checkpoints are taken here. Taking them in ``after_epoch`` instead would make a resumed run
-  validate again and run ``after_epoch`` twice (an early-stopping counter would count twice);
+  validate again and run ``after_epoch`` twice (an early-stopping counter would count twice).
+  The best is *judged* in ``after_epoch``, on the epoch's record (its validation results
+  included), and written at that boundary. With concurrent validation an epoch's
+  ``after_epoch`` runs on a snapshot while the next epoch trains: the best file is then written
+  at once, with the snapshot's weights (the ones validated) and counters;
 * before a training batch (``before_fit_batch``), for step-periodic checkpoints: the previous
   batch is finished and counted, the next one has not touched weights or the RNG;
 * when the run ends (``after_fit_run``): completed, stopped, failed or cancelled. The core runs
@@ -246,7 +250,11 @@ class Checkpoint(Callback):
       ``every_n_steps`` steps (the newest ``keep_periodic`` of them, or all; with
       ``keep_periodic=0`` none: those save points then only refresh ``last.pt``);
     * ``best-epoch-EEEE-step-SSSSSSSS.pt``: the ``top_k`` best by ``state.metrics[monitor]``,
-      judged once per epoch (see :attr:`best`).
+      judged once per epoch, in ``after_epoch`` (see :attr:`best`). With
+      ``validate="concurrent"`` such a file holds the validated snapshot's weights, counters
+      and metrics, while its optimizer, random and callback states are those of when it was
+      written (training has gone on): load its weights (``load_best``, ``load_weights``);
+      continue a run exactly from ``last.pt`` or a periodic file.
 
     With ``format="safetensors"`` the files end in ``.safetensors`` instead of ``.pt``.
 
@@ -344,6 +352,11 @@ class Checkpoint(Callback):
         self.best: list[dict[str, Any]] = []
         self._periodic: list[str] = []
         self._boundary: tuple[int, int] | None = None
+        # The last epoch judged (completed epochs, step), and a best file judged in the training
+        # loop's after_epoch that the next boundary writes: ((epoch, step), name, dropped).
+        self._judged: tuple[int, int] | None = None
+        self._planned: tuple[tuple[int, int], str | None, list[str]] | None = None
+        self._live: torch.nn.Module | None = None
         self._last_step_saved: int | None = None
         self._last_saved: tuple[int, int] | None = None
         self._lock: anyio.Lock | None = None
@@ -392,15 +405,40 @@ class Checkpoint(Callback):
     # -- hooks ---------------------------------------------------------------------------------
 
     def hooks(self) -> Iterator[tuple[str, Callable[[StateView], Any]]]:
-        # Without every_n_steps, no per-batch hook at all: a hook nobody uses costs nothing.
+        # Without every_n_steps, no per-batch hook at all: a hook nobody uses costs nothing;
+        # without a monitor, no after_epoch.
         for hook, method in super().hooks():
-            if hook != "before_fit_batch" or self.every_n_steps is not None:
-                yield hook, method
+            if hook == "before_fit_batch" and self.every_n_steps is None:
+                continue
+            if hook == "after_epoch" and self.monitor is None:
+                continue
+            yield hook, method
 
     async def before_fit_run(self, state: StateView) -> None:
         """Get ready to write (one write at a time, in order)."""
         # A fresh lock per run: fit may run under another event loop next time.
         self._lock = anyio.Lock()
+        self._live = state.model
+
+    async def after_epoch(self, state: StateView) -> None:
+        """Judge the epoch by ``monitor``, with its record (validation results included).
+
+        In the training loop the best file is written at the boundary that follows; on a
+        concurrent validation's snapshot (another model than the trained one), at once.
+        """
+        epoch, step = state.epoch + 1, state.step  # the epoch counts as complete in the file
+        if self._judged is not None and self._judged >= (epoch, step):
+            return  # judged already (the run was resumed from before this point)
+        self._judged = (epoch, step)
+        best_name, dropped = self._judge(state, epoch, step)
+        if self._live is None or state.model is self._live:
+            if best_name is not None or dropped:
+                if self._planned is not None and self._planned[0] == (epoch, step):
+                    dropped = [*self._planned[2], *dropped]
+                self._planned = ((epoch, step), best_name, dropped)
+            return
+        if best_name is not None:  # (files are dropped only for a new best)
+            await self._save(state, ([best_name], dropped), wait=False)
 
     async def before_epoch(self, state: StateView) -> None:
         """At an epoch boundary: save epoch-periodic and best checkpoints, and ``last.pt``."""
@@ -478,11 +516,11 @@ class Checkpoint(Callback):
         periodic = self.every_n_epochs is not None and epoch % self.every_n_epochs == 0
         if periodic:
             removes += self._add_periodic(f"epoch-{epoch:04d}{self.suffix}", targets)
-        if self.monitor is not None:
-            best_name, dropped = self._judge(state, epoch, step)
-            if best_name is not None:
-                targets.append(best_name)
-            removes += dropped
+        planned, self._planned = self._planned, None
+        if planned is not None and planned[0] == (epoch, step):
+            if planned[1] is not None:
+                targets.append(planned[1])
+            removes += planned[2]
         if self.save_last and (targets or periodic):
             targets.append(self._last_name)
             self._last_saved = (epoch, step)
@@ -495,7 +533,7 @@ class Checkpoint(Callback):
         metrics = state.metrics
         if self.monitor not in metrics:
             raise KeyError(
-                f"Checkpoint: metric {self.monitor!r} is not in state.metrics after epoch"
+                f"Checkpoint: metric {self.monitor!r} is not in state.metrics at the end of epoch"
                 f" {epoch} (it has {sorted(metrics)})"
             )
         score = float(metrics[self.monitor])
@@ -602,6 +640,14 @@ class Checkpoint(Callback):
             "best": [dict(e) for e in self.best],
             "periodic": list(self._periodic),
             "boundary": None if self._boundary is None else list(self._boundary),
+            "judged": None if self._judged is None else list(self._judged),
+            "planned": None
+            if self._planned is None
+            else {
+                "at": list(self._planned[0]),
+                "name": self._planned[1],
+                "dropped": list(self._planned[2]),
+            },
             "last_step_saved": self._last_step_saved,
             "last_saved": None if self._last_saved is None else list(self._last_saved),
         }
@@ -621,6 +667,18 @@ class Checkpoint(Callback):
         self._periodic = periodic
         boundary = state.get("boundary")
         self._boundary = None if boundary is None else (int(boundary[0]), int(boundary[1]))
+        judged = state.get("judged")
+        self._judged = None if judged is None else (int(judged[0]), int(judged[1]))
+        planned = state.get("planned")
+        self._planned = (
+            None
+            if planned is None
+            else (
+                (int(planned["at"][0]), int(planned["at"][1])),
+                None if planned["name"] is None else _check_name(planned["name"]),
+                [_check_name(n) for n in planned["dropped"]],
+            )
+        )
         last_step = state.get("last_step_saved")
         self._last_step_saved = None if last_step is None else int(last_step)
         last = state.get("last_saved")

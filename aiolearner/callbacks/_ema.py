@@ -77,7 +77,9 @@ class EMA(Callback):
         >>> learner.state.metrics["val_ema_loss"], ema.model    # the averaged nn.Module
     """
 
-    reads = frozenset({"model", "step", "batch", "ema_output", "ema_loss"})
+    reads = frozenset(
+        {"model", "step", "batch", "ema_output", "ema_loss", "validation_set", "phase"}
+    )
     writes = frozenset({"metrics", "validation"})  # per instance: the keys it writes
 
     def __init__(

@@ -235,7 +235,9 @@ class Metrics(Callback):
     * training, every ``log_every_n_steps`` steps: ``state.metrics["train_<name>_step"]``, the
       mean over those steps (one host sync per metric per interval);
     * validation (``after_validate``): ``state.validation["<name>"]`` and
-      ``state.metrics["val_<name>"]``, so early stopping and checkpoints can monitor them.
+      ``state.metrics["val_<name>"]``, so early stopping and checkpoints can monitor them;
+      with a mapping of validation sets, ``"<set>_<name>"`` and ``"val_<set>_<name>"``; in
+      ``learner.test()``, ``"test_<name>"`` instead of ``"val_<name>"``.
 
     Args:
         metrics: ``{name: metric}``, or names of the built-ins (``["accuracy", "loss"]``).
@@ -250,10 +252,11 @@ class Metrics(Callback):
     Raises:
         TypeError: a metric that is none of the above.
 
-    Reads ``batch``, ``output`` (or ``output_field``) and ``loss`` (or ``loss_field``); writes
-    its own keys of ``metrics`` and ``validation`` (declared per key: ``"metrics.val_accuracy"``,
-    ``"validation.accuracy"``, ...), so other callbacks that add keys of their own need no order
-    with it.
+    Reads ``batch``, ``output`` (or ``output_field``), ``loss`` (or ``loss_field``),
+    ``validation_set`` and ``phase``; writes its own keys of ``metrics`` and ``validation``
+    (declared per key: ``"metrics.val_accuracy"``, ``"validation.accuracy"``, ...; the same
+    declarations cover ``test_`` keys and named validation sets), so other callbacks that add
+    keys of their own need no order with it.
 
     Example:
         >>> import torchmetrics
@@ -295,25 +298,42 @@ class Metrics(Callback):
         self.prefix = prefix
         # Reads depend on the fields, writes on the names: declared per instance (the learner
         # reads the attributes).
-        self.__dict__["reads"] = frozenset({"batch", output_field, loss_field})
+        self.__dict__["reads"] = frozenset(
+            {"batch", output_field, loss_field, "validation_set", "phase"}
+        )
         self._train: dict[str, _Tracker] = {}
-        self._val: dict[str, _Tracker] = {}
         for name, spec in specs.items():
             if train:
                 self._train[name] = _Tracker(name, spec, window=log_every_n_steps is not None)
-            if validate:
-                val_spec = copy.deepcopy(spec) if _is_torchmetric(spec) else spec
-                self._val[name] = _Tracker(name, val_spec, window=False)
+        # Pristine copies (the training trackers update the originals); each set gets its own.
+        self._val_specs = (
+            {n: copy.deepcopy(v) if _is_torchmetric(v) else v for n, v in specs.items()}
+            if validate
+            else {}
+        )
+        # Per validation set (None: a single val_data), made when the set is first seen.
+        self._val: dict[str | None, dict[str, _Tracker]] = {}
         self._steps_in_window = 0
         writes = set()
         for name in self._train:
             writes.add(f"metrics.train_{prefix}{name}")
             if log_every_n_steps is not None:
                 writes.add(f"metrics.train_{prefix}{name}_step")
-        for name in self._val:
+        for name in self._val_specs:
             writes.add(f"metrics.val_{prefix}{name}")
             writes.add(f"validation.{prefix}{name}")
         self.__dict__["writes"] = frozenset(writes)
+
+    def _val_trackers(self, name: str | None) -> dict[str, _Tracker]:
+        trackers = self._val.get(name)
+        if trackers is None:
+            trackers = self._val[name] = {
+                metric: _Tracker(
+                    metric, copy.deepcopy(spec) if _is_torchmetric(spec) else spec, window=False
+                )
+                for metric, spec in self._val_specs.items()
+            }
+        return trackers
 
     def _update(self, trackers: dict[str, _Tracker], state: StateView) -> None:
         targets = split_batch(state.batch, self.name)[1]
@@ -360,24 +380,31 @@ class Metrics(Callback):
 
     def before_validate(self, state: StateView) -> None:
         """Start the validation accumulators."""
-        for tracker in self._val.values():
-            tracker.reset()
+        for trackers in self._val.values():
+            for tracker in trackers.values():
+                tracker.reset()
 
     def after_validate_loss(self, state: StateView) -> None:
-        """Accumulate the validation batch (device ops only)."""
-        if self._val:
-            self._update(self._val, state)
+        """Accumulate the validation batch (device ops only), for its validation set."""
+        if self._val_specs:
+            name = state.validation_set if state.is_valid("validation_set") else None
+            self._update(self._val_trackers(name), state)
 
     def after_validate(self, state: StateView) -> None:
-        """Put the validation results in ``state.validation`` and ``state.metrics``."""
-        for name, tracker in self._val.items():
-            value = tracker.epoch_value()
-            if value is None:
-                continue
-            key = f"{self.prefix}{name}"
-            state.validation[key] = value
-            state.metrics[f"val_{key}"] = value
-            tracker.reset()
+        """Put the results in ``state.validation`` and ``state.metrics`` (``val_`` keys, or
+        ``test_`` keys while ``learner.test()`` runs; a named set's name after the prefix)."""
+        phase = "test_" if state.is_valid("phase") and state.phase == "test" else "val_"
+        for set_name, trackers in self._val.items():
+            for name, tracker in trackers.items():
+                value = tracker.epoch_value()
+                if value is None:
+                    continue
+                key = f"{self.prefix}{name}"
+                if set_name is not None:
+                    key = f"{set_name}_{key}"
+                state.validation[key] = value
+                state.metrics[phase + key] = value
+                tracker.reset()
 
     # -- checkpoints ---------------------------------------------------------------------------
 

@@ -131,6 +131,8 @@ class ProgressBar(Callback):
         self._batches = 0
         self._samples = 0
         self._started = 0.0
+        # The training pass's (batches, seconds, samples/s) by epoch, until its line is made.
+        self._passes: dict[int, tuple[int, float, float]] = {}
         self._loss: torch.Tensor | None = None
         self._last_line = 0.0
         self._dirty = False
@@ -195,9 +197,16 @@ class ProgressBar(Callback):
         self._dirty = True
 
     def after_fit(self, state: StateView) -> None:
-        """Learn how many batches an epoch has."""
+        """Learn how many batches an epoch has; keep the training pass's figures for the
+        epoch's line (with concurrent validation, after_epoch comes while the next epoch
+        trains)."""
         if self._total is None or state.batch_index > self._total:
             self._total = state.batch_index
+        self._passes[state.epoch] = (
+            self._batches,
+            time.perf_counter() - self._started,
+            self._throughput(),
+        )
 
     def after_epoch(self, state: StateView) -> None:
         """Queue the epoch's line (metrics and throughput) for the renderer."""
@@ -237,10 +246,12 @@ class ProgressBar(Callback):
             for k, v in state.metrics.items()
             if isinstance(v, int | float) or (isinstance(v, torch.Tensor) and v.numel() == 1)
         )
-        elapsed = time.perf_counter() - self._started
+        batches, elapsed, rate = self._passes.pop(
+            state.epoch, (self._batches, time.perf_counter() - self._started, self._throughput())
+        )
         return (
-            f"epoch {state.epoch + 1}: {metrics}  ({self._batches} batches, {elapsed:.1f} s,"
-            f" {self._throughput():.0f} samples/s)"
+            f"epoch {state.epoch + 1}: {metrics}  ({batches} batches, {elapsed:.1f} s,"
+            f" {rate:.0f} samples/s)"
         )
 
     # Everything below writes to the terminal or file: it runs in a worker thread, so a slow

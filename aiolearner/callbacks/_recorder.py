@@ -89,13 +89,15 @@ class Recorder(Callback):
         self._epochs.append(row)
 
     def _flush(self) -> None:
+        # Taken first: a checkpoint written by a concurrent validation's tail reads the history
+        # on the event loop while training's after_fit_batch may append from the compute thread.
         pending = self._pending
         if pending:
+            self._pending = []
             # Stacked where they are, then one transfer (not one per step).
             valid = [x.reshape(()).float() for x in pending if x is not None]
             values = iter(torch.stack(valid).cpu().tolist() if valid else [])
             self._losses.extend(math.nan if x is None else next(values) for x in pending)
-            self._pending = []
 
     # -- results -------------------------------------------------------------------------------
 

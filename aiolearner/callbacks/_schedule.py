@@ -37,7 +37,8 @@ class LRSchedule(OptimizerCallback):
         scheduler: a scheduler built on the learner's optimizer, or a function
             ``make(optimizer) -> scheduler`` called when training starts (convenient when the
             optimizer is created with the learner).
-        interval: ``"step"`` (after every optimizer step) or ``"epoch"`` (after every epoch).
+        interval: ``"step"`` (after every optimizer step) or ``"epoch"`` (after every epoch's
+            training pass; ``ReduceLROnPlateau`` after the epoch's validation or ``after_epoch``).
         monitor: for ``ReduceLROnPlateau`` only: the key in ``state.metrics`` passed to its
             ``step`` (``"val_loss"`` by default): after each validation for a ``val_`` metric,
             at the end of each epoch otherwise.
@@ -53,8 +54,10 @@ class LRSchedule(OptimizerCallback):
             the learner has no optimizer of that name.
 
     The scheduler's state is part of :meth:`state_dict`, so checkpoints resume the schedule.
-    Reads ``optimizer`` (``optimizers`` for a named one) and ``metrics``; writes nothing (it
-    changes the optimizer's learning rates, as schedulers do).
+    ``ReduceLROnPlateau`` on a validation metric steps only while ``fit`` runs (not in
+    ``learner.validate()`` or ``learner.test()``). Reads ``optimizer`` (``optimizers`` for a
+    named one), ``metrics`` and ``phase``; writes nothing (it changes the optimizer's learning
+    rates, as schedulers do).
 
     Example:
         >>> schedule = LRSchedule(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10),
@@ -64,7 +67,7 @@ class LRSchedule(OptimizerCallback):
         >>> discriminator = LRSchedule(lambda opt: StepLR(opt, 1000), optimizer="d")
     """
 
-    reads = frozenset({"optimizer", "metrics"})
+    reads = frozenset({"optimizer", "metrics", "phase"})
 
     def __init__(
         self,
@@ -173,12 +176,23 @@ class LRSchedule(OptimizerCallback):
         if self.interval == "epoch" and self._on_validation():
             self._step_epoch(state)
 
-    def after_epoch(self, state: StateView) -> None:
-        """Step a per-epoch scheduler (``ReduceLROnPlateau`` with the monitored metric)."""
-        if self.interval == "epoch" and not self._on_validation():
+    def after_fit(self, state: StateView) -> None:
+        """Step a per-epoch scheduler when the epoch's training pass ends: in the training
+        loop's order, also when the epoch's validation and ``after_epoch`` run concurrently
+        with the next epoch (see docs/concurrent-validation.md)."""
+        if self.interval == "epoch" and not isinstance(self.scheduler, ReduceLROnPlateau):
             self._step_epoch(state)
 
+    def after_epoch(self, state: StateView) -> None:
+        """Step ``ReduceLROnPlateau`` on a metric other than a validation one, with the epoch's
+        record."""
+        if self.interval == "epoch" and isinstance(self.scheduler, ReduceLROnPlateau):
+            if not self._on_validation():
+                self._step_epoch(state)
+
     def _step_epoch(self, state: StateView) -> None:
+        if state.is_valid("phase") and state.phase != "fit":
+            return
         scheduler = self.scheduler
         assert scheduler is not None
         self._counted += 1
@@ -331,14 +345,15 @@ class ParamSchedule(OptimizerCallback):
         KeyError: (when training starts) the optimizer has no such hyperparameter, or the
             learner has no optimizer of that name.
 
-    Reads ``optimizer`` (``optimizers`` for a named one); writes nothing (it changes the
-    optimizer's param groups). The count is in :meth:`state_dict`.
+    Reads ``optimizer`` (``optimizers`` for a named one) and ``epoch``; writes nothing (it
+    changes the optimizer's param groups). The count is in :meth:`state_dict`; per epoch it is
+    ``state.epoch`` (epochs completed).
 
     Example:
         >>> ParamSchedule("weight_decay", lambda t: 0.05 * min(1.0, t / 1000))
     """
 
-    reads = frozenset({"optimizer"})
+    reads = frozenset({"optimizer", "epoch"})
 
     def __init__(
         self,
@@ -386,14 +401,11 @@ class ParamSchedule(OptimizerCallback):
             self.count += 1
 
     def before_epoch(self, state: StateView) -> None:
-        """Set the value for this epoch."""
+        """Set the value for this epoch (counted by the epochs completed, so a resumed epoch
+        or one whose after_epoch runs concurrently gets the same)."""
         if self.interval == "epoch":
+            self.count = state.epoch
             self._apply(self._optimizer(state))
-
-    def after_epoch(self, state: StateView) -> None:
-        """Count the epoch."""
-        if self.interval == "epoch":
-            self.count += 1
 
     def state_dict(self) -> Mapping[str, Any]:
         return {"count": self.count}

@@ -31,6 +31,11 @@ class EarlyStopping(Callback):
     :class:`~aiolearner.StopFit` (``patience=0`` stops at the first check without improvement,
     as ``patience=1`` does).
 
+    It checks only while ``fit`` runs (not in ``learner.validate()`` or ``learner.test()``).
+    With concurrent validation, the check runs on the snapshot's record when its results
+    arrive, and the ``StopFit`` is a stop request the training loop acts on (see
+    docs/concurrent-validation.md).
+
     Args:
         monitor: the key in ``state.metrics`` (``"val_loss"``, ``"val_accuracy"``, ...).
         mode: ``"min"`` when lower is better, ``"max"`` when higher is better.
@@ -44,7 +49,7 @@ class EarlyStopping(Callback):
     Raises:
         ValueError: on a bad ``mode``, ``patience`` or ``min_delta``.
 
-    Reads ``metrics`` and ``epoch``; writes nothing.
+    Reads ``metrics``, ``epoch`` and ``phase``; writes nothing.
 
     Example:
         >>> stop = EarlyStopping("val_loss", patience=3, min_delta=1e-3)
@@ -52,7 +57,7 @@ class EarlyStopping(Callback):
         >>> await learner.fit(100)          # returns early with state.stop_reason set
     """
 
-    reads = frozenset({"metrics", "epoch"})
+    reads = frozenset({"metrics", "epoch", "phase"})
 
     def __init__(
         self,
@@ -107,6 +112,8 @@ class EarlyStopping(Callback):
             self._check(state, "at the end")
 
     def _check(self, state: StateView, when: str) -> None:
+        if state.is_valid("phase") and state.phase != "fit":
+            return
         metrics = state.metrics
         if self.monitor not in metrics:
             if self.strict:

@@ -180,16 +180,19 @@ class SWA(Callback):
         if self.swa_lr is not None and self.scheduler is None and state.epoch >= self.start_epoch:
             self.scheduler = self._make_scheduler(state.optimizer)
 
+    def after_fit(self, state: StateView) -> None:
+        """Step the annealing when the epoch's training pass ends (in the training loop's
+        order, also when after_epoch runs concurrently with the next epoch)."""
+        if state.epoch >= self.start_epoch and self.scheduler is not None:
+            self.scheduler.step()
+
     def after_epoch(self, state: StateView) -> None:
-        """Add the weights to the average; step the annealing."""
+        """Add the epoch's weights to the average (with concurrent validation, the snapshot of
+        the epoch's end)."""
         epoch = state.epoch
-        if epoch < self.start_epoch:
-            return
         if self._swa_epoch(epoch):
             assert self.averaged is not None
             self.averaged.update_parameters(state.model)
-        if self.scheduler is not None:
-            self.scheduler.step()
 
     async def after_fit_run(self, state: StateView) -> None:
         """Recompute the average's batch-norm statistics (after a completed or stopped run)."""

@@ -69,7 +69,10 @@ class Throughput(Callback):
     ``validate_seconds`` and ``epoch_seconds``; :meth:`summary` adds them up. It writes nothing to
     the state (so it never conflicts with metric callbacks); :meth:`report` formats it.
 
-    Reads ``batch``; writes nothing.
+    With concurrent validation an epoch's ``after_epoch`` comes while the next epoch trains: its
+    figures are kept by epoch until then.
+
+    Reads ``batch`` and ``epoch``; writes nothing.
 
     Example:
         >>> speed = Throughput()
@@ -79,16 +82,19 @@ class Throughput(Callback):
         >>> print(speed.report(learner.trace))   # with per-stage times from the trace
     """
 
-    reads = frozenset({"batch"})
+    reads = frozenset({"batch", "epoch"})
 
     def __init__(self, *, clock: Any = time.perf_counter) -> None:
         self.clock = clock
         #: One dict per epoch (see the class docstring).
         self.epochs: list[dict[str, float]] = []
         self._reset_pass()
-        self._epoch_start = 0.0
         self._validate_start = 0.0
-        self._validate_seconds = 0.0
+        # By epoch, until its after_epoch: when it started, its training pass's figures, and
+        # its validations' time.
+        self._epoch_start: dict[int, float] = {}
+        self._passes: dict[int, dict[str, float]] = {}
+        self._validate_seconds: dict[int, float] = {}
 
     def _reset_pass(self) -> None:
         self._pass_start = 0.0
@@ -105,8 +111,7 @@ class Throughput(Callback):
 
     def before_epoch(self, state: StateView) -> None:
         """Start the epoch's clocks."""
-        self._epoch_start = self.clock()
-        self._validate_seconds = 0.0
+        self._epoch_start.setdefault(state.epoch, self.clock())
         self._reset_pass()
 
     def before_fit(self, state: StateView) -> None:
@@ -141,6 +146,7 @@ class Throughput(Callback):
             self._compute += now - self._batch_start
             self._in_batch = False
         self._pass_seconds = now - self._pass_start
+        self._passes[state.epoch] = self._pass_figures()
 
     def before_validate(self, state: StateView) -> None:
         """Start the validation clock."""
@@ -148,23 +154,33 @@ class Throughput(Callback):
 
     def after_validate(self, state: StateView) -> None:
         """Stop the validation clock."""
-        self._validate_seconds += self.clock() - self._validate_start
+        seconds = self.clock() - self._validate_start
+        epoch = state.epoch
+        self._validate_seconds[epoch] = self._validate_seconds.get(epoch, 0.0) + seconds
 
     def after_epoch(self, state: StateView) -> None:
         """Record the epoch."""
-        seconds = self._pass_seconds
+        epoch = state.epoch
+        figures = self._passes.pop(epoch, None) or self._pass_figures()
+        start = self._epoch_start.pop(epoch, self.clock())
         self.epochs.append(
             {
-                "batches": float(self._batches),
-                "samples": float(self._samples),
-                "seconds": seconds,
-                "samples_per_sec": self._samples / seconds if seconds > 0 else 0.0,
-                "compute": self._compute,
-                "data_wait": self._wait,
-                "validate_seconds": self._validate_seconds,
-                "epoch_seconds": self.clock() - self._epoch_start,
+                **figures,
+                "validate_seconds": self._validate_seconds.pop(epoch, 0.0),
+                "epoch_seconds": self.clock() - start,
             }
         )
+
+    def _pass_figures(self) -> dict[str, float]:
+        seconds = self._pass_seconds
+        return {
+            "batches": float(self._batches),
+            "samples": float(self._samples),
+            "seconds": seconds,
+            "samples_per_sec": self._samples / seconds if seconds > 0 else 0.0,
+            "compute": self._compute,
+            "data_wait": self._wait,
+        }
 
     # -- results --------------------------------------------------------------------------------
 
