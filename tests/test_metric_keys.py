@@ -315,3 +315,45 @@ async def test_the_readme_callback_with_the_shipped_metrics_needs_no_after() -> 
     metrics = learner.state.metrics
     assert metrics["best_val_loss"] <= metrics["val_loss"]
     assert "val_accuracy" in metrics
+
+
+# -- keys of validation results in learner.test() and with named validation sets ------------------
+
+
+def test_declared_key_maps_a_pass_s_keys_to_their_single_set_names() -> None:
+    from aiolearner._state import declared_key
+
+    assert declared_key("metrics", "val_acc", "fit", []) == "val_acc"
+    assert declared_key("metrics", "test_acc", "test", []) == "val_acc"
+    assert declared_key("metrics", "test_acc", "fit", []) == "test_acc"  # not a test pass
+    assert declared_key("metrics", "val_clean_acc", "fit", ["clean", "noisy"]) == "val_acc"
+    assert declared_key("metrics", "test_noisy_acc", "test", ["clean", "noisy"]) == "val_acc"
+    assert declared_key("metrics", "train_loss", "fit", ["clean"]) == "train_loss"
+    assert declared_key("validation", "clean_acc", "fit", ["clean"]) == "acc"
+    assert declared_key("validation", "acc", "fit", []) == "acc"
+
+
+class BestAccuracy(Callback):
+    """Writes one key of its own from a validation metric, declared as for one set."""
+
+    reads = frozenset({"metrics.val_accuracy"})
+    writes = frozenset({"metrics.val_best_accuracy"})
+
+    def after_validate(self, state: StateView) -> None:
+        for key in [k for k in state.metrics if k.endswith("accuracy") and "best" not in k]:
+            best = key.replace("accuracy", "best_accuracy")
+            state.metrics[best] = max(state.metrics.get(best, 0.0), state.metrics[key])
+
+
+async def test_per_key_declarations_cover_named_sets_and_test_keys() -> None:
+    from aiolearner.testing import make_batches
+
+    sets = {"clean": make_batches(2, seed=3), "noisy": make_batches(2, seed=4)}
+    learner = make_learner(val_data=sets, callbacks=[Metrics(["accuracy"]), BestAccuracy()])
+    await learner.fit(1)
+    metrics = learner.state.metrics
+    for name in sets:
+        assert metrics[f"val_{name}_best_accuracy"] == metrics[f"val_{name}_accuracy"]
+    results = await learner.test(make_batches(2, seed=5))
+    assert "test_accuracy" in results
+    assert learner.state.metrics["test_best_accuracy"] == results["test_accuracy"]
