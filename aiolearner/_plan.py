@@ -95,7 +95,7 @@ class HookPlan:
         self.trace = trace
         self.has_async = any(e.is_async for layer in layers for e in layer.concurrent)
         #: Set on the hooks of an epoch's tail (``after_fit``, ``after_validate``,
-        #: ``after_epoch``) by their owner: see :meth:`_run_tracked`.
+        #: ``after_epoch``) by their owner: see :meth:`run`.
         self.progress: HookProgress | None = None
 
     @property
@@ -134,16 +134,23 @@ class HookPlan:
         return None
 
     async def _acall(
-        self, entry: Entry, flows: list[ControlFlow] | None = None
+        self,
+        entry: Entry,
+        flows: list[ControlFlow] | None = None,
+        done: set[int] | None = None,
     ) -> ControlFlow | None:
         """One ``async def`` hook, awaited (alone in its layer: ``flows`` is None, an error comes
         out grouped) or as a task of the layer's group (errors go to the group, flows to
-        ``flows``)."""
+        ``flows``). ``done``: a tracked hook's finished callbacks (see :meth:`run`)."""
         trace = self.trace
         start = self._enter(entry) if trace is not None else 0.0
         try:
             await entry.fn(entry.view)  # type: ignore[misc]
+            if done is not None:
+                done.add(entry.index)
         except ControlFlow as flow:
+            if done is not None:
+                done.add(entry.index)
             if flows is None:
                 return flow
             flows.append(flow)
@@ -159,19 +166,39 @@ class HookPlan:
 
     async def run(self) -> None:
         """Run the plan. A plan of ``def`` hooks only never suspends, so a batch compiled to run
-        without the event loop can run it too (see _executor.py)."""
-        if self.progress is not None:
-            await self._run_tracked(self.progress)
-            return
+        without the event loop can run it too (see _executor.py).
+
+        A hook of an epoch's tail (``after_fit``, ``after_validate``, ``after_epoch``) is
+        *tracked*: its owner sets :attr:`progress`, where the run remembers which callbacks have
+        finished the hook for the record the state holds (its epoch, step and phase), until the
+        hook is over. An interrupted run of the hook (an error, a cancellation) leaves that list
+        behind, and checkpoints keep it: when the resumed run gets to the hook again for the
+        same record, the callbacks that had finished are not called a second time (an
+        early-stopping counter counts the epoch once).
+        """
+        progress = self.progress
+        done: set[int] | None = None
+        if progress is not None:
+            d = self.entries[0].view._state.__dict__
+            at = (d.get("epoch"), d.get("step"), d.get("phase"))
+            known = progress.get(self.hook)
+            done = set(known[1]) if known is not None and known[0] == at else set()
+            progress[self.hook] = (at, done)
         pending: ControlFlow | None = None
         for layer in self.layers:
             for entry in layer.sync:
+                if done is not None and entry.index in done:
+                    continue
                 flow = self._call(entry)
+                if done is not None:
+                    done.add(entry.index)  # it returned or raised control flow: it is done
                 if flow is not None:
                     pending = stronger(pending, flow)
             concurrent = layer.concurrent
+            if done is not None:
+                concurrent = [e for e in concurrent if e.index not in done]
             if len(concurrent) == 1:
-                flow = await self._acall(concurrent[0])
+                flow = await self._acall(concurrent[0], done=done)
                 if flow is not None:
                     pending = stronger(pending, flow)
             elif concurrent:
@@ -179,62 +206,16 @@ class HookPlan:
                 try:
                     async with anyio.create_task_group() as tg:
                         for entry in concurrent:
-                            tg.start_soon(self._acall, entry, flows, name=entry.name)
+                            tg.start_soon(self._acall, entry, flows, done, name=entry.name)
                 except ExceptionGroup as group:
                     # anyio already grouped them; re-label so the hook is named.
                     raise self._group(group.exceptions) from None
                 for caught in flows:
                     pending = stronger(pending, caught)
+        if progress is not None:
+            del progress[self.hook]
         if pending is not None:
             raise pending
-
-    async def _run_tracked(self, progress: HookProgress) -> None:
-        """:meth:`run`, remembering in ``progress`` which callbacks have finished this hook for
-        the record the state holds (its epoch, step and phase), until the hook is over.
-
-        An interrupted run of the hook (an error, a cancellation) leaves that list behind, and
-        checkpoints keep it: when the resumed run gets to the hook again for the same record,
-        the callbacks that had finished are not called a second time (an early-stopping
-        counter counts the epoch once).
-        """
-        entries = self.entries
-        d = entries[0].view._state.__dict__
-        at = (d.get("epoch"), d.get("step"), d.get("phase"))
-        known = progress.get(self.hook)
-        done: set[int] = set(known[1]) if known is not None and known[0] == at else set()
-        progress[self.hook] = (at, done)
-        pending: ControlFlow | None = None
-        for layer in self.layers:
-            for entry in layer.sync:
-                if entry.index in done:
-                    continue
-                flow = self._call(entry)
-                done.add(entry.index)
-                if flow is not None:
-                    pending = stronger(pending, flow)
-            concurrent = [e for e in layer.concurrent if e.index not in done]
-            if len(concurrent) == 1:
-                flow = await self._acall(concurrent[0])
-                done.add(concurrent[0].index)
-                if flow is not None:
-                    pending = stronger(pending, flow)
-            elif concurrent:
-                flows: list[ControlFlow] = []
-                try:
-                    async with anyio.create_task_group() as tg:
-                        for entry in concurrent:
-                            tg.start_soon(self._tracked, entry, flows, done, name=entry.name)
-                except ExceptionGroup as group:
-                    raise self._group(group.exceptions) from None
-                for caught in flows:
-                    pending = stronger(pending, caught)
-        del progress[self.hook]
-        if pending is not None:
-            raise pending
-
-    async def _tracked(self, entry: Entry, flows: list[ControlFlow], done: set[int]) -> None:
-        await self._acall(entry, flows)
-        done.add(entry.index)
 
 
 #: What the tracked hooks of a record have done: hook -> ((epoch, step, phase), callbacks done,
