@@ -96,6 +96,8 @@ def build(learner: Learner[Any]) -> None:
     rt.executor.compile(learner._root, frozenset(FIELD_LIFETIMES) | set(lifetimes) | writes)
     learner._stages = names
     bind_states(learner)
+    if rt.strategy is not None:
+        rt.strategy.adapt(learner)  # where each plan's control flow is agreed
 
 
 def _lifetimes(stages: Iterable[Stage]) -> dict[str, tuple[str, str]]:
@@ -245,6 +247,8 @@ def describe(learner: Learner[Any]) -> str:
     walk(learner._root, 0)
     policy = learner._rt.policy
     lines.append(f"compute: {policy.mode} (max_blocking={policy.max_blocking}s)")
+    if learner._rt.strategy is not None:
+        lines.append(learner._rt.strategy.describe())
     if learner._callbacks:
         lines.append("callbacks:")
         for cb in learner._callbacks:

@@ -25,6 +25,9 @@ class Callback:
         writes: names of state fields the callback writes (and may read). Counters (``epoch``,
             ``step``, ``batch_index``) are written by stages only.
         after: callback types this callback must run after, on every hook they share.
+        collectives: ``True`` when the callback's hooks issue collectives under a distributed
+            strategy (``state.strategy.all_reduce``, ...): its hooks then run alone, in the
+            order of the callbacks list, on every rank (see ``docs/distributed.md``).
 
     Hooks are methods named ``before_<stage>`` / ``after_<stage>`` for any stage of the learner's
     tree (``before_fit_run``, ``after_gradient``, ``after_validate``, ...), written as ``def`` or
@@ -44,6 +47,7 @@ class Callback:
     reads: ClassVar[frozenset[str] | set[str]] = frozenset()
     writes: ClassVar[frozenset[str] | set[str]] = frozenset()
     after: ClassVar[tuple[type[Callback], ...] | list[type[Callback]]] = ()
+    collectives: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

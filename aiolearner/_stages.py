@@ -75,7 +75,8 @@ class Gradient(ComputeStage):
     fields: ClassVar[dict[str, str]] = {"output": "batch", "loss": "batch"}
 
     def compute(self, state: State) -> None:
-        output, loss = forward(state.model, state.loss_fn, state.batch, self.name)
+        # train_model: the model, or under a strategy its wrapper (which all-reduces gradients).
+        output, loss = forward(state.train_model, state.loss_fn, state.batch, self.name)
         loss.backward()  # type: ignore[no-untyped-call]
         state.output = output
         state.loss = loss
@@ -147,6 +148,11 @@ class FitBatch(Stage):
     def acted(self, state: State, flow: ControlFlow) -> None:
         super().acted(state, flow)
         context = self.context
+        strategy = self._built().strategy
+        if strategy is not None and not context.committed:
+            # Skipped on this rank only: the other ranks' gradient all-reduce needs this rank's
+            # part (zeros), and every rank must apply the same update (see _dist/_strategy.py).
+            strategy.skipped_batch(self, state)
         if not context.committed:
             # A skipped batch must leave nothing behind: its gradients would otherwise be added
             # to the next batch's and reach the weights with the next update; nor its loss in
@@ -185,7 +191,10 @@ class Fit(Stage):
             # ends (or a StopEpoch ends it: acted on here, as this stage owns it).
             await rt.executor.train_pass(self, state, batches)
         losses = rt.train_losses
-        if losses:
+        if rt.strategy is not None:
+            # The mean over every rank's batches (one reduction; every rank, even without any).
+            await rt.strategy.reduce_train_loss(state, losses)
+        elif losses:
             with torch.no_grad():
                 mean = torch.stack([x.detach() for x in losses]).mean()
             await wait_ready(mean)
@@ -265,8 +274,11 @@ class Validate(Stage):
         lock = rt.weights_lock if snapshot_source.get() is None else None
         if lock is not None:
             await lock.acquire_read()
+        strategy = rt.strategy
         try:
             model.eval()
+            if strategy is not None:
+                strategy.begin_validation(model)  # FSDP gathers the weights for the pass
             async with rt.open_pass(state, "validation") as batches:
                 while (batch := await batches.next()) is not batches.END:
                     state.batch = batch
@@ -288,10 +300,17 @@ class Validate(Stage):
                         await rt.give_turn(now)
         finally:
             model.train(was_training)
+            if strategy is not None:
+                strategy.end_validation(model)
             if lock is not None:
                 lock.release_read()
         results: dict[str, Any] = {}
-        if count:
+        if strategy is not None:
+            # Sums over every rank's shard (one reduction; every rank, even with an empty one).
+            count = await strategy.reduce_validation(total, count, results)
+            if count:
+                state.metrics["val_loss"] = results["loss"]
+        elif count:
             summed = torch.stack(total).sum()
             await wait_ready(summed)
             results["loss"] = float(summed) / count

@@ -28,6 +28,7 @@ __all__ = ["FIELD_LIFETIMES", "ReadOnlyDict", "ReadOnlyList", "State", "StateVie
 #: When each built-in field is valid. Used in the message of StateAccessError.
 FIELD_LIFETIMES: dict[str, str] = {
     "model": "it is always valid",
+    "train_model": "it is always valid (the model, or its DDP/FSDP wrapper under a strategy)",
     "optimizer": "it is always valid",
     "loss_fn": "it is always valid",
     "device": "it is always valid",
@@ -80,6 +81,7 @@ class State:
 
     # The built-in fields (annotations only: a field that is not valid is absent).
     model: torch.nn.Module
+    train_model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     loss_fn: Callable[[Any, Any], torch.Tensor]
     device: torch.device
@@ -248,7 +250,16 @@ def _wrap_readonly(value: Any, field: str, view: StateView | None) -> Any:
 
 #: Attribute names of StateView itself; no field may use them.
 VIEW_ATTRIBUTES = frozenset(
-    {"start_soon", "weights_lock", "hook", "callback", "is_valid", "learner_status", "state_dict"}
+    {
+        "start_soon",
+        "weights_lock",
+        "hook",
+        "callback",
+        "is_valid",
+        "learner_status",
+        "state_dict",
+        "strategy",
+    }
 )
 
 
@@ -359,6 +370,16 @@ class StateView:
         weights; the Update stage holds the write side while it changes them.
         """
         return self._learner.weights_lock
+
+    @property
+    def strategy(self) -> Any:
+        """The learner's distributed :class:`~aiolearner.Strategy`, or ``None`` (one process).
+
+        Callbacks reach collectives through it (``state.strategy.all_reduce(t)``); a callback
+        that does declares ``collectives = True``. ``state.strategy is None or
+        state.strategy.is_main`` tells whether this process writes files and logs.
+        """
+        return self._learner._strategy
 
     def state_dict(self) -> dict[str, Any]:
         """The learner's :meth:`~aiolearner.Learner.state_dict`: what a checkpoint must hold.

@@ -170,9 +170,13 @@ class _Tracker:
             return float(value) if value.numel() == 1 else value.detach().cpu().tolist()
         return value
 
-    def epoch_value(self) -> Any:
+    def epoch_value(self, group: Any = None) -> Any:
         tm = self.torchmetric
         if tm is not None:
+            if group is not None:
+                # torchmetrics syncs its states in compute(): on the strategy's lane, not on
+                # the group the model's gradients use.
+                tm.process_group = group
             return None if tm.update_count == 0 else self._computed(tm)
         return self.epoch.value()
 
@@ -214,6 +218,26 @@ class _Tracker:
         tm.load_state_dict(dict(state.get("torchmetric", {})))
         # torchmetrics keeps the update count privately; compute() needs it to be right.
         tm._update_count = int(state.get("update_count", 0))
+
+
+def _reduce(trackers: Mapping[str, _Tracker], strategy: Any) -> Any:
+    """Under a distributed strategy: every rank's sums, added up in one all-reduce (the plain
+    metrics' totals and counts; torchmetrics sync their own states in ``compute``). Returns the
+    process group torchmetrics should use (``None`` in one process)."""
+    if strategy is None:
+        return None
+    means = [t.epoch for t in trackers.values() if t.torchmetric is None]
+    if means:
+        flat = torch.zeros(2 * len(means), dtype=torch.float64)
+        for i, mean in enumerate(means):
+            if mean.total is not None:
+                flat[2 * i] = mean.total.detach().double().cpu()
+            flat[2 * i + 1] = mean.count
+        strategy.all_reduce(flat)
+        for i, mean in enumerate(means):
+            mean.total = flat[2 * i]  # float64, on the CPU: read once, then reset
+            mean.count = int(flat[2 * i + 1])
+    return strategy.group
 
 
 class Metrics(Callback):
@@ -268,6 +292,8 @@ class Metrics(Callback):
 
     reads = frozenset({"batch", "output", "loss"})
     writes = frozenset({"metrics", "validation"})
+    # Under a distributed strategy the pass's sums are reduced across ranks (one all-reduce).
+    collectives = True
 
     def __init__(
         self,
@@ -337,8 +363,9 @@ class Metrics(Callback):
 
     def after_fit(self, state: StateView) -> None:
         """Reduce the epoch (one host sync per metric) and start the next one."""
+        group = _reduce(self._train, state.strategy)
         for name, tracker in self._train.items():
-            value = tracker.epoch_value()
+            value = tracker.epoch_value(group)
             if value is not None:
                 state.metrics[f"train_{self.prefix}{name}"] = value
             tracker.reset()
@@ -358,8 +385,9 @@ class Metrics(Callback):
 
     def after_validate(self, state: StateView) -> None:
         """Put the validation results in ``state.validation`` and ``state.metrics``."""
+        group = _reduce(self._val, state.strategy)
         for name, tracker in self._val.items():
-            value = tracker.epoch_value()
+            value = tracker.epoch_value(group)
             if value is None:
                 continue
             key = f"{self.prefix}{name}"
