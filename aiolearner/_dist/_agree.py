@@ -54,6 +54,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import torch
 import torch.distributed as dist
 
@@ -188,6 +189,12 @@ class Agreement:
         checksum: float | None = None,
     ) -> Agreed:
         """Exchange the control word at ``point``; check the ranks agree; decode it."""
+        # Turns for the loop first: a cancellation of this rank reaches its watcher (and so the
+        # requests) now, even while the training loop has not yielded for a while. Two: trio
+        # runs the tasks of one scheduling batch in a random order, so after one turn the
+        # watcher may still be waiting for its own; after two it has had it.
+        await anyio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
         s = self.strategy
         rank = s.rank
         mark = rank + 1
