@@ -156,14 +156,22 @@ class CollectiveError(AiolearnerError, RuntimeError):
     that needs collectives declares ``collectives = True``: its hooks then run alone, in plan
     order, on every rank.
 
+    A concurrent validation's hooks may not issue blocking collectives either (they run on the
+    event loop next to training); they hand per-pass sums to the pass's own reduction instead
+    (``strategy.sum_at_end_of``).
+
     Attributes:
         callback: the callback (or background task) that issued it, if known.
         what: the collective.
     """
 
-    def __init__(self, what: str, *, callback: str | None) -> None:
+    def __init__(self, what: str, *, callback: str | None, why: str | None = None) -> None:
         self.what = what
         self.callback = callback
+        if why is not None:
+            who = f"callback {callback!r}" if callback is not None else "code"
+            super().__init__(f"{who} issued the collective {what} {why}")
+            return
         who = f"callback {callback!r}" if callback is not None else "a concurrent task"
         super().__init__(
             f"{who} issued the collective {what} where its order is not the same on every rank "

@@ -29,7 +29,7 @@ import contextlib
 import os
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -37,7 +37,7 @@ import anyio
 import torch
 import torch.distributed as dist
 
-from .._exceptions import ConfigurationError, DistributedError, StopEpoch
+from .._exceptions import CollectiveError, ConfigurationError, DistributedError, StopEpoch
 from .._runtime import snapshot_source
 from ._agree import AgreedBatches, Agreement, DistributedPlan
 from ._comm import CONCURRENT, FailureReports, guard, is_comm_failure, wait_work
@@ -140,6 +140,8 @@ class Strategy:
         #: With a stream that outlives epochs: the sampler epoch a loaded checkpoint's stream
         #: was drawn for (its iterator is rebuilt with it), else ``None``.
         self._pinned_epoch: int | None = None
+        #: Sums callbacks hand to the passes' own reductions: kind -> {read: write}.
+        self._with_pass: dict[str, dict[Any, Any]] = {"fit": {}, "validate": {}}
 
     # -- where this process stands -----------------------------------------------------------------
 
@@ -353,8 +355,46 @@ class Strategy:
         concurrent validation, the training lane elsewhere (e.g. for torchmetrics' sync)."""
         return self._lane()
 
+    @property
+    def in_concurrent_validation(self) -> bool:
+        """Whether the calling code runs in a concurrent validation (its hooks run on the event
+        loop next to training: no blocking collective there, see :meth:`sum_at_end_of`)."""
+        return snapshot_source.get() is not None
+
+    def sum_at_end_of(
+        self,
+        kind: Literal["fit", "validate"],
+        read: Callable[[], Sequence[float | torch.Tensor]],
+        write: Callable[[list[float]], None],
+    ) -> None:
+        """Add values of this rank to every ``kind`` pass's own reduction across ranks.
+
+        When a training (``"fit"``) or validation (``"validate"``) pass ends, its stage sums
+        its loss over every rank in one all-reduce, awaited without blocking the event loop;
+        ``read()`` gives values of this rank to sum in the same all-reduce, and ``write(sums)``
+        receives their sums over every rank, before the pass's ``after_`` hook runs. So a
+        callback's per-pass sums cost no collective of their own, and are safe in a concurrent
+        validation too (where a blocking collective could wait for a rank whose event loop is
+        busy training). Registering the same ``read`` again replaces it; the registrations last
+        until the learner's next ``fit``.
+        """
+        if kind not in self._with_pass:
+            raise ValueError(f"kind must be 'fit' or 'validate', got {kind!r}")
+        self._with_pass[kind][read] = write
+
     def _usable(self, what: str) -> None:
         guard(what)
+        if self.in_concurrent_validation:
+            raise CollectiveError(
+                what,
+                callback=None,
+                why=(
+                    "in a concurrent validation, whose hooks run on the event loop next to "
+                    "training: a blocking collective there could wait for a rank whose event "
+                    "loop is busy in a training step that waits for this rank; hand per-pass "
+                    "sums to the pass's own reduction with strategy.sum_at_end_of()"
+                ),
+            )
         if self._failed:
             raise DistributedError(
                 f"{what} after distributed training failed in this process: no collective "
@@ -401,15 +441,26 @@ class Strategy:
         self._usable("barrier")
         dist.barrier(group=self._lane())
 
-    async def reduce_sums(self, values: list[float | torch.Tensor]) -> list[float]:
-        """Sums over all ranks of ``values`` (one all-reduce, awaited; for stages)."""
+    async def reduce_sums(
+        self, values: list[float | torch.Tensor], kind: str | None = None
+    ) -> list[float]:
+        """Sums over all ranks of ``values``, and of what callbacks handed to ``kind`` passes
+        (:meth:`sum_at_end_of`): one all-reduce, awaited (for stages)."""
         if self._failed:
             raise DistributedError("a reduction after a failure", rank=self._rank)
-        flat = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        extra = list(self._with_pass.get(kind, {}).items()) if kind is not None else []
+        parts = [[float(v) for v in read()] for read, _ in extra]
+        flat = torch.tensor(
+            [float(v) for v in values] + [v for part in parts for v in part], dtype=torch.float64
+        )
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._lane(), async_op=True)
         await self.wait(work, "a pass's reduction")
         result: list[float] = flat.tolist()
-        return result
+        offset = len(values)
+        for (_, write), part in zip(extra, parts, strict=True):
+            write(result[offset : offset + len(part)])
+            offset += len(part)
+        return result[: len(values)]
 
     async def wait(self, work: Any, what: str) -> None:
         """Await a collective; a failure becomes a :class:`DistributedError` quoting the rank
@@ -497,7 +548,7 @@ class Strategy:
         if losses:
             with torch.no_grad():
                 local = float(torch.stack([x.detach().reshape(()).double() for x in losses]).sum())
-        total, count = await self.reduce_sums([local, len(losses)])
+        total, count = await self.reduce_sums([local, len(losses)], "fit")
         if count:
             state.metrics["train_loss"] = total / count
 
@@ -509,7 +560,7 @@ class Strategy:
         if total:
             with torch.no_grad():
                 local = float(torch.stack(total).double().sum())
-        summed, n = await self.reduce_sums([local, count])
+        summed, n = await self.reduce_sums([local, count], "validate")
         if n:
             results["loss"] = summed / n
         return int(n)
@@ -553,6 +604,8 @@ class Strategy:
                 rank=self._rank,
             )
         agreement.begin_run()
+        for registered in self._with_pass.values():
+            registered.clear()
         self._runs += 1
         self._reports = FailureReports(self._rank, self._world_size, f"{self._prefix}/{self._runs}")
         watch = anyio.CancelScope()

@@ -220,23 +220,47 @@ class _Tracker:
         tm._update_count = int(state.get("update_count", 0))
 
 
-def _reduce(trackers: Mapping[str, _Tracker], strategy: Any) -> Any:
-    """Under a distributed strategy: every rank's sums, added up in one all-reduce (the plain
-    metrics' totals and counts; torchmetrics sync their own states in ``compute``). Returns the
-    process group torchmetrics should use (``None`` in one process)."""
-    if strategy is None:
-        return None
+def _sums(
+    trackers: Mapping[str, _Tracker],
+) -> tuple[Callable[[], list[float]], Callable[[list[float]], None]] | None:
+    """Under a distributed strategy: the plain metrics' sums (total and count each) go into the
+    pass's own reduction across ranks (one all-reduce per pass, by the stage), and come back as
+    sums over every rank before ``after_fit`` / ``after_validate`` reads them. ``(read, write)``
+    for ``Strategy.sum_at_end_of``, or ``None`` without plain metrics."""
     means = [t.epoch for t in trackers.values() if t.torchmetric is None]
-    if means:
-        flat = torch.zeros(2 * len(means), dtype=torch.float64)
+    if not means:
+        return None
+
+    def read() -> list[float]:
+        values: list[float] = []
+        for mean in means:
+            total = 0.0 if mean.total is None else float(mean.total)
+            values += [total, float(mean.count)]
+        return values
+
+    def write(sums: list[float]) -> None:
         for i, mean in enumerate(means):
-            if mean.total is not None:
-                flat[2 * i] = mean.total.detach().double().cpu()
-            flat[2 * i + 1] = mean.count
-        strategy.all_reduce(flat)
-        for i, mean in enumerate(means):
-            mean.total = flat[2 * i]  # float64, on the CPU: read once, then reset
-            mean.count = int(flat[2 * i + 1])
+            mean.total = torch.tensor(sums[2 * i], dtype=torch.float64)
+            mean.count = int(sums[2 * i + 1])
+
+    return read, write
+
+
+def _group(trackers: Mapping[str, _Tracker], strategy: Any) -> Any:
+    """The process group torchmetrics sync their states on (the strategy's lane), or ``None``.
+
+    torchmetrics sync in ``compute()``, a blocking collective: fine in the training flow, where
+    every rank is at the same hook, refused in a concurrent validation (see
+    ``Strategy.sum_at_end_of``)."""
+    if strategy is None or all(t.torchmetric is None for t in trackers.values()):
+        return None
+    if strategy.in_concurrent_validation:
+        raise RuntimeError(
+            "Metrics: torchmetrics metrics synchronize their states across ranks with a blocking "
+            "collective, which a concurrent validation cannot run (its hooks share the event "
+            "loop with training); under a distributed strategy validate sequentially, or use "
+            "plain metric functions"
+        )
     return strategy.group
 
 
@@ -292,8 +316,6 @@ class Metrics(Callback):
 
     reads = frozenset({"batch", "output", "loss"})
     writes = frozenset({"metrics", "validation"})
-    # Under a distributed strategy the pass's sums are reduced across ranks (one all-reduce).
-    collectives = True
 
     def __init__(
         self,
@@ -328,6 +350,8 @@ class Metrics(Callback):
                 val_spec = copy.deepcopy(spec) if _is_torchmetric(spec) else spec
                 self._val[name] = _Tracker(name, val_spec, window=False)
         self._steps_in_window = 0
+        # What a distributed strategy sums across ranks at the end of each pass.
+        self._sums = {"fit": _sums(self._train), "validate": _sums(self._val)}
 
     def _update(self, trackers: dict[str, _Tracker], state: StateView) -> None:
         targets = split_batch(state.batch, self.name)[1]
@@ -361,9 +385,17 @@ class Metrics(Callback):
                 if value is not None:
                     state.metrics[f"train_{self.prefix}{name}_step"] = value
 
+    def before_fit_run(self, state: StateView) -> None:
+        """Under a distributed strategy: hand the sums to the passes' own reductions."""
+        strategy = state.strategy
+        if strategy is not None:
+            for kind, sums in self._sums.items():
+                if sums is not None:
+                    strategy.sum_at_end_of(kind, *sums)
+
     def after_fit(self, state: StateView) -> None:
         """Reduce the epoch (one host sync per metric) and start the next one."""
-        group = _reduce(self._train, state.strategy)
+        group = _group(self._train, state.strategy)
         for name, tracker in self._train.items():
             value = tracker.epoch_value(group)
             if value is not None:
@@ -377,6 +409,10 @@ class Metrics(Callback):
         """Start the validation accumulators."""
         for tracker in self._val.values():
             tracker.reset()
+        strategy = state.strategy
+        sums = self._sums["validate"]
+        if strategy is not None and sums is not None:
+            strategy.sum_at_end_of("validate", *sums)  # also for validate() outside fit
 
     def after_validate_loss(self, state: StateView) -> None:
         """Accumulate the validation batch (device ops only)."""
@@ -385,7 +421,7 @@ class Metrics(Callback):
 
     def after_validate(self, state: StateView) -> None:
         """Put the validation results in ``state.validation`` and ``state.metrics``."""
-        group = _reduce(self._val, state.strategy)
+        group = _group(self._val, state.strategy)
         for name, tracker in self._val.items():
             value = tracker.epoch_value(group)
             if value is None:

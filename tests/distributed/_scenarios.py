@@ -624,11 +624,13 @@ def main() -> int:
         names = sys.argv[3].split(",")
     results: Result = {}
     path = out / f"rank{RANK}.json"
-    for name in names:
+    for index, name in enumerate(names):
         fn = globals()[f"s_{name}"]
+        if name in results:  # a scenario run twice (when hunting a flake)
+            name = f"{name}#{index}"
         start = time.perf_counter()
         try:
-            if name in ("checkpoint", "fsdp"):
+            if fn in (s_checkpoint, s_fsdp):
                 directory = out / name
                 directory.mkdir(exist_ok=True)
                 results[name] = fn(backend, directory)
