@@ -320,6 +320,10 @@ class Batches:
                 if type(feed) is not _Feed or feed.started:
                     break
         item = self.next_nowait()
+        if item is WAIT and self._producer_fresh:
+            # That inline fetch has just handed the source over to the producer: the batch it
+            # fetched waits in the leftover queue, ahead of everything the producer will send.
+            return await self.next()
         if item is WAIT:
             assert self._receive is not None
             try:

@@ -1,8 +1,9 @@
 """The 2-process scenarios of tests/distributed, run by every rank of one launch.
 
-``python -m torch.distributed.run --standalone --nproc-per-node=2 _scenarios.py LAUNCH OUT``
-(or two processes started with torchrun's environment for the failure launches) runs the
-scenarios of ``LAUNCH`` one after the other in one process group and writes what each rank saw
+``python -m torch.distributed.run --standalone --nproc-per-node=2 _scenarios.py all OUT`` (or a
+comma-separated list of scenarios instead of ``all``; two processes started with torchrun's
+environment and ``raise``, ``kill`` or ``alive`` for the failure launches) runs the scenarios
+one after the other in one process group and writes what each rank saw
 to ``OUT/rank<R>.json`` after every scenario; ``test_ddp.py`` starts the launches and asserts on
 both ranks' results. A scenario that raises records its traceback and the launch goes on.
 """
@@ -532,6 +533,45 @@ def s_fsdp(backend: str, directory: Path) -> Result:
     }
 
 
+def s_docs(backend: str, directory: Path) -> Result:
+    """Every python block of docs/distributed.md, in order, on both ranks (the page's blocks
+    that need torchrun are marked not-run for tests/test_docs_code.py and run here)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("docs_code", root / "tests" / "test_docs_code.py")
+    assert spec is not None
+    assert spec.loader is not None
+    docs_code = importlib.util.module_from_spec(spec)
+    sys.modules["docs_code"] = docs_code  # dataclasses look their module up there
+    spec.loader.exec_module(docs_code)
+    namespace: dict[str, Any] = {"__name__": "docs.distributed"}
+    previous = signal.getsignal(signal.SIGTERM)
+    cwd = Path.cwd()
+    os.chdir(directory)
+    ran = 0
+    try:
+        for block in docs_code.blocks(root / "docs" / "distributed.md"):
+            if block.lang == "python":
+                docs_code.run_block(block, namespace, backend)
+                ran += 1
+    finally:
+        os.chdir(cwd)
+        signal.signal(signal.SIGTERM, previous)
+    learner = namespace["learner"]
+    samples = namespace.get("GlobalSamples")
+    return {"blocks": ran, "epoch": learner.state.epoch, "has_callback": samples is not None}
+
+
+def s_example(backend: str, directory: Path) -> Result:
+    """examples/distributed/digits_ddp.py, two epochs, then resumed for a third."""
+    from examples.distributed import digits_ddp
+
+    first = digits_ddp.train(2, directory=directory, backend=backend)
+    again = digits_ddp.train(3, directory=directory, resume=True, backend=backend)
+    return {"accuracy": float(first["accuracy"]), "resumed_accuracy": float(again["accuracy"])}
+
+
 # -- failures (each its own launch: the group does not survive them) -------------------------------
 
 
@@ -590,55 +630,56 @@ def failure(kind: str, out: Path) -> int:
 # -- the launches ----------------------------------------------------------------------------------
 
 
-LAUNCHES: dict[str, tuple[str, list[str]]] = {
-    "asyncio": (
-        "asyncio",
-        [
-            "group",
-            "raw_equal",
-            "shards",
-            "stop_one_rank",
-            "time_limit",
-            "cancel",
-            "checkpoint",
-            "validation",
-            "early_stop_concurrent",
-            "skips",
-            "guard",
-            "sigterm",
-            "uneven_data",
-            "accumulate",
-            "fsdp",
-        ],
-    ),
-    "trio": ("trio", ["group", "raw_equal", "stop_one_rank", "cancel", "early_stop_concurrent"]),
-}
+#: The scenarios of the main launch, in order; ``name@trio`` runs one under trio (the others run
+#: under asyncio). One launch: starting processes costs seconds, a scenario a fraction of one.
+SCENARIOS = [
+    "group",
+    "raw_equal",
+    "raw_equal@trio",
+    "shards",
+    "stop_one_rank",
+    "stop_one_rank@trio",
+    "time_limit",
+    "cancel",
+    "cancel@trio",
+    "checkpoint",
+    "validation",
+    "early_stop_concurrent",
+    "early_stop_concurrent@trio",
+    "skips",
+    "guard",
+    "sigterm",
+    "uneven_data",
+    "accumulate",
+    "fsdp",
+    "docs",
+    "example",
+]
 
 
 def main() -> int:
     launch, out = sys.argv[1], Path(sys.argv[2])
     if launch in ("raise", "kill", "alive"):
         return failure(launch, out)
-    backend, names = LAUNCHES[launch]
-    if len(sys.argv) > 3:
-        names = sys.argv[3].split(",")
+    names = SCENARIOS if launch == "all" else launch.split(",")
     results: Result = {}
     path = out / f"rank{RANK}.json"
-    for index, name in enumerate(names):
+    for index, entry in enumerate(names):
+        name, _, backend = entry.partition("@")
+        backend = backend or "asyncio"
         fn = globals()[f"s_{name}"]
-        if name in results:  # a scenario run twice (when hunting a flake)
-            name = f"{name}#{index}"
+        key = entry if entry not in results else f"{entry}#{index}"  # hunting a flake: twice
         start = time.perf_counter()
         try:
-            if fn in (s_checkpoint, s_fsdp):
-                directory = out / name
+            if fn in (s_checkpoint, s_fsdp, s_docs, s_example):
+                directory = out / key
                 directory.mkdir(exist_ok=True)
-                results[name] = fn(backend, directory)
+                results[key] = fn(backend, directory)
             else:
-                results[name] = fn(backend)
+                results[key] = fn(backend)
         except BaseException:
-            results[name] = {"traceback": traceback.format_exc()}
-        results[name]["seconds"] = round(time.perf_counter() - start, 2)
+            results[key] = {"traceback": traceback.format_exc()}
+        results[key]["seconds"] = round(time.perf_counter() - start, 2)
         path.write_text(json.dumps(results, default=str))
     for strategy in CREATED:
         strategy.close()  # the strategy that created the group destroys it

@@ -1,10 +1,11 @@
 """Distributed training on 2 gloo processes, started from pytest.
 
-Each launch starts ``_scenarios.py`` on two ranks (``torch.distributed.run``, as torchrun, or two
-processes given torchrun's environment for the failure scenarios, so that no launcher tears the
-survivor down before it reports), with a timeout, and the tests assert on what both ranks
-recorded. A launch runs several scenarios in one process group: starting processes and a group
-costs seconds, a scenario a fraction of one.
+A launch starts ``_scenarios.py`` on two ranks with a timeout, and the tests assert on what both
+ranks recorded: the main launch (``torch.distributed.run``, as torchrun) runs every scenario in
+one process group, since starting processes and a group costs seconds and a scenario a fraction
+of one; each failure scenario is a launch of its own (the group does not survive it), of two
+processes given torchrun's environment without a launcher, which would tear the survivor down
+before it reports. All launches start together and run side by side.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,63 +23,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("_scenarios.py")
-LAUNCH_TIMEOUT = 90
+MAIN_TIMEOUT = 150  # seconds, the main launch (it shares the machine with the failure launches)
+FAILURE_TIMEOUT = 60
 FAIL_TIMEOUT = 4.0  # the process group timeout of the failure launches (_scenarios.py)
+
+pytestmark = pytest.mark.timeout(MAIN_TIMEOUT + 30)
 
 Results = dict[int, dict[str, Any]]
 
 
-def _env() -> dict[str, str]:
+def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.pop("PYTEST_CURRENT_TEST", None)
+    env.update(extra)
     return env
-
-
-def _read(out: Path, what: str, log: str) -> Results:
-    results: Results = {}
-    for rank in (0, 1):
-        path = out / f"rank{rank}.json"
-        if not path.exists():
-            pytest.fail(f"{what}: rank {rank} wrote no results; output:\n{log[-6000:]}")
-        results[rank] = json.loads(path.read_text())
-    return results
-
-
-def torchrun(launch: str, out: Path) -> Results:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        str(SCRIPT),
-        launch,
-        str(out),
-    ]
-    try:
-        done = subprocess.run(
-            command,
-            cwd=ROOT,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=LAUNCH_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"launch {launch!r} did not end within {LAUNCH_TIMEOUT} s: {exc.output!r}")
-    log = done.stdout + done.stderr
-    results = _read(out, f"launch {launch!r}", log)
-    for rank, scenarios in results.items():
-        for name, result in scenarios.items():
-            if isinstance(result, dict) and "traceback" in result:
-                pytest.fail(
-                    f"launch {launch!r}, rank {rank}, scenario {name!r}:\n{result['traceback']}"
-                )
-    assert done.returncode == 0, log[-6000:]
-    return results
 
 
 def _free_port() -> int:
@@ -87,51 +48,111 @@ def _free_port() -> int:
         return port
 
 
-def spawn(kind: str, out: Path) -> tuple[Results, list[int]]:
-    """Two ranks with torchrun's environment, no launcher (it would stop the survivor)."""
-    port = _free_port()
-    procs = []
-    for rank in (0, 1):
-        env = _env()
-        env.update(
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
+class Launch:
+    """Processes started now, waited for when a test needs their results."""
+
+    def __init__(self, what: str, out: Path, procs: list[subprocess.Popen[str]], timeout: float):
+        self.what = what
+        self.out = out
+        self.procs = procs
+        self.timeout = timeout
+        self.codes: list[int] | None = None
+        self.log = ""
+
+    @classmethod
+    def torchrun(cls, out: Path) -> Launch:
+        """The main launch: every scenario, under torchrun (``torch.distributed.run``)."""
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += ["--nproc-per-node=2", str(SCRIPT), "all", str(out)]
+        proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(SCRIPT), kind, str(out)],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
+        return cls("the main launch", out, [proc], MAIN_TIMEOUT)
+
+    @classmethod
+    def failure(cls, kind: str, out: Path) -> Launch:
+        """Two ranks with torchrun's environment, no launcher (it would stop the survivor)."""
+        port = str(_free_port())
+        procs = []
+        for rank in ("0", "1"):
+            env = _env(
+                RANK=rank,
+                LOCAL_RANK=rank,
+                WORLD_SIZE="2",
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
             )
-        )
-    logs = []
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(SCRIPT), kind, str(out)],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+        return cls(f"the failure launch {kind!r}", out, procs, FAILURE_TIMEOUT)
+
+    def wait(self) -> tuple[Results, list[int]]:
+        if self.codes is None:
+            logs = []
+            try:
+                logs.append(self.procs[0].communicate(timeout=self.timeout)[0])
+                if len(self.procs) > 1 and "alive" in self.what:
+                    self.procs[1].terminate()  # it lived on long enough: rank 0 has reported
+                for proc in self.procs[1:]:
+                    logs.append(proc.communicate(timeout=20)[0])
+            except subprocess.TimeoutExpired:
+                for proc in self.procs:
+                    proc.kill()
+                pytest.fail(f"{self.what} did not end within {self.timeout} s")
+            self.codes = [proc.returncode for proc in self.procs]
+            self.log = "\n".join(logs)
+        results: Results = {}
+        for rank in (0, 1):
+            path = self.out / f"rank{rank}.json"
+            if not path.exists():
+                pytest.fail(
+                    f"{self.what}: rank {rank} wrote no results; output:\n{self.log[-6000:]}"
+                )
+            results[rank] = json.loads(path.read_text())
+        return results, self.codes
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Launch]]:
+    """Every launch, started at once: they mostly wait (for imports, rendezvous, timeouts), so
+    running them side by side takes about as long as the longest."""
+    started = {"all": Launch.torchrun(tmp_path_factory.mktemp("ddp-all"))}
+    for kind in ("raise", "kill", "alive"):
+        started[kind] = Launch.failure(kind, tmp_path_factory.mktemp(f"ddp-{kind}"))
     try:
-        logs.append(procs[0].communicate(timeout=40)[0])
-        if kind == "alive":
-            procs[1].terminate()  # it lived on long enough: rank 0 has reported
-        logs.append(procs[1].communicate(timeout=20)[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"failure launch {kind!r} hung")
-    return _read(out, f"failure launch {kind!r}", "\n".join(logs)), [p.returncode for p in procs]
+        yield started
+    finally:
+        for launch in started.values():
+            for proc in launch.procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.communicate()  # reaps it and closes its pipe
 
 
 @pytest.fixture(scope="module")
-def asyncio_run(tmp_path_factory: pytest.TempPathFactory) -> Results:
-    return torchrun("asyncio", tmp_path_factory.mktemp("ddp-asyncio"))
-
-
-@pytest.fixture(scope="module")
-def trio_run(tmp_path_factory: pytest.TempPathFactory) -> Results:
-    return torchrun("trio", tmp_path_factory.mktemp("ddp-trio"))
+def ran(launches: dict[str, Launch]) -> Results:
+    """The main launch's results (every scenario of both ranks), once it has ended."""
+    results, codes = launches["all"].wait()
+    for rank, scenarios in results.items():
+        for name, result in scenarios.items():
+            if isinstance(result, dict) and "traceback" in result:
+                pytest.fail(f"rank {rank}, scenario {name!r}:\n{result['traceback']}")
+    assert codes == [0], launches["all"].log[-6000:]
+    return results
 
 
 def both(results: Results, scenario: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -142,9 +163,9 @@ def both(results: Results, scenario: str) -> tuple[dict[str, Any], dict[str, Any
 
 
 def test_group_created_from_torchrun_env_reused_and_destroyed_by_its_creator(
-    asyncio_run: Results,
+    ran: Results,
 ) -> None:
-    for rank, scenarios in asyncio_run.items():
+    for rank, scenarios in ran.items():
         group = scenarios["group"]
         assert group["created"]
         assert group["reused"]
@@ -157,12 +178,10 @@ def test_group_created_from_torchrun_env_reused_and_destroyed_by_its_creator(
 
 
 @pytest.mark.parametrize("launch", ["asyncio", "trio"])
-def test_weights_bit_identical_to_a_raw_ddp_loop(
-    launch: str, asyncio_run: Results, trio_run: Results
-) -> None:
-    results = asyncio_run if launch == "asyncio" else trio_run
+def test_weights_bit_identical_to_a_raw_ddp_loop(launch: str, ran: Results) -> None:
+    key = "raw_equal" if launch == "asyncio" else "raw_equal@trio"
     for rank in (0, 1):
-        raw = results[rank]["raw_equal"]
+        raw = ran[rank][key]
         assert raw["inline"], raw
         assert raw["thread"], raw
         assert raw["producer"], raw
@@ -170,12 +189,12 @@ def test_weights_bit_identical_to_a_raw_ddp_loop(
         assert raw["thread_hops"] > 0
 
 
-def test_within_1e6_of_one_process_on_the_combined_batches(asyncio_run: Results) -> None:
-    assert asyncio_run[0]["raw_equal"]["one_process_max_diff"] <= 1e-6
+def test_within_1e6_of_one_process_on_the_combined_batches(ran: Results) -> None:
+    assert ran[0]["raw_equal"]["one_process_max_diff"] <= 1e-6
 
 
-def test_shards_are_disjoint_and_reshuffled_every_epoch(asyncio_run: Results) -> None:
-    seen = [asyncio_run[r]["shards"]["seen"] for r in (0, 1)]
+def test_shards_are_disjoint_and_reshuffled_every_epoch(ran: Results) -> None:
+    seen = [ran[r]["shards"]["seen"] for r in (0, 1)]
     for epoch in ("0", "1"):
         mine, theirs = seen[0][epoch], seen[1][epoch]
         assert not set(mine) & set(theirs)
@@ -183,19 +202,17 @@ def test_shards_are_disjoint_and_reshuffled_every_epoch(asyncio_run: Results) ->
     assert seen[0]["0"] != seen[0]["1"]  # set_epoch: another order in the next epoch
 
 
-def test_gradient_accumulation_with_no_sync_matches_the_raw_loop(asyncio_run: Results) -> None:
-    assert asyncio_run[0]["accumulate"]["equal"]
-    assert asyncio_run[1]["accumulate"]["equal"]
+def test_gradient_accumulation_with_no_sync_matches_the_raw_loop(ran: Results) -> None:
+    assert ran[0]["accumulate"]["equal"]
+    assert ran[1]["accumulate"]["equal"]
 
 
 # -- every rank takes the same control flow --------------------------------------------------------
 
 
 @pytest.mark.parametrize("launch", ["asyncio", "trio"])
-def test_a_stop_on_one_rank_stops_every_rank_at_the_same_step(
-    launch: str, asyncio_run: Results, trio_run: Results
-) -> None:
-    r0, r1 = both(asyncio_run if launch == "asyncio" else trio_run, "stop_one_rank")
+def test_a_stop_on_one_rank_stops_every_rank_at_the_same_step(launch: str, ran: Results) -> None:
+    r0, r1 = both(ran, "stop_one_rank" + ("@trio" if launch == "trio" else ""))
     # Rank 0's StopEpoch at step 2 ended epoch 1 at the agreement at step 4 on both ranks;
     # rank 1's StopFit at step 7 stopped both at the agreement at step 8 (agree_every=4).
     assert r0["pass_ends"] == r1["pass_ends"] == [4]
@@ -205,8 +222,8 @@ def test_a_stop_on_one_rank_stops_every_rank_at_the_same_step(
     assert r1["equal"]
 
 
-def test_a_time_limit_expiring_on_one_rank_stops_both(asyncio_run: Results) -> None:
-    r0, r1 = both(asyncio_run, "time_limit")
+def test_a_time_limit_expiring_on_one_rank_stops_both(ran: Results) -> None:
+    r0, r1 = both(ran, "time_limit")
     assert r0["step"] == r1["step"] >= 3
     assert r0["reason"] == r1["reason"]
     assert r0["reason"].startswith("rank 1: time limit")
@@ -214,9 +231,9 @@ def test_a_time_limit_expiring_on_one_rank_stops_both(asyncio_run: Results) -> N
 
 @pytest.mark.parametrize("launch", ["asyncio", "trio"])
 def test_an_outside_cancellation_of_one_rank_is_agreed_and_fit_continues_exactly(
-    launch: str, asyncio_run: Results, trio_run: Results
+    launch: str, ran: Results
 ) -> None:
-    r0, r1 = both(asyncio_run if launch == "asyncio" else trio_run, "cancel")
+    r0, r1 = both(ran, "cancel" + ("@trio" if launch == "trio" else ""))
     assert r0["cancelled"]
     assert not r1["cancelled"]
     assert r0["step"] == r1["step"] == 6  # the agreement after the cancellation (agree_every=2)
@@ -225,39 +242,37 @@ def test_an_outside_cancellation_of_one_rank_is_agreed_and_fit_continues_exactly
     assert r1["continued_equal"]
 
 
-def test_sigterm_on_one_rank_stops_both_at_the_same_step(asyncio_run: Results) -> None:
-    r0, r1 = both(asyncio_run, "sigterm")
+def test_sigterm_on_one_rank_stops_both_at_the_same_step(ran: Results) -> None:
+    r0, r1 = both(ran, "sigterm")
     assert r0["step"] == r1["step"] == 4
     assert r0["reason"] == r1["reason"] == "rank 1: SIGTERM received"
 
 
 @pytest.mark.parametrize("launch", ["asyncio", "trio"])
-def test_concurrent_validation_stop_is_agreed(
-    launch: str, asyncio_run: Results, trio_run: Results
-) -> None:
-    r0, r1 = both(asyncio_run if launch == "asyncio" else trio_run, "early_stop_concurrent")
+def test_concurrent_validation_stop_is_agreed(launch: str, ran: Results) -> None:
+    r0, r1 = both(ran, "early_stop_concurrent" + ("@trio" if launch == "trio" else ""))
     assert r0["step"] == r1["step"]
     assert r0["reason"] == r1["reason"]
     assert "early stopping" in r0["reason"]
 
 
-def test_data_ending_early_on_one_rank_ends_the_pass_on_every_rank(asyncio_run: Results) -> None:
-    r0, r1 = both(asyncio_run, "uneven_data")
+def test_data_ending_early_on_one_rank_ends_the_pass_on_every_rank(ran: Results) -> None:
+    r0, r1 = both(ran, "uneven_data")
     assert r0["sized_step"] == r1["sized_step"] == 14  # 7 batches (the fewest) an epoch
     assert r0["unsized_step"] == r1["unsized_step"] == 6  # 3 an epoch, agreed batch by batch
     assert r0["sized_equal"]
     assert r0["unsized_equal"]
 
 
-def test_a_one_rank_skip_before_the_gradient_keeps_ranks_in_step(asyncio_run: Results) -> None:
-    r0, r1 = both(asyncio_run, "skips")
+def test_a_one_rank_skip_before_the_gradient_keeps_ranks_in_step(ran: Results) -> None:
+    r0, r1 = both(ran, "skips")
     assert (r0["before_fired"], r1["before_fired"]) == (0, 1)
     assert r0["before_equal"]
     assert r1["before_equal"]
 
 
-def test_a_one_rank_skip_after_the_gradient_is_a_distributed_error(asyncio_run: Results) -> None:
-    for result in both(asyncio_run, "skips"):
+def test_a_one_rank_skip_after_the_gradient_is_a_distributed_error(ran: Results) -> None:
+    for result in both(ran, "skips"):
         error = result["after"]
         assert error is not None
         assert error["peer"] == 1
@@ -265,8 +280,8 @@ def test_a_one_rank_skip_after_the_gradient_is_a_distributed_error(asyncio_run: 
         assert "optimizer updates differ (rank 0: 4, rank 1: 3)" in error["message"]
 
 
-def test_a_collective_from_concurrent_callbacks_names_them(asyncio_run: Results) -> None:
-    for result in both(asyncio_run, "guard"):
+def test_a_collective_from_concurrent_callbacks_names_them(ran: Results) -> None:
+    for result in both(ran, "guard"):
         assert result["callbacks"] == ["A", "B"]
         assert "declare `collectives = True`" in result["raised"][0]
 
@@ -275,9 +290,9 @@ def test_a_collective_from_concurrent_callbacks_names_them(asyncio_run: Results)
 
 
 def test_checkpoints_rank0_writes_every_ranks_state_and_resume_is_exact(
-    asyncio_run: Results,
+    ran: Results,
 ) -> None:
-    r0, r1 = both(asyncio_run, "checkpoint")
+    r0, r1 = both(ran, "checkpoint")
     assert r0["writes"] > 0
     assert r1["writes"] == 0
     assert r0["ranks_in_file"] == 2
@@ -287,8 +302,8 @@ def test_checkpoints_rank0_writes_every_ranks_state_and_resume_is_exact(
         assert result["mid_epoch_equal"]
 
 
-def test_uneven_validation_shards_match_one_process(asyncio_run: Results) -> None:
-    r0, r1 = both(asyncio_run, "validation")
+def test_uneven_validation_shards_match_one_process(ran: Results) -> None:
+    r0, r1 = both(ran, "validation")
     for key in ("val_loss", "val_accuracy", "train_loss"):
         assert r0[key] == r1[key]
     assert abs(r0["val_loss"] - r0["one_process_loss"]) <= 1e-6
@@ -297,8 +312,8 @@ def test_uneven_validation_shards_match_one_process(asyncio_run: Results) -> Non
     assert r0["concurrent_val_accuracy"] == r0["val_accuracy"]
 
 
-def test_fsdp_matches_ddp_validates_sequentially_and_resumes(asyncio_run: Results) -> None:
-    for result in both(asyncio_run, "fsdp"):
+def test_fsdp_matches_ddp_validates_sequentially_and_resumes(ran: Results) -> None:
+    for result in both(ran, "fsdp"):
         assert result["max_diff_vs_ddp"] <= 1e-6
         assert result["val_loss_diff"] <= 1e-6
         assert result["resume_max_diff"] == 0.0
@@ -307,8 +322,10 @@ def test_fsdp_matches_ddp_validates_sequentially_and_resumes(asyncio_run: Result
 # -- failures --------------------------------------------------------------------------------------
 
 
-def test_a_rank_raising_then_exiting_ends_the_others_within_2s(tmp_path: Path) -> None:
-    results, codes = spawn("raise", tmp_path)
+def test_a_rank_raising_then_exiting_ends_the_others_within_2s(
+    launches: dict[str, Launch],
+) -> None:
+    results, codes = launches["raise"].wait()
     failed, survivor = results[1], results[0]
     assert failed["error"] == "ValueError"
     assert survivor["error"] == "DistributedError"
@@ -318,8 +335,8 @@ def test_a_rank_raising_then_exiting_ends_the_others_within_2s(tmp_path: Path) -
     assert codes == [1, 1]
 
 
-def test_a_killed_rank_ends_the_others_within_2s(tmp_path: Path) -> None:
-    results, codes = spawn("kill", tmp_path)
+def test_a_killed_rank_ends_the_others_within_2s(launches: dict[str, Launch]) -> None:
+    results, codes = launches["kill"].wait()
     survivor = results[0]
     assert survivor["error"] == "DistributedError"
     assert "killed" in survivor["message"]
@@ -328,8 +345,10 @@ def test_a_killed_rank_ends_the_others_within_2s(tmp_path: Path) -> None:
     assert codes[1] != 0
 
 
-def test_a_failed_rank_that_lives_on_ends_the_others_within_the_timeout(tmp_path: Path) -> None:
-    results, codes = spawn("alive", tmp_path)
+def test_a_failed_rank_that_lives_on_ends_the_others_within_the_timeout(
+    launches: dict[str, Launch],
+) -> None:
+    results, codes = launches["alive"].wait()
     failed, survivor = results[1], results[0]
     assert failed["error"] == "ValueError"
     assert survivor["error"] == "DistributedError"
@@ -337,3 +356,19 @@ def test_a_failed_rank_that_lives_on_ends_the_others_within_the_timeout(tmp_path
     assert "ValueError: boom on rank 1" in survivor["message"]
     assert survivor["raised_at"] - failed["failed_at"] < FAIL_TIMEOUT + 1.0
     assert codes[0] == 1
+
+
+# -- the page and the example ----------------------------------------------------------------------
+
+
+def test_the_distributed_page_runs_on_two_ranks(ran: Results) -> None:
+    for result in both(ran, "docs"):
+        assert result["blocks"] == 5
+        assert result["has_callback"]
+
+
+def test_the_digits_example_learns_and_resumes(ran: Results) -> None:
+    r0, r1 = both(ran, "example")
+    assert (r0["accuracy"], r0["resumed_accuracy"]) == (r1["accuracy"], r1["resumed_accuracy"])
+    assert r0["accuracy"] > 0.7  # two epochs
+    assert r0["resumed_accuracy"] > r0["accuracy"]  # a third, continued from last.pt

@@ -162,3 +162,27 @@ def test_on_a_group_of_one_rank_in_a_process_of_its_own() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-2000:]
+
+
+# -- found while testing the strategies ------------------------------------------------------------
+
+
+async def test_a_pass_handed_to_its_producer_on_its_last_batch_keeps_it() -> None:
+    """``Batches.next()`` (what Validate and users' passes call) when the inline fetch of the last
+    batch hands the source over to the producer thread: that batch still arrives, first."""
+    seen: list[int] = []
+
+    class Count(Callback):
+        reads = frozenset({"batch"})
+
+        def after_validate_batch(self, state: StateView) -> None:
+            seen.append(len(state.batch[1]))
+
+    val = make_batches(2, batch_size=3, n_out=2)
+    # Every fetch is over a zero budget: the second one of a pass switches to the producer.
+    learner = make(
+        train=make_batches(2, n_out=2), val_data=val, fetch_budget=0.0, callbacks=[Count()]
+    )
+    await learner.validate()
+    await learner.validate()
+    assert seen == [3, 3, 3, 3]
