@@ -145,6 +145,8 @@ class Agreement:
         self.fixed = every
         #: The agreed interval (committed steps between two agreements in a pass).
         self.interval = 1 if every is None else every
+        #: The interval this rank proposes at the next agreement (``"auto"``).
+        self.proposal = self.interval
         self._costs: deque[float] = deque(maxlen=8)
         self._agreements = 0
         self._last: tuple[float, int] | None = None
@@ -211,7 +213,7 @@ class Agreement:
             word[UNSIZED] = 1
         word[STEP], word[NEG_STEP] = step, -step
         word[UPDATES], word[NEG_UPDATES] = updates, -updates
-        word[INTERVAL] = self.interval
+        word[INTERVAL] = self.proposal
         if remaining is not None:
             word[NEG_REMAINING] = -remaining
         if checksum is not None:
@@ -272,7 +274,7 @@ class Agreement:
         cheapest = min(self._costs)
         wanted = math.ceil(cheapest / (BUDGET * per_step))
         cap = max(1, math.floor(MAX_LAG / per_step))
-        self.interval = max(1, min(wanted, cap))
+        self.proposal = max(1, min(wanted, cap))
 
     def _check(self, w: list[int], point: int, step: int, updates: int) -> None:
         s = self.strategy

@@ -52,6 +52,16 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
 def _full_states(strategy: Strategy, learner: Learner[Any]) -> tuple[Any, Any] | None:
     from ._strategy import FSDP
 
@@ -87,7 +97,9 @@ def state_dict(strategy: Strategy, learner: Learner[Any]) -> dict[str, Any]:
         "callbacks": out["callbacks"],
         "sampler_epoch": None if sampler is None else sampler.epoch,
     }
-    gathered = strategy.gather_object(mine)
+    # On the CPU: the gather runs on a gloo lane, and rank 0 must be able to unpickle every
+    # rank's tensors (a CUDA tensor would come back on the sender's device index).
+    gathered = strategy.gather_object(_on_cpu(mine))
     if gathered is None:
         out["ranks"] = None  # rank 0's checkpoint holds every rank's state
         return out
