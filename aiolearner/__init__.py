@@ -9,8 +9,8 @@ from ._callbacks import Callback as Callback
 from ._context import StageContext as Runtime  # its earlier name
 from ._context import StageContext as StageContext
 from ._data import Batches as Batches
-from ._dist._strategy import DDP as DDP
-from ._dist._strategy import FSDP as FSDP
+from ._dist._models import DDP as DDP
+from ._dist._models import FSDP as FSDP
 from ._dist._strategy import Strategy as Strategy
 from ._events import Event as Event
 from ._events import EventStream as EventStream

@@ -1,7 +1,8 @@
 """Distributed training on torch.distributed (private; the public names are in ``aiolearner``).
 
-* ``_strategy.py``: :class:`Strategy`, :class:`DDP`, :class:`FSDP`: the process group, the
-  lanes, the wrapped model, the collectives offered to callbacks, the shielded run;
+* ``_strategy.py``: :class:`Strategy`: the process group, the lanes, the collectives offered to
+  callbacks, the passes' reductions, the shielded run and what a failure raises;
+* ``_models.py``: :class:`DDP` and :class:`FSDP`, which wrap the model;
 * ``_agree.py``: the control word and where every rank agrees on it;
 * ``_data.py``: sharding the training and validation data;
 * ``_persist.py``: every rank's state in checkpoints, resuming on rank 0's decision;

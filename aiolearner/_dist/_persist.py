@@ -63,7 +63,7 @@ def _on_cpu(value: Any) -> Any:
 
 
 def _full_states(strategy: Strategy, learner: Learner[Any]) -> tuple[Any, Any] | None:
-    from ._strategy import FSDP
+    from ._models import FSDP
 
     if not isinstance(strategy, FSDP):
         return None
@@ -142,7 +142,7 @@ def load_state_dict(
             RuntimeWarning,
             stacklevel=3,
         )
-    from ._strategy import FSDP
+    from ._models import FSDP
 
     if isinstance(strategy, FSDP) and "model" in ckpt:
         _load_fsdp(learner, ckpt)
