@@ -84,18 +84,16 @@ async def wait_work(work: Any, on_poll: Callable[[], None] | None = None) -> Non
     future.wait()  # raises the collective's error
 
 
+# What torch's process groups put in the plain RuntimeErrors they raise (gloo's name its source
+# file, .../gloo/transport/tcp/pair.cc); specific enough not to catch a user's own RuntimeError.
 _COMM_WORDS = (
-    "connection closed",
-    "connection reset",
-    "broken pipe",
-    "timed out",
-    "timeout",
     "gloo",
     "nccl",
     "processgroup",
     "c10d",
-    "socket",
-    "peer",
+    "connection closed by peer",
+    "connection reset by peer",
+    "application timeout caused pair closure",
 )
 
 

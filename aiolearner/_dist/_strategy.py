@@ -11,8 +11,9 @@ A strategy does, once, when the learner is made (every rank makes it):
   reductions of a concurrent validation, whose order is its own).
 * **the data**: the training loader gets a ``DistributedSampler`` that follows the learner's
   epochs, validation a shard without padding (``_data.py``);
-* **the model**: wrapped for training (``state.train_model``: DDP's wrapper, or the FSDP module),
-  while ``state.model`` stays the module (checkpoint keys, snapshots, EMA copies);
+* **the model**: wrapped for training (``state.train_model``: DDP's wrapper, or the FSDP module;
+  ``_models.py``), while ``state.model`` stays the module (checkpoint keys, snapshots, EMA
+  copies);
 * **the plans**: every hook plan learns where its control flow is agreed (``_agree.py``).
 
 While ``fit`` runs, the run is shielded: an outside cancellation of one rank becomes a request
