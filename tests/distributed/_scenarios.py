@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -611,6 +612,18 @@ def failure(kind: str, out: Path) -> int:
             os.kill(os.getpid(), signal.SIGKILL)
         raise ValueError("boom on rank 1")
 
+    # The group first, with a store that waits long for the other process to start (on a busy
+    # machine that can take longer than the short collective timeout these scenarios test).
+    store = dist.TCPStore(  # type: ignore[attr-defined]
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        WORLD,
+        RANK == 0,
+        timeout=timedelta(seconds=60),
+    )
+    dist.init_process_group(
+        "gloo", store=store, rank=RANK, world_size=WORLD, timeout=timedelta(seconds=FAIL_TIMEOUT)
+    )
     learner = _failing_learner(fail)
     try:
         learner.fit_sync(50)

@@ -10,8 +10,10 @@ before it reports. All launches start together and run side by side.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -67,9 +69,16 @@ class Launch:
         for i, (command, env) in enumerate(commands):
             log = out / f"process{i}.log"
             with open(log, "wb") as f:
+                # A session of its own, apart from pytest's terminal (see kill()).
                 proc = subprocess.Popen(
-                    command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT
+                    command,
+                    cwd=ROOT,
+                    env=env,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
                 )
+
             self.procs.append(proc)
             self._logs.append(log)
             thread = threading.Thread(target=self._watch, args=(i,), daemon=True)
@@ -104,6 +113,20 @@ class Launch:
             commands.append(([sys.executable, str(SCRIPT), kind, str(out)], env))
         return cls(f"the failure launch {kind!r}", out, commands)
 
+    def kill(self) -> None:
+        """Stop whatever still runs of the launch, torchrun's workers included."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                # SIGTERM first: torchrun forwards it to its workers (each in a session of its
+                # own, out of reach of a signal to torchrun's group) and waits for them.
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
     @property
     def log(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self._logs if p.exists())
@@ -116,8 +139,7 @@ class Launch:
         for thread in self._threads:
             thread.join(timeout)
         if any(proc.poll() is None for proc in self.procs):
-            for proc in self.procs:
-                proc.kill()
+            self.kill()
             pytest.fail(f"{self.what} did not end within {timeout} s:\n{self.log[-6000:]}")
         results: Results = {}
         for rank in (0, 1):
@@ -141,10 +163,7 @@ def launches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Lau
         yield started
     finally:
         for launch in started.values():
-            for proc in launch.procs:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
+            launch.kill()
 
 
 @pytest.fixture(scope="module")
