@@ -97,7 +97,7 @@ def build(learner: Learner[Any]) -> None:
     learner._stages = names
     bind_states(learner)
     if rt.strategy is not None:
-        rt.strategy.adapt(learner)  # where each plan's control flow is agreed
+        rt.strategy._adapt(learner)  # where each plan's control flow is agreed
 
 
 def _lifetimes(stages: Iterable[Stage]) -> dict[str, tuple[str, str]]:

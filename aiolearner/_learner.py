@@ -150,8 +150,8 @@ class Learner(Generic[TBatch]):
         self._strategy = strategy
         if strategy is not None:
             # Join the process group, then this rank's shard of the data.
-            device = strategy.connect(device)
-            train_data, val_data = strategy.shard(train_data, val_data)
+            device = strategy._connect(device)
+            train_data, val_data = strategy._shard(train_data, val_data)
         self._device = _resolve_device(model, device)
         if any(p.device != self._device for p in model.parameters()):
             model.to(self._device)
@@ -227,7 +227,7 @@ class Learner(Generic[TBatch]):
         self._stages: dict[str, Stage] = {}
         self._root = _build.build_tree(stages)
         if strategy is not None:
-            strategy.attach(self)
+            strategy._attach(self)
         _build.build(self)
 
     # -- building -----------------------------------------------------------------------------
@@ -470,7 +470,7 @@ class Learner(Generic[TBatch]):
             if strategy is None:
                 await self._root(self._state)
             else:
-                await strategy.run_fit(self)
+                await strategy._run_fit(self)
 
     def fit_sync(
         self,

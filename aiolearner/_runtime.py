@@ -321,7 +321,7 @@ class Runtime:
                 yield batches
             else:
                 # Agreement points between batches (once a pass: nothing per batch without).
-                yield strategy.agreed_batches(batches, state)  # type: ignore[misc]
+                yield strategy._agreed_batches(batches, state)  # type: ignore[misc]
 
     # -- observation (trace and events) ---------------------------------------------------------
 

@@ -152,7 +152,7 @@ class FitBatch(Stage):
         if strategy is not None and not context.committed:
             # Skipped on this rank only: the other ranks' gradient all-reduce needs this rank's
             # part (zeros), and every rank must apply the same update (see _dist/_strategy.py).
-            strategy.skipped_batch(self, state)
+            strategy._skipped_batch(self, state)
         if not context.committed:
             # A skipped batch must leave nothing behind: its gradients would otherwise be added
             # to the next batch's and reach the weights with the next update; nor its loss in
@@ -193,7 +193,7 @@ class Fit(Stage):
         losses = rt.train_losses
         if rt.strategy is not None:
             # The mean over every rank's batches (one reduction; every rank, even without any).
-            await rt.strategy.reduce_train_loss(state, losses)
+            await rt.strategy._reduce_train_loss(state, losses)
         elif losses:
             with torch.no_grad():
                 mean = torch.stack([x.detach() for x in losses]).mean()
@@ -278,7 +278,7 @@ class Validate(Stage):
         try:
             model.eval()
             if strategy is not None:
-                strategy.begin_validation(model)  # FSDP gathers the weights for the pass
+                strategy._begin_validation(model)  # FSDP gathers the weights for the pass
             async with rt.open_pass(state, "validation") as batches:
                 while (batch := await batches.next()) is not batches.END:
                     state.batch = batch
@@ -301,13 +301,13 @@ class Validate(Stage):
         finally:
             model.train(was_training)
             if strategy is not None:
-                strategy.end_validation(model)
+                strategy._end_validation(model)
             if lock is not None:
                 lock.release_read()
         results: dict[str, Any] = {}
         if strategy is not None:
             # Sums over every rank's shard (one reduction; every rank, even with an empty one).
-            count = await strategy.reduce_validation(total, count, results)
+            count = await strategy._reduce_validation(total, count, results)
             if count:
                 state.metrics["val_loss"] = results["loss"]
         elif count:

@@ -223,7 +223,7 @@ class Agreement:
         tensor = torch.tensor(word, dtype=torch.int64)
         start = time.perf_counter()
         work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=s.train_group, async_op=True)
-        await s.wait(work, "the control word")
+        await s._wait(work, "the control word")
         now = time.perf_counter()
         self.count += 1
         w = tensor.tolist()
@@ -468,7 +468,7 @@ class AgreedBatches:
 
     async def _end(self) -> Any:
         strategy = self._agreement.strategy
-        agreed = await self._agreement.agree(PASS_END, checksum=strategy.checksum())
+        agreed = await self._agreement.agree(PASS_END, checksum=strategy._checksum())
         self._act(agreed)
         self._ended = True
         return END

@@ -192,7 +192,7 @@ class FSDP(Strategy):
         self.module = model
         return model
 
-    def attach(self, learner: Learner[Any]) -> None:
+    def _attach(self, learner: Learner[Any]) -> None:
         validator = learner._rt.validator
         if validator is not None and validator.concurrent:
             raise ConfigurationError(
@@ -201,7 +201,7 @@ class FSDP(Strategy):
                 "gathering it runs collectives on the training group); use "
                 "validate='sequential'"
             )
-        super().attach(learner)
+        super()._attach(learner)
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         return _fsdp_no_sync(self.module)
@@ -213,7 +213,7 @@ class FSDP(Strategy):
             return []
         return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
-    def begin_validation(self, model: torch.nn.Module) -> None:
+    def _begin_validation(self, model: torch.nn.Module) -> None:
         # Gather the weights once for the pass and keep them: the ranks' shards of validation
         # data differ in length, so a gather per forward would pair up wrongly. (unshard is not
         # recursive: every sharded unit, in the same order on every rank.)
@@ -221,12 +221,12 @@ class FSDP(Strategy):
             unit.set_reshard_after_forward(False, recurse=False)
             unit.unshard()
 
-    def end_validation(self, model: torch.nn.Module) -> None:
+    def _end_validation(self, model: torch.nn.Module) -> None:
         for unit in self._sharded(model):
             unit.reshard()
             unit.set_reshard_after_forward(self.reshard_after_forward, recurse=False)
 
-    def checksum(self) -> float | None:
+    def _checksum(self) -> float | None:
         return None  # each rank holds different shards
 
 

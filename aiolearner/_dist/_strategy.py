@@ -181,7 +181,7 @@ class Strategy:
 
     # -- set-up (Learner.__init__) -----------------------------------------------------------------
 
-    def connect(self, device: torch.device | str | None) -> torch.device | str | None:
+    def _connect(self, device: torch.device | str | None) -> torch.device | str | None:
         """Join (or create) the process group and make the lanes; the device to train on."""
         if self._connected:
             raise ConfigurationError(
@@ -235,7 +235,7 @@ class Strategy:
             return torch.device("cuda", torch.cuda.current_device())
         return None
 
-    def shard(self, train_data: Any, val_data: Any) -> tuple[Any, Any]:
+    def _shard(self, train_data: Any, val_data: Any) -> tuple[Any, Any]:
         """The data of this rank (see ``_data.py``)."""
         if not self.shard_data:
             return train_data, val_data
@@ -269,7 +269,7 @@ class Strategy:
         """The module training batches go through (``state.train_model``)."""
         raise NotImplementedError
 
-    def attach(self, learner: Learner[Any]) -> None:
+    def _attach(self, learner: Learner[Any]) -> None:
         """Bind to the learner being made: check what cannot work, count updates."""
         self._learner = weakref.ref(learner)
         learner._rt.strategy = self
@@ -291,7 +291,7 @@ class Strategy:
         self._agreement = Agreement(self, learner._state, every)
         learner.optimizer.register_step_post_hook(self._agreement.count_update)
 
-    def adapt(self, learner: Learner[Any]) -> None:
+    def _adapt(self, learner: Learner[Any]) -> None:
         """Tell every hook plan where its control flow is agreed (end of every build)."""
         from .._stages import Fit, FitRun, Validate
 
@@ -328,7 +328,7 @@ class Strategy:
                 plan.agreement = agreement
                 plan.point = agreement.points[plan.hook]
 
-    def agreed_batches(self, batches: Any, state: State) -> AgreedBatches:
+    def _agreed_batches(self, batches: Any, state: State) -> AgreedBatches:
         """A training pass's batches with the agreement points between them."""
         agreement = self._agreement
         assert agreement is not None
@@ -442,7 +442,7 @@ class Strategy:
         self._usable("barrier")
         dist.barrier(group=self._lane())
 
-    async def reduce_sums(
+    async def _reduce_sums(
         self, values: list[float | torch.Tensor], kind: str | None = None
     ) -> list[float]:
         """Sums over all ranks of ``values``, and of what callbacks handed to ``kind`` passes
@@ -455,7 +455,7 @@ class Strategy:
             [float(v) for v in values] + [v for part in parts for v in part], dtype=torch.float64
         )
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._lane(), async_op=True)
-        await self.wait(work, "a pass's reduction")
+        await self._wait(work, "a pass's reduction")
         result: list[float] = flat.tolist()
         offset = len(values)
         for (_, write), part in zip(extra, parts, strict=True):
@@ -463,7 +463,7 @@ class Strategy:
             offset += len(part)
         return result[: len(values)]
 
-    async def wait(self, work: Any, what: str) -> None:
+    async def _wait(self, work: Any, what: str) -> None:
         """Await a collective; a failure becomes a :class:`DistributedError` quoting the rank
         that failed (when it reported), also while waiting."""
         try:
@@ -520,7 +520,7 @@ class Strategy:
         one of a group runs outside, and synchronizes the sum)."""
         return contextlib.nullcontext()
 
-    def skipped_batch(self, fit_batch: Stage, state: State) -> None:
+    def _skipped_batch(self, fit_batch: Stage, state: State) -> None:
         """A ``SkipBatch`` ended this rank's batch before it was committed.
 
         Before the gradient stage ran, the other ranks are about to all-reduce their gradients
@@ -543,17 +543,17 @@ class Strategy:
                 child.compute(state)  # commits the batch, with the update
                 return
 
-    async def reduce_train_loss(self, state: State, losses: list[torch.Tensor]) -> None:
+    async def _reduce_train_loss(self, state: State, losses: list[torch.Tensor]) -> None:
         """``train_loss``: the mean over every rank's batches of the pass (Fit, every rank)."""
         local = 0.0
         if losses:
             with torch.no_grad():
                 local = float(torch.stack([x.detach().reshape(()).double() for x in losses]).sum())
-        total, count = await self.reduce_sums([local, len(losses)], "fit")
+        total, count = await self._reduce_sums([local, len(losses)], "fit")
         if count:
             state.metrics["train_loss"] = total / count
 
-    async def reduce_validation(
+    async def _reduce_validation(
         self, total: list[torch.Tensor], count: int, results: dict[str, Any]
     ) -> int:
         """The validation loss over every rank's shard (Validate, every rank); the count."""
@@ -561,15 +561,15 @@ class Strategy:
         if total:
             with torch.no_grad():
                 local = float(torch.stack(total).double().sum())
-        summed, n = await self.reduce_sums([local, count], "validate")
+        summed, n = await self._reduce_sums([local, count], "validate")
         if n:
             results["loss"] = summed / n
         return int(n)
 
-    def begin_validation(self, model: torch.nn.Module) -> None:
+    def _begin_validation(self, model: torch.nn.Module) -> None:
         """A validation pass starts on ``model`` (every rank, in the training flow)."""
 
-    def end_validation(self, model: torch.nn.Module) -> None:
+    def _end_validation(self, model: torch.nn.Module) -> None:
         """The validation pass on ``model`` ended."""
 
     def average_gradients(self, optimizer: torch.optim.Optimizer) -> None:
@@ -582,7 +582,7 @@ class Strategy:
             rank=self._rank,
         )
 
-    def checksum(self) -> float | None:
+    def _checksum(self) -> float | None:
         """A sum of the weights, identical on every rank unless they diverged (or ``None``)."""
         learner = self._learner() if self._learner is not None else None
         if learner is None:
@@ -591,7 +591,7 @@ class Strategy:
             sums = [p.detach().double().sum() for p in learner.model.parameters()]
             return float(torch.stack(sums).sum()) if sums else 0.0
 
-    async def run_fit(self, learner: Learner[Any]) -> None:
+    async def _run_fit(self, learner: Learner[Any]) -> None:
         """``learner``'s root stage, shielded: see the module docstring."""
         rt = learner._rt
         state = learner._state
