@@ -682,12 +682,11 @@ class Strategy:
 
     def describe(self) -> str:
         """One line for ``Learner.describe()``."""
-        every = self.agree_every
+        every = "auto" if self.agree_every == "auto" else f"{self.agree_every}"
         return (
             f"strategy: {type(self).__name__}, rank {self._rank} of {self._world_size} "
-            f"({self._backend_in_use}), control word agreed every "
-            f"{'auto' if every == 'auto' else every} steps (now {self._interval()}), "
-            f"data {'sharded' if self.shard_data else 'as given'}"
+            f"({self._backend_in_use}), agree_every={every!r} (now every {self._interval()} "
+            f"steps), data {'sharded' if self.shard_data else 'as given'}"
         )
 
     def _interval(self) -> int:
