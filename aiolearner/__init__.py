@@ -9,11 +9,16 @@ from ._callbacks import Callback as Callback
 from ._context import StageContext as Runtime  # its earlier name
 from ._context import StageContext as StageContext
 from ._data import Batches as Batches
+from ._dist._models import DDP as DDP
+from ._dist._models import FSDP as FSDP
+from ._dist._strategy import Strategy as Strategy
 from ._events import Event as Event
 from ._events import EventStream as EventStream
 from ._exceptions import AiolearnerError as AiolearnerError
+from ._exceptions import CollectiveError as CollectiveError
 from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import ControlFlow as ControlFlow
+from ._exceptions import DistributedError as DistributedError
 from ._exceptions import LearnerBusyError as LearnerBusyError
 from ._exceptions import SkipBatch as SkipBatch
 from ._exceptions import StageError as StageError
@@ -66,13 +71,17 @@ __all__ = [
     "AiolearnerError",
     "Batches",
     "Callback",
+    "CollectiveError",
     "ComputePolicy",
     "ComputeStage",
     "ConfigurationError",
     "ControlFlow",
+    "DDP",
+    "DistributedError",
     "Epoch",
     "Event",
     "EventStream",
+    "FSDP",
     "Feed",
     "Fit",
     "FitBatch",
@@ -101,6 +110,7 @@ __all__ = [
     "StateView",
     "StopEpoch",
     "StopFit",
+    "Strategy",
     "Trace",
     "TraceRecord",
     "Update",

@@ -97,6 +97,8 @@ def build(learner: Learner[Any]) -> None:
     rt.executor.compile(learner._root, frozenset(FIELD_LIFETIMES) | set(lifetimes) | writes)
     learner._stages = names
     bind_states(learner)
+    if rt.strategy is not None:
+        rt.strategy._adapt(learner)  # where each plan's control flow is agreed
 
 
 def _check_optimizer_names(stages: Iterable[Stage], optimizers: Mapping[str, Any]) -> None:
@@ -266,6 +268,8 @@ def describe(learner: Learner[Any]) -> str:
     walk(learner._root, 0)
     policy = learner._rt.policy
     lines.append(f"compute: {policy.mode} (max_blocking={policy.max_blocking}s)")
+    if learner._rt.strategy is not None:
+        lines.append(learner._rt.strategy.describe())
     if learner._callbacks:
         lines.append("callbacks:")
         for cb in learner._callbacks:

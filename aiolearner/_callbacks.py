@@ -27,6 +27,9 @@ class Callback:
             of a dict field, ``"metrics.best_val_loss"``: the callback then touches that key
             only, and callbacks writing different keys need no order between them.
         after: callback types this callback must run after, on every hook they share.
+        collectives: ``True`` when the callback's hooks issue collectives under a distributed
+            strategy (``state.strategy.all_reduce``, ...): its hooks then run alone, in the
+            order of the callbacks list, on every rank (see ``docs/distributed.md``).
 
     Hooks are methods named ``before_<stage>`` / ``after_<stage>`` for any stage of the learner's
     tree (``before_fit_run``, ``after_gradient``, ``after_validate``, ...), written as ``def`` or
@@ -46,6 +49,7 @@ class Callback:
     reads: ClassVar[frozenset[str] | set[str]] = frozenset()
     writes: ClassVar[frozenset[str] | set[str]] = frozenset()
     after: ClassVar[tuple[type[Callback], ...] | list[type[Callback]]] = ()
+    collectives: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

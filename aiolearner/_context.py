@@ -9,6 +9,7 @@ is private, so that it can change without breaking anybody's stages.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -17,6 +18,7 @@ import torch
 
 if TYPE_CHECKING:
     from ._data import Batches
+    from ._dist._strategy import Strategy
     from ._locks import ReadWriteLock
     from ._runtime import Runtime
     from ._state import State
@@ -104,6 +106,22 @@ class StageContext:
         """
         result: T = await self._rt.compute(fn, *args, writes_weights=writes_weights)
         return result
+
+    @property
+    def strategy(self) -> Strategy | None:
+        """The learner's distributed strategy, or ``None`` (one process)."""
+        return self._rt.strategy
+
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+        """Gradients computed inside are not synchronized across ranks (a no-op in one process).
+
+        For gradient accumulation under a distributed strategy: every micro-batch of a group but
+        the last runs its backward inside, the last one outside, so the summed gradients are
+        all-reduced once, with the last backward (``DistributedDataParallel.no_sync``, FSDP2's
+        ``set_requires_gradient_sync``).
+        """
+        strategy = self._rt.strategy
+        return contextlib.nullcontext() if strategy is None else strategy.no_sync()
 
     # -- data and events --------------------------------------------------------------------------
 

@@ -8,7 +8,9 @@ Hierarchy::
     │   ├── StateAccessError            undeclared or invalid state access, where it happens
     │   │   └── StateKeyError           a key of a dict field (``metrics``) that is not set now
     │   ├── LearnerBusyError            a call that the learner's lifecycle does not allow now
-    │   └── StageError                  a stage broke the stage protocol while running
+    │   ├── StageError                  a stage broke the stage protocol while running
+    │   └── CollectiveError             a collective issued where its order is not guaranteed
+    ├── DistributedError (RuntimeError) a rank failed, or ranks diverged, under a strategy
     └── ControlFlow                     raised on purpose to steer training, never an error
         ├── SkipBatch                   drop the current batch; owned by FitBatch / ValidateBatch
         ├── StopEpoch                   end the current pass (training or validation) early
@@ -23,8 +25,10 @@ from __future__ import annotations
 
 __all__ = [
     "AiolearnerError",
+    "CollectiveError",
     "ConfigurationError",
     "ControlFlow",
+    "DistributedError",
     "LearnerBusyError",
     "SkipBatch",
     "StageError",
@@ -151,6 +155,83 @@ class StageError(AiolearnerError, RuntimeError):
         self.problem = problem
         self.stage = stage
         super().__init__(f"stage {stage!r}: {problem}")
+
+
+class CollectiveError(AiolearnerError, RuntimeError):
+    """Raised where a collective (``strategy.all_reduce``, ``gather_object``, ...) is issued from
+    a place whose order is not the same on every rank.
+
+    Under a distributed strategy every rank must issue the same collectives in the same order.
+    Callbacks that run concurrently (two or more ``async def`` hooks in one layer) and
+    background tasks (``state.start_soon``) run in an order that differs from rank to rank, so
+    a collective there could pair with a different one on another rank and hang. A callback
+    that needs collectives declares ``collectives = True``: its hooks then run alone, in plan
+    order, on every rank.
+
+    A concurrent validation's hooks may not issue blocking collectives either (they run on the
+    event loop next to training); they hand per-pass sums to the pass's own reduction instead
+    (``strategy.sum_at_end_of``).
+
+    Attributes:
+        callback: the callback (or background task) that issued it, if known.
+        what: the collective.
+    """
+
+    def __init__(self, what: str, *, callback: str | None, why: str | None = None) -> None:
+        self.what = what
+        self.callback = callback
+        if why is not None:
+            who = f"callback {callback!r}" if callback is not None else "code"
+            super().__init__(f"{who} issued the collective {what} {why}")
+            return
+        who = f"callback {callback!r}" if callback is not None else "a concurrent task"
+        super().__init__(
+            f"{who} issued the collective {what} where its order is not the same on every rank "
+            "(a hook running concurrently with other async hooks, or a background task); "
+            "declare `collectives = True` on the callback so its hooks run alone, in plan "
+            "order, on every rank"
+        )
+
+
+class DistributedError(RuntimeError):
+    """Raised on every rank when distributed training cannot go on: a rank failed (raised an
+    error, was killed, or stopped answering), or the ranks diverged.
+
+    On the failed rank itself its own error propagates unchanged; the other ranks raise this,
+    quoting that error (read from the process group's store) when the failed rank could report
+    it. After it no collective is issued any more (teardown hooks run without them).
+
+    Attributes:
+        rank: the rank raising it.
+        problem: what went wrong.
+        peer: the rank that failed or diverged, if known.
+        peer_error: that rank's own error, as text, if it reported one.
+        epoch: ``state.epoch`` when it was raised (``None`` if unknown).
+        step: ``state.step`` when it was raised (``None`` if unknown).
+    """
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        rank: int,
+        peer: int | None = None,
+        peer_error: str | None = None,
+        epoch: int | None = None,
+        step: int | None = None,
+    ) -> None:
+        self.problem = problem
+        self.rank = rank
+        self.peer = peer
+        self.peer_error = peer_error
+        self.epoch = epoch
+        self.step = step
+        where = ""
+        if step is not None:
+            at_epoch = "" if epoch is None else f"epoch {epoch + 1} (state.epoch {epoch}), "
+            where = f" at {at_epoch}step {step}"
+        quoted = "" if peer_error is None else f"; rank {peer} failed with: {peer_error}"
+        super().__init__(f"rank {rank}{where}: {problem}{quoted}")
 
 
 class ControlFlow(Exception):  # noqa: N818 - these are signals, not errors

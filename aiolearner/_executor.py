@@ -162,7 +162,7 @@ class BatchProgram:
             d = state.__dict__
             where = gradient
             try:
-                loss = forward(d["model"], d["loss_fn"], d["batch"], gradient)[1]
+                loss = forward(d["train_model"], d["loss_fn"], d["batch"], gradient)[1]
                 loss.backward()  # type: ignore[no-untyped-call]
                 where = update
                 optimizer_step(d["optimizer"])

@@ -19,7 +19,7 @@ from ._callbacks import Callback
 from ._data import BatchSource, FetchMode
 from ._device import DeviceMover
 from ._events import EventHub, EventStream
-from ._exceptions import LearnerBusyError
+from ._exceptions import ConfigurationError, LearnerBusyError
 from ._executor import Executor
 from ._handle import LearnerSnapshot
 from ._hparams import check_hparams
@@ -34,6 +34,7 @@ from ._trace import Trace
 from ._validation import SnapshotPolicy, ValidateEvery, ValidateMode, make_validator
 
 if TYPE_CHECKING:
+    from ._dist._strategy import Strategy
     from .callbacks import ModelSummary
 
 __all__ = ["Learner", "LearnerStatus"]
@@ -102,6 +103,10 @@ class Learner(Generic[TBatch]):
             slot, back-pressure) or ``"skip"`` (this validation is skipped and counted).
         hparams: the run's hyperparameters, any JSON-able mapping: kept as :attr:`hparams`,
             in the ``hparams`` state field (for loggers), and in :meth:`state_dict`.
+        strategy: a distributed strategy (:class:`DDP`, :class:`FSDP`) to train on several
+            processes launched by ``torchrun``; ``None`` (default): one process. Making the
+            learner is then collective: every rank makes it, with the same callbacks and stages
+            (see ``docs/distributed.md``).
 
     Raises:
         ConfigurationError: callbacks or stages that cannot work together (see the message).
@@ -139,6 +144,7 @@ class Learner(Generic[TBatch]):
         max_snapshots: int = 1,
         snapshot_policy: SnapshotPolicy = "wait",
         hparams: Mapping[str, Any] | None = None,
+        strategy: Strategy | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -148,6 +154,11 @@ class Learner(Generic[TBatch]):
         if steps_per_epoch is not None and steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
         self._hparams = check_hparams(hparams)
+        self._strategy = strategy
+        if strategy is not None:
+            # Join the process group, then this rank's shard of the data.
+            device = strategy._connect(device)
+            train_data, val_data = strategy._shard(train_data, val_data)
         self._device = _resolve_device(model, device)
         if any(p.device != self._device for p in model.parameters()):
             model.to(self._device)
@@ -195,6 +206,12 @@ class Learner(Generic[TBatch]):
         )
         state = State()
         state.model = model
+        # What training batches go through: the model, or its wrapper under a strategy.
+        state.train_model = (
+            model
+            if strategy is None
+            else strategy.wrap(model, list(optimizers.values()), self._device)
+        )
         state.optimizer = next(iter(optimizers.values()))
         state.optimizers = optimizers
         state.loss_fn = loss_fn
@@ -210,6 +227,8 @@ class Learner(Generic[TBatch]):
             state.__class__ = _ObservedState
         self._stages: dict[str, Stage] = {}
         self._root = _build.build_tree(stages)
+        if strategy is not None:
+            strategy._attach(self)
         _build.build(self)
 
     # -- building -----------------------------------------------------------------------------
@@ -256,6 +275,11 @@ class Learner(Generic[TBatch]):
         return self._device
 
     @property
+    def strategy(self) -> Strategy | None:
+        """The distributed strategy, or ``None``."""
+        return self._strategy
+
+    @property
     def hparams(self) -> dict[str, Any]:
         """The hyperparameters given to the constructor, in their JSON form."""
         return self._hparams
@@ -276,6 +300,13 @@ class Learner(Generic[TBatch]):
         if isinstance(data, Mapping):
             if not data:
                 raise ValueError(f"{what}: a mapping of validation sets needs at least one set")
+            if self._strategy is not None:
+                raise ConfigurationError(
+                    f"{what}: several named validation sets are not supported under a "
+                    "distributed strategy (each set would need a reduction of its own, agreed "
+                    "by every rank); validate the sets one at a time with "
+                    "learner.validate(data)"
+                )
             for name in data:
                 if not isinstance(name, str) or not name.isidentifier():
                     raise ValueError(
@@ -419,6 +450,11 @@ class Learner(Generic[TBatch]):
         tg = self._rt.tg
         if tg is None:
             raise LearnerBusyError("start background work", "not running")
+        if self._strategy is not None:
+            # Background work runs in an order of its own on each rank: no collectives there.
+            from ._dist._strategy import mark_concurrent
+
+            fn = mark_concurrent(fn, name)
         if threading.get_ident() == self._loop_thread:
             tg.start_soon(fn, *args, name=f"aiolearner.bg.{name}")
         else:
@@ -462,13 +498,22 @@ class Learner(Generic[TBatch]):
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
         self._check_idle("fit")
+        strategy = self._strategy
         if resume is not None:
-            # Find and read the file in a worker thread: the loop may be serving other work.
-            checkpoint = await anyio.to_thread.run_sync(self._resume_from, resume)
+            if strategy is None:
+                # Find and read the file in a worker thread: the loop may be serving other work.
+                checkpoint = await anyio.to_thread.run_sync(self._resume_from, resume)
+            else:
+                from ._dist._persist import resume as agreed_resume
+
+                checkpoint = await agreed_resume(strategy, self, resume)
             self.load_state_dict(checkpoint)  # checks again that nobody started meanwhile
         self._rt.target_epochs = epochs
         async with self._running(LearnerStatus.FITTING):
-            await self._root(self._state)
+            if strategy is None:
+                await self._root(self._state)
+            else:
+                await strategy._run_fit(self)
 
     def fit_sync(
         self,
@@ -686,14 +731,24 @@ class Learner(Generic[TBatch]):
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this run exactly, in ``torch.load(weights_only=True)``
         compatible form: weights, optimizer, counters and position in the epoch, RNG states,
-        callback states. Take it under ``weights_lock.read()`` while training runs."""
+        callback states. Take it under ``weights_lock.read()`` while training runs.
+
+        Under a strategy it is collective (every rank calls it, in the same order): rank 0's
+        holds every rank's own state too (``"ranks"``)."""
+        if self._strategy is not None:
+            from ._dist._persist import state_dict
+
+            return state_dict(self._strategy, self)
         return _persist.state_dict(self)
 
     def _state_dict_of(self, state: State) -> dict[str, Any]:
         """:meth:`state_dict` as seen from ``state``: a concurrent tail's state is a snapshot."""
-        if state is self._state:
-            return _persist.state_dict(self)
-        return _persist.state_dict(self, snapshot=state)
+        snapshot = None if state is self._state else state
+        if self._strategy is not None:
+            from ._dist._persist import state_dict
+
+            return state_dict(self._strategy, self, snapshot)
+        return _persist.state_dict(self, snapshot=snapshot)
 
     def load_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (when idle).
@@ -707,6 +762,11 @@ class Learner(Generic[TBatch]):
             ValueError: not a checkpoint of this kind, or weights that do not fit the model.
         """
         self._check_idle("load a checkpoint")
+        if self._strategy is not None:
+            from ._dist._persist import load_state_dict
+
+            load_state_dict(self._strategy, self, checkpoint)
+            return
         _persist.load_state_dict(self, checkpoint)
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._callbacks import Callback, HookMethod, is_async_hook
+from ._dist._comm import CONCURRENT
 from ._exceptions import ConfigurationError, ControlFlow, SkipBatch, StopEpoch, StopFit
 from ._stage import epoch_words
 from ._state import State, StateView, split_declaration
@@ -144,6 +145,9 @@ class HookPlan:
         ``flows``). ``done``: a tracked hook's finished callbacks (see :meth:`run`)."""
         trace = self.trace
         start = self._enter(entry) if trace is not None else 0.0
+        # Run as a task next to others (flows given): its order differs between ranks, so a
+        # distributed strategy refuses collectives here (a task's context is its own copy).
+        marked = CONCURRENT.set(entry.name) if flows is not None else None
         try:
             await entry.fn(entry.view)  # type: ignore[misc]
             if done is not None:
@@ -160,6 +164,8 @@ class HookPlan:
                 raise self._group([exc]) from None
             raise
         finally:
+            if marked is not None:
+                CONCURRENT.reset(marked)
             if trace is not None:
                 self._exit(entry, start)
         return None
@@ -290,7 +296,11 @@ def _must_follow(later: Callback, earlier: Callback) -> bool:
     return any(isinstance(earlier, t) for t in later.after)
 
 
-def _order(hook: str, cbs: list[Callback]) -> list[list[int]]:
+def _issues_collectives(cb: Callback) -> bool:
+    return bool(getattr(cb, "collectives", False))
+
+
+def _order(hook: str, cbs: list[Callback], distributed: bool = False) -> list[list[int]]:
     """Topological layers of the callbacks on one hook (indices into ``cbs``)."""
     n = len(cbs)
     reads = [_declared(cb, "reads") for cb in cbs]
@@ -321,6 +331,14 @@ def _order(hook: str, cbs: list[Callback]) -> list[list[int]]:
                         field=b_reads_a[0],
                     )
                 a_then_b, b_then_a = bool(b_reads_a), bool(a_reads_b)
+            if (
+                distributed
+                and not (a_then_b or b_then_a)
+                and (_issues_collectives(a) or _issues_collectives(b))
+            ):
+                # A callback issuing collectives runs alone, in the callbacks' order: the same
+                # order on every rank.
+                a_then_b = True
             if a_then_b:
                 succ[i].add(j)
             if b_then_a:
@@ -362,7 +380,8 @@ def build_plan(
     cbs = [cb for cb, _ in hooked]
     layers = []
     everyone = list(getattr(learner, "_callbacks", ()))
-    for indices in _order(hook, cbs):
+    distributed = getattr(learner, "_strategy", None) is not None
+    for indices in _order(hook, cbs, distributed):
         layer = Layer([], [])
         for i in indices:
             cb, fn = hooked[i]

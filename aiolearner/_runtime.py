@@ -29,6 +29,7 @@ from ._worker import ComputeWorker
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
+    from ._dist._strategy import Strategy
     from ._exceptions import ControlFlow
     from ._executor import Executor
     from ._plan import HookProgress
@@ -154,6 +155,8 @@ class Runtime:
         self.worker = ComputeWorker()
         #: Validation mode and schedule (None: sequential, at the end of each epoch).
         self.validator: Validator | None = None
+        #: The distributed strategy (None: one process, and nothing of it on any path).
+        self.strategy: Strategy | None = None
         self.context = StageContext(self)
         #: The current training batch is final (see StageContext.commit); the executor resets
         #: ``context._committed`` when a batch starts.
@@ -383,7 +386,12 @@ class Runtime:
             reset = reset_rng
 
         async with self.train.open(self.tg, skip=skip, reset=reset) as batches:
-            yield batches
+            strategy = self.strategy
+            if strategy is None:
+                yield batches
+            else:
+                # Agreement points between batches (once a pass: nothing per batch without).
+                yield strategy._agreed_batches(batches, state)  # type: ignore[misc]
 
     # -- observation (trace and events) ---------------------------------------------------------
 

@@ -80,7 +80,8 @@ class Gradient(ComputeStage):
     fields: ClassVar[dict[str, str]] = {"output": "batch", "loss": "batch"}
 
     def compute(self, state: State) -> None:
-        output, loss = forward(state.model, state.loss_fn, state.batch, self.name)
+        # train_model: the model, or under a strategy its wrapper (which all-reduces gradients).
+        output, loss = forward(state.train_model, state.loss_fn, state.batch, self.name)
         loss.backward()  # type: ignore[no-untyped-call]
         state.output = output
         state.loss = loss
@@ -178,6 +179,11 @@ class FitBatch(Stage):
     def acted(self, state: State, flow: ControlFlow) -> None:
         super().acted(state, flow)
         context = self.context
+        strategy = self._built().strategy
+        if strategy is not None and not context.committed:
+            # Skipped on this rank only: the other ranks' gradient all-reduce needs this rank's
+            # part (zeros), and every rank must apply the same update (see _dist/_strategy.py).
+            strategy._skipped_batch(self, state)
         if not context.committed:
             # A skipped batch must leave nothing behind: its gradients would otherwise be added
             # to the next batch's and reach the weights with the next update; nor its loss in
@@ -216,7 +222,10 @@ class Fit(Stage):
             # ends (or a StopEpoch ends it: acted on here, as this stage owns it).
             await rt.executor.train_pass(self, state, batches)
         losses = rt.train_losses
-        if losses:
+        if rt.strategy is not None:
+            # The mean over every rank's batches (one reduction; every rank, even without any).
+            await rt.strategy._reduce_train_loss(state, losses)
+        elif losses:
             with torch.no_grad():
                 mean = torch.stack([x.detach() for x in losses]).mean()
             await wait_ready(mean)
@@ -308,8 +317,11 @@ class Validate(Stage):
         rng = None if snapshot else capture_rng()
         if lock is not None:
             await lock.acquire_read()
+        strategy = rt.strategy
         try:
             model.eval()
+            if strategy is not None:
+                strategy._begin_validation(model)  # FSDP gathers the weights for the pass
             for name in sets:
                 total: list[torch.Tensor] = []
                 count = 0
@@ -345,6 +357,8 @@ class Validate(Stage):
         finally:
             state.invalidate("validation_set")
             model.train(was_training)
+            if strategy is not None:
+                strategy._end_validation(model)
             if lock is not None:
                 lock.release_read()
             if rng is not None:
@@ -356,10 +370,18 @@ class Validate(Stage):
         results: dict[str, Any] = {}
         prefix = "test_" if d.get("phase") == "test" else "val_"
         for name, (total, count) in sums.items():
-            if count:
+            key = "loss" if name is None else f"{name}_loss"
+            if strategy is not None:
+                # Sums over every rank's shard (one reduction; every rank, even with an empty
+                # one). A strategy validates one set (it refuses several).
+                part: dict[str, Any] = {}
+                count = await strategy._reduce_validation(total, count, part)
+                if count:
+                    results[key] = part["loss"]
+                    state.metrics[prefix + key] = results[key]
+            elif count:
                 summed = torch.stack(total).sum()
                 await wait_ready(summed)
-                key = "loss" if name is None else f"{name}_loss"
                 results[key] = float(summed) / count
                 state.metrics[prefix + key] = results[key]
         state.validation = results

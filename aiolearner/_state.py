@@ -37,6 +37,7 @@ __all__ = [
 #: When each built-in field is valid. Used in the message of StateAccessError.
 FIELD_LIFETIMES: dict[str, str] = {
     "model": "it is always valid",
+    "train_model": "it is always valid (the model, or its DDP/FSDP wrapper under a strategy)",
     "optimizer": "it is always valid",
     "optimizers": "it is always valid",
     "loss_fn": "it is always valid",
@@ -115,6 +116,7 @@ class State:
 
     # The built-in fields (annotations only: a field that is not valid is absent).
     model: torch.nn.Module
+    train_model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     optimizers: dict[str, torch.optim.Optimizer]
     loss_fn: Callable[[Any, Any], torch.Tensor]
@@ -472,7 +474,16 @@ def _wrap_readonly(value: Any, field: str, view: StateView | None) -> Any:
 
 #: Attribute names of StateView itself; no field may use them.
 VIEW_ATTRIBUTES = frozenset(
-    {"start_soon", "weights_lock", "hook", "callback", "is_valid", "learner_status", "state_dict"}
+    {
+        "start_soon",
+        "weights_lock",
+        "hook",
+        "callback",
+        "is_valid",
+        "learner_status",
+        "state_dict",
+        "strategy",
+    }
 )
 
 
@@ -622,6 +633,16 @@ class StateView:
         weights; the Update stage holds the write side while it changes them.
         """
         return self._learner.weights_lock
+
+    @property
+    def strategy(self) -> Any:
+        """The learner's distributed :class:`~aiolearner.Strategy`, or ``None`` (one process).
+
+        Callbacks reach collectives through it (``state.strategy.all_reduce(t)``); a callback
+        that does declares ``collectives = True``. ``state.strategy is None or
+        state.strategy.is_main`` tells whether this process writes files and logs.
+        """
+        return self._learner._strategy
 
     def state_dict(self) -> dict[str, Any]:
         """The learner's :meth:`~aiolearner.Learner.state_dict`: what a checkpoint must hold.

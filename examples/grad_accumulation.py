@@ -36,7 +36,8 @@ class ScaledGradient(Gradient):
 
     def compute(self, state: State) -> None:
         inputs, targets = split_batch(state.batch, self.name)
-        output = state.model(inputs)
+        # train_model: under a distributed strategy, DDP's wrapper (it averages the gradients).
+        output = state.train_model(inputs)
         loss = state.loss_fn(output, targets)
         (loss * self.scale).backward()  # type: ignore[no-untyped-call]
         state.output = output
@@ -71,13 +72,20 @@ class AccumulatingFitBatch(FitBatch):
         total = int(inputs.shape[0])
         outputs: list[torch.Tensor] = []
         losses: list[torch.Tensor] = []
-        for x, y in zip(
-            inputs.chunk(self.micro_batches), targets.chunk(self.micro_batches), strict=True
-        ):
+        slices = list(
+            zip(inputs.chunk(self.micro_batches), targets.chunk(self.micro_batches), strict=True)
+        )
+        for i, (x, y) in enumerate(slices):
             share = x.shape[0] / total
             self.scaled.scale = share
             state.batch = (x, y)
-            await self.gradient(state)
+            if i < len(slices) - 1:
+                # Under a distributed strategy the summed gradients are all-reduced once, with
+                # the last slice's backward (no_sync is a no-op in one process).
+                with self.context.no_sync():
+                    await self.gradient(state)
+            else:
+                await self.gradient(state)
             outputs.append(state.output.detach())
             losses.append(state.loss.detach() * share)
         # The callbacks after this point see the whole batch, as with the default FitBatch.

@@ -45,6 +45,7 @@ import torch
 
 from aiolearner import Callback, StateView, match_state_dict, plain_state_dict
 
+from ._distributed import is_rank_zero
 from ._optional import require
 
 __all__ = ["Checkpoint", "load_checkpoint_file", "load_weights", "snapshot"]
@@ -294,6 +295,8 @@ class Checkpoint(Callback):
     """
 
     reads = frozenset({"model", "epoch", "step", "batch_index", "metrics", "outcome"})
+    # Under a distributed strategy a save point gathers every rank's state (a collective).
+    collectives = True
 
     def __init__(
         self,
@@ -367,6 +370,8 @@ class Checkpoint(Callback):
         # runs (the run is cancelled right after a save point): the snapshot then stays here and
         # after_fit_run, which runs shielded, writes it before the final one.
         self._queue: deque[tuple[dict[str, Any], list[str], list[str], dict[str, str]]] = deque()
+        # Whether this process writes the files: rank 0 under a distributed strategy.
+        self._writer = True
 
     # -- where files are -----------------------------------------------------------------------
 
@@ -418,6 +423,7 @@ class Checkpoint(Callback):
         """Get ready to write (one write at a time, in order)."""
         # A fresh lock per run: fit may run under another event loop next time.
         self._lock = anyio.Lock()
+        self._writer = is_rank_zero()
         self._live = state.model
 
     async def after_epoch(self, state: StateView) -> None:
@@ -465,6 +471,9 @@ class Checkpoint(Callback):
         # A def hook of the batch: no weight update can run while it does (the batch holds the
         # weights in thread mode; the update comes after this hook otherwise), so the copy is
         # consistent without taking the read lock, which a def hook could not await.
+        if not self._writer:
+            self._content(state)  # this rank's part of the gather; rank 0 writes
+            return
         self._queue.append((self._copy(state), targets, removes, self._meta(state)))
         state.start_soon(self._drain, name="Checkpoint.write")
 
@@ -472,6 +481,13 @@ class Checkpoint(Callback):
         """Save the final state (also after an error or a cancellation) and wait for it.
 
         Snapshots of earlier save points that are still waiting are written first."""
+        strategy = state.strategy
+        if strategy is not None and state.outcome in ("error", "cancelled"):
+            # Distributed training failed: no gather (a rank may be gone); the files of the
+            # last save point stay as they are.
+            if self._queue and self._writer:
+                await self._drain()
+            return
         targets: list[str] = []
         removes: list[str] = []
         point = (state.epoch, state.step)
@@ -491,6 +507,8 @@ class Checkpoint(Callback):
             await self._drain()
         self.loaded_best = None
         if self.load_best and state.outcome in ("completed", "stopped"):
+            if strategy is not None:
+                strategy.barrier()  # rank 0 has written the best file before anyone reads it
             await self._load_best(state)
 
     async def _load_best(self, state: StateView) -> None:
@@ -575,6 +593,9 @@ class Checkpoint(Callback):
         # worker thread while the read side of the weights lock keeps updates out.
         async with state.weights_lock.read():
             live = self._content(state)
+            if not self._writer:
+                self._unsaved = None
+                return  # this rank gave its state to the gather; rank 0 writes
             snap = await anyio.to_thread.run_sync(snapshot, live)
         self._queue.append((snap, targets, removes, self._meta(state)))
         self._unsaved = None

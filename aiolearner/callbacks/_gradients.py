@@ -67,9 +67,15 @@ class _AccumulatingFitBatch(FitBatch):
         return _stepped(state, self.update_stage, self.optimizer)
 
     async def run(self, state: State) -> None:
-        await self.gradient_stage(state)
         # batch_index counts the epoch's batches done so far (also after a mid-epoch resume),
         # so groups stay aligned with the epoch whatever interrupted it.
+        if (state.batch_index + 1) % self.every == 0:
+            await self.gradient_stage(state)
+        else:
+            # Under a distributed strategy the group's gradients are all-reduced once, with its
+            # last micro-batch (a no-op in one process).
+            with self.context.no_sync():
+                await self.gradient_stage(state)
         if (state.batch_index + 1) % self.every == 0:
             _scale_gradients(self.stepped(state), 1.0 / self.every)
             await self.update_stage(state)
@@ -141,7 +147,12 @@ class AccumulateGradients(Fit):
     async def _flush(self, state: State, pending: int) -> None:
         fit_batch = self.fit_batch
         assert isinstance(fit_batch, _AccumulatingFitBatch)
-        _scale_gradients(fit_batch.stepped(state), 1.0 / pending)
+        optimizer = fit_batch.stepped(state)
+        strategy = self.context.strategy
+        if strategy is not None:
+            # The group's micro-batches all ran without synchronizing their gradients.
+            strategy.average_gradients(optimizer)
+        _scale_gradients(optimizer, 1.0 / pending)
         # The last micro-batch is committed already, without an update: this update belongs to
         # it, and its commit (Update commits with the weights) is that same commit, so the
         # counters stay where they are.

@@ -170,9 +170,13 @@ class _Tracker:
             return float(value) if value.numel() == 1 else value.detach().cpu().tolist()
         return value
 
-    def epoch_value(self) -> Any:
+    def epoch_value(self, group: Any = None) -> Any:
         tm = self.torchmetric
         if tm is not None:
+            if group is not None:
+                # torchmetrics syncs its states in compute(): on the strategy's lane, not on
+                # the group the model's gradients use.
+                tm.process_group = group
             return None if tm.update_count == 0 else self._computed(tm)
         return self.epoch.value()
 
@@ -214,6 +218,50 @@ class _Tracker:
         tm.load_state_dict(dict(state.get("torchmetric", {})))
         # torchmetrics keeps the update count privately; compute() needs it to be right.
         tm._update_count = int(state.get("update_count", 0))
+
+
+def _sums(
+    trackers: Mapping[str, _Tracker],
+) -> tuple[Callable[[], list[float]], Callable[[list[float]], None]] | None:
+    """Under a distributed strategy: the plain metrics' sums (total and count each) go into the
+    pass's own reduction across ranks (one all-reduce per pass, by the stage), and come back as
+    sums over every rank before ``after_fit`` / ``after_validate`` reads them. ``(read, write)``
+    for ``Strategy.sum_at_end_of``, or ``None`` without plain metrics."""
+    means = [t.epoch for t in trackers.values() if t.torchmetric is None]
+    if not means:
+        return None
+
+    def read() -> list[float]:
+        values: list[float] = []
+        for mean in means:
+            total = 0.0 if mean.total is None else float(mean.total)
+            values += [total, float(mean.count)]
+        return values
+
+    def write(sums: list[float]) -> None:
+        for i, mean in enumerate(means):
+            mean.total = torch.tensor(sums[2 * i], dtype=torch.float64)
+            mean.count = int(sums[2 * i + 1])
+
+    return read, write
+
+
+def _group(trackers: Mapping[str, _Tracker], strategy: Any) -> Any:
+    """The process group torchmetrics sync their states on (the strategy's lane), or ``None``.
+
+    torchmetrics sync in ``compute()``, a blocking collective: fine in the training flow, where
+    every rank is at the same hook, refused in a concurrent validation (see
+    ``Strategy.sum_at_end_of``)."""
+    if strategy is None or all(t.torchmetric is None for t in trackers.values()):
+        return None
+    if strategy.in_concurrent_validation:
+        raise RuntimeError(
+            "Metrics: torchmetrics metrics synchronize their states across ranks with a blocking "
+            "collective, which a concurrent validation cannot run (its hooks share the event "
+            "loop with training); under a distributed strategy validate sequentially, or use "
+            "plain metric functions"
+        )
+    return strategy.group
 
 
 class Metrics(Callback):
@@ -323,6 +371,12 @@ class Metrics(Callback):
             writes.add(f"metrics.val_{prefix}{name}")
             writes.add(f"validation.{prefix}{name}")
         self.__dict__["writes"] = frozenset(writes)
+        # What a distributed strategy sums across ranks at the end of each pass (a single
+        # validation set: a strategy refuses several).
+        self._sums = {
+            "fit": _sums(self._train),
+            "validate": _sums(self._val_trackers(None)) if self._val_specs else None,
+        }
 
     def _val_trackers(self, name: str | None) -> dict[str, _Tracker]:
         trackers = self._val.get(name)
@@ -367,10 +421,19 @@ class Metrics(Callback):
                 if value is not None:
                     state.metrics[f"train_{self.prefix}{name}_step"] = value
 
+    def before_fit_run(self, state: StateView) -> None:
+        """Under a distributed strategy: hand the sums to the passes' own reductions."""
+        strategy = state.strategy
+        if strategy is not None:
+            for kind, sums in self._sums.items():
+                if sums is not None:
+                    strategy.sum_at_end_of(kind, *sums)
+
     def after_fit(self, state: StateView) -> None:
         """Reduce the epoch (one host sync per metric) and start the next one."""
+        group = _group(self._train, state.strategy)
         for name, tracker in self._train.items():
-            value = tracker.epoch_value()
+            value = tracker.epoch_value(group)
             if value is not None:
                 state.metrics[f"train_{self.prefix}{name}"] = value
             tracker.reset()
@@ -383,6 +446,10 @@ class Metrics(Callback):
         for trackers in self._val.values():
             for tracker in trackers.values():
                 tracker.reset()
+        strategy = state.strategy
+        sums = self._sums["validate"]
+        if strategy is not None and sums is not None:
+            strategy.sum_at_end_of("validate", *sums)  # also for validate() outside fit
 
     def after_validate_loss(self, state: StateView) -> None:
         """Accumulate the validation batch (device ops only), for its validation set."""
@@ -395,8 +462,9 @@ class Metrics(Callback):
         ``test_`` keys while ``learner.test()`` runs; a named set's name after the prefix)."""
         phase = "test_" if state.is_valid("phase") and state.phase == "test" else "val_"
         for set_name, trackers in self._val.items():
+            group = _group(trackers, state.strategy)
             for name, tracker in trackers.items():
-                value = tracker.epoch_value()
+                value = tracker.epoch_value(group)
                 if value is None:
                     continue
                 key = f"{self.prefix}{name}"

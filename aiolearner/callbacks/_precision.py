@@ -174,7 +174,7 @@ class AutocastGradient(Gradient):
         inputs, targets = split_batch(state.batch, self.name)
         precision = self.precision
         with precision.autocast(state.device):
-            output = state.model(inputs)
+            output = state.train_model(inputs)  # DDP's wrapper under a strategy
             loss = state.loss_fn(output, targets)
         scaler = precision.scaler
         state.grad_scaler = scaler

@@ -25,6 +25,7 @@ import torch
 
 from aiolearner import Callback, StateView, batch_size
 
+from ._distributed import is_rank_zero
 from ._optional import require
 
 __all__ = ["ProgressBar"]
@@ -145,6 +146,8 @@ class ProgressBar(Callback):
         self._loop_thread: int | None = None
         # Lines waiting for the renderer (hooks append, the render thread pops).
         self._lines: deque[str] = deque()
+        # Whether this process shows anything: rank 0 only under torch.distributed.
+        self._active = True
 
     @property
     def file(self) -> TextIO:
@@ -153,7 +156,10 @@ class ProgressBar(Callback):
     # -- hooks (cheap: counters only) ------------------------------------------------------------
 
     def before_fit_run(self, state: StateView) -> None:
-        """Start the renderer."""
+        """Start the renderer (on rank 0 only, under torch.distributed)."""
+        self._active = is_rank_zero()
+        if not self._active:
+            return
         self._stop = anyio.Event()
         self._nudge = anyio.Event()
         self._loop_thread = threading.get_ident()
@@ -180,6 +186,8 @@ class ProgressBar(Callback):
 
     def before_epoch(self, state: StateView) -> None:
         """Start counting an epoch."""
+        if not self._active:
+            return
         self._epoch = state.epoch
         self._batches = state.batch_index
         self._samples = 0
@@ -190,6 +198,8 @@ class ProgressBar(Callback):
 
     def after_fit_batch(self, state: StateView) -> None:
         """Note the batch (the loss stays a tensor until the next render)."""
+        if not self._active:
+            return
         self._batches = state.batch_index
         self._samples += batch_size(state.batch)
         if state.is_valid("loss"):
@@ -200,6 +210,8 @@ class ProgressBar(Callback):
         """Learn how many batches an epoch has; keep the training pass's figures for the
         epoch's line (with concurrent validation, after_epoch comes while the next epoch
         trains)."""
+        if not self._active:
+            return
         if self._total is None or state.batch_index > self._total:
             self._total = state.batch_index
         self._passes[state.epoch] = (
@@ -210,12 +222,16 @@ class ProgressBar(Callback):
 
     def after_epoch(self, state: StateView) -> None:
         """Queue the epoch's line (metrics and throughput) for the renderer."""
+        if not self._active:
+            return
         self._lines.append(self._epoch_line(state))
         self._dirty = True
         self._wake()
 
     async def after_fit_run(self, state: StateView) -> None:
         """Stop the renderer; draw the final state and the lines still queued."""
+        if not self._active:
+            return
         if self._stop is not None:
             self._stop.set()
             self._wake()

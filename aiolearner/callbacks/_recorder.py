@@ -16,6 +16,7 @@ import torch
 
 from aiolearner import Callback, StateView
 
+from ._distributed import is_rank_zero
 from ._optional import require
 
 __all__ = ["Recorder", "plot_history"]
@@ -121,8 +122,11 @@ class Recorder(Callback):
         """Draw the loss, metric and learning-rate curves to a PNG file (needs matplotlib).
 
         It draws with matplotlib's object API (no pyplot global state), so it may run in a worker
-        thread: ``await anyio.to_thread.run_sync(recorder.plot_history, path)``.
+        thread: ``await anyio.to_thread.run_sync(recorder.plot_history, path)``. Under
+        torch.distributed only rank 0 draws (the path is returned on every rank).
         """
+        if not is_rank_zero():
+            return Path(path)
         return plot_history(self.history, path)
 
     def state_dict(self) -> Mapping[str, Any]:

@@ -299,7 +299,10 @@ class NonFiniteGuard(Callback):
         loss = state.loss.detach()
         ok = torch.isfinite(loss).all()
         what = "loss"
-        if self.check_grads:
+        # Under a distributed strategy the losses differ between ranks, while the gradients
+        # (all-reduced: a NaN on any rank reaches every rank) are the same: checking them too
+        # makes every rank decide alike, without a collective of its own.
+        if self.check_grads or state.strategy is not None:
             scaler = state.grad_scaler if state.is_valid("grad_scaler") else None
             if scaler is None or not scaler.is_enabled():
                 grads = [

@@ -1,0 +1,195 @@
+"""Checkpoints under a strategy: every rank's own state, rank 0's file, rank 0's decision.
+
+What differs from rank to rank (the random generators, the epoch's random state and losses, a
+stream's position, the callbacks' states, the sampler's epoch) is gathered to rank 0 at the save
+point, by every rank, and kept under ``"ranks"`` in rank 0's checkpoint; callbacks' states equal
+to rank 0's are not repeated. On load each rank takes its own entry back, so a run resumed on
+the same number of ranks continues bit for bit, mid-epoch included (every rank restoring rank 0's
+random state instead is a classic: dropout and augmentation would repeat across ranks).
+
+``fit(resume="last")`` is decided on rank 0 (which file, or that there is none) and broadcast, so
+ranks never diverge on a file system's answer; every rank then reads the file (shared storage).
+
+Under FSDP the weights and the optimizer state are gathered in full (a collective) for the file
+and sharded again when loaded.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import torch
+
+from .. import _persist
+
+if TYPE_CHECKING:
+    from .._learner import Learner
+    from .._state import State
+    from ._strategy import Strategy
+
+__all__ = ["load_state_dict", "resume", "state_dict"]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a.cpu(), b.cpu()))
+        )
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
+def _full_states(strategy: Strategy, learner: Learner[Any]) -> tuple[Any, Any] | None:
+    from ._models import FSDP
+
+    if not isinstance(strategy, FSDP):
+        return None
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model = learner.model
+    return (
+        get_model_state_dict(model, options=options),
+        get_optimizer_state_dict(model, learner.optimizer, options=options),
+    )
+
+
+def state_dict(
+    strategy: Strategy, learner: Learner[Any], snapshot: State | None = None
+) -> dict[str, Any]:
+    """``Learner.state_dict()`` under a strategy: a collective (every rank calls it).
+
+    ``snapshot``: as for the single-process ``state_dict`` (a concurrent validation's tail)."""
+    out = _persist.state_dict(learner, snapshot=snapshot)
+    full = _full_states(strategy, learner)
+    if full is not None:
+        out["model"], out["optimizer"] = full
+    progress = out["progress"]
+    sampler = strategy._sampler
+    mine = {
+        "rng": out["rng"],
+        "epoch_rng": out["epoch_rng"],
+        "train_losses": progress["train_losses"],
+        "stream": progress["stream"],
+        "callbacks": out["callbacks"],
+        "sampler_epoch": None if sampler is None else sampler.epoch,
+    }
+    # On the CPU: the gather runs on a gloo lane, and rank 0 must be able to unpickle every
+    # rank's tensors (a CUDA tensor would come back on the sender's device index).
+    gathered = strategy.gather_object(_on_cpu(mine))
+    if gathered is None:
+        out["ranks"] = None  # rank 0's checkpoint holds every rank's state
+        return out
+    base = out["callbacks"]
+    entries = []
+    for rank, entry in enumerate(gathered):
+        callbacks = {
+            key: value
+            for key, value in entry["callbacks"].items()
+            if rank and not _same(value, base.get(key))
+        }
+        entries.append(dict(entry, callbacks=callbacks))
+    out["ranks"] = {"world_size": strategy.world_size, "entries": entries}
+    return out
+
+
+def load_state_dict(
+    strategy: Strategy, learner: Learner[Any], checkpoint: Mapping[str, Any]
+) -> None:
+    """``Learner.load_state_dict()`` under a strategy: this rank's own entry, then the rest."""
+    ckpt = dict(checkpoint)
+    ranks = ckpt.get("ranks")
+    pinned = None
+    if isinstance(ranks, Mapping) and ranks.get("world_size") == strategy.world_size:
+        entry = ranks["entries"][strategy.rank]
+        ckpt["rng"] = entry["rng"]
+        ckpt["epoch_rng"] = entry["epoch_rng"]
+        ckpt["progress"] = dict(
+            ckpt["progress"], train_losses=entry["train_losses"], stream=entry["stream"]
+        )
+        ckpt["callbacks"] = {**ckpt.get("callbacks", {}), **entry["callbacks"]}
+        if entry["stream"] is not None:
+            pinned = entry.get("sampler_epoch")
+    elif strategy.world_size > 1 and "format" in ckpt:
+        saved = ranks.get("world_size") if isinstance(ranks, Mapping) else 1
+        warnings.warn(
+            f"this checkpoint was saved by {saved} rank(s) and is resumed by "
+            f"{strategy.world_size}: every rank takes rank 0's random state, and the data is "
+            "split differently, so the run does not continue exactly as it would have",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    from ._models import FSDP
+
+    if isinstance(strategy, FSDP) and "model" in ckpt:
+        _load_fsdp(learner, ckpt)
+        return
+    _persist.load_state_dict(learner, ckpt)
+    strategy._pinned_epoch = pinned
+
+
+def _load_fsdp(learner: Learner[Any], ckpt: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model, optimizer = learner.model, learner.optimizer
+    weights, optim = ckpt["model"], ckpt["optimizer"]
+    # The rest (counters, random states, callbacks) through the all-or-nothing load, with this
+    # rank's own shards standing in for the weights; then the full weights are sharded in.
+    ckpt["model"] = model.state_dict()
+    ckpt["optimizer"] = optimizer.state_dict()
+    _persist.load_state_dict(learner, ckpt)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, optim, options=options)
+
+
+async def resume(strategy: Strategy, learner: Learner[Any], which: Any) -> Any:
+    """The checkpoint ``fit(resume=which)`` means: rank 0 decides, every rank reads it."""
+    decision: Any = None
+    if strategy.is_main:
+        try:
+            path = await anyio.to_thread.run_sync(
+                _persist.find_checkpoint, learner._callbacks, which
+            )
+            decision = ("ok", str(path))
+        except Exception as exc:  # every rank raises the same, rather than rank 0 alone
+            decision = ("error", type(exc).__name__, str(exc))
+    decision = strategy.broadcast_object(decision)
+    if decision[0] == "error":
+        kind = FileNotFoundError if decision[1] == "FileNotFoundError" else ValueError
+        raise kind(f"{decision[2]} (decided on rank 0)")
+    return await anyio.to_thread.run_sync(
+        _persist.read_checkpoint, Path(decision[1]), learner.device
+    )

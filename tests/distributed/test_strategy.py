@@ -1,0 +1,188 @@
+"""Strategies without a second process: nothing of them without one, refusals, sharding; and, in
+a subprocess, the agreement protocol, plans and guards on a group of one rank (``_one_rank.py``).
+The 2-process behaviour is in ``test_ddp.py``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    TensorDataset,
+)
+
+from aiolearner import (
+    DDP,
+    Callback,
+    ConfigurationError,
+    Learner,
+    StateView,
+)
+from aiolearner._dist._data import EpochSampler, ShardSampler, shard_train, shard_val
+from aiolearner._plan import HookPlan
+from aiolearner.testing import make_batches, tiny_model
+
+ONE_RANK = Path(__file__).with_name("_one_rank.py")
+
+
+def data(n: int = 32) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 2, (n,), generator=g))
+
+
+def loader(n: int = 32, **kwargs: Any) -> DataLoader[Any]:
+    return DataLoader(data(n), batch_size=4, **kwargs)
+
+
+def make(strategy: Any = None, **options: Any) -> Learner[Any]:
+    torch.manual_seed(0)
+    model = tiny_model(4, 2)
+    return Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.nn.functional.cross_entropy,
+        options.pop("train", None) or loader(shuffle=True),
+        strategy=strategy,
+        **options,
+    )
+
+
+def flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+# -- nothing of it without a strategy --------------------------------------------------------------
+
+
+async def test_no_strategy_means_none_of_it() -> None:
+    class Hooked(Callback):
+        def after_fit_batch(self, state: StateView) -> None:
+            pass
+
+        def after_epoch(self, state: StateView) -> None:
+            assert state.strategy is None
+
+    learner = make(callbacks=[Hooked()])
+    assert learner.strategy is None
+    assert learner._rt.strategy is None
+    assert learner.state.train_model is learner.model
+    plans = [p for s in learner.stages.walk() for p in (s._before, s._after) if p is not None]
+    assert plans
+    assert all(type(p) is HookPlan for p in plans)
+    assert "strategy" not in learner.describe()
+    await learner.fit(1)
+
+
+# -- refusals, with the way out --------------------------------------------------------------------
+
+
+def test_ddp_without_a_group_or_torchrun_says_how_to_launch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigurationError, match="torchrun --nproc-per-node=N"):
+        make(DDP())
+
+
+@pytest.mark.parametrize(
+    ("train", "words"),
+    [
+        (make_batches(4), "a list"),
+        (DataLoader(data(), batch_size=None), "custom batch_sampler"),
+        (DataLoader(data(), batch_size=4, sampler=range(32)), "sampler of its own"),
+        (
+            DataLoader(
+                data(),
+                batch_size=4,
+                sampler=torch.utils.data.RandomSampler(data(), replacement=True),
+            ),
+            "replacement",
+        ),
+    ],
+)
+def test_unshardable_training_data_is_refused_with_the_way_out(train: Any, words: str) -> None:
+    with pytest.raises(ConfigurationError, match=words) as caught:
+        shard_train(train, rank=0, world_size=2, seed=0, epoch_of=lambda: 0)
+    assert "shard_data=False" in str(caught.value)
+
+
+def test_an_iterable_dataset_is_refused() -> None:
+    class Stream(IterableDataset[int]):
+        def __iter__(self) -> Iterator[int]:
+            return iter(range(8))
+
+    with pytest.raises(ConfigurationError, match="IterableDataset"):
+        shard_val(DataLoader(Stream(), batch_size=2), rank=0, world_size=2)
+
+
+def test_validation_shards_cover_every_sample_once() -> None:
+    shards = [list(ShardSampler(101, rank, 2)) for rank in (0, 1)]
+    assert [len(s) for s in shards] == [51, 50]
+    assert sorted(shards[0] + shards[1]) == list(range(101))
+    val = shard_val(DataLoader(data(101), batch_size=10), rank=1, world_size=2)
+    assert sum(len(y) for _, y in val) == 50
+
+
+def test_the_training_sampler_follows_the_learners_epoch() -> None:
+    epoch = [0]
+    train, sampler = shard_train(
+        loader(shuffle=True), rank=1, world_size=2, seed=3, epoch_of=lambda: epoch[0]
+    )
+    assert isinstance(sampler, EpochSampler)
+    assert isinstance(sampler.sampler, DistributedSampler)
+    first = list(sampler)
+    epoch[0] = 1
+    second = list(sampler)
+    assert sampler.epoch == 1
+    assert first != second
+    assert len(first) == len(second) == 16
+    assert len(train) == 4  # 16 of the 32 samples, in batches of 4
+
+
+# -- on a process group of one rank (in a process of its own) --------------------------------------
+
+
+def test_on_a_group_of_one_rank_in_a_process_of_its_own() -> None:
+    """``_one_rank.py``: the protocol, plans and guards on one rank, asyncio and trio."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ONE_RANK)],
+        cwd=ONE_RANK.parents[2],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-2000:]
+
+
+# -- found while testing the strategies ------------------------------------------------------------
+
+
+async def test_a_pass_handed_to_its_producer_on_its_last_batch_keeps_it() -> None:
+    """``Batches.next()`` (what Validate and users' passes call) when the inline fetch of the last
+    batch hands the source over to the producer thread: that batch still arrives, first."""
+    seen: list[int] = []
+
+    class Count(Callback):
+        reads = frozenset({"batch"})
+
+        def after_validate_batch(self, state: StateView) -> None:
+            seen.append(len(state.batch[1]))
+
+    val = make_batches(2, batch_size=3, n_out=2)
+    # Every fetch is over a zero budget: the second one of a pass switches to the producer.
+    learner = make(
+        train=make_batches(2, n_out=2), val_data=val, fetch_budget=0.0, callbacks=[Count()]
+    )
+    await learner.validate()
+    await learner.validate()
+    assert seen == [3, 3, 3, 3]
