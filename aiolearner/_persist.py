@@ -19,7 +19,14 @@ import torch
 
 from ._callbacks import Callback
 from ._hparams import check_hparams
-from ._rng import capture_rng, restore_rng, rng_from_portable, rng_to_portable
+from ._rng import (
+    capture_data_streams,
+    capture_rng,
+    restore_data_streams,
+    restore_rng,
+    rng_from_portable,
+    rng_to_portable,
+)
 from ._weights import match_state_dict, plain_state_dict
 
 if TYPE_CHECKING:
@@ -52,7 +59,12 @@ def state_dict(learner: Learner[Any]) -> dict[str, Any]:
         },
         "metrics": {k: v for k, v in state.metrics.items() if _portable(v)},
         "rng": rng_to_portable(capture_rng()),
-        "epoch_rng": None if rt.epoch_rng is None else rng_to_portable(rt.epoch_rng),
+        # The training data's own generators and epoch samplers now (an epoch that starts
+        # after this point draws from them), and the whole random state the current epoch's
+        # pass began from (to rebuild it).
+        "data_streams": capture_data_streams(learner._train.data),
+        "epoch_rng": None if rt.epoch_rng is None else rng_to_portable(rt.epoch_rng["rng"]),
+        "epoch_streams": None if rt.epoch_rng is None else _own_streams(rt.epoch_rng),
         "callbacks": callbacks,
         "hparams": check_hparams(learner.hparams),
     }
@@ -75,6 +87,7 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         "metrics": state.metrics,
         "progress": (rt.pass_done, rt.train_losses, rt.epoch_rng),
         "rng": capture_rng(),
+        "data_streams": capture_data_streams(learner._train.data),
         "callbacks": [(cb, dict(cb.state_dict())) for cb in learner._callbacks],
     }
     try:
@@ -82,7 +95,11 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         learner.optimizer.load_state_dict(checkpoint["optimizer"])
         progress = checkpoint["progress"]
         epoch_rng = checkpoint.get("epoch_rng")
-        new_epoch_rng = None if epoch_rng is None else rng_from_portable(epoch_rng)
+        new_epoch_rng = (
+            None
+            if epoch_rng is None
+            else {"rng": rng_from_portable(epoch_rng), **(checkpoint.get("epoch_streams") or {})}
+        )
         rng = rng_from_portable(checkpoint["rng"])
         state.epoch = int(progress["epoch"])
         state.step = int(progress["step"])
@@ -91,6 +108,9 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         rt.train_losses = [x.to(learner.device) for x in progress["train_losses"]]
         state.metrics = dict(checkpoint.get("metrics", {}))
         restore_rng(rng)
+        data_streams = checkpoint.get("data_streams")
+        if data_streams is not None:  # checkpoints from before they were captured have none
+            restore_data_streams(learner._train.data, data_streams, what="train_data")
         rt.epoch_rng = new_epoch_rng
         stored = checkpoint.get("callbacks", {})
         for key, cb in callback_keys(learner._callbacks):
@@ -104,6 +124,7 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         state.metrics = saved["metrics"]
         rt.pass_done, rt.train_losses, rt.epoch_rng = saved["progress"]
         restore_rng(saved["rng"])
+        restore_data_streams(learner._train.data, saved["data_streams"], what="train_data")
         for cb, cb_state in saved["callbacks"]:
             cb.load_state_dict(cb_state)
         raise
@@ -176,18 +197,30 @@ def find_checkpoint(callbacks: Sequence[Callback], resume: str | os.PathLike[str
     return path
 
 
+def _own_streams(begun: dict[str, Any]) -> dict[str, Any] | None:
+    """The data source's own part of a pass's start state (``None`` in one restored from a
+    checkpoint written before it was captured)."""
+    if "generators" not in begun:
+        return None
+    return {"generators": list(begun["generators"]), "epochs": list(begun["epochs"])}
+
+
 def _stream_to_portable(stream: tuple[int, dict[str, Any] | None] | None) -> Any:
     if stream is None:
         return None
-    origin, rng = stream
-    return {"origin": origin, "rng": None if rng is None else rng_to_portable(rng)}
+    origin, begun = stream
+    if begun is None:
+        return {"origin": origin, "rng": None}
+    return {"origin": origin, "rng": rng_to_portable(begun["rng"]), "own": _own_streams(begun)}
 
 
 def _stream_from_portable(stream: Any) -> tuple[int, dict[str, Any] | None] | None:
     if stream is None:
         return None
     rng = stream["rng"]
-    return int(stream["origin"]), None if rng is None else rng_from_portable(rng)
+    if rng is None:
+        return int(stream["origin"]), None
+    return int(stream["origin"]), {"rng": rng_from_portable(rng), **(stream.get("own") or {})}
 
 
 def _portable(value: object) -> bool:
