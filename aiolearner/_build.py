@@ -17,7 +17,7 @@ from ._callbacks import Callback, HookMethod
 from ._exceptions import ConfigurationError
 from ._plan import HookPlan, build_plan
 from ._stage import ComputeStage, Stage
-from ._stages import FitRun
+from ._stages import FitRun, Validate
 from ._state import FIELD_LIFETIMES, STAGE_OWNED, VIEW_ATTRIBUTES
 from ._validation import bind_states
 
@@ -70,6 +70,8 @@ def build(learner: Learner[Any]) -> None:
                 )
             _check_signature(cb, hook, method)
             hooked[hook].append((cb, method))
+    if learner._val is None:
+        _check_validation_hooks(learner._callbacks, stages)
     state = learner._state
     for stage in stages:
         before, after = stage.hook_names
@@ -96,6 +98,26 @@ def build(learner: Learner[Any]) -> None:
     rt.executor.compile(learner._root, frozenset(FIELD_LIFETIMES) | set(lifetimes) | writes)
     learner._stages = names
     bind_states(learner)
+
+
+def _check_validation_hooks(callbacks: Iterable[Callback], stages: list[Stage]) -> None:
+    """Without validation data the validation stages never run: a callback whose every hook is
+    on one of them (``EarlyStopping("val_loss")``) would never run either."""
+    validation: set[str] = set()
+    for stage in stages:
+        if isinstance(stage, Validate):
+            for s in stage.walk():
+                validation.update(s.hook_names)
+    for cb in callbacks:
+        hooks = [hook for hook, _ in cb.hooks()]
+        if hooks and all(hook in validation for hook in hooks):
+            raise ConfigurationError(
+                f"{cb.name} runs only on validation hooks ({', '.join(sorted(hooks))}), but the"
+                " learner has no val_data, so validation never runs and neither would it; pass"
+                " val_data, or (for a metric of the training pass) make it check after_epoch",
+                hook=hooks[0],
+                callbacks=(cb.name,),
+            )
 
 
 def _lifetimes(stages: Iterable[Stage]) -> dict[str, tuple[str, str]]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 import anyio
 import torch
 
-from . import _build, _persist
+from . import _build, _checks, _persist
 from ._callbacks import Callback
 from ._data import BatchSource, FetchMode
 from ._device import DeviceMover
@@ -25,6 +25,7 @@ from ._hparams import check_hparams
 from ._locks import ReadWriteLock
 from ._policy import ComputeMode, ComputePolicy
 from ._runtime import Runtime
+from ._signals import Interrupted, StoppableRun, for_sync
 from ._stage import Stage, split_batch
 from ._stages import FitRun
 from ._state import State, _ObservedState
@@ -78,7 +79,8 @@ class Learner(Generic[TBatch]):
         yield_interval: the longest (seconds) the training loop runs without giving the event
             loop a turn, between batches, while other tasks share the loop; ten times that while
             nothing else runs on it (turns then only serve cancellation and deadlines).
-        teardown_timeout: the time bound of ``after_fit_run`` after an error or a cancellation.
+        teardown_timeout: the time bound (seconds, positive) of ``after_fit_run``, which runs
+            shielded from cancellation whatever the outcome (the final checkpoint).
         validate: ``"sequential"`` (default: training waits for each validation pass) or
             ``"concurrent"`` (a snapshot of the weights is validated in the background while
             training goes on); see ``docs/concurrent-validation.md``.
@@ -96,6 +98,10 @@ class Learner(Generic[TBatch]):
     Raises:
         ConfigurationError: callbacks or stages that cannot work together (see the message).
         TypeError: arguments of the wrong kind.
+        ValueError: arguments that cannot work: an optimizer over none of the model's
+            parameters, empty data, an iterator (one pass only) as data without
+            ``steps_per_epoch``, a non-positive ``teardown_timeout``, ... (see the message and
+            docs/reliability.md).
 
     Example:
         >>> learner = Learner(model, torch.optim.SGD(model.parameters(), 0.1),
@@ -140,6 +146,14 @@ class Learner(Generic[TBatch]):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if steps_per_epoch is not None and steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
+        # Bad input fails here, clearly, rather than silently or half way through training.
+        _checks.check_optimizer(model, optimizer)
+        _checks.check_data("train_data", train_data)
+        if val_data is not None:
+            _checks.check_data("val_data", val_data)
+        _checks.check_positive("teardown_timeout", teardown_timeout)
+        _checks.check_positive("yield_interval", yield_interval, zero=True)
+        _checks.check_positive("fetch_budget", fetch_budget, zero=True)
         self._hparams = check_hparams(hparams)
         self._device = _resolve_device(model, device)
         if any(p.device != self._device for p in model.parameters()):
@@ -154,6 +168,7 @@ class Learner(Generic[TBatch]):
             fetch_budget=fetch_budget,
             steps_per_epoch=steps_per_epoch,
         )
+        self._train.must_yield = True
         self._val = (
             None
             if val_data is None
@@ -166,6 +181,8 @@ class Learner(Generic[TBatch]):
                 fetch_budget=fetch_budget,
             )
         )
+        if self._val is not None:
+            self._val.must_yield = True
         self._callbacks: tuple[Callback, ...] = tuple(callbacks)
         for cb in self._callbacks:
             if not isinstance(cb, Callback):
@@ -423,18 +440,37 @@ class Learner(Generic[TBatch]):
         Raises:
             LearnerBusyError: the learner is already running.
             ValueError: ``epochs`` is negative.
+            Interrupted: inside :func:`stop_on_signals` (or ``fit_sync``), a SIGINT or SIGTERM
+                stopped the run gracefully (see docs/reliability.md).
             Exception: errors of stages (bare, with notes) and callbacks (in an ExceptionGroup).
         """
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
         self._check_idle("fit")
-        if resume is not None:
-            # Find and read the file in a worker thread: the loop may be serving other work.
-            checkpoint = await anyio.to_thread.run_sync(self._resume_from, resume)
-            self.load_state_dict(checkpoint)  # checks again that nobody started meanwhile
-        self._rt.target_epochs = epochs
-        async with self._running(LearnerStatus.FITTING):
-            await self._root(self._state)
+        self._check_passes(epochs)
+        # A signal (under stop_on_signals) cancels this scope: a cancellation the run survives
+        # by design (at the next await, never inside an update; shielded teardown).
+        run = StoppableRun()
+        with run:
+            if resume is not None:
+                # Find and read the file in a worker thread: the loop may be serving other work.
+                checkpoint = await anyio.to_thread.run_sync(self._resume_from, resume)
+                self.load_state_dict(checkpoint)  # checks again that nobody started meanwhile
+            self._rt.target_epochs = epochs
+            async with self._running(LearnerStatus.FITTING):
+                await self._root(self._state)
+        if run.stopped:
+            assert run.signal is not None
+            raise Interrupted(run.signal, epoch=self._state.epoch, step=self._state.step)
+
+    def _check_passes(self, epochs: int) -> None:
+        """A generator given as data can serve one pass only: refuse a run that needs more."""
+        state = self._state
+        remaining = max(0, epochs - state.epoch)
+        if self._train.steps_per_epoch is None:
+            _checks.check_passes("train_data", self._train.data, remaining)
+        if self._val is not None:
+            _checks.check_passes("val_data", self._val.data, remaining)
 
     def fit_sync(
         self,
@@ -442,18 +478,26 @@ class Learner(Generic[TBatch]):
         *,
         resume: str | os.PathLike[str] | None = None,
         backend: Literal["asyncio", "trio"] = "asyncio",
+        handle_signals: bool = True,
     ) -> None:
         """:meth:`fit` for scripts and notebooks: runs its own event loop (``backend``) until done.
 
         Where an event loop already runs in this thread (a Jupyter cell), the run goes to a new
         thread with its own loop and this call blocks until it ends; an interrupt
         (``KeyboardInterrupt``) cancels the run, waits until it has stopped, and propagates.
+
+        With ``handle_signals`` (default), called in the main thread, it runs under
+        :func:`stop_on_signals`: SIGINT or SIGTERM stops the run gracefully (batch boundary,
+        ``after_fit_run`` and the final checkpoint), then ``KeyboardInterrupt`` (SIGINT) or
+        ``SystemExit(143)`` (SIGTERM) is raised. In another thread it relies on a
+        ``stop_on_signals()`` of the main thread (Python handles signals there only).
         """
 
         async def main() -> None:
             await self.fit(epochs, resume=resume)
 
-        run_sync(main, backend=backend)
+        with for_sync(handle_signals):
+            run_sync(main, backend=backend)
 
     async def validate(self) -> dict[str, Any]:
         """Run the Validate stage once on the current weights; returns ``state.validation``.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -87,6 +87,14 @@ class EarlyStopping(Callback):
         self.best_epoch: int | None = None
         #: Epochs in a row without improvement.
         self.wait = 0
+
+    def hooks(self) -> Iterator[tuple[str, Callable[[StateView], Any]]]:
+        # The one hook it checks on: on a learner without validation data, a check on
+        # after_validate would never run, and the learner refuses it when it is built.
+        wanted = "after_validate" if self.check_on == "validate" else "after_epoch"
+        for hook, method in super().hooks():
+            if hook == wanted:
+                yield hook, method
 
     def improves(self, value: float) -> bool:
         """Whether ``value`` beats the best so far by more than ``min_delta``."""
