@@ -452,6 +452,9 @@ class Learner(Generic[TBatch]):
         # by design (at the next await, never inside an update; shielded teardown).
         run = StoppableRun()
         with run:
+            if run.signal is not None:
+                # A signal came while no run was in progress: this one does not begin.
+                await anyio.lowlevel.checkpoint_if_cancelled()
             if resume is not None:
                 # Find and read the file in a worker thread: the loop may be serving other work.
                 checkpoint = await anyio.to_thread.run_sync(self._resume_from, resume)

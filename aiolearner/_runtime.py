@@ -247,10 +247,16 @@ class Runtime:
         return self.context._committed
 
     def abandon_batch(self, state: State, rng: dict[str, Any] | None) -> None:
-        """A batch was interrupted (error or cancellation) before it was committed."""
-        state.invalidate(*self.batch_fields)
+        """A batch was interrupted (error or cancellation): undone if it was not committed;
+        if it was (interrupted in ``after_update``, say), it counts as done, loss included, as
+        a batch that ends normally does (``Executor.finish_batch``)."""
         if self.committed:
+            loss = state.__dict__.get("loss")
+            if loss is not None:
+                self.train_losses.append(loss.detach())
+            state.invalidate(*self.batch_fields)
             return
+        state.invalidate(*self.batch_fields)
         optimizer = state.__dict__.get("optimizer")
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)

@@ -159,20 +159,30 @@ class ComputeWorker:
             return await anyio.to_thread.run_sync(fn, *args)
         if pool.shared:
             return await pool.run(fn, args)
-        jobs = self._jobs
-        if jobs is None:
-            jobs = self._jobs = queue.SimpleQueue()
-            tg.start_soon(self._serve, jobs, name="aiolearner.compute")
-        job = _Job(fn, args)
-        jobs.put(job)
+        # Alone on the loop, but still one of the pool's places: learners that start meanwhile
+        # must find it taken, or more than its size would run at once.
+        limiter = pool.limiter
         try:
-            await job.done.wait()
-        except anyio.get_cancelled_exc_class():
-            if on_cancel is not None:
-                on_cancel()
-            with anyio.CancelScope(shield=True):
+            limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            await limiter.acquire()
+        try:
+            jobs = self._jobs
+            if jobs is None:
+                jobs = self._jobs = queue.SimpleQueue()
+                tg.start_soon(self._serve, jobs, name="aiolearner.compute")
+            job = _Job(fn, args)
+            jobs.put(job)
+            try:
                 await job.done.wait()
-            raise
+            except anyio.get_cancelled_exc_class():
+                if on_cancel is not None:
+                    on_cancel()
+                with anyio.CancelScope(shield=True):
+                    await job.done.wait()
+                raise
+        finally:
+            limiter.release()
         if job.error is not None:
             error, job.error = job.error, None
             raise error

@@ -424,6 +424,8 @@ class Checkpoint(Callback):
         self._last_step_saved: int | None = None
         self._last_saved: tuple[int, int] | None = None
         self._lock: anyio.Lock | None = None
+        # Whether this run's before_fit_run prepared the directory.
+        self._ready = False
         # A boundary save point that was planned but never snapshotted (cancelled while taking
         # the snapshot), with its (epoch, step): after_fit_run saves it, so it is not lost.
         self._unsaved: tuple[tuple[int, int], tuple[list[str], list[str]]] | None = None
@@ -479,12 +481,17 @@ class Checkpoint(Callback):
         the temporary files of a writer that crashed (a process killed while it saved)."""
         # A fresh lock per run: fit may run under another event loop next time.
         self._lock = anyio.Lock()
+        self._ready = False
         await anyio.to_thread.run_sync(self._prepare_directory)
+        self._ready = True
 
     def _prepare_directory(self) -> None:
+        self._make_directory()
+        remove_stray_temporaries(self.directory)
+
+    def _make_directory(self) -> None:
         check_directory(self.directory, "Checkpoint")
         self.directory.mkdir(parents=True, exist_ok=True)
-        remove_stray_temporaries(self.directory)
 
     async def before_epoch(self, state: StateView) -> None:
         """At an epoch boundary: save epoch-periodic and best checkpoints, and ``last.pt``."""
@@ -518,6 +525,8 @@ class Checkpoint(Callback):
         """Save the final state (also after an error or a cancellation) and wait for it.
 
         Snapshots of earlier save points that are still waiting are written first."""
+        if not self._ready:
+            return  # the directory could not be prepared (that error ends the run)
         targets: list[str] = []
         removes: list[str] = []
         point = (state.epoch, state.step)
@@ -662,7 +671,7 @@ class Checkpoint(Callback):
     def _write_sync(
         self, snap: dict[str, Any], targets: list[str], removes: list[str], meta: dict[str, str]
     ) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._make_directory()
         # Serialized once, straight into the first file; the others are copies of it. (Not
         # through a bytes buffer: copying hundreds of MB in memory holds the GIL, which the
         # event loop thread needs.)
