@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import faulthandler
 import os
 import random
 import shutil
@@ -95,6 +96,8 @@ class Progress(Callback):
 
 
 def child(mode: str, backend: str, directory: str) -> None:
+    # Every thread's stack on SIGUSR2 (for a child that does not end).
+    faulthandler.register(signal.SIGUSR2)
     torch.set_num_threads(1)
     learner = build(Path(directory), Progress())
     epochs = 100_000  # until a signal comes
