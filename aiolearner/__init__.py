@@ -42,6 +42,8 @@ from ._seeding import SeedState as SeedState
 from ._seeding import dataloader_seeding as dataloader_seeding
 from ._seeding import seed_everything as seed_everything
 from ._seeding import seed_worker as seed_worker
+from ._signals import Interrupted as Interrupted
+from ._signals import stop_on_signals as stop_on_signals
 from ._stage import ComputeStage as ComputeStage
 from ._stage import Stage as Stage
 from ._stage import batch_size as batch_size
@@ -89,6 +91,7 @@ __all__ = [
     "FitRun",
     "FitSnapshot",
     "Gradient",
+    "Interrupted",
     "Learner",
     "LearnerBusyError",
     "LearnerSnapshot",
@@ -126,6 +129,7 @@ __all__ = [
     "match_state_dict",
     "plain_state_dict",
     "split_batch",
+    "stop_on_signals",
     "unwrap_model",
 ]
 

@@ -34,7 +34,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._device import DeviceMover
-from ._rng import capture_rng, restore_rng
+from ._rng import capture_data_streams, capture_rng, restore_data_streams, restore_rng
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -86,20 +86,6 @@ def _describe(data: object) -> str:
     return type(data).__name__
 
 
-def _reset_rng_to(rng: dict[str, Any]) -> Any:
-    """A ``reset`` for :meth:`BatchSource.open`: build the iterator under ``rng``, then put back."""
-
-    def reset(make: Any) -> Any:
-        now = capture_rng()
-        restore_rng(rng)
-        try:
-            return make()
-        finally:
-            restore_rng(now)
-
-    return reset
-
-
 class BatchSource:
     """One data set of a learner (``train_data`` or ``val_data``)."""
 
@@ -138,16 +124,28 @@ class BatchSource:
         # and the batches fetched ahead but not consumed when a pass was interrupted.
         self._it: Any = None
         self._leftover: deque[Any] = deque()
-        #: With steps_per_epoch: batches taken from the live iterator since it started, where
-        #: in it the current epoch's pass began, and the RNG state it started from (what a
-        #: checkpoint needs to rebuild the stream exactly).
+        #: The random state the live iterator was created from (see :meth:`_create`): the
+        #: global generators (``"rng"``) and the source's own streams (``"generators"``,
+        #: ``"epochs"``, see ``_rng.capture_data_streams``); ``None`` before a pass begins.
+        #: Without steps_per_epoch it is the current pass's (the learner clears it when the
+        #: epoch ends); with it, the stream's.
+        self.begun: dict[str, Any] | None = None
+        #: With steps_per_epoch: batches taken from the live iterator since it started, and
+        #: where in it the current epoch's pass began (what a checkpoint needs, with
+        #: :attr:`begun`, to rebuild the stream exactly).
         self.position = 0
         self.origin = 0
-        self.stream_rng: dict[str, Any] | None = None
         self._resume: tuple[int, dict[str, Any] | None] | None = None
-        self._limiter = anyio.CapacityLimiter(1)
         #: Fetches done by the source (for tests and the throughput callback).
         self.fetched = 0
+        #: A new iterator that yields nothing is an error (the learner's training and
+        #: validation data; not the data of predict).
+        self.must_yield = False
+
+    @property
+    def persistent(self) -> bool:
+        """Whether the live iterator outlives a pass (steps_per_epoch)."""
+        return self.steps_per_epoch is not None
 
     def __len__(self) -> int:
         n = len(self.data)
@@ -155,44 +153,47 @@ class BatchSource:
 
     @asynccontextmanager
     async def open(
-        self, tg: TaskGroup, *, skip: int = 0, reset: Any = None
+        self, tg: TaskGroup, *, skip: int = 0, start: dict[str, Any] | None = None
     ) -> AsyncIterator[Batches]:
-        """One pass. ``skip`` batches of it are done already (resuming mid-epoch).
+        """One pass. ``skip`` batches of it are done already (resuming mid-epoch); ``start``:
+        the random state (:attr:`begun`) the pass's iterator was first created from, to rebuild
+        it drawing the same order (resuming a pass that had begun).
 
         A new iterator is fast-forwarded over them; with ``steps_per_epoch`` the live stream
         continues instead (or, after a checkpoint was loaded, restarts at its saved position).
         """
-        persistent = self.steps_per_epoch is not None
+        persistent = self.persistent
+        # Per pass: a limiter belongs to the event loop it was first used in, and the learner
+        # may run under another loop (or backend) next time. One thread at a time works the
+        # source's iterator (creating it, then the producer), off anyio's default limiter.
+        limiter = anyio.CapacityLimiter(1)
+        fresh = False
         if self._it is None or not persistent:
             self._leftover.clear()
             forward = skip
             if persistent:
                 # A stream outlives epochs: it restarts where the checkpoint's epoch began in it,
-                # from the stream's own start RNG state, not from the epoch's.
+                # from the stream's own start state, not from the epoch's.
                 origin = 0
+                start = None
                 if self._resume is not None:
-                    origin, rng = self._resume
+                    origin, start = self._resume
                     forward = origin + skip
-                    reset = None if rng is None else _reset_rng_to(rng)
-                    self.stream_rng = rng
-                else:
-                    self.stream_rng = capture_rng()
                 self._resume = None
                 self.position = forward
                 self.origin = origin
+            fresh = forward == 0
             if self.is_async:
                 self._it = aiter(self.data)
                 for _ in range(forward):
                     await anext(self._it)
             elif forward or self.slow:
-                self._it = await anyio.to_thread.run_sync(
-                    self._start_sync, forward, reset, limiter=self._limiter
-                )
+                await anyio.to_thread.run_sync(self._create, forward, start, limiter=limiter)
             else:
-                self._it = self._start_sync(0, reset)
+                self._create(0, start)
         elif skip == 0:
             self.origin = self.position  # a new epoch on the live stream
-        batches = Batches(self, self._it, tg, skip)
+        batches = Batches(self, self._it, tg, skip, limiter, fresh=fresh)
         try:
             yield batches
         finally:
@@ -200,17 +201,37 @@ class BatchSource:
             if batches.finished:
                 self.origin = self.position  # the next epoch's pass begins here
 
-    def _start_sync(self, skip: int, reset: Any) -> Iterator[Any]:
-        if reset is not None:
-            # At batch 0, fetch the first batch under the reset RNG state too: samplers draw
-            # their order on the first fetch, not when the iterator is created.
-            it: Iterator[Any] = reset(lambda: self._fast_forward(skip, prime=skip == 0))
-            return it
-        return self._fast_forward(skip)
+    def _create(self, skip: int, start: dict[str, Any] | None) -> None:
+        """Create the live iterator, in whichever thread fetches, and take its first batch.
 
-    def _fast_forward(self, skip: int, *, prime: bool = False) -> Iterator[Any]:
+        Samplers draw their order on the first fetch, not when the iterator is created, so the
+        first batch is fetched here, in the same call: no cancellation can fall between the
+        iterator's creation and its draw, and :attr:`begun` (set here too, not by the caller,
+        which a cancellation may stop before it sees the result) always describes an iterator
+        that has drawn. With ``start`` (a pass rebuilt), the global generators and the source's
+        own streams are put at that state for the creation and the fast-forward; then the global
+        ones go back to where training is (they are shared with compute), while the source's
+        own are left where the replay took them, where the first run had them.
+        """
+        if start is None:
+            begun = capture_rng()
+            streams = capture_data_streams(self.data)
+            self._it = self._fast_forward(skip)
+            self.begun = {"rng": begun, **streams}
+            return
+        now = capture_rng()
+        restore_rng(start["rng"])
+        if "generators" in start:
+            restore_data_streams(self.data, start, what=self.name)
+        try:
+            self._it = self._fast_forward(skip)
+        finally:
+            restore_rng(now)
+        self.begun = start
+
+    def _fast_forward(self, skip: int) -> Iterator[Any]:
         it: Iterator[Any] = iter(self.data)
-        if prime:
+        if not skip:
             try:
                 first = next(it)
             except StopIteration:
@@ -231,11 +252,11 @@ class BatchSource:
         self.position = 0
 
     def stream_state(self) -> tuple[int, dict[str, Any] | None] | None:
-        """With steps_per_epoch: ``(where this epoch's pass began in the stream, the stream's
-        start RNG state)``; None without a live stream."""
-        if self.steps_per_epoch is None or self._it is None:
+        """With steps_per_epoch: ``(where this epoch's pass began in the stream, the random
+        state the stream began from)``; None without a live stream."""
+        if not self.persistent or self._it is None:
             return None
-        return self.origin, self.stream_rng
+        return self.origin, self.begun
 
     def restart(self, stream: tuple[int, dict[str, Any] | None] | None = None) -> None:
         """Drop the live iterator (a checkpoint was loaded); ``stream`` is its
@@ -251,11 +272,23 @@ class Batches:
     END = END
     WAIT = WAIT
 
-    def __init__(self, source: BatchSource, it: Any, tg: TaskGroup, index: int) -> None:
+    def __init__(
+        self,
+        source: BatchSource,
+        it: Any,
+        tg: TaskGroup,
+        index: int,
+        limiter: anyio.CapacityLimiter,
+        *,
+        fresh: bool = False,
+    ) -> None:
         self.source = source
         self._it = it
         self._tg = tg
         self.index = index
+        self._limiter = limiter
+        # A new iterator from its first batch: ending before any is empty data.
+        self._fresh = fresh
         self._taken = 0
         #: Whether the pass ran to its end (not interrupted).
         self.finished = False
@@ -335,6 +368,8 @@ class Batches:
 
     def _accept(self, item: Any) -> Any:
         if item is END:
+            if self._fresh and not self._taken and self.source.must_yield:
+                raise self._empty() from None
             self.source.exhausted()
             self.finished = True
             return END
@@ -346,6 +381,20 @@ class Batches:
         if type(item) is tuple and len(item) == 2 and type(item[0]) is _Moved:
             return self._mover.ready(item[0].batch, item[1])
         return item
+
+    def _empty(self) -> ValueError:
+        source = self.source
+        hint = (
+            " (an iterator or a generator can be iterated only once: did an earlier pass use it"
+            " up? pass something that makes a new iterator for each pass, such as a list or a"
+            " DataLoader)"
+            if isinstance(source.data, Iterator | AsyncIterator)
+            else ""
+        )
+        return ValueError(
+            f"{source.name} ({_describe(source.data)}) yielded no batch: a pass over it would "
+            f"train on nothing{hint}"
+        )
 
     def _failed(self, exc: BaseException, index: int) -> BaseException:
         exc.add_note(
@@ -434,7 +483,7 @@ class Batches:
         try:
             with scope:
                 await anyio.to_thread.run_sync(
-                    self._produce_sync, feed, self.index, limiter=self.source._limiter
+                    self._produce_sync, feed, self.index, limiter=self._limiter
                 )
         finally:
             done.set()

@@ -43,6 +43,7 @@ from ._rng import capture_rng
 from ._runtime import DRIVING
 from ._stage import ComputeStage, Stage, owned
 from ._stages import Fit, FitBatch, Gradient, Update, Validate, forward, optimizer_step
+from ._worker import SHARED_BURST_SECONDS
 
 if TYPE_CHECKING:
     import torch
@@ -380,13 +381,16 @@ class Executor:
         milliseconds (docs/performance.md). A burst goes on in the worker with the next batch
         while one is ready without the event loop, and hands back when the loop is needed: a
         batch to await, the end of the pass, a cancellation (after the batch in progress), a
-        task waiting for the weights lock, auto's next decision, or ``BURST_SECONDS``. The loop
+        task waiting for the weights lock, auto's next decision, or ``BURST_SECONDS`` (less
+        while the loop's compute pool is shared, see ``_worker.py``). The loop
         stays free all along; each batch is finished exactly as on the loop. Returns what the
         loop takes next: ``None`` (take a batch), ``WAIT`` or ``END``.
         """
         rt = self.rt
         lock = rt.weights_lock if program.locks else None
         stop: list[bool] = []
+        # Learners sharing the loop's compute pool take turns (see _worker.py).
+        seconds = min(BURST_SECONDS, SHARED_BURST_SECONDS) if rt.worker.shared else BURST_SECONDS
         try:
             return await rt.compute(
                 _burst,
@@ -397,6 +401,7 @@ class Executor:
                 losses,
                 lock,
                 stop,
+                seconds,
                 writes_weights=program.locks,
                 timed=False,
                 on_cancel=lambda: stop.append(True),
@@ -413,6 +418,7 @@ def _burst(
     losses: list[torch.Tensor],
     lock: ReadWriteLock | None,
     stop: list[bool],
+    seconds: float,
 ) -> Any:
     """The body of :meth:`Executor._burst`, in the compute worker thread."""
     rt = executor.rt
@@ -420,7 +426,7 @@ def _burst(
     stage = program.stage
     fn = program.now()
     clock = time.perf_counter
-    until = clock() + BURST_SECONDS
+    until = clock() + seconds
     while True:
         start = clock()
         try:

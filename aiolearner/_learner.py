@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 import anyio
 import torch
 
-from . import _build, _optim, _persist
+from . import _build, _checks, _optim, _persist
 from ._callbacks import Callback
 from ._data import BatchSource, FetchMode
 from ._device import DeviceMover
@@ -26,6 +26,7 @@ from ._hparams import check_hparams
 from ._locks import ReadWriteLock
 from ._policy import ComputeMode, ComputePolicy
 from ._runtime import Runtime, validation_sources
+from ._signals import Interrupted, StoppableRun, for_sync
 from ._stage import Stage, split_batch
 from ._stages import FitRun
 from ._state import State, _ObservedState
@@ -87,7 +88,8 @@ class Learner(Generic[TBatch]):
         yield_interval: the longest (seconds) the training loop runs without giving the event
             loop a turn, between batches, while other tasks share the loop; ten times that while
             nothing else runs on it (turns then only serve cancellation and deadlines).
-        teardown_timeout: the time bound of ``after_fit_run`` after an error or a cancellation.
+        teardown_timeout: the time bound (seconds, positive) of ``after_fit_run``, which runs
+            shielded from cancellation whatever the outcome (the final checkpoint).
         validate: ``"sequential"`` (default: training waits for each validation pass) or
             ``"concurrent"`` (a snapshot of the weights and of the epoch's record is validated,
             and the epoch's ``after_epoch`` run, in the background while the next epoch
@@ -111,6 +113,10 @@ class Learner(Generic[TBatch]):
     Raises:
         ConfigurationError: callbacks or stages that cannot work together (see the message).
         TypeError: arguments of the wrong kind.
+        ValueError: arguments that cannot work: an optimizer over none of the model's
+            parameters, empty data, an iterator (one pass only) as data without
+            ``steps_per_epoch``, a non-positive ``teardown_timeout``, ... (see the message and
+            docs/reliability.md).
 
     Example:
         >>> learner = Learner(model, torch.optim.SGD(model.parameters(), 0.1),
@@ -153,6 +159,13 @@ class Learner(Generic[TBatch]):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if steps_per_epoch is not None and steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
+        # Bad input fails here, clearly, rather than silently or half way through training.
+        for name, opt in optimizers.items():
+            _checks.check_optimizer(model, opt, "optimizer" if len(optimizers) == 1 else name)
+        _checks.check_data("train_data", train_data)
+        _checks.check_positive("teardown_timeout", teardown_timeout)
+        _checks.check_positive("yield_interval", yield_interval, zero=True)
+        _checks.check_positive("fetch_budget", fetch_budget, zero=True)
         self._hparams = check_hparams(hparams)
         self._strategy = strategy
         if strategy is not None:
@@ -172,6 +185,7 @@ class Learner(Generic[TBatch]):
             fetch_budget=fetch_budget,
             steps_per_epoch=steps_per_epoch,
         )
+        self._train.must_yield = True
         self._mover = mover
         self._val_data = val_data
         self._val_sets = self._sets_for(val_data, "val_data") if val_data is not None else {}
@@ -316,7 +330,7 @@ class Learner(Generic[TBatch]):
             items: list[tuple[str | None, Any]] = list(data.items())
         else:
             items = [(None, data)]
-        return {
+        sources = {
             name: BatchSource(
                 value,
                 name=what if name is None else f"{what}[{name!r}]",
@@ -327,6 +341,10 @@ class Learner(Generic[TBatch]):
             )
             for name, value in items
         }
+        for source in sources.values():
+            _checks.check_data(source.name, source.data)
+            source.must_yield = True
+        return sources
 
     @property
     def state(self) -> State:
@@ -493,27 +511,65 @@ class Learner(Generic[TBatch]):
         Raises:
             LearnerBusyError: the learner is already running.
             ValueError: ``epochs`` is negative.
+            Interrupted: inside :func:`stop_on_signals` (or ``fit_sync``), a SIGINT or SIGTERM
+                stopped the run gracefully (see docs/reliability.md).
             Exception: errors of stages (bare, with notes) and callbacks (in an ExceptionGroup).
         """
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
         self._check_idle("fit")
+        self._check_fit(epochs)
         strategy = self._strategy
-        if resume is not None:
-            if strategy is None:
-                # Find and read the file in a worker thread: the loop may be serving other work.
-                checkpoint = await anyio.to_thread.run_sync(self._resume_from, resume)
-            else:
-                from ._dist._persist import resume as agreed_resume
+        # A signal (under stop_on_signals) cancels this scope: a cancellation the run survives
+        # by design (at the next await, never inside an update; shielded teardown).
+        # Under a strategy, a stop every rank agrees on (ranks get a preemption's SIGTERM at
+        # different steps).
+        run = StoppableRun(None if strategy is None else strategy.request_stop)
+        with run:
+            if run.signal is not None:
+                # A signal came while no run was in progress: this one does not begin.
+                await anyio.lowlevel.checkpoint_if_cancelled()
+            if resume is not None:
+                if strategy is None:
+                    # Find and read the file in a worker thread: the loop may be serving other
+                    # work.
+                    checkpoint = await anyio.to_thread.run_sync(self._resume_from, resume)
+                else:
+                    from ._dist._persist import resume as agreed_resume
 
-                checkpoint = await agreed_resume(strategy, self, resume)
-            self.load_state_dict(checkpoint)  # checks again that nobody started meanwhile
-        self._rt.target_epochs = epochs
-        async with self._running(LearnerStatus.FITTING):
-            if strategy is None:
-                await self._root(self._state)
-            else:
-                await strategy._run_fit(self)
+                    checkpoint = await agreed_resume(strategy, self, resume)
+                self.load_state_dict(checkpoint)  # checks again that nobody started meanwhile
+            self._rt.target_epochs = epochs
+            async with self._running(LearnerStatus.FITTING):
+                if strategy is None:
+                    await self._root(self._state)
+                else:
+                    await strategy._run_fit(self)
+        if run.stopped:
+            assert run.signal is not None
+            raise Interrupted(run.signal, epoch=self._state.epoch, step=self._state.step)
+
+    def _check_fit(self, epochs: int) -> None:
+        """At fit start. A generator given as data can serve one pass only: refuse a run that
+        needs more. Without val_data no validation runs during fit: refuse a callback that
+        would act only on one (``EarlyStopping("val_loss")`` would never check)."""
+        if not self._val_sets:
+            for cb in self._callbacks:
+                needs = getattr(cb, "_needs_val_data", None)
+                what = None if needs is None else needs()
+                if what is not None:
+                    raise ConfigurationError(
+                        f"{cb.name} {what}, but the learner has no val_data, so no validation"
+                        " runs during fit and it would never act; pass val_data=..., or"
+                        " monitor a metric of the training pass",
+                        callbacks=(cb.name,),
+                    )
+        state = self._state
+        remaining = max(0, epochs - state.epoch)
+        if self._train.steps_per_epoch is None:
+            _checks.check_passes("train_data", self._train.data, remaining)
+        for source in self._val_sets.values():
+            _checks.check_passes(source.name, source.data, remaining)
 
     def fit_sync(
         self,
@@ -521,18 +577,26 @@ class Learner(Generic[TBatch]):
         *,
         resume: str | os.PathLike[str] | None = None,
         backend: Literal["asyncio", "trio"] = "asyncio",
+        handle_signals: bool = True,
     ) -> None:
         """:meth:`fit` for scripts and notebooks: runs its own event loop (``backend``) until done.
 
         Where an event loop already runs in this thread (a Jupyter cell), the run goes to a new
         thread with its own loop and this call blocks until it ends; an interrupt
         (``KeyboardInterrupt``) cancels the run, waits until it has stopped, and propagates.
+
+        With ``handle_signals`` (default), called in the main thread, it runs under
+        :func:`stop_on_signals`: SIGINT or SIGTERM stops the run gracefully (batch boundary,
+        ``after_fit_run`` and the final checkpoint), then ``KeyboardInterrupt`` (SIGINT) or
+        ``SystemExit(143)`` (SIGTERM) is raised. In another thread it relies on a
+        ``stop_on_signals()`` of the main thread (Python handles signals there only).
         """
 
         async def main() -> None:
             await self.fit(epochs, resume=resume)
 
-        run_sync(main, backend=backend)
+        with for_sync(handle_signals):
+            run_sync(main, backend=backend)
 
     async def validate(
         self, data: Iterable[Any] | Mapping[str, Any] | None = None

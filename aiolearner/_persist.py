@@ -20,7 +20,14 @@ import torch
 from . import _optim
 from ._callbacks import Callback
 from ._hparams import check_hparams
-from ._rng import capture_rng, restore_rng, rng_from_portable, rng_to_portable
+from ._rng import (
+    capture_data_streams,
+    capture_rng,
+    restore_data_streams,
+    restore_rng,
+    rng_from_portable,
+    rng_to_portable,
+)
 from ._snapshot import portable_dict, progress_from_portable, progress_to_portable
 from ._validation import pending_in
 from ._weights import match_state_dict, plain_state_dict
@@ -81,6 +88,7 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
         metrics = state.metrics
         # Concurrent validation: the epochs' tails still to run, with their snapshots.
         validation = None if rt.validator is None else rt.validator.state_dict()
+    epoch_rng = None if snapshot is not None else rt.epoch_rng
     return {
         "format": FORMAT,
         # Keys as the uncompiled model has them: the file loads into either form.
@@ -90,9 +98,12 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
         "progress": progress,
         "metrics": {k: v for k, v in metrics.items() if _portable(v)},
         "rng": rng_to_portable(capture_rng()),
-        "epoch_rng": None
-        if rt.epoch_rng is None or snapshot is not None
-        else rng_to_portable(rt.epoch_rng),
+        # The training data's own generators and epoch samplers now (an epoch that starts
+        # after this point draws from them), and the whole random state the current epoch's
+        # pass began from (to rebuild it; none for a snapshot, whose epoch is complete).
+        "data_streams": capture_data_streams(learner._train.data),
+        "epoch_rng": None if epoch_rng is None else rng_to_portable(epoch_rng["rng"]),
+        "epoch_streams": None if epoch_rng is None else _own_streams(epoch_rng),
         "callbacks": callbacks,
         "hparams": check_hparams(learner.hparams),
         "validation": validation,
@@ -128,6 +139,7 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         "hooks": dict(rt.hook_progress),
         "validator": None if validator is None else validator.export(),
         "rng": capture_rng(),
+        "data_streams": capture_data_streams(learner._train.data),
         "callbacks": [(cb, dict(cb.state_dict())) for cb in learner._callbacks],
     }
     try:
@@ -136,7 +148,11 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
             opt.load_state_dict(opt_state)
         progress = checkpoint["progress"]
         epoch_rng = checkpoint.get("epoch_rng")
-        new_epoch_rng = None if epoch_rng is None else rng_from_portable(epoch_rng)
+        new_epoch_rng = (
+            None
+            if epoch_rng is None
+            else {"rng": rng_from_portable(epoch_rng), **(checkpoint.get("epoch_streams") or {})}
+        )
         rng = rng_from_portable(checkpoint["rng"])
         state.epoch = int(progress["epoch"])
         state.step = int(progress["step"])
@@ -154,6 +170,9 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         rt.train_losses = [x.to(learner.device) for x in progress["train_losses"]]
         state.metrics = dict(checkpoint.get("metrics", {}))
         restore_rng(rng)
+        data_streams = checkpoint.get("data_streams")
+        if data_streams is not None:  # checkpoints from before they were captured have none
+            restore_data_streams(learner._train.data, data_streams, what="train_data")
         rt.epoch_rng = new_epoch_rng
         stored = checkpoint.get("callbacks", {})
         for key, cb in callback_keys(learner._callbacks):
@@ -176,6 +195,7 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         if validator is not None:
             validator.restore(saved["validator"])
         restore_rng(saved["rng"])
+        restore_data_streams(learner._train.data, saved["data_streams"], what="train_data")
         for cb, cb_state in saved["callbacks"]:
             cb.load_state_dict(cb_state)
         raise
@@ -256,18 +276,30 @@ def _validation_to_portable(state: State) -> dict[str, Any] | None:
     return {"results": portable_dict(results), "tag": [int(tag[0]), int(tag[1])]}
 
 
+def _own_streams(begun: dict[str, Any]) -> dict[str, Any] | None:
+    """The data source's own part of a pass's start state (``None`` in one restored from a
+    checkpoint written before it was captured)."""
+    if "generators" not in begun:
+        return None
+    return {"generators": list(begun["generators"]), "epochs": list(begun["epochs"])}
+
+
 def _stream_to_portable(stream: tuple[int, dict[str, Any] | None] | None) -> Any:
     if stream is None:
         return None
-    origin, rng = stream
-    return {"origin": origin, "rng": None if rng is None else rng_to_portable(rng)}
+    origin, begun = stream
+    if begun is None:
+        return {"origin": origin, "rng": None}
+    return {"origin": origin, "rng": rng_to_portable(begun["rng"]), "own": _own_streams(begun)}
 
 
 def _stream_from_portable(stream: Any) -> tuple[int, dict[str, Any] | None] | None:
     if stream is None:
         return None
     rng = stream["rng"]
-    return int(stream["origin"]), None if rng is None else rng_from_portable(rng)
+    if rng is None:
+        return int(stream["origin"]), None
+    return int(stream["origin"]), {"rng": rng_from_portable(rng), **(stream.get("own") or {})}
 
 
 def _portable(value: object) -> bool:

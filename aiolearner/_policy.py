@@ -7,7 +7,9 @@ Compute placement (``Learner(compute=...)``):
   between batches, so other tasks get turns and cancellation stays prompt; ten times less
   often while no other task is on the loop, and at every epoch's end for cancellation).
 * ``"thread"``: the blocking work runs in the learner's compute worker (one thread borrowed from
-  anyio's pool for the whole run, fed through a queue; see ``_worker.py``). Fused batches (the
+  anyio's pool for the whole run, fed through a queue; while other learners run on the same
+  loop, the loop's shared compute pool instead, a few threads by the number of cores; see
+  ``_worker.py``). Fused batches (the
   default tree with ``def`` hooks) go over in bursts, several batches a hop (``_executor.py``);
   an unfused batch hops once per compute stage.
 * ``"auto"`` (default): runs inline while that blocks the loop for at most ``max_blocking``
@@ -95,8 +97,7 @@ class ComputePolicy:
         self.max_blocking = max_blocking
         self.recheck_interval = recheck_interval
         self.hopping = mode == "thread"
-        self.limiter = anyio.CapacityLimiter(1)
-        #: Concurrent validation passes in flight (see :meth:`share`).
+        #: Concurrent validation passes in flight (see :meth:`set_shared`).
         self.shared = 0
         self._typical: float | None = None
         self._next_check = 0.0

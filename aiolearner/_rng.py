@@ -1,4 +1,13 @@
-"""Capturing and restoring every random number generator training touches."""
+"""Capturing and restoring every random number generator training touches.
+
+Two kinds of stream: the process's global generators (torch's CPU and CUDA ones, numpy's,
+Python's), shared by data and compute, and the streams of one data source
+(:func:`capture_data_streams`): the ``torch.Generator`` objects its loader and samplers draw from
+(``DataLoader(generator=...)``, ``RandomSampler(generator=...)``) and the epoch of samplers that
+shuffle by epoch (``DistributedSampler.set_epoch``). The learner captures both where a pass's
+iterator is created (``_data.py``), so that a pass rebuilt later (``fit`` again after a
+cancellation, or a checkpoint resumed in a fresh process) draws the same order.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["capture_rng", "restore_rng"]
+__all__ = ["capture_data_streams", "capture_rng", "restore_data_streams", "restore_rng"]
+
+#: The attributes followed from a data source to the objects that draw its order: a DataLoader's
+#: ``generator``, ``sampler`` and ``batch_sampler``, a BatchSampler's ``sampler``, a sampler's
+#: ``generator``.
+_STREAM_ATTRIBUTES = ("generator", "sampler", "batch_sampler")
+#: How many objects the search visits at most (a loader, its samplers, their generators).
+_STREAM_SEARCH_LIMIT = 32
 
 try:  # numpy is optional
     import numpy as _np
@@ -38,7 +54,7 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(states: dict[str, Any]) -> None:
     """Put back states from :func:`capture_rng`."""
-    torch.set_rng_state(states["torch"])
+    torch.set_rng_state(states["torch"].cpu())
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -78,3 +94,61 @@ def rng_from_portable(states: dict[str, Any]) -> dict[str, Any]:
     p = out["python"]
     out["python"] = (p["version"], tuple(p["state"]), p["gauss"])
     return out
+
+
+def data_streams(data: object) -> tuple[list[torch.Generator], list[Any]]:
+    """The random streams of a data source besides the global generators: the torch generators
+    its loader and samplers draw from, and its samplers that shuffle by epoch (a ``set_epoch``
+    method and an int ``epoch``, as ``DistributedSampler`` has), each in a fixed order (the same
+    for a source built the same way, so that a checkpoint's states find their generators)."""
+    generators: list[torch.Generator] = []
+    samplers: list[Any] = []
+    seen: set[int] = set()
+    todo = [data]
+    while todo and len(seen) < _STREAM_SEARCH_LIMIT:
+        obj = todo.pop(0)
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Generator):
+            generators.append(obj)
+            continue
+        if isinstance(obj, str | bytes | int | float | list | tuple | dict | torch.Tensor):
+            continue  # data, not a loader or a sampler
+        if callable(getattr(obj, "set_epoch", None)) and type(getattr(obj, "epoch", None)) is int:
+            samplers.append(obj)
+        for attr in _STREAM_ATTRIBUTES:
+            child = getattr(obj, attr, None)
+            if child is not None:
+                todo.append(child)
+    return generators, samplers
+
+
+def capture_data_streams(data: object) -> dict[str, Any]:
+    """The states of :func:`data_streams` (``{"generators": [...], "epochs": [...]}``), in a
+    form ``torch.load(weights_only=True)`` accepts."""
+    generators, samplers = data_streams(data)
+    return {
+        "generators": [g.get_state() for g in generators],
+        "epochs": [int(s.epoch) for s in samplers],
+    }
+
+
+def restore_data_streams(data: object, saved: dict[str, Any], *, what: str) -> None:
+    """Put back states from :func:`capture_data_streams` (``what`` names the source in errors).
+
+    Raises:
+        ValueError: the source does not have the streams the states were taken from.
+    """
+    generators, samplers = data_streams(data)
+    states, epochs = list(saved["generators"]), list(saved["epochs"])
+    if len(states) != len(generators) or len(epochs) != len(samplers):
+        raise ValueError(
+            f"the saved random streams of {what} ({len(states)} generators, {len(epochs)} "
+            f"epoch samplers) do not match it ({len(generators)} generators, {len(samplers)} "
+            "epoch samplers): it was built differently"
+        )
+    for generator, state in zip(generators, states, strict=True):
+        generator.set_state(state.cpu())
+    for sampler, epoch in zip(samplers, epochs, strict=True):
+        sampler.set_epoch(int(epoch))

@@ -22,7 +22,7 @@ from ._data import Batches, BatchSource
 from ._events import EventHub
 from ._locks import ReadWriteLock
 from ._policy import LONE_YIELD_FACTOR, SHARING_RECHECK, ComputePolicy, loop_is_shared
-from ._rng import capture_rng, restore_rng
+from ._rng import restore_rng
 from ._state import State
 from ._worker import ComputeWorker
 
@@ -142,7 +142,6 @@ class Runtime:
         #: ``HookPlan.run``); one dict for the learner's life (the plans point at it).
         self.hook_progress: HookProgress = {}
         self.train_losses: list[torch.Tensor] = []
-        self.epoch_rng: dict[str, Any] | None = None
         #: The fields stages declared, by lifetime (see Stage.fields), set when the learner is
         #: built: each set is cleared when its batch, epoch or run ends.
         self.expiring: dict[str, tuple[str, ...]] = {"batch": (), "epoch": (), "run": ()}
@@ -170,6 +169,18 @@ class Runtime:
         """The sets the current validation pass goes over (see ``validation_sources``)."""
         sources = validation_sources.get()
         return self.val_sets if sources is None else sources
+
+    @property
+    def epoch_rng(self) -> dict[str, Any] | None:
+        """The random state the current epoch's training pass began from (global generators
+        and the training data's own streams), or ``None`` before it began; kept by the source,
+        which sets it where the pass's iterator is created (see ``BatchSource._create``)."""
+        return None if self.train.persistent else self.train.begun
+
+    @epoch_rng.setter
+    def epoch_rng(self, value: dict[str, Any] | None) -> None:
+        if not self.train.persistent:
+            self.train.begun = value
 
     # -- compute ------------------------------------------------------------------------------
 
@@ -297,10 +308,16 @@ class Runtime:
         return self.context._committed
 
     def abandon_batch(self, state: State, rng: dict[str, Any] | None) -> None:
-        """A batch was interrupted (error or cancellation) before it was committed."""
-        state.invalidate(*self.batch_fields)
+        """A batch was interrupted (error or cancellation): undone if it was not committed;
+        if it was (interrupted in ``after_update``, say), it counts as done, loss included, as
+        a batch that ends normally does (``Executor.finish_batch``)."""
         if self.committed:
+            loss = state.__dict__.get("loss")
+            if loss is not None:
+                self.train_losses.append(loss.detach())
+            state.invalidate(*self.batch_fields)
             return
+        state.invalidate(*self.batch_fields)
         d = state.__dict__
         # Every optimizer's: a batch may have run the gradient stages of several.
         for optimizer in (d.get("optimizers") or {"": d.get("optimizer")}).values():
@@ -363,35 +380,18 @@ class Runtime:
     @asynccontextmanager
     async def _open_train(self, state: State) -> AsyncIterator[Batches]:
         assert self.tg is not None
-        skip = state.batch_index
-        reset: Callable[[Callable[[], Any]], Any] | None = None
-        if self.epoch_rng is None:
-            self.epoch_rng = capture_rng()
-        else:
-            # Resuming an epoch whose pass had started (also at batch 0: a checkpoint taken
-            # before the first batch, after the sampler drew its order): rebuild the epoch's
-            # iterator from the RNG state it started with (so a shuffling sampler draws the same
-            # order), skip the batches already done, then put back the RNG state training had
-            # reached.
-            epoch_rng = self.epoch_rng
-
-            def reset_rng(make: Callable[[], Any]) -> Any:
-                now = capture_rng()
-                restore_rng(epoch_rng)
-                try:
-                    return make()
-                finally:
-                    restore_rng(now)
-
-            reset = reset_rng
-
-        async with self.train.open(self.tg, skip=skip, reset=reset) as batches:
+        # Resuming an epoch whose pass had begun (also at batch 0: a checkpoint taken before
+        # the first batch, after the sampler drew its order), the source rebuilds the epoch's
+        # iterator from the random state it began from (so a shuffling sampler draws the same
+        # order), skips the batches already done, then puts back the global state training had
+        # reached. At an epoch's start, it records that state as it creates the iterator.
+        async with self.train.open(self.tg, skip=state.batch_index, start=self.epoch_rng) as b:
             strategy = self.strategy
             if strategy is None:
-                yield batches
+                yield b
             else:
                 # Agreement points between batches (once a pass: nothing per batch without).
-                yield strategy._agreed_batches(batches, state)  # type: ignore[misc]
+                yield strategy._agreed_batches(b, state)  # type: ignore[misc]
 
     # -- observation (trace and events) ---------------------------------------------------------
 

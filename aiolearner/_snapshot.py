@@ -134,7 +134,8 @@ class Lane:
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.worker = ComputeWorker()
+        # Outside the loop's pool: see ComputeWorker(pooled=False).
+        self.worker = ComputeWorker(pooled=False)
         self.worker.open()
         self.device = device
         self.stream: Any = None

@@ -529,8 +529,9 @@ class FitRun(Stage):
             Epoch; epoch += 1
         (wait for concurrent validations still running, and their after_validate hooks)
         after_fit_run                        (teardown: always runs, see docs/errors.md;
-                                              shielded with a time bound after an error or
-                                              a cancellation; state.outcome says which)
+                                              shielded from cancellation, bounded by
+                                              teardown_timeout; state.outcome says how the
+                                              run ended)
 
     Unlike other stages its ``after_`` hook always runs (it is the teardown), so it is called
     with its own ``__call__``; control flow nobody owned ends here as a :class:`StageError`.
@@ -598,12 +599,13 @@ class FitRun(Stage):
             return
         rt = self._built()
         try:
-            if outcome in ("completed", "stopped"):
+            # Shielded and bounded whatever the outcome: a cancellation that arrives while the
+            # final checkpoint is written (a caller's timeout, Ctrl-C right at the end of a
+            # completed run) must not lose it, and a teardown that hangs must not hold the
+            # caller past teardown_timeout. The cancellation is delivered once it is done.
+            with anyio.move_on_after(rt.teardown_timeout, shield=True) as scope:
                 await after.run()
-            else:
-                with anyio.move_on_after(rt.teardown_timeout, shield=True) as scope:
-                    await after.run()
-                if scope.cancelled_caught:
-                    rt.teardown_timed_out = True
+            if scope.cancelled_caught:
+                rt.teardown_timed_out = True
         except ControlFlow:
             pass  # nothing is left to stop

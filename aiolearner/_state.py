@@ -473,6 +473,9 @@ def _wrap_readonly(value: Any, field: str, view: StateView | None) -> Any:
 
 
 #: Attribute names of StateView itself; no field may use them.
+#: Built-in fields a callback may assign, and the type a value must have (the stages rely on it).
+_FIELD_TYPES: dict[str, type] = {"metrics": dict}
+
 VIEW_ATTRIBUTES = frozenset(
     {
         "start_soon",
@@ -593,6 +596,16 @@ class StateView:
             raise StateAccessError(
                 name,
                 reason="it is not declared in the callback's 'writes'",
+                callback=self._callback,
+                hook=self._hook,
+            )
+        if name in _FIELD_TYPES and not isinstance(value, _FIELD_TYPES[name]):
+            # Refused here, naming who did it, rather than failing later in a stage.
+            raise StateAccessError(
+                name,
+                reason=f"it must be a {_FIELD_TYPES[name].__name__} (got "
+                f"{type(value).__name__} {value!r:.40}; to set one metric: "
+                f"state.{name}['name'] = value)",
                 callback=self._callback,
                 hook=self._hook,
             )

@@ -1,33 +1,102 @@
-"""The learner's compute worker: one thread that runs the blocking work of one batch at a time.
+"""Where compute jobs run off the event loop: a learner's own worker, or its loop's shared pool.
 
-Why not ``anyio.to_thread.run_sync`` per batch: each call pays for a capacity limiter, a cancel
-scope, a context copy and the worker pool's bookkeeping on top of the two thread wake-ups. A worker
-that keeps one thread for the whole run and hands jobs over through a queue hops several times
-faster, which on a heavy step is the difference between a hop per batch costing a few percent of
-the step and a fraction of one (docs/performance.md has the figures).
+A learner alone on its event loop hands jobs to a **dedicated worker**: one thread kept for the
+whole run and fed through a queue. Why not ``anyio.to_thread.run_sync`` per batch: each call pays
+for a capacity limiter, a cancel scope, a context copy and the worker pool's bookkeeping on top of
+the two thread wake-ups; a worker that keeps its thread hops several times faster, which on a
+heavy step is the difference between a hop per batch costing a few percent of the step and a
+fraction of one (docs/performance.md has the figures). The thread is one of anyio's own worker
+threads, borrowed for the whole run by one ``to_thread.run_sync`` call in a task of the run's task
+group (``aiolearner.compute``), so it is started lazily by the first hop of a run and handed back
+when the run ends (:meth:`ComputeWorker.stop`): nothing outlives the run. A job's result (or
+exception) comes back through an :class:`anyio.Event` set with ``anyio.from_thread.run_sync``.
 
-The thread is one of anyio's own worker threads, borrowed for the whole run by one
-``to_thread.run_sync`` call in a task of the run's task group (``aiolearner.compute``), so it is
-started lazily by the first hop of a run and handed back when the run ends (:meth:`stop`): nothing
-outlives the run. A job's result (or exception) comes back through an :class:`anyio.Event` set
-with ``anyio.from_thread.run_sync``. Like ``to_thread.run_sync``, a hop cannot be abandoned: when
-the waiting task is cancelled, it still waits (shielded) for the job to finish, then re-raises
-the cancellation, so a weight update is never left half done.
+Learners **sharing** an event loop share its :class:`ComputePool` instead: while two or more
+runs are open on a loop, every job of theirs is one ``anyio.to_thread.run_sync`` call admitted by
+the pool's limiter, so at most :func:`pool_size` jobs (by the number of cores) run at once,
+whatever the number of learners. A thread each would let every learner's thread compete for the
+GIL with the loop's thread: the loop would get its turn later with every learner added. The
+threads are anyio's reusable workers, and the limiter is the pool's own (not anyio's default
+one, which producers and user code also use). A job of several batches (a burst, see
+``_executor.py``) is kept short while the pool is shared (``SHARED_BURST_SECONDS``), so that
+the learners take turns and a cancellation is served soon.
+
+Like ``to_thread.run_sync``, a hop cannot be abandoned: when the waiting task is cancelled, it
+still waits (shielded) for the job to finish, then re-raises the cancellation, so a weight
+update is never left half done.
 """
 
 from __future__ import annotations
 
 import contextvars
+import os
 import queue
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
-__all__ = ["ComputeWorker"]
+__all__ = ["SHARED_BURST_SECONDS", "ComputePool", "ComputeWorker", "pool_size"]
+
+#: The longest a burst of batches may take in a shared pool (a dedicated worker's bound is
+#: ``_executor.BURST_SECONDS``): learners take turns, and a cancellation is served within it.
+SHARED_BURST_SECONDS = 0.01
+#: The most threads a pool uses, however many cores: beyond a few, threads running Python
+#: between torch calls mostly wait for each other's GIL (and make the loop's thread wait too).
+MAX_POOL_SIZE = 4
+
+
+def pool_size() -> int:
+    """How many compute jobs the learners of one event loop may run at once: half the cores
+    this process may use (at least one, at most ``MAX_POOL_SIZE``), leaving the others to the
+    event loop's thread, data loading and torch's own intra-op threads."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_POOL_SIZE, cores // 2))
+
+
+class ComputePool:
+    """The compute jobs of the learners training on one event loop (see the module docstring)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        # Made on the loop it serves (a limiter belongs to the loop that first uses it).
+        self.limiter = anyio.CapacityLimiter(size)
+        #: Runs open on this loop (learners training, validating or predicting).
+        self.users = 0
+        #: Jobs submitted and not finished, running or waiting for room.
+        self.inside = 0
+
+    @classmethod
+    def current(cls) -> ComputePool:
+        """The pool of the running event loop (made on first use)."""
+        pool = _POOL.get(None)
+        if pool is None:
+            pool = cls(pool_size())
+            _POOL.set(pool)
+        return pool
+
+    @property
+    def shared(self) -> bool:
+        """Whether two or more runs are open on the loop."""
+        return self.users > 1
+
+    async def run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        """``fn(*args)`` in one of anyio's worker threads, once the pool has room for it."""
+        self.inside += 1
+        try:
+            return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        finally:
+            self.inside -= 1
+
+
+_POOL: anyio.lowlevel.RunVar[ComputePool] = anyio.lowlevel.RunVar("aiolearner_compute_pool")
 
 
 class _Job:
@@ -44,22 +113,37 @@ class _Job:
 
 
 class ComputeWorker:
-    """Runs jobs one at a time, in order, in one worker thread per run."""
+    """Runs one learner's jobs, one at a time, in order: in a dedicated thread per run while the
+    learner is alone on its loop, in the loop's :class:`ComputePool` while it shares it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, pooled: bool = True) -> None:
+        # Not pooled: a companion of a pooled worker, the learner's own concurrent validation
+        # (see _snapshot.Lane), which must compute while the training's job runs (holding a
+        # place of a pool that may have only one), and which is not another learner.
+        self._pooled = pooled
         self._jobs: queue.SimpleQueue[_Job | None] | None = None
         # After stop(), until the next run opens: background work still finishing must not
         # start a thread that nobody would stop (the run's task group would wait on it forever).
         self._closed = False
+        self._pool: ComputePool | None = None
 
     def open(self) -> None:
-        """A run starts: hops may start the thread again."""
+        """A run starts (on the event loop): hops may start the thread again."""
         self._closed = False
+        if self._pooled:
+            self._pool = pool = ComputePool.current()
+            pool.users += 1
 
     @property
     def running(self) -> bool:
-        """Whether a thread is serving this run."""
+        """Whether a dedicated thread is serving this run."""
         return self._jobs is not None
+
+    @property
+    def shared(self) -> bool:
+        """Whether this learner's jobs go to its loop's shared pool now."""
+        pool = self._pool
+        return pool is not None and pool.shared
 
     async def run(
         self,
@@ -68,27 +152,45 @@ class ComputeWorker:
         *args: Any,
         on_cancel: Callable[[], object] | None = None,
     ) -> Any:
-        """``fn(*args)`` in the worker thread (started in ``tg`` if needed); its result.
+        """``fn(*args)`` off the loop (a dedicated thread started in ``tg`` if needed, or the
+        shared pool); its result.
 
         ``on_cancel`` is called (on the loop) when the waiting task is cancelled, before it
-        waits for the job to finish: a job made of several batches uses it to stop early.
+        waits for the job to finish: a job made of several batches uses it to stop early. (In
+        the shared pool such a job is short instead, see ``SHARED_BURST_SECONDS``.)
         """
-        if self._closed:
+        pool = self._pool
+        if self._closed or (pool is None and self._pooled):
             return await anyio.to_thread.run_sync(fn, *args)
-        jobs = self._jobs
-        if jobs is None:
-            jobs = self._jobs = queue.SimpleQueue()
-            tg.start_soon(self._serve, jobs, name="aiolearner.compute")
-        job = _Job(fn, args)
-        jobs.put(job)
+        limiter = None
+        if pool is not None:
+            if pool.shared:
+                return await pool.run(fn, args)
+            # Alone on the loop, but still one of the pool's places: learners that start
+            # meanwhile must find it taken, or more than its size would run at once.
+            limiter = pool.limiter
+            try:
+                limiter.acquire_nowait()
+            except anyio.WouldBlock:
+                await limiter.acquire()
         try:
-            await job.done.wait()
-        except anyio.get_cancelled_exc_class():
-            if on_cancel is not None:
-                on_cancel()
-            with anyio.CancelScope(shield=True):
+            jobs = self._jobs
+            if jobs is None:
+                jobs = self._jobs = queue.SimpleQueue()
+                tg.start_soon(self._serve, jobs, name="aiolearner.compute")
+            job = _Job(fn, args)
+            jobs.put(job)
+            try:
                 await job.done.wait()
-            raise
+            except anyio.get_cancelled_exc_class():
+                if on_cancel is not None:
+                    on_cancel()
+                with anyio.CancelScope(shield=True):
+                    await job.done.wait()
+                raise
+        finally:
+            if limiter is not None:
+                limiter.release()
         if job.error is not None:
             error, job.error = job.error, None
             raise error
@@ -98,6 +200,9 @@ class ComputeWorker:
         """The run is over: the thread finishes its queue and returns to anyio's pool."""
         jobs, self._jobs = self._jobs, None
         self._closed = True
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.users -= 1
         if jobs is not None:
             jobs.put(None)
 

@@ -397,7 +397,15 @@ async def test_cancel_at_any_point_leaks_nothing_and_resumes_exactly(hook: str, 
     torch.manual_seed(0)
 
     block = BlockAt(hook, epoch)
-    learner = make_learner(callbacks=[block], validate="concurrent", compute="inline", n_batches=3)
+    # after_fit_run runs shielded, bounded by teardown_timeout: blocked there, the cancellation
+    # takes effect when the bound is reached.
+    learner = make_learner(
+        callbacks=[block],
+        validate="concurrent",
+        compute="inline",
+        n_batches=3,
+        teardown_timeout=0.5 if hook == "after_fit_run" else 30.0,
+    )
     v = validator(learner)
     await cancel_when(block.reached, learner.fit, 3)
     assert aiolearner_tasks() == []

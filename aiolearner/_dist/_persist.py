@@ -97,6 +97,8 @@ def state_dict(
     mine = {
         "rng": out["rng"],
         "epoch_rng": out["epoch_rng"],
+        "data_streams": out["data_streams"],
+        "epoch_streams": out["epoch_streams"],
         "train_losses": progress["train_losses"],
         "stream": progress["stream"],
         "callbacks": out["callbacks"],
@@ -132,6 +134,8 @@ def load_state_dict(
         entry = ranks["entries"][strategy.rank]
         ckpt["rng"] = entry["rng"]
         ckpt["epoch_rng"] = entry["epoch_rng"]
+        ckpt["data_streams"] = entry.get("data_streams")
+        ckpt["epoch_streams"] = entry.get("epoch_streams")
         ckpt["progress"] = dict(
             ckpt["progress"], train_losses=entry["train_losses"], stream=entry["stream"]
         )

@@ -33,7 +33,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
+import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -158,12 +160,77 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+#: The temporary files of :func:`atomic_write`: ``.<target name>.<32 hex digits>.tmp``.
+_TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
+# The temporary files being written in this process now (another learner's Checkpoint may write
+# to the same directory): the clean-up at a run's start leaves them alone.
+_WRITING: set[Path] = set()
+_WRITING_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _temporary(path: Path) -> Iterator[Path]:
+    """A fresh temporary path next to ``path``, known as being written while in use."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with _WRITING_LOCK:
+        _WRITING.add(tmp)
+    try:
+        yield tmp
+    finally:
+        with _WRITING_LOCK:
+            _WRITING.discard(tmp)
+
+
+def remove_stray_temporaries(directory: Path) -> list[str]:
+    """Remove the temporary files a writer that crashed (or was killed) left in ``directory``;
+    the names removed. A write in progress in this process keeps its file."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return removed
+    with _WRITING_LOCK:
+        writing = set(_WRITING)
+    for entry in entries:
+        if not _TMP_NAME.match(entry.name) or directory / entry.name in writing:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed.append(entry.name)
+    return removed
+
+
+def check_directory(directory: Path, who: str) -> None:
+    """Refuse a directory that is a file, or that cannot be created (a file on its path, or a
+    parent this process may not write to)."""
+    if directory.exists():
+        if not directory.is_dir():
+            raise ValueError(f"{who}: {str(directory)!r} is a file, not a directory")
+        return
+    parent = directory.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(
+            f"{who}: cannot create directory {str(directory)!r}: {str(parent)!r} is a file"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{who}: cannot create directory {str(directory)!r}: no permission to write in"
+            f" {str(parent)!r}"
+        )
+
+
 def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
 
     ``data`` is the bytes, or a function that writes them to the open file.
     """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with _temporary(path) as tmp:
+        _atomic_write(path, tmp, data)
+
+
+def _atomic_write(path: Path, tmp: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
     try:
         with open(tmp, "wb") as f:
             if callable(data):
@@ -182,7 +249,11 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None
 
 def atomic_write_file(path: Path, write: Callable[[Path], object]) -> None:
     """Like :func:`atomic_write`, for writers that take a file name (``write(temporary path)``)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with _temporary(path) as tmp:
+        _atomic_write_file(path, tmp, write)
+
+
+def _atomic_write_file(path: Path, tmp: Path, write: Callable[[Path], object]) -> None:
     try:
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
@@ -257,6 +328,10 @@ class Checkpoint(Callback):
       written (training has gone on): load its weights (``load_best``, ``load_weights``);
       continue a run exactly from ``last.pt`` or a periodic file.
 
+    Each file is written to a temporary file next to it first (``.last.pt.<hex>.tmp``), then
+    renamed; temporary files a crashed or killed writer left are removed when the next run
+    starts (``before_fit_run``).
+
     With ``format="safetensors"`` the files end in ``.safetensors`` instead of ``.pt``.
 
     Args:
@@ -280,7 +355,7 @@ class Checkpoint(Callback):
             exactly where the run stopped.
 
     Raises:
-        ValueError: bad arguments.
+        ValueError: bad arguments, or a ``directory`` that is a file or cannot be created.
 
     Reads ``model``, ``epoch``, ``step``, ``batch_index``, ``metrics`` and ``outcome``; writes
     nothing (``load_best`` changes the model's weights under the weights lock's write side).
@@ -337,6 +412,8 @@ class Checkpoint(Callback):
             # Fail at construction, not at the first save halfway through training.
             require("safetensors.torch", extra="safetensors", what=SAFETENSORS_USER)
         self.directory = Path(directory)
+        # Here rather than at the first save, halfway through training.
+        check_directory(self.directory, "Checkpoint")
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs or None
         self.monitor = monitor
@@ -363,6 +440,8 @@ class Checkpoint(Callback):
         self._last_step_saved: int | None = None
         self._last_saved: tuple[int, int] | None = None
         self._lock: anyio.Lock | None = None
+        # Whether this run's before_fit_run prepared the directory.
+        self._ready = False
         # A boundary save point that was planned but never snapshotted (cancelled while taking
         # the snapshot), with its (epoch, step): after_fit_run saves it, so it is not lost.
         self._unsaved: tuple[tuple[int, int], tuple[list[str], list[str]]] | None = None
@@ -420,11 +499,24 @@ class Checkpoint(Callback):
             yield hook, method
 
     async def before_fit_run(self, state: StateView) -> None:
-        """Get ready to write (one write at a time, in order)."""
+        """Get ready to write (one write at a time, in order): create the directory, and remove
+        the temporary files of a writer that crashed (a process killed while it saved)."""
         # A fresh lock per run: fit may run under another event loop next time.
         self._lock = anyio.Lock()
         self._writer = is_rank_zero()
         self._live = state.model
+        self._ready = False
+        if self._writer:  # (another rank's cleaning could remove a file rank 0 is writing)
+            await anyio.to_thread.run_sync(self._prepare_directory)
+        self._ready = True
+
+    def _prepare_directory(self) -> None:
+        self._make_directory()
+        remove_stray_temporaries(self.directory)
+
+    def _make_directory(self) -> None:
+        check_directory(self.directory, "Checkpoint")
+        self.directory.mkdir(parents=True, exist_ok=True)
 
     async def after_epoch(self, state: StateView) -> None:
         """Judge the epoch by ``monitor``, with its record (validation results included).
@@ -481,6 +573,8 @@ class Checkpoint(Callback):
         """Save the final state (also after an error or a cancellation) and wait for it.
 
         Snapshots of earlier save points that are still waiting are written first."""
+        if not self._ready:
+            return  # the directory could not be prepared (that error ends the run)
         strategy = state.strategy
         if strategy is not None and state.outcome in ("error", "cancelled"):
             # Distributed training failed: no gather (a rank may be gone); the files of the
@@ -637,7 +731,7 @@ class Checkpoint(Callback):
     def _write_sync(
         self, snap: dict[str, Any], targets: list[str], removes: list[str], meta: dict[str, str]
     ) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._make_directory()
         # Serialized once, straight into the first file; the others are copies of it. (Not
         # through a bytes buffer: copying hundreds of MB in memory holds the GIL, which the
         # event loop thread needs.)

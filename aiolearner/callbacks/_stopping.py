@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -92,6 +92,19 @@ class EarlyStopping(Callback):
         self.best_epoch: int | None = None
         #: Epochs in a row without improvement.
         self.wait = 0
+
+    def hooks(self) -> Iterator[tuple[str, Callable[[StateView], Any]]]:
+        # Only the hook it checks on.
+        wanted = "after_validate" if self.check_on == "validate" else "after_epoch"
+        for hook, method in super().hooks():
+            if hook == wanted:
+                yield hook, method
+
+    def _needs_val_data(self) -> str | None:
+        # Asked by fit on a learner without val_data (see Learner._check_fit).
+        if self.check_on != "validate":
+            return None
+        return f"checks {self.monitor!r} after each validation"
 
     def improves(self, value: float) -> bool:
         """Whether ``value`` beats the best so far by more than ``min_delta``."""

@@ -461,18 +461,13 @@ def s_sigterm(backend: str) -> Result:
                 os.kill(os.getpid(), signal.SIGTERM)
 
     learner = make_learner(callbacks=(Kill(),), strategy=DDP(timeout=TIMEOUT, agree_every=2))
-    strategy = learner.strategy
-    assert strategy is not None
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        strategy.request_stop("SIGTERM received")
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    # fit_sync handles SIGTERM itself: under a strategy, as a stop every rank agrees on.
+    code = None
     try:
         learner.fit_sync(3, backend=backend)  # type: ignore[arg-type]
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return {"step": learner.state.step, "reason": learner.state.stop_reason}
+    except SystemExit as exc:
+        code = exc.code
+    return {"step": learner.state.step, "reason": learner.state.stop_reason, "code": code}
 
 
 def s_uneven_data(backend: str) -> Result:

@@ -269,6 +269,9 @@ def test_sigterm_at_different_steps_stops_both_at_the_same_step(ran: Results) ->
     r0, r1 = both(ran, "sigterm")
     assert r0["step"] == r1["step"] == 4
     assert r0["reason"] == r1["reason"] == "rank 1: SIGTERM received"
+    # The rank that got the signal exits as a terminated process would (143); the other one,
+    # stopped before its own signal came, returns.
+    assert (r0["code"], r1["code"]) == (None, 143)
 
 
 @pytest.mark.parametrize("launch", ["asyncio", "trio"])

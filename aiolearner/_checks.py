@@ -1,0 +1,85 @@
+"""Checks of a learner's arguments at construction, so that bad input fails there, clearly.
+
+Each check names the argument, what is wrong with it and how to fix it. What can only be seen
+while running (an unsized iterable that yields nothing) is checked where it is seen, in
+``_data.py``; the checks here cost nothing per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from types import AsyncGeneratorType, GeneratorType
+from typing import Any
+
+import torch
+
+__all__ = ["check_data", "check_optimizer", "check_passes", "check_positive"]
+
+
+def check_optimizer(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, name: str = "optimizer"
+) -> None:
+    """The optimizer must update some of the model's trainable parameters.
+
+    Each of several optimizers (``name``: its key) likewise. An optimizer built over another
+    model's parameters (a copy, a model built twice) trains
+    nothing: the loss goes down on the other model, never on this one. Extra parameters (a
+    learnable temperature in the loss) and frozen parts of the model are fine.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        return  # nothing to update anyway (a frozen model whose loss has parameters, say)
+    mine = {id(p) for p in trainable}
+    if any(id(p) in mine for group in optimizer.param_groups for p in group["params"]):
+        return
+    what = "the optimizer" if name == "optimizer" else f"optimizer {name!r}"
+    raise ValueError(
+        f"{what} ({type(optimizer).__name__}) updates none of the model's parameters:"
+        " it was built over other tensors (another model, or a copy of this one), so training"
+        " would never change the model; build it from this model's parameters, e.g."
+        f" {type(optimizer).__name__}(model.parameters(), ...)"
+    )
+
+
+def check_data(name: str, data: Any) -> None:
+    """Training or validation data must not be empty: a sized source of length 0 trains (or
+    validates) on nothing. (An unsized one that yields nothing is caught by the pass that
+    finds it empty, see ``Batches._empty``.)"""
+    try:
+        size = len(data)
+    except Exception:  # unsized (an IterableDataset's loader raises TypeError): seen when run
+        return
+    if size == 0:
+        what = "train on nothing" if name == "train_data" else "have nothing to validate"
+        fix = "; pass val_data=None for no validation" if name.startswith("val_data") else ""
+        raise ValueError(
+            f"{name} is empty ({type(data).__name__} of length 0): a pass over it would {what}{fix}"
+        )
+
+
+def check_passes(name: str, data: Any, passes: int) -> None:
+    """At fit start: a generator (sync or async) can be iterated only once, so a run that needs
+    more than one more pass over it would get nothing from the second on."""
+    if passes > 1 and isinstance(data, GeneratorType | AsyncGeneratorType):
+        fix = (
+            "pass something that makes a new iterator for each epoch (a list, a DataLoader, an"
+            " object whose __iter__ is a generator function)"
+            + (
+                ", or set steps_per_epoch= to consume it as one stream"
+                if name == "train_data"
+                else ""
+            )
+        )
+        raise ValueError(
+            f"{name} is a generator: it can be iterated only once, and this fit needs {passes}"
+            f" more passes over it (every pass after the first would get no batch); {fix}"
+        )
+
+
+def check_positive(name: str, value: float, *, zero: bool = False) -> None:
+    """A number of seconds (or a count) that must be positive (or non-negative, ``zero``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not zero):
+        bound = "non-negative" if zero else "positive"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")

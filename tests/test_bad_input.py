@@ -1,0 +1,215 @@
+"""No silent bad input: each case of issue 12 (item 8) gets a clear error, at construction or at
+fit start where it can be seen there, or a documented behaviour (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from aiolearner import Callback, ConfigurationError, Learner, StateAccessError, StateView
+from aiolearner.callbacks import Checkpoint, EarlyStopping
+from aiolearner.testing import make_batches, make_learner, tiny_model
+
+
+def build(**options: Any) -> Learner[Any]:
+    model = tiny_model(seed=0)
+    args: dict[str, Any] = {
+        "model": model,
+        "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+        "loss_fn": torch.nn.functional.cross_entropy,
+        "train_data": make_batches(3),
+    }
+    args.update(options)
+    return Learner(**args)
+
+
+def test_an_optimizer_over_another_models_parameters() -> None:
+    model, other = tiny_model(seed=0), tiny_model(seed=0)
+    with pytest.raises(ValueError, match="updates none of the model's parameters"):
+        build(model=model, optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
+    # A copy is another model too (a classic: the model was copied after the optimizer).
+    with pytest.raises(ValueError, match="none of the model's parameters"):
+        build(model=copy.deepcopy(model), optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_an_optimizer_with_extra_parameters_or_a_partly_frozen_model_is_fine() -> None:
+    model = tiny_model(seed=0)
+    temperature = torch.nn.Parameter(torch.ones(()))
+    build(model=model, optimizer=torch.optim.SGD([*model.parameters(), temperature], lr=0.1))
+    first = next(model.parameters())
+    build(model=model, optimizer=torch.optim.SGD([first], lr=0.1))
+
+
+def test_the_same_callback_twice() -> None:
+    cb = Callback()
+    with pytest.raises(ConfigurationError, match="the same callback instance is given twice"):
+        make_learner(callbacks=[cb, cb])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [[], DataLoader(TensorDataset(torch.zeros(0, 7), torch.zeros(0).long()), batch_size=4)],
+    ids=["list", "DataLoader"],
+)
+def test_empty_data(data: Any) -> None:
+    with pytest.raises(ValueError, match=r"train_data is empty .* train on nothing"):
+        build(train_data=data)
+    with pytest.raises(ValueError, match=r"val_data is empty .* val_data=None"):
+        build(val_data=data)
+
+
+class Nothing:
+    """An iterable without a length that yields nothing (an empty stream)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+
+async def test_unsized_data_that_yields_nothing_fails_its_first_pass() -> None:
+    learner = build(train_data=Nothing())
+    with pytest.raises(ValueError, match=r"train_data \(Nothing\) yielded no batch"):
+        await learner.fit(3)
+    assert learner.state.step == 0
+
+
+async def test_a_generator_as_data_serves_one_pass_only() -> None:
+    def batches() -> Iterator[Any]:
+        yield from make_batches(3)
+
+    # A run that needs several passes is refused at its start, before any batch.
+    learner = build(train_data=batches())
+    with pytest.raises(ValueError, match="generator: it can be iterated only once"):
+        await learner.fit(3)
+    assert learner.state.step == 0
+    # One pass works; a later run finds it used up and says so.
+    await learner.fit(1)
+    assert learner.state.step == 3
+    with pytest.raises(ValueError, match=r"yielded no batch.*iterated only once"):
+        await learner.fit(2)
+    assert learner.state.step == 3
+    # As a stream cut into epochs (steps_per_epoch), it serves every epoch.
+    stream = build(train_data=(b for b in make_batches(6)), steps_per_epoch=2)
+    await stream.fit(3)
+    assert stream.state.step == 6
+
+
+async def test_early_stopping_on_a_validation_metric_without_val_data() -> None:
+    learner = make_learner(callbacks=[EarlyStopping("val_loss")], with_validation=False)
+    with pytest.raises(ConfigurationError, match="no val_data") as info:
+        await learner.fit(1)
+    assert info.value.callbacks == ("EarlyStopping",)
+    assert learner.state.step == 0
+    # A training metric is checked after each epoch: fine without validation.
+    await make_learner(callbacks=[EarlyStopping("train_loss")], with_validation=False).fit(1)
+    # Evaluation on data given to validate() runs it (it checks only during fit).
+    await learner.validate(make_batches(2))
+
+
+@pytest.mark.parametrize("value", [-1, 0, float("nan")])
+def test_a_teardown_timeout_that_would_skip_the_final_checkpoint(value: float) -> None:
+    with pytest.raises((ValueError, TypeError), match="teardown_timeout"):
+        build(teardown_timeout=value)
+
+
+def test_other_time_options() -> None:
+    with pytest.raises(ValueError, match="yield_interval must be non-negative"):
+        build(yield_interval=-0.001)
+    with pytest.raises(ValueError, match="fetch_budget must be non-negative"):
+        build(fetch_budget=-1)
+    build(yield_interval=0, teardown_timeout=float("inf"))
+
+
+def test_a_checkpoint_directory_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "ckpt").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        Checkpoint(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="cannot create directory"):
+        Checkpoint(tmp_path / "ckpt" / "inner")
+
+
+class SetsMetrics(Callback):
+    writes = frozenset({"metrics"})
+
+    def after_epoch(self, state: StateView) -> None:
+        state.metrics = 5
+
+
+async def test_a_callback_setting_metrics_to_a_number_is_refused_where_it_does_it() -> None:
+    learner = make_learner(callbacks=[SetsMetrics()], n_batches=2)
+    with pytest.RaisesGroup(pytest.RaisesExc(StateAccessError, match="must be a dict")) as info:
+        await learner.fit(1)
+    error = info.value.exceptions[0]
+    assert isinstance(error, StateAccessError)
+    assert (error.callback, error.hook, error.field) == ("SetsMetrics", "after_epoch", "metrics")
+    assert isinstance(learner.state.metrics, dict)
+
+
+def snapshot(learner: Learner[Any]) -> dict[str, Any]:
+    return {
+        "model": copy.deepcopy(learner.model.state_dict()),
+        "optimizer": copy.deepcopy(learner.optimizer.state_dict()),
+        "counters": (learner.state.epoch, learner.state.step, learner.state.batch_index),
+        "metrics": dict(learner.state.metrics),
+        "callbacks": [dict(cb.state_dict()) for cb in learner.callbacks],
+    }
+
+
+def assert_untouched(before: dict[str, Any], learner: Learner[Any]) -> None:
+    after = snapshot(learner)
+    assert before["counters"] == after["counters"]
+    assert before["metrics"] == after["metrics"]
+    for k, v in before["model"].items():
+        assert torch.equal(v, after["model"][k]), k
+    assert str(before["optimizer"]) == str(after["optimizer"])
+    assert before["callbacks"] == after["callbacks"]
+
+
+async def test_a_truncated_checkpoint_names_the_file_and_changes_nothing(tmp_path: Path) -> None:
+    saved = make_learner(callbacks=[Checkpoint(tmp_path / "a", monitor="val_loss")], n_batches=2)
+    await saved.fit(2)
+    ckpt = Checkpoint(tmp_path / "b", monitor="val_loss")
+    learner = make_learner(callbacks=[ckpt], n_batches=2)
+    await learner.fit(1)
+    data = (tmp_path / "a" / "last.pt").read_bytes()
+    (tmp_path / "b" / "last.pt").write_bytes(data[: len(data) // 2])  # a crash mid-copy, say
+    before = snapshot(learner)
+    with pytest.raises(ValueError, match=r"last\.pt.*damaged \(truncated\?\)"):
+        learner.load_checkpoint(tmp_path / "b" / "last.pt")
+    with pytest.raises(ValueError, match=r"last\.pt.*damaged"):
+        await learner.fit(3, resume="last")
+    assert_untouched(before, learner)
+
+
+async def test_a_checkpoint_of_another_architecture_changes_nothing(tmp_path: Path) -> None:
+    wide = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    other = build(model=wide, optimizer=torch.optim.SGD(wide.parameters(), lr=0.1))
+    other.fit_sync(1)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    learner = make_learner(callbacks=[EarlyStopping("val_loss")], n_batches=2)
+    await learner.fit(1)
+    before = snapshot(learner)
+    with pytest.raises(ValueError, match=r"do not fit this model.*nothing was loaded"):
+        learner.load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="do not fit this model"):
+        await learner.fit(2, resume=tmp_path / "other.pt")
+    assert_untouched(before, learner)
+    # And a checkpoint whose weights fit but whose optimizer does not: put back half way.
+    checkpoint = learner.state_dict()
+    checkpoint["optimizer"] = {"state": {}, "param_groups": []}
+    checkpoint["progress"] = dict(checkpoint["progress"], epoch=7)
+    with pytest.raises(ValueError):  # noqa: PT011 (torch's own message)
+        learner.load_state_dict(checkpoint)
+    assert_untouched(before, learner)
+
+
+def test_fit_sync_in_a_running_loop_is_documented() -> None:
+    # The behaviour is tested in tests/test_sync.py; docs/reliability.md says what it does.
+    page = (Path(__file__).parent.parent / "docs" / "reliability.md").read_text()
+    assert "fit_sync" in page
+    assert "tests/test_sync.py::test_fit_sync_and_validate_sync_inside_a_running_loop" in page

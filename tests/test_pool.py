@@ -1,0 +1,105 @@
+"""Learners sharing an event loop share its bounded compute pool instead of a thread each
+(``_worker.py``); each still trains exactly as it does alone. (The loop's lag and the total
+throughput with 8 and 32 learners are measured by ``bench/many_learners.py``.)"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+from aiolearner import Callback, Learner, StateView, _worker
+from aiolearner.testing import make_learner
+
+BACKENDS = pytest.mark.parametrize("backend", ["asyncio", "trio"])
+
+
+class Occupancy:
+    """How many compute jobs run at once, and in which threads (shared by the learners)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+        self.threads: set[str] = set()
+        self.users: list[int] = []
+
+
+class Measure(Callback):
+    """A ``def`` hook of the fused batch: it runs in the thread that runs the batch."""
+
+    def __init__(self, occupancy: Occupancy) -> None:
+        self.occupancy = occupancy
+
+    def before_fit(self, state: StateView) -> None:
+        self.occupancy.users.append(_worker.ComputePool.current().users)
+
+    def before_update(self, state: StateView) -> None:
+        o = self.occupancy
+        with o.lock:
+            o.now += 1
+            o.most = max(o.most, o.now)
+            o.threads.add(threading.current_thread().name)
+        time.sleep(0.0005)  # long enough for another job to run at the same time, if it could
+        with o.lock:
+            o.now -= 1
+
+
+def weights(learner: Learner[Any]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in learner.model.parameters()]
+
+
+@BACKENDS
+def test_many_learners_on_one_loop_run_at_most_the_pool_size_at_once(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_worker, "pool_size", lambda: 2)
+    occupancy = Occupancy()
+    learners = [
+        make_learner(n_batches=6, seed=i, compute="thread", callbacks=[Measure(occupancy)])
+        for i in range(6)
+    ]
+    after: list[int] = []
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            for learner in learners:
+                tg.start_soon(learner.fit, 2)
+        after.append(_worker.ComputePool.current().users)
+
+    anyio.run(main, backend=backend)
+    assert max(occupancy.users) == 6  # the six runs were open at once
+    assert after == [0]
+    assert 1 <= occupancy.most <= 2
+    # Each learner trained exactly as it does alone.
+    for i, learner in enumerate(learners):
+        alone = make_learner(n_batches=6, seed=i, compute="inline")
+        alone.fit_sync(2, backend=backend)  # type: ignore[arg-type]
+        assert all(torch.equal(a, b) for a, b in zip(weights(learner), weights(alone), strict=True))
+
+
+async def test_a_learner_alone_keeps_its_dedicated_worker() -> None:
+    seen: list[tuple[bool, bool]] = []
+
+    class Probe(Callback):
+        async def after_fit(self, state: StateView) -> None:
+            worker = learner._rt.worker
+            seen.append((worker.shared, worker.running))
+
+    learner = make_learner(n_batches=3, compute="thread", callbacks=[Probe()])
+    await learner.fit(1)
+    assert seen == [(False, True)]
+
+
+def test_the_pool_size_follows_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)))
+    assert _worker.pool_size() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
+    assert _worker.pool_size() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert _worker.pool_size() == _worker.MAX_POOL_SIZE

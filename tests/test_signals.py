@@ -1,0 +1,210 @@
+"""SIGINT and SIGTERM stop a run gracefully: at a batch boundary, with its teardown, then the
+exit a scheduler expects; ``fit_sync`` by default, ``await fit`` inside ``stop_on_signals()``.
+
+The first tests send real signals to this process (the test runner's main thread); the last ones
+to child processes that train with checkpoints (one trial of each kind that
+``bench/signal_soak.py`` runs by the dozen).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from aiolearner import Callback, Interrupted, Learner, StateView, stop_on_signals
+from aiolearner.testing import RecordingCallback, make_learner
+from bench import signal_soak
+
+N_BATCHES = 4
+
+
+class SignalAt(Callback):
+    """Sends ``signum`` to the main thread (where Python runs handlers) once, at one step, from
+    a ``def`` hook: it runs inside the fused batch, in the compute worker in thread mode."""
+
+    reads = frozenset({"step"})
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
+        self.step = step
+        self.signum = signum
+        self.sent = False
+
+    def after_update(self, state: StateView) -> None:
+        if not self.sent and state.step >= self.step:
+            self.sent = True
+            main = threading.main_thread().ident
+            assert main is not None
+            signal.pthread_kill(main, self.signum)
+
+
+def weights(learner: Learner[Any]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in learner.model.parameters()]
+
+
+def consistent(learner: Learner[Any]) -> bool:
+    state = learner.state
+    return bool(state.step == state.epoch * N_BATCHES + state.batch_index)
+
+
+@contextmanager
+def exits() -> Iterator[list[SystemExit]]:
+    """The block must end in ``SystemExit`` (what leaving ``stop_on_signals()`` after a stop
+    raises); the list holds it afterwards."""
+    caught: list[SystemExit] = []
+    try:
+        yield caught
+    except SystemExit as exc:
+        caught.append(exc)
+    assert caught, "the block did not raise SystemExit"
+
+
+@contextmanager
+def handler_kept(signum: int) -> Iterator[None]:
+    """The handler of ``signum`` is the same after the block as before it."""
+    before = signal.getsignal(signum)
+    yield
+    assert signal.getsignal(signum) == before
+
+
+@pytest.mark.parametrize("compute", ["inline", "thread"])
+async def test_a_signal_stops_fit_at_a_batch_boundary_then_the_block_exits(compute: str) -> None:
+    rec = RecordingCallback(hooks=["after_fit_run"])
+    learner = make_learner(n_batches=N_BATCHES, compute=compute, callbacks=[SignalAt(step=5), rec])
+    with handler_kept(signal.SIGTERM), exits() as exit_info:
+        with stop_on_signals():
+            with pytest.raises(Interrupted) as info:
+                await learner.fit(1000)
+            stopped = info.value
+            assert stopped.signal == signal.SIGTERM
+            assert stopped.exit_code == 143
+            assert (stopped.epoch, stopped.step) == (learner.state.epoch, learner.state.step)
+            raise stopped  # what an unhandled stop does: the block turns it into the exit
+    assert exit_info[0].code == 143
+    assert isinstance(exit_info[0].__cause__, Interrupted)
+    # Stopped between batches (in thread mode, maybe a few batches later), torn nowhere.
+    assert learner.status.value == "idle"
+    assert consistent(learner)
+    assert learner.state.step >= 5
+    assert rec.calls == ["after_fit_run"]
+    assert all(p.grad is None for p in learner.model.parameters())
+    # Calling fit again continues exactly.
+    target = learner.state.epoch + 2
+    await learner.fit(target)
+    uninterrupted = make_learner(n_batches=N_BATCHES, compute=compute)
+    await uninterrupted.fit(target)
+    assert all(
+        torch.equal(a, b) for a, b in zip(weights(learner), weights(uninterrupted), strict=True)
+    )
+
+
+async def test_interrupted_is_not_an_exception() -> None:
+    learner = make_learner(n_batches=N_BATCHES, callbacks=[SignalAt(step=2)])
+    caught: list[BaseException] = []
+    with exits(), stop_on_signals():
+        try:
+            await learner.fit(1000)
+        except Exception as exc:
+            caught.append(exc)
+    assert caught == []
+
+
+async def test_a_signal_before_fit_stops_the_next_fit_at_once() -> None:
+    learner = make_learner(n_batches=N_BATCHES)
+    with exits(), stop_on_signals():
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+        with pytest.raises(Interrupted):
+            await learner.fit(2)
+        assert learner.state.step == 0
+        # The stop is consumed: a later fit in the block runs.
+        await learner.fit(1)
+        assert learner.state.step == N_BATCHES
+
+
+def test_the_same_signal_again_while_no_fit_runs_acts_as_before() -> None:
+    seen: list[int] = []
+
+    def previous(signum: int, frame: Any) -> None:
+        seen.append(signum)
+
+    old = signal.signal(signal.SIGUSR1, previous)
+    try:
+        with exits() as info, stop_on_signals([signal.SIGUSR1]):
+            signal.raise_signal(signal.SIGUSR1)  # kept for the next fit (there is none)
+            assert seen == []
+            signal.raise_signal(signal.SIGUSR1)  # again: the user insists
+            assert seen == [signal.SIGUSR1]
+        assert info[0].code == 128 + signal.SIGUSR1
+        assert signal.getsignal(signal.SIGUSR1) is previous
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def test_stop_on_signals_must_be_entered_in_the_main_thread() -> None:
+    errors: list[BaseException] = []
+
+    def enter() -> None:
+        try:
+            with stop_on_signals():
+                pass
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=enter)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1
+    assert "main thread" in str(errors[0])
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize(
+    ("signum", "raised"), [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)]
+)
+def test_fit_sync_handles_signals_by_default(
+    backend: Any, signum: int, raised: type[BaseException]
+) -> None:
+    learner = make_learner(n_batches=N_BATCHES, callbacks=[SignalAt(step=6, signum=signum)])
+    with handler_kept(signum), pytest.raises(raised) as info:
+        learner.fit_sync(1000, backend=backend)
+    if raised is SystemExit:
+        assert info.value.code == 143  # type: ignore[attr-defined]
+    assert isinstance(info.value.__cause__, Interrupted)
+    assert learner.status.value == "idle"
+    assert consistent(learner)
+    assert 6 <= learner.state.step < 1000 * N_BATCHES
+    learner.fit_sync(learner.state.epoch + 1, backend=backend)
+    assert learner.state.batch_index == 0
+
+
+# -- real signals to training processes -------------------------------------------------------
+
+TRIALS: dict[str, list[tuple[str, int]]] = {
+    "asyncio": [("sync", signal.SIGINT), ("async", signal.SIGTERM), ("thread", signal.SIGTERM)],
+    "trio": [("sync", signal.SIGTERM), ("async", signal.SIGINT), ("thread", signal.SIGINT)],
+}
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_signalled_training_processes_leave_exact_checkpoints(backend: str, tmp_path: Path) -> None:
+    """fit_sync, await fit in stop_on_signals(), and fit_sync in a worker thread: a real signal
+    at a random point of a batch; exit status, last.pt at the stop point with the weights of
+    that step, and the resumed run equal to the uninterrupted one."""
+    with signal_soak.TRAINING:
+        reference = signal_soak.Reference()
+    trial: Callable[..., signal_soak.Result] = signal_soak.trial
+    with ThreadPoolExecutor(len(TRIALS[backend])) as pool:
+        futures = [
+            pool.submit(trial, mode, backend, signum, 4 + 3 * i, reference, tmp_path)
+            for i, (mode, signum) in enumerate(TRIALS[backend])
+        ]
+        results = [f.result() for f in futures]
+    for result in results:
+        assert result.problem == "", result
