@@ -88,6 +88,17 @@ def _plain_mapping(data: object) -> dict[str, int | float | str | bool]:
     return out
 
 
+def _running_train_loss(learner: Learner[Any]) -> float | None:
+    """The mean training loss of the current epoch so far, for :class:`LearnerSnapshot`;
+    ``None`` before the epoch's first batch, or when the losses live on an accelerator (a
+    status request must not wait for the device)."""
+    losses = list(learner._rt.train_losses)  # a copy: the compute thread may append meanwhile
+    if not losses or losses[-1].device.type != "cpu":
+        return None
+    with torch.no_grad():
+        return float(torch.cat([x.reshape(-1) for x in losses]).float().mean())
+
+
 @dataclass(frozen=True, slots=True)
 class LearnerSnapshot:
     """Where a learner is, as plain values (from :meth:`Learner.snapshot`).
@@ -116,7 +127,7 @@ class LearnerSnapshot:
         """Take the snapshot (no lock, no await: counters are written by the event loop)."""
         d = learner.state.__dict__
         metrics = _plain_mapping(d.get("metrics"))
-        running = learner._running_train_loss()
+        running = _running_train_loss(learner)
         if running is not None:
             metrics[RUNNING_LOSS] = running
         return cls(

@@ -1,38 +1,38 @@
-"""The Learner: model, optimizer, loss, data, stages and callbacks, built once, run many times."""
+"""The Learner: model, optimizer, loss, data, stages and callbacks, built once, run many times.
+
+The class holds the whole public API with its docstrings; the longer bodies live in modules of
+their own: construction in ``_construct.py``, runs (status, run scope, ``fit``) in
+``_lifecycle.py``, ``validate`` / ``test`` / ``predict`` in ``_evaluation.py``.
+"""
 
 from __future__ import annotations
 
-import enum
 import os
-import threading
 import types
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-import anyio
 import torch
 
-from . import _build, _checks, _optim, _persist
+from . import _build, _construct, _evaluation, _lifecycle, _persist
 from ._callbacks import Callback
 from ._data import BatchSource, FetchMode
 from ._device import DeviceMover
 from ._events import EventHub, EventStream
-from ._exceptions import ConfigurationError, LearnerBusyError
-from ._executor import Executor
+from ._exceptions import LearnerBusyError
 from ._handle import LearnerSnapshot
 from ._hparams import check_hparams
+from ._lifecycle import LearnerStatus
 from ._locks import ReadWriteLock
 from ._policy import ComputeMode, ComputePolicy
-from ._runtime import Runtime, validation_sources
-from ._signals import Interrupted, StoppableRun, for_sync
-from ._stage import Stage, split_batch
+from ._signals import for_sync
+from ._stage import Stage
 from ._stages import FitRun
 from ._state import State, _ObservedState
 from ._sync import run_sync
 from ._trace import Trace
-from ._validation import SnapshotPolicy, ValidateEvery, ValidateMode, make_validator
+from ._validation import SnapshotPolicy, ValidateEvery, ValidateMode
 
 if TYPE_CHECKING:
     from ._dist._strategy import Strategy
@@ -41,16 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["Learner", "LearnerStatus"]
 
 TBatch = TypeVar("TBatch")
-
-
-class LearnerStatus(enum.Enum):
-    """What a learner is doing; each public coroutine may only start from ``IDLE``."""
-
-    IDLE = "idle"
-    FITTING = "fitting"
-    VALIDATING = "validating"
-    TESTING = "testing"
-    PREDICTING = "predicting"
 
 
 class Learner(Generic[TBatch]):
@@ -152,27 +142,23 @@ class Learner(Generic[TBatch]):
         hparams: Mapping[str, Any] | None = None,
         strategy: Strategy | None = None,
     ) -> None:
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        optimizers = _optim.named_optimizers(optimizer)
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        if steps_per_epoch is not None and steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
-        # Bad input fails here, clearly, rather than silently or half way through training.
-        for name, opt in optimizers.items():
-            _checks.check_optimizer(model, opt, "optimizer" if len(optimizers) == 1 else name)
-        _checks.check_data("train_data", train_data)
-        _checks.check_positive("teardown_timeout", teardown_timeout)
-        _checks.check_positive("yield_interval", yield_interval, zero=True)
-        _checks.check_positive("fetch_budget", fetch_budget, zero=True)
+        optimizers = _construct.check_arguments(
+            model,
+            optimizer,
+            loss_fn,
+            train_data,
+            steps_per_epoch=steps_per_epoch,
+            teardown_timeout=teardown_timeout,
+            yield_interval=yield_interval,
+            fetch_budget=fetch_budget,
+        )
         self._hparams = check_hparams(hparams)
         self._strategy = strategy
         if strategy is not None:
             # Join the process group, then this rank's shard of the data.
             device = strategy._connect(device)
             train_data, val_data = strategy._shard(train_data, val_data)
-        self._device = _resolve_device(model, device)
+        self._device = _construct.resolve_device(model, device)
         if any(p.device != self._device for p in model.parameters()):
             model.to(self._device)
         mover = DeviceMover(self._device)
@@ -188,57 +174,28 @@ class Learner(Generic[TBatch]):
         self._train.must_yield = True
         self._mover = mover
         self._val_data = val_data
-        self._val_sets = self._sets_for(val_data, "val_data") if val_data is not None else {}
-        self._callbacks: tuple[Callback, ...] = tuple(callbacks)
-        for cb in self._callbacks:
-            if not isinstance(cb, Callback):
-                raise TypeError(
-                    f"callbacks must be Callback instances, got {type(cb).__name__}"
-                    + (" (a class: instantiate it)" if isinstance(cb, type) else "")
-                )
+        self._val_sets = (
+            _evaluation.sets_for(self, val_data, "val_data") if val_data is not None else {}
+        )
+        self._callbacks = _construct.check_callbacks(callbacks)
         self._trace = Trace() if trace else None
         self._hub = EventHub(self._events_changed)
         self._status = LearnerStatus.IDLE
         self._loop_thread: int | None = None
-        self._rt = Runtime(
-            policy=ComputePolicy(compute, max_blocking=max_blocking),
-            train=self._train,
-            val=self._val_sets,
-            hub=self._hub,
-            trace=self._trace,
-            device=self._device,
+        self._rt = _construct.runtime(
+            self,
+            compute=compute,
+            max_blocking=max_blocking,
             yield_interval=yield_interval,
             teardown_timeout=teardown_timeout,
+            validate=validate,
+            validate_every=validate_every,
+            max_snapshots=max_snapshots,
+            snapshot_policy=snapshot_policy,
         )
-        self._rt.executor = Executor(self._rt)
-        self._rt.validator = make_validator(
-            validate,
-            validate_every,
-            max_snapshots,
-            snapshot_policy,
-            has_val_data=bool(self._val_sets),
+        self._state = _construct.initial_state(
+            model, optimizers, loss_fn, self._device, self._hparams, strategy, self._trace
         )
-        state = State()
-        state.model = model
-        # What training batches go through: the model, or its wrapper under a strategy.
-        state.train_model = (
-            model
-            if strategy is None
-            else strategy.wrap(model, list(optimizers.values()), self._device)
-        )
-        state.optimizer = next(iter(optimizers.values()))
-        state.optimizers = optimizers
-        state.loss_fn = loss_fn
-        state.device = self._device
-        state.epoch = 0
-        state.step = 0
-        state.batch_index = 0
-        state.metrics = {}
-        state.hparams = self._hparams
-        object.__setattr__(state, "_trace", self._trace)
-        self._state = state
-        if trace:
-            state.__class__ = _ObservedState
         self._stages: dict[str, Stage] = {}
         self._root = _build.build_tree(stages)
         if strategy is not None:
@@ -308,44 +265,6 @@ class Learner(Generic[TBatch]):
         """The validation data, as given (a mapping for several sets), or ``None``."""
         return self._val_data
 
-    def _sets_for(self, data: Any, what: str) -> dict[str | None, BatchSource]:
-        """Validation data as sets by name: ``{None: data}`` for one, the mapping for several."""
-        train = self._train
-        if isinstance(data, Mapping):
-            if not data:
-                raise ValueError(f"{what}: a mapping of validation sets needs at least one set")
-            if self._strategy is not None:
-                raise ConfigurationError(
-                    f"{what}: several named validation sets are not supported under a "
-                    "distributed strategy (each set would need a reduction of its own, agreed "
-                    "by every rank); validate the sets one at a time with "
-                    "learner.validate(data)"
-                )
-            for name in data:
-                if not isinstance(name, str) or not name.isidentifier():
-                    raise ValueError(
-                        f"{what}: the names of validation sets go into metric names"
-                        f" (val_<name>_loss), so each must be an identifier; got {name!r}"
-                    )
-            items: list[tuple[str | None, Any]] = list(data.items())
-        else:
-            items = [(None, data)]
-        sources = {
-            name: BatchSource(
-                value,
-                name=what if name is None else f"{what}[{name!r}]",
-                mover=self._mover,
-                prefetch=train.prefetch,
-                fetch=train.fetch,
-                fetch_budget=train.fetch_budget,
-            )
-            for name, value in items
-        }
-        for source in sources.values():
-            _checks.check_data(source.name, source.data)
-            source.must_yield = True
-        return sources
-
     @property
     def state(self) -> State:
         """The training state itself (not a view: code outside callbacks is trusted)."""
@@ -363,16 +282,6 @@ class Learner(Generic[TBatch]):
         sync: metrics held as accelerator tensors are left out).
         """
         return LearnerSnapshot.of(self)
-
-    def _running_train_loss(self) -> float | None:
-        """The mean training loss of the current epoch so far, for :meth:`snapshot`; ``None``
-        before the epoch's first batch, or when the losses live on an accelerator (a status
-        request must not wait for the device)."""
-        losses = list(self._rt.train_losses)  # a copy: the compute thread may append meanwhile
-        if not losses or losses[-1].device.type != "cpu":
-            return None
-        with torch.no_grad():
-            return float(torch.cat([x.reshape(-1) for x in losses]).float().mean())
 
     @property
     def callbacks(self) -> tuple[Callback, ...]:
@@ -414,69 +323,8 @@ class Learner(Generic[TBatch]):
         if self._status is not LearnerStatus.IDLE:
             raise LearnerBusyError(action, self._status.value)
 
-    @asynccontextmanager
-    async def _running(self, status: LearnerStatus) -> AsyncIterator[None]:
-        self._check_idle(_verb(status))
-        self._status = status
-        self._loop_thread = threading.get_ident()
-        self._hub.bind_loop_thread()
-        state = self._state
-        rt = self._rt
-        rt.teardown_timed_out = False
-        # run_start opens the run's event stream: publish it before the run's first state write.
-        phase = _verb(status)
-        self._hub.publish("run_start", "learner", state.epoch, state.step, {"phase": phase})
-        state.phase = phase
-        outcome = "error"
-        try:
-            failure: BaseException | None = None
-            async with anyio.create_task_group() as tg:
-                rt.tg = tg
-                rt.worker.open()
-                rt.policy.enter_run(rt.yield_interval)
-                try:
-                    yield
-                except BaseException as exc:
-                    # Keep the body's own exception unwrapped: stop the background work and
-                    # re-raise it after the task group has closed (errors of background tasks
-                    # still come out grouped).
-                    failure = exc
-                    tg.cancel_scope.cancel()
-                finally:
-                    rt.policy.exit_run()
-                    # The compute worker thread (if a hop started it) goes back to the pool.
-                    rt.worker.stop()
-            if failure is not None:
-                outcome = (
-                    "cancelled" if isinstance(failure, anyio.get_cancelled_exc_class()) else "error"
-                )
-                raise failure
-            outcome = "completed"
-        except anyio.get_cancelled_exc_class():
-            # Also when closing the task group re-raises an enclosing scope's cancellation
-            # (trio does) before the check above runs.
-            outcome = "cancelled"
-            raise
-        finally:
-            rt.tg = None
-            self._status = LearnerStatus.IDLE
-            state.invalidate("phase", *rt.expiring["run"])
-            self._hub.publish("run_end", "learner", state.epoch, state.step, {"outcome": outcome})
-            self._hub.close_all()
-
     def _start_background(self, fn: Callable[..., Any], args: tuple[Any, ...], name: str) -> None:
-        tg = self._rt.tg
-        if tg is None:
-            raise LearnerBusyError("start background work", "not running")
-        if self._strategy is not None:
-            # Background work runs in an order of its own on each rank: no collectives there.
-            from ._dist._strategy import mark_concurrent
-
-            fn = mark_concurrent(fn, name)
-        if threading.get_ident() == self._loop_thread:
-            tg.start_soon(fn, *args, name=f"aiolearner.bg.{name}")
-        else:
-            anyio.from_thread.run_sync(tg.start_soon, fn, *args)
+        _lifecycle.start_background(self, fn, args, name)
 
     async def fit(self, epochs: int, *, resume: str | os.PathLike[str] | None = None) -> None:
         """Train until ``epochs`` epochs are complete in total.
@@ -515,61 +363,7 @@ class Learner(Generic[TBatch]):
                 stopped the run gracefully (see docs/reliability.md).
             Exception: errors of stages (bare, with notes) and callbacks (in an ExceptionGroup).
         """
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
-        self._check_idle("fit")
-        self._check_fit(epochs)
-        strategy = self._strategy
-        # A signal (under stop_on_signals) cancels this scope: a cancellation the run survives
-        # by design (at the next await, never inside an update; shielded teardown).
-        # Under a strategy, a stop every rank agrees on (ranks get a preemption's SIGTERM at
-        # different steps).
-        run = StoppableRun(None if strategy is None else strategy.request_stop)
-        with run:
-            if run.signal is not None:
-                # A signal came while no run was in progress: this one does not begin.
-                await anyio.lowlevel.checkpoint_if_cancelled()
-            if resume is not None:
-                if strategy is None:
-                    # Find and read the file in a worker thread: the loop may be serving other
-                    # work.
-                    checkpoint = await anyio.to_thread.run_sync(self._resume_from, resume)
-                else:
-                    from ._dist._persist import resume as agreed_resume
-
-                    checkpoint = await agreed_resume(strategy, self, resume)
-                self.load_state_dict(checkpoint)  # checks again that nobody started meanwhile
-            self._rt.target_epochs = epochs
-            async with self._running(LearnerStatus.FITTING):
-                if strategy is None:
-                    await self._root(self._state)
-                else:
-                    await strategy._run_fit(self)
-        if run.stopped:
-            assert run.signal is not None
-            raise Interrupted(run.signal, epoch=self._state.epoch, step=self._state.step)
-
-    def _check_fit(self, epochs: int) -> None:
-        """At fit start. A generator given as data can serve one pass only: refuse a run that
-        needs more. Without val_data no validation runs during fit: refuse a callback that
-        would act only on one (``EarlyStopping("val_loss")`` would never check)."""
-        if not self._val_sets:
-            for cb in self._callbacks:
-                needs = getattr(cb, "_needs_val_data", None)
-                what = None if needs is None else needs()
-                if what is not None:
-                    raise ConfigurationError(
-                        f"{cb.name} {what}, but the learner has no val_data, so no validation"
-                        " runs during fit and it would never act; pass val_data=..., or"
-                        " monitor a metric of the training pass",
-                        callbacks=(cb.name,),
-                    )
-        state = self._state
-        remaining = max(0, epochs - state.epoch)
-        if self._train.steps_per_epoch is None:
-            _checks.check_passes("train_data", self._train.data, remaining)
-        for source in self._val_sets.values():
-            _checks.check_passes(source.name, source.data, remaining)
+        await _lifecycle.fit(self, epochs, resume)
 
     def fit_sync(
         self,
@@ -615,13 +409,7 @@ class Learner(Generic[TBatch]):
             LearnerBusyError: the learner is running.
             ValueError: no ``data`` and the learner has no validation data.
         """
-        self._check_idle("validate")
-        sets = self._val_sets if data is None else self._sets_for(data, "data")
-        if not sets:
-            raise ValueError("this learner has no val_data to validate on; pass data=")
-        async with self._running(LearnerStatus.VALIDATING):
-            await self._evaluate(None if data is None else sets)
-        return dict(self._state.validation)
+        return await _evaluation.validate(self, data)
 
     def validate_sync(
         self,
@@ -655,24 +443,7 @@ class Learner(Generic[TBatch]):
         Raises:
             LearnerBusyError: the learner is running.
         """
-        self._check_idle("test")
-        sets = self._sets_for(data, "data")
-        state = self._state
-        d = state.__dict__
-        kept: dict[str, Any] = {k: d[k] for k in ("validation", "validation_tag") if k in d}
-        validator = self._rt.validator
-        latest = None if validator is None else validator.latest
-        async with self._running(LearnerStatus.TESTING):
-            try:
-                await self._evaluate(sets)
-                results = dict(state.validation)
-            finally:
-                # A test is not a validation: the latest validation stays what it was.
-                state.invalidate("validation", "validation_tag")
-                d.update(kept)
-                if validator is not None:
-                    validator.latest = latest
-        return {f"test_{key}": value for key, value in results.items()}
+        return await _evaluation.test(self, data)
 
     def test_sync(
         self,
@@ -687,20 +458,6 @@ class Learner(Generic[TBatch]):
 
         return run_sync(main, backend=backend)
 
-    async def _evaluate(self, sets: dict[str | None, BatchSource] | None) -> None:
-        """The Validate stage once, over ``sets`` (``None``: ``val_data``)."""
-        stage = self._stages["validate"]
-        validator = self._rt.validator
-        token = None if sets is None else validation_sources.set(sets)
-        try:
-            if validator is None:
-                await stage(self._state)
-            else:
-                await validator.validate_now(stage, self._state, sets)
-        finally:
-            if token is not None:
-                validation_sources.reset(token)
-
     async def predict(self, data: Iterable[Any] | Any) -> Any:
         """The model's outputs for ``data`` (batches of ``(inputs, targets)`` or inputs alone).
 
@@ -708,42 +465,7 @@ class Learner(Generic[TBatch]):
         the compute worker when the policy says so. Returns the outputs concatenated along the
         first dimension (a list of per-batch outputs when they are not tensors).
         """
-        self._check_idle("predict")
-        source = BatchSource(
-            data,
-            name="predict data",
-            mover=DeviceMover(self._device),
-            prefetch=self._train.prefetch,
-            fetch=self._train.fetch,
-            fetch_budget=self._train.fetch_budget,
-        )
-        outputs: list[Any] = []
-        model = self.model
-        rt = self._rt
-
-        def forward(batch: Any) -> Any:
-            inputs = split_batch(batch, "predict")[0] if isinstance(batch, tuple | list) else batch
-            with torch.inference_mode():
-                return model(inputs)
-
-        async with self._running(LearnerStatus.PREDICTING):
-            assert rt.tg is not None
-            was_training = model.training
-            async with rt.weights_lock.read():
-                model.eval()
-                try:
-                    async with source.open(rt.tg) as batches:
-                        while True:
-                            batch = await batches.next()
-                            if batch is batches.END:
-                                break
-                            outputs.append(await rt.compute(forward, batch))
-                            await anyio.lowlevel.checkpoint()
-                finally:
-                    model.train(was_training)
-        if outputs and all(isinstance(o, torch.Tensor) for o in outputs):
-            return torch.cat(outputs)
-        return outputs
+        return await _evaluation.predict(self, data)
 
     # -- observing ----------------------------------------------------------------------------
 
@@ -842,25 +564,3 @@ class Learner(Generic[TBatch]):
                 weights do not fit the model; the learner is left as it was.
         """
         self.load_state_dict(_persist.read_checkpoint(Path(path), self._device))
-
-    def _resume_from(self, resume: str | os.PathLike[str]) -> Any:
-        path = _persist.find_checkpoint(self._callbacks, resume)
-        return _persist.read_checkpoint(path, self._device)
-
-
-def _verb(status: LearnerStatus) -> str:
-    return {
-        LearnerStatus.FITTING: "fit",
-        LearnerStatus.VALIDATING: "validate",
-        LearnerStatus.TESTING: "test",
-        LearnerStatus.PREDICTING: "predict",
-        LearnerStatus.IDLE: "idle",
-    }[status]
-
-
-def _resolve_device(model: torch.nn.Module, device: torch.device | str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")

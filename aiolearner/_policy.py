@@ -204,6 +204,6 @@ class ComputePolicy:
 
 #: The compute policies of the learners running now (any event loop, any thread): ``auto``
 #: counts the other learners training inline on its own event loop. A run always leaves it
-#: (``Learner._running`` calls ``exit_run`` in a ``finally``).
+#: (``_lifecycle.running`` calls ``exit_run`` in a ``finally``).
 _RUNNING: set[ComputePolicy] = set()
 _RUNNING_LOCK = threading.Lock()

@@ -101,7 +101,7 @@ class EarlyStopping(Callback):
                 yield hook, method
 
     def _needs_val_data(self) -> str | None:
-        # Asked by fit on a learner without val_data (see Learner._check_fit).
+        # Asked by fit on a learner without val_data (see _lifecycle.check_fit).
         if self.check_on != "validate":
             return None
         return f"checks {self.monitor!r} after each validation"

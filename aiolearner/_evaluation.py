@@ -1,0 +1,157 @@
+"""The evaluation API's bodies: ``Learner.validate``, ``test`` and ``predict``.
+
+The methods on :class:`Learner` keep the documented API (signatures and docstrings, from which
+the reference is generated) and delegate here. :func:`sets_for` turns validation data (one
+set, or a mapping of named sets) into batch sources; the constructor uses it for ``val_data``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import torch
+
+from . import _checks
+from ._data import BatchSource
+from ._device import DeviceMover
+from ._exceptions import ConfigurationError
+from ._lifecycle import LearnerStatus, running
+from ._runtime import validation_sources
+from ._stage import split_batch
+
+if TYPE_CHECKING:
+    from ._learner import Learner
+
+__all__ = ["evaluate", "predict", "sets_for", "test", "validate"]
+
+
+def sets_for(learner: Learner[Any], data: Any, what: str) -> dict[str | None, BatchSource]:
+    """Validation data as sets by name: ``{None: data}`` for one, the mapping for several."""
+    train = learner._train
+    if isinstance(data, Mapping):
+        if not data:
+            raise ValueError(f"{what}: a mapping of validation sets needs at least one set")
+        if learner._strategy is not None:
+            raise ConfigurationError(
+                f"{what}: several named validation sets are not supported under a "
+                "distributed strategy (each set would need a reduction of its own, agreed "
+                "by every rank); validate the sets one at a time with "
+                "learner.validate(data)"
+            )
+        for name in data:
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(
+                    f"{what}: the names of validation sets go into metric names"
+                    f" (val_<name>_loss), so each must be an identifier; got {name!r}"
+                )
+        items: list[tuple[str | None, Any]] = list(data.items())
+    else:
+        items = [(None, data)]
+    sources = {
+        name: BatchSource(
+            value,
+            name=what if name is None else f"{what}[{name!r}]",
+            mover=learner._mover,
+            prefetch=train.prefetch,
+            fetch=train.fetch,
+            fetch_budget=train.fetch_budget,
+        )
+        for name, value in items
+    }
+    for source in sources.values():
+        _checks.check_data(source.name, source.data)
+        source.must_yield = True
+    return sources
+
+
+async def validate(
+    learner: Learner[Any], data: Iterable[Any] | Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The body of :meth:`Learner.validate`."""
+    learner._check_idle("validate")
+    sets = learner._val_sets if data is None else sets_for(learner, data, "data")
+    if not sets:
+        raise ValueError("this learner has no val_data to validate on; pass data=")
+    async with running(learner, LearnerStatus.VALIDATING):
+        await evaluate(learner, None if data is None else sets)
+    return dict(learner._state.validation)
+
+
+async def test(learner: Learner[Any], data: Iterable[Any] | Mapping[str, Any]) -> dict[str, Any]:
+    """The body of :meth:`Learner.test`."""
+    learner._check_idle("test")
+    sets = sets_for(learner, data, "data")
+    state = learner._state
+    d = state.__dict__
+    kept: dict[str, Any] = {k: d[k] for k in ("validation", "validation_tag") if k in d}
+    validator = learner._rt.validator
+    latest = None if validator is None else validator.latest
+    async with running(learner, LearnerStatus.TESTING):
+        try:
+            await evaluate(learner, sets)
+            results = dict(state.validation)
+        finally:
+            # A test is not a validation: the latest validation stays what it was.
+            state.invalidate("validation", "validation_tag")
+            d.update(kept)
+            if validator is not None:
+                validator.latest = latest
+    return {f"test_{key}": value for key, value in results.items()}
+
+
+async def evaluate(learner: Learner[Any], sets: dict[str | None, BatchSource] | None) -> None:
+    """The Validate stage once, over ``sets`` (``None``: ``val_data``)."""
+    stage = learner._stages["validate"]
+    validator = learner._rt.validator
+    token = None if sets is None else validation_sources.set(sets)
+    try:
+        if validator is None:
+            await stage(learner._state)
+        else:
+            await validator.validate_now(stage, learner._state, sets)
+    finally:
+        if token is not None:
+            validation_sources.reset(token)
+
+
+async def predict(learner: Learner[Any], data: Iterable[Any] | Any) -> Any:
+    """The body of :meth:`Learner.predict`."""
+    learner._check_idle("predict")
+    train = learner._train
+    source = BatchSource(
+        data,
+        name="predict data",
+        mover=DeviceMover(learner._device),
+        prefetch=train.prefetch,
+        fetch=train.fetch,
+        fetch_budget=train.fetch_budget,
+    )
+    outputs: list[Any] = []
+    model = learner.model
+    rt = learner._rt
+
+    def forward(batch: Any) -> Any:
+        inputs = split_batch(batch, "predict")[0] if isinstance(batch, tuple | list) else batch
+        with torch.inference_mode():
+            return model(inputs)
+
+    async with running(learner, LearnerStatus.PREDICTING):
+        assert rt.tg is not None
+        was_training = model.training
+        async with rt.weights_lock.read():
+            model.eval()
+            try:
+                async with source.open(rt.tg) as batches:
+                    while True:
+                        batch = await batches.next()
+                        if batch is batches.END:
+                            break
+                        outputs.append(await rt.compute(forward, batch))
+                        await anyio.lowlevel.checkpoint()
+            finally:
+                model.train(was_training)
+    if outputs and all(isinstance(o, torch.Tensor) for o in outputs):
+        return torch.cat(outputs)
+    return outputs

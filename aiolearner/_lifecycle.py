@@ -1,0 +1,187 @@
+"""A learner's runs: its status, the scope each public coroutine runs in, background work, fit.
+
+Every public coroutine of :class:`Learner` (``fit``, ``validate``, ``test``, ``predict``) runs
+inside :func:`running`: the learner's status, its task group, the compute worker, the run's
+event stream and the expiry of run-scoped fields are set up and torn down there, in one place.
+:func:`fit` is ``Learner.fit``'s body (its checks, ``resume``, signals); the methods on the
+class keep the documented API and delegate here.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from . import _checks, _persist
+from ._exceptions import ConfigurationError, LearnerBusyError
+from ._signals import Interrupted, StoppableRun
+
+if TYPE_CHECKING:
+    from ._learner import Learner
+
+__all__ = ["LearnerStatus", "check_fit", "fit", "running", "start_background", "verb"]
+
+
+class LearnerStatus(enum.Enum):
+    """What a learner is doing; each public coroutine may only start from ``IDLE``."""
+
+    IDLE = "idle"
+    FITTING = "fitting"
+    VALIDATING = "validating"
+    TESTING = "testing"
+    PREDICTING = "predicting"
+
+
+def verb(status: LearnerStatus) -> str:
+    return {
+        LearnerStatus.FITTING: "fit",
+        LearnerStatus.VALIDATING: "validate",
+        LearnerStatus.TESTING: "test",
+        LearnerStatus.PREDICTING: "predict",
+        LearnerStatus.IDLE: "idle",
+    }[status]
+
+
+@asynccontextmanager
+async def running(learner: Learner[Any], status: LearnerStatus) -> AsyncIterator[None]:
+    """The scope of one run of ``learner`` with ``status`` (refused unless it is idle)."""
+    learner._check_idle(verb(status))
+    learner._status = status
+    learner._loop_thread = threading.get_ident()
+    hub = learner._hub
+    hub.bind_loop_thread()
+    state = learner._state
+    rt = learner._rt
+    rt.teardown_timed_out = False
+    # run_start opens the run's event stream: publish it before the run's first state write.
+    phase = verb(status)
+    hub.publish("run_start", "learner", state.epoch, state.step, {"phase": phase})
+    state.phase = phase
+    outcome = "error"
+    try:
+        failure: BaseException | None = None
+        async with anyio.create_task_group() as tg:
+            rt.tg = tg
+            rt.worker.open()
+            rt.policy.enter_run(rt.yield_interval)
+            try:
+                yield
+            except BaseException as exc:
+                # Keep the body's own exception unwrapped: stop the background work and
+                # re-raise it after the task group has closed (errors of background tasks
+                # still come out grouped).
+                failure = exc
+                tg.cancel_scope.cancel()
+            finally:
+                rt.policy.exit_run()
+                # The compute worker thread (if a hop started it) goes back to the pool.
+                rt.worker.stop()
+        if failure is not None:
+            outcome = (
+                "cancelled" if isinstance(failure, anyio.get_cancelled_exc_class()) else "error"
+            )
+            raise failure
+        outcome = "completed"
+    except anyio.get_cancelled_exc_class():
+        # Also when closing the task group re-raises an enclosing scope's cancellation
+        # (trio does) before the check above runs.
+        outcome = "cancelled"
+        raise
+    finally:
+        rt.tg = None
+        learner._status = LearnerStatus.IDLE
+        state.invalidate("phase", *rt.expiring["run"])
+        hub.publish("run_end", "learner", state.epoch, state.step, {"outcome": outcome})
+        hub.close_all()
+
+
+def start_background(
+    learner: Learner[Any], fn: Callable[..., Any], args: tuple[Any, ...], name: str
+) -> None:
+    """Start ``fn(*args)`` in the running learner's task group, from the loop or a thread."""
+    tg = learner._rt.tg
+    if tg is None:
+        raise LearnerBusyError("start background work", "not running")
+    if learner._strategy is not None:
+        # Background work runs in an order of its own on each rank: no collectives there.
+        from ._dist._strategy import mark_concurrent
+
+        fn = mark_concurrent(fn, name)
+    if threading.get_ident() == learner._loop_thread:
+        tg.start_soon(fn, *args, name=f"aiolearner.bg.{name}")
+    else:
+        anyio.from_thread.run_sync(tg.start_soon, fn, *args)
+
+
+async def fit(
+    learner: Learner[Any], epochs: int, resume: str | os.PathLike[str] | None = None
+) -> None:
+    """The body of :meth:`Learner.fit` (see its docstring)."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
+    learner._check_idle("fit")
+    check_fit(learner, epochs)
+    strategy = learner._strategy
+    # A signal (under stop_on_signals) cancels this scope: a cancellation the run survives
+    # by design (at the next await, never inside an update; shielded teardown).
+    # Under a strategy, a stop every rank agrees on (ranks get a preemption's SIGTERM at
+    # different steps).
+    run = StoppableRun(None if strategy is None else strategy.request_stop)
+    with run:
+        if run.signal is not None:
+            # A signal came while no run was in progress: this one does not begin.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        if resume is not None:
+            if strategy is None:
+                # Find and read the file in a worker thread: the loop may be serving other
+                # work.
+                checkpoint = await anyio.to_thread.run_sync(_resume_from, learner, resume)
+            else:
+                from ._dist._persist import resume as agreed_resume
+
+                checkpoint = await agreed_resume(strategy, learner, resume)
+            learner.load_state_dict(checkpoint)  # checks again that nobody started meanwhile
+        learner._rt.target_epochs = epochs
+        async with running(learner, LearnerStatus.FITTING):
+            if strategy is None:
+                await learner._root(learner._state)
+            else:
+                await strategy._run_fit(learner)
+    if run.stopped:
+        assert run.signal is not None
+        raise Interrupted(run.signal, epoch=learner._state.epoch, step=learner._state.step)
+
+
+def check_fit(learner: Learner[Any], epochs: int) -> None:
+    """At fit start. A generator given as data can serve one pass only: refuse a run that
+    needs more. Without val_data no validation runs during fit: refuse a callback that
+    would act only on one (``EarlyStopping("val_loss")`` would never check)."""
+    if not learner._val_sets:
+        for cb in learner._callbacks:
+            needs = getattr(cb, "_needs_val_data", None)
+            what = None if needs is None else needs()
+            if what is not None:
+                raise ConfigurationError(
+                    f"{cb.name} {what}, but the learner has no val_data, so no validation"
+                    " runs during fit and it would never act; pass val_data=..., or"
+                    " monitor a metric of the training pass",
+                    callbacks=(cb.name,),
+                )
+    state = learner._state
+    remaining = max(0, epochs - state.epoch)
+    train = learner._train
+    if train.steps_per_epoch is None:
+        _checks.check_passes("train_data", train.data, remaining)
+    for source in learner._val_sets.values():
+        _checks.check_passes(source.name, source.data, remaining)
+
+
+def _resume_from(learner: Learner[Any], resume: str | os.PathLike[str]) -> Any:
+    path = _persist.find_checkpoint(learner._callbacks, resume)
+    return _persist.read_checkpoint(path, learner._device)
