@@ -10,7 +10,8 @@ batches (a torch DataLoader included) or an async iterable. For each pass it han
 * **producer**: a producer task, started in the learner's run task group, fetches batches ahead of
   use (in a worker thread for sync iterables, so a slow ``__getitem__`` or collate never blocks the
   loop; directly for async iterables), moves them to the device (pinned memory and a side stream
-  on CUDA) and sends them into a bounded memory object stream of ``prefetch`` batches.
+  on CUDA) and sends them into a bounded memory object stream of ``prefetch`` batches (from a
+  thread, a buffer of its own: ``_prefetch.py``).
 
 With ``fetch="auto"`` (the default) a sync source starts inline and moves to the producer as soon
 as two fetches in a row take longer than ``fetch_budget`` seconds; async iterables always use the
@@ -23,7 +24,6 @@ note naming the source and the batch index. Closing a pass cancels the producer 
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -34,6 +34,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._device import DeviceMover
+from ._prefetch import Failure, Moved, ThreadFeed
 from ._rng import capture_data_streams, capture_rng, restore_data_streams, restore_rng
 
 if TYPE_CHECKING:
@@ -72,14 +73,6 @@ class _Switched(Exception):  # noqa: N818 (a signal, not an error)
 
     def __init__(self, batch: Any) -> None:
         self.batch = batch
-
-
-class _Failure:
-    __slots__ = ("exc", "index")
-
-    def __init__(self, exc: BaseException, index: int) -> None:
-        self.exc = exc
-        self.index = index
 
 
 def _describe(data: object) -> str:
@@ -295,7 +288,7 @@ class Batches:
         # A resumed pass takes only what its epoch has left.
         steps = source.steps_per_epoch
         self._limit = None if steps is None else max(0, steps - index)
-        self._receive: MemoryObjectReceiveStream[Any] | _Feed | None = None
+        self._receive: MemoryObjectReceiveStream[Any] | ThreadFeed | None = None
         self._scope: anyio.CancelScope | None = None
         self._done: anyio.Event | None = None
         self._mover = source.mover
@@ -329,7 +322,7 @@ class Batches:
                 # awaits next(), which gives the producer its first turn before that batch.
                 source._leftover.appendleft(switched.batch)
                 return WAIT
-        elif off_loop and type(self._receive) is not _Feed:
+        elif off_loop and type(self._receive) is not ThreadFeed:
             return WAIT
         else:
             try:
@@ -350,7 +343,7 @@ class Batches:
             feed = self._receive
             for _ in range(PRODUCER_START_TURNS):
                 await anyio.lowlevel.checkpoint()
-                if type(feed) is not _Feed or feed.started:
+                if type(feed) is not ThreadFeed or feed.started:
                     break
         item = self.next_nowait()
         if item is WAIT and self._producer_fresh:
@@ -373,12 +366,12 @@ class Batches:
             self.source.exhausted()
             self.finished = True
             return END
-        if type(item) is _Failure:
+        if type(item) is Failure:
             raise self._failed(item.exc, item.index)
         self._taken += 1
         self.index += 1
         self.source.position += 1
-        if type(item) is tuple and len(item) == 2 and type(item[0]) is _Moved:
+        if type(item) is tuple and len(item) == 2 and type(item[0]) is Moved:
             return self._mover.ready(item[0].batch, item[1])
         return item
 
@@ -459,7 +452,7 @@ class Batches:
             self._receive = receive
             self._tg.start_soon(self._produce, send, self._scope, self._done, name=name)
         else:
-            feed = _Feed(self.source.prefetch)
+            feed = ThreadFeed(self.source.prefetch)
             self._receive = feed
             self._tg.start_soon(self._produce_in_thread, feed, self._scope, self._done, name=name)
 
@@ -472,10 +465,10 @@ class Batches:
         moved, event = self._mover.move_ahead(batch)
         if event is None:
             return moved
-        return (_Moved(moved), event)
+        return (Moved(moved), event)
 
     async def _produce_in_thread(
-        self, feed: _Feed, scope: anyio.CancelScope, done: anyio.Event
+        self, feed: ThreadFeed, scope: anyio.CancelScope, done: anyio.Event
     ) -> None:
         # One hop for the whole pass: the thread fetches batch after batch on its own, so
         # fetching goes on while the event loop is busy (with inline compute, say). A hop per
@@ -488,7 +481,7 @@ class Batches:
         finally:
             done.set()
 
-    def _produce_sync(self, feed: _Feed, index: int) -> None:
+    def _produce_sync(self, feed: ThreadFeed, index: int) -> None:
         feed.started = True
         item: Any = END
         try:
@@ -497,7 +490,7 @@ class Batches:
                     item = self._fetch_sync()
                 except Exception as exc:
                     item = END
-                    feed.put(_Failure(exc, index))
+                    feed.put(Failure(exc, index))
                     return
                 if item is END or not feed.put(item):
                     return
@@ -525,7 +518,7 @@ class Batches:
                         item = self._mover.move_inline(raw)
                     except Exception as exc:
                         item = END
-                        await send.send(_Failure(exc, index))
+                        await send.send(Failure(exc, index))
                         return
                     await send.send(item)
                     item = END
@@ -540,7 +533,7 @@ class Batches:
         """Stop the producer and keep what it fetched ahead for the next pass."""
         if self._scope is None or self._done is None or self._receive is None:
             return
-        if type(self._receive) is _Feed:
+        if type(self._receive) is ThreadFeed:
             # The thread stops before its next fetch (or as soon as a full buffer has room).
             self._receive.stop()
         self._scope.cancel()
@@ -552,93 +545,8 @@ class Batches:
                 item = self._receive.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream):
                 break
-            if item is not END and type(item) is not _Failure:
+            if item is not END and type(item) is not Failure:
                 leftover.append(item)
         if self._inflight is not END:
             leftover.append(self._inflight)
         self._receive.close()
-
-
-class _Moved:
-    """Marks a batch moved on a side CUDA stream (the consumer must wait on its event)."""
-
-    __slots__ = ("batch",)
-
-    def __init__(self, batch: Any) -> None:
-        self.batch = batch
-
-
-class _Feed:
-    """A bounded, thread-safe buffer from a producer thread to the event loop.
-
-    The producer thread blocks while ``depth`` batches wait (it stops there, or before its next
-    fetch, once :meth:`stop` is called). The consumer takes batches without blocking the loop
-    and, when none is there, waits on an event the producer sets through
-    ``anyio.from_thread.run_sync`` (only then: a ready batch costs no cross-thread call).
-    """
-
-    def __init__(self, depth: int) -> None:
-        self._items: deque[Any] = deque()
-        self._depth = depth
-        self._cond = threading.Condition()
-        self._closed = False
-        self.stopped = False
-        #: Set by the producer thread when it begins (read by the loop, see Batches.next).
-        self.started = False
-        self._waiter: anyio.Event | None = None
-
-    # -- event loop side --
-
-    def _take_locked(self) -> Any:
-        # With self._cond held: the next item (waking the producer), or EndOfStream/WouldBlock.
-        if self._items:
-            item = self._items.popleft()
-            self._cond.notify()
-            return item
-        if self._closed:
-            raise anyio.EndOfStream
-        raise anyio.WouldBlock
-
-    def receive_nowait(self) -> Any:
-        with self._cond:
-            return self._take_locked()
-
-    async def receive(self) -> Any:
-        while True:
-            with self._cond:
-                try:
-                    return self._take_locked()
-                except anyio.WouldBlock:
-                    event = self._waiter = anyio.Event()
-            await event.wait()
-
-    def stop(self) -> None:
-        with self._cond:
-            self.stopped = True
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        self.stop()
-
-    # -- producer thread side --
-
-    def put(self, item: Any) -> bool:
-        """Hand over one item; ``False`` (item not taken) once the consumer has stopped."""
-        with self._cond:
-            while len(self._items) >= self._depth and not self.stopped:
-                self._cond.wait()
-            if self.stopped:
-                return False
-            self._items.append(item)
-            waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            anyio.from_thread.run_sync(waiter.set)
-        return True
-
-    def finish(self) -> None:
-        """No more items will come."""
-        with self._cond:
-            self._closed = True
-            waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            anyio.from_thread.run_sync(waiter.set)

@@ -1,7 +1,9 @@
 """Distributed training on torch.distributed (private; the public names are in ``aiolearner``).
 
-* ``_strategy.py``: :class:`Strategy`: the process group, the lanes, the collectives offered to
-  callbacks, the passes' reductions, the shielded run and what a failure raises;
+* ``_strategy.py``: :class:`Strategy`: where this rank stands, its set-up, the collectives
+  offered to callbacks and the lane they use, the passes' reductions;
+* ``_group.py``: joining (or creating) the process group, and the lanes;
+* ``_run.py``: the shielded run of ``fit``, and what a failure raises;
 * ``_models.py``: :class:`DDP` and :class:`FSDP`, which wrap the model;
 * ``_agree.py``: the control word and where every rank agrees on it;
 * ``_data.py``: sharding the training and validation data;

@@ -6,9 +6,9 @@ A strategy does, once, when the learner is made (every rank makes it):
   environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``): NCCL
   on CUDA, gloo on CPU. It is destroyed only if the strategy created it (:meth:`Strategy.close`,
   or when the interpreter exits), and never after a failure (a collective could hang there).
-  Two small gloo groups of its own carry the control traffic, the *lanes*: the training lane
-  (the control word, end-of-pass reductions, checkpoint gathers) and the validation lane (the
-  reductions of a concurrent validation, whose order is its own).
+  Two small gloo groups of its own carry the control traffic, the *lanes* (``_group.py``): the
+  training lane (the control word, end-of-pass reductions, checkpoint gathers) and the
+  validation lane (the reductions of a concurrent validation, whose order is its own).
 * **the data**: the training loader gets a ``DistributedSampler`` that follows the learner's
   epochs, validation a shard without padding (``_data.py``);
 * **the model**: wrapped for training (``state.train_model``: DDP's wrapper, or the FSDP module;
@@ -20,15 +20,12 @@ While ``fit`` runs, the run is shielded: an outside cancellation of one rank bec
 that all ranks agree on (at most one agreement interval later, bounded by the group's timeout),
 so no rank leaves a collective the others entered. A failure ends every rank with a clear
 error: the failed rank reports it in the store, the others raise :class:`DistributedError`
-quoting it, and no collective runs after it.
+quoting it, and no collective runs after it (``_run.py``).
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import os
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -41,8 +38,10 @@ import torch.distributed as dist
 from .._exceptions import CollectiveError, ConfigurationError, DistributedError, StopEpoch
 from .._runtime import on_snapshot
 from ._agree import AgreedBatches, Agreement, DistributedPlan
-from ._comm import CONCURRENT, FailureReports, guard, is_comm_failure, wait_work
+from ._comm import CONCURRENT, FailureReports, guard, wait_work
 from ._data import EpochSampler, shard_train, shard_val
+from ._group import connect
+from ._run import distributed_error, run_fit
 
 if TYPE_CHECKING:
     from .._learner import Learner
@@ -57,7 +56,6 @@ _OPS = {
     "min": dist.ReduceOp.MIN,
     "product": dist.ReduceOp.PRODUCT,
 }
-_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _seconds(timeout: timedelta | float | None) -> timedelta | None:
@@ -95,7 +93,6 @@ class Strategy:
     """
 
     kind: ClassVar[str] = "strategy"
-    _serial: ClassVar[int] = 0
 
     def __init__(
         self,
@@ -182,58 +179,9 @@ class Strategy:
     # -- set-up (Learner.__init__) -----------------------------------------------------------------
 
     def _connect(self, device: torch.device | str | None) -> torch.device | str | None:
-        """Join (or create) the process group and make the lanes; the device to train on."""
-        if self._connected:
-            raise ConfigurationError(
-                f"this {type(self).__name__} already serves a Learner: give each Learner a "
-                "strategy of its own"
-            )
-        if not dist.is_available():
-            raise ConfigurationError("torch.distributed is not available in this torch build")
-        if not dist.is_initialized():
-            missing = [name for name in _ENV if name not in os.environ]
-            if missing:
-                raise ConfigurationError(
-                    f"{type(self).__name__}() needs a process group: none is initialized and "
-                    f"torchrun's environment is missing ({', '.join(missing)}); launch the "
-                    "script with `torchrun --nproc-per-node=N script.py`, or call "
-                    "torch.distributed.init_process_group before making the Learner"
-                )
-            backend = self.backend or ("nccl" if torch.cuda.is_available() else "gloo")
-            device_id = None
-            if backend == "nccl":
-                local = int(os.environ.get("LOCAL_RANK", "0"))
-                torch.cuda.set_device(local)
-                device_id = torch.device("cuda", local)
-            dist.init_process_group(backend, timeout=self.timeout, device_id=device_id)
-            self.created_group = True
-            atexit.register(_close_at_exit, weakref.ref(self))
-        self._rank = dist.get_rank()
-        self._world_size = dist.get_world_size()
-        self._local_rank = int(os.environ.get("LOCAL_RANK", self._rank))
-        self._local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", self._world_size))
-        self._backend_in_use = str(dist.get_backend())
-        # new_group is collective: every rank makes its learner, so every rank gets here.
-        self.train_group = dist.new_group(backend="gloo", timeout=self.timeout)
-        self.val_group = dist.new_group(backend="gloo", timeout=self.timeout)
-        self._connected = True
-        Strategy._serial += 1
-        self._prefix = f"aiolearner/{Strategy._serial}"
-        threads = torch.get_num_threads()
-        cores = os.cpu_count() or 1
-        if self._local_world_size * threads > cores:
-            warnings.warn(
-                f"{self._local_world_size} ranks on this machine x {threads} torch threads each "
-                f"exceed its {cores} cores: the ranks will slow each other down (often several "
-                "times); set OMP_NUM_THREADS (torchrun sets 1) or torch.set_num_threads",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        if device is not None:
-            return device
-        if self._backend_in_use == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return None
+        """Join (or create) the process group and make the lanes; the device to train on
+        (``_group.py``)."""
+        return connect(self, device)
 
     def _shard(self, train_data: Any, val_data: Any) -> tuple[Any, Any]:
         """The data of this rank (see ``_data.py``)."""
@@ -475,38 +423,13 @@ class Strategy:
         except DistributedError:
             raise
         except Exception as exc:
-            raise self._distributed_error(f"{what} failed ({exc})", exc) from exc
+            raise distributed_error(self, f"{what} failed ({exc})", exc) from exc
 
     def _poll(self) -> None:
         reports = self._reports
         found = None if reports is None else reports.find()
         if found is not None:
-            raise self._distributed_error("another rank failed", None, found)
-
-    def _distributed_error(
-        self,
-        problem: str,
-        exc: BaseException | None,
-        found: tuple[int, str] | None = None,
-    ) -> DistributedError:
-        self._failed = True
-        if found is None and self._reports is not None:
-            found = self._reports.find()
-        learner = self._learner() if self._learner is not None else None
-        d = {} if learner is None else learner._state.__dict__
-        if found is None and exc is not None:
-            problem += (
-                "; no rank reported an error, so a rank was probably killed or its machine "
-                "lost (or it stopped answering for the group's timeout)"
-            )
-        return DistributedError(
-            problem,
-            rank=self._rank,
-            peer=None if found is None else found[0],
-            peer_error=None if found is None else found[1],
-            epoch=d.get("epoch"),
-            step=d.get("step"),
-        )
+            raise distributed_error(self, "another rank failed", None, found)
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -596,83 +519,8 @@ class Strategy:
             return float(torch.stack(sums).sum()) if sums else 0.0
 
     async def _run_fit(self, learner: Learner[Any]) -> None:
-        """``learner``'s root stage, shielded: see the module docstring."""
-        rt = learner._rt
-        state = learner._state
-        agreement = self._agreement
-        assert agreement is not None
-        assert rt.tg is not None
-        if self._failed:
-            raise DistributedError(
-                "fit after distributed training failed in this process: start the job again "
-                "(resume from the last checkpoint)",
-                rank=self._rank,
-            )
-        agreement.begin_run()
-        for registered in self._with_pass.values():
-            registered.clear()
-        self._runs += 1
-        self._reports = FailureReports(self._rank, self._world_size, f"{self._prefix}/{self._runs}")
-        watch = anyio.CancelScope()
-        # Named like the compute worker's task: it only waits, so the loop is not "shared".
-        rt.tg.start_soon(self._watch, watch, name="aiolearner.compute.cancel-watch")
-        try:
-            with anyio.CancelScope(shield=True) as shield:
-                self._shield = shield
-                try:
-                    await learner._root(state)
-                    # A barrier: rank 0's last checkpoint is written before anyone returns.
-                    await agreement.agree(5)
-                except BaseException as exc:
-                    translated = self._on_error(exc)
-                    if translated is exc:
-                        raise
-                    raise translated from exc
-        finally:
-            self._shield = None
-            watch.cancel()
-        if agreement.cancelled_here:
-            # This rank was cancelled from outside; every rank stopped at the same step. Now
-            # the cancellation lands, as it would have, outside the shield.
-            await anyio.lowlevel.checkpoint()
-
-    async def _watch(self, scope: anyio.CancelScope) -> None:
-        with scope:
-            try:
-                await anyio.sleep_forever()
-            except anyio.get_cancelled_exc_class():
-                if not scope.cancel_called and self._agreement is not None:
-                    self._agreement.request("cancel", "cancelled")
-                    shield = self._shield
-                    if shield is not None:
-                        # Bounded: if the ranks never reach an agreement point, the run is
-                        # cancelled here after all (and the others fail at their timeout).
-                        bound = (self.timeout or timedelta(minutes=30)).total_seconds() + 1.0
-                        shield.deadline = anyio.current_time() + bound
-                raise
-
-    def _on_error(self, exc: BaseException) -> BaseException:
-        """What ``fit`` raises for ``exc`` on this rank (the others must hear of it)."""
-        if isinstance(exc, anyio.get_cancelled_exc_class()):
-            if self._reports is not None:
-                self._reports.report("it was cancelled and could not agree a stop with the others")
-            self._failed = True
-            return exc
-        if isinstance(exc, DistributedError):
-            self._failed = True
-            return exc
-        if not isinstance(exc, Exception):
-            return exc
-        if is_comm_failure(exc):
-            # A collective failed under this rank: another rank failed (or diverged, or left).
-            return self._distributed_error(
-                f"a collective failed ({type(exc).__name__}: {exc})", exc
-            )
-        # This rank's own error: it propagates unchanged; the others will quote it.
-        self._failed = True
-        if self._reports is not None:
-            self._reports.report(_describe_error(exc))
-        return exc
+        """``learner``'s root stage, shielded: see the module docstring (``_run.py``)."""
+        await run_fit(self, learner)
 
     # -- the end -----------------------------------------------------------------------------------
 
@@ -695,22 +543,6 @@ class Strategy:
 
     def _interval(self) -> int:
         return 1 if self._agreement is None else self._agreement.interval
-
-
-def _describe_error(exc: BaseException) -> str:
-    """``Type: message`` of an error, with the errors grouped in it (callbacks' errors)."""
-    text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, BaseExceptionGroup):
-        inner = "; ".join(_describe_error(e) for e in exc.exceptions)
-        text += f" ({inner})"
-    return text
-
-
-def _close_at_exit(ref: weakref.ReferenceType[Strategy]) -> None:
-    strategy = ref()
-    if strategy is not None:
-        with contextlib.suppress(Exception):
-            strategy.close()
 
 
 def mark_concurrent(fn: Any, name: str) -> Any:

@@ -8,10 +8,10 @@ own callbacks use. See ``docs/callbacks.md`` for a table of what each one reads 
 from __future__ import annotations
 
 from ._checkpoint import Checkpoint as Checkpoint
-from ._checkpoint import load_checkpoint_file as load_checkpoint_file
-from ._checkpoint import load_weights as load_weights
 from ._distributed import is_rank_zero as is_rank_zero
 from ._ema import EMA as EMA
+from ._files import load_checkpoint_file as load_checkpoint_file
+from ._files import load_weights as load_weights
 from ._gradients import AccumulateGradients as AccumulateGradients
 from ._gradients import GradientClipping as GradientClipping
 from ._loggers import CSVLogger as CSVLogger

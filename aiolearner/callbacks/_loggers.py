@@ -35,8 +35,8 @@ import torch
 
 from aiolearner import Callback, StateView
 
-from ._checkpoint import atomic_write
 from ._distributed import is_rank_zero
+from ._files import atomic_write
 from ._optional import require
 
 __all__ = ["CSVLogger", "ExperimentLogger", "JSONLinesLogger", "OpenMode", "TensorBoardLogger"]

@@ -30,7 +30,7 @@ from torch.profiler import ProfilerAction, ProfilerActivity
 
 from aiolearner import Callback, StateView
 
-from ._checkpoint import atomic_write_file
+from ._files import atomic_write_file
 
 __all__ = ["Profiler"]
 

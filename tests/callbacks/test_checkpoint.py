@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from aiolearner import Callback, Learner, StateView
-from aiolearner.callbacks import Checkpoint, EarlyStopping, _checkpoint, load_checkpoint_file
+from aiolearner.callbacks import (
+    Checkpoint,
+    EarlyStopping,
+    _checkpoint,
+    _files,
+    load_checkpoint_file,
+)
 from aiolearner.testing import make_learner
 
 EPOCHS = 3
@@ -258,14 +264,14 @@ def test_atomic_write_failing_before_the_rename_keeps_the_old_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "last.pt"
-    _checkpoint.atomic_write(path, b"old")
+    _files.atomic_write(path, b"old")
 
     def crash(src: Any, dst: Any) -> None:
         raise OSError("disk gone")
 
-    monkeypatch.setattr(_checkpoint, "_replace", crash)
+    monkeypatch.setattr(_files, "_replace", crash)
     with pytest.raises(OSError, match="disk gone"):
-        _checkpoint.atomic_write(path, b"new")
+        _files.atomic_write(path, b"new")
     assert path.read_bytes() == b"old"
     assert names(tmp_path) == ["last.pt"]
 
@@ -284,7 +290,7 @@ async def test_a_crash_while_writing_never_leaves_a_corrupt_checkpoint(
         real_fsync(fd)
         raise OSError("power cut")
 
-    monkeypatch.setattr(_checkpoint, "_fsync", crash)
+    monkeypatch.setattr(_files, "_fsync", crash)
     with pytest.raises(ExceptionGroup) as info:
         await learner.fit(2)
     assert info.group_contains(OSError, match="power cut")

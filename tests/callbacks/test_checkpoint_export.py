@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 
 from aiolearner import Callback, Learner, StateView
-from aiolearner.callbacks import Checkpoint, _checkpoint, load_checkpoint_file, load_weights
+from aiolearner.callbacks import Checkpoint, _files, load_checkpoint_file, load_weights
 from aiolearner.testing import make_learner, tiny_model
 
 
@@ -228,7 +228,7 @@ async def test_a_crash_while_writing_safetensors_keeps_the_old_file(
         real_fsync(fd)
         raise OSError("power cut")
 
-    monkeypatch.setattr(_checkpoint, "_fsync", crash)
+    monkeypatch.setattr(_files, "_fsync", crash)
     with pytest.raises(ExceptionGroup) as info:
         await learner.fit(2)
     assert info.group_contains(OSError, match="power cut")
@@ -239,7 +239,7 @@ async def test_a_crash_while_writing_safetensors_keeps_the_old_file(
 
 def test_safetensors_refuses_non_tensor_state_clearly(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"entry 'extra' is a int; safetensors files hold"):
-        _checkpoint._save_safetensors({"extra": 3}, {}, tmp_path / "x.safetensors")
+        _files.save_safetensors({"extra": 3}, {}, tmp_path / "x.safetensors")
 
 
 @pytest.mark.parametrize("compute", ["inline", "thread"])

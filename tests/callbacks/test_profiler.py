@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from aiolearner import Callback, Learner, StateView
-from aiolearner.callbacks import Profiler, _checkpoint, _profiler
+from aiolearner.callbacks import Profiler, _files, _profiler
 from aiolearner.testing import make_batches, tiny_model
 
 
@@ -141,7 +141,7 @@ async def test_traces_are_written_off_the_event_loop(
 ) -> None:
     loop_thread = threading.get_ident()
     writers: list[int] = []
-    real = _checkpoint.atomic_write_file
+    real = _files.atomic_write_file
 
     def spy(path: Path, write: Any) -> None:
         writers.append(threading.get_ident())

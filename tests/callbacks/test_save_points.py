@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from aiolearner import Callback, StateView
-from aiolearner.callbacks import Checkpoint, _checkpoint, load_checkpoint_file
+from aiolearner.callbacks import Checkpoint, _files, load_checkpoint_file
 from aiolearner.testing import make_learner
 
 N_BATCHES = 4
@@ -94,7 +94,7 @@ def test_stray_temporary_files_are_removed_when_the_next_run_starts(tmp_path: Pa
     writing = tmp_path / f".last.pt.{next(hexes)}.tmp"  # being written in this process now
     writing.write_bytes(b"")
     learner = make_learner(callbacks=[Checkpoint(tmp_path)], n_batches=2)
-    with _checkpoint._temporary(tmp_path / "last.pt") as tmp:
+    with _files._temporary(tmp_path / "last.pt") as tmp:
         os.replace(writing, tmp)
         learner.fit_sync(1)
         assert tmp.exists()

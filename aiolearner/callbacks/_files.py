@@ -1,0 +1,287 @@
+"""Checkpoint files: reading them back, and writing them so that a crash never tears one.
+
+* **Reading**: :func:`load_checkpoint_file` (``torch.load(weights_only=True)``, never arbitrary
+  pickles, or the ``safetensors`` package) and :func:`load_weights`, which loads the weights of
+  any checkpoint into a model, compiled or not.
+* **Writing atomically**: :func:`atomic_write` and :func:`atomic_write_file` write a temporary file
+  in the same directory, ``fsync`` it, ``os.replace`` it onto the target, then ``fsync`` the
+  directory, so a crash leaves the old file or the new one. The loggers and the profiler write
+  their files with them too.
+* **Temporaries a crash left**: :func:`remove_stray_temporaries` removes them at a run's start,
+  leaving alone the ones this process is writing now.
+* **Where files go**: :func:`check_directory` refuses a directory that cannot hold them,
+  :func:`check_name` a file name that is not a plain name in it.
+
+``_checkpoint.py`` decides what is written, and when.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from aiolearner import match_state_dict
+
+from ._optional import require
+
+__all__ = [
+    "SAFETENSORS_USER",
+    "SUFFIXES",
+    "atomic_write",
+    "atomic_write_file",
+    "check_directory",
+    "check_name",
+    "copy_into",
+    "is_full_checkpoint",
+    "load_checkpoint_file",
+    "load_weights",
+    "read_weights",
+    "remove_stray_temporaries",
+    "save_safetensors",
+]
+
+
+# Indirections so tests can simulate a crash at each point of a write.
+_replace = os.replace
+_fsync = os.fsync
+
+#: File suffix of each ``format``.
+SUFFIXES = {"torch": ".pt", "safetensors": ".safetensors"}
+SAFETENSORS_USER = "Checkpoint(format='safetensors')"
+
+
+def is_full_checkpoint(data: Mapping[str, Any]) -> bool:
+    """Whether ``data`` is a learner checkpoint (``Learner.state_dict()``), not bare weights."""
+    return "format" in data and isinstance(data.get("model"), Mapping)
+
+
+def load_checkpoint_file(
+    path: str | os.PathLike[str], *, model: torch.nn.Module | None = None
+) -> dict[str, Any]:
+    """Read a checkpoint file, onto the CPU.
+
+    A ``.safetensors`` file is read with the ``safetensors`` package; any other file with
+    ``torch.load(weights_only=True)`` (never arbitrary pickles). The result is the learner's
+    ``state_dict()`` for a full checkpoint, the weights for a weights-only file.
+
+    Args:
+        path: the file.
+        model: when given, the weights (``result["model"]`` of a full checkpoint, the result
+            itself for a weights-only file) come back keyed for this model: files saved from a
+            compiled model (``torch.compile``) load into a plain one and the other way round (see
+            :func:`aiolearner.match_state_dict`).
+
+    Raises:
+        ValueError: the file holds no dict of a checkpoint or of weights.
+    """
+    path = Path(path)
+    if path.suffix == SUFFIXES["safetensors"]:
+        st = require("safetensors.torch", extra="safetensors", what="reading .safetensors files")
+        data: Any = st.load_file(str(path), device="cpu")
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a checkpoint or weights dict")
+    out: dict[str, Any] = data
+    if model is not None:
+        if is_full_checkpoint(out):
+            out["model"] = match_state_dict(model, out["model"])
+        else:
+            out = match_state_dict(model, out)
+    return out
+
+
+def load_weights(
+    model: torch.nn.Module,
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    strict: bool = True,
+) -> Any:
+    """Load model weights from a checkpoint into ``model``, compiled or not.
+
+    ``source`` is a checkpoint file (full, weights-only or ``.safetensors``) or what
+    :func:`load_checkpoint_file` returned; only the weights are loaded (the optimizer, counters
+    and the rest of a full checkpoint are left alone). Reading a file blocks: from async code,
+    ``await anyio.to_thread.run_sync(load_weights, model, path)``.
+
+    Returns:
+        What ``model.load_state_dict`` returns (the missing and unexpected keys).
+
+    Example:
+        >>> model = make_model()                        # or torch.compile(make_model())
+        >>> load_weights(model, "runs/ckpt/best-epoch-0007-step-00000700.pt")
+        <All keys matched successfully>
+    """
+    data = load_checkpoint_file(source) if isinstance(source, str | os.PathLike) else dict(source)
+    weights = data["model"] if is_full_checkpoint(data) else data
+    return model.load_state_dict(match_state_dict(model, weights), strict=strict)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable. Not every platform can open a directory (Windows).
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platform dependent
+        return
+    try:
+        _fsync(fd)
+    finally:
+        os.close(fd)
+
+
+#: The temporary files of :func:`atomic_write`: ``.<target name>.<32 hex digits>.tmp``.
+_TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
+# The temporary files being written in this process now (another learner's Checkpoint may write
+# to the same directory): the clean-up at a run's start leaves them alone.
+_WRITING: set[Path] = set()
+_WRITING_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _temporary(path: Path) -> Iterator[Path]:
+    """A fresh temporary path next to ``path``, known as being written while in use."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with _WRITING_LOCK:
+        _WRITING.add(tmp)
+    try:
+        yield tmp
+    finally:
+        with _WRITING_LOCK:
+            _WRITING.discard(tmp)
+
+
+def remove_stray_temporaries(directory: Path) -> list[str]:
+    """Remove the temporary files a writer that crashed (or was killed) left in ``directory``;
+    the names removed. A write in progress in this process keeps its file."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return removed
+    with _WRITING_LOCK:
+        writing = set(_WRITING)
+    for entry in entries:
+        if not _TMP_NAME.match(entry.name) or directory / entry.name in writing:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed.append(entry.name)
+    return removed
+
+
+def check_directory(directory: Path, who: str) -> None:
+    """Refuse a directory that is a file, or that cannot be created (a file on its path, or a
+    parent this process may not write to)."""
+    if directory.exists():
+        if not directory.is_dir():
+            raise ValueError(f"{who}: {str(directory)!r} is a file, not a directory")
+        return
+    parent = directory.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(
+            f"{who}: cannot create directory {str(directory)!r}: {str(parent)!r} is a file"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{who}: cannot create directory {str(directory)!r}: no permission to write in"
+            f" {str(parent)!r}"
+        )
+
+
+def check_name(name: object) -> str:
+    """A checkpoint file name must be a plain name in the directory, never a path."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or Path(name).name != name
+    ):
+        raise ValueError(f"invalid checkpoint file name {name!r}: it must be a plain file name")
+    return name
+
+
+def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+
+    ``data`` is the bytes, or a function that writes them to the open file.
+    """
+    with _temporary(path) as tmp:
+        _atomic_write(path, tmp, data)
+
+
+def _atomic_write(path: Path, tmp: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            _fsync(f.fileno())
+        _replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_file(path: Path, write: Callable[[Path], object]) -> None:
+    """Like :func:`atomic_write`, for writers that take a file name (``write(temporary path)``)."""
+    with _temporary(path) as tmp:
+        _atomic_write_file(path, tmp, write)
+
+
+def _atomic_write_file(path: Path, tmp: Path, write: Callable[[Path], object]) -> None:
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            _fsync(fd)
+        finally:
+            os.close(fd)
+        _replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_safetensors(weights: Mapping[str, Any], meta: Mapping[str, str], path: Path) -> None:
+    st = require("safetensors.torch", extra="safetensors", what=SAFETENSORS_USER)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"Checkpoint(format='safetensors'): the model's state_dict entry {key!r} is a"
+                f" {type(value).__name__}; safetensors files hold tensors only (use"
+                " format='torch')"
+            )
+        tensors[key] = value.contiguous()
+    st.save_file(tensors, str(path), metadata=dict(meta))
+
+
+def copy_into(source: Path, f: BinaryIO) -> None:
+    with open(source, "rb") as src:
+        shutil.copyfileobj(src, f, 4 << 20)
+
+
+def read_weights(path: Path) -> dict[str, Any]:
+    data = load_checkpoint_file(path)
+    weights: dict[str, Any] = data["model"] if is_full_checkpoint(data) else data
+    return weights
