@@ -60,9 +60,9 @@ from ._stages import ValidateLoss as ValidateLoss
 from ._state import ReadOnlyDict as ReadOnlyDict
 from ._state import ReadOnlyList as ReadOnlyList
 from ._state import State as State
-from ._state import StateView as StateView
 from ._trace import Trace as Trace
 from ._trace import TraceRecord as TraceRecord
+from ._view import StateView as StateView
 from ._weights import match_state_dict as match_state_dict
 from ._weights import plain_state_dict as plain_state_dict
 from ._weights import unwrap_model as unwrap_model

@@ -18,8 +18,9 @@ from ._exceptions import ConfigurationError
 from ._plan import HookPlan, build_plan, describe_access
 from ._stage import ComputeStage, Stage
 from ._stages import FitRun, Update
-from ._state import FIELD_LIFETIMES, STAGE_OWNED, VIEW_ATTRIBUTES, split_declaration
+from ._state import FIELD_LIFETIMES, STAGE_OWNED, split_declaration
 from ._validation import bind_states
+from ._view import VIEW_ATTRIBUTES
 
 if TYPE_CHECKING:
     from ._learner import Learner

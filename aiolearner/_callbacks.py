@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
-from ._state import StateView
+from ._view import StateView
 
 __all__ = ["Callback", "HookMethod"]
 

@@ -36,7 +36,8 @@ from ._callbacks import Callback, HookMethod, is_async_hook
 from ._dist._comm import CONCURRENT
 from ._exceptions import ConfigurationError, ControlFlow, SkipBatch, StopEpoch, StopFit
 from ._stage import epoch_words
-from ._state import State, StateView, split_declaration
+from ._state import State, split_declaration
+from ._view import StateView
 
 if TYPE_CHECKING:
     from ._trace import Trace

@@ -19,7 +19,7 @@ import torch
 from ._callbacks import Callback
 from ._learner import Learner
 from ._stage import Stage
-from ._state import StateView
+from ._view import StateView
 
 __all__ = [
     "DEFAULT_HOOKS",
