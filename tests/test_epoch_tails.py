@@ -19,7 +19,7 @@ import torch
 from anyio import wait_all_tasks_blocked
 from torch.utils.data import DataLoader, TensorDataset
 
-from aiolearner import Callback, Learner, StateView, StopFit
+from aiolearner import Callback, Learner, StateView, StopFit, _worker
 from aiolearner._validation import Validator
 from aiolearner.callbacks import CSVLogger, EarlyStopping, JSONLinesLogger, Metrics, Recorder
 from aiolearner.testing import RecordingCallback, make_batches, make_learner
@@ -336,7 +336,11 @@ class Meet(torch.nn.Module):
 
 
 @pytest.mark.parametrize("every", ["epoch", 4])
-async def test_validation_overlaps_training_with_the_default_compute(every: Any) -> None:
+async def test_validation_overlaps_training_with_the_default_compute(
+    every: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A compute pool of one place, as on two cores: the validation's own worker is outside it.
+    monkeypatch.setattr(_worker, "pool_size", lambda: 1)
     key = len(RENDEZVOUS)
     meet = RENDEZVOUS[key] = Rendezvous(after=9 if every == "epoch" else 5)
     model = Meet(key)
