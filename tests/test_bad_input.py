@@ -111,6 +111,19 @@ async def test_early_stopping_on_a_validation_metric_without_val_data() -> None:
     await learner.validate(make_batches(2))
 
 
+async def test_best_checkpoints_by_a_validation_metric_without_val_data(tmp_path: Path) -> None:
+    learner = make_learner(
+        callbacks=[Checkpoint(tmp_path, monitor="val_loss")], with_validation=False
+    )
+    with pytest.raises(ConfigurationError, match="no val_data") as info:
+        await learner.fit(1)
+    assert info.value.callbacks == ("Checkpoint",)
+    # By a training metric: fine.
+    by_train = Checkpoint(tmp_path / "train", monitor="train_loss")
+    await make_learner(callbacks=[by_train], with_validation=False).fit(1)
+    assert by_train.best_path is not None
+
+
 @pytest.mark.parametrize("value", [-1, 0, float("nan")])
 def test_a_teardown_timeout_that_would_skip_the_final_checkpoint(value: float) -> None:
     with pytest.raises((ValueError, TypeError), match="teardown_timeout"):

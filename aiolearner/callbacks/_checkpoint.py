@@ -267,6 +267,12 @@ class Checkpoint(Callback):
 
     # -- hooks ---------------------------------------------------------------------------------
 
+    def _needs_val_data(self) -> str | None:
+        # Asked by fit on a learner without val_data: a validation metric would never come.
+        if self.monitor is None or not self.monitor.startswith(("val_", "test_")):
+            return None
+        return f"keeps the best checkpoints by {self.monitor!r}, a validation metric"
+
     def hooks(self) -> Iterator[tuple[str, Callable[[StateView], Any]]]:
         # Without every_n_steps, no per-batch hook at all: a hook nobody uses costs nothing;
         # without a monitor, no after_epoch.
