@@ -85,6 +85,14 @@ class EventStream:
     def __aiter__(self) -> EventStream:
         return self
 
+    def __del__(self) -> None:
+        # A stream dropped without being read to its end or closed (a consumer that stopped
+        # early): free the buffer quietly; its events have no one left to read them.
+        # (Not there when __init__ raised before making them.)
+        for side in (getattr(self, "_send", None), getattr(self, "_receive", None)):
+            if side is not None:
+                side.close()
+
     async def __anext__(self) -> Event:
         try:
             return await self._receive.receive()

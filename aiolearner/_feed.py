@@ -127,6 +127,14 @@ class Feed(Generic[T]):
         self._receive.close()
         await anyio.lowlevel.checkpoint()
 
+    def __del__(self) -> None:
+        # A feed dropped before the learner read it to its end (the run stopped first): free
+        # the buffer quietly; nothing can read those records any more.
+        # (Not there when __init__ raised before making them.)
+        for side in (getattr(self, "_send", None), getattr(self, "_receive", None)):
+            if side is not None:
+                side.close()
+
     @property
     def closed(self) -> bool:
         """Whether the producer side is closed."""

@@ -19,7 +19,9 @@ GIL with the loop's thread: the loop would get its turn later with every learner
 threads are anyio's reusable workers, and the limiter is the pool's own (not anyio's default
 one, which producers and user code also use). A job of several batches (a burst, see
 ``_executor.py``) is kept short while the pool is shared (``SHARED_BURST_SECONDS``), so that
-the learners take turns and a cancellation is served soon.
+the learners take turns and a cancellation is served soon. A learner's own concurrent validation
+has a worker of its own outside the pool (``ComputeWorker(pooled=False)``): it must compute while
+the training's job holds the learner's place, and it is not another learner.
 
 Like ``to_thread.run_sync``, a hop cannot be abandoned: when the waiting task is cancelled, it
 still waits (shielded) for the job to finish, then re-raises the cancellation, so a weight

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import warnings
+
 import anyio
 import pytest
 import torch
@@ -100,3 +103,18 @@ def test_feed_arguments_are_checked() -> None:
         Feed[Record](batch_size=0)
     with pytest.raises(ValueError, match="buffer"):
         Feed[Record](batch_size=1, buffer=0)
+
+
+async def test_a_feed_or_event_stream_dropped_unread_frees_its_buffer_quietly() -> None:
+    # The run stopped before the feed (or a subscriber) read everything: no ResourceWarning
+    # for the memory streams inside, whenever the garbage collector gets to them.
+    feed = Feed[tuple[torch.Tensor, int]](batch_size=2)
+    for _ in range(3):
+        await feed.send((torch.zeros(3), 0))
+    feed.close()
+    stream = make_learner().events()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del feed, stream
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []

@@ -171,10 +171,18 @@ class Agreement:
         self.request(kind, flow.reason or type(flow).__name__)
 
     def begin_run(self) -> None:
+        # A signal's request may come just before the run begins (fit has started: see
+        # StoppableRun); it is dropped when the run ends (end_run), not here.
+        signal = self.requests.get("signal")
         self.requests.clear()
+        if signal is not None:
+            self.requests["signal"] = signal
         self.cancelled_here = False
         self.count = 0
         self._last = None
+
+    def end_run(self) -> None:
+        self.requests.pop("signal", None)
 
     def count_update(self, *_: Any) -> None:
         """An optimizer step was applied (``Optimizer.register_step_post_hook``)."""

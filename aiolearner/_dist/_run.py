@@ -67,6 +67,7 @@ async def run_fit(strategy: Strategy, learner: Learner[Any]) -> None:
     finally:
         strategy._shield = None
         watch.cancel()
+        agreement.end_run()
     if agreement.cancelled_here:
         # This rank was cancelled from outside; every rank stopped at the same step. Now
         # the cancellation lands, as it would have, outside the shield.
