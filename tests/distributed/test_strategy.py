@@ -16,47 +16,21 @@ from torch.utils.data import (
     DataLoader,
     DistributedSampler,
     IterableDataset,
-    TensorDataset,
 )
 
 from aiolearner import (
     DDP,
     Callback,
     ConfigurationError,
-    Learner,
     StateView,
 )
 from aiolearner._dist._data import EpochSampler, ShardSampler, shard_train, shard_val
 from aiolearner._plan import HookPlan
-from aiolearner.testing import make_batches, tiny_model
+from aiolearner.testing import make_batches
+
+from ._helpers import data, loader, make
 
 ONE_RANK = Path(__file__).with_name("_one_rank.py")
-
-
-def data(n: int = 32) -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 2, (n,), generator=g))
-
-
-def loader(n: int = 32, **kwargs: Any) -> DataLoader[Any]:
-    return DataLoader(data(n), batch_size=4, **kwargs)
-
-
-def make(strategy: Any = None, **options: Any) -> Learner[Any]:
-    torch.manual_seed(0)
-    model = tiny_model(4, 2)
-    return Learner(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        torch.nn.functional.cross_entropy,
-        options.pop("train", None) or loader(shuffle=True),
-        strategy=strategy,
-        **options,
-    )
-
-
-def flat(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 # -- nothing of it without a strategy --------------------------------------------------------------
