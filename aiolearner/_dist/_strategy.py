@@ -436,7 +436,8 @@ class Strategy:
     def request_stop(self, reason: str = "stop requested") -> None:
         """Ask every rank to stop the run at the next agreement point (safe from a signal
         handler or another thread): ``fit`` returns on every rank, ``stop_reason`` says which
-        rank asked and why."""
+        rank asked and why. Asked while no run is in progress, it stops the next run at its
+        first agreement point (a signal as ``fit`` starts is not lost); a run's end drops it."""
         if self._agreement is not None:
             self._agreement.request("signal", reason)
 

@@ -196,6 +196,19 @@ async def test_request_stop_from_outside_stops_the_run(world_of_one: None) -> No
     assert learner.state.stop_reason == "rank 0: preempted"
 
 
+async def test_a_stop_requested_before_fit_stops_that_run_only(world_of_one: None) -> None:
+    # A signal that comes as fit starts, before the run has begun, is not lost; the request is
+    # dropped when that run ends.
+    strategy = DDP(agree_every=2)
+    learner = make(strategy)
+    strategy.request_stop("SIGTERM received")
+    await learner.fit(3)
+    assert learner.state.step == 0  # agreed when the first pass starts
+    assert learner.state.stop_reason == "rank 0: SIGTERM received"
+    await learner.fit(1)
+    assert learner.state.step == len(loader())  # the next run is not stopped
+
+
 async def test_no_sync_is_a_context_of_the_strategy(world_of_one: None) -> None:
     learner = make(DDP())
     context = learner.stage("update").context
