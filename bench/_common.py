@@ -14,9 +14,11 @@ import itertools
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import anyio
 import torch
 
 __all__ = [
@@ -96,6 +98,19 @@ class StampedData:
         if len(self.stamps) < n - skip + 1:
             raise RuntimeError(f"expected at least {n - skip + 1} stamps, got {len(self.stamps)}")
         return (self.stamps[n - skip] - self.stamps[skip]) / (n - 2 * skip)
+
+
+#: The ticker's period: a task that stands for a web handler sharing the training's event loop.
+TICK = 0.001
+
+
+async def tick(lags: list[float], done: anyio.Event) -> None:
+    """Sleep ``TICK`` in a loop until ``done``, appending how late each wake-up came (seconds)."""
+    clock = time.perf_counter
+    while not done.is_set():
+        start = clock()
+        await anyio.sleep(TICK)
+        lags.append(clock() - start - TICK)
 
 
 def median(values: Sequence[float]) -> float:

@@ -28,12 +28,21 @@ import anyio
 import torch
 
 from aiolearner import Learner
-from bench._common import Batch, StampedData, machine, make_data, make_mlp, median, raw_step, table
+from bench._common import (
+    Batch,
+    StampedData,
+    machine,
+    make_data,
+    make_mlp,
+    median,
+    raw_step,
+    table,
+    tick,
+)
 
 SIZES = [256, 512, 512, 10]
 BATCH = 128
 LOSS: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.nn.functional.cross_entropy
-TICK = 0.001
 
 
 def _sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -56,18 +65,11 @@ def learner_run(
         learner: Learner[Batch] = Learner(model, _sgd(model), LOSS, stamped, compute=compute)
         lags: list[float] = []
 
-        async def tick(done: anyio.Event) -> None:
-            clock = time.perf_counter
-            while not done.is_set():
-                start = clock()
-                await anyio.sleep(TICK)
-                lags.append(clock() - start - TICK)
-
         async def main() -> None:
             done = anyio.Event()
             async with anyio.create_task_group() as tg:
                 if ticker:
-                    tg.start_soon(tick, done)
+                    tg.start_soon(tick, lags, done)
                     await anyio.sleep(0.01)  # the ticker is running before training starts
                 await learner.fit(1)
                 done.set()

@@ -26,11 +26,10 @@ import anyio
 import torch
 
 from aiolearner import Learner
-from bench._common import Batch, machine, make_data, make_mlp, median, table
+from bench._common import Batch, machine, make_data, make_mlp, median, table, tick
 
 SIZES = [32, 64, 10]
 BATCH = 32
-TICK = 0.001
 
 
 def build(i: int, batches: int, compute: str) -> Learner[Batch]:
@@ -75,17 +74,10 @@ def concurrent(
     learners = [build(i, batches, compute) for i in range(n)]
     lags: list[float] = []
 
-    async def tick(done: anyio.Event) -> None:
-        clock = time.perf_counter
-        while not done.is_set():
-            start = clock()
-            await anyio.sleep(TICK)
-            lags.append(clock() - start - TICK)
-
     async def main() -> float:
         done = anyio.Event()
         async with anyio.create_task_group() as outer:
-            outer.start_soon(tick, done)
+            outer.start_soon(tick, lags, done)
             await anyio.sleep(0.01)  # the ticker runs before training starts
             start = time.perf_counter()
             async with anyio.create_task_group() as tg:

@@ -63,6 +63,18 @@ def two_optimizers(
     )
 
 
+def two_adams() -> Learner[Any]:
+    """Adam "a" on the first layer and Adam "b" (another learning rate) on the last: optimizer
+    states that differ, to save and load."""
+    model = mlp()
+    optimizers = {
+        "a": torch.optim.Adam(model[0].parameters(), lr=0.01),
+        "b": torch.optim.Adam(model[2].parameters(), lr=0.02),
+    }
+    stages = {"fit_batch": FitBatch(Gradient(), Update("a", commit=False), Update("b"))}
+    return Learner(model, optimizers, LOSS, make_batches(3), stages=stages)
+
+
 def weights(learner: Learner[Any]) -> list[torch.Tensor]:
     return [p.detach().clone() for p in learner.model.parameters()]
 
@@ -184,13 +196,7 @@ async def test_a_single_optimizer_is_saved_as_before() -> None:
 
 
 async def test_every_optimizer_is_saved_and_loaded_by_name() -> None:
-    model = mlp()
-    optimizers = {
-        "a": torch.optim.Adam(model[0].parameters(), lr=0.01),
-        "b": torch.optim.Adam(model[2].parameters(), lr=0.02),
-    }
-    stages = {"fit_batch": FitBatch(Gradient(), Update("a", commit=False), Update("b"))}
-    learner: Learner[Any] = Learner(model, optimizers, LOSS, make_batches(3), stages=stages)
+    learner = two_adams()
     await learner.fit(1)
     checkpoint = copy.deepcopy(learner.state_dict())
     assert set(checkpoint["optimizers"]) == {"a", "b"}
@@ -229,13 +235,7 @@ async def test_optimizers_that_do_not_match_are_refused_and_nothing_loads() -> N
 
 
 async def test_a_failure_loading_the_second_optimizer_puts_the_first_back() -> None:
-    model = mlp()
-    optimizers = {
-        "a": torch.optim.Adam(model[0].parameters(), lr=0.01),
-        "b": torch.optim.Adam(model[2].parameters(), lr=0.02),
-    }
-    stages = {"fit_batch": FitBatch(Gradient(), Update("a", commit=False), Update("b"))}
-    learner: Learner[Any] = Learner(model, optimizers, LOSS, make_batches(3), stages=stages)
+    learner = two_adams()
     await learner.fit(1)
     good = copy.deepcopy(learner.state_dict())
     bad = copy.deepcopy(good)
