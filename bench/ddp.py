@@ -3,7 +3,7 @@
 Run::
 
     .venv/bin/python -m bench.ddp [--rounds 10] [--size tiny|heavy|both] \
-        [--compute inline|thread] [--steps 120]
+        [--compute auto|inline|thread] [--steps 120]
 
 It starts ``torch.distributed.run --standalone --nproc-per-node=2`` on itself (gloo, one torch
 thread per rank). In every round each rank trains one epoch of (a) the raw DDP loop and (b)
@@ -38,7 +38,6 @@ SIZES: dict[str, tuple[list[int], int]] = {
     "tiny": ([32, 64, 64, 10], 32),
     "heavy": ([128, 512, 512, 10], 256),
 }
-TICK = 0.001
 TARGETS = {"tiny": 1.10, "heavy": 1.03}
 
 
@@ -126,7 +125,7 @@ def worker(args: argparse.Namespace) -> int:
     from torch.utils.data import DistributedSampler, TensorDataset
 
     from aiolearner import DDP, Learner
-    from bench._common import StampedData, machine, make_mlp
+    from bench._common import StampedData, machine, make_mlp, tick
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -188,16 +187,8 @@ def worker(args: argparse.Namespace) -> int:
                     await learner.fit(1)
                     return
                 done = anyio.Event()
-
-                async def tick() -> None:
-                    clock = time.perf_counter
-                    while not done.is_set():
-                        start = clock()
-                        await anyio.sleep(TICK)
-                        lags.append(clock() - start - TICK)
-
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(tick)
+                    tg.start_soon(tick, lags, done)
                     await learner.fit(1)
                     done.set()
 
@@ -253,7 +244,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--size", choices=["tiny", "heavy", "both"], default="both")
-    parser.add_argument("--compute", choices=["inline", "thread"], default="inline")
+    parser.add_argument(
+        "--compute",
+        choices=["auto", "inline", "thread"],
+        default="auto",
+        help="the learner's compute policy (auto: the default settings)",
+    )
     parser.add_argument("--steps", type=int, default=120, help="batches per rank and epoch")
     parser.add_argument("--out", default="runs/bench-ddp", help="where the report goes")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
