@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from ._data import END, WAIT
 from ._exceptions import ControlFlow, StageError
 from ._rng import capture_rng
-from ._runtime import DRIVING
+from ._runtime import DRIVING, NOT_RUN
 from ._stage import ComputeStage, Stage, owned
 from ._stages import Fit, FitBatch, Gradient, Update, Validate, forward, optimizer_step
 from ._worker import SHARED_BURST_SECONDS
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from ._locks import ReadWriteLock
     from ._runtime import Runtime
     from ._state import State
+    from ._worker import Turn
 
 __all__ = ["BURST_SECONDS", "BatchProgram", "Executor"]
 
@@ -134,7 +135,7 @@ class BatchProgram:
         """One batch from ``await stage(state)`` (a validation pass, a pass a user wrote)."""
         rt = self.rt
         fn = self.now()
-        if not rt.run_inline(fn, state, self.locks):
+        if rt.run_inline(fn, state, locks=self.locks) is NOT_RUN:
             await rt.compute(fn, state, writes_weights=self.locks)
 
     def _flat_batch(self) -> Callable[[State], None]:
@@ -288,57 +289,106 @@ class Executor:
         check_fields = True
         before = set(state.__dict__)
         pending: Any = None
+        # Learners computing inline on a shared loop take its thread in turns (see _worker.py):
+        # the turn is held while batches run inline and let go before anything is awaited.
+        no_stop: list[bool] = []  # an inline burst cannot be cancelled half way
+        turn = rt.worker.turn() if synchronous else None
+        taking = self.takes_turns(turn)
         if validator is not None:
             # A validation due at the step the pass starts from and not done yet (a run
             # interrupted in it) comes first; a concurrent stop request or error surfaces here.
             await validator.between_batches(state)
-        while True:
-            if pending is None:
-                batch = take()
-            else:
-                batch, pending = pending, None
-            if batch is WAIT:
-                batch = await batches.next()
-            if batch is END:
-                break
-            state.batch = batch
-            context._committed = False
-            # A synchronous batch cannot be interrupted half way by a cancellation; an awaited
-            # one can, and is then repeated on resume, drawing the same random numbers.
-            rng = None if synchronous else capture_rng()
-            try:
-                if synchronous:
-                    # While observed, the full definition: every stage's entry and exit is seen.
-                    fn = drive if rt.observed else fast
-                    if not run_inline(fn, state, locks):  # type: ignore[arg-type]
-                        if bursts and policy.hopping:
-                            pending = await self._burst(program, state, batches, losses)
-                        else:
-                            await rt.compute(fn, state, writes_weights=locks)  # type: ignore[arg-type]
+        try:
+            while True:
+                if pending is None:
+                    batch = take()
                 else:
-                    await stage(state)
-            except BaseException as exc:
-                if isinstance(exc, ControlFlow) and isinstance(exc, fit.catches):
-                    if not rt.committed:
-                        # As for a skipped batch: its gradients must not leak into the next
-                        # epoch's first update. It is consumed all the same.
-                        state.model.zero_grad(set_to_none=True)
-                        rt.commit(state)
-                    finish(stage, state, losses)
-                    owned(fit, state, exc)
+                    batch, pending = pending, None
+                if batch is WAIT:
+                    if turn is not None:
+                        turn.give()
+                    batch = await batches.next()
+                if batch is END:
                     break
-                rt.abandon_batch(state, rng)
-                raise
-            finish(stage, state, losses)
-            if check_fields:
-                check_fields = False
-                self.check_fields(stage, state, before)
-            if validator is not None:
-                # A validation due by steps or time; a concurrent one's StopFit or error.
-                await validator.between_batches(state)
-            now = clock()
-            if now - rt.last_yield >= rt.yield_every:
-                await rt.give_turn(now)
+                state.batch = batch
+                context._committed = False
+                # A synchronous batch cannot be interrupted half way by a cancellation; an
+                # awaited one can, and is then repeated on resume, drawing the same random numbers.
+                rng = None if synchronous else capture_rng()
+                try:
+                    if synchronous:
+                        if taking:
+                            await turn.take()  # type: ignore[union-attr]
+                        # While observed, the full definition: every stage's entry and exit is seen.
+                        fn = drive if rt.observed else fast
+                        if bursts and not check_fields:
+                            # Inline, the batches up to the loop's next turn in one call (the
+                            # same burst as in the worker; see _burst).
+                            pending = run_inline(
+                                _burst,
+                                self,
+                                program,
+                                state,
+                                batches,
+                                losses,
+                                None,
+                                no_stop,
+                                rt.last_yield + rt.yield_every - clock(),
+                                False,
+                                locks=locks,
+                                timed=False,
+                            )
+                            ran = pending is not NOT_RUN
+                            if not ran:
+                                pending = None
+                        else:
+                            ran = run_inline(fn, state, locks=locks) is not NOT_RUN  # type: ignore[arg-type]
+                        if not ran:
+                            if turn is not None:
+                                turn.give()
+                            if bursts and policy.hopping:
+                                pending = await self._burst(program, state, batches, losses)
+                            else:
+                                await rt.compute(fn, state, writes_weights=locks)  # type: ignore[arg-type]
+                    else:
+                        await stage(state)
+                except BaseException as exc:
+                    if isinstance(exc, ControlFlow) and isinstance(exc, fit.catches):
+                        if not rt.committed:
+                            # As for a skipped batch: its gradients must not leak into the next
+                            # epoch's first update. It is consumed all the same.
+                            state.model.zero_grad(set_to_none=True)
+                            rt.commit(state)
+                        finish(stage, state, losses)
+                        owned(fit, state, exc)
+                        break
+                    rt.abandon_batch(state, rng)
+                    raise
+                finish(stage, state, losses)
+                if check_fields:
+                    check_fields = False
+                    self.check_fields(stage, state, before)
+                if validator is not None:
+                    if turn is not None:
+                        turn.give()
+                    # A validation due by steps or time; a concurrent one's StopFit or error.
+                    await validator.between_batches(state)
+                now = clock()
+                if now - rt.last_yield >= rt.yield_every:
+                    await rt.give_turn(now, turn)
+                    taking = self.takes_turns(turn)
+        finally:
+            if turn is not None:
+                turn.give()
+            policy.in_turns = False
+
+    def takes_turns(self, turn: Turn | None) -> bool:
+        """Whether the training loop's inline batches wait for the loop's turn (it computes
+        inline while other learners share the loop); looked at again at every turn."""
+        rt = self.rt
+        policy = rt.policy
+        policy.in_turns = turn is not None and rt.worker.shared
+        return policy.in_turns and not policy.hopping
 
     def finish_batch(self, stage: Stage, state: State, losses: list[torch.Tensor]) -> None:
         """The batch is over: keep its loss for ``train_loss``, end its fields, check the commit."""
@@ -419,8 +469,11 @@ def _burst(
     lock: ReadWriteLock | None,
     stop: list[bool],
     seconds: float,
+    off_loop: bool = True,
 ) -> Any:
-    """The body of :meth:`Executor._burst`, in the compute worker thread."""
+    """Batches in one call: the body of :meth:`Executor._burst` in the compute worker thread,
+    and, with ``off_loop=False``, of an inline run of batches up to the event loop's next turn
+    (:meth:`Executor.train_pass`). Returns what the loop takes next (see ``Executor._burst``)."""
     rt = executor.rt
     policy = rt.policy
     stage = program.stage
@@ -444,7 +497,7 @@ def _burst(
             or batches.wants_producer
         ):
             return None
-        batch = batches.next_nowait(off_loop=True)
+        batch = batches.next_nowait(off_loop=off_loop)
         if batch is WAIT or batch is END:
             return batch
         state.batch = batch

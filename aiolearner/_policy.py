@@ -106,6 +106,10 @@ class ComputePolicy:
         self._turn = 0.0
         #: How many hops were made (for tests and the throughput report).
         self.hops = 0
+        #: Whether the training pass takes the loop's turn when it computes inline (other
+        #: learners share the loop; see ``_worker.Turn``): then a task waiting for the loop
+        #: waits for one inline learner's slice, not for all of theirs.
+        self.in_turns = False
 
     def __repr__(self) -> str:
         typical = self._typical
@@ -183,15 +187,19 @@ class ComputePolicy:
             return
         heavy = typical is not None and typical > self.max_blocking
         if typical is not None and not heavy and self._loop_thread is not None:
-            # Several learners training inline on one event loop each hold it for a slice in
-            # turn: a task waiting for the loop waits for all of them. Count theirs too.
+            # Several learners training inline on one event loop each hold it for a slice: a
+            # task waiting for the loop waits for all of them, except that learners taking
+            # turns (in_turns) hold it one at a time: of theirs, the longest slice counts.
             loop = self._loop_thread
             with _RUNNING_LOCK:  # learners may run on event loops in other threads too
                 running = list(_RUNNING)
-            crowd = self.blocking_slice() + sum(
-                other.blocking_slice()
+            inline = [self] + [
+                other
                 for other in running
                 if other is not self and other._loop_thread == loop and not other.hopping
+            ]
+            crowd = sum(p.blocking_slice() for p in inline if not p.in_turns) + max(
+                (p.blocking_slice() for p in inline if p.in_turns), default=0.0
             )
             heavy = crowd > self.max_blocking
         self.hopping = heavy and loop_is_shared()

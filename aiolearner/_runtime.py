@@ -24,7 +24,7 @@ from ._locks import ReadWriteLock
 from ._policy import LONE_YIELD_FACTOR, SHARING_RECHECK, ComputePolicy, loop_is_shared
 from ._rng import restore_rng
 from ._state import State
-from ._worker import ComputeWorker
+from ._worker import ComputeWorker, Turn
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -95,6 +95,11 @@ def join_lane() -> None:
 #: lock, is timed, and runs where the policy put it. A context variable, not a flag on the
 #: runtime: a concurrent validation's batches run on the loop while training runs in the worker.
 DRIVING: ContextVar[bool] = ContextVar("aiolearner_driving", default=False)
+
+
+#: What :meth:`Runtime.run_inline` returns when it did not run its function (the caller then
+#: awaits :meth:`Runtime.compute`).
+NOT_RUN: Any = object()
 
 
 class Runtime:
@@ -184,26 +189,33 @@ class Runtime:
 
     # -- compute ------------------------------------------------------------------------------
 
-    def run_inline(self, fn: Callable[[State], object], state: State, locks: bool) -> bool:
-        """``fn(state)`` now, on the loop, if the policy keeps compute inline and (``locks``) the
-        weights lock is free; whether it ran. :meth:`compute`'s entry without a coroutine, for
-        the batch loop: a tiny model's whole step is a few coroutine creations long."""
+    def run_inline(
+        self, fn: Callable[..., object], *args: Any, locks: bool, timed: bool = True
+    ) -> object:
+        """``fn(*args)`` now, on the loop, if the policy keeps compute inline and (``locks``) the
+        weights lock is free: its result, or ``NOT_RUN``. :meth:`compute`'s entry without a
+        coroutine, for the batch loops: a tiny model's whole step is a few coroutine creations
+        long.
+        ``timed=False``: ``fn`` records its batches' times itself (a burst of several batches),
+        and the policy may decide again once it returns."""
         policy = self.policy
         if policy.hopping:
-            return False
+            return NOT_RUN
         lock = self.weights_lock if locks else None
         if lock is not None and not lock.acquire_write_nowait():
-            return False
+            return NOT_RUN
         clock = time.perf_counter
         start = clock()
         try:
-            fn(state)
+            return fn(*args)
         finally:
             if lock is not None:
                 lock.release_write()
-            end = clock()
-            policy.observe(end - start, end)
-        return True
+            if timed:
+                end = clock()
+                policy.observe(end - start, end)
+            else:
+                policy.maybe_reconsider()
 
     async def compute(
         self,
@@ -284,10 +296,14 @@ class Runtime:
             # In the worker thread: record only; the decision is taken back on the loop.
             self.policy.record(time.perf_counter() - start)
 
-    async def give_turn(self, now: float) -> None:
-        """Give the event loop a turn; the batch loops call this every ``yield_every`` seconds."""
+    async def give_turn(self, now: float, turn: Turn | None = None) -> None:
+        """Give the event loop a turn; the batch loops call this every ``yield_every`` seconds.
+        ``turn``: the training loop's hold on the loop's thread, passed on if held."""
         self.last_yield = now
-        await anyio.lowlevel.checkpoint()
+        if turn is not None and turn.held:
+            await turn.pass_on()
+        else:
+            await anyio.lowlevel.checkpoint()
         # Alone, every turn looks again (a task that arrives waits ~one lone interval at most);
         # shared, every SHARING_RECHECK seconds (listing the tasks is not free).
         if (

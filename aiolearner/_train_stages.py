@@ -26,7 +26,11 @@ def forward(
 ) -> tuple[Any, torch.Tensor]:
     """``(output, loss)`` of the model on an ``(inputs, targets)`` batch (``stage`` names the
     caller in the error for a batch of another shape)."""
-    inputs, targets = split_batch(batch, stage)
+    kind = type(batch)
+    if (kind is tuple or kind is list) and len(batch) == 2:
+        inputs, targets = batch  # the common case, without a call (run once a batch)
+    else:
+        inputs, targets = split_batch(batch, stage)
     output = model(inputs)
     return output, loss_fn(output, targets)
 
@@ -191,6 +195,6 @@ class Fit(Stage):
             await rt.strategy._reduce_train_loss(state, losses)
         elif losses:
             with torch.no_grad():
-                mean = torch.stack([x.detach() for x in losses]).mean()
+                mean = torch.stack(losses).mean()  # detached as they were kept
             await wait_ready(mean)
             state.metrics["train_loss"] = float(mean)

@@ -23,6 +23,15 @@ the learners take turns and a cancellation is served soon. A learner's own concu
 has a worker of its own outside the pool (``ComputeWorker(pooled=False)``): it must compute while
 the training's job holds the learner's place, and it is not another learner.
 
+The loop's own thread is one more place of the pool: learners that compute **inline** while
+they share the loop take it in **turns** (:class:`Turn`). A learner holds the turn while it runs
+batches on the loop and passes it on at each of its turns (every ``yield_interval``), to the
+next learner waiting for it, after which the loop's other tasks run. Without turns every inline
+learner would run a slice at each round of the loop, and a task waiting for the loop would wait
+for all of them; with turns it waits for one slice, whatever the number of learners. Tiny
+Python-heavy batches gain nothing from threads (they share one GIL), so taking turns on the
+loop's thread is how ``compute="auto"`` runs many tiny learners (``_policy.py``).
+
 Like ``to_thread.run_sync``, a hop cannot be abandoned: when the waiting task is cancelled, it
 still waits (shielded) for the job to finish, then re-raises the cancellation, so a weight
 update is never left half done.
@@ -42,7 +51,7 @@ import anyio.lowlevel
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
-__all__ = ["SHARED_BURST_SECONDS", "ComputePool", "ComputeWorker", "pool_size"]
+__all__ = ["SHARED_BURST_SECONDS", "ComputePool", "ComputeWorker", "Turn", "pool_size"]
 
 #: The longest a burst of batches may take in a shared pool (a dedicated worker's bound is
 #: ``_executor.BURST_SECONDS``): learners take turns, and a cancellation is served within it.
@@ -74,6 +83,8 @@ class ComputePool:
         self.users = 0
         #: Jobs submitted and not finished, running or waiting for room.
         self.inside = 0
+        #: The loop's own thread, taken in turns by learners computing inline (see Turn).
+        self.turns = anyio.Lock()
 
     @classmethod
     def current(cls) -> ComputePool:
@@ -96,6 +107,36 @@ class ComputePool:
             return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
         finally:
             self.inside -= 1
+
+
+class Turn:
+    """A learner's hold on its event loop's thread for inline compute while it shares the loop
+    with other learners (see the module docstring). Used by one task at a time: the training
+    loop of one run."""
+
+    __slots__ = ("held", "lock")
+
+    def __init__(self, lock: anyio.Lock) -> None:
+        self.lock = lock
+        self.held = False
+
+    async def take(self) -> None:
+        """Wait for the turn (first come, first served), unless it is held already."""
+        if not self.held:
+            await self.lock.acquire()
+            self.held = True
+
+    def give(self) -> None:
+        """Let the turn go (before the training loop waits for anything, and when it ends)."""
+        if self.held:
+            self.held = False
+            self.lock.release()
+
+    async def pass_on(self) -> None:
+        """Give the turn to the next learner waiting for it and wait for it to come back (the
+        loop's other tasks run in between); alone, this is a plain checkpoint."""
+        self.give()
+        await self.take()
 
 
 _POOL: anyio.lowlevel.RunVar[ComputePool] = anyio.lowlevel.RunVar("aiolearner_compute_pool")
@@ -146,6 +187,11 @@ class ComputeWorker:
         """Whether this learner's jobs go to its loop's shared pool now."""
         pool = self._pool
         return pool is not None and pool.shared
+
+    def turn(self) -> Turn | None:
+        """A hold on the loop's thread for this run's inline compute (``None``: not pooled)."""
+        pool = self._pool
+        return None if pool is None else Turn(pool.turns)
 
     async def run(
         self,
