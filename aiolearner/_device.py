@@ -36,6 +36,17 @@ class DeviceMover:
             return _map(batch, lambda t: t.to(self.device, non_blocking=t.is_pinned()))
         # The common case (CPU training on CPU tensors) returns the batch itself: rebuilding
         # the containers costs a tenth of a tiny model's framework budget (docs/performance.md).
+        # An (inputs, targets) pair of tensors is checked here, without a call (once a batch).
+        kind = type(batch)
+        if (kind is tuple or kind is list) and len(batch) == 2:
+            first, second = batch
+            if (
+                type(first) is torch.Tensor
+                and type(second) is torch.Tensor
+                and first.is_cpu
+                and second.is_cpu
+            ):
+                return batch
         if _on_cpu(batch):
             return batch
         return _map(batch, _to_cpu)

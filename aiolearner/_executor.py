@@ -26,9 +26,12 @@ While the learner is observed (a trace, an event subscriber), synchronous progra
 definition, so every stage's entry and exit is seen.
 
 The training pass (:meth:`Executor.train_pass`) takes a batch, runs its program and finishes the
-batch, until the pass ends. In thread mode, a synchronous program runs in *bursts*: the compute
-worker goes on with the next batch while one is ready without the event loop (see
-:func:`_burst`), so a pass of small batches costs a few hops instead of one per batch.
+batch, until the pass ends. A synchronous program runs in *bursts* (:func:`_burst`, one body for
+both): in thread mode the compute worker goes on with the next batch while one is ready without
+the event loop, so a pass of small batches costs a few hops instead of one per batch; inline,
+the batches up to the loop's next turn are one call, so a tiny model's step pays for the batch
+loop's bookkeeping once a turn rather than once a batch. A pass's first batch runs alone (its
+new state fields are checked after it).
 """
 
 from __future__ import annotations
@@ -479,22 +482,25 @@ def _burst(
     stage = program.stage
     fn = program.now()
     clock = time.perf_counter
-    until = clock() + seconds
+    # Ends by auto's next decision too (taken on the loop).
+    until = min(clock() + seconds, policy.decision_due())
+    record = policy.record
+    finish = executor.finish_batch
     while True:
         start = clock()
         try:
             fn(state)
         finally:
             now = clock()
-            policy.record(now - start)
+            record(now - start)
         # Errors and StopEpoch leave the batch to the loop (train_pass), as for a single batch.
-        executor.finish_batch(stage, state, losses)
+        finish(stage, state, losses)
         if (
             stop
             or now >= until
-            or policy.reconsider_due(now)
             or (lock is not None and lock.waiting)
-            or batches.wants_producer
+            # Inline, a slow source's producer is started by the fetch itself.
+            or (off_loop and batches.wants_producer)
         ):
             return None
         batch = batches.next_nowait(off_loop=off_loop)

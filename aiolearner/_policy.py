@@ -5,7 +5,9 @@ Compute placement (``Learner(compute=...)``):
 * ``"inline"``: stages run their torch work on the event loop. Lowest overhead; the loop is
   blocked for as long as a batch computes (it still yields every ``yield_interval`` seconds,
   between batches, so other tasks get turns and cancellation stays prompt; ten times less
-  often while no other task is on the loop, and at every epoch's end for cancellation).
+  often while no other task is on the loop, and at every epoch's end for cancellation). The
+  batches between two turns run as one call (an inline burst, ``_executor.py``). Learners
+  computing inline while they share the loop take its thread in turns (``_worker.Turn``).
 * ``"thread"``: the blocking work runs in the learner's compute worker (one thread borrowed from
   anyio's pool for the whole run, fed through a queue; while other learners run on the same
   loop, the loop's shared compute pool instead, a few threads by the number of cores; see
@@ -14,8 +16,10 @@ Compute placement (``Learner(compute=...)``):
   an unfused batch hops once per compute stage.
 * ``"auto"`` (default): runs inline while that blocks the loop for at most ``max_blocking``
   seconds per batch *or* nothing else is running on the loop; otherwise hops. Learners training
-  inline on one loop count together: their slices (a batch, or the batches between two turns)
-  add up against ``max_blocking``. It re-decides every ``recheck_interval`` seconds from
+  inline on one loop count together: they take the loop's thread in turns (``_worker.Turn``),
+  so a task waiting for the loop waits for one slice (a batch, or the batches between two
+  turns), the longest of theirs, against ``max_blocking``; a learner whose batches await (no
+  turns) adds its slice to that. It re-decides every ``recheck_interval`` seconds from
   measured batch times and the loop's task list, so a tiny model keeps inline overhead, and a
   heavy model keeps a web service on the same loop responsive. While a pass of the learner's own
   concurrent validation is in flight, it hops (:meth:`ComputePolicy.set_shared`): that pass is work
@@ -24,6 +28,7 @@ Compute placement (``Learner(compute=...)``):
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any, Literal
@@ -140,9 +145,10 @@ class ComputePolicy:
                 self._next_check = now + self.recheck_interval
                 self.reconsider()
 
-    def reconsider_due(self, now: float) -> bool:
-        """Whether auto's next decision is due (a burst of batches then hands back to the loop)."""
-        return self.mode == "auto" and now >= self._next_check
+    def decision_due(self) -> float:
+        """When auto's next decision is due (``time.perf_counter()`` time; infinity for the
+        other policies): a burst of batches then hands back to the loop, which takes it."""
+        return self._next_check if self.mode == "auto" else math.inf
 
     def maybe_reconsider(self) -> None:
         """Re-decide if ``recheck_interval`` has passed (on the event loop only)."""

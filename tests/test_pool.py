@@ -103,3 +103,78 @@ def test_the_pool_size_follows_the_cores(monkeypatch: pytest.MonkeyPatch) -> Non
     assert _worker.pool_size() == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     assert _worker.pool_size() == _worker.MAX_POOL_SIZE
+
+
+@BACKENDS
+def test_inline_learners_sharing_a_loop_take_turns(backend: str) -> None:
+    # Each learner gives the loop a turn after every batch (yield_interval=0). Taking turns,
+    # one learner runs between two turns of another task on the loop; without turns, every
+    # learner would run a batch at each round of the loop, and that task would wait for all.
+    learners = [
+        make_learner(
+            n_batches=8, seed=i, compute="inline", yield_interval=0.0, with_validation=False
+        )
+        for i in range(6)
+    ]
+    advanced: list[int] = []
+
+    async def main() -> None:
+        done = anyio.Event()
+
+        async def probe() -> None:
+            last = [learner.state.step for learner in learners]
+            while not done.is_set():
+                await anyio.lowlevel.checkpoint()
+                now = [learner.state.step for learner in learners]
+                advanced.append(sum(a != b for a, b in zip(now, last, strict=True)))
+                last = now
+
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(probe)
+            async with anyio.create_task_group() as tg:
+                for learner in learners:
+                    tg.start_soon(learner.fit, 2)
+            done.set()
+
+    anyio.run(main, backend=backend)
+    assert all(learner.state.step == 16 for learner in learners)
+    assert max(advanced) <= 2, advanced
+    for i, learner in enumerate(learners):
+        alone = make_learner(n_batches=8, seed=i, compute="inline", with_validation=False)
+        alone.fit_sync(2, backend=backend)  # type: ignore[arg-type]
+        assert all(torch.equal(a, b) for a, b in zip(weights(learner), weights(alone), strict=True))
+
+
+@BACKENDS
+def test_auto_keeps_many_tiny_learners_inline_when_they_take_turns(backend: str) -> None:
+    # A slice is a turn interval (50 ms) here: six learners holding the loop one after another
+    # would keep a task waiting 300 ms (> max_blocking, so they would hop to the pool); taking
+    # turns, a task waits for one slice (< max_blocking), so auto keeps them inline.
+    learners = [
+        make_learner(n_batches=30, seed=i, yield_interval=0.05, max_blocking=0.2) for i in range(6)
+    ]
+    for learner in learners:
+        learner._rt.policy.recheck_interval = 0.0  # decide after every batch, not twice a second
+    hops: list[int] = []
+
+    async def main() -> None:
+        done = anyio.Event()
+
+        async def service() -> None:  # another task on the loop, which auto keeps responsive
+            while not done.is_set():
+                await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(service)
+            async with anyio.create_task_group() as tg:
+                for learner in learners:
+                    tg.start_soon(learner.fit, 2)
+            done.set()
+        hops.extend(learner._rt.policy.hops for learner in learners)
+
+    anyio.run(main, backend=backend)
+    assert hops == [0] * 6
+    for learner in learners:
+        policy = learner._rt.policy
+        assert not policy.hopping
+        assert not policy.in_turns  # the pass is over
