@@ -383,15 +383,15 @@ class Executor:
         finally:
             if turn is not None:
                 turn.give()
-            policy.in_turns = False
 
     def takes_turns(self, turn: Turn | None) -> bool:
         """Whether the training loop's inline batches wait for the loop's turn (it computes
         inline while other learners share the loop); looked at again at every turn."""
         rt = self.rt
         policy = rt.policy
-        policy.in_turns = turn is not None and rt.worker.shared
-        return policy.in_turns and not policy.hopping
+        # Kept between passes: what auto counts is how this learner computes inline at all.
+        policy.in_turns = turn is not None
+        return turn is not None and rt.worker.shared and not policy.hopping
 
     def finish_batch(self, stage: Stage, state: State, losses: list[torch.Tensor]) -> None:
         """The batch is over: keep its loss for ``train_loss``, end its fields, check the commit."""

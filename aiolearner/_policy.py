@@ -111,9 +111,9 @@ class ComputePolicy:
         self._turn = 0.0
         #: How many hops were made (for tests and the throughput report).
         self.hops = 0
-        #: Whether the training pass takes the loop's turn when it computes inline (other
-        #: learners share the loop; see ``_worker.Turn``): then a task waiting for the loop
-        #: waits for one inline learner's slice, not for all of theirs.
+        #: Whether the learner's batches take the loop's turn when they compute inline while
+        #: other learners share the loop (synchronous batch programs; see ``_worker.Turn``):
+        #: then a task waiting for the loop waits for one such learner's slice, not all theirs.
         self.in_turns = False
 
     def __repr__(self) -> str:
@@ -170,6 +170,7 @@ class ComputePolicy:
         with _RUNNING_LOCK:
             _RUNNING.discard(self)
         self._loop_thread = None
+        self.in_turns = False
 
     def blocking_slice(self) -> float:
         """How long this learner, running inline, holds the event loop at a time: a batch, or

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import anyio
 import torch
 
+from ._data import END, WAIT
 from ._device import wait_ready
 from ._exceptions import ControlFlow, SkipBatch, StageError, StopEpoch, StopFit
 from ._rng import capture_rng, restore_rng
@@ -147,6 +148,11 @@ class Validate(Stage):
         if lock is not None:
             await lock.acquire_read()
         strategy = rt.strategy
+        # Computing inline while other learners share the loop, the pass takes the loop's
+        # thread in turns as training does (see _worker.Turn); a concurrent validation computes
+        # in a lane of its own.
+        turn = None if snapshot or validate_batch._program is None else rt.worker.turn()
+        taking = turn is not None and rt.worker.shared and not rt.policy.hopping
         try:
             model.eval()
             if strategy is not None:
@@ -159,8 +165,17 @@ class Validate(Stage):
                 stopped = False
                 try:
                     async with rt.open_pass(state, "validation") as batches:
-                        while (batch := await batches.next()) is not batches.END:
+                        while True:
+                            batch = batches.next_nowait()
+                            if batch is WAIT:
+                                if turn is not None:
+                                    turn.give()
+                                batch = await batches.next()
+                            if batch is END:
+                                break
                             state.batch = batch
+                            if taking:
+                                await turn.take()  # type: ignore[union-attr]
                             try:
                                 await validate_batch(state)
                                 loss = d.get("loss")
@@ -177,8 +192,13 @@ class Validate(Stage):
                                 state.invalidate(*expire)
                             now = time.perf_counter()
                             if now - rt.last_yield >= rt.yield_every:
-                                await rt.give_turn(now)
+                                await rt.give_turn(now, turn)
+                                taking = (
+                                    turn is not None and rt.worker.shared and not rt.policy.hopping
+                                )
                 finally:
+                    if turn is not None:
+                        turn.give()
                     current_set.reset(token)
                 sums[name] = (total, count)
                 if stopped:

@@ -10,11 +10,12 @@ Run (the whole benchmark, all models, all variants, interleaved repetitions)::
 Every variant trains a fresh copy of the same model (same seed) with SGD on the same batches, one
 epoch, with default settings: aiolearner with no callbacks (``compute`` inline / thread / auto, the
 default, on asyncio, and auto on trio); Ignite's ``create_supervised_trainer`` and its bare
-``Engine(process_function)`` running the raw step; Lightning's
-``Trainer`` with logger, checkpointing, progress bar and model summary off. Per-step time is
-measured between the requests of batch ``k`` and ``n - k`` (see ``bench/_common.py``), so setup
-and teardown are left out. The final model of every variant must give bit for bit the loss the
-raw loop's model gives on a held-out batch; the script exits with status 1 otherwise.
+``Engine(process_function)`` running the raw step; Lightning's ``Trainer`` with logger,
+checkpointing, progress bar and model summary off. Per-step time is measured between the
+requests of batch ``k`` and ``n - k`` (see ``bench/_common.py``), so setup and teardown are left
+out. The variants run in a rotated order in each repetition. The final model of every variant
+must give bit for bit the loss the raw loop's model gives on a held-out batch; the script exits
+with status 1 otherwise.
 """
 
 from __future__ import annotations
@@ -171,8 +172,11 @@ def main() -> int:
         probe = make_data(1, batch, sizes[0], sizes[-1], seed=2)[0]
         times: dict[str, list[float]] = {v: [] for v in variants}
         losses: dict[str, torch.Tensor] = {}
-        for _ in range(reps):
-            for name, run in variants.items():
+        order = list(variants.items())
+        for rep in range(reps):
+            # A rotated order each repetition: no variant always runs first, or always after
+            # the same other one (Lightning's teardown leaves work for the next one's collector).
+            for name, run in order[rep % len(order) :] + order[: rep % len(order)]:
                 model = make_mlp(sizes, seed=0)
                 times[name].append(run(model, data, skip))
                 loss = final_loss(model, probe)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from aiolearner import Callback, Learner, StateView, _worker
-from aiolearner.testing import make_learner
+from aiolearner.testing import make_batches, make_learner
 
 BACKENDS = pytest.mark.parametrize("backend", ["asyncio", "trio"])
 
@@ -48,6 +48,16 @@ class Measure(Callback):
         time.sleep(0.0005)  # long enough for another job to run at the same time, if it could
         with o.lock:
             o.now -= 1
+
+
+class ValidationBatches(Callback):
+    """Counts validation batches (a ``def`` hook: the batch stays one synchronous call)."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def after_validate_batch(self, state: StateView) -> None:
+        self.seen += 1
 
 
 def weights(learner: Learner[Any]) -> list[torch.Tensor]:
@@ -110,9 +120,16 @@ def test_inline_learners_sharing_a_loop_take_turns(backend: str) -> None:
     # Each learner gives the loop a turn after every batch (yield_interval=0). Taking turns,
     # one learner runs between two turns of another task on the loop; without turns, every
     # learner would run a batch at each round of the loop, and that task would wait for all.
+    # Validation passes (six batches each) take turns too.
+    counters = [ValidationBatches() for _ in range(6)]
     learners = [
         make_learner(
-            n_batches=8, seed=i, compute="inline", yield_interval=0.0, with_validation=False
+            n_batches=8,
+            seed=i,
+            compute="inline",
+            yield_interval=0.0,
+            val_data=make_batches(6, seed=100 + i),
+            callbacks=[counters[i]],
         )
         for i in range(6)
     ]
@@ -121,11 +138,14 @@ def test_inline_learners_sharing_a_loop_take_turns(backend: str) -> None:
     async def main() -> None:
         done = anyio.Event()
 
+        def progress() -> list[tuple[int, int]]:
+            return [(x.state.step, c.seen) for x, c in zip(learners, counters, strict=True)]
+
         async def probe() -> None:
-            last = [learner.state.step for learner in learners]
+            last = progress()
             while not done.is_set():
                 await anyio.lowlevel.checkpoint()
-                now = [learner.state.step for learner in learners]
+                now = progress()
                 advanced.append(sum(a != b for a, b in zip(now, last, strict=True)))
                 last = now
 
@@ -138,9 +158,12 @@ def test_inline_learners_sharing_a_loop_take_turns(backend: str) -> None:
 
     anyio.run(main, backend=backend)
     assert all(learner.state.step == 16 for learner in learners)
+    assert all(counter.seen == 12 for counter in counters)
     assert max(advanced) <= 2, advanced
     for i, learner in enumerate(learners):
-        alone = make_learner(n_batches=8, seed=i, compute="inline", with_validation=False)
+        alone = make_learner(
+            n_batches=8, seed=i, compute="inline", val_data=make_batches(6, seed=100 + i)
+        )
         alone.fit_sync(2, backend=backend)  # type: ignore[arg-type]
         assert all(torch.equal(a, b) for a, b in zip(weights(learner), weights(alone), strict=True))
 
@@ -177,4 +200,4 @@ def test_auto_keeps_many_tiny_learners_inline_when_they_take_turns(backend: str)
     for learner in learners:
         policy = learner._rt.policy
         assert not policy.hopping
-        assert not policy.in_turns  # the pass is over
+        assert not policy.in_turns  # the run is over
