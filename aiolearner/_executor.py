@@ -296,7 +296,7 @@ class Executor:
         # the turn is held while batches run inline and let go before anything is awaited.
         no_stop: list[bool] = []  # an inline burst cannot be cancelled half way
         turn = rt.worker.turn() if synchronous else None
-        taking = self.takes_turns(turn)
+        taking = self.taking_turns(turn)
         if validator is not None:
             # A validation due at the step the pass starts from and not done yet (a run
             # interrupted in it) comes first; a concurrent stop request or error surfaces here.
@@ -320,8 +320,9 @@ class Executor:
                 rng = None if synchronous else capture_rng()
                 try:
                     if synchronous:
-                        if taking:
+                        if taking and not turn.held:  # type: ignore[union-attr]
                             await turn.take()  # type: ignore[union-attr]
+                            rt.last_yield = clock()  # a full slice from when the turn came
                         # While observed, the full definition: every stage's entry and exit is seen.
                         fn = drive if rt.observed else fast
                         if bursts and not check_fields:
@@ -379,19 +380,24 @@ class Executor:
                 now = clock()
                 if now - rt.last_yield >= rt.yield_every:
                     await rt.give_turn(now, turn)
-                    taking = self.takes_turns(turn)
+                    taking = self.taking_turns(turn)
         finally:
             if turn is not None:
                 turn.give()
 
-    def takes_turns(self, turn: Turn | None) -> bool:
-        """Whether the training loop's inline batches wait for the loop's turn (it computes
+    @property
+    def takes_turns(self) -> bool:
+        """Whether this learner's batches take the loop's turn when they compute inline while
+        other learners share the loop: its batch programs are all synchronous (an awaited
+        batch runs on the loop between its awaits, without a turn)."""
+        programs = self.programs.values()
+        return bool(programs) and all(program.synchronous for program in programs)
+
+    def taking_turns(self, turn: Turn | None) -> bool:
+        """Whether the training loop's inline batches wait for the loop's turn now (it computes
         inline while other learners share the loop); looked at again at every turn."""
         rt = self.rt
-        policy = rt.policy
-        # Kept between passes: what auto counts is how this learner computes inline at all.
-        policy.in_turns = turn is not None
-        return turn is not None and rt.worker.shared and not policy.hopping
+        return turn is not None and rt.worker.shared and not rt.policy.hopping
 
     def finish_batch(self, stage: Stage, state: State, losses: list[torch.Tensor]) -> None:
         """The batch is over: keep its loss for ``train_loss``, end its fields, check the commit."""

@@ -69,7 +69,7 @@ async def running(learner: Learner[Any], status: LearnerStatus) -> AsyncIterator
         async with anyio.create_task_group() as tg:
             rt.tg = tg
             rt.worker.open()
-            rt.policy.enter_run(rt.yield_interval)
+            rt.policy.enter_run(rt.yield_interval, turns=rt.executor.takes_turns)
             try:
                 yield
             except BaseException as exc:

@@ -158,10 +158,12 @@ class ComputePolicy:
                 self._next_check = now + self.recheck_interval
                 self.reconsider()
 
-    def enter_run(self, turn_interval: float) -> None:
-        """A run of this learner starts on the current thread's event loop."""
+    def enter_run(self, turn_interval: float, *, turns: bool = False) -> None:
+        """A run of this learner starts on the current thread's event loop (``turns``: its
+        batches take the loop's turn when they compute inline, see ``in_turns``)."""
         self._loop_thread = threading.get_ident()
         self._turn = turn_interval
+        self.in_turns = turns
         with _RUNNING_LOCK:
             _RUNNING.add(self)
 

@@ -299,11 +299,13 @@ class Runtime:
     async def give_turn(self, now: float, turn: Turn | None = None) -> None:
         """Give the event loop a turn; the batch loops call this every ``yield_every`` seconds.
         ``turn``: the training loop's hold on the loop's thread, passed on if held."""
-        self.last_yield = now
         if turn is not None and turn.held:
-            await turn.pass_on()
+            await turn.pass_on(now)
         else:
             await anyio.lowlevel.checkpoint()
+        # From when the loop came back: waiting for it (for other learners' turns, say) does
+        # not shorten the next slice.
+        self.last_yield = time.perf_counter()
         # Alone, every turn looks again (a task that arrives waits ~one lone interval at most);
         # shared, every SHARING_RECHECK seconds (listing the tasks is not free).
         if (

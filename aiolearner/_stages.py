@@ -152,7 +152,7 @@ class Validate(Stage):
         # thread in turns as training does (see _worker.Turn); a concurrent validation computes
         # in a lane of its own.
         turn = None if snapshot or validate_batch._program is None else rt.worker.turn()
-        taking = turn is not None and rt.worker.shared and not rt.policy.hopping
+        taking = rt.executor.taking_turns(turn)
         try:
             model.eval()
             if strategy is not None:
@@ -174,8 +174,9 @@ class Validate(Stage):
                             if batch is END:
                                 break
                             state.batch = batch
-                            if taking:
+                            if taking and not turn.held:  # type: ignore[union-attr]
                                 await turn.take()  # type: ignore[union-attr]
+                                rt.last_yield = time.perf_counter()
                             try:
                                 await validate_batch(state)
                                 loss = d.get("loss")
@@ -193,9 +194,7 @@ class Validate(Stage):
                             now = time.perf_counter()
                             if now - rt.last_yield >= rt.yield_every:
                                 await rt.give_turn(now, turn)
-                                taking = (
-                                    turn is not None and rt.worker.shared and not rt.policy.hopping
-                                )
+                                taking = rt.executor.taking_turns(turn)
                 finally:
                     if turn is not None:
                         turn.give()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextvars
 import os
 import queue
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -51,11 +52,21 @@ import anyio.lowlevel
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
-__all__ = ["SHARED_BURST_SECONDS", "ComputePool", "ComputeWorker", "Turn", "pool_size"]
+__all__ = [
+    "SHARED_BURST_SECONDS",
+    "TURN_SECONDS",
+    "ComputePool",
+    "ComputeWorker",
+    "Turn",
+    "pool_size",
+]
 
 #: The longest a burst of batches may take in a shared pool (a dedicated worker's bound is
 #: ``_executor.BURST_SECONDS``): learners take turns, and a cancellation is served within it.
 SHARED_BURST_SECONDS = 0.01
+#: How long a learner keeps the loop's thread (its turn, see Turn) while other learners wait
+#: for it: the loop's other tasks still get a turn every ``yield_interval``.
+TURN_SECONDS = SHARED_BURST_SECONDS
 #: The most threads a pool uses, however many cores: beyond a few, threads running Python
 #: between torch calls mostly wait for each other's GIL (and make the loop's thread wait too).
 MAX_POOL_SIZE = 4
@@ -112,19 +123,21 @@ class ComputePool:
 class Turn:
     """A learner's hold on its event loop's thread for inline compute while it shares the loop
     with other learners (see the module docstring). Used by one task at a time: the training
-    loop of one run."""
+    (or validation) loop of one run."""
 
-    __slots__ = ("held", "lock")
+    __slots__ = ("held", "lock", "since")
 
     def __init__(self, lock: anyio.Lock) -> None:
         self.lock = lock
         self.held = False
+        self.since = 0.0
 
     async def take(self) -> None:
         """Wait for the turn (first come, first served), unless it is held already."""
         if not self.held:
             await self.lock.acquire()
             self.held = True
+            self.since = time.perf_counter()
 
     def give(self) -> None:
         """Let the turn go (before the training loop waits for anything, and when it ends)."""
@@ -132,9 +145,14 @@ class Turn:
             self.held = False
             self.lock.release()
 
-    async def pass_on(self) -> None:
-        """Give the turn to the next learner waiting for it and wait for it to come back (the
-        loop's other tasks run in between); alone, this is a plain checkpoint."""
+    async def pass_on(self, now: float) -> None:
+        """Give the loop's other tasks a turn; once held for ``TURN_SECONDS``, give the turn to
+        the next learner waiting for it too, and wait for it to come back. (Other tasks get the
+        loop at every call; the learners take turns less often, since every change of learner
+        costs a cold start of its caches.)"""
+        if now - self.since < TURN_SECONDS:
+            await anyio.lowlevel.checkpoint()
+            return
         self.give()
         await self.take()
 
