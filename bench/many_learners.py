@@ -8,9 +8,11 @@ Run::
 N learners (a small MLP each, its own data and seed) train concurrently in one task group, on
 one event loop, while a task on the same loop sleeps 1 ms in a loop and records how late it
 wakes up (the lag a web handler on that loop would see). The reference is the same N trainings
-one after another on one loop with nothing else on it (each then runs inline, the fastest way).
-Throughput is the total number of batches over the wall time, reported relative to the
-sequential runs (1.0 = as fast as training them one after another). Every learner trained
+one after another on one loop with nothing else on it (each then runs inline, the fastest way);
+a second reference runs them one after another with the same ticker on the loop, which shows
+what the ticker's thousand wake-ups a second cost by themselves. Throughput is the total number
+of batches over the wall time, reported relative to each reference (1.0 = as fast as training
+them one after another). Every learner trained
 concurrently must end with exactly the weights it has trained alone. Targets (issue 12): ticker
 p99 <= 10 ms, throughput >= 0.9 x sequential, with 32 learners.
 """
@@ -53,18 +55,29 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def sequential(n: int, batches: int, epochs: int, backend: str) -> tuple[float, list[Any]]:
-    """The N trainings one after another, alone on one loop: (seconds, final weights)."""
+def sequential(
+    n: int, batches: int, epochs: int, backend: str, ticker: bool = False
+) -> tuple[float, list[float], list[Any]]:
+    """The N trainings one after another on one loop, alone or with the 1 ms ticker:
+    (seconds, lags, final weights)."""
     learners = [build(i, batches, "auto") for i in range(n)]
+    lags: list[float] = []
 
     async def main() -> float:
-        start = time.perf_counter()
-        for learner in learners:
-            await learner.fit(epochs)
-        return time.perf_counter() - start
+        done = anyio.Event()
+        async with anyio.create_task_group() as outer:
+            if ticker:
+                outer.start_soon(tick, lags, done)
+                await anyio.sleep(0.01)  # the ticker runs before training starts
+            start = time.perf_counter()
+            for learner in learners:
+                await learner.fit(epochs)
+            seconds = time.perf_counter() - start
+            done.set()
+        return seconds
 
     seconds = anyio.run(main, backend=backend)
-    return seconds, [weights(learner) for learner in learners]
+    return seconds, lags, [weights(learner) for learner in learners]
 
 
 def concurrent(
@@ -110,7 +123,7 @@ def main() -> int:
     )
     # Warm up (torch's first calls, anyio's worker threads) before anything is timed.
     for backend in args.backends.split(","):
-        sequential(2, 4, 1, backend)
+        sequential(2, 4, 1, backend, ticker=True)
         for policy in args.policies.split(","):
             concurrent(4, 4, 1, backend, policy)
     rows = []
@@ -118,13 +131,18 @@ def main() -> int:
     for n in (int(x) for x in args.learners.split(",")):
         for backend in args.backends.split(","):
             seq_times: list[float] = []
+            ticked_times: list[float] = []
+            ticked_lags: list[float] = []
             results: dict[str, tuple[list[float], list[float]]] = {
                 p: ([], []) for p in args.policies.split(",")
             }
             alone: list[Any] = []
             for _ in range(args.reps):
-                seconds, alone = sequential(n, args.batches, args.epochs, backend)
+                seconds, _, alone = sequential(n, args.batches, args.epochs, backend)
                 seq_times.append(seconds)
+                seconds, lag, _ = sequential(n, args.batches, args.epochs, backend, ticker=True)
+                ticked_times.append(seconds)
+                ticked_lags.extend(lag)
                 for policy, (times, lags) in results.items():
                     seconds, lag, together = concurrent(
                         n, args.batches, args.epochs, backend, policy
@@ -136,17 +154,26 @@ def main() -> int:
                             failed = True
             total = n * args.batches * args.epochs
             seq = median(seq_times)
+            ticked = median(ticked_times)
             rows.append(
                 [f"{n} learners, {backend}, one after another", f"{total / seq:.0f}", "1.000"]
-                + ["-"] * 3
+                + ["-"] * 4
             )
-            for policy, (times, lags) in results.items():
+            variants = [
+                (f"{n} learners, {backend}, one after another, ticker", ticked_times, ticked_lags)
+            ]
+            variants += [
+                (f"{n} learners, {backend}, concurrent, compute={policy}", times, lags)
+                for policy, (times, lags) in results.items()
+            ]
+            for name, times, lags in variants:
                 t = median(times)
                 rows.append(
                     [
-                        f"{n} learners, {backend}, concurrent, compute={policy}",
+                        name,
                         f"{total / t:.0f}",
                         f"{seq / t:.3f}",
+                        f"{ticked / t:.3f}",
                         f"{percentile(lags, 0.5) * 1e3:.2f}",
                         f"{percentile(lags, 0.99) * 1e3:.2f}",
                         f"{max(lags) * 1e3:.1f}",
@@ -158,6 +185,7 @@ def main() -> int:
                 "variant",
                 "batches/s",
                 "throughput / sequential",
+                "/ sequential with ticker",
                 "lag p50 ms",
                 "lag p99 ms",
                 "lag max ms",
