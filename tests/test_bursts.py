@@ -1,4 +1,5 @@
-"""Thread mode runs fused batches in bursts: several batches per hop, handing back when needed."""
+"""Fused batches run in bursts: in thread mode several batches per hop, handing back when
+needed; inline, the batches up to the loop's next turn in one call."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import anyio
 import pytest
 import torch
 
-from aiolearner import Callback, Learner, StateView, StopEpoch, _executor
+from aiolearner import Callback, Learner, StateView, StopEpoch, _executor, _runtime
 from aiolearner.testing import make_batches, make_learner
 
 
@@ -109,9 +110,10 @@ class StopsAt(Callback):
 
 
 @pytest.mark.usefixtures("long_bursts")
-async def test_control_flow_and_errors_inside_a_burst_are_those_of_a_batch() -> None:
+@pytest.mark.parametrize("compute", ["thread", "inline"])
+async def test_control_flow_and_errors_inside_a_burst_are_those_of_a_batch(compute: str) -> None:
     learner = make_learner(
-        train_data=make_batches(10), with_validation=False, compute="thread", callbacks=[StopsAt()]
+        train_data=make_batches(10), with_validation=False, compute=compute, callbacks=[StopsAt()]
     )
     await learner.fit(1)
     assert learner.state.step == 4
@@ -122,7 +124,7 @@ async def test_control_flow_and_errors_inside_a_burst_are_those_of_a_batch() -> 
     hook = AtStep(0, lambda: None)
     data = [*make_batches(3), bad]
     learner = make_learner(
-        train_data=data, with_validation=False, compute="thread", callbacks=[hook]
+        train_data=data, with_validation=False, compute=compute, callbacks=[hook]
     )
     with pytest.raises(RuntimeError) as info:
         await learner.fit(1)
@@ -159,3 +161,59 @@ async def test_a_source_found_slow_in_a_burst_gets_its_producer_from_the_loop() 
     assert learner._rt.train.slow
     # The fetches after the switch came from the producer thread, not the burst's worker.
     assert len(set(source.threads[3:])) == 1
+
+
+class CountsInlineCalls:
+    """Counts ``Runtime.run_inline`` calls that ran (a batch, or a burst of them)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        original = _runtime.Runtime.run_inline
+
+        def counted(rt: Any, fn: Any, *args: Any, **kwargs: Any) -> object:
+            result = original(rt, fn, *args, **kwargs)
+            self.calls += result is not _runtime.NOT_RUN
+            return result
+
+        monkeypatch.setattr(_runtime.Runtime, "run_inline", counted)
+
+
+async def test_inline_the_batches_up_to_the_loops_turn_are_one_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    counter = CountsInlineCalls(monkeypatch)
+    # A turn every 10 s at most: nothing ends a pass's burst but the end of the pass.
+    learner = make_learner(n_batches=6, with_validation=False, compute="inline", yield_interval=1.0)
+    await learner.fit(2)
+    assert learner.state.step == 12
+    assert counter.calls == 4  # per pass: the first batch alone, then one burst
+    # The same training as batch by batch in thread mode's bursts and alone.
+    thread = make_learner(n_batches=6, with_validation=False, compute="thread")
+    await thread.fit(2)
+    for a, b in zip(learner.model.parameters(), thread.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert learner.state.metrics == thread.state.metrics
+
+
+async def test_inline_a_burst_gives_the_loop_its_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = CountsInlineCalls(monkeypatch)
+    # A turn after every batch: each burst is one batch long.
+    learner = make_learner(n_batches=6, with_validation=False, compute="inline", yield_interval=0.0)
+    await learner.fit(1)
+    assert counter.calls == 6
+
+
+async def test_inline_a_cancellation_lands_at_the_end_of_the_burst() -> None:
+    with anyio.CancelScope() as scope:
+        hook = AtStep(3, scope.cancel)  # on the loop's thread: the batch runs inline
+        learner = make_learner(
+            train_data=make_batches(20), with_validation=False, compute="inline", callbacks=[hook]
+        )
+        await learner.fit(1)
+    assert scope.cancelled_caught
+    assert threading.get_ident() in hook.threads
+    step = learner.state.step
+    assert 3 <= step <= 20
+    # Counters and weights agree: exactly `step` updates were applied, none half done.
+    for a, b in zip(learner.model.parameters(), await trained_for(step), strict=True):
+        assert torch.equal(a, b)
