@@ -25,10 +25,11 @@ the training's job holds the learner's place, and it is not another learner.
 
 The loop's own thread is one more place of the pool: learners that compute **inline** while
 they share the loop take it in **turns** (:class:`Turn`). A learner holds the turn while it runs
-batches on the loop and passes it on at each of its turns (every ``yield_interval``), to the
-next learner waiting for it, after which the loop's other tasks run. Without turns every inline
-learner would run a slice at each round of the loop, and a task waiting for the loop would wait
-for all of them; with turns it waits for one slice, whatever the number of learners. Tiny
+batches on the loop; at each of its turns (every ``yield_interval``) the loop's other tasks run
+while the learners waiting for the turn stay parked, and after ``TURN_SECONDS`` it passes the
+turn to the next learner waiting. Without turns every inline learner would run a slice at each
+round of the loop, and a task waiting for the loop would wait for all of them; with turns it
+waits for one slice, whatever the number of learners. Tiny
 Python-heavy batches gain nothing from threads (they share one GIL), so taking turns on the
 loop's thread is how ``compute="auto"`` runs many tiny learners (``_policy.py``).
 
