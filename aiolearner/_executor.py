@@ -321,8 +321,7 @@ class Executor:
                 try:
                     if synchronous:
                         if taking and not turn.held:  # type: ignore[union-attr]
-                            await turn.take()  # type: ignore[union-attr]
-                            rt.last_yield = clock()  # a full slice from when the turn came
+                            await rt.take_turn(turn)  # type: ignore[arg-type]
                         # While observed, the full definition: every stage's entry and exit is seen.
                         fn = drive if rt.observed else fast
                         if bursts and not check_fields:

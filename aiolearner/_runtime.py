@@ -296,6 +296,12 @@ class Runtime:
             # In the worker thread: record only; the decision is taken back on the loop.
             self.policy.record(time.perf_counter() - start)
 
+    async def take_turn(self, turn: Turn) -> None:
+        """Wait for the loop's turn among the learners computing inline on it; the slice until
+        the next :meth:`give_turn` starts when it comes."""
+        await turn.take()
+        self.last_yield = time.perf_counter()
+
     async def give_turn(self, now: float, turn: Turn | None = None) -> None:
         """Give the event loop a turn; the batch loops call this every ``yield_every`` seconds.
         ``turn``: the training loop's hold on the loop's thread, passed on if held."""

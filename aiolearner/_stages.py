@@ -175,8 +175,7 @@ class Validate(Stage):
                                 break
                             state.batch = batch
                             if taking and not turn.held:  # type: ignore[union-attr]
-                                await turn.take()  # type: ignore[union-attr]
-                                rt.last_yield = time.perf_counter()
+                                await rt.take_turn(turn)  # type: ignore[arg-type]
                             try:
                                 await validate_batch(state)
                                 loss = d.get("loss")

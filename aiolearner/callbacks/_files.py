@@ -219,12 +219,8 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None
 
     ``data`` is the bytes, or a function that writes them to the open file.
     """
-    with _temporary(path) as tmp:
-        _atomic_write(path, tmp, data)
 
-
-def _atomic_write(path: Path, tmp: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             if callable(data):
                 data(f)
@@ -232,28 +228,31 @@ def _atomic_write(path: Path, tmp: Path, data: bytes | Callable[[BinaryIO], obje
                 f.write(data)
             f.flush()
             _fsync(f.fileno())
-        _replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+
+    with _temporary(path) as tmp:
+        _install(path, tmp, write)
 
 
 def atomic_write_file(path: Path, write: Callable[[Path], object]) -> None:
     """Like :func:`atomic_write`, for writers that take a file name (``write(temporary path)``)."""
-    with _temporary(path) as tmp:
-        _atomic_write_file(path, tmp, write)
 
-
-def _atomic_write_file(path: Path, tmp: Path, write: Callable[[Path], object]) -> None:
-    try:
+    def write_synced(tmp: Path) -> None:
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             _fsync(fd)
         finally:
             os.close(fd)
+
+    with _temporary(path) as tmp:
+        _install(path, tmp, write_synced)
+
+
+def _install(path: Path, tmp: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` (which syncs it), then ``tmp`` replaces ``path`` and the directory entry is
+    synced; a failure removes ``tmp``."""
+    try:
+        write(tmp)
         _replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
