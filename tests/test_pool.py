@@ -201,3 +201,79 @@ def test_auto_keeps_many_tiny_learners_inline_when_they_take_turns(backend: str)
         policy = learner._rt.policy
         assert not policy.hopping
         assert not policy.in_turns  # the run is over
+
+
+class Interrupts(Callback):
+    """Cancels its learner's scope, or raises, once, after the update of one step (a ``def``
+    hook: the batch stays synchronous, so the learner takes turns)."""
+
+    reads = frozenset({"step"})
+
+    def __init__(self, outcome: str, at: int = 5) -> None:
+        self.outcome = outcome
+        self.at = at
+        self.scope: anyio.CancelScope | None = None
+        self.done = False
+
+    def after_update(self, state: StateView) -> None:
+        if state.step == self.at and not self.done:
+            self.done = True
+            if self.outcome == "cancel":
+                assert self.scope is not None
+                self.scope.cancel()
+            else:
+                raise RuntimeError("interrupted")
+
+
+def shuffled(seed: int) -> Any:
+    x, y = (torch.cat(t) for t in zip(*make_batches(8, seed=seed), strict=True))
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y),
+        batch_size=5,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+@BACKENDS
+@pytest.mark.parametrize("outcome", ["cancel", "error"])
+@pytest.mark.parametrize("data", ["list", "shuffling DataLoader"])
+def test_a_learner_interrupted_while_others_take_turns(
+    backend: str, outcome: str, data: str
+) -> None:
+    # One of four inline learners sharing a loop is cancelled, or fails, in the middle of its
+    # run: the turn is not left held (the others finish, each bit-identical to alone), and the
+    # interrupted one continues exactly when it fits again.
+    def build(i: int, callbacks: list[Callback]) -> Learner[Any]:
+        train = make_batches(8, seed=i + 1) if data == "list" else shuffled(i + 1)
+        return make_learner(
+            train_data=train, seed=i, compute="inline", yield_interval=0.0, callbacks=callbacks
+        )
+
+    hook = Interrupts(outcome)
+    learners = [build(0, [hook])] + [build(i, []) for i in range(1, 4)]
+    errors: list[BaseException] = []
+
+    async def main() -> None:
+        async def first() -> None:
+            with anyio.CancelScope() as scope:
+                hook.scope = scope
+                try:
+                    await learners[0].fit(2)
+                except* RuntimeError as group:  # a callback's error comes grouped
+                    errors.extend(group.exceptions)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            for learner in learners[1:]:
+                tg.start_soon(learner.fit, 2)
+
+    anyio.run(main, backend=backend)
+    assert learners[0].state.step == 5
+    assert len(errors) == (outcome == "error")
+    learners[0].fit_sync(2, backend=backend)  # type: ignore[arg-type]
+    for i, learner in enumerate(learners):
+        alone = build(i, [])
+        alone.fit_sync(2, backend=backend)  # type: ignore[arg-type]
+        assert learner.state.step == alone.state.step == 16
+        assert all(torch.equal(a, b) for a, b in zip(weights(learner), weights(alone), strict=True))
