@@ -12,17 +12,27 @@ one after another on one loop with nothing else on it (each then runs inline, th
 a second reference runs them one after another with the same ticker on the loop, which shows
 what the ticker's thousand wake-ups a second cost by themselves. Throughput is the total number
 of batches over the wall time, reported relative to each reference (1.0 = as fast as training
-them one after another). Every learner trained
-concurrently must end with exactly the weights it has trained alone. Targets (issue 12): ticker
-p99 <= 10 ms, throughput >= 0.9 x sequential, with 32 learners.
+them one after another): the ratio of the medians, and the median of the ratios within each
+repetition (the runs of one repetition are adjacent in time, so slow phases of a shared machine
+cancel out). Every learner trained concurrently must end with exactly the weights it has trained
+alone. Targets (issue 12): ticker p99 <= 10 ms, throughput >= 0.9 x sequential, with 32 learners.
+
+Every run starts from a collected heap (``gc.collect()`` before it starts), so that a
+full collection due to the garbage of earlier runs does not land in one variant at random; the
+full (generation 2) collections that happen during the timed runs are counted and timed: with
+torch imported one takes 0.1-0.2 s here (the whole heap is traversed), which is the ticker's
+longest lag whenever one occurs (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
 
 import anyio
 import torch
@@ -55,53 +65,86 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def sequential(
-    n: int, batches: int, epochs: int, backend: str, ticker: bool = False
-) -> tuple[float, list[float], list[Any]]:
-    """The N trainings one after another on one loop, alone or with the 1 ms ticker:
-    (seconds, lags, final weights)."""
+class FullCollections:
+    """Within the block, the duration of every full (generation 2) garbage collection."""
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.pauses.append(time.perf_counter() - self._start)
+
+    def __enter__(self) -> list[float]:
+        gc.callbacks.append(self._callback)
+        return self.pauses
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+
+class Result(NamedTuple):
+    seconds: float
+    lags: list[float]
+    weights: list[Any]
+    #: The full garbage collections during the timed part (seconds each).
+    collections: list[float]
+
+
+def sequential(n: int, batches: int, epochs: int, backend: str, ticker: bool = False) -> Result:
+    """The N trainings one after another on one loop, alone or with the 1 ms ticker."""
     learners = [build(i, batches, "auto") for i in range(n)]
     lags: list[float] = []
 
-    async def main() -> float:
+    async def main() -> tuple[float, list[float]]:
         done = anyio.Event()
         async with anyio.create_task_group() as outer:
             if ticker:
                 outer.start_soon(tick, lags, done)
                 await anyio.sleep(0.01)  # the ticker runs before training starts
             start = time.perf_counter()
-            for learner in learners:
-                await learner.fit(epochs)
+            with FullCollections() as pauses:
+                for learner in learners:
+                    await learner.fit(epochs)
             seconds = time.perf_counter() - start
             done.set()
-        return seconds
+        return seconds, pauses
 
-    seconds = anyio.run(main, backend=backend)
-    return seconds, lags, [weights(learner) for learner in learners]
+    gc.collect()  # before the ticker starts: a collection is a lag
+    seconds, pauses = anyio.run(main, backend=backend)
+    return Result(seconds, lags, [weights(learner) for learner in learners], pauses)
 
 
 def concurrent(
-    n: int, batches: int, epochs: int, backend: str, compute: str
-) -> tuple[float, list[float], list[Any]]:
-    """The N trainings at once on one loop with a 1 ms ticker: (seconds, lags, final weights)."""
+    n: int, batches: int, epochs: int, backend: str, compute: str, ticker: bool = True
+) -> Result:
+    """The N trainings at once on one loop, with the 1 ms ticker or alone."""
     learners = [build(i, batches, compute) for i in range(n)]
     lags: list[float] = []
 
-    async def main() -> float:
+    async def main() -> tuple[float, list[float]]:
         done = anyio.Event()
         async with anyio.create_task_group() as outer:
-            outer.start_soon(tick, lags, done)
-            await anyio.sleep(0.01)  # the ticker runs before training starts
+            if ticker:
+                outer.start_soon(tick, lags, done)
+                await anyio.sleep(0.01)  # the ticker runs before training starts
             start = time.perf_counter()
-            async with anyio.create_task_group() as tg:
-                for learner in learners:
-                    tg.start_soon(learner.fit, epochs)
+            with FullCollections() as pauses:
+                async with anyio.create_task_group() as tg:
+                    for learner in learners:
+                        tg.start_soon(learner.fit, epochs)
             seconds = time.perf_counter() - start
             done.set()
-        return seconds
+        return seconds, pauses
 
-    seconds = anyio.run(main, backend=backend)
-    return seconds, lags, [weights(learner) for learner in learners]
+    gc.collect()  # before the ticker starts: a collection is a lag
+    seconds, pauses = anyio.run(main, backend=backend)
+    return Result(seconds, lags, [weights(learner) for learner in learners], pauses)
 
 
 def main() -> int:
@@ -113,6 +156,11 @@ def main() -> int:
     parser.add_argument("--backends", default="asyncio,trio")
     parser.add_argument("--policies", default="auto,thread")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() after the warm-up: full collections then skip the heap made so far",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -126,57 +174,66 @@ def main() -> int:
         sequential(2, 4, 1, backend, ticker=True)
         for policy in args.policies.split(","):
             concurrent(4, 4, 1, backend, policy)
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()
+        print(f"gc.freeze(): {gc.get_freeze_count()} objects left out of full collections")
     rows = []
     failed = False
     for n in (int(x) for x in args.learners.split(",")):
         for backend in args.backends.split(","):
-            seq_times: list[float] = []
-            ticked_times: list[float] = []
-            ticked_lags: list[float] = []
-            results: dict[str, tuple[list[float], list[float]]] = {
-                p: ([], []) for p in args.policies.split(",")
+            runs: dict[str, Callable[[], Result]] = {
+                "one after another": partial(sequential, n, args.batches, args.epochs, backend),
+                "one after another, ticker": partial(
+                    sequential, n, args.batches, args.epochs, backend, ticker=True
+                ),
             }
-            alone: list[Any] = []
-            for _ in range(args.reps):
-                seconds, _, alone = sequential(n, args.batches, args.epochs, backend)
-                seq_times.append(seconds)
-                seconds, lag, _ = sequential(n, args.batches, args.epochs, backend, ticker=True)
-                ticked_times.append(seconds)
-                ticked_lags.extend(lag)
-                for policy, (times, lags) in results.items():
-                    seconds, lag, together = concurrent(
-                        n, args.batches, args.epochs, backend, policy
-                    )
-                    times.append(seconds)
-                    lags.extend(lag)
-                    for a, b in zip(alone, together, strict=True):
-                        if not all(torch.equal(x, y) for x, y in zip(a, b, strict=True)):
-                            failed = True
+            for policy in args.policies.split(","):
+                runs[f"concurrent, compute={policy}"] = partial(
+                    concurrent, n, args.batches, args.epochs, backend, policy
+                )
+            # The learners' throughput without the ticker's wake-ups (the first policy).
+            first = args.policies.split(",")[0]
+            runs[f"concurrent, compute={first}, no ticker"] = partial(
+                concurrent, n, args.batches, args.epochs, backend, first, ticker=False
+            )
+            results: dict[str, list[Result]] = {name: [] for name in runs}
+            order = list(runs)
+            for rep in range(args.reps):
+                # A rotated order each repetition: no variant always runs first.
+                for name in order[rep % len(order) :] + order[: rep % len(order)]:
+                    results[name].append(runs[name]())
+            alone = results["one after another"]
+            for name, rs in results.items():
+                if name.startswith("concurrent"):
+                    for a, b in zip(alone, rs, strict=True):
+                        failed |= not all(
+                            torch.equal(x, y)
+                            for wa, wb in zip(a.weights, b.weights, strict=True)
+                            for x, y in zip(wa, wb, strict=True)
+                        )
             total = n * args.batches * args.epochs
+            seq_times = [r.seconds for r in alone]
+            ticked_times = [r.seconds for r in results["one after another, ticker"]]
             seq = median(seq_times)
             ticked = median(ticked_times)
-            rows.append(
-                [f"{n} learners, {backend}, one after another", f"{total / seq:.0f}", "1.000"]
-                + ["-"] * 4
-            )
-            variants = [
-                (f"{n} learners, {backend}, one after another, ticker", ticked_times, ticked_lags)
-            ]
-            variants += [
-                (f"{n} learners, {backend}, concurrent, compute={policy}", times, lags)
-                for policy, (times, lags) in results.items()
-            ]
-            for name, times, lags in variants:
+            for name, rs in results.items():
+                times = [r.seconds for r in rs]
+                lags = [lag for r in rs for lag in r.lags]
+                pauses = [p for r in rs for p in r.collections]
                 t = median(times)
+                paired = median([a / b for a, b in zip(seq_times, times, strict=True)])
                 rows.append(
                     [
-                        name,
+                        f"{n} learners, {backend}, {name}",
                         f"{total / t:.0f}",
                         f"{seq / t:.3f}",
+                        f"{paired:.3f}",
                         f"{ticked / t:.3f}",
-                        f"{percentile(lags, 0.5) * 1e3:.2f}",
-                        f"{percentile(lags, 0.99) * 1e3:.2f}",
-                        f"{max(lags) * 1e3:.1f}",
+                        f"{percentile(lags, 0.5) * 1e3:.2f}" if lags else "-",
+                        f"{percentile(lags, 0.99) * 1e3:.2f}" if lags else "-",
+                        f"{max(lags) * 1e3:.1f}" if lags else "-",
+                        f"{len(pauses)}" + (f" ({max(pauses) * 1e3:.0f})" if pauses else ""),
                     ]
                 )
     print(
@@ -185,10 +242,12 @@ def main() -> int:
                 "variant",
                 "batches/s",
                 "throughput / sequential",
+                "median of ratios in a rep",
                 "/ sequential with ticker",
                 "lag p50 ms",
                 "lag p99 ms",
                 "lag max ms",
+                "full GCs (longest ms)",
             ],
             rows,
         )
