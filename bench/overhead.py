@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import random
 import time
 import warnings
 from collections.abc import Callable
@@ -132,6 +134,28 @@ def final_loss(model: torch.nn.Module, probe: Batch) -> torch.Tensor:
         return LOSS(model(probe[0]), probe[1])
 
 
+def ratio_interval(
+    ours: list[float], theirs: list[float], *, level: float = 0.9, draws: int = 2000
+) -> tuple[float, float]:
+    """A bootstrap interval of ``median(ours) / median(theirs)``: the repetitions (pairs of
+    per-repetition overheads, which share a raw run) resampled with replacement ``draws`` times
+    (fixed seed, so the same figures give the same interval)."""
+    rng = random.Random(0)
+    n = len(ours)
+    ratios = []
+    for _ in range(draws):
+        picks = [rng.randrange(n) for _ in range(n)]
+        denominator = median([theirs[i] for i in picks])
+        if denominator > 0:
+            ratios.append(median([ours[i] for i in picks]) / denominator)
+    if not ratios:
+        return math.nan, math.nan
+    ratios.sort()
+    tail = (1 - level) / 2
+    last = len(ratios) - 1
+    return ratios[int(tail * last)], ratios[round((1 - tail) * last)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="null,tiny,heavy")
@@ -207,18 +231,22 @@ def main() -> int:
         )
         print(table(["variant", "us/step", "overhead us/step", "time / raw", "final loss"], rows))
         if "Ignite Engine" in times and light:
-            ours = median(
-                [t - r for t, r in zip(times["aiolearner auto (default)"], raw_times, strict=True)]
-            )
             peers = (
                 (("Ignite Engine", 0.5), ("Lightning Trainer", 0.03))
                 if model_name == "tiny"
                 else (("Ignite bare Engine", 0.5),)
             )
+            ours_diffs = [
+                t - r for t, r in zip(times["aiolearner auto (default)"], raw_times, strict=True)
+            ]
+            ours = median(ours_diffs)
             for peer, bound in peers:
-                theirs = median([t - r for t, r in zip(times[peer], raw_times, strict=True)])
+                theirs_diffs = [t - r for t, r in zip(times[peer], raw_times, strict=True)]
+                theirs = median(theirs_diffs)
+                low, high = ratio_interval(ours_diffs, theirs_diffs)
                 print(
-                    f"default overhead / {peer} overhead = {ours / theirs:.3f} (target <= {bound})"
+                    f"default overhead / {peer} overhead = {ours / theirs:.3f} (target <= {bound});"
+                    f" 90% bootstrap interval {low:.3f}-{high:.3f}"
                 )
     if failed:
         print("\nFAILED: a final loss differs from the raw loop's")
