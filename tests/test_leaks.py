@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
+import torch
 
 from aiolearner import Callback, LearnerStatus, StateView
 from aiolearner.testing import make_learner
@@ -218,3 +219,47 @@ def test_learner_is_collected_after_fit_sync() -> None:
     del learner
     gc.collect()
     assert [r() for r in refs if r() is not None] == []
+
+
+# -- garbage for the cycle collector -----------------------------------------------------------
+
+
+def shuffling_loader() -> torch.utils.data.DataLoader[Any]:
+    x, y = torch.randn(32, 4, generator=torch.Generator().manual_seed(3)), torch.arange(32) % 3
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"compute": "thread", "fetch": "thread"},
+        {"validate": "concurrent"},
+        {"train_data": "loader"},
+    ],
+    ids=["default", "thread", "concurrent-validation", "shuffling-loader"],
+)
+async def test_training_makes_no_reference_cycles(options: dict[str, Any]) -> None:
+    """Epochs of training leave nothing for the cycle collector: a full collection (which walks
+    the whole heap while the loop waits, see docs/reliability.md) is not brought nearer by
+    training. (Checkpoint is left out: ``torch.save`` makes a class per call.)"""
+    if options.get("train_data") == "loader":
+        options = {**options, "train_data": shuffling_loader()}
+    learner = make_learner(callbacks=[Noise(), Noise2()], **options)
+    await learner.fit(1)  # the first run builds the plan and starts what is kept
+    found = []
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector would free is kept in gc.garbage
+    try:
+        for epochs in (2, 5):
+            await learner.fit(epochs)
+            await settle_worker_threads()
+            gc.collect()
+            found.extend(gc.garbage)
+            gc.garbage.clear()
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert [type(o).__name__ for o in found] == []
