@@ -10,7 +10,9 @@ one event loop, while a task on the same loop sleeps 1 ms in a loop and records 
 wakes up (the lag a web handler on that loop would see). The reference is the same N trainings
 one after another on one loop with nothing else on it (each then runs inline, the fastest way);
 a second reference runs them one after another with the same ticker on the loop, which shows
-what the ticker's thousand wake-ups a second cost by themselves. Throughput is the total number
+what the ticker's thousand wake-ups a second cost by themselves, and the learners also train
+concurrently with no ticker (with the first policy listed), which shows what training them at
+once costs by itself. Throughput is the total number
 of batches over the wall time, reported relative to each reference (1.0 = as fast as training
 them one after another): the ratio of the medians, and the median of the ratios within each
 repetition (the runs of one repetition are adjacent in time, so slow phases of a shared machine
