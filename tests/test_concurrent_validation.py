@@ -556,11 +556,15 @@ def test_default_options_add_nothing_to_the_loop() -> None:
 
 async def test_concurrent_validation_with_thread_compute_overlaps_training() -> None:
     # Training's and validation's compute use separate worker lanes: a validation batch can
-    # run while a training batch is in its thread. Each side waits for the other at a barrier.
+    # run while a training batch is in its thread. Each side waits for the other at a barrier,
+    # whichever comes first: the first validation batch (of epoch 0's weights) and the first
+    # training batch after that snapshot (epoch 1's first). Neither passes unless both compute
+    # at once.
     import threading
 
     barrier = threading.Barrier(2, timeout=10)
     met: list[str] = []
+    training_batches = 0
 
     class Meet(torch.nn.Module):
         def __init__(self) -> None:
@@ -568,11 +572,14 @@ async def test_concurrent_validation_with_thread_compute_overlaps_training() -> 
             self.linear = torch.nn.Linear(4, 3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if not met and not torch.is_grad_enabled() and torch.is_inference_mode_enabled():
+            nonlocal training_batches
+            if torch.is_grad_enabled():
+                training_batches += 1
+                if training_batches == 5:  # 4 batches an epoch: epoch 1's first
+                    met.append("training")
+                    barrier.wait()
+            elif torch.is_inference_mode_enabled() and "validation" not in met:
                 met.append("validation")
-                barrier.wait()
-            elif len(met) == 1 and torch.is_grad_enabled():
-                met.append("training")
                 barrier.wait()
             return self.linear(x)  # type: ignore[no-any-return]
 
@@ -587,7 +594,8 @@ async def test_concurrent_validation_with_thread_compute_overlaps_training() -> 
         validate="concurrent",
     )
     await learner.fit(2)
-    assert met == ["validation", "training"]
+    assert sorted(met) == ["training", "validation"]
+    assert not barrier.broken
 
 
 async def test_after_validate_sees_the_validated_weights_not_the_live_ones() -> None:
