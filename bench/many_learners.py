@@ -101,25 +101,7 @@ class Result(NamedTuple):
 def sequential(n: int, batches: int, epochs: int, backend: str, ticker: bool = False) -> Result:
     """The N trainings one after another on one loop, alone or with the 1 ms ticker."""
     learners = [build(i, batches, "auto") for i in range(n)]
-    lags: list[float] = []
-
-    async def main() -> tuple[float, list[float]]:
-        done = anyio.Event()
-        async with anyio.create_task_group() as outer:
-            if ticker:
-                outer.start_soon(tick, lags, done)
-                await anyio.sleep(0.01)  # the ticker runs before training starts
-            start = time.perf_counter()
-            with FullCollections() as pauses:
-                for learner in learners:
-                    await learner.fit(epochs)
-            seconds = time.perf_counter() - start
-            done.set()
-        return seconds, pauses
-
-    gc.collect()  # before the ticker starts: a collection is a lag
-    seconds, pauses = anyio.run(main, backend=backend)
-    return Result(seconds, lags, [weights(learner) for learner in learners], pauses)
+    return _train(learners, epochs, backend, ticker=ticker, together=False)
 
 
 def concurrent(
@@ -127,6 +109,12 @@ def concurrent(
 ) -> Result:
     """The N trainings at once on one loop, with the 1 ms ticker or alone."""
     learners = [build(i, batches, compute) for i in range(n)]
+    return _train(learners, epochs, backend, ticker=ticker, together=True)
+
+
+def _train(
+    learners: list[Learner[Batch]], epochs: int, backend: str, *, ticker: bool, together: bool
+) -> Result:
     lags: list[float] = []
 
     async def main() -> tuple[float, list[float]]:
@@ -137,9 +125,13 @@ def concurrent(
                 await anyio.sleep(0.01)  # the ticker runs before training starts
             start = time.perf_counter()
             with FullCollections() as pauses:
-                async with anyio.create_task_group() as tg:
+                if together:
+                    async with anyio.create_task_group() as tg:
+                        for learner in learners:
+                            tg.start_soon(learner.fit, epochs)
+                else:
                     for learner in learners:
-                        tg.start_soon(learner.fit, epochs)
+                        await learner.fit(epochs)
             seconds = time.perf_counter() - start
             done.set()
         return seconds, pauses
