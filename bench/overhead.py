@@ -6,6 +6,9 @@ is each framework's own per-batch work), ``tiny`` (an MLP 32->64->10, batch 64) 
 Run (the whole benchmark, all models, all variants, interleaved repetitions)::
 
     .venv/bin/python -m bench.overhead            # needs the `bench` extra for Ignite/Lightning
+    # the null row against the bare Engine only, with enough repetitions to narrow its interval:
+    .venv/bin/python -m bench.overhead --models null --reps 201 \
+        --variants "aiolearner auto (default),Ignite bare Engine"
 
 Every variant trains a fresh copy of the same model (same seed) with SGD on the same batches, one
 epoch, with default settings: aiolearner with no callbacks (``compute`` inline / thread / auto, the
@@ -165,6 +168,12 @@ def main() -> int:
     parser.add_argument("--heavy-reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--no-peers", action="store_true", help="skip Ignite and Lightning")
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="comma-separated names of the variants to run (the raw loop always runs), e.g. "
+        "'aiolearner auto (default),Ignite bare Engine'; all when empty",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -183,6 +192,13 @@ def main() -> int:
         variants["Ignite Engine"] = run_ignite
         variants["Ignite bare Engine"] = run_ignite_bare
         variants["Lightning Trainer"] = run_lightning
+
+    if args.variants:
+        wanted = {name.strip() for name in args.variants.split(",")}
+        unknown = wanted - set(variants)
+        if unknown:
+            parser.error(f"--variants: unknown {sorted(unknown)}; known: {sorted(variants)}")
+        variants = {name: run for name, run in variants.items() if name in wanted | {"raw loop"}}
 
     print(f"machine: {machine()}")
     failed = False
@@ -230,7 +246,7 @@ def main() -> int:
             f"(timed {steps - 2 * skip}), {reps} interleaved repetitions, medians"
         )
         print(table(["variant", "us/step", "overhead us/step", "time / raw", "final loss"], rows))
-        if "Ignite Engine" in times and light:
+        if "aiolearner auto (default)" in times and light:
             peers = (
                 (("Ignite Engine", 0.5), ("Lightning Trainer", 0.03))
                 if model_name == "tiny"
@@ -241,6 +257,8 @@ def main() -> int:
             ]
             ours = median(ours_diffs)
             for peer, bound in peers:
+                if peer not in times:
+                    continue
                 theirs_diffs = [t - r for t, r in zip(times[peer], raw_times, strict=True)]
                 theirs = median(theirs_diffs)
                 low, high = ratio_interval(ours_diffs, theirs_diffs)
