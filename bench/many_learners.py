@@ -19,6 +19,12 @@ repetition (the runs of one repetition are adjacent in time, so slow phases of a
 cancel out). Every learner trained concurrently must end with exactly the weights it has trained
 alone. Targets (issue 12): ticker p99 <= 10 ms, throughput >= 0.9 x sequential, with 32 learners.
 
+Two more rows train the same N models as hand-written loops (the raw step, no framework), one
+after another: alone, and with the ticker while giving the loop a turn every 1 ms as a learner
+sharing the loop does. What the ticker costs them is what its wake-ups cost any loop that keeps
+it on time; the script prints it next to what it costs the learners. The hand-written loops
+must end with exactly the learners' weights too.
+
 Every run starts from a collected heap (``gc.collect()`` before it starts), so that a
 full collection due to the garbage of earlier runs does not land in one variant at random; the
 full (generation 2) collections that happen during the timed runs are counted and timed: with
@@ -40,7 +46,7 @@ import anyio
 import torch
 
 from aiolearner import Learner
-from bench._common import Batch, machine, make_data, make_mlp, median, table, tick
+from bench._common import TICK, Batch, machine, make_data, make_mlp, median, raw_step, table, tick
 
 SIZES = [32, 64, 10]
 BATCH = 32
@@ -112,6 +118,42 @@ def concurrent(
     return _train(learners, epochs, backend, ticker=ticker, together=True)
 
 
+def hand_written(n: int, batches: int, epochs: int, backend: str, ticker: bool = False) -> Result:
+    """The N trainings as hand-written loops one after another on one loop: alone (no turns), or
+    with the 1 ms ticker, giving the loop a turn every ``TICK`` seconds."""
+    models = [make_mlp(SIZES, seed=i) for i in range(n)]
+    datas = [make_data(batches, BATCH, SIZES[0], SIZES[-1], seed=1000 + i) for i in range(n)]
+    lags: list[float] = []
+    loss_fn = torch.nn.functional.cross_entropy
+
+    async def main() -> tuple[float, list[float]]:
+        done = anyio.Event()
+        async with anyio.create_task_group() as outer:
+            if ticker:
+                outer.start_soon(tick, lags, done)
+                await anyio.sleep(0.01)  # the ticker runs before training starts
+            clock = time.perf_counter
+            start = last = clock()
+            with FullCollections() as pauses:
+                for model, data in zip(models, datas, strict=True):
+                    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+                    model.train()
+                    for _ in range(epochs):
+                        for x, y in data:
+                            raw_step(model, optimizer, loss_fn, x, y)
+                            if ticker and clock() - last >= TICK:
+                                await anyio.lowlevel.checkpoint()
+                                last = clock()
+            seconds = clock() - start
+            done.set()
+        return seconds, pauses
+
+    gc.collect()  # before the ticker starts: a collection is a lag
+    seconds, pauses = anyio.run(main, backend=backend)
+    trained = [[p.detach().clone() for p in model.parameters()] for model in models]
+    return Result(seconds, lags, trained, pauses)
+
+
 def _train(
     learners: list[Learner[Batch]], epochs: int, backend: str, *, ticker: bool, together: bool
 ) -> Result:
@@ -173,6 +215,7 @@ def main() -> int:
         gc.freeze()
         print(f"gc.freeze(): {gc.get_freeze_count()} objects left out of full collections")
     rows = []
+    notes: list[str] = []
     failed = False
     for n in (int(x) for x in args.learners.split(",")):
         for backend in args.backends.split(","):
@@ -191,6 +234,12 @@ def main() -> int:
             runs[f"concurrent, compute={first}, no ticker"] = partial(
                 concurrent, n, args.batches, args.epochs, backend, first, ticker=False
             )
+            runs["hand-written loops, one after another"] = partial(
+                hand_written, n, args.batches, args.epochs, backend
+            )
+            runs["hand-written loops, one after another, ticker"] = partial(
+                hand_written, n, args.batches, args.epochs, backend, ticker=True
+            )
             results: dict[str, list[Result]] = {name: [] for name in runs}
             order = list(runs)
             for rep in range(args.reps):
@@ -199,7 +248,7 @@ def main() -> int:
                     results[name].append(runs[name]())
             alone = results["one after another"]
             for name, rs in results.items():
-                if name.startswith("concurrent"):
+                if name.startswith(("concurrent", "hand-written")):
                     for a, b in zip(alone, rs, strict=True):
                         failed |= not all(
                             torch.equal(x, y)
@@ -211,6 +260,18 @@ def main() -> int:
             ticked_times = [r.seconds for r in results["one after another, ticker"]]
             seq = median(seq_times)
             ticked = median(ticked_times)
+            hand = [r.seconds for r in results["hand-written loops, one after another"]]
+            hand_ticked = [
+                r.seconds for r in results["hand-written loops, one after another, ticker"]
+            ]
+            notes.append(
+                f"{n} learners, {backend}: with the ticker, one after another, the learners ran at "
+                f"{seq / ticked:.3f} of their speed without it, hand-written loops at "
+                f"{median(hand) / median(hand_ticked):.3f} (ratios of medians; within "
+                "repetitions "
+                f"{median([a / b for a, b in zip(seq_times, ticked_times, strict=True)]):.3f} and "
+                f"{median([a / b for a, b in zip(hand, hand_ticked, strict=True)]):.3f})"
+            )
             for name, rs in results.items():
                 times = [r.seconds for r in rs]
                 lags = [lag for r in rs for lag in r.lags]
@@ -246,11 +307,19 @@ def main() -> int:
             rows,
         )
     )
+    for note in notes:
+        print(note)
     print(f"GIL switch interval {sys.getswitchinterval()} s")
     if failed:
-        print("FAILED: a learner trained concurrently differs from the same learner alone")
+        print(
+            "FAILED: a learner trained concurrently, or a hand-written loop, differs from the "
+            "same learner alone"
+        )
         return 1
-    print("every learner trained concurrently is bit-identical to the same learner alone")
+    print(
+        "every learner trained concurrently, and every hand-written loop, is bit-identical to "
+        "the same learner alone"
+    )
     return 0
 
 
