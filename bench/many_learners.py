@@ -38,7 +38,7 @@ import argparse
 import gc
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -64,8 +64,8 @@ def build(i: int, batches: int, compute: str) -> Learner[Batch]:
     )
 
 
-def weights(learner: Learner[Any]) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in learner.model.parameters()]
+def weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -107,7 +107,12 @@ class Result(NamedTuple):
 def sequential(n: int, batches: int, epochs: int, backend: str, ticker: bool = False) -> Result:
     """The N trainings one after another on one loop, alone or with the 1 ms ticker."""
     learners = [build(i, batches, "auto") for i in range(n)]
-    return _train(learners, epochs, backend, ticker=ticker, together=False)
+
+    async def train() -> None:
+        for learner in learners:
+            await learner.fit(epochs)
+
+    return _timed(train, [learner.model for learner in learners], backend, ticker=ticker)
 
 
 def concurrent(
@@ -115,7 +120,13 @@ def concurrent(
 ) -> Result:
     """The N trainings at once on one loop, with the 1 ms ticker or alone."""
     learners = [build(i, batches, compute) for i in range(n)]
-    return _train(learners, epochs, backend, ticker=ticker, together=True)
+
+    async def train() -> None:
+        async with anyio.create_task_group() as tg:
+            for learner in learners:
+                tg.start_soon(learner.fit, epochs)
+
+    return _timed(train, [learner.model for learner in learners], backend, ticker=ticker)
 
 
 def hand_written(n: int, batches: int, epochs: int, backend: str, ticker: bool = False) -> Result:
@@ -123,40 +134,33 @@ def hand_written(n: int, batches: int, epochs: int, backend: str, ticker: bool =
     with the 1 ms ticker, giving the loop a turn every ``TICK`` seconds."""
     models = [make_mlp(SIZES, seed=i) for i in range(n)]
     datas = [make_data(batches, BATCH, SIZES[0], SIZES[-1], seed=1000 + i) for i in range(n)]
-    lags: list[float] = []
     loss_fn = torch.nn.functional.cross_entropy
 
-    async def main() -> tuple[float, list[float]]:
-        done = anyio.Event()
-        async with anyio.create_task_group() as outer:
-            if ticker:
-                outer.start_soon(tick, lags, done)
-                await anyio.sleep(0.01)  # the ticker runs before training starts
-            clock = time.perf_counter
-            start = last = clock()
-            with FullCollections() as pauses:
-                for model, data in zip(models, datas, strict=True):
-                    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-                    model.train()
-                    for _ in range(epochs):
-                        for x, y in data:
-                            raw_step(model, optimizer, loss_fn, x, y)
-                            if ticker and clock() - last >= TICK:
-                                await anyio.lowlevel.checkpoint()
-                                last = clock()
-            seconds = clock() - start
-            done.set()
-        return seconds, pauses
+    async def train() -> None:
+        clock = time.perf_counter
+        last = clock()
+        for model, data in zip(models, datas, strict=True):
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            model.train()
+            for _ in range(epochs):
+                for x, y in data:
+                    raw_step(model, optimizer, loss_fn, x, y)
+                    if ticker and clock() - last >= TICK:
+                        await anyio.lowlevel.checkpoint()
+                        last = clock()
 
-    gc.collect()  # before the ticker starts: a collection is a lag
-    seconds, pauses = anyio.run(main, backend=backend)
-    trained = [[p.detach().clone() for p in model.parameters()] for model in models]
-    return Result(seconds, lags, trained, pauses)
+    return _timed(train, models, backend, ticker=ticker)
 
 
-def _train(
-    learners: list[Learner[Batch]], epochs: int, backend: str, *, ticker: bool, together: bool
+def _timed(
+    train: Callable[[], Awaitable[None]],
+    models: Sequence[torch.nn.Module],
+    backend: str,
+    *,
+    ticker: bool,
 ) -> Result:
+    """``train()`` on a fresh event loop, timed, with the ticker on the loop or not; the models'
+    weights after it."""
     lags: list[float] = []
 
     async def main() -> tuple[float, list[float]]:
@@ -167,20 +171,14 @@ def _train(
                 await anyio.sleep(0.01)  # the ticker runs before training starts
             start = time.perf_counter()
             with FullCollections() as pauses:
-                if together:
-                    async with anyio.create_task_group() as tg:
-                        for learner in learners:
-                            tg.start_soon(learner.fit, epochs)
-                else:
-                    for learner in learners:
-                        await learner.fit(epochs)
+                await train()
             seconds = time.perf_counter() - start
             done.set()
         return seconds, pauses
 
     gc.collect()  # before the ticker starts: a collection is a lag
     seconds, pauses = anyio.run(main, backend=backend)
-    return Result(seconds, lags, [weights(learner) for learner in learners], pauses)
+    return Result(seconds, lags, [weights(model) for model in models], pauses)
 
 
 def main() -> int:
