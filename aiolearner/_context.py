@@ -129,11 +129,13 @@ class StageContext:
     async def open_pass(self, state: State, data: Any = "train") -> AsyncIterator[Batches]:
         """One pass over data: ``async with context.open_pass(state, data) as batches:``.
 
-        ``data`` is ``"train"`` (the training data, resuming an interrupted epoch where it
-        stopped), ``"validation"`` (the validation data, or the snapshot of it a concurrent
-        validation took, or the data ``learner.validate(data)``/``test(data)`` was given; with
-        several validation sets, the one Validate is going over), or any iterable or async
-        iterable of batches. Take batches with
+        ``data`` is ``"train"`` (the epoch's training pass, for a stage in ``Fit``'s place:
+        the training data, resuming an interrupted epoch where it stopped; once the epoch's
+        pass has finished, a ``ValueError``), ``"validation"`` (the validation data, or the
+        snapshot of it a concurrent validation took, or the data
+        ``learner.validate(data)``/``test(data)`` was given; with several validation sets, the
+        one Validate is going over), or any iterable or async iterable of batches. Take
+        batches with
         ``await batches.next()`` until it returns ``batches.END``; they arrive on the device,
         fetched ahead of use as the learner's ``fetch`` and ``prefetch`` options say.
         """

@@ -16,13 +16,15 @@ import torch
 from . import _checks
 from ._data import BatchSource
 from ._device import DeviceMover
-from ._exceptions import ConfigurationError
+from ._exceptions import ConfigurationError, ControlFlow
 from ._lifecycle import LearnerStatus, running
 from ._runtime import validation_sources
-from ._stage import split_batch
+from ._stage import split_batch, unowned
+from ._stages import Epoch
 
 if TYPE_CHECKING:
     from ._learner import Learner
+    from ._stage import Stage
 
 __all__ = ["evaluate", "predict", "sets_for", "test", "validate"]
 
@@ -74,9 +76,18 @@ async def validate(
     sets = learner._val_sets if data is None else sets_for(learner, data, "data")
     if not sets:
         raise ValueError("this learner has no val_data to validate on; pass data=")
+    d = learner._state.__dict__
+    before = d.get("validation")
     async with running(learner, LearnerStatus.VALIDATING):
         await evaluate(learner, None if data is None else sets)
-    return dict(learner._state.validation)
+    return results_of(d, before)
+
+
+def results_of(d: dict[str, Any], before: Any) -> dict[str, Any]:
+    """The results the pass just set (``state.validation``); ``{}`` from a stage of one's own in
+    the validation slot that sets none (never the results of an earlier pass)."""
+    validation = d.get("validation")
+    return {} if validation is None or validation is before else dict(validation)
 
 
 async def test(learner: Learner[Any], data: Iterable[Any] | Mapping[str, Any]) -> dict[str, Any]:
@@ -91,7 +102,7 @@ async def test(learner: Learner[Any], data: Iterable[Any] | Mapping[str, Any]) -
     async with running(learner, LearnerStatus.TESTING):
         try:
             await evaluate(learner, sets)
-            results = dict(state.validation)
+            results = results_of(d, kept.get("validation"))
         finally:
             # A test is not a validation: the latest validation stays what it was.
             state.invalidate("validation", "validation_tag")
@@ -101,9 +112,24 @@ async def test(learner: Learner[Any], data: Iterable[Any] | Mapping[str, Any]) -
     return {f"test_{key}": value for key, value in results.items()}
 
 
+def validation_stage(learner: Learner[Any]) -> Stage:
+    """The stage in the epoch's validation slot (``Validate``, or what replaced it, whatever
+    its name)."""
+    for stage in learner._root.walk():
+        if isinstance(stage, Epoch):
+            return stage.validate
+    named = learner._stages.get("validate")
+    if named is None:
+        raise ConfigurationError(
+            "this learner's stage tree has no validation stage (no Epoch with a validate slot, "
+            "no stage named 'validate'), so it cannot validate or test"
+        )
+    return named
+
+
 async def evaluate(learner: Learner[Any], sets: dict[str | None, BatchSource] | None) -> None:
-    """The Validate stage once, over ``sets`` (``None``: ``val_data``)."""
-    stage = learner._stages["validate"]
+    """The validation stage once, over ``sets`` (``None``: ``val_data``)."""
+    stage = validation_stage(learner)
     validator = learner._rt.validator
     token = None if sets is None else validation_sources.set(sets)
     try:
@@ -111,6 +137,10 @@ async def evaluate(learner: Learner[Any], sets: dict[str | None, BatchSource] | 
             await stage(learner._state)
         else:
             await validator.validate_now(stage, learner._state, sets)
+    except ControlFlow as flow:
+        # Validate owns StopEpoch and ValidateBatch SkipBatch; a StopFit (no fit is running)
+        # or control flow raised outside the pass has no owner here.
+        raise unowned(flow, stage.name) from flow
     finally:
         if token is not None:
             validation_sources.reset(token)

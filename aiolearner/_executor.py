@@ -30,8 +30,10 @@ batch, until the pass ends. A synchronous program runs in *bursts* (:func:`_burs
 both): in thread mode the compute worker goes on with the next batch while one is ready without
 the event loop, so a pass of small batches costs a few hops instead of one per batch; inline,
 the batches up to the loop's next turn are one call, so a tiny model's step pays for the batch
-loop's bookkeeping once a turn rather than once a batch. A pass's first batch runs alone (its
-new state fields are checked after it).
+loop's bookkeeping once a turn rather than once a batch. A pass's first batch runs alone, timed
+by itself, so that ``auto`` can move a pass whose first batch is slow to the worker before a
+burst runs inline. After any batch that changed the state's set of fields, the new ones are
+checked against the declared fields (``Executor.check_fields``): one length comparison a batch.
 """
 
 from __future__ import annotations
@@ -80,11 +82,13 @@ class BatchProgram:
             program with a compute stage that writes weights).
     """
 
-    __slots__ = ("fast", "kind", "locks", "rt", "stage")
+    __slots__ = ("fast", "kind", "locks", "rt", "signature", "stage")
 
     def __init__(self, stage: Stage, rt: Runtime) -> None:
         self.stage = stage
         self.rt = rt
+        #: What the program was compiled from (see :func:`_signature`).
+        self.signature = _signature(stage)
         self.kind = _kind(stage)
         self.locks = self.kind != "async" and any(
             isinstance(s, ComputeStage) and s.writes_weights for s in stage.walk()
@@ -202,6 +206,23 @@ def _kind(stage: Stage) -> str:
     return "fused"
 
 
+def _signature(stage: Stage) -> tuple[Any, ...]:
+    """The methods a batch stage's program is compiled from: every stage's ``run`` and
+    ``compute`` (its class's, and one set on the instance) and ``fusable``. A program whose
+    signature changed since it was compiled (a method patched after the learner was built) is
+    compiled again when a pass starts, so a patch runs as written, fused or not."""
+    return tuple(
+        (
+            type(s).run,
+            getattr(type(s), "compute", None),
+            s.__dict__.get("run"),
+            s.__dict__.get("compute"),
+            s.fusable,
+        )
+        for s in stage.walk()
+    )
+
+
 def _synchronous(stage: Stage) -> bool:
     """Whether the stage's whole call can run without the event loop."""
     for plan in (stage._before, stage._after):
@@ -240,6 +261,10 @@ class Executor:
         self.programs: dict[int, BatchProgram] = {}
         #: Fields anything may set during a batch (built-ins, declared by stages or callbacks).
         self.known_fields: frozenset[str] = frozenset()
+        #: The state's fields when the training pass started, and how many it had after the
+        #: last batch: a batch after which the count changed is checked for undeclared fields.
+        self.fields_before: frozenset[str] = frozenset()
+        self.fields_seen = 0
 
     def compile(self, root: Stage, known_fields: frozenset[str]) -> None:
         """Compile every batch stage of the tree (called at the end of every build)."""
@@ -261,10 +286,13 @@ class Executor:
                 batch_stage._program = program
 
     def program(self, stage: Stage) -> BatchProgram:
-        """The program of a batch stage (compiled now if the build did not see it)."""
+        """The program of a batch stage, looked up when a pass starts: compiled now if the
+        build did not see the stage, or again if a method it was compiled from has changed
+        since (a class patched after the learner was built)."""
         program = self.programs.get(id(stage))
-        if program is None:
+        if program is None or program.signature != _signature(stage):
             program = self.programs[id(stage)] = BatchProgram(stage, self.rt)
+            stage._program = program if program.synchronous else None
         return program
 
     async def train_pass(self, fit: Stage, state: State, batches: Batches) -> None:
@@ -289,8 +317,9 @@ class Executor:
         finish = self.finish_batch
         clock = time.perf_counter
         take = batches.next_nowait
-        check_fields = True
-        before = set(state.__dict__)
+        first = True
+        self.fields_before = frozenset(state.__dict__)
+        self.fields_seen = len(state.__dict__)
         pending: Any = None
         # Learners computing inline on a shared loop take its thread in turns (see _worker.py):
         # the turn is held while batches run inline and let go before anything is awaited.
@@ -324,7 +353,7 @@ class Executor:
                             await rt.take_turn(turn)  # type: ignore[arg-type]
                         # While observed, the full definition: every stage's entry and exit is seen.
                         fn = drive if rt.observed else fast
-                        if bursts and not check_fields:
+                        if bursts and not first:
                             # Inline, the batches up to the loop's next turn in one call (the
                             # same burst as in the worker; see _burst).
                             pending = run_inline(
@@ -368,9 +397,7 @@ class Executor:
                     rt.abandon_batch(state, rng)
                     raise
                 finish(stage, state, losses)
-                if check_fields:
-                    check_fields = False
-                    self.check_fields(stage, state, before)
+                first = False
                 if validator is not None:
                     if turn is not None:
                         turn.give()
@@ -409,6 +436,8 @@ class Executor:
         rt = self.rt
         for name in rt.batch_fields:
             d.pop(name, None)
+        if len(d) != self.fields_seen:
+            self.check_fields(stage, state)
         if not rt.committed:
             raise StageError(
                 "the training batch ended without being committed: the stage that applies the "
@@ -417,10 +446,15 @@ class Executor:
                 stage=stage.name,
             )
 
-    def check_fields(self, stage: Stage, state: State, before: set[str]) -> None:
-        """After a pass's first batch: a field set by stage code must be declared somewhere."""
-        unknown = sorted(k for k in state.__dict__ if k not in before and k[0] != "_")
-        unknown = [k for k in unknown if k not in self.known_fields]
+    def check_fields(self, stage: Stage, state: State) -> None:
+        """After a batch that changed the state's fields: a field set by stage code must be
+        declared somewhere (a stale value would be read otherwise)."""
+        before = self.fields_before
+        known = self.known_fields
+        unknown = sorted(
+            k for k in state.__dict__ if k not in before and k[0] != "_" and k not in known
+        )
+        self.fields_seen = len(state.__dict__)
         if unknown:
             raise StageError(
                 f"state field {unknown[0]!r} was set during a batch but no stage declares it; "

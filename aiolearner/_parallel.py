@@ -5,8 +5,10 @@ called with, so the fields a stage sets for the current batch (``batch``, ``outp
 cannot collide; the hooks of every stage in a branch see that branch's state. When all branches
 have finished, the fields each branch set or cleared are applied to the parent state; two
 branches changing the same field is an error (``stop_reason`` excepted: the last branch in order
-wins), because which value should win depends on the stages, not on timing. Objects the fields
-point to (``model``, ``metrics``) are shared, not copied.
+wins), because which value should win depends on the stages, not on timing. ``metrics`` is
+handled key by key: each branch writes into a copy of the dict, the keys each branch set or
+removed are applied to the parent's dict, and two branches changing one key is an error. Other
+objects the fields point to (``model``, ``optimizer``) are shared, not copied.
 
 Errors and cancellation follow the rules of concurrent callbacks on one hook (``_plan.py``):
 
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
 __all__ = ["Parallel", "rebind"]
 
 _MISSING: Any = object()
+#: Fields holding a dict that branches write key by key (each branch gets a copy).
+_KEYED = ("metrics",)
 
 
 class Parallel(Stage):
@@ -85,6 +89,9 @@ class Parallel(Stage):
             d = branch.__dict__
             d.clear()
             d.update(state.__dict__)
+            for key in _KEYED:
+                if type(d.get(key)) is dict:
+                    d[key] = dict(d[key])
             branch.__class__ = type(state)
             starts.append(dict(d))
         flows: list[ControlFlow | None] = [None] * len(children)
@@ -136,6 +143,9 @@ class Parallel(Stage):
 
     def _apply(self, state: State, starts: list[dict[str, Any]]) -> None:
         changes: dict[str, tuple[int, Any]] = {}
+        # (field, key) -> (branch, value): the keys branches changed in their copy of a dict.
+        keyed: dict[tuple[str, str], tuple[int, Any]] = {}
+        parent = state.__dict__
         for i, (branch, before) in enumerate(zip(self.branch_states, starts, strict=True)):
             after = branch.__dict__
             for key in before.keys() | after.keys():
@@ -143,20 +153,50 @@ class Parallel(Stage):
                     continue
                 new = after.get(key, _MISSING)
                 if before.get(key, _MISSING) is new:
+                    old = parent.get(key)
+                    if key in _KEYED and type(new) is dict and type(old) is dict and new is not old:
+                        self._changed_keys(i, key, old, new, keyed)
                     continue
                 if key in changes and key != "stop_reason":
-                    first = self.children[changes[key][0]].name
-                    raise StageError(
-                        f"branches {first!r} and {self.children[i].name!r} both changed state "
-                        f"field {key!r}; let each branch write a field of its own",
-                        stage=self.name,
-                    )
+                    self._conflict(changes[key][0], i, f"state field {key!r}")
                 changes[key] = (i, new)
+        for (field, _), (i, _) in keyed.items():
+            if field in changes:
+                self._conflict(changes[field][0], i, f"state field {field!r}")
         for key, (_, value) in changes.items():
             if value is _MISSING:
                 state.invalidate(key)
             else:
                 setattr(state, key, value)
+        for (field, key), (_, value) in keyed.items():
+            if value is _MISSING:
+                del parent[field][key]
+            else:
+                parent[field][key] = value
+
+    def _changed_keys(
+        self,
+        i: int,
+        field: str,
+        original: dict[str, Any],
+        copy: dict[str, Any],
+        keyed: dict[tuple[str, str], tuple[int, Any]],
+    ) -> None:
+        """Record the keys branch ``i`` set or removed in its copy of ``original``."""
+        for key in original.keys() | copy.keys():
+            new = copy.get(key, _MISSING)
+            if original.get(key, _MISSING) is new:
+                continue
+            if (field, key) in keyed:
+                self._conflict(keyed[field, key][0], i, f"key {key!r} of state.{field}")
+            keyed[field, key] = (i, new)
+
+    def _conflict(self, first: int, second: int, what: str) -> None:
+        raise StageError(
+            f"branches {self.children[first].name!r} and {self.children[second].name!r} both "
+            f"changed {what}; let each branch write a field (or key) of its own",
+            stage=self.name,
+        )
 
 
 def rebind(learner: Learner[Any], overrides: dict[int, State]) -> None:

@@ -369,6 +369,12 @@ class Runtime:
         assert self.tg is not None
         if isinstance(data, str):
             if data == "train":
+                if self.pass_done:
+                    raise ValueError(
+                        "open_pass: 'train' is the epoch's training pass (a stage in Fit's "
+                        "place opens it), and this epoch's has finished; to go over the "
+                        "training data again, pass the data itself: open_pass(state, data)"
+                    )
                 async with self._open_train(state) as batches:
                     yield batches
                 return

@@ -36,6 +36,7 @@ __all__ = [
     "note_stage_error",
     "owned",
     "split_batch",
+    "unowned",
 ]
 
 #: How long a field a stage adds to the state stays valid (see :attr:`Stage.fields`).
@@ -44,7 +45,9 @@ LIFETIMES: tuple[Lifetime, ...] = ("batch", "epoch", "run")
 
 
 def _snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    """A class name in snake case, acronyms kept whole: ``GradNoise`` -> ``grad_noise``,
+    ``SAMStep`` -> ``sam_step``, ``EMA`` -> ``ema``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
 
 _NOTED = "_aiolearner_noted"
@@ -74,6 +77,19 @@ def note_stage_error(exc: BaseException, stage: str, state: State) -> None:
         setattr(exc, _NOTED, True)
     except AttributeError:  # pragma: no cover - exceptions with __slots__
         pass
+
+
+def unowned(flow: ControlFlow, stage: str) -> StageError:
+    """The error for control flow raised where no running stage owns it (a ``SkipBatch``
+    outside a batch, a ``StopEpoch`` outside an epoch), raised by the outermost stage it
+    reached (``stage``) ``from`` it."""
+    error = StageError(
+        f"{type(flow).__name__} was raised where no stage owns it (the stage that would act "
+        f"on it is not running); reason: {flow.reason!r}",
+        stage=stage,
+    )
+    error.__cause__ = flow
+    return error
 
 
 def owned(stage: Stage, state: State, exc: BaseException, where: str | None = None) -> bool:

@@ -36,10 +36,10 @@ import torch
 
 from ._data import END, WAIT
 from ._device import wait_ready
-from ._exceptions import ControlFlow, SkipBatch, StageError, StopEpoch, StopFit
+from ._exceptions import ControlFlow, SkipBatch, StopEpoch, StopFit
 from ._rng import capture_rng, restore_rng
 from ._runtime import current_set, join_lane, on_snapshot
-from ._stage import ComputeStage, Stage, batch_size, owned
+from ._stage import ComputeStage, Stage, batch_size, owned, unowned
 from ._state import State
 from ._train_stages import Fit, FitBatch, Gradient, Update, forward, optimizer_step
 
@@ -134,6 +134,7 @@ class Validate(Stage):
         model = state.model
         was_training = model.training
         validate_batch = self.validate_batch
+        rt.executor.program(validate_batch)  # compiled again if patched since (see _executor)
         expire = rt.expiring["batch"]
         d = state.__dict__
         sets = rt.validation_sets()
@@ -424,11 +425,7 @@ class FitRun(Stage):
                 raise
             elif isinstance(exc, ControlFlow):
                 # A SkipBatch outside a batch, a StopEpoch outside an epoch: nobody owns it.
-                raise StageError(
-                    f"{type(exc).__name__} was raised where no stage owns it (the stage that "
-                    f"would act on it is not running); reason: {exc.reason!r}",
-                    stage=self.name,
-                ) from exc
+                raise unowned(exc, self.name) from exc
             else:
                 raise
         finally:
@@ -454,5 +451,7 @@ class FitRun(Stage):
                 await after.run()
             if scope.cancelled_caught:
                 rt.teardown_timed_out = True
-        except ControlFlow:
-            pass  # nothing is left to stop
+        except StopFit as flow:
+            self.acted(state, flow)  # its owner's own after_ hook: nothing is left to stop
+        except ControlFlow as flow:
+            raise unowned(flow, self.name) from flow  # no batch or epoch is running
