@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any
 
 from ._data import END, WAIT
 from ._exceptions import ControlFlow, StageError
-from ._rng import capture_rng
 from ._runtime import DRIVING, NOT_RUN
 from ._stage import ComputeStage, Stage, owned
 from ._stages import Fit, FitBatch, Gradient, Update, Validate, forward, optimizer_step
@@ -346,7 +345,7 @@ class Executor:
                 context._committed = False
                 # A synchronous batch cannot be interrupted half way by a cancellation; an
                 # awaited one can, and is then repeated on resume, drawing the same random numbers.
-                rng = None if synchronous else capture_rng()
+                mark = None if synchronous else batches.source.mark()
                 try:
                     if synchronous:
                         if taking and not turn.held:  # type: ignore[union-attr]
@@ -394,7 +393,7 @@ class Executor:
                         finish(stage, state, losses)
                         owned(fit, state, exc)
                         break
-                    rt.abandon_batch(state, rng)
+                    rt.abandon_batch(state, mark)
                     raise
                 finish(stage, state, losses)
                 first = False

@@ -51,6 +51,13 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
     """
     state = learner._state
     rt = learner._rt
+    train = learner._train
+    with train.draw_lock:
+        # A producer thread may be drawing a batch ahead: the random states and the count of
+        # batches drawn are read between two of its draws (see BatchSource.drawn).
+        rng = capture_rng()
+        data_streams = capture_data_streams(train.data)
+        drawn = train.drawn
     callbacks: dict[str, Any] = {}
     for key, cb in callback_keys(learner._callbacks):
         callbacks[key] = dict(cb.state_dict())
@@ -67,6 +74,7 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
             "validation": None,
             "train_losses": [],
             "stream": None,
+            "drawn": 0,
         }
         metrics = snapshot.metrics
         validation = None
@@ -83,7 +91,8 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
             # Read again when the run resumes in an interrupted after_validate.
             "validation": _validation_to_portable(state),
             "train_losses": [x.detach().float().cpu().reshape(()) for x in rt.train_losses],
-            "stream": _stream_to_portable(learner._train.stream_state()),
+            "stream": _stream_to_portable(train.stream_state()),
+            "drawn": drawn,
         }
         metrics = state.metrics
         # Concurrent validation: the epochs' tails still to run, with their snapshots.
@@ -97,11 +106,11 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
         **_optim.to_checkpoint(state.optimizers),
         "progress": progress,
         "metrics": {k: v for k, v in metrics.items() if _portable(v)},
-        "rng": rng_to_portable(capture_rng()),
+        "rng": rng_to_portable(rng),
         # The training data's own generators and epoch samplers now (an epoch that starts
         # after this point draws from them), and the whole random state the current epoch's
         # pass began from (to rebuild it; none for a snapshot, whose epoch is complete).
-        "data_streams": capture_data_streams(learner._train.data),
+        "data_streams": data_streams,
         "epoch_rng": None if epoch_rng is None else rng_to_portable(epoch_rng["rng"]),
         "epoch_streams": None if epoch_rng is None else _own_streams(epoch_rng),
         "callbacks": callbacks,
@@ -201,7 +210,7 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         raise
     # Iterators of an earlier run cannot continue a restored one; a stream that outlives
     # epochs (steps_per_epoch) restarts where the checkpoint's stream was.
-    learner._train.restart(stream)
+    learner._train.restart(stream, int(checkpoint["progress"].get("drawn", 0)))
 
 
 def _check_model(model: torch.nn.Module, weights: Any) -> None:

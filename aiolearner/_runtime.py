@@ -22,7 +22,6 @@ from ._data import Batches, BatchSource
 from ._events import EventHub
 from ._locks import ReadWriteLock
 from ._policy import LONE_YIELD_FACTOR, SHARING_RECHECK, ComputePolicy, loop_is_shared
-from ._rng import restore_rng
 from ._state import State
 from ._worker import ComputeWorker, Turn
 
@@ -331,10 +330,12 @@ class Runtime:
         """Whether the current training batch is committed."""
         return self.context._committed
 
-    def abandon_batch(self, state: State, rng: dict[str, Any] | None) -> None:
-        """A batch was interrupted (error or cancellation): undone if it was not committed;
-        if it was (interrupted in ``after_update``, say), it counts as done, loss included, as
-        a batch that ends normally does (``Executor.finish_batch``)."""
+    def abandon_batch(self, state: State, mark: tuple[dict[str, Any], int] | None) -> None:
+        """A batch was interrupted (error or cancellation): undone if it was not committed
+        (with ``mark``, from ``BatchSource.mark`` at its start, the random draws made since
+        are undone when the pass closes); if it was (interrupted in ``after_update``, say), it
+        counts as done, loss included, as a batch that ends normally does
+        (``Executor.finish_batch``)."""
         if self.committed:
             loss = state.__dict__.get("loss")
             if loss is not None:
@@ -347,8 +348,8 @@ class Runtime:
         for optimizer in (d.get("optimizers") or {"": d.get("optimizer")}).values():
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
-        if rng is not None:
-            restore_rng(rng)
+        if mark is not None:
+            self.train.roll_back(mark)
 
     def end_epoch(self, state: State) -> None:
         state.epoch += 1

@@ -8,11 +8,14 @@ Run::
 Each trial picks a set-up at random: the training data (a list; a DataLoader shuffling from the
 global generator; one shuffling from its own ``generator=``; a ``RandomSampler`` with its own
 generator, with or without replacement; a ``DistributedSampler`` whose epoch a callback sets),
-how batches are fetched (``fetch`` inline, thread or auto), where compute runs (``compute``
-inline, thread or auto), and a model with dropout (so compute draws from the global generator
-too). It then cancels the run at a random point: at a hook of a random epoch and step (epoch
-starts included), from a ``def`` hook (the batch stays fused) or an ``async def`` one (the batch
-is awaited), or from outside after a random delay. Then two checks, against the same run
+whether the dataset augments each sample with draws from the global generators (torch's,
+numpy's, Python's) as it is fetched, how batches are fetched (``fetch`` inline, thread or auto),
+where compute runs (``compute`` inline, thread or auto), and a model with dropout (so compute
+draws from the global generator too), left out where augmentation and compute could draw at
+the same time from two threads (fetch or compute not inline: a race, docs/reliability.md).
+It then cancels the run at a random point: at a hook of a random epoch and step (epoch starts
+included), from a ``def`` hook (the batch stays fused) or an ``async def`` one (the batch is
+awaited), or from outside after a random delay. Then two checks, against the same run
 uninterrupted:
 
 * **again**: ``fit(epochs)`` on the same learner must end with the same weights, optimizer state,
@@ -71,6 +74,23 @@ class Setup:
     data: str
     fetch: str
     compute: str
+    #: The dataset draws from the global generators in ``__getitem__`` (not with "list").
+    augment: bool = False
+
+    @property
+    def dropout(self) -> bool:
+        """Compute draws too, unless augmentation could draw at the same time elsewhere."""
+        return not self.augment or (self.fetch == "inline" and self.compute == "inline")
+
+
+class Augmented(TensorDataset):
+    """Samples with noise from the global torch, numpy and Python generators, drawn as each
+    sample is fetched (the usual random augmentation)."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        x, y = (t[index] for t in self.tensors)
+        noise = 0.01 * torch.rand(x.shape) + 0.01 * float(np.random.rand()) + 0.01 * random.random()
+        return x + noise, y
 
 
 @dataclass(frozen=True)
@@ -97,14 +117,15 @@ class SetEpoch(Callback):
         self.sampler.set_epoch(state.epoch)
 
 
-def make_data(kind: str) -> tuple[Any, list[Callback]]:
+def make_data(kind: str, augment: bool = False) -> tuple[Any, list[Callback]]:
     gen = torch.Generator().manual_seed(11)
     n = BATCHES * BATCH
     x = torch.randn(n, 6, generator=gen)
     y = torch.randint(0, 3, (n,), generator=gen)
     if kind == "list":
         return [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, n, BATCH)], []
-    ds = TensorDataset(x, y)
+    dataset = Augmented if augment else TensorDataset
+    ds = dataset(x, y)
     if kind == "global":
         return DataLoader(ds, batch_size=BATCH, shuffle=True), []
     if kind == "loader_generator":
@@ -116,7 +137,7 @@ def make_data(kind: str) -> tuple[Any, list[Callback]]:
         return DataLoader(ds, batch_size=BATCH, sampler=sampler), []
     if kind == "dist":
         # Two replicas' worth of data, this process rank 0 of them.
-        big = TensorDataset(torch.cat([x, x.flip(0)]), torch.cat([y, y.flip(0)]))
+        big = dataset(torch.cat([x, x.flip(0)]), torch.cat([y, y.flip(0)]))
         dist: DistributedSampler[Any] = DistributedSampler(
             big, num_replicas=2, rank=0, shuffle=True, seed=3
         )
@@ -129,9 +150,12 @@ def build(setup: Setup, callbacks: list[Callback]) -> Learner[Any]:
     random.seed(0)
     np.random.seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Dropout(0.25), torch.nn.Linear(12, 3)
+        torch.nn.Linear(6, 12),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.25) if setup.dropout else torch.nn.Identity(),
+        torch.nn.Linear(12, 3),
     )
-    data, extra = make_data(setup.data)
+    data, extra = make_data(setup.data, setup.augment)
     val = [(torch.randn(4, 6, generator=torch.Generator().manual_seed(9)), torch.zeros(4).long())]
     return Learner(
         model,
@@ -260,7 +284,9 @@ async def trial(setup: Setup, cancel: Cancel) -> tuple[bool, bool, str]:
 
 
 def random_setup(rng: random.Random) -> Setup:
-    return Setup(rng.choice(DATA_KINDS), rng.choice(FETCHES), rng.choice(COMPUTES))
+    data = rng.choice(DATA_KINDS)
+    augment = data != "list" and rng.random() < 0.4
+    return Setup(data, rng.choice(FETCHES), rng.choice(COMPUTES), augment)
 
 
 async def soak(trials: int, seed: int, log: Callable[[str], None]) -> tuple[int, int]:

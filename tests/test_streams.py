@@ -51,6 +51,15 @@ CASES = [
     (Setup("dist", "inline", "inline"), Cancel("async", "after_update", 1, 8)),
     # Committed, then interrupted in after_update: the batch's loss still counts.
     (Setup("list", "inline", "inline"), Cancel("async", "after_update", 2, 12)),
+    # A dataset drawing augmentation from the global generators while batches are fetched
+    # ahead (by a producer thread, or by the loop while compute runs in the worker): the
+    # rebuilt pass draws the batches fetched ahead again, so the generators agree with it.
+    (Setup("global", "thread", "inline", True), Cancel("def", "after_fit_batch", 0, 2)),
+    (Setup("loader_generator", "inline", "thread", True), Cancel("async", "after_update", 1, 7)),
+    (Setup("sampler_generator", "auto", "thread", True), Cancel("def", "before_fit_batch", 2, 11)),
+    (Setup("replacement", "thread", "thread", True), Cancel("async", "after_gradient", 1, 5)),
+    (Setup("dist", "thread", "auto", True), Cancel("def", "before_epoch", 1, 0)),
+    (Setup("global", "inline", "inline", True), Cancel("def", "after_fit_batch", 1, 8)),
 ]
 
 

@@ -101,6 +101,7 @@ def state_dict(
         "epoch_streams": out["epoch_streams"],
         "train_losses": progress["train_losses"],
         "stream": progress["stream"],
+        "drawn": progress["drawn"],
         "callbacks": out["callbacks"],
         "sampler_epoch": None if sampler is None else sampler.epoch,
     }
@@ -137,7 +138,10 @@ def load_state_dict(
         ckpt["data_streams"] = entry.get("data_streams")
         ckpt["epoch_streams"] = entry.get("epoch_streams")
         ckpt["progress"] = dict(
-            ckpt["progress"], train_losses=entry["train_losses"], stream=entry["stream"]
+            ckpt["progress"],
+            train_losses=entry["train_losses"],
+            stream=entry["stream"],
+            drawn=entry.get("drawn", 0),
         )
         ckpt["callbacks"] = {**ckpt.get("callbacks", {}), **entry["callbacks"]}
         if entry["stream"] is not None:

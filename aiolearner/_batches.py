@@ -1,0 +1,357 @@
+"""One pass over a data source: :class:`Batches`, its consumer side and its producer.
+
+``BatchSource.open`` (``_data.py``) hands a stage a ``Batches`` for each pass. The consumer
+takes batches with ``next_nowait()`` (the training loop's fast path) or ``await next()``; the
+batches come from the source's iterator on the calling thread (inline) or from a producer that
+fetches ahead: a worker thread for sync iterables, a task for async ones (see ``_data.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._prefetch import Failure, Moved, ThreadFeed
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from ._data import BatchSource
+
+__all__ = ["END", "WAIT", "Batches"]
+
+
+class _End:
+    def __repr__(self) -> str:
+        return "END"
+
+
+#: Returned by ``Batches.next()`` when the pass has no more batches.
+END: Any = _End()
+
+
+class _Wait:
+    def __repr__(self) -> str:
+        return "WAIT"
+
+
+#: Returned by ``Batches.next_nowait()`` when the next batch must be awaited.
+WAIT: Any = _Wait()
+
+
+#: The most turns the consumer gives a producer thread it has just started to begin fetching.
+PRODUCER_START_TURNS = 20
+
+
+class _Switched(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised by an inline fetch that has just started the producer: the loop should give the
+    producer a turn before the batch (``batch``, already fetched) is computed."""
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+
+
+def _describe(data: object) -> str:
+    return type(data).__name__
+
+
+class Batches:
+    """The batches of one pass: ``await batches.next()`` until it returns ``batches.END``."""
+
+    END = END
+    WAIT = WAIT
+
+    def __init__(
+        self,
+        source: BatchSource,
+        it: Any,
+        tg: TaskGroup,
+        index: int,
+        limiter: anyio.CapacityLimiter,
+        *,
+        fresh: bool = False,
+    ) -> None:
+        self.source = source
+        self._it = it
+        self._tg = tg
+        self.index = index
+        self._limiter = limiter
+        # A new iterator from its first batch: ending before any is empty data.
+        self._fresh = fresh
+        self._taken = 0
+        #: Whether the pass ran to its end (not interrupted).
+        self.finished = False
+        # A resumed pass takes only what its epoch has left.
+        steps = source.steps_per_epoch
+        self._limit = None if steps is None else max(0, steps - index)
+        self._receive: MemoryObjectReceiveStream[Any] | ThreadFeed | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._done: anyio.Event | None = None
+        self._mover = source.mover
+        self._inflight: Any = END
+        # Set when the producer was started by an inline fetch: next() gives it a turn first.
+        self._producer_fresh = False
+        if source.is_async or source.slow:
+            self._start_producer()
+
+    # -- consumer side ---------------------------------------------------------------------------
+
+    def next_nowait(self, *, off_loop: bool = False) -> Any:
+        """The next batch if it is ready now, ``END``, or ``WAIT``: then await :meth:`next`.
+
+        The training loop's fast path: a batch that needs no waiting costs no coroutine.
+        ``off_loop``: called from the compute worker thread (a burst of batches, see ``Fit``):
+        ``WAIT`` wherever going on needs the event loop (an async source's stream), and a source
+        found slow gets its producer once the loop calls :meth:`start_producer_if_slow`.
+        """
+        if self._limit is not None and self._taken >= self._limit:
+            self.finished = True
+            return END
+        source = self.source
+        if source._leftover:
+            item = source._leftover.popleft()
+        elif self._receive is None:
+            try:
+                return self._fetch_inline(off_loop)
+            except _Switched as switched:
+                # The batch goes first, then what the producer fetches after it; the caller
+                # awaits next(), which gives the producer its first turn before that batch.
+                source._leftover.appendleft(switched.batch)
+                return WAIT
+        elif off_loop and type(self._receive) is not ThreadFeed:
+            return WAIT
+        else:
+            try:
+                item = self._receive.receive_nowait()
+            except anyio.WouldBlock:
+                return WAIT
+            except anyio.EndOfStream:
+                item = END
+        return self._accept(item)
+
+    async def next(self) -> Any:
+        """The next batch, on the device, or ``END``."""
+        if self._producer_fresh:
+            # Started by an inline fetch just now: a few turns let its thread begin fetching the
+            # batch after this one, which then overlaps this one's compute instead of following
+            # it. (Starting a worker thread takes anyio a few turns; bounded, once per source.)
+            self._producer_fresh = False
+            feed = self._receive
+            for _ in range(PRODUCER_START_TURNS):
+                await anyio.lowlevel.checkpoint()
+                if type(feed) is not ThreadFeed or feed.started:
+                    break
+        item = self.next_nowait()
+        if item is WAIT and self._producer_fresh:
+            # This very fetch found the source slow and started the producer: the batch it
+            # fetched waits in the leftover queue, taken after the producer's first turns.
+            return await self.next()
+        if item is WAIT:
+            assert self._receive is not None
+            try:
+                item = await self._receive.receive()
+            except anyio.EndOfStream:
+                item = END
+            item = self._accept(item)
+        return item
+
+    def _accept(self, item: Any) -> Any:
+        if item is END:
+            if self._fresh and not self._taken and self.source.must_yield:
+                raise self._empty() from None
+            self.source.exhausted()
+            self.finished = True
+            return END
+        if type(item) is Failure:
+            raise self._failed(item.exc, item.index)
+        self._taken += 1
+        self.index += 1
+        self.source.position += 1
+        if type(item) is tuple and len(item) == 2 and type(item[0]) is Moved:
+            return self._mover.ready(item[0].batch, item[1])
+        return item
+
+    def _empty(self) -> ValueError:
+        source = self.source
+        hint = (
+            " (an iterator or a generator can be iterated only once: did an earlier pass use it"
+            " up? pass something that makes a new iterator for each pass, such as a list or a"
+            " DataLoader)"
+            if isinstance(source.data, Iterator | AsyncIterator)
+            else ""
+        )
+        return ValueError(
+            f"{source.name} ({_describe(source.data)}) yielded no batch: a pass over it would "
+            f"train on nothing{hint}"
+        )
+
+    def _failed(self, exc: BaseException, index: int) -> BaseException:
+        exc.add_note(
+            f"aiolearner: raised by {self.source.name} ({_describe(self.source.data)}) while "
+            f"fetching batch {index} of this pass"
+        )
+        return exc
+
+    @property
+    def wants_producer(self) -> bool:
+        """Whether the source was found slow off the loop and waits for its producer."""
+        return self._receive is None and self.source.slow
+
+    def start_producer_if_slow(self) -> None:
+        """On the event loop, after a burst: start the producer a slow source now needs."""
+        if self.wants_producer:
+            self._start_producer()
+
+    def _fetch_inline(self, off_loop: bool = False) -> Any:
+        """Fetch on the calling thread; what :meth:`next_nowait` returns (the batch counted as
+        :meth:`_accept` counts one: it is done here, once a batch a call fewer)."""
+        start = time.perf_counter()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            return self._accept(END)
+        except Exception as exc:
+            raise self._failed(exc, self.index) from None
+        source = self.source
+        source.fetched += 1
+        if source.fetch == "auto":
+            took = time.perf_counter() - start
+            if took <= source.fetch_budget:
+                source.slow_fetches = 0
+            else:
+                # Slow: two fetches in a row over budget. One alone may be a garbage collection
+                # or the machine being busy (a fetch of tensors in memory can take many times its
+                # usual time on a loaded machine), so even a long single fetch is not enough.
+                # Fetch ahead in a worker thread from now on.
+                source.slow_fetches += 1
+                if source.slow_fetches >= 2:
+                    source.slow = True
+                    if not off_loop:  # a task can only be started from the loop
+                        self._start_producer()
+                        self._producer_fresh = True
+                        # Handed back through the leftover queue, counted when taken.
+                        raise _Switched(self._mover.move_inline(batch))
+        moved = self._mover.move_inline(batch)
+        self._taken += 1
+        self.index += 1
+        source.position += 1
+        return moved
+
+    # -- producer side ---------------------------------------------------------------------------
+
+    def _start_producer(self) -> None:
+        self._scope = anyio.CancelScope()
+        self._done = anyio.Event()
+        name = f"aiolearner.{self.source.name}"
+        if self.source.is_async:
+            send, receive = anyio.create_memory_object_stream[Any](self.source.prefetch)
+            self._receive = receive
+            self._tg.start_soon(self._produce, send, self._scope, self._done, name=name)
+        else:
+            feed = ThreadFeed(self.source.prefetch)
+            self._receive = feed
+            self._tg.start_soon(self._produce_in_thread, feed, self._scope, self._done, name=name)
+
+    def _fetch_sync(self) -> Any:
+        try:
+            with self.source.draw_lock:
+                batch = next(self._it)
+        except StopIteration:
+            return END
+        self.source.fetched += 1
+        moved, event = self._mover.move_ahead(batch)
+        if event is None:
+            return moved
+        return (Moved(moved), event)
+
+    async def _produce_in_thread(
+        self, feed: ThreadFeed, scope: anyio.CancelScope, done: anyio.Event
+    ) -> None:
+        # One hop for the whole pass: the thread fetches batch after batch on its own, so
+        # fetching goes on while the event loop is busy (with inline compute, say). A hop per
+        # batch would need a turn of the loop to start each fetch and so would not overlap it.
+        try:
+            with scope:
+                await anyio.to_thread.run_sync(
+                    self._produce_sync, feed, self.index, limiter=self._limiter
+                )
+        finally:
+            done.set()
+
+    def _produce_sync(self, feed: ThreadFeed, index: int) -> None:
+        feed.started = True
+        item: Any = END
+        try:
+            while not feed.stopped:
+                try:
+                    item = self._fetch_sync()
+                except Exception as exc:
+                    item = END
+                    feed.put(Failure(exc, index))
+                    return
+                if item is END or not feed.put(item):
+                    return
+                item = END
+                index += 1
+        finally:
+            # Fetched but never handed over (the pass was closed): aclose() keeps it.
+            self._inflight = item
+            feed.finish()
+
+    async def _produce(
+        self, send: MemoryObjectSendStream[Any], scope: anyio.CancelScope, done: anyio.Event
+    ) -> None:
+        index = self.index
+        item: Any = END
+        try:
+            with scope, send:
+                while True:
+                    try:
+                        try:
+                            raw = await anext(self._it)
+                        except StopAsyncIteration:
+                            return
+                        self.source.fetched += 1
+                        item = self._mover.move_inline(raw)
+                    except Exception as exc:
+                        item = END
+                        await send.send(Failure(exc, index))
+                        return
+                    await send.send(item)
+                    item = END
+                    index += 1
+        finally:
+            # Fetched but never handed over (the pass was closed): aclose() keeps it for the next
+            # pass, after the batches still in the buffer, which were fetched before it.
+            self._inflight = item
+            done.set()
+
+    def release(self) -> None:
+        """Drop the pass's iterator (the source makes a new one for its next pass)."""
+        self._it = None
+
+    async def aclose(self) -> None:
+        """Stop the producer and keep what it fetched ahead for the next pass."""
+        if self._scope is None or self._done is None or self._receive is None:
+            return
+        if type(self._receive) is ThreadFeed:
+            # The thread stops before its next fetch (or as soon as a full buffer has room).
+            self._receive.stop()
+        self._scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await self._done.wait()
+        leftover = self.source._leftover
+        while True:
+            try:
+                item = self._receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                break
+            if item is not END and type(item) is not Failure:
+                leftover.append(item)
+        if self._inflight is not END:
+            leftover.append(self._inflight)
+        self._receive.close()
