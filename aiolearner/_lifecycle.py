@@ -133,10 +133,12 @@ async def fit(
     # Under a strategy, a stop every rank agrees on (ranks get a preemption's SIGTERM at
     # different steps).
     run = StoppableRun(None if strategy is None else strategy.request_stop)
+    began = False
     with run:
         if run.signal is not None:
             # A signal came while no run was in progress: this one does not begin.
             await anyio.lowlevel.checkpoint_if_cancelled()
+        began = True
         if resume is not None:
             if strategy is None:
                 # Find and read the file in a worker thread: the loop may be serving other
@@ -155,7 +157,8 @@ async def fit(
                 await strategy._run_fit(learner)
     if run.stopped:
         assert run.signal is not None
-        raise Interrupted(run.signal, epoch=learner._state.epoch, step=learner._state.step)
+        state = learner._state
+        raise Interrupted(run.signal, epoch=state.epoch, step=state.step, began=began)
 
 
 def check_fit(learner: Learner[Any], epochs: int) -> None:

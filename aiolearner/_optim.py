@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_NAME", "from_checkpoint", "named_optimizers", "to_checkpoint"]
+__all__ = ["DEFAULT_NAME", "from_checkpoint", "load", "named_optimizers", "to_checkpoint"]
 
 #: The name of an optimizer given alone (``Learner(model, opt, ...)``).
 DEFAULT_NAME = "main"
@@ -63,39 +63,82 @@ def named_optimizers(
 def to_checkpoint(optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, Any]:
     """The optimizers' entry of ``state_dict()``: ``{"optimizer": ...}`` for one (the format
     checkpoints always had), ``{"optimizers": {name: ...}}`` for several."""
+    # Their kinds too, so that loading refuses another kind's state before anything loads.
+    kinds = {"optimizer_types": {name: _kind(opt) for name, opt in optimizers.items()}}
     if len(optimizers) == 1:
         (only,) = optimizers.values()
-        return {"optimizer": only.state_dict()}
-    return {"optimizers": {name: opt.state_dict() for name, opt in optimizers.items()}}
+        return {"optimizer": only.state_dict(), **kinds}
+    return {"optimizers": {name: opt.state_dict() for name, opt in optimizers.items()}, **kinds}
+
+
+def _kind(opt: torch.optim.Optimizer) -> str:
+    return f"{type(opt).__module__}.{type(opt).__qualname__}"
 
 
 def from_checkpoint(
     optimizers: Mapping[str, torch.optim.Optimizer], checkpoint: Mapping[str, Any]
-) -> list[tuple[torch.optim.Optimizer, Any]]:
-    """Each optimizer with the state the checkpoint holds for it, checked before anything loads.
+) -> list[tuple[torch.optim.Optimizer, Any, str | None]]:
+    """Each optimizer with the state the checkpoint holds for it (and the kind of optimizer
+    that saved it, where the checkpoint says), matched before anything loads.
 
     Raises:
         ValueError: the checkpoint holds other optimizers (by number or by name).
     """
     mine = list(optimizers)
+    pairs: list[tuple[str, str]]  # (my name, the checkpoint's)
     if "optimizers" in checkpoint:
         stored = checkpoint["optimizers"]
         if not isinstance(stored, Mapping):
             raise ValueError("the checkpoint's 'optimizers' entry is not a mapping")
         theirs = list(stored)
         if len(mine) == 1 and len(theirs) == 1:
-            return [(optimizers[mine[0]], stored[theirs[0]])]
-        if set(theirs) != set(mine):
+            pairs = [(mine[0], theirs[0])]
+        elif set(theirs) != set(mine):
             raise ValueError(
                 f"the checkpoint holds optimizers {sorted(theirs)}, this learner has "
                 f"{sorted(mine)}; nothing was loaded"
             )
-        return [(optimizers[name], stored[name]) for name in mine]
-    if "optimizer" in checkpoint:
+        else:
+            pairs = [(name, name) for name in mine]
+    elif "optimizer" in checkpoint:
         if len(mine) != 1:
             raise ValueError(
                 f"the checkpoint holds one optimizer, this learner has {len(mine)} "
                 f"({sorted(mine)}); nothing was loaded"
             )
-        return [(optimizers[mine[0]], checkpoint["optimizer"])]
-    raise ValueError("the checkpoint holds no optimizer state; nothing was loaded")
+        # The kind of a single optimizer is kept under its name, whatever this learner's is.
+        kinds = checkpoint.get("optimizer_types")
+        one = next(iter(kinds)) if isinstance(kinds, Mapping) and len(kinds) == 1 else mine[0]
+        stored = {one: checkpoint["optimizer"]}
+        pairs = [(mine[0], one)]
+    else:
+        raise ValueError("the checkpoint holds no optimizer state; nothing was loaded")
+    kinds = checkpoint.get("optimizer_types")
+    if not isinstance(kinds, Mapping):
+        kinds = {}
+    return [(optimizers[name], stored[theirs], kinds.get(theirs)) for name, theirs in pairs]
+
+
+def load(opt: torch.optim.Optimizer, state: Any, saved_by: str | None) -> None:
+    """``opt.load_state_dict(state)``, then a check that every parameter group has each
+    setting the optimizer steps with, as a state saved by another kind of optimizer has not
+    (``saved_by``: the kind that saved it, where the checkpoint says).
+
+    Raises:
+        ValueError: the state does not fit (the caller puts back what was loaded).
+    """
+    by = "another kind of optimizer?" if saved_by is None else f"saved by a {saved_by}"
+    try:
+        opt.load_state_dict(state)
+    except (KeyError, TypeError, IndexError) as exc:
+        raise ValueError(
+            f"the checkpoint's optimizer state does not fit this {_kind(opt)} ({by}): "
+            f"{type(exc).__name__}: {exc}; nothing was loaded"
+        ) from exc
+    for i, group in enumerate(opt.param_groups):
+        missing = sorted(k for k in opt.defaults if k not in group)
+        if missing:
+            raise ValueError(
+                f"the checkpoint's optimizer state does not fit this {_kind(opt)}: its "
+                f"parameter group {i} lacks {missing} ({by}); nothing was loaded"
+            )

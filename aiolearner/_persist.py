@@ -138,7 +138,7 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
     # replaces them, but the tensors of the old ones may be shared with nobody else).
     saved: dict[str, Any] = {
         "model": {k: v.detach().clone() for k, v in learner.model.state_dict().items()},
-        "optimizers": [copy.deepcopy(opt.state_dict()) for opt, _ in optimizers],
+        "optimizers": [copy.deepcopy(opt.state_dict()) for opt, _, _ in optimizers],
         "counters": (state.epoch, state.step, state.batch_index),
         "metrics": state.metrics,
         "progress": (rt.pass_done, rt.val_done, rt.val_after, rt.train_losses, rt.epoch_rng),
@@ -153,8 +153,8 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
     }
     try:
         learner.model.load_state_dict(weights)
-        for opt, opt_state in optimizers:
-            opt.load_state_dict(opt_state)
+        for opt, opt_state, saved_by in optimizers:
+            _optim.load(opt, opt_state, saved_by)
         progress = checkpoint["progress"]
         epoch_rng = checkpoint.get("epoch_rng")
         new_epoch_rng = (
@@ -192,7 +192,7 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
             validator.load_state_dict(checkpoint.get("validation"), state)
     except BaseException:
         learner.model.load_state_dict(saved["model"])
-        for (opt, _), opt_state in zip(optimizers, saved["optimizers"], strict=True):
+        for (opt, _, _), opt_state in zip(optimizers, saved["optimizers"], strict=True):
             opt.load_state_dict(opt_state)
         state.epoch, state.step, state.batch_index = saved["counters"]
         state.metrics = saved["metrics"]

@@ -52,17 +52,34 @@ class Interrupted(BaseException):
         signal: the signal's number.
         epoch: ``state.epoch`` when the run stopped.
         step: ``state.step`` when the run stopped.
+        began: whether the run had begun; ``False`` when the signal came while no run was in
+            progress: this one then did not begin (no hook ran, no checkpoint was written).
     """
 
-    def __init__(self, signum: int, *, epoch: int | None = None, step: int | None = None) -> None:
+    def __init__(
+        self,
+        signum: int,
+        *,
+        epoch: int | None = None,
+        step: int | None = None,
+        began: bool = True,
+    ) -> None:
         self.signal = signum
         self.epoch = epoch
         self.step = step
+        self.began = began
         where = "" if epoch is None else f" at epoch {epoch} (completed), step {step}"
-        super().__init__(
-            f"fit stopped on {signal_name(signum)}{where}: the run stopped at a batch boundary"
-            " and its teardown ran; fit again (or fit(resume=...)) continues exactly"
-        )
+        if began:
+            what = (
+                "the run stopped at a batch boundary and its teardown ran; fit again (or "
+                "fit(resume=...)) continues exactly"
+            )
+        else:
+            what = (
+                "the signal came before the run began, so it did not begin (no hook ran, no "
+                "checkpoint was written); fit again starts it"
+            )
+        super().__init__(f"fit stopped on {signal_name(signum)}{where}: {what}")
 
     @property
     def exit_code(self) -> int:

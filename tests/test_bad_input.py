@@ -221,6 +221,49 @@ async def test_a_checkpoint_of_another_architecture_changes_nothing(tmp_path: Pa
     assert_untouched(before, learner)
 
 
+async def test_a_checkpoint_of_another_kind_of_optimizer_changes_nothing(tmp_path: Path) -> None:
+    model = tiny_model(seed=0)
+    adam = build(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=0.01))
+    adam.fit_sync(1)
+    checkpoint = adam.state_dict()
+    learner = make_learner(callbacks=[EarlyStopping("val_loss")], n_batches=2)
+    await learner.fit(1)
+    before = snapshot(learner)
+    with pytest.raises(ValueError, match=r"lacks \['dampening', 'momentum'\].*Adam.*nothing"):
+        learner.load_state_dict(checkpoint)
+    assert_untouched(before, learner)
+    # A checkpoint that does not say which kind saved it (written before it did) is refused
+    # all the same, on the settings the optimizer needs.
+    del checkpoint["optimizer_types"]
+    torch.save(checkpoint, tmp_path / "adam.pt")
+    with pytest.raises(ValueError, match=r"another kind of optimizer\?\); nothing was loaded"):
+        await learner.fit(2, resume=tmp_path / "adam.pt")
+    assert_untouched(before, learner)
+    # The other way round (torch's own load fails half way): a ValueError, nothing changed.
+    sgd_state = learner.state_dict()
+    adam_before = snapshot(adam)
+    with pytest.raises(ValueError, match=r"does not fit this torch.optim.adam.Adam.*SGD"):
+        adam.load_state_dict(sgd_state)
+    assert_untouched(adam_before, adam)
+
+
+async def test_a_checkpoint_directory_the_system_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A directory the checks at construction cannot see will fail (a read-only mount, /proc).
+    checkpoint = Checkpoint(tmp_path / "refused")
+
+    def refuse(self: Path, *args: Any, **kwargs: Any) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    learner = make_learner(callbacks=[checkpoint], n_batches=2)
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(ValueError, match=r"cannot create directory .*refused.*Read-only")
+    ):
+        await learner.fit(1)
+
+
 def test_fit_sync_in_a_running_loop_is_documented() -> None:
     # The behaviour is tested in tests/test_sync.py; docs/reliability.md says what it does.
     page = (Path(__file__).parent.parent / "docs" / "reliability.md").read_text()

@@ -120,8 +120,9 @@ async def test_a_signal_before_fit_stops_the_next_fit_at_once() -> None:
     learner = make_learner(n_batches=N_BATCHES)
     with exits(), stop_on_signals():
         signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
-        with pytest.raises(Interrupted):
+        with pytest.raises(Interrupted, match="before the run began") as info:
             await learner.fit(2)
+        assert not info.value.began
         assert learner.state.step == 0
         # The stop is consumed: a later fit in the block runs.
         await learner.fit(1)

@@ -301,7 +301,13 @@ class Checkpoint(Callback):
 
     def _make_directory(self) -> None:
         check_directory(self.directory, "Checkpoint")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # What the checks at construction cannot foresee (a file system that refuses it).
+            raise ValueError(
+                f"Checkpoint: cannot create directory {str(self.directory)!r}: {exc.strerror}"
+            ) from exc
 
     async def after_epoch(self, state: StateView) -> None:
         """Judge the epoch by ``monitor``, with its record (validation results included).
