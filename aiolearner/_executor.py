@@ -331,6 +331,11 @@ class Executor:
             await validator.between_batches(state)
         try:
             while True:
+                # A synchronous batch cannot be interrupted half way by a cancellation; an
+                # awaited one can, and is then repeated on resume, drawing the same random
+                # numbers: the mark is taken before the batch is fetched, so that an inline
+                # fetch that draws (augmentation) draws again from the same state.
+                mark = None if synchronous else batches.source.mark()
                 if pending is None:
                     batch = take()
                 else:
@@ -343,9 +348,6 @@ class Executor:
                     break
                 state.batch = batch
                 context._committed = False
-                # A synchronous batch cannot be interrupted half way by a cancellation; an
-                # awaited one can, and is then repeated on resume, drawing the same random numbers.
-                mark = None if synchronous else batches.source.mark()
                 try:
                     if synchronous:
                         if taking and not turn.held:  # type: ignore[union-attr]
