@@ -141,9 +141,10 @@ class StageError(AiolearnerError, RuntimeError):
 
     A training batch that ended without being committed (``context.commit(state)``), a
     control-flow exception raised where no running stage owns it, two branches of a
-    :class:`~aiolearner.Parallel` changing the same state field, a stage that sets a state field
-    no stage declares in ``fields``, a batch compiled to run without the event loop whose stage
-    awaited something that suspends.
+    :class:`~aiolearner.Parallel` changing the same state field (or key of ``metrics``), a stage
+    that sets during a training batch a state field no stage declares in ``fields`` (a field a
+    pass-level stage sets outside batches stays until something changes it), a batch compiled
+    to run without the event loop whose stage awaited something that suspends.
 
     It derives from :class:`RuntimeError` too (what these cases raised before it existed).
 
