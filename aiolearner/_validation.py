@@ -237,7 +237,9 @@ class Validator(TailWorker):
             now = anyio.current_time()
             if self._last_time is None:
                 self._last_time = now
-            elif now - self._last_time >= self.seconds:
+            elif now - self._last_time >= self.seconds and state.step != self._accounted:
+                # Not the same weights twice (a pass longer than the interval would otherwise
+                # validate the step it ended at again before the next pass's first batch).
                 self._last_time = now
                 await self._trigger(state)
 

@@ -227,6 +227,34 @@ def test_validate_every_timedelta_on_a_virtual_clock() -> None:
     assert [s[0] for s in rec.seen] == [(0, 3), (1, 6)]
 
 
+@pytest.mark.parametrize("mode", ["sequential", "concurrent"])
+def test_a_validation_longer_than_the_interval_does_not_validate_a_step_twice(mode: str) -> None:
+    clock = trio.testing.MockClock()
+
+    class Tick(Callback):
+        def after_fit_batch(self, state: StateView) -> None:
+            clock.jump(3.0)
+
+        def after_validate(self, state: StateView) -> None:
+            clock.jump(15.0)  # a validation longer than the interval
+
+    rec = Results()
+    learner = make_learner(
+        callbacks=[rec, Tick()],
+        validate=mode,
+        validate_every=timedelta(seconds=10),
+        n_batches=4,
+    )
+
+    async def main() -> None:
+        await learner.fit(2)
+
+    trio.run(main, clock=clock)
+    steps = [s[0][1] for s in rec.seen]
+    assert steps == sorted(set(steps))  # each step validated once
+    assert steps[0] == 4  # 12 s after the start
+
+
 # -- snapshots in flight -------------------------------------------------------------------------
 
 

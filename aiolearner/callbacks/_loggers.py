@@ -349,10 +349,16 @@ class JSONLinesLogger(ExperimentLogger):
         _copy_artifact(path, self.artifacts_dir, name)
 
 
+#: The CSV file's first columns; the metrics follow in alphabetical order.
+_CSV_FIRST = ("kind", "epoch", "step")
+
+
 class CSVLogger(ExperimentLogger):
     """Log rows to a CSV file with a header; a new column rewrites the file with it.
 
-    Columns: ``kind``, ``epoch``, ``step``, then every metric in the order first seen. Cells of a
+    Columns: ``kind``, ``epoch``, ``step``, then every metric in alphabetical order (so a run
+    writes the same file whichever row brings a metric first, concurrent validation or not,
+    and a new column rewrites the file in that order). Cells of a
     row without that column are empty. The hyperparameters (if any) go to
     ``<path stem>.hparams.json`` beside it, and artifacts are copied into ``artifacts_dir``.
 
@@ -416,11 +422,11 @@ class CSVLogger(ExperimentLogger):
 
     def write_metrics(self, rows: Sequence[Mapping[str, Any]]) -> None:
         self._all.extend(dict(row) for row in rows)
-        new = [k for row in rows for k in row if k not in self._columns]
+        new = {k for row in rows for k in row if k not in self._columns}
         if new:
-            for key in new:
-                if key not in self._columns:
-                    self._columns.append(key)
+            columns = {*self._columns, *new}
+            first = [k for k in _CSV_FIRST if k in columns]
+            self._columns = first + sorted(columns.difference(first))
             self._rewrite()
             return
         with open(self.path, "a", newline="", encoding="utf-8") as f:

@@ -108,7 +108,10 @@ class Recorder(Callback):
 
         ``step``, ``loss`` and ``lr`` have one entry per training batch (``step`` counted after
         the batch's update, ``lr`` the rates the update used); ``epochs`` one dict per epoch with
-        ``epoch`` (0-based), ``step`` and every numeric metric.
+        ``epoch`` (0-based), ``step`` and every numeric metric. A batch whose ``after_fit_batch``
+        hooks a cancellation cut short after its update (at an ``await`` of another callback's
+        ``async def after_fit_batch``, before this one's turn) has no entry: it is done, so
+        the next run does not repeat it, and ``step`` shows the gap.
         """
         self._flush()
         return {

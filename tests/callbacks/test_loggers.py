@@ -228,3 +228,18 @@ async def test_file_loggers_keep_hparams_and_artifacts(tmp_path: Path, kind: str
     hparams = json.loads((tmp_path / "logs" / "run.hparams.json").read_text())
     assert hparams == {"lr": 0.1, "net": [4, 3]}
     assert (tmp_path / "logs" / "artifacts" / "kept.txt").read_text() == "hello"
+
+
+async def test_csv_files_are_the_same_with_concurrent_validation(tmp_path: Path) -> None:
+    # Validating every 4 steps, the first row to bring val_loss comes before the first epoch
+    # row in sequential mode and after it in concurrent mode: the columns still agree.
+    texts = []
+    for mode in ("sequential", "concurrent"):
+        path = tmp_path / f"{mode}.csv"
+        learner = make_learner(
+            callbacks=[CSVLogger(path)], validate=mode, validate_every=4, n_batches=4
+        )
+        await learner.fit(2)
+        texts.append(path.read_text())
+    assert texts[0] == texts[1]
+    assert texts[0].splitlines()[0] == "kind,epoch,step,train_loss,val_loss"
