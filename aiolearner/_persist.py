@@ -19,6 +19,7 @@ import torch
 
 from . import _optim
 from ._callbacks import Callback
+from ._exceptions import StopFit
 from ._hparams import check_hparams
 from ._rng import (
     capture_data_streams,
@@ -87,6 +88,9 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
             "pass_done": rt.pass_done,
             "val_done": rt.val_done,
             "val_after": rt.val_after,
+            "stop_after_epoch": (
+                None if rt.stop_after_epoch is None else rt.stop_after_epoch.reason
+            ),
             "hooks": progress_to_portable(rt.hook_progress),
             # Read again when the run resumes in an interrupted after_validate.
             "validation": _validation_to_portable(state),
@@ -141,7 +145,14 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         "optimizers": [copy.deepcopy(opt.state_dict()) for opt, _, _ in optimizers],
         "counters": (state.epoch, state.step, state.batch_index),
         "metrics": state.metrics,
-        "progress": (rt.pass_done, rt.val_done, rt.val_after, rt.train_losses, rt.epoch_rng),
+        "progress": (
+            rt.pass_done,
+            rt.val_done,
+            rt.val_after,
+            rt.stop_after_epoch,
+            rt.train_losses,
+            rt.epoch_rng,
+        ),
         "validation": {
             k: state.__dict__[k] for k in ("validation", "validation_tag") if k in state.__dict__
         },
@@ -169,6 +180,8 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         rt.pass_done = bool(progress["pass_done"])
         rt.val_done = bool(progress.get("val_done", False))
         rt.val_after = bool(progress.get("val_after", False))
+        stop = progress.get("stop_after_epoch")
+        rt.stop_after_epoch = None if stop is None else StopFit(str(stop))
         validation = progress.get("validation")
         if validation is not None:
             state.validation = dict(validation["results"])
@@ -196,7 +209,14 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
             opt.load_state_dict(opt_state)
         state.epoch, state.step, state.batch_index = saved["counters"]
         state.metrics = saved["metrics"]
-        rt.pass_done, rt.val_done, rt.val_after, rt.train_losses, rt.epoch_rng = saved["progress"]
+        (
+            rt.pass_done,
+            rt.val_done,
+            rt.val_after,
+            rt.stop_after_epoch,
+            rt.train_losses,
+            rt.epoch_rng,
+        ) = saved["progress"]
         state.invalidate("validation", "validation_tag")
         state.__dict__.update(saved["validation"])
         rt.hook_progress.clear()

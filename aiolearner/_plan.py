@@ -139,7 +139,7 @@ class HookPlan:
         self,
         entry: Entry,
         flows: list[ControlFlow] | None = None,
-        done: set[int] | None = None,
+        done: dict[int, ControlFlow | None] | None = None,
     ) -> ControlFlow | None:
         """One ``async def`` hook, awaited (alone in its layer: ``flows`` is None, an error comes
         out grouped) or as a task of the layer's group (errors go to the group, flows to
@@ -152,10 +152,10 @@ class HookPlan:
         try:
             await entry.fn(entry.view)  # type: ignore[misc]
             if done is not None:
-                done.add(entry.index)
+                done[entry.index] = None
         except ControlFlow as flow:
             if done is not None:
-                done.add(entry.index)
+                done[entry.index] = flow
             if flows is None:
                 return flow
             flows.append(flow)
@@ -181,24 +181,28 @@ class HookPlan:
         hook is over. An interrupted run of the hook (an error, a cancellation) leaves that list
         behind, and checkpoints keep it: when the resumed run gets to the hook again for the
         same record, the callbacks that had finished are not called a second time (an
-        early-stopping counter counts the epoch once).
+        early-stopping counter counts the epoch once), and the control flow they raised then
+        is raised when the hook is done (the early stop is not lost).
         """
         progress = self.progress
-        done: set[int] | None = None
+        done: dict[int, ControlFlow | None] | None = None
+        pending: ControlFlow | None = None
         if progress is not None:
             d = self.entries[0].view._state.__dict__
             at = (d.get("epoch"), d.get("step"), d.get("phase"))
             known = progress.get(self.hook)
-            done = set(known[1]) if known is not None and known[0] == at else set()
+            done = dict(known[1]) if known is not None and known[0] == at else {}
             progress[self.hook] = (at, done)
-        pending: ControlFlow | None = None
+            for flow in done.values():
+                if flow is not None:
+                    pending = stronger(pending, flow)
         for layer in self.layers:
             for entry in layer.sync:
                 if done is not None and entry.index in done:
                     continue
                 flow = self._call(entry)
                 if done is not None:
-                    done.add(entry.index)  # it returned or raised control flow: it is done
+                    done[entry.index] = flow  # it returned or raised control flow: it is done
                 if flow is not None:
                     pending = stronger(pending, flow)
             concurrent = layer.concurrent
@@ -226,8 +230,8 @@ class HookPlan:
 
 
 #: What the tracked hooks of a record have done: hook -> ((epoch, step, phase), callbacks done,
-#: by their index in the learner's callbacks).
-HookProgress = dict[str, tuple[tuple[Any, Any, Any], set[int]]]
+#: by their index in the learner's callbacks, with the control flow each raised, if any).
+HookProgress = dict[str, tuple[tuple[Any, Any, Any], dict[int, ControlFlow | None]]]
 
 
 def _declared(cb: Callback, attr: str) -> frozenset[str]:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from ._dist._strategy import Strategy
-    from ._exceptions import ControlFlow
+    from ._exceptions import ControlFlow, StopFit
     from ._executor import Executor
     from ._plan import HookProgress
     from ._stage import Stage
@@ -142,6 +142,10 @@ class Runtime:
         #: A validation's pass has finished and its ``after_validate`` was interrupted: the
         #: resumed run runs that hook only, with the results in the state.
         self.val_after = False
+        #: A StopFit the epoch's ``after_validate`` raised, to raise once its ``after_epoch`` has
+        #: run: kept here (and in checkpoints) so that a run interrupted in between stops
+        #: there when it resumes.
+        self.stop_after_epoch: StopFit | None = None
         #: Which callbacks finished the tracked hooks of the current epoch's tail (see
         #: ``HookPlan.run``); one dict for the learner's life (the plans point at it).
         self.hook_progress: HookProgress = {}
@@ -358,6 +362,7 @@ class Runtime:
         #: The current epoch's validation (sequential, per epoch) has finished, ``after_validate``
         #: included: a resumed run goes on with ``after_epoch``, not with a second validation.
         self.val_done = False
+        self.stop_after_epoch = None
         self.train_losses = []
         self.epoch_rng = None
         state.invalidate(*self.expiring["epoch"])

@@ -20,6 +20,7 @@ import torch
 
 from ._data import BatchSource
 from ._device import DeviceMover
+from ._exceptions import ControlFlow, SkipBatch, StopEpoch, StopFit
 from ._rng import capture_rng, restore_rng, rng_from_portable, rng_to_portable
 from ._weights import match_state_dict, plain_state_dict
 from ._worker import ComputeWorker
@@ -250,7 +251,8 @@ class Tail:
     * ``before``/``epoch_before``: the record's metrics when the phase first started (what it
       writes lands in the training state's metrics when it ends);
     * ``epoch_fields``: ``after_epoch`` is still to run;
-    * ``hooks``: which callbacks finished the interrupted hook (see ``HookPlan.run``).
+    * ``hooks``: which callbacks finished the interrupted hook (see ``HookPlan.run``);
+    * ``stop``: a StopFit its ``after_validate`` raised, to raise once ``after_epoch`` has run.
     """
 
     __slots__ = (
@@ -263,6 +265,7 @@ class Tail:
         "results",
         "rng",
         "slot",
+        "stop",
         "validate",
     )
 
@@ -285,6 +288,7 @@ class Tail:
         self.before: dict[str, Any] | None = None
         self.epoch_before: dict[str, Any] | None = None
         self.hooks: HookProgress = {}
+        self.stop: StopFit | None = None
 
     @property
     def tag(self) -> tuple[int, int]:
@@ -315,6 +319,7 @@ class Tail:
             else plain_state_dict(slot.model.state_dict()),
             "rng": None if self.rng is None else rng_to_portable(self.rng),
             "hooks": progress_to_portable(self.hooks),
+            "stop": None if self.stop is None else self.stop.reason,
         }
 
     @classmethod
@@ -348,6 +353,8 @@ class Tail:
         tail.before = None if before is None else dict(before)
         tail.epoch_before = None if epoch_before is None else dict(epoch_before)
         tail.hooks = progress_from_portable(saved.get("hooks"))
+        stop = saved.get("stop")
+        tail.stop = None if stop is None else StopFit(str(stop))
         return tail
 
 
@@ -380,19 +387,46 @@ def _record_from_portable(saved: Mapping[str, Any], base: Mapping[str, Any]) -> 
     return fields
 
 
+#: The control flow a finished callback of a tracked hook may have raised, by name.
+_FLOWS: dict[str, type[ControlFlow]] = {t.__name__: t for t in (SkipBatch, StopEpoch, StopFit)}
+
+
 def progress_to_portable(progress: HookProgress) -> dict[str, Any]:
-    """Hook progress (see ``HookPlan.run``) in a form ``torch.load(weights_only=True)`` reads."""
-    return {hook: {"at": list(at), "done": sorted(done)} for hook, (at, done) in progress.items()}
+    """Hook progress (see ``HookPlan.run``) in a form ``torch.load(weights_only=True)`` reads:
+    the callbacks done, and the control flow they raised (its kind and reason)."""
+    return {
+        hook: {
+            "at": list(at),
+            "done": sorted(done),
+            "flows": {
+                str(i): [kind, flow.reason]
+                for i, flow in done.items()
+                if flow is not None and (kind := _flow_kind(flow)) is not None
+            },
+        }
+        for hook, (at, done) in progress.items()
+    }
+
+
+def _flow_kind(flow: ControlFlow) -> str | None:
+    """The name of the kind ``flow`` is (a subclass: the kind it derives from, whose owner is
+    the same); ``None`` for a control flow of no kind (nobody would act on it)."""
+    for name, kind in reversed(_FLOWS.items()):
+        if isinstance(flow, kind):
+            return name
+    return None
 
 
 def progress_from_portable(saved: Any) -> HookProgress:
-    """Undo :func:`progress_to_portable`."""
+    """Undo :func:`progress_to_portable` (checkpoints written before the flows were kept have
+    none)."""
     if not isinstance(saved, Mapping):
         return {}
-    return {
-        str(hook): (
-            (entry["at"][0], entry["at"][1], entry["at"][2]),
-            {int(i) for i in entry["done"]},
-        )
-        for hook, entry in saved.items()
-    }
+    out: HookProgress = {}
+    for hook, entry in saved.items():
+        flows = entry.get("flows") or {}
+        done: dict[int, ControlFlow | None] = {int(i): None for i in entry["done"]}
+        for i, (kind, reason) in flows.items():
+            done[int(i)] = _FLOWS[kind](reason)
+        out[str(hook)] = ((entry["at"][0], entry["at"][1], entry["at"][2]), done)
+    return out

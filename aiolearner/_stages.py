@@ -315,7 +315,9 @@ class Epoch(Stage):
             rt.val_done = True
             if stop is not None:
                 # From after_validate: the epoch's record is complete, so after_epoch still
-                # runs (see __call__); the StopFit ends the run after it.
+                # runs (see __call__); the StopFit ends the run after it, also when the run
+                # is interrupted in after_epoch and resumed (kept in checkpoints).
+                rt.stop_after_epoch = stop
                 raise stop
 
     async def __call__(self, state: State) -> None:
@@ -338,6 +340,9 @@ class Epoch(Stage):
                 if not owned(self, state, exc):
                     raise
                 ran = False  # a StopEpoch from before_epoch: no pass, no validation
+            else:
+                # Resumed after after_validate had asked to stop: after_epoch, then the stop.
+                stop = rt.stop_after_epoch
             validator = rt.validator
             handed = False
             if validator is not None and validator.concurrent:

@@ -205,7 +205,6 @@ class TailWorker:
         rt = self._rt
         assert main is not None
         assert rt is not None
-        stop: StopFit | None = None
         if item.validate:
             assert stage is not None
             try:
@@ -217,9 +216,12 @@ class TailWorker:
                     item.validate = False
                     item.epoch_fields = None
                     raise
-                stop = exc  # from after_validate: after_epoch still runs, then the stop
+                # From after_validate: after_epoch still runs, then the stop (kept on the
+                # item, so that a tail interrupted in after_epoch still stops when resumed).
+                item.stop = exc
         if item.epoch_fields is not None:
             await self._epoch_end(item, main)
+        stop, item.stop = item.stop, None
         if stop is not None:
             raise stop
 

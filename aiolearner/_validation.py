@@ -299,6 +299,7 @@ class Validator(TailWorker):
         self._lane = Lane(rt.device)  # per run: its worker belongs to this event loop
         self._changed = anyio.Event()
         self._last_time = anyio.current_time()
+        aborted = False
         try:
             if self._pending:
                 self._resume_pending()
@@ -309,6 +310,7 @@ class Validator(TailWorker):
                 raise
             await self._drain(stopping=False)
         except BaseException:
+            aborted = True
             await self._abort()
             raise
         finally:
@@ -319,7 +321,10 @@ class Validator(TailWorker):
             self._main = None
             self._changed = None
             self._failure = None
-            self._stop = None
+            if not aborted:
+                # A stop request the interrupted run had not acted on yet is kept (and in
+                # checkpoints): the next run acts on it at its first batch boundary.
+                self._stop = None
 
     # -- scheduling -------------------------------------------------------------------------------
 
@@ -436,6 +441,7 @@ class Validator(TailWorker):
             "accounted": self._accounted,
             "taken": self.taken,
             "skipped": self.skipped,
+            "stop": None if self._stop is None else self._stop.reason,
         }
 
     def export(self) -> tuple[Any, ...]:
@@ -447,13 +453,20 @@ class Validator(TailWorker):
             self._accounted,
             self.taken,
             self.skipped,
+            self._stop,
         )
 
     def restore(self, saved: tuple[Any, ...]) -> None:
         """Undo a :meth:`load_state_dict` with what :meth:`export` returned."""
-        (self._pending, self.overlay, self.latest, self._accounted, self.taken, self.skipped) = (
-            saved
-        )
+        (
+            self._pending,
+            self.overlay,
+            self.latest,
+            self._accounted,
+            self.taken,
+            self.skipped,
+            self._stop,
+        ) = saved
 
     def load_state_dict(self, saved: Mapping[str, Any] | None, state: State) -> None:
         """Restore :meth:`state_dict` (``None``: a checkpoint with nothing in flight)."""
@@ -492,6 +505,8 @@ class Validator(TailWorker):
         self._accounted = int(saved.get("accounted", 0))
         self.taken = int(saved.get("taken", self.taken))
         self.skipped = int(saved.get("skipped", self.skipped))
+        stop = saved.get("stop")
+        self._stop = None if stop is None else StopFit(str(stop))
 
 
 def pending_in(checkpoint: Mapping[str, Any]) -> int:
