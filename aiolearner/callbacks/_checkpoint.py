@@ -47,11 +47,14 @@ from ._distributed import is_rank_zero
 from ._files import (
     SAFETENSORS_USER,
     SUFFIXES,
+    NamedPlan,
     atomic_write_file,
     check_directory,
     check_name,
     copy_into,
     load_weights,
+    plan_from_portable,
+    plan_to_portable,
     read_weights,
     remove_stray_temporaries,
     save_safetensors,
@@ -215,6 +218,9 @@ class Checkpoint(Callback):
         # loop's after_epoch that the next boundary writes: ((epoch, step), name, dropped).
         self._judged: tuple[int, int] | None = None
         self._planned: tuple[tuple[int, int], str | None, list[str]] | None = None
+        # A best file judged on a concurrent validation's snapshot and not yet queued for
+        # writing: the after_epoch a cancellation cut short writes it when it runs again.
+        self._unqueued: NamedPlan | None = None
         self._live: torch.nn.Module | None = None
         self._last_step_saved: int | None = None
         self._last_saved: tuple[int, int] | None = None
@@ -316,18 +322,28 @@ class Checkpoint(Callback):
         concurrent validation's snapshot (another model than the trained one), at once.
         """
         epoch, step = state.epoch + 1, state.step  # the epoch counts as complete in the file
+        on_snapshot = not (self._live is None or state.model is self._live)
         if self._judged is not None and self._judged >= (epoch, step):
-            return  # judged already (the run was resumed from before this point)
+            # Judged already (the run was resumed from before this point); a best file judged
+            # on this snapshot whose copy a cancellation interrupted is written now.
+            unqueued = self._unqueued
+            if on_snapshot and unqueued is not None and unqueued[0] == (epoch, step):
+                names = [] if unqueued[1] is None else [unqueued[1]]
+                await self._save(state, (names, unqueued[2]), wait=False)
+                self._unqueued = None
+            return
         self._judged = (epoch, step)
         best_name, dropped = self._judge(state, epoch, step)
-        if self._live is None or state.model is self._live:
+        if not on_snapshot:
             if best_name is not None or dropped:
                 if self._planned is not None and self._planned[0] == (epoch, step):
                     dropped = [*self._planned[2], *dropped]
                 self._planned = ((epoch, step), best_name, dropped)
             return
         if best_name is not None:  # (files are dropped only for a new best)
+            self._unqueued = ((epoch, step), best_name, dropped)
             await self._save(state, ([best_name], dropped), wait=False)
+            self._unqueued = None
 
     async def before_epoch(self, state: StateView) -> None:
         """At an epoch boundary: save epoch-periodic and best checkpoints, and ``last.pt``."""
@@ -547,15 +563,10 @@ class Checkpoint(Callback):
             "periodic": list(self._periodic),
             "boundary": None if self._boundary is None else list(self._boundary),
             "judged": None if self._judged is None else list(self._judged),
-            "planned": None
-            if self._planned is None
-            else {
-                "at": list(self._planned[0]),
-                "name": self._planned[1],
-                "dropped": list(self._planned[2]),
-            },
+            "planned": plan_to_portable(self._planned),
             "last_step_saved": self._last_step_saved,
             "last_saved": None if self._last_saved is None else list(self._last_saved),
+            "unqueued": plan_to_portable(self._unqueued),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -575,17 +586,9 @@ class Checkpoint(Callback):
         self._boundary = None if boundary is None else (int(boundary[0]), int(boundary[1]))
         judged = state.get("judged")
         self._judged = None if judged is None else (int(judged[0]), int(judged[1]))
-        planned = state.get("planned")
-        self._planned = (
-            None
-            if planned is None
-            else (
-                (int(planned["at"][0]), int(planned["at"][1])),
-                None if planned["name"] is None else check_name(planned["name"]),
-                [check_name(n) for n in planned["dropped"]],
-            )
-        )
+        self._planned = plan_from_portable(state.get("planned"))
         last_step = state.get("last_step_saved")
         self._last_step_saved = None if last_step is None else int(last_step)
         last = state.get("last_saved")
         self._last_saved = None if last is None else (int(last[0]), int(last[1]))
+        self._unqueued = plan_from_portable(state.get("unqueued"))

@@ -284,3 +284,26 @@ def read_weights(path: Path) -> dict[str, Any]:
     data = load_checkpoint_file(path)
     weights: dict[str, Any] = data["model"] if is_full_checkpoint(data) else data
     return weights
+
+
+#: A planned write of a best file: ((epoch, step) it was judged at, its name, files it drops).
+NamedPlan = tuple[tuple[int, int], str | None, list[str]]
+
+
+def plan_to_portable(plan: NamedPlan | None) -> dict[str, Any] | None:
+    """A planned best-file write in a checkpoint (plain lists, strings and ints)."""
+    if plan is None:
+        return None
+    return {"at": list(plan[0]), "name": plan[1], "dropped": list(plan[2])}
+
+
+def plan_from_portable(saved: Any) -> NamedPlan | None:
+    """Undo :func:`plan_to_portable`, checking every name is a plain file name."""
+    if saved is None:
+        return None
+    name = saved["name"]
+    return (
+        (int(saved["at"][0]), int(saved["at"][1])),
+        None if name is None else check_name(name),
+        [check_name(n) for n in saved["dropped"]],
+    )

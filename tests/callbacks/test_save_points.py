@@ -150,3 +150,59 @@ def test_the_final_save_survives_a_stop_signal(tmp_path: Path, anyio_backend: An
         learner.fit_sync(100, backend=anyio_backend[0])
     last = load_checkpoint_file(tmp_path / "last.pt")["progress"]
     assert (last["epoch"], last["step"]) == (learner.state.epoch, learner.state.step)
+
+
+class CancelInAfterEpoch(Callback):
+    """Cancels ``scope`` from the ``after_epoch`` of epoch ``at`` (under concurrent
+    validation: in the tail, next to Checkpoint judging that epoch's best file)."""
+
+    reads = frozenset({"epoch"})
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.scope: anyio.CancelScope | None = None
+
+    async def after_epoch(self, state: StateView) -> None:
+        if self.scope is not None and state.epoch == self.at:
+            self.scope.cancel()
+            self.scope = None
+            await anyio.lowlevel.checkpoint()
+
+
+def best_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("best-*"))
+
+
+@pytest.mark.parametrize("at", [1, 2, 3])
+async def test_a_best_file_judged_on_a_snapshot_survives_a_cancellation(
+    tmp_path: Path, at: int
+) -> None:
+    def build(directory: Path, canceller: Callback | None = None) -> Any:
+        checkpoint = Checkpoint(directory, monitor="train_loss", top_k=2, load_best=True)
+        callbacks = [checkpoint] if canceller is None else [checkpoint, canceller]
+        learner = make_learner(
+            callbacks=callbacks, validate="concurrent", n_batches=N_BATCHES, lr=0.05
+        )
+        return learner, checkpoint
+
+    reference, _ = build(tmp_path / "reference")
+    await reference.fit(5)
+    expected = best_files(tmp_path / "reference")
+    assert len(expected) == 2
+
+    canceller = CancelInAfterEpoch(at)
+    learner, checkpoint = build(tmp_path / "again", canceller)
+    with anyio.CancelScope() as canceller.scope:
+        await learner.fit(5)
+    await learner.fit(5)
+    assert best_files(tmp_path / "again") == expected
+    assert checkpoint.loaded_best is not None and checkpoint.loaded_best.is_file()
+
+    canceller = CancelInAfterEpoch(at)
+    learner, _ = build(tmp_path / "resumed", canceller)
+    with anyio.CancelScope() as canceller.scope:
+        await learner.fit(5)
+    fresh, checkpoint = build(tmp_path / "resumed")
+    await fresh.fit(5, resume="last")
+    assert best_files(tmp_path / "resumed") == expected
+    assert checkpoint.loaded_best is not None and checkpoint.loaded_best.is_file()
