@@ -394,6 +394,14 @@ class KeyedDict(Mapping[str, Any]):
         self._check_write(key)
         return self._data.pop(key, *default)
 
+    def clear(self) -> None:
+        """Remove every key: allowed when every key present is one this callback writes."""
+        keys = list(self._data)
+        for key in keys:
+            self._check_write(key)
+        for key in keys:
+            del self._data[key]
+
 
 def declared_key(field: str, key: str, phase: str | None, sets: Sequence[str]) -> str:
     """The key a callback declares for ``key`` of a dict field, given the pass running now.

@@ -256,3 +256,18 @@ async def test_stage_code_sees_invalid_fields_as_errors_too() -> None:
     assert info.value.callback is None
     assert state.validation["loss"] > 0
     assert state.validation_tag == (0, 1)
+
+
+async def test_clearing_a_dict_field_declared_by_key() -> None:
+    # Clearing removes every key: refused (StateAccessError, not AttributeError) unless the
+    # callback writes each key present.
+    def clear(state: StateView) -> None:
+        state.metrics.clear()
+
+    probe = Probe("after_fit", clear, writes=frozenset({"metrics.mine"}))
+    learner = make_learner(callbacks=[probe])
+    await learner.fit(1)
+    (exc,) = probe.errors
+    assert isinstance(exc, StateAccessError)
+    assert "train_loss" in str(exc)
+    assert "train_loss" in learner.state.metrics

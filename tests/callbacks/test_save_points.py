@@ -196,7 +196,8 @@ async def test_a_best_file_judged_on_a_snapshot_survives_a_cancellation(
         await learner.fit(5)
     await learner.fit(5)
     assert best_files(tmp_path / "again") == expected
-    assert checkpoint.loaded_best is not None and checkpoint.loaded_best.is_file()
+    assert checkpoint.loaded_best is not None
+    assert checkpoint.loaded_best.is_file()
 
     canceller = CancelInAfterEpoch(at)
     learner, _ = build(tmp_path / "resumed", canceller)
@@ -205,4 +206,5 @@ async def test_a_best_file_judged_on_a_snapshot_survives_a_cancellation(
     fresh, checkpoint = build(tmp_path / "resumed")
     await fresh.fit(5, resume="last")
     assert best_files(tmp_path / "resumed") == expected
-    assert checkpoint.loaded_best is not None and checkpoint.loaded_best.is_file()
+    assert checkpoint.loaded_best is not None
+    assert checkpoint.loaded_best.is_file()
