@@ -23,6 +23,7 @@ note naming the source and the batch index. Closing a pass cancels the producer 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from collections import deque
@@ -171,8 +172,10 @@ class BatchSource:
             if not persistent:
                 # The next pass makes a new iterator (an interrupted one is rebuilt): let this
                 # one go now, with the worker processes of a DataLoader's.
-                self._it = None
+                it, self._it = self._it, None
                 batches.release()
+                if self.is_async and it is not None and it is not self.data:
+                    await _aclose(it)
             self._apply_rollback()
 
     def mark(self) -> tuple[dict[str, Any], int]:
@@ -282,3 +285,13 @@ class BatchSource:
         self._leftover.clear()
         self._resume = stream
         self.drawn = drawn
+
+
+async def _aclose(it: Any) -> None:
+    """Close a pass's async iterator (an async generator's ``finally`` runs now, on this loop,
+    not whenever it is collected); one made by the data for the pass, never the data itself."""
+    aclose = getattr(it, "aclose", None)
+    if aclose is None:
+        return
+    with anyio.CancelScope(shield=True), contextlib.suppress(RuntimeError):
+        await aclose()
