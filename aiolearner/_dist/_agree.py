@@ -231,7 +231,7 @@ class Agreement:
         tensor = torch.tensor(word, dtype=torch.int64)
         start = time.perf_counter()
         work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=s.train_group, async_op=True)
-        await s._wait(work, "the control word")
+        await s._wait(work, "the control word", tensor)
         now = time.perf_counter()
         self.count += 1
         w = tensor.tolist()

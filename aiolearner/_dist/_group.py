@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import itertools
 import os
+import time
 import warnings
 import weakref
 from typing import TYPE_CHECKING
@@ -58,7 +59,8 @@ def connect(strategy: Strategy, device: torch.device | str | None) -> torch.devi
             device_id = torch.device("cuda", local)
         dist.init_process_group(backend, timeout=strategy.timeout, device_id=device_id)
         strategy.created_group = True
-        atexit.register(_close_at_exit, weakref.ref(strategy))
+    # Also for a group the script made: the grace at exit (see _close_at_exit) is for the lanes.
+    atexit.register(_close_at_exit, weakref.ref(strategy))
     strategy._rank = dist.get_rank()
     strategy._world_size = dist.get_world_size()
     strategy._local_rank = int(os.environ.get("LOCAL_RANK", strategy._rank))
@@ -87,8 +89,20 @@ def connect(strategy: Strategy, device: torch.device | str | None) -> torch.devi
     return None
 
 
+#: How long the interpreter's exit waits, the GIL released, for gloo's worker threads to let
+#: go of their last collectives (seconds).
+EXIT_GRACE = 0.25
+
+
 def _close_at_exit(ref: weakref.ReferenceType[Strategy]) -> None:
+    """At the interpreter's exit: close the strategy (destroying the group it created), then
+    give gloo's worker threads a moment. Such a thread lets go of a collective a moment after
+    it completed; if that frees a tensor Python made (the small control tensors, those of
+    ``gather_object``) once the interpreter is finalizing, the thread cannot take the GIL and
+    the process aborts ("terminate called without an active exception") after a run that
+    succeeded. Atexit handlers run before that point: sleeping here lets them finish."""
     strategy = ref()
     if strategy is not None:
         with contextlib.suppress(Exception):
             strategy.close()
+        time.sleep(EXIT_GRACE)

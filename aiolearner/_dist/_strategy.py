@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -138,6 +139,13 @@ class Strategy:
         #: With a stream that outlives epochs: the sampler epoch a loaded checkpoint's stream
         #: was drawn for (its iterator is rebuilt with it), else ``None``.
         self._pinned_epoch: int | None = None
+        # The tensors of the last async collectives, still referenced from Python: gloo's
+        # worker thread drops its reference to a collective's tensors a moment after the
+        # collective completes, and were it the last one, that thread would free the Python
+        # tensor object, taking the GIL, which at interpreter exit aborts the process
+        # ("terminate called without an active exception"). Kept here, they are freed by
+        # Python; each lane waits for its collective before it issues the next.
+        self._held: deque[torch.Tensor] = deque(maxlen=8)
         #: Sums callbacks hand to the passes' own reductions: kind -> {read: write}.
         self._with_pass: dict[str, dict[Any, Any]] = {"fit": {}, "validate": {}}
 
@@ -407,7 +415,7 @@ class Strategy:
             [float(v) for v in values] + [v for part in parts for v in part], dtype=torch.float64
         )
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._lane(), async_op=True)
-        await self._wait(work, "a pass's reduction")
+        await self._wait(work, "a pass's reduction", flat)
         result: list[float] = flat.tolist()
         offset = len(values)
         for (_, write), part in zip(extra, parts, strict=True):
@@ -415,9 +423,10 @@ class Strategy:
             offset += len(part)
         return result[: len(values)]
 
-    async def _wait(self, work: Any, what: str) -> None:
-        """Await a collective; a failure becomes a :class:`DistributedError` quoting the rank
-        that failed (when it reported), also while waiting."""
+    async def _wait(self, work: Any, what: str, tensor: torch.Tensor) -> None:
+        """Await a collective on ``tensor``; a failure becomes a :class:`DistributedError`
+        quoting the rank that failed (when it reported), also while waiting."""
+        self._held.append(tensor)
         try:
             await wait_work(work, self._poll)
         except DistributedError:
