@@ -145,14 +145,7 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         "optimizers": [copy.deepcopy(opt.state_dict()) for opt, _, _ in optimizers],
         "counters": (state.epoch, state.step, state.batch_index),
         "metrics": state.metrics,
-        "progress": (
-            rt.pass_done,
-            rt.val_done,
-            rt.val_after,
-            rt.stop_after_epoch,
-            rt.train_losses,
-            rt.epoch_rng,
-        ),
+        "progress": rt.export_progress(),
         "validation": {
             k: state.__dict__[k] for k in ("validation", "validation_tag") if k in state.__dict__
         },
@@ -209,14 +202,7 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
             opt.load_state_dict(opt_state)
         state.epoch, state.step, state.batch_index = saved["counters"]
         state.metrics = saved["metrics"]
-        (
-            rt.pass_done,
-            rt.val_done,
-            rt.val_after,
-            rt.stop_after_epoch,
-            rt.train_losses,
-            rt.epoch_rng,
-        ) = saved["progress"]
+        rt.restore_progress(saved["progress"])
         state.invalidate("validation", "validation_tag")
         state.__dict__.update(saved["validation"])
         rt.hook_progress.clear()

@@ -355,6 +355,25 @@ class Runtime:
         if mark is not None:
             self.train.roll_back(mark)
 
+    #: Where the current epoch is: what a failed checkpoint load puts back.
+    PROGRESS = (
+        "pass_done",
+        "val_done",
+        "val_after",
+        "stop_after_epoch",
+        "train_losses",
+        "epoch_rng",
+    )
+
+    def export_progress(self) -> tuple[Any, ...]:
+        """The :attr:`PROGRESS` fields, for :meth:`restore_progress`."""
+        return tuple(getattr(self, name) for name in self.PROGRESS)
+
+    def restore_progress(self, saved: tuple[Any, ...]) -> None:
+        """Undo what happened since :meth:`export_progress`."""
+        for name, value in zip(self.PROGRESS, saved, strict=True):
+            setattr(self, name, value)
+
     def end_epoch(self, state: State) -> None:
         state.epoch += 1
         state.batch_index = 0
