@@ -49,21 +49,27 @@ class CancelAt(Callback):
         await self._hit(state, "after_epoch")
 
 
-def build(mode: str, *callbacks: Callback) -> Learner[Any]:
+COMPUTES = pytest.mark.parametrize("compute", ["auto", "inline", "thread"])  # auto: the default
+
+
+def build(mode: str, compute: str, *callbacks: Callback) -> Learner[Any]:
     return make_learner(
-        callbacks=[StopOnce(), *callbacks], validate=mode, compute="inline", n_batches=3
+        callbacks=[StopOnce(), *callbacks], validate=mode, compute=compute, n_batches=3
     )
 
 
+@COMPUTES
 @pytest.mark.parametrize("hook", ["after_validate", "after_epoch"])
-async def test_a_stop_asked_in_after_validate_survives_a_cancellation(hook: str) -> None:
-    reference = build("sequential")
+async def test_a_stop_asked_in_after_validate_survives_a_cancellation(
+    hook: str, compute: str
+) -> None:
+    reference = build("sequential", compute)
     await reference.fit(EPOCHS)
     assert reference.state.epoch == STOP_EPOCH + 1
     assert reference.state.stop_reason == "asked once"
 
     cancel = CancelAt(hook)
-    learner = build("sequential", cancel)
+    learner = build("sequential", compute, cancel)
     with anyio.CancelScope() as cancel.scope:
         await learner.fit(EPOCHS)
     assert learner.state.epoch == STOP_EPOCH  # interrupted in the epoch's tail
@@ -72,19 +78,22 @@ async def test_a_stop_asked_in_after_validate_survives_a_cancellation(hook: str)
     assert (learner.state.epoch, learner.state.step) == (STOP_EPOCH + 1, reference.state.step)
     assert learner.state.stop_reason == "asked once"
 
-    fresh = build("sequential", CancelAt(hook))
+    fresh = build("sequential", compute, CancelAt(hook))
     fresh.load_state_dict(saved)
     await fresh.fit(EPOCHS)
     assert (fresh.state.epoch, fresh.state.step) == (STOP_EPOCH + 1, reference.state.step)
     assert fresh.state.stop_reason == "asked once"
 
 
+@COMPUTES
 @pytest.mark.parametrize("hook", ["after_validate", "after_epoch"])
-async def test_a_concurrent_validations_stop_survives_a_cancellation(hook: str) -> None:
+async def test_a_concurrent_validations_stop_survives_a_cancellation(
+    hook: str, compute: str
+) -> None:
     # When the stop lands depends on how far training got meanwhile (at most one validation
     # period later, docs/concurrent-validation.md); that it lands does not.
     cancel = CancelAt(hook)
-    learner = build("concurrent", cancel)
+    learner = build("concurrent", compute, cancel)
     with anyio.CancelScope() as cancel.scope:
         await learner.fit(EPOCHS)
     assert learner.state.epoch < EPOCHS
@@ -93,7 +102,7 @@ async def test_a_concurrent_validations_stop_survives_a_cancellation(hook: str) 
     assert learner.state.epoch <= STOP_EPOCH + 2
     assert learner.state.stop_reason == "asked once"
 
-    fresh = build("concurrent", CancelAt(hook))
+    fresh = build("concurrent", compute, CancelAt(hook))
     fresh.load_state_dict(saved)
     await fresh.fit(EPOCHS)
     assert fresh.state.epoch <= STOP_EPOCH + 2

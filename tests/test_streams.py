@@ -63,6 +63,9 @@ CASES = [
     # Augmentation and dropout both draw, fetched inline: an awaited batch undone half way
     # fetches again from the state before its fetch (what bench.resume_soak found).
     (Setup("global", "inline", "inline", True), Cancel("async", "after_gradient", 1, 7)),
+    # The same with default settings (fetch and compute "auto").
+    (Setup("global", "auto", "auto", True), Cancel("async", "after_gradient", 1, 7)),
+    (Setup("loader_generator", "auto", "auto", True), Cancel("def", "before_epoch", 2, 0)),
 ]
 
 
