@@ -231,7 +231,7 @@ class Batches:
                 if source.slow_fetches >= 2:
                     source.slow = True
                     if not off_loop:  # a task can only be started from the loop
-                        self._start_producer()
+                        self._start_producer(handed=1)
                         self._producer_fresh = True
                         # Handed back through the leftover queue, counted when taken.
                         raise _Switched(self._mover.move_inline(batch))
@@ -243,18 +243,25 @@ class Batches:
 
     # -- producer side ---------------------------------------------------------------------------
 
-    def _start_producer(self) -> None:
+    def _start_producer(self, handed: int = 0) -> None:
+        """Start fetching ahead; ``handed``: batches fetched already and not yet counted (the
+        one that found the source slow), which the consumer takes before the producer's."""
         self._scope = anyio.CancelScope()
         self._done = anyio.Event()
         name = f"aiolearner.{self.source.name}"
+        # The pass's index of the producer's first batch (for the note on a failed fetch): the
+        # batches counted, then those waiting to be taken before its own.
+        index = self.index + len(self.source._leftover) + handed
         if self.source.is_async:
             send, receive = anyio.create_memory_object_stream[Any](self.source.prefetch)
             self._receive = receive
-            self._tg.start_soon(self._produce, send, self._scope, self._done, name=name)
+            self._tg.start_soon(self._produce, send, self._scope, self._done, index, name=name)
         else:
             feed = ThreadFeed(self.source.prefetch)
             self._receive = feed
-            self._tg.start_soon(self._produce_in_thread, feed, self._scope, self._done, name=name)
+            self._tg.start_soon(
+                self._produce_in_thread, feed, self._scope, self._done, index, name=name
+            )
 
     def _fetch_sync(self) -> Any:
         try:
@@ -269,7 +276,7 @@ class Batches:
         return (Moved(moved), event)
 
     async def _produce_in_thread(
-        self, feed: ThreadFeed, scope: anyio.CancelScope, done: anyio.Event
+        self, feed: ThreadFeed, scope: anyio.CancelScope, done: anyio.Event, index: int
     ) -> None:
         # One hop for the whole pass: the thread fetches batch after batch on its own, so
         # fetching goes on while the event loop is busy (with inline compute, say). A hop per
@@ -277,7 +284,7 @@ class Batches:
         try:
             with scope:
                 await anyio.to_thread.run_sync(
-                    self._produce_sync, feed, self.index, limiter=self._limiter
+                    self._produce_sync, feed, index, limiter=self._limiter
                 )
         finally:
             done.set()
@@ -303,9 +310,12 @@ class Batches:
             feed.finish()
 
     async def _produce(
-        self, send: MemoryObjectSendStream[Any], scope: anyio.CancelScope, done: anyio.Event
+        self,
+        send: MemoryObjectSendStream[Any],
+        scope: anyio.CancelScope,
+        done: anyio.Event,
+        index: int,
     ) -> None:
-        index = self.index
         item: Any = END
         try:
             with scope, send:

@@ -79,6 +79,8 @@ def build(learner: Learner[Any]) -> None:
         stage._after = build_plan(after, stage.name, hooked[after], state, learner, rt.trace)
         stage._rt = rt
         stage._context = rt.context
+    if learner._root._after is not None:
+        learner._root._after.runs_all = True  # the teardown (see HookPlan.runs_all)
     lifetimes = _lifetimes(stages)
     # The built-in per-batch fields expire with every batch, whatever stage sets them.
     for name in ("batch", "output", "loss"):

@@ -18,6 +18,7 @@ from ._data import BatchSource
 from ._device import DeviceMover
 from ._exceptions import ConfigurationError, ControlFlow
 from ._lifecycle import LearnerStatus, running
+from ._plan import check_sets
 from ._runtime import validation_sources
 from ._stage import split_batch, unowned
 from ._stages import Epoch
@@ -76,6 +77,7 @@ async def validate(
     sets = learner._val_sets if data is None else sets_for(learner, data, "data")
     if not sets:
         raise ValueError("this learner has no val_data to validate on; pass data=")
+    check_sets(learner, validation_stage(learner).walk(), sets)
     d = learner._state.__dict__
     before = d.get("validation")
     async with running(learner, LearnerStatus.VALIDATING):
@@ -94,6 +96,7 @@ async def test(learner: Learner[Any], data: Iterable[Any] | Mapping[str, Any]) -
     """The body of :meth:`Learner.test`."""
     learner._check_idle("test")
     sets = sets_for(learner, data, "data")
+    check_sets(learner, validation_stage(learner).walk(), sets)
     state = learner._state
     d = state.__dict__
     kept: dict[str, Any] = {k: d[k] for k in ("validation", "validation_tag") if k in d}

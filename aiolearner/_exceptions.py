@@ -245,6 +245,9 @@ class ControlFlow(Exception):  # noqa: N818 - these are signals, not errors
         reason: a human-readable reason, kept as ``.reason`` and shown in traces and events.
     """
 
+    #: ``(callback, hook)`` when a callback raised it (set by the hook's plan), for messages.
+    raised_in: tuple[str, str] | None = None
+
     def __init__(self, reason: str = "") -> None:
         self.reason = reason
         super().__init__(reason or type(self).__name__)

@@ -312,7 +312,9 @@ class FitHandle:
         return self._cancel_requested
 
     def cancel(self) -> None:
-        """Cancel the run (or, when it has not started, make it end as soon as it starts).
+        """Cancel the run. A handle whose :meth:`run` was not called yet is ``CANCELLED`` and
+        done at once (a later :meth:`run` returns at once, training nothing); one waiting for a
+        limiter's slot leaves the queue.
 
         Call it from the event loop the run is on. It returns at once; await
         :meth:`wait_done` to know when the run (and its finalizer) is over.
@@ -320,6 +322,15 @@ class FitHandle:
         self._cancel_requested = True
         if self._scope is not None:
             self._scope.cancel()
+        elif not self._claimed and not self._finished:
+            # Nothing ran, so there is nothing to finalize: done now.
+            self._state = RunState.CANCELLED
+            self._finished = True
+            for stream in self._streams:
+                _end(stream)
+            self._streams.clear()
+            if self._done is not None:
+                self._done.set()
 
     async def wait_done(self) -> RunState:
         """Wait until the run is over, its finalizer included; returns its final state."""
@@ -375,6 +386,9 @@ class FitHandle:
         if self._claimed:
             raise RuntimeError("a FitHandle runs once; create a new one to train further")
         self._claimed = True
+        if self._finished:  # cancelled before it was run: done already
+            task_status.started()
+            return self._state
         started = False
         reported = False
         if self._done is None:

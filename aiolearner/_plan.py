@@ -26,7 +26,7 @@ The rules for exceptions, decided once (docs/errors.md):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +36,7 @@ from ._callbacks import Callback, HookMethod, is_async_hook
 from ._dist._comm import CONCURRENT
 from ._exceptions import ConfigurationError, ControlFlow, SkipBatch, StopEpoch, StopFit
 from ._stage import epoch_words
-from ._state import State, split_declaration
+from ._state import State, declared_key, split_declaration
 from ._view import StateView
 
 if TYPE_CHECKING:
@@ -99,6 +99,10 @@ class HookPlan:
         #: Set on the hooks of an epoch's tail (``after_fit``, ``after_validate``,
         #: ``after_epoch``) by their owner: see :meth:`run`.
         self.progress: HookProgress | None = None
+        #: Set on the run's teardown hook (``after_fit_run``) by the build: every callback runs
+        #: whatever another one raised (a failing logger must not keep the final checkpoint
+        #: from being written), and the errors come out together at the end.
+        self.runs_all = False
 
     @property
     def entries(self) -> list[Entry]:
@@ -119,16 +123,21 @@ class HookPlan:
         d = entry.view._state.__dict__
         self.trace.exit(entry.name, self.hook, d.get("epoch"), d.get("step"), start)
 
-    def _call(self, entry: Entry) -> ControlFlow | None:
-        """One ``def`` hook; its control flow is returned, to be raised when the hook is done."""
+    def _call(self, entry: Entry, errors: list[Exception] | None = None) -> ControlFlow | None:
+        """One ``def`` hook; its control flow is returned, to be raised when the hook is done.
+        ``errors``: where its error goes instead of out (see :attr:`runs_all`)."""
         trace = self.trace
         start = self._enter(entry) if trace is not None else 0.0
         try:
             entry.fn(entry.view)
         except ControlFlow as flow:
+            flow.raised_in = (entry.name, self.hook)
             return flow
         except Exception as exc:
             _note(exc, entry, self.hook, self.stage)
+            if errors is not None:
+                errors.append(exc)
+                return None
             raise self._group([exc]) from None
         finally:
             if trace is not None:
@@ -140,6 +149,7 @@ class HookPlan:
         entry: Entry,
         flows: list[ControlFlow] | None = None,
         done: dict[int, ControlFlow | None] | None = None,
+        errors: list[Exception] | None = None,
     ) -> ControlFlow | None:
         """One ``async def`` hook, awaited (alone in its layer: ``flows`` is None, an error comes
         out grouped) or as a task of the layer's group (errors go to the group, flows to
@@ -154,6 +164,7 @@ class HookPlan:
             if done is not None:
                 done[entry.index] = None
         except ControlFlow as flow:
+            flow.raised_in = (entry.name, self.hook)
             if done is not None:
                 done[entry.index] = flow
             if flows is None:
@@ -161,6 +172,9 @@ class HookPlan:
             flows.append(flow)
         except Exception as exc:
             _note(exc, entry, self.hook, self.stage)
+            if errors is not None:
+                errors.append(exc)
+                return None
             if flows is None:
                 raise self._group([exc]) from None
             raise
@@ -187,6 +201,7 @@ class HookPlan:
         progress = self.progress
         done: dict[int, ControlFlow | None] | None = None
         pending: ControlFlow | None = None
+        errors: list[Exception] | None = [] if self.runs_all else None
         if progress is not None:
             d = self.entries[0].view._state.__dict__
             at = (d.get("epoch"), d.get("step"), d.get("phase"))
@@ -200,7 +215,7 @@ class HookPlan:
             for entry in layer.sync:
                 if done is not None and entry.index in done:
                     continue
-                flow = self._call(entry)
+                flow = self._call(entry, errors)
                 if done is not None:
                     done[entry.index] = flow  # it returned or raised control flow: it is done
                 if flow is not None:
@@ -209,7 +224,7 @@ class HookPlan:
             if done is not None:
                 concurrent = [e for e in concurrent if e.index not in done]
             if len(concurrent) == 1:
-                flow = await self._acall(concurrent[0], done=done)
+                flow = await self._acall(concurrent[0], done=done, errors=errors)
                 if flow is not None:
                     pending = stronger(pending, flow)
             elif concurrent:
@@ -217,12 +232,14 @@ class HookPlan:
                 try:
                     async with anyio.create_task_group() as tg:
                         for entry in concurrent:
-                            tg.start_soon(self._acall, entry, flows, done, name=entry.name)
+                            tg.start_soon(self._acall, entry, flows, done, errors, name=entry.name)
                 except ExceptionGroup as group:
                     # anyio already grouped them; re-label so the hook is named.
                     raise self._group(group.exceptions) from None
                 for caught in flows:
                     pending = stronger(pending, caught)
+        if errors:
+            raise self._group(errors)
         if progress is not None:
             del progress[self.hook]
         if pending is not None:
@@ -243,34 +260,64 @@ def _declared(cb: Callback, attr: str) -> frozenset[str]:
     return frozenset(value)
 
 
-def _overlaps(first: frozenset[str], second: frozenset[str]) -> list[tuple[str, str]]:
+def _overlaps(
+    first: frozenset[str], second: frozenset[str], sets: Sequence[str] = ()
+) -> list[tuple[str, str]]:
     """Pairs of declarations, one from each set, that name the same thing: one field, or a
-    field and one of its keys, or one key of one field (sorted, for stable messages)."""
+    field and one of its keys, or keys of one field that some pass lets both touch (sorted, for
+    stable messages). ``sets`` names the validation sets, whose keys a declaration covers (see
+    :func:`~aiolearner._state.declared_key`)."""
     out = []
     for a in sorted(first):
         field_a, key_a = split_declaration(a)
         for b in sorted(second):
             field_b, key_b = split_declaration(b)
-            if field_a == field_b and (key_a is None or key_b is None or key_a == key_b):
+            if field_a == field_b and (
+                key_a is None or key_b is None or _same_key(field_a, key_a, key_b, sets)
+            ):
                 out.append((a, b))
     return out
 
 
+def _same_key(field: str, a: str, b: str, sets: Sequence[str]) -> bool:
+    """Whether a pass lets declarations of keys ``a`` and ``b`` of ``field`` touch one key.
+
+    A declared key covers itself and every key it stands for in some pass (``val_acc`` covers
+    ``test_acc`` and ``val_<set>_acc``), so two declarations meet when they are equal or one
+    stands for the other in the training's validation or in a test.
+    """
+    if a == b:
+        return True
+    return any(
+        declared_key(field, x, phase, sets) == y
+        for x, y in ((a, b), (b, a))
+        for phase in ("validate", "test")
+    )
+
+
 def _write_conflict(hook: str, a: Callback, b: Callback, pair: tuple[str, str]) -> None:
     mine, theirs = pair
+    # ``after`` takes types: two instances of one class cannot be ordered by it.
+    order = (
+        "give them different keys (two instances of one class cannot be ordered by 'after')"
+        if type(a) is type(b)
+        else "add one to the other's 'after'"
+    )
     if mine == theirs:
+        what = "the same key of a field" if "." in mine else "the same field"
+        problem = f"two callbacks write {what} with no declared order between them; {order}"
+    elif "." in mine and "." in theirs:
         problem = (
-            "two callbacks write the same field with no declared order between them; add one "
-            "to the other's 'after'"
+            f"two callbacks write {mine!r} and {theirs!r}, which name the same key in some pass "
+            "(a key declared as for a single validation set covers its 'test_' and "
+            f"'val_<set>_' forms), with no declared order between them; {order}"
         )
-        if "." in mine:
-            problem = problem.replace("the same field", "the same key of a field")
     else:
         whole, keyed = (mine, theirs) if "." in theirs else (theirs, mine)
         problem = (
             f"one callback writes the whole field {whole!r} and the other writes its key "
             f"{keyed!r}, with no declared order between them; declare the keys each one writes "
-            f"(writes={{'{whole}.<key>'}}) or add one to the other's 'after'"
+            f"(writes={{'{whole}.<key>'}}) or {order}"
         )
     raise ConfigurationError(problem, hook=hook, callbacks=(a.name, b.name), field=mine)
 
@@ -305,8 +352,11 @@ def _issues_collectives(cb: Callback) -> bool:
     return bool(getattr(cb, "collectives", False))
 
 
-def _order(hook: str, cbs: list[Callback], distributed: bool = False) -> list[list[int]]:
-    """Topological layers of the callbacks on one hook (indices into ``cbs``)."""
+def _order(
+    hook: str, cbs: list[Callback], distributed: bool = False, sets: Sequence[str] = ()
+) -> list[list[int]]:
+    """Topological layers of the callbacks on one hook (indices into ``cbs``); ``sets``: the
+    names of the validation sets (see :func:`_overlaps`)."""
     n = len(cbs)
     reads = [_declared(cb, "reads") for cb in cbs]
     writes = [_declared(cb, "writes") for cb in cbs]
@@ -322,11 +372,11 @@ def _order(hook: str, cbs: list[Callback], distributed: bool = False) -> list[li
                     callbacks=(a.name, b.name),
                 )
             if not (a_then_b or b_then_a):
-                both = _overlaps(writes[i], writes[j])
+                both = _overlaps(writes[i], writes[j], sets)
                 if both:
                     _write_conflict(hook, a, b, both[0])
-                b_reads_a = [read for _, read in _overlaps(writes[i], reads[j])]
-                a_reads_b = [read for _, read in _overlaps(writes[j], reads[i])]
+                b_reads_a = [read for _, read in _overlaps(writes[i], reads[j], sets)]
+                a_reads_b = [read for _, read in _overlaps(writes[j], reads[i], sets)]
                 if b_reads_a and a_reads_b:
                     raise ConfigurationError(
                         f"ordering cycle: {b.name!r} reads {b_reads_a[0]!r} written by "
@@ -371,6 +421,43 @@ def _order(hook: str, cbs: list[Callback], distributed: bool = False) -> list[li
     return layers
 
 
+def set_names(learner: Any, sets: Any = None) -> list[str]:
+    """The names of the learner's validation sets (or of ``sets``), for :func:`_order`."""
+    return [name for name in (getattr(learner, "_val_sets", {}) if sets is None else sets) if name]
+
+
+def check_sets(learner: Any, stages: Iterable[Any], sets: Any) -> None:
+    """Refuse a pass over validation sets of other names than the learner's when its callbacks'
+    declarations would meet on their keys otherwise than the hooks' plans allow for: plans are
+    built (and checked) for the learner's own sets."""
+    built, now = set_names(learner), set_names(learner, sets)
+    if sorted(built) == sorted(now):
+        return
+    distributed = getattr(learner, "_strategy", None) is not None
+    for stage in stages:
+        for plan in (stage._before, stage._after):
+            if plan is None:
+                continue
+            cbs = [e.callback for layer in plan.layers for e in layer.sync + layer.concurrent]
+            if len(cbs) < 2:
+                continue
+            names = [
+                [cbs[i].name for i in layer] for layer in _order(plan.hook, cbs, distributed, now)
+            ]
+            if names != [
+                [cbs[i].name for i in layer] for layer in _order(plan.hook, cbs, distributed, built)
+            ]:
+                raise ConfigurationError(
+                    f"with validation sets named {sorted(now)}, the callbacks' declared keys "
+                    "would need another order than the one worked out for the learner's own "
+                    f"sets ({sorted(built) or 'one unnamed set'}); declare keys as for a single "
+                    "set ('metrics.val_acc' covers every set) or give the learner these sets "
+                    "as val_data",
+                    hook=plan.hook,
+                    callbacks=tuple(cb.name for cb in cbs),
+                )
+
+
 def build_plan(
     hook: str,
     stage: str,
@@ -386,7 +473,7 @@ def build_plan(
     layers = []
     everyone = list(getattr(learner, "_callbacks", ()))
     distributed = getattr(learner, "_strategy", None) is not None
-    for indices in _order(hook, cbs, distributed):
+    for indices in _order(hook, cbs, distributed, set_names(learner)):
         layer = Layer([], [])
         for i in indices:
             cb, fn = hooked[i]

@@ -83,9 +83,13 @@ def unowned(flow: ControlFlow, stage: str) -> StageError:
     """The error for control flow raised where no running stage owns it (a ``SkipBatch``
     outside a batch, a ``StopEpoch`` outside an epoch), raised by the outermost stage it
     reached (``stage``) ``from`` it."""
+    where = ""
+    if flow.raised_in is not None:
+        callback, hook = flow.raised_in
+        where = f" by callback {callback!r} in hook {hook!r}"
     error = StageError(
-        f"{type(flow).__name__} was raised where no stage owns it (the stage that would act "
-        f"on it is not running); reason: {flow.reason!r}",
+        f"{type(flow).__name__} was raised{where} where no stage owns it (the stage that would "
+        f"act on it is not running); reason: {flow.reason!r}",
         stage=stage,
     )
     error.__cause__ = flow

@@ -441,6 +441,9 @@ class FitRun(Stage):
                 state.invalidate("outcome")
                 if observed:
                     rt.exit(self, state, start)
+        # The run ended normally: a cancellation that came during the (shielded) teardown is
+        # delivered here, so the caller sees it whatever the backend and the compute policy.
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
     async def _teardown(self, state: State, outcome: str) -> None:
         after = self._after

@@ -251,8 +251,15 @@ class ReadOnlyDict(Mapping[str, Any]):
     def _mutate(self, *args: object, **kwargs: object) -> NoReturn:
         _refuse(self._view, self._field, "it is read-only here and cannot be changed in place")
 
-    __setitem__ = __delitem__ = _mutate
+    __setitem__ = __delitem__ = __ior__ = _mutate
     update = pop = popitem = clear = setdefault = _mutate
+
+    # Operators that make a new dict work as on a dict (``metrics | {...}``).
+    def __or__(self, other: Mapping[str, Any]) -> dict[str, Any]:
+        return {**self, **other}
+
+    def __ror__(self, other: Mapping[str, Any]) -> dict[str, Any]:
+        return {**other, **self}
 
 
 class ReadOnlyList(Sequence[Any]):
@@ -283,8 +290,15 @@ class ReadOnlyList(Sequence[Any]):
     def _mutate(self, *args: object, **kwargs: object) -> NoReturn:
         _refuse(self._view, self._field, "it is read-only here and cannot be changed in place")
 
-    __setitem__ = __delitem__ = __iadd__ = _mutate
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _mutate
     append = extend = insert = pop = remove = clear = sort = reverse = _mutate
+
+    # Operators that make a new list work as on a list (``losses + [x]``).
+    def __add__(self, other: list[Any]) -> list[Any]:
+        return [*self, *other]
+
+    def __radd__(self, other: list[Any]) -> list[Any]:
+        return [*other, *self]
 
 
 class KeyedDict(Mapping[str, Any]):
@@ -382,8 +396,20 @@ class KeyedDict(Mapping[str, Any]):
         del self._data[key]
 
     def update(self, other: Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
-        for key, value in {**(other or {}), **kwargs}.items():
-            self[key] = value
+        items = {**(other or {}), **kwargs}
+        for key in items:
+            self._check_write(key)  # every key before any is set
+        self._data.update(items)
+
+    def __ior__(self, other: Mapping[str, Any]) -> KeyedDict:
+        self.update(other)
+        return self
+
+    def __or__(self, other: Mapping[str, Any]) -> dict[str, Any]:
+        return {**self, **other}
+
+    def __ror__(self, other: Mapping[str, Any]) -> dict[str, Any]:
+        return {**other, **self}
 
     def setdefault(self, key: str, default: Any = None) -> Any:
         if key not in self:
