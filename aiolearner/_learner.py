@@ -215,13 +215,27 @@ class Learner(Generic[TBatch]):
         self._check_idle(f"replace stage {name!r}")
         if name not in self._stages:
             raise KeyError(f"no stage named {name!r}; stages: {sorted(self._stages)}")
-        if name == self._root.name:
+        old_root, old = self._root, self._stages[name]
+        if name == old_root.name:
             if not isinstance(stage, FitRun):
                 raise TypeError("the root stage must be a FitRun")
             self._root = stage
         else:
-            _build.replace_in_tree(self._root, self._stages[name], stage)
-        _build.build(self)
+            _build.replace_in_tree(self._root, old, stage)
+        try:
+            _build.build(self)
+        except BaseException:
+            # A refused tree leaves the learner as it was: the old tree back, built again.
+            if self._root is stage:
+                self._root = old_root
+            else:
+                _build.replace_in_tree(self._root, stage, old)
+            kept = {id(s) for s in self._root.walk()}
+            for s in stage.walk():
+                if id(s) not in kept:
+                    s._rt = None  # free to go into another learner
+            _build.build(self)
+            raise
 
     # -- public properties --------------------------------------------------------------------
 
@@ -330,8 +344,9 @@ class Learner(Generic[TBatch]):
         """Train until ``epochs`` epochs are complete in total.
 
         Calling it again after a cancellation or a ``StopFit`` continues exactly where the run
-        stopped; calling it with a larger number trains further. ``resume="last"`` or a path
-        first loads a checkpoint (see :meth:`load_checkpoint`).
+        stopped; calling it with a larger number trains further. ``resume="last"``,
+        ``resume="best"`` (the best file of a ``Checkpoint`` with a monitor) or a path first
+        loads a checkpoint (see :meth:`load_checkpoint`).
 
         Pseudo-code, with hook order (see :class:`FitRun`, :class:`Epoch`, :class:`Fit`,
         :class:`FitBatch`, :class:`Validate`)::

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -190,9 +191,11 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
             restore_data_streams(learner._train.data, data_streams, what="train_data")
         rt.epoch_rng = new_epoch_rng
         stored = checkpoint.get("callbacks", {})
-        for key, cb in callback_keys(learner._callbacks):
+        keys = callback_keys(learner._callbacks)
+        for key, cb in keys:
             if key in stored:
                 cb.load_state_dict(stored[key])
+        _warn_other_callbacks(stored, keys)
         stream = _stream_from_portable(progress.get("stream"))
         if validator is not None:
             validator.load_state_dict(checkpoint.get("validation"), state)
@@ -265,22 +268,72 @@ def read_checkpoint(path: Path, device: torch.device) -> Any:
 
 
 def find_checkpoint(callbacks: Sequence[Callback], resume: str | os.PathLike[str]) -> Path:
-    """The file ``fit(resume=...)`` means: ``"last"`` (asks the callbacks) or a path."""
-    if resume == "last":
+    """The file ``fit(resume=...)`` means: ``"last"`` or ``"best"`` (asks the callbacks), or a
+    path."""
+    if resume in ("last", "best"):
         for cb in callbacks:
             finder = getattr(cb, "find_checkpoint", None)
             if finder is not None:
-                found = finder("last")
+                found = finder(resume)
                 if found is not None:
                     return Path(found)
+        if resume == "best":
+            # A fresh learner's callbacks know no best file yet: their state in the last
+            # checkpoint does (asked of a copy, the callback itself stays as it is).
+            for key, cb in callback_keys(callbacks):
+                found = _best_by_last(key, cb)
+                if found is not None:
+                    return found
         raise FileNotFoundError(
-            "resume='last' found no checkpoint: no callback (such as "
-            "aiolearner.callbacks.Checkpoint) has written one yet"
+            f"resume={resume!r} found no checkpoint: no callback (such as "
+            "aiolearner.callbacks.Checkpoint"
+            + (" with a monitor" if resume == "best" else "")
+            + ") has written one yet"
         )
     path = Path(resume)
     if not path.is_file():
         raise FileNotFoundError(f"resume: no checkpoint file at {path}")
     return path
+
+
+def _warn_other_callbacks(stored: Mapping[str, Any], keys: list[tuple[str, Callback]]) -> None:
+    """Warn when the checkpoint's callbacks with a state and the learner's differ: a state
+    that no callback takes (an EMA average) is dropped, and a callback the checkpoint has no
+    state for starts afresh (as a Lightning user is warned)."""
+    mine = {key for key, _ in keys}
+    dropped = sorted(key for key, value in stored.items() if value and key not in mine)
+    fresh = sorted(key for key, cb in keys if key not in stored and cb.state_dict())
+    if dropped or fresh:
+        parts = []
+        if dropped:
+            parts.append(
+                f"the state of callbacks {dropped}, which this learner does not have, was not "
+                "loaded"
+            )
+        if fresh:
+            parts.append(f"callbacks {fresh} have no state in it and start afresh")
+        warnings.warn(
+            "the checkpoint was written by a learner with other callbacks: "
+            + "; ".join(parts)
+            + " (build the learner with the same callbacks to resume exactly)",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _best_by_last(key: str, cb: Callback) -> Path | None:
+    """The best file ``cb`` names in its state in its own last checkpoint, if any."""
+    finder = getattr(cb, "find_checkpoint", None)
+    last = None if finder is None else finder("last")
+    if last is None:
+        return None
+    stored = read_checkpoint(Path(last), torch.device("cpu")).get("callbacks", {}).get(key)
+    if stored is None:
+        return None
+    probe = copy.copy(cb)
+    probe.load_state_dict(stored)
+    found = probe.find_checkpoint("best")  # type: ignore[attr-defined]
+    return None if found is None else Path(found)
 
 
 def _validation_to_portable(state: State) -> dict[str, Any] | None:

@@ -1,11 +1,11 @@
 """The digits demo with the everyday callbacks, interrupted and resumed from a checkpoint.
 
 It trains the small CNN of ``examples/digits.py`` with ``Metrics`` (accuracy), a ``ProgressBar``
-(plain lines when the output is not a terminal), ``Checkpoint`` (last and the two best by
-validation accuracy), ``EarlyStopping`` and a ``Recorder``. The first run is cancelled part-way
-through an epoch, as a timeout or a closing service would; a second learner, built from scratch
-as a new process would, continues it with ``fit(epochs, resume="last")``. At the end the recorder
-draws the history to a PNG. Run it with::
+(plain lines when the output is not a terminal), ``Checkpoint`` (last, one per epoch, and the
+two best by validation accuracy), ``EarlyStopping`` and a ``Recorder``. The first run is
+cancelled part-way through an epoch, as a timeout or a closing service would; a second
+learner, built from scratch as a new process would, continues it with
+``fit(epochs, resume="last")``. At the end the recorder draws the history to a PNG. Run it with::
 
     python examples/digits_resume.py [output directory]
 

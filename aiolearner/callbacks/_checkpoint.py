@@ -58,6 +58,7 @@ from ._files import (
     read_weights,
     remove_stray_temporaries,
     save_safetensors,
+    snapshot,
 )
 from ._files import atomic_write as atomic_write  # re-exported: a test watches the writes here
 from ._optional import require
@@ -65,24 +66,6 @@ from ._optional import require
 __all__ = ["Checkpoint", "snapshot"]
 
 LAST = "last.pt"
-
-
-def snapshot(value: Any) -> Any:
-    """A deep copy of a state dict whose tensors are detached CPU clones.
-
-    Later training steps cannot change the copy; containers are rebuilt so that callbacks' own
-    lists and dicts are not shared with it either.
-    """
-    if isinstance(value, torch.Tensor):
-        t = value.detach()
-        return t.clone() if t.device.type == "cpu" else t.to("cpu")
-    if isinstance(value, dict):
-        return {k: snapshot(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [snapshot(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(snapshot(v) for v in value)
-    return value
 
 
 class Checkpoint(Callback):
@@ -221,6 +204,8 @@ class Checkpoint(Callback):
         # A best file judged on a concurrent validation's snapshot and not yet queued for
         # writing: the after_epoch a cancellation cut short writes it when it runs again.
         self._unqueued: NamedPlan | None = None
+        #: Names dropped from the lists (top-k, keep_periodic) whose files are not removed yet.
+        self._removing: list[str] = []
         self._live: torch.nn.Module | None = None
         self._last_step_saved: int | None = None
         self._last_saved: tuple[int, int] | None = None
@@ -304,6 +289,14 @@ class Checkpoint(Callback):
     def _prepare_directory(self) -> None:
         self._make_directory()
         remove_stray_temporaries(self.directory)
+        # Files a write had dropped from its lists when the process was killed before it
+        # removed them (the checkpoint it wrote names them).
+        kept = {e["name"] for e in self.best} | set(self._periodic) | {self._last_name}
+        for name in self._removing:
+            if name not in kept:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path(name))
+        self._removing = []
 
     def _make_directory(self) -> None:
         check_directory(self.directory, "Checkpoint")
@@ -373,6 +366,7 @@ class Checkpoint(Callback):
         if not self._writer:
             self._content(state)  # this rank's part of the gather; rank 0 writes
             return
+        self._removing.extend(removes)  # before the copy: the file written says so
         self._queue.append((self._copy(state), targets, removes, self._meta(state)))
         state.start_soon(self._drain, name="Checkpoint.write")
 
@@ -490,6 +484,7 @@ class Checkpoint(Callback):
         # Until the snapshot is queued, the plan is kept for after_fit_run (a cancellation
         # landing in the copy below must not lose the save point it was planned for).
         self._unsaved = ((state.epoch, state.step), plan)
+        self._removing.extend(name for name in removes if name not in self._removing)
         # The state dict is cheap (references); the copy is a memcpy of every tensor, done in a
         # worker thread while the read side of the weights lock keeps updates out.
         async with state.weights_lock.read():
@@ -554,6 +549,8 @@ class Checkpoint(Callback):
             if name not in targets:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path(name))
+            with contextlib.suppress(ValueError):
+                self._removing.remove(name)
 
     # -- resuming ------------------------------------------------------------------------------
 
@@ -567,6 +564,7 @@ class Checkpoint(Callback):
             "last_step_saved": self._last_step_saved,
             "last_saved": None if self._last_saved is None else list(self._last_saved),
             "unqueued": plan_to_portable(self._unqueued),
+            "removing": list(self._removing),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -592,3 +590,4 @@ class Checkpoint(Callback):
         last = state.get("last_saved")
         self._last_saved = None if last is None else (int(last[0]), int(last[1]))
         self._unqueued = plan_from_portable(state.get("unqueued"))
+        self._removing = [check_name(n) for n in state.get("removing", [])]

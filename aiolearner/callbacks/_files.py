@@ -23,7 +23,7 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -46,6 +46,7 @@ __all__ = [
     "load_weights",
     "read_weights",
     "remove_stray_temporaries",
+    "snapshot",
     "save_safetensors",
 ]
 
@@ -159,9 +160,11 @@ def _temporary(path: Path) -> Iterator[Path]:
             _WRITING.discard(tmp)
 
 
-def remove_stray_temporaries(directory: Path) -> list[str]:
-    """Remove the temporary files a writer that crashed (or was killed) left in ``directory``;
-    the names removed. A write in progress in this process keeps its file."""
+def remove_stray_temporaries(directory: Path, targets: Iterable[str] | None = None) -> list[str]:
+    """Remove the temporary files a writer that crashed (or was killed) left in ``directory``
+    (only those of the files named ``targets``, when given); the names removed. A write in
+    progress in this process keeps its file."""
+    prefixes = None if targets is None else tuple(f".{name}." for name in targets)
     removed: list[str] = []
     try:
         entries = list(os.scandir(directory))
@@ -171,6 +174,8 @@ def remove_stray_temporaries(directory: Path) -> list[str]:
         writing = set(_WRITING)
     for entry in entries:
         if not _TMP_NAME.match(entry.name) or directory / entry.name in writing:
+            continue
+        if prefixes is not None and not entry.name.startswith(prefixes):
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(entry.path)
@@ -307,3 +312,21 @@ def plan_from_portable(saved: Any) -> NamedPlan | None:
         None if name is None else check_name(name),
         [check_name(n) for n in saved["dropped"]],
     )
+
+
+def snapshot(value: Any) -> Any:
+    """A deep copy of a state dict whose tensors are detached CPU clones.
+
+    Later training steps cannot change the copy; containers are rebuilt so that callbacks' own
+    lists and dicts are not shared with it either.
+    """
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        return t.clone() if t.device.type == "cpu" else t.to("cpu")
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [snapshot(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(snapshot(v) for v in value)
+    return value

@@ -11,9 +11,11 @@ Rows: one ``kind="epoch"`` row per epoch with every numeric entry of ``state.met
 ``every_n_steps`` one ``kind="step"`` row every N training steps with the batch loss (reading it
 is a host sync, once per N steps). Each row has ``epoch`` (0-based) and ``step``.
 
-Resuming: a logger's checkpoint state is how many rows it had logged. Resumed from a checkpoint,
-it opens its output in ``"resume"`` mode with that count, so a file logger cuts its file back to
-those rows and rows logged after the checkpoint (and lost with the run) do not appear twice. A
+Resuming: a logger's checkpoint state is how many rows it had written and the rows it had
+logged but not written yet. Resumed from a checkpoint, it opens its output in ``"resume"`` mode
+with that count, so a file logger cuts its file back to those rows (rows logged after the
+checkpoint, lost with the run, do not appear twice), and writes the others first (a process
+killed before its buffer was written loses no row of the checkpoint). A
 logger that was not resumed starts its output afresh (``"new"``) the first time it writes; later
 ``fit`` calls of the same learner continue it (``"continue"``).
 """
@@ -25,6 +27,7 @@ import io
 import json
 import os
 import shutil
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -36,7 +39,7 @@ import torch
 from aiolearner import Callback, StateView
 
 from ._distributed import is_rank_zero
-from ._files import atomic_write
+from ._files import atomic_write, remove_stray_temporaries
 from ._optional import require
 
 __all__ = ["CSVLogger", "ExperimentLogger", "JSONLinesLogger", "OpenMode", "TensorBoardLogger"]
@@ -110,6 +113,9 @@ class ExperimentLogger(Callback):
         self._open = False  # opened in the current run, not finalized yet
         self._active = True  # rank 0 (or not distributed) in the current run
         self._lock: anyio.Lock | None = None
+        # Rows are added in hooks (maybe in the compute worker thread) and dropped once written
+        # (on the loop): the checkpoint state must see one or the other, never both or neither.
+        self._guard = threading.Lock()
 
     # -- the protocol (run in a worker thread) ---------------------------------------------------
 
@@ -196,8 +202,9 @@ class ExperimentLogger(Callback):
         await self._flush(final=state.outcome if state.is_valid("outcome") else "completed")
 
     def _add(self, row: Row, state: StateView, *, flush: bool = False) -> None:
-        self._rows.append(row)
-        self._logged += 1
+        with self._guard:
+            self._rows.append(row)
+            self._logged += 1
         self._last_step = int(row["step"])
         if flush or len(self._rows) >= self.flush_rows:
             state.start_soon(self._flush, name=f"{self.name}.flush")
@@ -222,8 +229,9 @@ class ExperimentLogger(Callback):
             self._drop(len(rows), len(artifacts))
 
     def _drop(self, rows: int, artifacts: int) -> None:
-        for _ in range(rows):
-            self._rows.popleft()
+        with self._guard:
+            for _ in range(rows):
+                self._rows.popleft()
         for _ in range(artifacts):
             self._artifacts.popleft()
 
@@ -252,14 +260,19 @@ class ExperimentLogger(Callback):
     # -- checkpoints -----------------------------------------------------------------------------
 
     def state_dict(self) -> Mapping[str, Any]:
-        return {"rows": self._logged, "step": self._last_step}
+        with self._guard:
+            pending = [dict(row) for row in self._rows]
+            return {"rows": self._logged, "step": self._last_step, "pending": pending}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pending = [dict(row) for row in state.get("pending", ())]
         self._logged = int(state.get("rows", 0))
         self._last_step = int(state.get("step", -1))
-        self._resume_rows = self._logged
+        # The rows written when the checkpoint was taken; the pending ones are written next.
+        self._resume_rows = self._logged - len(pending)
         self._open = False
         self._rows.clear()
+        self._rows.extend(pending)
 
 
 def _plain(value: Any) -> Any:
@@ -281,6 +294,12 @@ def _copy_artifact(path: Path, directory: Path, name: str) -> None:
         shutil.copytree(path, target, dirs_exist_ok=True)
     else:
         shutil.copy2(path, target)
+
+
+def _remove_own_temporaries(path: Path) -> None:
+    """The temporaries of a rewrite of ``path`` (or of its hyperparameters file) that a killed
+    run left beside it."""
+    remove_stray_temporaries(path.parent, (path.name, f"{path.stem}.hparams.json"))
 
 
 def _write_hparams_file(path: Path, hparams: Mapping[str, Any]) -> None:
@@ -331,6 +350,7 @@ class JSONLinesLogger(ExperimentLogger):
         if mode == "continue":
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_own_temporaries(self.path)
         kept = b""
         if mode == "resume" and rows and self.path.is_file():
             lines = self.path.read_bytes().splitlines(keepends=True)[:rows]
@@ -357,8 +377,9 @@ class CSVLogger(ExperimentLogger):
     """Log rows to a CSV file with a header; a new column rewrites the file with it.
 
     Columns: ``kind``, ``epoch``, ``step``, then every metric in alphabetical order (so a run
-    writes the same file whichever row brings a metric first, concurrent validation or not,
-    and a new column rewrites the file in that order). Cells of a
+    writes the same columns whichever row brings a metric first, concurrent validation or not,
+    and a new column rewrites the file in that order; with concurrent validation and
+    ``every_n_steps``, epoch rows may fall among the next epoch's step rows). Cells of a
     row without that column are empty. The hyperparameters (if any) go to
     ``<path stem>.hparams.json`` beside it, and artifacts are copied into ``artifacts_dir``.
 
@@ -397,6 +418,7 @@ class CSVLogger(ExperimentLogger):
         if mode == "continue":
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_own_temporaries(self.path)
         self._all = []
         self._columns = []
         if mode == "resume" and rows and self.path.is_file():
@@ -510,7 +532,11 @@ class TensorBoardLogger(ExperimentLogger):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
-        last = self._last_step
-        # Events after the checkpoint's last logged step belong to the lost part of the run.
-        self._purge_step = last + 1 if last >= 0 else None
+        # Events after the checkpoint's last logged step belong to the lost part of the run,
+        # and those of the rows not yet written then are written again (first).
+        first = next(iter(self._rows), None)
+        if first is not None:
+            self._purge_step = int(first["step"])
+        else:
+            self._purge_step = self._last_step + 1 if self._last_step >= 0 else None
         self._close()

@@ -223,7 +223,8 @@ async def test_wandb_offline_run_holds_config_history_artifacts_and_exit_code(
 
     # A later run continues the same id; an error ends it with exit code 1.
     failing = make_learner(callbacks=[logger, Fail(3)], n_batches=4)
-    failing.load_state_dict(learner.state_dict())
+    with pytest.warns(UserWarning, match=r"\['Metrics'\], which this learner does not have"):
+        failing.load_state_dict(learner.state_dict())
     with pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="boom")):
         await failing.fit(4)
     runs = await anyio.to_thread.run_sync(_wandb_runs, wandb_dir)
