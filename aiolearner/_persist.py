@@ -172,6 +172,9 @@ def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> Non
         state.step = int(progress["step"])
         state.batch_index = int(progress["batch_index"])
         rt.pass_done = bool(progress["pass_done"])
+        # Every batch the counters count was committed: the last one too (a stage finishing
+        # the pass after it, such as an accumulation's short last group, relies on that).
+        rt.context._committed = True
         rt.val_done = bool(progress.get("val_done", False))
         rt.val_after = bool(progress.get("val_after", False))
         stop = progress.get("stop_after_epoch")

@@ -61,6 +61,51 @@ class _AccumulatingFitBatch(FitBatch):
         # By reference, not by name: an update stage for a named optimizer is 'update_<name>'
         # (replacing a stage in the tree replaces these attributes too).
         self.gradient_stage, self.update_stage = self.children
+        #: The group's gradients so far, by the model's parameters (``None``: none yet). They
+        #: stay out of ``.grad`` between micro-batches: the learner clears ``.grad`` when a
+        #: batch is skipped or interrupted, which must drop that micro-batch's part only.
+        self.window: list[torch.Tensor | None] | None = None
+
+    def gather(self, state: State) -> None:
+        """Move ``.grad`` (the micro-batch's part) into the group's gradients."""
+        params = list(state.model.parameters())
+        window: list[torch.Tensor | None] = (
+            self.window if self.window is not None else [None] * len(params)
+        )
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                g = p.grad
+                if g is None:
+                    continue
+                old = window[i]
+                if old is not None:
+                    g.add_(old)  # new + old: the same bits as autograd's old += new
+                window[i] = g
+                p.grad = None
+        self.window = window
+
+    def put_back(self, state: State) -> None:
+        """The group's gradients into ``.grad`` (added to what is there), for its update."""
+        window, self.window = self.window, None
+        if window is None:
+            return
+        with torch.no_grad():
+            for p, w in zip(state.model.parameters(), window, strict=True):
+                if w is None:
+                    continue
+                if p.grad is None:
+                    p.grad = w
+                else:
+                    p.grad.add_(w)
+
+    def acted(self, state: State, flow: Any) -> None:
+        # A skipped micro-batch leaves nothing (the learner clears its .grad); the group's
+        # earlier ones stay. Skipping the group's last one skips the group's update: its
+        # gradients are dropped, as a skipped batch's are without accumulation.
+        last = not self.context.committed and (state.batch_index + 1) % self.every == 0
+        super().acted(state, flow)
+        if last:
+            self.window = None
 
     def stepped(self, state: State) -> torch.optim.Optimizer:
         """The optimizer its update stage steps."""
@@ -69,20 +114,27 @@ class _AccumulatingFitBatch(FitBatch):
     async def run(self, state: State) -> None:
         # batch_index counts the epoch's batches done so far (also after a mid-epoch resume),
         # so groups stay aligned with the epoch whatever interrupted it.
-        if (state.batch_index + 1) % self.every == 0:
+        last = (state.batch_index + 1) % self.every == 0
+        if last:
+            if self.context.strategy is not None:
+                # The strategy all-reduces .grad in this backward: the group's gradients must
+                # be there already.
+                self.put_back(state)
             await self.gradient_stage(state)
         else:
             # Under a distributed strategy the group's gradients are all-reduced once, with its
             # last micro-batch (a no-op in one process).
             with self.context.no_sync():
                 await self.gradient_stage(state)
-        if (state.batch_index + 1) % self.every == 0:
+        self.gather(state)
+        if last:
+            self.put_back(state)
             _scale_gradients(self.stepped(state), 1.0 / self.every)
             await self.update_stage(state)
         else:
-            # The micro-batch is done once its gradients are in .grad: commit it now, so the
-            # counters in after_fit_batch read as after an update, and so an interruption from
-            # here on neither repeats it nor clears the group's gradients.
+            # The micro-batch is done once its gradients are in the group's: commit it now, so
+            # the counters in after_fit_batch read as after an update, and so an interruption
+            # from here on neither repeats it nor loses its part.
             self.context.commit(state)
 
 
@@ -102,11 +154,14 @@ class AccumulateGradients(Fit):
 
         Learner(..., stages={"fit": AccumulateGradients(4), **amp.stages()})
 
-    The gradients of a group in progress live in ``.grad``, which the learner's checkpoints do
-    not hold. When a checkpoint may fall inside a group, add :meth:`checkpoint_callback` to the
-    callbacks: it puts them in the checkpoint and back. Cancelling the run *inside* a
-    micro-batch's Gradient stage still loses them (the learner clears the gradients of an
-    interrupted batch), so that group is applied with fewer micro-batches.
+    Between micro-batches the group's gradients are kept by the stage, out of ``.grad`` (which
+    holds the current micro-batch's part during its Gradient stage and its hooks, and the whole
+    group's, scaled, from ``before_update`` on). So a micro-batch that is skipped
+    (``SkipBatch``, ``NonFiniteGuard("skip")``), fails or is cancelled drops its own part only,
+    and a run cancelled anywhere continues exactly; skipping a group's *last* micro-batch skips
+    the group's update and drops its gradients. The learner's checkpoints do not hold them:
+    when a checkpoint may fall inside a group, add :meth:`checkpoint_callback` to the
+    callbacks, which puts them in the checkpoint and back.
 
     Args:
         every: micro-batches per optimizer step (1 behaves like the default stage).
@@ -136,7 +191,9 @@ class AccumulateGradients(Fit):
 
     def checkpoint_callback(self) -> Callback:
         """A callback that keeps the gradients of a group in progress in checkpoints."""
-        return GroupGradients()
+        fit_batch = self.fit_batch
+        assert isinstance(fit_batch, _AccumulatingFitBatch)
+        return GroupGradients(fit_batch)
 
     async def run(self, state: State) -> None:
         await super().run(state)
@@ -148,6 +205,7 @@ class AccumulateGradients(Fit):
         fit_batch = self.fit_batch
         assert isinstance(fit_batch, _AccumulatingFitBatch)
         optimizer = fit_batch.stepped(state)
+        fit_batch.put_back(state)
         strategy = self.context.strategy
         if strategy is not None:
             # The group's micro-batches all ran without synchronizing their gradients.
@@ -161,35 +219,33 @@ class AccumulateGradients(Fit):
 
 
 class GroupGradients(Callback):
-    """Carries the gradients accumulated so far (``.grad``) through checkpoints.
+    """Carries the gradients of the group in progress through checkpoints.
 
     Made by :meth:`AccumulateGradients.checkpoint_callback`. Reads ``model``; writes nothing.
     """
 
     reads = frozenset({"model"})
 
-    def __init__(self) -> None:
-        self._model: torch.nn.Module | None = None
+    def __init__(self, fit_batch: _AccumulatingFitBatch) -> None:
+        self._fit_batch = fit_batch
         self._pending: list[torch.Tensor | None] | None = None
 
     def before_fit_run(self, state: StateView) -> None:
-        """Remember the model; put back gradients loaded from a checkpoint."""
-        model = state.model
-        self._model = model
+        """Put back the group's gradients loaded from a checkpoint (on the model's device)."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            for p, g in zip(model.parameters(), pending, strict=True):
-                p.grad = None if g is None else g.to(p.device)
+            params = list(state.model.parameters())
+            self._fit_batch.window = [
+                None if g is None else g.to(p.device) for p, g in zip(params, pending, strict=True)
+            ]
 
     def state_dict(self) -> Mapping[str, Any]:
-        if self._model is None:
-            return {} if self._pending is None else {"grads": self._pending}
-        grads = [
-            None if p.grad is None else p.grad.detach().clone() for p in self._model.parameters()
-        ]
-        if all(g is None for g in grads):
+        if self._pending is not None:  # loaded, not yet put back
+            return {"grads": self._pending}
+        window = self._fit_batch.window
+        if window is None or all(g is None for g in window):
             return {}
-        return {"grads": grads}
+        return {"grads": [None if g is None else g.detach().clone() for g in window]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         grads = state.get("grads")

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 import torch
 
-from aiolearner import Callback, StateView
-from aiolearner.callbacks import AccumulateGradients, GradientClipping
-from aiolearner.testing import make_batches, make_learner
+from aiolearner import Callback, Learner, SkipBatch, StateView
+from aiolearner.callbacks import AccumulateGradients, Checkpoint, GradientClipping
+from aiolearner.testing import make_batches, make_learner, tiny_model
 
 
 def _concat(
@@ -149,3 +152,126 @@ def test_clipping_needs_a_limit() -> None:
     with pytest.raises(ValueError, match="positive"):
         GradientClipping(max_norm=-1.0)
     assert GradientClipping(1.0, norm_type="inf").norm_type == math.inf
+
+
+class SkipAfterGradient(Callback):
+    """Skips micro-batch ``index`` of the epoch once its gradient is computed."""
+
+    reads = frozenset({"batch_index"})
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def after_gradient(self, state: StateView) -> None:
+        if state.batch_index == self.index:
+            raise SkipBatch("a bad micro-batch")
+
+
+def _hand_accumulation(skip: int) -> torch.nn.Module:
+    """Groups of 4, micro-batch ``skip`` left out (a zero part), each group divided by 4; a
+    group whose last micro-batch is skipped makes no update and drops its gradients."""
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i, (x, y) in enumerate(make_batches(8)):
+        if i != skip:
+            torch.nn.functional.cross_entropy(model(x), y).backward()  # type: ignore[no-untyped-call]
+        if i % 4 == 3:
+            if i == skip:
+                opt.zero_grad(set_to_none=True)
+                continue
+            for p in model.parameters():
+                assert p.grad is not None
+                p.grad.mul_(1 / 4)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return model
+
+
+@pytest.mark.parametrize("skip", [4, 5, 7])
+@pytest.mark.parametrize("compute", ["auto", "thread"])
+async def test_a_skipped_micro_batch_drops_its_own_part_only(skip: int, compute: Any) -> None:
+    model = tiny_model()
+    learner: Learner[Any] = Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.nn.functional.cross_entropy,
+        make_batches(8),
+        callbacks=[SkipAfterGradient(skip)],
+        stages={"fit": AccumulateGradients(4)},
+        compute=compute,
+    )
+    await learner.fit(1)
+    expected = _hand_accumulation(skip)
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), expected.parameters(), strict=True)
+    )
+
+
+class CancelInGradient(Callback):
+    """Cancels ``scope`` from inside micro-batch ``index``'s gradient hooks, once."""
+
+    reads = frozenset({"batch_index"})
+
+    def __init__(self, index: int, scope: anyio.CancelScope) -> None:
+        self.index, self.scope = index, scope
+
+    async def after_gradient(self, state: StateView) -> None:
+        if state.batch_index == self.index and not self.scope.cancel_called:
+            self.scope.cancel()
+            await anyio.lowlevel.checkpoint()
+
+
+async def test_a_cancellation_inside_a_micro_batch_then_fit_again_is_exact() -> None:
+    reference = make_learner(n_batches=10, stages={"fit": AccumulateGradients(4)})
+    await reference.fit(2)
+    with anyio.CancelScope() as scope:
+        learner = make_learner(
+            n_batches=10,
+            stages={"fit": AccumulateGradients(4)},
+            callbacks=[CancelInGradient(5, scope)],
+        )
+        await learner.fit(2)
+    assert learner.state.step == 5
+    await learner.fit(2)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(learner.model.parameters(), reference.model.parameters(), strict=True)
+    )
+
+
+class CancelAtStep(Callback):
+    reads = frozenset({"step"})
+
+    def __init__(self, step: int, scope: anyio.CancelScope) -> None:
+        self.step, self.scope = step, scope
+
+    async def after_fit_batch(self, state: StateView) -> None:
+        if state.step == self.step:
+            self.scope.cancel()
+            await anyio.lowlevel.checkpoint()
+
+
+async def test_resumed_between_the_last_micro_batch_and_the_short_group_s_update(
+    tmp_path: Path,
+) -> None:
+    """Cancelled after the epoch's last micro-batch, before its short last group is applied: a
+    fresh learner resumed from that point applies it and goes on exactly."""
+
+    def build(*extra: Callback) -> Learner[Any]:
+        acc = AccumulateGradients(4)
+        return make_learner(
+            n_batches=10,
+            stages={"fit": acc},
+            callbacks=[acc.checkpoint_callback(), Checkpoint(tmp_path), *extra],
+        )
+
+    reference = make_learner(n_batches=10, stages={"fit": AccumulateGradients(4)})
+    await reference.fit(2)
+    with anyio.CancelScope() as scope:
+        await build(CancelAtStep(10, scope)).fit(2)
+    resumed = build()
+    await resumed.fit(2, resume="last")
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(resumed.model.parameters(), reference.model.parameters(), strict=True)
+    )
