@@ -166,6 +166,36 @@ def build_tree(stages: Mapping[str, Stage] | FitRun | None) -> Stage:
     return root
 
 
+def replace_stage(learner: Learner[Any], name: str, stage: Stage) -> None:
+    """The body of :meth:`Learner.replace_stage`: all or nothing (a refused tree leaves the
+    learner as it was)."""
+    if not isinstance(stage, Stage):
+        raise TypeError(f"stage must be a Stage, got {type(stage).__name__} {stage!r}")
+    if name not in learner._stages:
+        raise KeyError(f"no stage named {name!r}; stages: {sorted(learner._stages)}")
+    old_root, old = learner._root, learner._stages[name]
+    if name == old_root.name:
+        if not isinstance(stage, FitRun):
+            raise TypeError("the root stage must be a FitRun")
+        learner._root = stage
+    else:
+        replace_in_tree(learner._root, old, stage)
+    try:
+        build(learner)
+    except BaseException:
+        # The old tree back, built again.
+        if learner._root is stage:
+            learner._root = old_root
+        else:
+            replace_in_tree(learner._root, stage, old)
+        kept = {id(s) for s in learner._root.walk()}
+        for s in stage.walk():
+            if id(s) not in kept:
+                s._rt = None  # free to go into another learner
+        build(learner)
+        raise
+
+
 def replace_in_tree(root: Stage, old: Stage, new: Stage) -> None:
     """Put ``new`` in the place of ``old`` under ``root`` (children and named attributes)."""
     for parent in root.walk():

@@ -8,6 +8,7 @@ while running (an unsized iterable that yields nothing) is checked where it is s
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator, Iterator
 from types import AsyncGeneratorType, GeneratorType
 from typing import Any
 
@@ -60,7 +61,7 @@ def check_data(name: str, data: Any) -> None:
 def check_passes(name: str, data: Any, passes: int) -> None:
     """At fit start: a generator (sync or async) can be iterated only once, so a run that needs
     more than one more pass over it would get nothing from the second on."""
-    if passes > 1 and isinstance(data, GeneratorType | AsyncGeneratorType):
+    if passes > 1 and _one_pass(data):
         fix = (
             "pass something that makes a new iterator for each epoch (a list, a DataLoader, an"
             " object whose __iter__ is a generator function)"
@@ -70,10 +71,34 @@ def check_passes(name: str, data: Any, passes: int) -> None:
                 else ""
             )
         )
+        kind = (
+            "a generator"
+            if isinstance(data, GeneratorType | AsyncGeneratorType)
+            else (f"an iterator ({type(data).__name__})")
+        )
         raise ValueError(
-            f"{name} is a generator: it can be iterated only once, and this fit needs {passes}"
+            f"{name} is {kind}: it can be iterated only once, and this fit needs {passes}"
             f" more passes over it (every pass after the first would get no batch); {fix}"
         )
+
+
+def _one_pass(data: Any) -> bool:
+    """Whether iterating ``data`` again goes on where the last pass stopped (a generator, any
+    iterator: ``iter(data) is data``). A :class:`~aiolearner.Feed` is a stream by design: a
+    pass runs to the end of what it is fed, and the run stops with it."""
+    if isinstance(data, GeneratorType | AsyncGeneratorType):
+        return True
+    if getattr(data, "_is_feed", False):
+        return False
+    return isinstance(data, Iterator | AsyncIterator)
+
+
+def check_count(name: str, value: Any, *, least: int = 1) -> None:
+    """A whole number of at least ``least`` (a count of steps, batches, records)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be at least {least}, got {value}")
 
 
 def check_positive(name: str, value: float, *, zero: bool = False) -> None:

@@ -45,8 +45,8 @@ def check_arguments(
     optimizers = _optim.named_optimizers(optimizer)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    if steps_per_epoch is not None and steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
+    if steps_per_epoch is not None:
+        _checks.check_count("steps_per_epoch", steps_per_epoch)
     # Bad input fails here, clearly, rather than silently or half way through training.
     for name, opt in optimizers.items():
         _checks.check_optimizer(model, opt, "optimizer" if len(optimizers) == 1 else name)

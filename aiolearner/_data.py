@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 
 from ._batches import END, WAIT, Batches
+from ._checks import check_count
 from ._device import DeviceMover
 from ._rng import capture_data_streams, capture_rng, restore_data_streams, restore_rng
 
@@ -65,8 +66,7 @@ class BatchSource:
                 f"{name} must be an iterable of batches (a torch DataLoader, a list, a generator)"
                 f" or an async iterable, got {type(data).__name__}"
             )
-        if prefetch < 1:
-            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+        check_count("prefetch", prefetch)
         if fetch not in ("auto", "thread", "inline"):
             raise ValueError(f"fetch must be 'auto', 'thread' or 'inline', got {fetch!r}")
         self.data = data

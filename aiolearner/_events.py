@@ -72,6 +72,11 @@ class EventStream:
     It ends when the learner's current run (``fit``, ``validate`` or ``predict``) ends, or the next
     one if the learner is idle when subscribing. Close it early with ``await stream.aclose()`` or
     by using it as ``async with learner.events() as stream:``.
+
+    Attributes:
+        dropped: events dropped (a full buffer) since the last one delivered; the next event
+            carries the count. Events dropped at the end of the run, with no later event to
+            carry them, stay counted here once the stream has ended.
     """
 
     def __init__(self, hub: EventHub, kinds: frozenset[str] | None, buffer: int) -> None:

@@ -430,13 +430,14 @@ class Executor:
         """The batch is over: keep its loss for ``train_loss``, end its fields, check the commit."""
         d = state.__dict__
         loss = d.get("loss")
-        if loss is not None:
-            # Detached: keeping the loss with its autograd graph alive until the end of the
-            # epoch slows every later step on a small model (allocator and graph bookkeeping).
-            losses.append(loss.detach())
         rt = self.rt
         for name in rt.batch_fields:
             d.pop(name, None)
+        if loss is not None:
+            # Detached: keeping the loss with its autograd graph alive until the end of the
+            # epoch slows every later step on a small model (allocator and graph bookkeeping).
+            # (After the fields end: a snapshot from another thread counts it once.)
+            losses.append(loss.detach())
         if len(d) != self.fields_seen:
             self.check_fields(stage, state)
         if not rt.committed:

@@ -29,6 +29,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from torch.utils.data import default_collate
 
+from ._checks import check_count
 from ._exceptions import StopFit
 
 __all__ = ["Feed"]
@@ -56,7 +57,11 @@ class Feed(Generic[T]):
         >>> async with anyio.create_task_group() as tg:
         ...     tg.start_soon(produce)
         ...     await learner.fit(10)
+        ...     tg.cancel_scope.cancel()  # a producer with more to send would wait forever
     """
+
+    #: A stream by design (see ``_checks._one_pass``): no refusal for several passes.
+    _is_feed = True
 
     def __init__(
         self,
@@ -65,10 +70,8 @@ class Feed(Generic[T]):
         buffer: int = 256,
         collate: Callable[[list[T]], Any] = default_collate,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if buffer < 1:
-            raise ValueError(f"buffer must be at least 1, got {buffer}")
+        check_count("batch_size", batch_size)
+        check_count("buffer", buffer)
         send, receive = anyio.create_memory_object_stream[T](buffer)
         self._send: MemoryObjectSendStream[T] = send
         self._receive: MemoryObjectReceiveStream[T] = receive

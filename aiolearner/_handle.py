@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import torch
 
+from ._checks import check_positive
 from ._events import EventStream
 
 if TYPE_CHECKING:
@@ -92,7 +93,14 @@ def _running_train_loss(learner: Learner[Any]) -> float | None:
     """The mean training loss of the current epoch so far, for :class:`LearnerSnapshot`;
     ``None`` before the epoch's first batch, or when the losses live on an accelerator (a
     status request must not wait for the device)."""
-    losses = list(learner._rt.train_losses)  # a copy: the compute thread may append meanwhile
+    rt = learner._rt
+    losses = list(rt.train_losses)  # a copy: the compute thread may append meanwhile
+    d = learner._state.__dict__
+    current = d.get("loss")
+    if current is not None and rt.committed and "validation_set" not in d:
+        # A training batch committed and not yet over (its after_fit_batch): it counts in
+        # batch_index already, so its loss counts here too.
+        losses.append(current.detach())
     if not losses or losses[-1].device.type != "cpu":
         return None
     with torch.no_grad():
@@ -241,8 +249,9 @@ class FitHandle:
         finalize: ``async def finalize(handle)``, awaited after ``fit`` ended in any way (also a
             cancellation from outside), in a shielded scope bounded by ``finalize_timeout``
             seconds; the learner is idle then, so ``learner.state_dict()`` is consistent. It is
-            not called when the run never started (cancelled while pending).
-        finalize_timeout: the time bound of ``finalize``.
+            not called when the run never started (cancelled while pending). An error it
+            raises comes out of :meth:`run` (``state`` keeps the run's own outcome).
+        finalize_timeout: the time bound of ``finalize`` (seconds, positive).
 
     Example:
         >>> async def save(handle):
@@ -270,6 +279,7 @@ class FitHandle:
         self._epochs = epochs
         self._resume = resume
         self._finalize = finalize
+        check_positive("finalize_timeout", finalize_timeout)
         self._finalize_timeout = finalize_timeout
         # Both made on first use inside the event loop (a handle may be built before it runs).
         self._scope: anyio.CancelScope | None = None

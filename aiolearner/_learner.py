@@ -73,7 +73,9 @@ class Learner(Generic[TBatch]):
             fetch takes over ``fetch_budget`` seconds), ``"thread"`` or ``"inline"``.
         fetch_budget: see ``fetch``.
         steps_per_epoch: end each training pass after this many batches (the data iterator then
-            continues in the next epoch), for endless or streaming data.
+            continues in the next epoch), for endless or streaming data. With finite data, a
+            pass that reaches the end of the iterator ends there (a shorter epoch), and the next
+            pass starts a new iterator.
         trace: record every stage/hook entry and exit and every state write in ``learner.trace``.
         yield_interval: the longest (seconds) the training loop runs without giving the event
             loop a turn, between batches, while other tasks share the loop; ten times that while
@@ -104,9 +106,9 @@ class Learner(Generic[TBatch]):
         ConfigurationError: callbacks or stages that cannot work together (see the message).
         TypeError: arguments of the wrong kind.
         ValueError: arguments that cannot work: an optimizer over none of the model's
-            parameters, empty data, an iterator (one pass only) as data without
-            ``steps_per_epoch``, a non-positive ``teardown_timeout``, ... (see the message and
-            docs/reliability.md).
+            parameters, empty data, a non-positive ``teardown_timeout``, ... (see the message
+            and docs/reliability.md). An iterator or generator (one pass only) as data without
+            ``steps_per_epoch`` is refused by ``fit`` when the run needs more than one pass.
 
     Example:
         >>> learner = Learner(model, torch.optim.SGD(model.parameters(), 0.1),
@@ -155,6 +157,13 @@ class Learner(Generic[TBatch]):
         self._hparams = check_hparams(hparams)
         self._strategy = strategy
         if strategy is not None:
+            from ._dist._strategy import Strategy as StrategyType
+
+            if not isinstance(strategy, StrategyType):
+                raise TypeError(
+                    "strategy must be a distributed strategy (aiolearner.DDP(), aiolearner.FSDP()),"
+                    f" got {type(strategy).__name__} {strategy!r}"
+                )
             # Join the process group, then this rank's shard of the data.
             device = strategy._connect(device)
             train_data, val_data = strategy._shard(train_data, val_data)
@@ -209,33 +218,12 @@ class Learner(Generic[TBatch]):
 
         Raises:
             KeyError: no stage has that name.
+            TypeError: ``stage`` is not a Stage (the root must be a FitRun).
             LearnerBusyError: the learner is running.
             ConfigurationError: the new tree does not build.
         """
         self._check_idle(f"replace stage {name!r}")
-        if name not in self._stages:
-            raise KeyError(f"no stage named {name!r}; stages: {sorted(self._stages)}")
-        old_root, old = self._root, self._stages[name]
-        if name == old_root.name:
-            if not isinstance(stage, FitRun):
-                raise TypeError("the root stage must be a FitRun")
-            self._root = stage
-        else:
-            _build.replace_in_tree(self._root, old, stage)
-        try:
-            _build.build(self)
-        except BaseException:
-            # A refused tree leaves the learner as it was: the old tree back, built again.
-            if self._root is stage:
-                self._root = old_root
-            else:
-                _build.replace_in_tree(self._root, stage, old)
-            kept = {id(s) for s in self._root.walk()}
-            for s in stage.walk():
-                if id(s) not in kept:
-                    s._rt = None  # free to go into another learner
-            _build.build(self)
-            raise
+        _build.replace_stage(self, name, stage)
 
     # -- public properties --------------------------------------------------------------------
 
@@ -511,7 +499,16 @@ class Learner(Generic[TBatch]):
         self._hub.publish(kind, who, d.get("epoch"), d.get("step"), data)
 
     def publish(self, kind: str, source: str, data: Mapping[str, Any]) -> None:
-        """Publish an event (``kind`` "metrics" or "log") on the learner's stream."""
+        """Publish an event (``kind`` "metrics" or "log") on the learner's stream.
+
+        Raises:
+            ValueError: another ``kind`` (the others are the learner's own events).
+        """
+        if kind not in ("metrics", "log"):
+            raise ValueError(
+                f"publish: kind must be 'metrics' or 'log', got {kind!r} (the other kinds are "
+                "the learner's own events)"
+            )
         d = self._state.__dict__
         self._hub.publish(kind, source, d.get("epoch"), d.get("step"), dict(data))
 
@@ -578,4 +575,8 @@ class Learner(Generic[TBatch]):
             ValueError: the file is damaged or not a checkpoint (the message names it), or its
                 weights do not fit the model; the learner is left as it was.
         """
-        self.load_state_dict(_persist.read_checkpoint(Path(path), self._device))
+        checkpoint = _persist.read_checkpoint(Path(path), self._device)
+        try:
+            self.load_state_dict(checkpoint)
+        except ValueError as exc:  # (the learner is as it was)
+            raise ValueError(f"checkpoint file {str(path)!r}: {exc}") from exc

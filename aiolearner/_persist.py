@@ -127,7 +127,15 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
 def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> None:
     """See :meth:`Learner.load_state_dict`: all or nothing."""
     if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != FORMAT:
-        raise ValueError(f"not an aiolearner checkpoint (format {FORMAT})")
+        what = (
+            f"a mapping with keys {sorted(map(str, checkpoint))[:6]}"
+            if isinstance(checkpoint, Mapping)
+            else type(checkpoint).__name__
+        )
+        raise ValueError(
+            f"not an aiolearner checkpoint (Learner.state_dict() of this version, format "
+            f"{FORMAT}): got {what}"
+        )
     weights = match_state_dict(learner.model, checkpoint["model"])
     _check_model(learner.model, weights)
     state = learner._state

@@ -35,6 +35,8 @@ from typing import Any, Literal
 
 import anyio
 
+from ._checks import check_positive
+
 __all__ = [
     "LONE_YIELD_FACTOR",
     "SHARED_MIN_BATCH",
@@ -96,8 +98,7 @@ class ComputePolicy:
     ) -> None:
         if mode not in ("auto", "thread", "inline"):
             raise ValueError(f"compute must be 'auto', 'thread' or 'inline', got {mode!r}")
-        if max_blocking <= 0:
-            raise ValueError(f"max_blocking must be positive, got {max_blocking}")
+        check_positive("max_blocking", max_blocking)
         self.mode = mode
         self.max_blocking = max_blocking
         self.recheck_interval = recheck_interval

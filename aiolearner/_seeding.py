@@ -20,6 +20,7 @@ not captured, which is why :func:`dataloader_seeding` leaves it out unless asked
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import random
 from typing import Any
@@ -86,8 +87,9 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> SeedState:
         >>> seeded = seed_everything(42, deterministic=True)
         >>> learner = Learner(..., hparams={"seed": seeded.seed})
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = int(seed)  # a numpy integer, say
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32 - 1], got {seed}")
     random.seed(seed)

@@ -40,7 +40,11 @@ class TraceRecord:
 
 
 class Trace:
-    """The records of a learner built with ``trace=True`` (``learner.trace``), oldest first."""
+    """The records of a learner built with ``trace=True`` (``learner.trace``), oldest first.
+
+    Attributes:
+        records: the :class:`TraceRecord` list itself (also iterated by ``for r in trace``).
+    """
 
     def __init__(self) -> None:
         self.records: list[TraceRecord] = []

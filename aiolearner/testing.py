@@ -114,7 +114,8 @@ def make_learner(
 
 
 class RecordingCallback(Callback):
-    """Records every default hook it sees, as ``"hook"`` or ``"hook@epoch:step"`` strings.
+    """Records every default hook it sees, as ``"hook"`` or ``"hook@epoch:step"`` strings,
+    in :attr:`calls`, oldest first.
 
     Args:
         hooks: which hooks to record (default: all of :data:`DEFAULT_HOOKS`).

@@ -359,3 +359,99 @@ async def test_a_failed_fetch_names_the_batch_the_pass_is_at() -> None:
     assert notes == [
         f"aiolearner: raised by train_data (Feed) while fetching batch {index} of this pass"
     ], error.__notes__
+
+
+# -- arguments and messages of the public API ----------------------------------------------------
+
+
+async def test_an_iterator_as_data_is_refused_by_a_fit_that_needs_several_passes() -> None:
+    learner = make_learner(train_data=iter(make_batches(4)))
+    with pytest.raises(ValueError, match=r"an iterator \(list_iterator\)"):
+        await learner.fit(2)
+    assert learner.state.step == 0  # refused before training
+    one = make_learner(train_data=iter(make_batches(4)))
+    await one.fit(1)  # one pass is fine
+    assert one.state.step == 4
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"steps_per_epoch": 2.5}, TypeError),
+        ({"steps_per_epoch": True}, TypeError),
+        ({"steps_per_epoch": 0}, ValueError),
+        ({"prefetch": 1.5}, TypeError),
+        ({"max_blocking": float("nan")}, TypeError),
+        ({"strategy": "ddp"}, TypeError),
+    ],
+)
+def test_options_of_the_wrong_kind_are_refused_naming_them(
+    options: dict[str, Any], error: type[Exception]
+) -> None:
+    (name,) = options
+    with pytest.raises(error, match=name):
+        make_learner(**options)
+
+
+def test_feed_and_handle_arguments_are_checked() -> None:
+    with pytest.raises(TypeError, match="batch_size"):
+        Feed(batch_size=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="finalize_timeout"):
+        FitHandle(make_learner(), 1, finalize_timeout=0)
+
+
+def test_replace_stage_with_something_else_than_a_stage_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="must be a Stage"):
+        make_learner().replace_stage("gradient", "not a stage")  # type: ignore[arg-type]
+
+
+def test_loading_a_file_that_is_not_a_checkpoint_names_the_file(tmp_path: Any) -> None:
+    path = tmp_path / "weights.pt"
+    learner = make_learner()
+    torch.save(learner.model.state_dict(), path)
+    with pytest.raises(ValueError, match=r"checkpoint file '.*weights\.pt': not an aiolearner"):
+        learner.load_checkpoint(path)
+
+
+def test_publish_takes_only_the_user_kinds() -> None:
+    learner = make_learner()
+    learner.publish("log", "me", {"text": "hello"})
+    with pytest.raises(ValueError, match="'metrics' or 'log'"):
+        learner.publish("run_end", "me", {})
+
+
+class SnapshotsInAfterFitBatch(Callback):
+    reads = frozenset({"loss"})
+
+    def __init__(self, learner: Learner[Any] | None = None) -> None:
+        self.learner = learner
+        self.rows: list[tuple[int, Any, float]] = []
+        self.losses: list[float] = []
+
+    def after_fit_batch(self, state: StateView) -> None:
+        assert self.learner is not None
+        self.losses.append(float(state.loss.detach()))
+        snap = self.learner.snapshot()
+        mean = sum(self.losses) / len(self.losses)
+        self.rows.append((snap.batch_index, snap.metrics.get("train_loss_running"), mean))
+
+
+async def test_the_running_loss_of_a_snapshot_counts_the_batches_batch_index_counts() -> None:
+    probe = SnapshotsInAfterFitBatch()
+    learner = make_learner(callbacks=[probe], n_batches=3)
+    probe.learner = learner
+    await learner.fit(1)
+    assert [row[0] for row in probe.rows] == [1, 2, 3]
+    for _, running, mean in probe.rows:
+        assert running == pytest.approx(mean)
+
+
+def test_seed_everything_takes_a_numpy_integer() -> None:
+    import numpy as np
+
+    from aiolearner import seed_everything
+
+    seed_everything(np.int64(3))  # type: ignore[arg-type]
+    first = torch.rand(1)
+    seed_everything(3)
+    assert torch.equal(first, torch.rand(1))

@@ -22,14 +22,15 @@ from typing import Any, Literal
 import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from aiolearner import Callback, Stage, State, StateView, ValidateBatch, ValidateLoss, split_batch
+from aiolearner import Stage, State, StateView, ValidateBatch, ValidateLoss, split_batch
 
 from ._metrics import Metrics
+from ._per_optimizer import OptimizerCallback
 
 __all__ = ["EMA"]
 
 
-class EMA(Callback):
+class EMA(OptimizerCallback):
     """Keeps an exponential moving average of the model's weights.
 
     The copy is made when training starts, under the read side of the weights lock, and updated
@@ -61,6 +62,10 @@ class EMA(Callback):
             does not remember the random initial weights for long.
         metrics: metrics for the average in ``validate="both"`` mode, given as to
             :class:`Metrics` (names of built-ins, functions, torchmetrics metrics).
+        optimizer: for a learner with several optimizers, the name of the one whose update
+            completes a step (the last ``Update`` of the batch): the average follows its
+            ``after_update_<name>`` hook and is named ``EMA[<name>]`` (default: the first
+            optimizer's ``Update()``).
 
     Raises:
         ValueError: ``decay`` not in ``[0, 1)`` or ``every_n_steps`` < 1.
@@ -89,7 +94,9 @@ class EMA(Callback):
         every_n_steps: int = 1,
         warmup: bool = False,
         metrics: Mapping[str, Any] | list[str] | tuple[str, ...] = (),
+        optimizer: str | None = None,
     ) -> None:
+        self._target(optimizer)
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         if every_n_steps < 1:

@@ -50,7 +50,9 @@ class SWA(Callback):
     From epoch ``start_epoch`` (0-based) on, at the end of every ``every_n_epochs``-th epoch the
     weights are added to an equal-weight running mean (``torch.optim.swa_utils.AveragedModel``;
     buffers are copied from the model, not averaged). With ``swa_lr``, ``SWALR`` anneals the
-    learning rate of every parameter group to ``swa_lr`` over ``anneal_epochs`` epochs from
+    learning rate of every parameter group of the first optimizer (``state.optimizer``; for
+    another one, add an ``LRSchedule(..., optimizer=name)``) to ``swa_lr`` over
+    ``anneal_epochs`` epochs from
     the start of epoch ``start_epoch`` (stepped once per epoch; do not combine it with another
     learning-rate schedule in those epochs). When ``fit`` ends (completed or stopped, not after
     an error or a cancellation), ``torch.optim.swa_utils.update_bn`` recomputes the batch-norm

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -179,3 +180,47 @@ def test_ema_uses_no_private_torch_call() -> None:
     from aiolearner.callbacks import _ema
 
     assert "torch._" not in inspect.getsource(_ema)
+
+
+def _two_optimizers(model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
+    return {
+        "body": torch.optim.SGD(model[0].parameters(), lr=0.1),  # type: ignore[index]
+        "head": torch.optim.SGD(model[2].parameters(), lr=0.1),  # type: ignore[index]
+    }
+
+
+async def test_ema_follows_the_update_that_completes_the_step_of_several_optimizers() -> None:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from aiolearner import FitBatch, Gradient, Learner, Update
+    from aiolearner.testing import tiny_model
+
+    ema = EMA(0.8, optimizer="head")
+    assert ema.name == "EMA[head]"
+    model = tiny_model()
+    learner: Learner[Any] = Learner(
+        model,
+        _two_optimizers(model),
+        torch.nn.functional.cross_entropy,
+        make_batches(4),
+        callbacks=[ema],
+        stages={"fit_batch": FitBatch(Gradient(), Update("body", commit=False), Update("head"))},
+    )
+    await learner.fit(1)
+
+    hand = tiny_model()
+    optimizers = _two_optimizers(hand)
+    avg_fn = get_ema_multi_avg_fn(0.8)  # type: ignore[no-untyped-call]
+    average = AveragedModel(hand, multi_avg_fn=avg_fn, use_buffers=False)
+    average.update_parameters(hand)
+    for x, y in make_batches(4):
+        torch.nn.functional.cross_entropy(hand(x), y).backward()  # type: ignore[no-untyped-call]
+        for optimizer in optimizers.values():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        average.update_parameters(hand)
+    assert ema.model is not None
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(ema.model.parameters(), average.module.parameters(), strict=True)
+    )
