@@ -61,7 +61,7 @@ def check_data(name: str, data: Any) -> None:
 def check_passes(name: str, data: Any, passes: int) -> None:
     """At fit start: a generator (sync or async) can be iterated only once, so a run that needs
     more than one more pass over it would get nothing from the second on."""
-    if passes > 1 and _one_pass(data):
+    if passes > 1 and one_pass(data):
         fix = (
             "pass something that makes a new iterator for each epoch (a list, a DataLoader, an"
             " object whose __iter__ is a generator function)"
@@ -82,7 +82,7 @@ def check_passes(name: str, data: Any, passes: int) -> None:
         )
 
 
-def _one_pass(data: Any) -> bool:
+def one_pass(data: Any) -> bool:
     """Whether iterating ``data`` again goes on where the last pass stopped (a generator, any
     iterator: ``iter(data) is data``). A :class:`~aiolearner.Feed` is a stream by design: a
     pass runs to the end of what it is fed, and the run stops with it."""

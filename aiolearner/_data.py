@@ -32,9 +32,10 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
+from torch.utils.data import IterableDataset
 
 from ._batches import END, WAIT, Batches
-from ._checks import check_count
+from ._checks import check_count, one_pass
 from ._device import DeviceMover
 from ._rng import capture_data_streams, capture_rng, restore_data_streams, restore_rng
 
@@ -95,6 +96,8 @@ class BatchSource:
         self.position = 0
         self.origin = 0
         self._resume: tuple[int, dict[str, Any] | None] | None = None
+        # The live stream ran out in the current pass (see open()).
+        self._ended = False
         #: Fetches done by the source (for tests and the throughput callback).
         self.fetched = 0
         #: Batches the live iterator has drawn from the data since it was created: those the
@@ -137,6 +140,13 @@ class BatchSource:
         # source's iterator (creating it, then the producer), off anyio's default limiter.
         limiter = anyio.CapacityLimiter(1)
         fresh = False
+        if persistent and self._ended and skip:
+            # The live stream ended in this epoch's pass, interrupted before it closed: the
+            # pass has nothing left (a new stream would serve the next epoch's batches).
+            self._it = iter(())
+        self._ended = False
+        if persistent and self._it is not None and skip == 0 and self._at_end():
+            self.exhausted()  # the last pass took the data's last batch: start it again
         if self._it is None or not persistent:
             self._leftover.clear()
             forward = skip
@@ -178,6 +188,23 @@ class BatchSource:
                     await _aclose(it)
             self._apply_rollback()
 
+    def _at_end(self) -> bool:
+        """Whether the live stream of sized, re-iterable data has served all its batches (the
+        next fetch would end it: a pass would be empty)."""
+        if self._leftover or isinstance(getattr(self.data, "dataset", None), IterableDataset):
+            return False
+        try:
+            return self.position >= len(self.data)
+        except TypeError:
+            return False
+
+    def put_back(self, batch: Any) -> None:
+        """A batch taken from the live stream was not trained on (interrupted before its
+        commit): it is served again first, as the batches fetched ahead are."""
+        if self.persistent and self._it is not None:
+            self._leftover.appendleft(batch)
+            self.position -= 1
+
     def mark(self) -> tuple[dict[str, Any], int]:
         """The global random state and :attr:`drawn` at a batch's start, read between two
         draws of a producer thread, for :meth:`roll_back`."""
@@ -198,7 +225,10 @@ class BatchSource:
         restore_rng(rng)
         if drawn != self.drawn:
             if self.persistent and self._it is not None:
-                self.restart(self.stream_state(), drawn)  # rebuilt from the stream's start
+                if not one_pass(self.data):
+                    self.restart(self.stream_state(), drawn)  # rebuilt from the stream's start
+                # (A one-pass stream cannot be drawn again: what it served and fetched ahead
+                # is kept and served again instead.)
             else:
                 self.drawn = drawn
 
@@ -265,14 +295,17 @@ class BatchSource:
     def exhausted(self) -> None:
         """The live iterator ran out; the next pass starts a new one."""
         self._it = None
+        self._ended = True
         self.position = 0
         self.drawn = 0
 
     def stream_state(self) -> tuple[int, dict[str, Any] | None] | None:
         """With steps_per_epoch: ``(where this epoch's pass began in the stream, the random
         state the stream began from)``; None without a live stream."""
-        if not self.persistent or self._it is None:
+        if not self.persistent:
             return None
+        if self._it is None:
+            return self._resume  # a rebuild pending (a batch was rolled back), if any
         return self.origin, self.begun
 
     def restart(
@@ -282,6 +315,7 @@ class BatchSource:
         :meth:`stream_state`, to rebuild the stream there, and ``drawn`` the checkpoint's
         :attr:`drawn`, to rebuild the pass as far as it had drawn."""
         self._it = None
+        self._ended = False
         self._leftover.clear()
         self._resume = stream
         self.drawn = drawn

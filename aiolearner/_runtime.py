@@ -346,8 +346,11 @@ class Runtime:
                 self.train_losses.append(loss.detach())
             state.invalidate(*self.batch_fields)
             return
-        state.invalidate(*self.batch_fields)
         d = state.__dict__
+        batch = d.get("batch")
+        state.invalidate(*self.batch_fields)
+        if batch is not None:
+            self.train.put_back(batch)  # a live stream (steps_per_epoch) serves it again
         # Every optimizer's: a batch may have run the gradient stages of several.
         for optimizer in (d.get("optimizers") or {"": d.get("optimizer")}).values():
             if optimizer is not None:

@@ -1,0 +1,147 @@
+"""A live stream (``steps_per_epoch``): a batch taken and not trained on is served again, the end
+of sized data starts it again instead of making an empty epoch, and a checkpoint written while
+a rolled-back batch waits to be drawn again resumes exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from aiolearner import Callback, Feed, Learner, StateView
+from aiolearner.callbacks import Checkpoint
+from aiolearner.testing import make_batches, tiny_model
+
+
+class Seen(Callback):
+    """The first input value of every batch trained on (its identity, for comparisons)."""
+
+    reads = frozenset({"batch"})
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def after_update(self, state: StateView) -> None:
+        self.seen.append(round(float(state.batch[0].sum()), 4))
+
+
+class CancelBeforeBatch(Callback):
+    """Cancels ``scope`` from an awaited ``before_fit_batch`` at step ``step``, once."""
+
+    reads = frozenset({"step"})
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.scope: anyio.CancelScope | None = None
+        self.done = False
+
+    async def before_fit_batch(self, state: StateView) -> None:
+        if state.step == self.step and not self.done and self.scope is not None:
+            self.done = True
+            self.scope.cancel()
+            await anyio.lowlevel.checkpoint()
+
+
+def learner_on(data: Any, *callbacks: Callback, steps: int = 3) -> Learner[Any]:
+    model = tiny_model(seed=0)
+    return Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.nn.functional.cross_entropy,
+        data,
+        callbacks=list(callbacks),
+        steps_per_epoch=steps,
+    )
+
+
+def loader() -> DataLoader[Any]:
+    g = torch.Generator().manual_seed(7)
+    dataset = TensorDataset(
+        torch.randn(24, 4, generator=g), torch.randint(0, 3, (24,), generator=g)
+    )
+    return DataLoader(
+        dataset, batch_size=6, shuffle=True, generator=torch.Generator().manual_seed(3)
+    )
+
+
+def batches_generator() -> Any:
+    yield from make_batches(12)
+
+
+@pytest.mark.parametrize("kind", ["list", "generator", "loader"])
+@pytest.mark.parametrize("step", [2, 5])
+async def test_a_batch_undone_by_a_cancellation_is_trained_on_when_fit_goes_on(
+    kind: str, step: int
+) -> None:
+    def data() -> Any:
+        return {"list": lambda: make_batches(4), "generator": batches_generator, "loader": loader}[
+            kind
+        ]()
+
+    reference = Seen()
+    await learner_on(data(), reference).fit(3)
+    seen, cancel = Seen(), CancelBeforeBatch(step)
+    learner = learner_on(data(), seen, cancel)
+    with anyio.CancelScope() as scope:
+        cancel.scope = scope
+        await learner.fit(3)
+    assert learner.state.step == step
+    await learner.fit(3)
+    assert seen.seen == reference.seen
+
+
+async def test_a_feed_loses_no_record_to_a_cancellation() -> None:
+    records = [(torch.full((4,), float(i)), torch.tensor(i % 3)) for i in range(24)]
+
+    async def run(*callbacks: Callback) -> Learner[Any]:
+        feed = Feed[tuple[torch.Tensor, torch.Tensor]](batch_size=2, buffer=64)
+        learner = learner_on(feed, *callbacks)
+        async with feed:
+            for record in records:
+                await feed.send(record)
+        for callback in callbacks:
+            if isinstance(callback, CancelBeforeBatch):
+                with anyio.CancelScope() as scope:
+                    callback.scope = scope
+                    await learner.fit(3)
+        await learner.fit(3)
+        return learner
+
+    reference, seen = Seen(), Seen()
+    await run(reference)
+    await run(seen, CancelBeforeBatch(4))
+    assert seen.seen == reference.seen
+
+
+async def test_a_pass_as_long_as_the_data_leaves_no_empty_epoch() -> None:
+    sizes: list[int] = []
+
+    class Sizes(Callback):
+        reads = frozenset({"batch_index"})
+
+        def after_fit(self, state: StateView) -> None:
+            sizes.append(state.batch_index)
+
+    await learner_on(make_batches(4), Sizes(), steps=4).fit(4)
+    assert sizes == [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("step", [2, 5, 7])
+async def test_a_checkpoint_with_a_rolled_back_batch_resumes_exactly(
+    tmp_path: Path, step: int
+) -> None:
+    reference = Seen()
+    await learner_on(loader(), reference).fit(4)
+    first_seen, cancel = Seen(), CancelBeforeBatch(step)
+    first = learner_on(loader(), first_seen, cancel, Checkpoint(tmp_path))
+    with anyio.CancelScope() as scope:
+        cancel.scope = scope
+        await first.fit(4)
+    resumed_seen = Seen()
+    resumed = learner_on(loader(), resumed_seen, Checkpoint(tmp_path))
+    await resumed.fit(4, resume="last")
+    assert first_seen.seen + resumed_seen.seen == reference.seen
