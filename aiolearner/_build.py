@@ -63,9 +63,16 @@ def build(learner: Learner[Any]) -> None:
         for hook, method in cb.hooks():
             if hook not in hook_owner:
                 known = ", ".join(sorted(hook_owner))
+                named = sorted(s.name for s in stages if s.name.startswith("update_"))
+                hint = (
+                    f"; the updates here are named ({', '.join(named)}): give the callback "
+                    "optimizer=<name> if it takes one"
+                    if hook in ("before_update", "after_update") and named
+                    else ""
+                )
                 raise ConfigurationError(
                     f"unknown hook {hook!r}: no stage of this learner is named "
-                    f"{hook.split('_', 1)[1]!r} (hooks: {known})",
+                    f"{hook.split('_', 1)[1]!r} (hooks: {known}){hint}",
                     hook=hook,
                     callbacks=(cb.name,),
                 )

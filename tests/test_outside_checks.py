@@ -455,3 +455,25 @@ def test_seed_everything_takes_a_numpy_integer() -> None:
     first = torch.rand(1)
     seed_everything(3)
     assert torch.equal(first, torch.rand(1))
+
+
+def test_a_callback_on_the_unnamed_update_among_named_ones_is_told_to_name_one() -> None:
+    from aiolearner import Update
+    from aiolearner.callbacks import GradientClipping
+
+    model = tiny_model()
+    optimizers = {
+        "body": torch.optim.SGD(model[0].parameters(), lr=0.1),  # type: ignore[index]
+        "head": torch.optim.SGD(model[2].parameters(), lr=0.1),  # type: ignore[index]
+    }
+    with pytest.raises(ConfigurationError, match=r"update_body, update_head\): give the callback"):
+        Learner(
+            model,
+            optimizers,
+            torch.nn.functional.cross_entropy,
+            make_batches(2),
+            callbacks=[GradientClipping(1.0)],
+            stages={
+                "fit_batch": FitBatch(Gradient(), Update("body", commit=False), Update("head"))
+            },
+        )
