@@ -35,8 +35,9 @@ class LRFinderResult:
         losses: the smoothed (bias-corrected exponential moving average) loss of each step.
         raw_losses: the loss of each step.
         suggestion: the learning rate where the smoothed loss falls fastest (steepest negative
-            slope against log(lr)) before its minimum; a tenth of ``min_loss_lr`` when it does
-            not fall; ``None`` when no loss was finite.
+            slope against log(lr)) before its minimum; when it does not fall, the rate tested
+            nearest to a tenth of ``min_loss_lr`` (so never below ``start_lr``); ``None`` when
+            no loss was finite.
         min_loss_lr: the learning rate of the lowest smoothed loss.
         diverged: whether the test stopped because the loss diverged.
     """
@@ -193,6 +194,10 @@ async def lr_find(
         raise ValueError(f"smooth must be in (0, 1], got {smooth}")
     if diverge <= 1:
         raise ValueError(f"diverge must be above 1, got {diverge}")
+    if skip_start < 0 or skip_end < 0:
+        raise ValueError(
+            f"skip_start and skip_end must be at least 0, got {skip_start} and {skip_end}"
+        )
     if learner.status.value != "idle":
         from aiolearner import LearnerBusyError
 

@@ -195,29 +195,53 @@ class _Tracker:
         return value
 
     def reset(self) -> None:
-        if self.torchmetric is not None:
-            self.torchmetric.reset()
+        self.reset_epoch()
         if self.window_metric is not None:
             self.window_metric.reset()
-        self.epoch.reset()
         if self.window is not None:
             self.window.reset()
 
+    def reset_epoch(self) -> None:
+        """The epoch's accumulator only: a window of steps goes on across epochs."""
+        if self.torchmetric is not None:
+            self.torchmetric.reset()
+        self.epoch.reset()
+
     def state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         tm = self.torchmetric
         if tm is None:
-            return {"epoch": self.epoch.state()}
-        states = {k: v.detach().cpu() for k, v in tm.state_dict().items()}
-        return {"torchmetric": states, "update_count": tm.update_count}
+            out["epoch"] = self.epoch.state()
+        else:
+            out.update(_torchmetric_state(tm))
+        # The window of steps in progress (reported every log_every_n_steps steps).
+        if self.window is not None:
+            out["window"] = self.window.state()
+        if self.window_metric is not None:
+            out["window_metric"] = _torchmetric_state(self.window_metric)
+        return out
 
     def load(self, state: Mapping[str, Any]) -> None:
         tm = self.torchmetric
         if tm is None:
             self.epoch.load(state.get("epoch", {}), self.device)
-            return
-        tm.load_state_dict(dict(state.get("torchmetric", {})))
-        # torchmetrics keeps the update count privately; compute() needs it to be right.
-        tm._update_count = int(state.get("update_count", 0))
+        else:
+            _load_torchmetric(tm, state)
+        if self.window is not None:
+            self.window.load(state.get("window", {}), self.device)
+        if self.window_metric is not None and "window_metric" in state:
+            _load_torchmetric(self.window_metric, state["window_metric"])
+
+
+def _torchmetric_state(tm: Any) -> dict[str, Any]:
+    states = {k: v.detach().cpu() for k, v in tm.state_dict().items()}
+    return {"torchmetric": states, "update_count": tm.update_count}
+
+
+def _load_torchmetric(tm: Any, state: Mapping[str, Any]) -> None:
+    tm.load_state_dict(dict(state.get("torchmetric", {})))
+    # torchmetrics keeps the update count privately; compute() needs it to be right.
+    tm._update_count = int(state.get("update_count", 0))
 
 
 def _sums(
@@ -436,8 +460,7 @@ class Metrics(Callback):
             value = tracker.epoch_value(group)
             if value is not None:
                 state.metrics[f"train_{self.prefix}{name}"] = value
-            tracker.reset()
-        self._steps_in_window = 0
+            tracker.reset_epoch()  # (a window of log_every_n_steps steps goes on)
 
     # -- validation ----------------------------------------------------------------------------
 

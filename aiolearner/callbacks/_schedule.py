@@ -252,6 +252,9 @@ class OneCycle(LRSchedule):
             :class:`LRSchedule`.
         **kwargs: passed to ``OneCycleLR`` (``pct_start``, ``anneal_strategy``, ...).
 
+    Raises:
+        ValueError: ``total_steps`` is not a positive int.
+
     Example:
         >>> learner = Learner(..., callbacks=[OneCycle(0.1, total_steps=epochs * len(loader))])
     """
@@ -264,6 +267,9 @@ class OneCycle(LRSchedule):
         optimizer: str | None = None,
         **kwargs: Any,
     ) -> None:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+
         def make(opt: torch.optim.Optimizer) -> Scheduler:
             return OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps, **kwargs)
 

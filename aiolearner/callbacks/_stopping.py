@@ -275,6 +275,7 @@ class NonFiniteGuard(Callback):
     Raises:
         ValueError: a bad ``action``, ``every_n_steps`` < 1, or ``"skip"`` with
             ``every_n_steps`` > 1.
+        TypeError: ``every_n_steps`` is not an int.
 
     Reads ``loss``, ``optimizer``, ``grad_scaler`` and the counters; writes nothing.
     :attr:`skipped` lists the steps skipped.
@@ -295,6 +296,8 @@ class NonFiniteGuard(Callback):
     ) -> None:
         if action not in ("stop", "skip"):
             raise ValueError(f"action must be 'stop' or 'skip', got {action!r}")
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
+            raise TypeError(f"every_n_steps must be an int, got {every_n_steps!r}")
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
         if action == "skip" and every_n_steps != 1:
@@ -302,11 +305,17 @@ class NonFiniteGuard(Callback):
         self.action = action
         self.every_n_steps = every_n_steps
         self.check_grads = check_grads
-        #: Steps whose batches were skipped.
+        #: Steps whose batches were skipped (kept in checkpoints).
         self.skipped: list[int] = []
         # Between syncs: one finiteness flag (a device tensor) per step, and the step numbers.
         self._flags: list[torch.Tensor] = []
         self._steps: list[int] = []
+
+    def state_dict(self) -> Mapping[str, Any]:
+        return {"skipped": list(self.skipped)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.skipped = [int(s) for s in state.get("skipped", [])]
 
     def _finite(self, state: StateView) -> tuple[torch.Tensor, str]:
         loss = state.loss.detach()

@@ -165,6 +165,7 @@ class Throughput(Callback):
         start = self._epoch_start.pop(epoch, self.clock())
         self.epochs.append(
             {
+                "epoch": float(epoch),
                 **figures,
                 "validate_seconds": self._validate_seconds.pop(epoch, 0.0),
                 "epoch_seconds": self.clock() - start,
