@@ -120,8 +120,14 @@ class BatchSource:
         return self.steps_per_epoch is not None
 
     def __len__(self) -> int:
+        """The batches of the current (or next) pass: with a live stream, what the data has
+        left from where this epoch's pass began in it."""
         n = len(self.data)
-        return n if self.steps_per_epoch is None else min(n, self.steps_per_epoch)
+        if self.steps_per_epoch is None:
+            return n
+        if self._it is not None and 0 < self.origin < n:
+            n -= self.origin
+        return min(n, self.steps_per_epoch)
 
     @asynccontextmanager
     async def open(

@@ -13,13 +13,24 @@ gradients; clipping clips that optimizer's gradients in ``before_update_d``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 
-from aiolearner import Callback, Fit, FitBatch, Stage, State, StateView, Update
+from aiolearner import (
+    Callback,
+    ComputeStage,
+    Fit,
+    FitBatch,
+    Stage,
+    State,
+    StateView,
+    Update,
+    split_batch,
+)
 
 from ._per_optimizer import OptimizerCallback
 
@@ -102,10 +113,43 @@ class _AccumulatingFitBatch(FitBatch):
         # A skipped micro-batch leaves nothing (the learner clears its .grad); the group's
         # earlier ones stay. Skipping the group's last one skips the group's update: its
         # gradients are dropped, as a skipped batch's are without accumulation.
-        last = not self.context.committed and (state.batch_index + 1) % self.every == 0
-        super().acted(state, flow)
-        if last:
+        context = self.context
+        if context.committed:
+            super().acted(state, flow)
+            return
+        last = (state.batch_index + 1) % self.every == 0
+        if context.strategy is None:
+            super().acted(state, flow)
+            if last:
+                self.window = None
+            return
+        # Under a strategy the ranks must stay paired: DDP's forward and backward hold
+        # collectives (a bucket rebuild early on; the group's last micro-batch all-reduces), so a
+        # micro-batch skipped before its gradient still runs them, with a zero gradient. Inside
+        # a group (no_sync) that adds nothing; for the group's last one this rank takes part
+        # with its group's gradients and applies the update every rank applies.
+        d = state.__dict__
+        if "loss" not in d and "batch" in d:
+            if last:
+                self.put_back(state)
+            inputs, targets = split_batch(d["batch"], self.name)
+            with contextlib.nullcontext() if last else context.no_sync():
+                loss = state.loss_fn(state.train_model(inputs), targets)
+                loss.backward(torch.zeros_like(loss))  # type: ignore[no-untyped-call]
+            if last:
+                _scale_gradients(self.stepped(state), 1.0 / self.every)
+                update = self.update_stage
+                if isinstance(update, ComputeStage):
+                    update.compute(state)  # commits, with the update
+        elif last:
+            # After its all-reduce: nothing can be paired; this rank alone skips the update
+            # (docs/distributed.md: the next agreement reports the ranks' divergence).
             self.window = None
+        if not context.committed:
+            state.model.zero_grad(set_to_none=True)  # this micro-batch's part (zeros, or its own)
+            state.invalidate("output", "loss")
+            context.commit(state)
+        super().acted(state, flow)
 
     def stepped(self, state: State) -> torch.optim.Optimizer:
         """The optimizer its update stage steps."""

@@ -501,6 +501,18 @@ def s_accumulate(backend: str) -> Result:
     return {"equal": torch.equal(flat(raw), flat(learner.model))}
 
 
+def s_accumulate_skips(backend: str) -> Result:
+    """A one-rank SkipBatch before the gradient inside an accumulation group, at its first and
+    at its last micro-batch: the ranks stay paired (DDP's collectives) and equal."""
+    out: Result = {}
+    for where, step in (("first", 2), ("last", 3)):
+        skip = RaiseAt("before_fit_batch", step, 1, lambda: SkipBatch("rank-local skip"))
+        learner = make_learner(callbacks=(skip,), stages={"fit": AccumulateGradients(2)})
+        learner.fit_sync(1, backend=backend)  # type: ignore[arg-type]
+        out[where] = {"equal": equal_across_ranks(learner.model), "step": learner.state.step}
+    return out
+
+
 def s_fsdp(backend: str, directory: Path) -> Result:
     val = DataLoader(dataset(101, seed=5), batch_size=10)
     ddp = make_learner(val=val)
@@ -660,6 +672,7 @@ SCENARIOS = [
     "sigterm",
     "uneven_data",
     "accumulate",
+    "accumulate_skips",
     "fsdp",
     "docs",
     "example",

@@ -230,6 +230,16 @@ def test_gradient_accumulation_with_no_sync_matches_the_raw_loop(ran: Results) -
     assert ran[1]["accumulate"]["equal"]
 
 
+def test_a_one_rank_skip_inside_an_accumulation_group_keeps_the_ranks_paired(
+    ran: Results,
+) -> None:
+    for result in both(ran, "accumulate_skips"):
+        for where in ("first", "last"):
+            assert result[where]["equal"], where
+    steps = {r[w]["step"] for r in both(ran, "accumulate_skips") for w in ("first", "last")}
+    assert len(steps) == 1
+
+
 # -- every rank takes the same control flow --------------------------------------------------------
 
 
