@@ -61,7 +61,9 @@ def check_data(name: str, data: Any) -> None:
 def check_passes(name: str, data: Any, passes: int) -> None:
     """At fit start: a generator (sync or async) can be iterated only once, so a run that needs
     more than one more pass over it would get nothing from the second on."""
-    if passes > 1 and one_pass(data):
+    # A Feed is a stream by design: a pass runs to the end of what it is fed, and the run stops
+    # with it (not refused here).
+    if passes > 1 and one_pass(data) and not getattr(data, "_is_feed", False):
         fix = (
             "pass something that makes a new iterator for each epoch (a list, a DataLoader, an"
             " object whose __iter__ is a generator function)"
@@ -83,14 +85,9 @@ def check_passes(name: str, data: Any, passes: int) -> None:
 
 
 def one_pass(data: Any) -> bool:
-    """Whether iterating ``data`` again goes on where the last pass stopped (a generator, any
-    iterator: ``iter(data) is data``). A :class:`~aiolearner.Feed` is a stream by design: a
-    pass runs to the end of what it is fed, and the run stops with it."""
-    if isinstance(data, GeneratorType | AsyncGeneratorType):
-        return True
-    if getattr(data, "_is_feed", False):
-        return False
-    return isinstance(data, Iterator | AsyncIterator)
+    """Whether iterating ``data`` again goes on where the last pass stopped instead of starting
+    over (a generator, any iterator, a :class:`~aiolearner.Feed`: ``iter(data) is data``)."""
+    return isinstance(data, GeneratorType | AsyncGeneratorType | Iterator | AsyncIterator)
 
 
 def check_count(name: str, value: Any, *, least: int = 1) -> None:

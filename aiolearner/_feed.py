@@ -60,7 +60,7 @@ class Feed(Generic[T]):
         ...     tg.cancel_scope.cancel()  # a producer with more to send would wait forever
     """
 
-    #: A stream by design (see ``_checks.one_pass``): no refusal for several passes.
+    #: A stream by design (see ``_checks.check_passes``): no refusal for several passes.
     _is_feed = True
 
     def __init__(
