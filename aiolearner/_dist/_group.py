@@ -93,6 +93,9 @@ def connect(strategy: Strategy, device: torch.device | str | None) -> torch.devi
 #: go of their last collectives (seconds).
 EXIT_GRACE = 0.25
 
+#: How long the exit waits for collectives given up on after another rank failed (seconds).
+ABANDONED_GRACE = 10.0
+
 
 def _close_at_exit(ref: weakref.ReferenceType[Strategy]) -> None:
     """At the interpreter's exit: close the strategy (destroying the group it created), then
@@ -100,9 +103,19 @@ def _close_at_exit(ref: weakref.ReferenceType[Strategy]) -> None:
     it completed; if that frees a tensor Python made (the small control tensors, those of
     ``gather_object``) once the interpreter is finalizing, the thread cannot take the GIL and
     the process aborts ("terminate called without an active exception") after a run that
-    succeeded. Atexit handlers run before that point: sleeping here lets them finish."""
+    succeeded. Atexit handlers run before that point: sleeping here lets them finish.
+
+    A collective this rank gave up on because another rank reported a failure is still pending:
+    it ends when that rank exits and closes its connections. Ended then, during the
+    interpreter's finalization, it aborts the process the same way (an exit status that blames
+    this rank, not the one that failed), so the exit waits for it first, bounded."""
     strategy = ref()
     if strategy is not None:
         with contextlib.suppress(Exception):
             strategy.close()
+        until = time.monotonic() + ABANDONED_GRACE
+        while time.monotonic() < until and any(
+            not work.is_completed() for work in strategy._abandoned
+        ):
+            time.sleep(0.02)
         time.sleep(EXIT_GRACE)

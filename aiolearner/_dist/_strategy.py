@@ -146,6 +146,10 @@ class Strategy:
         # ("terminate called without an active exception"). Kept here, they are freed by
         # Python; each lane waits for its collective before it issues the next.
         self._held: deque[torch.Tensor] = deque(maxlen=8)
+        #: Collectives this rank stopped waiting for because another rank reported a failure:
+        #: pending in gloo's worker threads until that rank's connections close (the exit
+        #: waits for them, see ``_group._close_at_exit``).
+        self._abandoned: list[Any] = []
         #: Sums callbacks hand to the passes' own reductions: kind -> {read: write}.
         self._with_pass: dict[str, dict[Any, Any]] = {"fit": {}, "validate": {}}
 
@@ -430,6 +434,8 @@ class Strategy:
         try:
             await wait_work(work, self._poll)
         except DistributedError:
+            if not work.is_completed():
+                self._abandoned.append(work)
             raise
         except Exception as exc:
             raise distributed_error(self, f"{what} failed ({exc})", exc) from exc

@@ -584,12 +584,24 @@ def s_example(backend: str, directory: Path) -> Result:
 # -- failures (each its own launch: the group does not survive them) -------------------------------
 
 
-def _failing_learner(fail: Callable[[], None]) -> Learner[Any]:
+class _FailInTeardown(Callback):
+    """Calls ``fail`` in ``after_fit_run`` on rank 1: the other rank is then waiting in the
+    run's last agreement, a collective it gives up on when rank 1 reports."""
+
+    def __init__(self, fail: Callable[[], None]) -> None:
+        self.fail = fail
+
+    def after_fit_run(self, state: Any) -> None:
+        if RANK == 1:
+            self.fail()
+
+
+def _failing_learner(fail: Callable[[], None], *, teardown: bool = False) -> Learner[Any]:
     calls = [0]
 
     def loss_fn(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
-        if RANK == 1 and calls[0] == 6:
+        if RANK == 1 and calls[0] == 6 and not teardown:
             fail()  # an error in a stage body (the loss), on rank 1 only, at step 5
         return torch.nn.functional.cross_entropy(output, targets)
 
@@ -599,6 +611,7 @@ def _failing_learner(fail: Callable[[], None]) -> Learner[Any]:
         sgd(model),
         loss_fn,
         DataLoader(dataset(), batch_size=8, shuffle=True),
+        callbacks=[_FailInTeardown(fail)] if teardown else [],
         strategy=DDP(timeout=FAIL_TIMEOUT),
     )
 
@@ -631,9 +644,9 @@ def failure(kind: str, out: Path) -> int:
     dist.init_process_group(
         "gloo", store=store, rank=RANK, world_size=WORLD, timeout=timedelta(seconds=FAIL_TIMEOUT)
     )
-    learner = _failing_learner(fail)
+    learner = _failing_learner(fail, teardown=kind == "teardown")
     try:
-        learner.fit_sync(50)
+        learner.fit_sync(2 if kind == "teardown" else 50)
         record["error"] = None
     except BaseException as exc:
         record["raised_at"] = time.time()
@@ -643,6 +656,8 @@ def failure(kind: str, out: Path) -> int:
         save()
         if kind == "alive" and RANK == 1:
             time.sleep(60)  # the process lives on (the test ends it once rank 0 has reported)
+        if kind == "teardown" and RANK == 1:
+            time.sleep(0.5)  # exits after the other rank has begun its own exit
         return 1
     save()
     return 0
@@ -681,7 +696,7 @@ SCENARIOS = [
 
 def main() -> int:
     launch, out = sys.argv[1], Path(sys.argv[2])
-    if launch in ("raise", "kill", "alive"):
+    if launch in ("raise", "kill", "alive", "teardown"):
         return failure(launch, out)
     names = SCENARIOS if launch == "all" else launch.split(",")
     results: Result = {}

@@ -157,7 +157,7 @@ def launches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Lau
     """Every launch, started at once: they mostly wait (for imports, rendezvous, timeouts), so
     running them side by side takes about as long as the longest."""
     started = {"all": Launch.torchrun(tmp_path_factory.mktemp("ddp-all"))}
-    for kind in ("raise", "kill", "alive"):
+    for kind in ("raise", "kill", "alive", "teardown"):
         started[kind] = Launch.failure(kind, tmp_path_factory.mktemp(f"ddp-{kind}"))
     try:
         yield started
@@ -371,6 +371,23 @@ def test_a_rank_raising_then_exiting_ends_the_others_within_2s(
     exited = launch.ended_at[1]
     assert exited is not None
     assert survivor["raised_at"] - exited < 2.0  # from the failed process's exit
+    assert codes == [1, 1]
+
+
+def test_a_rank_failing_in_teardown_ends_every_rank_with_status_1(
+    launches: dict[str, Launch],
+) -> None:
+    """The other rank gave up on the run's last agreement when rank 1 reported; that collective
+    ends only when rank 1 exits. Its process still exits with status 1 (not gloo's abort, which
+    would blame it for rank 1's error)."""
+    launch = launches["teardown"]
+    results, codes = launch.wait()
+    failed, survivor = results[1], results[0]
+    assert failed["error"] == "ExceptionGroup"
+    assert survivor["error"] == "DistributedError"
+    assert survivor["peer"] == 1
+    assert "boom on rank 1" in survivor["message"]
+    assert "terminate called" not in launch.log
     assert codes == [1, 1]
 
 
