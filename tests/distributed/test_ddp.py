@@ -358,16 +358,22 @@ def test_fsdp_matches_ddp_validates_sequentially_and_resumes(ran: Results) -> No
 # -- failures --------------------------------------------------------------------------------------
 
 
+def quotes_rank_1(results: Results, error: str, quoted: str) -> dict[str, Any]:
+    """Rank 1 raised ``error``; rank 0 raised a DistributedError quoting it. Rank 0's record."""
+    failed, survivor = results[1], results[0]
+    assert failed["error"] == error
+    assert survivor["error"] == "DistributedError"
+    assert survivor["peer"] == 1
+    assert quoted in survivor["message"]
+    return dict(survivor)
+
+
 def test_a_rank_raising_then_exiting_ends_the_others_within_2s(
     launches: dict[str, Launch],
 ) -> None:
     launch = launches["raise"]
     results, codes = launch.wait()
-    failed, survivor = results[1], results[0]
-    assert failed["error"] == "ValueError"
-    assert survivor["error"] == "DistributedError"
-    assert survivor["peer"] == 1
-    assert "ValueError: boom on rank 1" in survivor["message"]
+    survivor = quotes_rank_1(results, "ValueError", "ValueError: boom on rank 1")
     exited = launch.ended_at[1]
     assert exited is not None
     assert survivor["raised_at"] - exited < 2.0  # from the failed process's exit
@@ -382,11 +388,7 @@ def test_a_rank_failing_in_teardown_ends_every_rank_with_status_1(
     would blame it for rank 1's error)."""
     launch = launches["teardown"]
     results, codes = launch.wait()
-    failed, survivor = results[1], results[0]
-    assert failed["error"] == "ExceptionGroup"
-    assert survivor["error"] == "DistributedError"
-    assert survivor["peer"] == 1
-    assert "boom on rank 1" in survivor["message"]
+    quotes_rank_1(results, "ExceptionGroup", "boom on rank 1")
     assert "terminate called" not in launch.log
     assert codes == [1, 1]
 
@@ -405,12 +407,8 @@ def test_a_failed_rank_that_lives_on_ends_the_others_within_the_timeout(
     launches: dict[str, Launch],
 ) -> None:
     results, codes = launches["alive"].wait()
-    failed, survivor = results[1], results[0]
-    assert failed["error"] == "ValueError"
-    assert survivor["error"] == "DistributedError"
-    assert survivor["peer"] == 1
-    assert "ValueError: boom on rank 1" in survivor["message"]
-    assert survivor["raised_at"] - failed["failed_at"] < FAIL_TIMEOUT + 1.0
+    survivor = quotes_rank_1(results, "ValueError", "ValueError: boom on rank 1")
+    assert survivor["raised_at"] - results[1]["failed_at"] < FAIL_TIMEOUT + 1.0
     assert codes[0] == 1
 
 
