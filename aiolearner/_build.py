@@ -33,7 +33,16 @@ def build(learner: Learner[Any]) -> None:
     rt = learner._rt
     stages = list(learner._root.walk())
     names: dict[str, Stage] = {}
+    placed: set[int] = set()
     for stage in stages:
+        if id(stage) in placed:
+            raise ConfigurationError(
+                f"stage {stage.name!r} ({type(stage).__name__}) is in the tree twice: a stage "
+                "instance has one place; for a second step of the same kind use a second "
+                f"instance of a subclass with its own name (class Second{type(stage).__name__}"
+                f"({type(stage).__name__}): name = 'second_{stage.name}')"
+            )
+        placed.add(id(stage))
         if stage.name in names and names[stage.name] is not stage:
             raise ConfigurationError(
                 f"two stages are named {stage.name!r} ({type(names[stage.name]).__name__} and"

@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from ._batches import END, WAIT
+from ._train_stages import record_train_loss
+
 if TYPE_CHECKING:
     from ._data import Batches
     from ._dist._strategy import Strategy
@@ -139,11 +142,73 @@ class StageContext:
         ``await batches.next()`` until it returns ``batches.END``; they arrive on the device,
         fetched ahead of use as the learner's ``fetch`` and ``prefetch`` options say.
         """
-        async with self._rt.open_pass(state, data) as batches:
-            yield batches
+        rt = self._rt
+        if data != "train":
+            async with rt.open_pass(state, data) as batches:
+                yield batches
+            return
+        async with rt.open_pass(state, data) as batches:
+            stage_pass = TrainingPass(batches, rt, state)
+            try:
+                yield stage_pass  # type: ignore[misc]
+            except BaseException:
+                stage_pass.abandon()
+                raise
+            stage_pass.finish()
+        await record_train_loss(rt, state)
 
     def publish(self, kind: str, source: str, state: State, data: dict[str, Any]) -> None:
         """Publish an event on the learner's stream (a no-op while nobody listens)."""
         rt = self._rt
         if rt.observed:
             rt.publish(kind, source, state, data)
+
+
+class TrainingPass:
+    """The epoch's training pass as a stage in ``Fit``'s place takes it
+    (``context.open_pass(state, "train")``): each batch handed out is a training batch as
+    ``Fit``'s are. It becomes ``state.batch``, uncommitted; when the next one is taken (or the pass
+    closes) it is finished as ``Fit`` finishes one: its ``loss``, if the stage set one, kept for
+    ``train_loss``, its batch fields ended, its commit checked. A batch interrupted before its
+    commit is repeated when the run continues."""
+
+    END = END
+    WAIT = WAIT
+
+    def __init__(self, batches: Any, rt: Runtime, state: State) -> None:
+        self._batches = batches
+        self._rt = rt
+        self._state = state
+        self._current = False
+        self._mark: tuple[dict[str, Any], int] | None = None
+        executor = rt.executor
+        executor.fields_before = frozenset(state.__dict__)
+        executor.fields_seen = len(state.__dict__)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._batches, name)
+
+    async def next(self) -> Any:
+        """The next batch (now ``state.batch``), on the device, or ``END``."""
+        self.finish()
+        source = getattr(self._batches, "source", None)
+        self._mark = None if source is None else source.mark()
+        batch = await self._batches.next()
+        if batch is not END:
+            self._state.batch = batch
+            self._rt.context._committed = False
+            self._current = True
+        return batch
+
+    def finish(self) -> None:
+        """The current batch is over (see the class docstring)."""
+        if self._current:
+            self._current = False
+            rt = self._rt
+            rt.executor.finish_batch(rt.executor.fit_slot, self._state, rt.train_losses)
+
+    def abandon(self) -> None:
+        """The pass was interrupted: an uncommitted batch is undone (repeated on resume)."""
+        if self._current:
+            self._current = False
+            self._rt.abandon_batch(self._state, self._mark)

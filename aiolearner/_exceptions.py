@@ -247,6 +247,8 @@ class ControlFlow(Exception):  # noqa: N818 - these are signals, not errors
 
     #: ``(callback, hook)`` when a callback raised it (set by the hook's plan), for messages.
     raised_in: tuple[str, str] | None = None
+    #: The innermost stage it left, when stage code raised it (for messages).
+    _left_stage: str | None = None
 
     def __init__(self, reason: str = "") -> None:
         self.reason = reason

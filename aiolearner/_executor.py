@@ -46,7 +46,7 @@ from ._data import END, WAIT
 from ._exceptions import ControlFlow, StageError
 from ._runtime import DRIVING, NOT_RUN
 from ._stage import ComputeStage, Stage, owned
-from ._stages import Fit, FitBatch, Gradient, Update, Validate, forward, optimizer_step
+from ._stages import Epoch, Fit, FitBatch, Gradient, Update, Validate, forward, optimizer_step
 from ._worker import SHARED_BURST_SECONDS
 
 if TYPE_CHECKING:
@@ -128,11 +128,13 @@ class BatchProgram:
                 coro.send(None)
             except StopIteration:
                 return
+            awaiting = _suspended_in(coro) or self.stage
             coro.close()
             raise StageError(
-                "its batch runs without the event loop (it is fusable) but it awaited something "
-                "that suspends; set `fusable = False` on the stage that awaits it",
-                stage=self.stage.name,
+                "its batch runs without the event loop (the stage is fusable) but it awaited "
+                "something that suspends; set `fusable = False` on it (or await only its "
+                "sub-stages and `context.compute`)",
+                stage=awaiting.name,
             )
         finally:
             DRIVING.reset(token)
@@ -182,6 +184,19 @@ class BatchProgram:
             rt.train_losses.append(loss.detach())
 
         return default_batch
+
+
+def _suspended_in(coro: Any) -> Stage | None:
+    """The innermost stage whose coroutine ``coro``'s chain of awaits is suspended in."""
+    found = None
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None)
+        if frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Stage):
+                found = owner
+        coro = getattr(coro, "cr_await", None)
+    return found
 
 
 def _kind(stage: Stage) -> str:
@@ -264,6 +279,8 @@ class Executor:
         #: last batch: a batch after which the count changed is checked for undeclared fields.
         self.fields_before: frozenset[str] = frozenset()
         self.fields_seen = 0
+        #: The stage in Fit's place (the epoch's first): what a pass it opens names in errors.
+        self.fit_slot: Stage = Fit()
 
     def compile(self, root: Stage, known_fields: frozenset[str]) -> None:
         """Compile every batch stage of the tree (called at the end of every build)."""
@@ -273,6 +290,8 @@ class Executor:
             stage._program = None
         for stage in root.walk():
             batch_stage = None
+            if isinstance(stage, Epoch):
+                self.fit_slot = stage.fit
             if isinstance(stage, Fit):
                 batch_stage = stage.fit_batch
             elif isinstance(stage, Validate):

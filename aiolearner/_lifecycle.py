@@ -96,7 +96,9 @@ async def running(learner: Learner[Any], status: LearnerStatus) -> AsyncIterator
     finally:
         rt.tg = None
         learner._status = LearnerStatus.IDLE
-        state.invalidate("phase", *rt.expiring["run"])
+        # Every stage field ends with the call, an epoch's too when the run stopped inside it:
+        # a continued run (fit again, or a fresh learner resumed) starts without them alike.
+        state.invalidate("phase", *rt.expiring["run"], *rt.expiring["epoch"])
         hub.publish("run_end", "learner", state.epoch, state.step, {"outcome": outcome})
         hub.close_all()
 

@@ -11,6 +11,7 @@ gets a note naming the innermost stage it went through.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -87,6 +88,8 @@ def unowned(flow: ControlFlow, stage: str) -> StageError:
     if flow.raised_in is not None:
         callback, hook = flow.raised_in
         where = f" by callback {callback!r} in hook {hook!r}"
+    elif flow._left_stage is not None and flow._left_stage != stage:
+        where = f" in stage {flow._left_stage!r}"
     error = StageError(
         f"{type(flow).__name__} was raised{where} where no stage owns it (the stage that would "
         f"act on it is not running); reason: {flow.reason!r}",
@@ -117,10 +120,35 @@ def owned(stage: Stage, state: State, exc: BaseException, where: str | None = No
         if isinstance(exc, stage.catches):
             stage.acted(state, exc)
             return True
+        if exc._left_stage is None:
+            exc._left_stage = stage.name
         return False
     if isinstance(exc, Exception):
         note_stage_error(exc, where if where is not None else stage.name, state)
     return False
+
+
+def _check_methods(cls: type[Stage]) -> None:
+    """``run`` is a coroutine function and a compute stage's ``compute`` a plain one: the other
+    way round, nothing would run (a coroutine never awaited) or the error would come at the
+    first batch, far from the class."""
+    run = cls.__dict__.get("run")
+    if run is not None and callable(run) and not inspect.iscoroutinefunction(run):
+        raise TypeError(
+            f"{cls.__name__}.run must be an `async def` (it awaits the sub-stages); put blocking "
+            "work in a ComputeStage's plain `def compute(self, state)`"
+        )
+    compute = cls.__dict__.get("compute")
+    if (
+        compute is not None
+        and any(base.__name__ == "ComputeStage" for base in cls.__mro__)
+        and (inspect.iscoroutinefunction(compute) or inspect.isasyncgenfunction(compute))
+    ):
+        raise TypeError(
+            f"{cls.__name__}.compute must be a plain `def` (it is blocking work, run where the "
+            "compute policy says); a stage that awaits overrides `async def run(self, state)` "
+            "instead"
+        )
 
 
 class Stage:
@@ -176,6 +204,7 @@ class Stage:
             if not base.__dict__.get("_generic_base", False)
         ):
             cls.name = _snake(cls.__name__)
+        _check_methods(cls)
         for field, lifetime in cls.__dict__.get("fields", {}).items():
             if lifetime not in LIFETIMES:
                 raise ConfigurationError(

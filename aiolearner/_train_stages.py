@@ -9,7 +9,7 @@ so the step has one definition. Re-exported by ``_stages.py``, the home of the w
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -17,6 +17,9 @@ from ._device import wait_ready
 from ._exceptions import ControlFlow, SkipBatch, StopEpoch
 from ._stage import ComputeStage, Stage, split_batch
 from ._state import State
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
 
 __all__ = ["Fit", "FitBatch", "Gradient", "Update", "forward", "optimizer_step"]
 
@@ -189,12 +192,17 @@ class Fit(Stage):
             # Take a batch, run the batch stage's program, finish the batch; until the pass
             # ends (or a StopEpoch ends it: acted on here, as this stage owns it).
             await rt.executor.train_pass(self, state, batches)
-        losses = rt.train_losses
-        if rt.strategy is not None:
-            # The mean over every rank's batches (one reduction; every rank, even without any).
-            await rt.strategy._reduce_train_loss(state, losses)
-        elif losses:
-            with torch.no_grad():
-                mean = torch.stack(losses).mean()  # detached as they were kept
-            await wait_ready(mean)
-            state.metrics["train_loss"] = float(mean)
+        await record_train_loss(rt, state)
+
+
+async def record_train_loss(rt: Runtime, state: State) -> None:
+    """``metrics["train_loss"]``: the mean of the pass's kept losses (one host sync)."""
+    losses = rt.train_losses
+    if rt.strategy is not None:
+        # The mean over every rank's batches (one reduction; every rank, even without any).
+        await rt.strategy._reduce_train_loss(state, losses)
+    elif losses:
+        with torch.no_grad():
+            mean = torch.stack(losses).mean()  # detached as they were kept
+        await wait_ready(mean)
+        state.metrics["train_loss"] = float(mean)
