@@ -153,6 +153,9 @@ async def predict(learner: Learner[Any], data: Iterable[Any] | Any) -> Any:
     """The body of :meth:`Learner.predict`."""
     learner._check_idle("predict")
     train = learner._train
+    if isinstance(data, torch.Tensor):
+        # A tensor is one batch of inputs: iterated, its rows would each be taken for a batch.
+        data = [data]
     source = BatchSource(
         data,
         name="predict data",
@@ -166,7 +169,11 @@ async def predict(learner: Learner[Any], data: Iterable[Any] | Any) -> Any:
     rt = learner._rt
 
     def forward(batch: Any) -> Any:
-        inputs = split_batch(batch, "predict")[0] if isinstance(batch, tuple | list) else batch
+        if isinstance(batch, tuple | list):
+            # (inputs, targets), or (inputs,) as a DataLoader over TensorDataset(inputs) gives.
+            inputs = batch[0] if len(batch) == 1 else split_batch(batch, "predict")[0]
+        else:
+            inputs = batch
         with torch.inference_mode():
             return model(inputs)
 
@@ -181,7 +188,14 @@ async def predict(learner: Learner[Any], data: Iterable[Any] | Any) -> Any:
                         batch = await batches.next()
                         if batch is batches.END:
                             break
-                        outputs.append(await rt.compute(forward, batch))
+                        try:
+                            outputs.append(await rt.compute(forward, batch))
+                        except Exception as exc:
+                            exc.add_note(
+                                f"aiolearner: raised in predict on batch {len(outputs)} of the "
+                                "data given"
+                            )
+                            raise
                         await anyio.lowlevel.checkpoint()
             finally:
                 model.train(was_training)

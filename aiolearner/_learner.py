@@ -462,7 +462,9 @@ class Learner(Generic[TBatch]):
         return run_sync(main, backend=backend)
 
     async def predict(self, data: Iterable[Any] | Any) -> Any:
-        """The model's outputs for ``data`` (batches of ``(inputs, targets)`` or inputs alone).
+        """The model's outputs for ``data``: batches of ``(inputs, targets)``, of ``(inputs,)``
+        (a DataLoader over ``TensorDataset(inputs)``) or of inputs alone; a tensor is one batch
+        of inputs.
 
         Runs under ``inference_mode`` with the model in eval mode, on fully updated weights, in
         the compute worker when the policy says so. Returns the outputs concatenated along the

@@ -152,6 +152,8 @@ async def fit(
                 checkpoint = await agreed_resume(strategy, learner, resume)
             learner.load_state_dict(checkpoint)  # checks again that nobody started meanwhile
         learner._rt.target_epochs = epochs
+        # The reason a previous call stopped for is not this call's.
+        learner._state.invalidate("stop_reason")
         async with running(learner, LearnerStatus.FITTING):
             if strategy is None:
                 await learner._root(learner._state)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -38,6 +39,7 @@ __all__ = [
     "owned",
     "split_batch",
     "unowned",
+    "validating",
 ]
 
 #: How long a field a stage adds to the state stays valid (see :attr:`Stage.fields`).
@@ -52,6 +54,10 @@ def _snake(name: str) -> str:
 
 
 _NOTED = "_aiolearner_noted"
+
+#: While a validation pass runs a batch: ``(set name or None, index of the batch in the pass)``,
+#: for the notes of errors raised there (the state's counters are training's).
+validating: ContextVar[tuple[str | None, int] | None] = ContextVar("validating", default=None)
 
 
 def epoch_words(epoch: object) -> str:
@@ -70,9 +76,16 @@ def note_stage_error(exc: BaseException, stage: str, state: State) -> None:
     if isinstance(exc, BaseExceptionGroup) or getattr(exc, _NOTED, False):
         return
     d = state.__dict__
+    where = validating.get()
+    if where is None:
+        batch = f"batch {d.get('batch_index')} of the epoch"
+    else:
+        name, index = where
+        data = "val_data" if name is None else f"validation set {name!r}"
+        batch = f"validating: batch {index} of {data}"
     exc.add_note(
         f"aiolearner: raised in stage {stage!r} at {_epoch(d)}, step {d.get('step')}"
-        f" (batch {d.get('batch_index')} of the epoch, phase {d.get('phase')!r})"
+        f" ({batch}, phase {d.get('phase')!r})"
     )
     try:
         setattr(exc, _NOTED, True)

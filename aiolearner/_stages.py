@@ -39,7 +39,7 @@ from ._device import wait_ready
 from ._exceptions import ControlFlow, SkipBatch, StopEpoch, StopFit
 from ._rng import capture_rng, restore_rng
 from ._runtime import current_set, join_lane, on_snapshot
-from ._stage import ComputeStage, Stage, batch_size, owned, unowned
+from ._stage import ComputeStage, Stage, batch_size, owned, unowned, validating
 from ._state import State
 from ._train_stages import Fit, FitBatch, Gradient, Update, forward, optimizer_step
 
@@ -164,6 +164,8 @@ class Validate(Stage):
                 token = current_set.set(name)
                 state.validation_set = name
                 stopped = False
+                index = 0
+                noted = validating.set(None)
                 try:
                     async with rt.open_pass(state, "validation") as batches:
                         while True:
@@ -177,6 +179,8 @@ class Validate(Stage):
                             state.batch = batch
                             if taking and not turn.held:  # type: ignore[union-attr]
                                 await rt.take_turn(turn)  # type: ignore[arg-type]
+                            validating.set((name, index))
+                            index += 1
                             try:
                                 await validate_batch(state)
                                 loss = d.get("loss")
@@ -199,6 +203,7 @@ class Validate(Stage):
                     if turn is not None:
                         turn.give()
                     current_set.reset(token)
+                    validating.reset(noted)
                 sums[name] = (total, count)
                 if stopped:
                     break

@@ -17,6 +17,7 @@ from aiolearner import (
     Gradient,
     SkipBatch,
     State,
+    StateAccessError,
     StateView,
     StopEpoch,
     StopFit,
@@ -683,3 +684,36 @@ async def test_skip_batch_where_no_stage_owns_it_is_an_error() -> None:
     assert "misplaced" in str(info.value)
     assert rec.calls == ["before_fit_run@0:0", *epoch(0, 0), "after_fit_run@0:3"]
     assert outcome.seen == [("error", None)]
+
+
+class StopOnce(Callback):
+    """A StopFit at step 2 of the first run; records each run's outcome and stop reason."""
+
+    reads = frozenset({"step", "stop_reason", "outcome"})
+
+    def __init__(self) -> None:
+        self.armed = True
+        self.runs: list[tuple[str, str]] = []
+
+    def after_fit_batch(self, state: StateView) -> None:
+        if self.armed and state.step == 2:
+            self.armed = False
+            raise StopFit("once")
+
+    def after_fit_run(self, state: StateView) -> None:
+        try:
+            reason = state.stop_reason
+        except StateAccessError:
+            reason = "(none)"
+        self.runs.append((state.outcome, reason))
+
+
+async def test_a_stop_reason_does_not_outlive_its_fit_call() -> None:
+    callback = StopOnce()
+    learner = make_learner(callbacks=[callback])
+    await learner.fit(2)
+    assert learner.state.stop_reason == "once"
+    await learner.fit(2)
+    assert callback.runs == [("stopped", "once"), ("completed", "(none)")]
+    with pytest.raises(StateAccessError, match="stop_reason"):
+        learner.state.stop_reason  # noqa: B018

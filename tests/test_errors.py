@@ -263,6 +263,22 @@ async def test_validation_body_error_names_its_stage() -> None:
     assert "step 1" in notes[0]
 
 
+@pytest.mark.parametrize("compute", ["inline", "thread", "auto"])
+async def test_a_validation_error_names_the_validation_batch_and_set(compute: str) -> None:
+    bad = make_batches(3)
+    bad[2] = (torch.randn(5, 7), bad[2][1])
+    learner = make_learner(val_data=bad, n_batches=3, compute=compute)
+    with pytest.raises(RuntimeError) as info:
+        await learner.fit(1)
+    # Not training's "batch 3 of the epoch": the failing batch of the validation data.
+    assert (
+        "step 3 (validating: batch 2 of val_data, phase 'fit')" in aiolearner_notes(info.value)[0]
+    )
+    with pytest.raises(RuntimeError) as info:
+        await learner.validate({"clean": make_batches(2), "bad": bad})
+    assert "(validating: batch 2 of validation set 'bad'" in aiolearner_notes(info.value)[0]
+
+
 # -- errors of callbacks: always in an ExceptionGroup -------------------------------------------
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from aiolearner import (
     Callback,
@@ -257,6 +258,29 @@ async def test_predict_with_pairs_and_with_inputs_alone() -> None:
     assert torch.allclose(from_pairs, expected)
     assert torch.equal(from_pairs, from_inputs)
     assert model.training  # restored after predict
+    assert learner.status is LearnerStatus.IDLE
+
+
+async def test_predict_takes_one_tensor_and_single_input_batches() -> None:
+    learner = make_learner()
+    inputs = torch.cat([x for x, _ in make_batches(3, batch_size=4)])
+    with torch.no_grad():
+        expected = learner.model(inputs)
+    one_tensor = await learner.predict(inputs)  # one batch, not a batch per row
+    loader = DataLoader(TensorDataset(inputs), batch_size=5)  # batches of [inputs]
+    from_loader = await learner.predict(loader)
+    assert one_tensor.shape == from_loader.shape == (12, 3)
+    assert torch.allclose(one_tensor, expected)
+    assert torch.allclose(from_loader, expected)
+
+
+async def test_an_error_in_predict_names_the_batch() -> None:
+    learner = make_learner()
+    data = [x for x, _ in make_batches(3, batch_size=4)]
+    data[2] = torch.randn(4, 7)  # the model takes 4 features
+    with pytest.raises(RuntimeError) as caught:
+        await learner.predict(data)
+    assert "aiolearner: raised in predict on batch 2 of the data given" in caught.value.__notes__
     assert learner.status is LearnerStatus.IDLE
 
 
