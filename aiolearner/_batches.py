@@ -13,9 +13,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._prefetch import Failure, Moved, ThreadFeed
+from ._prefetch import Failure, LoopFeed, Moved, ThreadFeed
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -88,7 +87,7 @@ class Batches:
         # A resumed pass takes only what its epoch has left.
         steps = source.steps_per_epoch
         self._limit = None if steps is None else max(0, steps - index)
-        self._receive: MemoryObjectReceiveStream[Any] | ThreadFeed | None = None
+        self._receive: LoopFeed[Any] | ThreadFeed | None = None
         self._scope: anyio.CancelScope | None = None
         self._done: anyio.Event | None = None
         self._mover = source.mover
@@ -253,9 +252,9 @@ class Batches:
         # batches counted, then those waiting to be taken before its own.
         index = self.index + len(self.source._leftover) + handed
         if self.source.is_async:
-            send, receive = anyio.create_memory_object_stream[Any](self.source.prefetch)
-            self._receive = receive
-            self._tg.start_soon(self._produce, send, self._scope, self._done, index, name=name)
+            buffer = LoopFeed[Any](self.source.prefetch)
+            self._receive = buffer
+            self._tg.start_soon(self._produce, buffer, self._scope, self._done, index, name=name)
         else:
             feed = ThreadFeed(self.source.prefetch)
             self._receive = feed
@@ -311,32 +310,37 @@ class Batches:
 
     async def _produce(
         self,
-        send: MemoryObjectSendStream[Any],
+        buffer: LoopFeed[Any],
         scope: anyio.CancelScope,
         done: anyio.Event,
         index: int,
     ) -> None:
         item: Any = END
         try:
-            with scope, send:
+            with scope:
                 while True:
                     try:
                         try:
                             raw = await anext(self._it)
                         except StopAsyncIteration:
+                            buffer.finish()
                             return
                         self.source.fetched += 1
                         item = self._mover.move_inline(raw)
                     except Exception as exc:
                         item = END
-                        await send.send(Failure(exc, index))
+                        await buffer.put(Failure(exc, index))
+                        buffer.finish()
                         return
-                    await send.send(item)
+                    # A cancelled put has not put the item (LoopFeed): it stays in flight.
+                    await buffer.put(item)
                     item = END
                     index += 1
         finally:
             # Fetched but never handed over (the pass was closed): aclose() keeps it for the next
             # pass, after the batches still in the buffer, which were fetched before it.
+            # Cancelled (the pass closing, or the run cancelled), the producer does not finish
+            # the buffer: its consumer must not take that for the end of the data.
             self._inflight = item
             done.set()
 

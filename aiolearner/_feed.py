@@ -1,6 +1,6 @@
 """Training data that arrives while training runs: a bounded feed from producer tasks.
 
-A :class:`Feed` is a memory object stream of *records* with a batching consumer side that a
+A :class:`Feed` is a bounded buffer of *records* with a batching consumer side that a
 :class:`Learner` takes as ``train_data`` (it is an async iterable of batches). A producer task
 (reading a socket, a message queue, a sensor) sends records; ``send`` waits while ``buffer`` records
 are waiting, so a fast producer is slowed down to the learner's pace instead of filling memory.
@@ -26,11 +26,11 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from torch.utils.data import default_collate
 
 from ._checks import check_count
 from ._exceptions import StopFit
+from ._prefetch import LoopFeed
 
 __all__ = ["Feed"]
 
@@ -72,9 +72,9 @@ class Feed(Generic[T]):
     ) -> None:
         check_count("batch_size", batch_size)
         check_count("buffer", buffer)
-        send, receive = anyio.create_memory_object_stream[T](buffer)
-        self._send: MemoryObjectSendStream[T] = send
-        self._receive: MemoryObjectReceiveStream[T] = receive
+        # Hand-overs that survive cancellation (see LoopFeed): the learner cancels its
+        # prefetching at the end of every pass, producers may be cancelled at any time.
+        self._records: LoopFeed[T] = LoopFeed(buffer)
         self.batch_size = batch_size
         self.buffer = buffer
         self._collate = collate
@@ -94,12 +94,12 @@ class Feed(Generic[T]):
         Raises:
             anyio.ClosedResourceError: the feed was closed.
         """
-        await self._send.send(record)
+        await self._records.put(record)
 
     def close(self) -> None:
         """No more records: the learner finishes what is buffered, then stops."""
         self._closed = True
-        self._send.close()
+        self._records.finish()
 
     def fail(self, exc: BaseException) -> None:
         """Close the feed with an error that ``fit`` raises after the buffered records."""
@@ -127,16 +127,8 @@ class Feed(Generic[T]):
     async def aclose(self) -> None:
         """Close both sides, dropping records still buffered (the learner sees the end)."""
         self.close()
-        self._receive.close()
+        self._records.close()
         await anyio.lowlevel.checkpoint()
-
-    def __del__(self) -> None:
-        # A feed dropped before the learner read it to its end (the run stopped first): free
-        # the buffer quietly; nothing can read those records any more.
-        # (Not there when __init__ raised before making them.)
-        for side in (getattr(self, "_send", None), getattr(self, "_receive", None)):
-            if side is not None:
-                side.close()
 
     @property
     def closed(self) -> bool:
@@ -152,9 +144,9 @@ class Feed(Generic[T]):
         partial = self._partial
         while len(partial) < self.batch_size:
             try:
-                partial.append(await self._receive.receive())
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
-                self._receive.close()
+                # A cancellation here takes no record (LoopFeed): none is lost.
+                partial.append(await self._records.receive())
+            except anyio.EndOfStream:
                 break
             self.received += 1
         if partial:

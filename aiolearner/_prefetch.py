@@ -1,6 +1,8 @@
 """What a pass's producer hands to its consumer besides plain batches (see ``_data.py``).
 
 * :class:`ThreadFeed`: the bounded, thread-safe buffer from a producer thread to the event loop;
+* :class:`LoopFeed`: the bounded buffer between tasks of the event loop (an async source's
+  producer task and the pass; a :class:`~aiolearner.Feed`'s producers and the learner);
 * :class:`Failure`: a fetch that raised, handed over in the batch's place so that the error
   surfaces where the batch would have been consumed;
 * :class:`Moved`: a batch moved on a side CUDA stream, which the consumer must wait for.
@@ -10,11 +12,13 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import anyio
 
-__all__ = ["Failure", "Moved", "ThreadFeed"]
+__all__ = ["Failure", "LoopFeed", "Moved", "ThreadFeed"]
+
+T = TypeVar("T")
 
 
 class Failure:
@@ -110,3 +114,95 @@ class ThreadFeed:
             waiter, self._waiter = self._waiter, None
         if waiter is not None:
             anyio.from_thread.run_sync(waiter.set)
+
+
+class LoopFeed(Generic[T]):
+    """A bounded buffer between tasks of one event loop whose hand-overs survive cancellation.
+
+    An item moves only in synchronous code: :meth:`put` appends it once there is room,
+    :meth:`receive` takes what is there. So a cancelled ``put`` has not put its item and a
+    cancelled ``receive`` has not taken one. (anyio's memory object streams hand an item straight
+    from a waiting sender to a waiting receiver; on asyncio a cancellation that reaches either
+    task before it resumes loses the item, or leaves the sender believing it was not sent.)
+
+    The producers' side ends with :meth:`finish` (the consumer takes what is left, then
+    ``EndOfStream``); the consumer's with :meth:`close` (a producer's ``put`` then raises
+    ``BrokenResourceError``).
+    """
+
+    def __init__(self, size: int) -> None:
+        self._items: deque[T] = deque()
+        self._size = size
+        self._finished = False
+        self._closed = False
+        self._ready: anyio.Event | None = None  # the consumer waits for an item
+        self._room: anyio.Event | None = None  # producers wait for room
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    # -- producers --
+
+    def put_nowait(self, item: T) -> None:
+        if self._finished:
+            raise anyio.ClosedResourceError
+        if self._closed:
+            raise anyio.BrokenResourceError
+        if len(self._items) >= self._size:
+            raise anyio.WouldBlock
+        self._items.append(item)
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            ready.set()
+
+    async def put(self, item: T) -> None:
+        """Put ``item``, waiting while the buffer is full."""
+        await anyio.lowlevel.checkpoint()
+        while True:
+            try:
+                self.put_nowait(item)
+                return
+            except anyio.WouldBlock:
+                if self._room is None:
+                    self._room = anyio.Event()
+                await self._room.wait()
+
+    def finish(self) -> None:
+        """No more items: the consumer takes what is buffered, then sees the end."""
+        self._finished = True
+        self._wake_all()
+
+    # -- the consumer --
+
+    def receive_nowait(self) -> T:
+        if self._items:
+            item = self._items.popleft()
+            room, self._room = self._room, None
+            if room is not None:
+                room.set()
+            return item
+        if self._finished or self._closed:
+            raise anyio.EndOfStream
+        raise anyio.WouldBlock
+
+    async def receive(self) -> T:
+        await anyio.lowlevel.checkpoint()
+        while True:
+            try:
+                return self.receive_nowait()
+            except anyio.WouldBlock:
+                if self._ready is None:
+                    self._ready = anyio.Event()
+                await self._ready.wait()
+
+    def close(self) -> None:
+        """The consumer is gone: buffered items are dropped, producers' puts fail."""
+        self._closed = True
+        self._items.clear()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        for event in (self._ready, self._room):
+            if event is not None:
+                event.set()
+        self._ready = self._room = None
