@@ -164,17 +164,25 @@ class EventHub:
         return bool(self._subscribers)
 
     def subscribe(self, kinds: Iterable[str] | None, buffer: int) -> EventStream:
+        stream = self.stream(kinds, buffer)
+        self.attach(stream)
+        return stream
+
+    def stream(self, kinds: Iterable[str] | None, buffer: int) -> EventStream:
+        """A stream of this hub's events, not receiving any until :meth:`attach`."""
         chosen = None if kinds is None else frozenset(kinds)
         if chosen is not None and not chosen <= EVENT_KINDS:
             unknown = ", ".join(sorted(chosen - EVENT_KINDS))
             raise ValueError(f"unknown event kinds: {unknown}; known: {sorted(EVENT_KINDS)}")
         if buffer < 1 and buffer != math.inf:
             raise ValueError(f"buffer must be at least 1, got {buffer}")
-        stream = EventStream(self, chosen, buffer)
+        return EventStream(self, chosen, buffer)
+
+    def attach(self, stream: EventStream) -> None:
+        """``stream`` receives the events published from now on."""
         self._subscribers.append(stream)
         if len(self._subscribers) == 1:
             self._on_change(True)
-        return stream
 
     def unsubscribe(self, stream: EventStream) -> None:
         if stream in self._subscribers:

@@ -363,15 +363,19 @@ class FitHandle:
     def events(self, *, kinds: Iterable[str] | None = None, buffer: int = 1024) -> EventStream:
         """Subscribe to the learner's events of this run; the stream ends when the run is over.
 
-        Subscribed while the handle is pending, it receives the run from its start; subscribed
-        when the run is over, it ends at once. See :meth:`Learner.events` for ``kinds`` and
-        ``buffer``.
+        Subscribed while the handle is pending, it receives the run from its start (not the
+        events of another run of the learner before it); subscribed when the run is over, it
+        ends at once. See :meth:`Learner.events` for ``kinds`` and ``buffer``.
         """
-        stream = self._learner.events(kinds=kinds, buffer=buffer)
+        hub = self._learner._hub
+        stream = hub.stream(kinds, buffer)
         if self._finished or (self._state.done and self._claimed):
             _end(stream)
-        else:
-            self._streams.append(stream)
+            return stream
+        if self._state is RunState.RUNNING:
+            hub.attach(stream)
+        # Else attached when this handle's fit starts (see run()).
+        self._streams.append(stream)
         return stream
 
     async def run(
@@ -416,6 +420,9 @@ class FitHandle:
                 try:
                     self._state = RunState.RUNNING
                     started = True
+                    hub = self._learner._hub
+                    for stream in self._streams:
+                        hub.attach(stream)  # from this run's first event on
                     task_status.started()
                     reported = True
                     await self._learner.fit(self._epochs, resume=self._resume)

@@ -269,3 +269,22 @@ async def test_snapshot_has_a_running_training_loss_before_the_first_epoch_ends(
     final = learner.snapshot().metrics
     assert "train_loss_running" not in final
     assert final["train_loss"] == pytest.approx(sum(watch.losses[1]) / 4, rel=1e-6)
+
+
+async def test_events_of_a_pending_handle_are_its_own_run_not_the_one_before() -> None:
+    learner = make_learner(n_batches=2)
+    first, second = FitHandle(learner, 2), FitHandle(learner, 4)
+    seen: list[tuple[str, int | None]] = []
+
+    async def watch(stream: Any) -> None:
+        async with stream:
+            async for event in stream:
+                seen.append((event.kind, event.epoch))
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(first.run)
+        # Subscribed while the learner runs the first handle: the second handle's run only.
+        tg.start_soon(watch, second.events(kinds={"run_start", "metrics", "run_end"}))
+        await first.wait_done()
+        await second.run()
+    assert seen == [("run_start", 2), ("metrics", 2), ("metrics", 3), ("run_end", 4)]
