@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from ._batches import END, WAIT
+from ._exceptions import StopEpoch
 from ._train_stages import record_train_loss
 
 if TYPE_CHECKING:
@@ -151,8 +152,8 @@ class StageContext:
             stage_pass = TrainingPass(batches, rt, state)
             try:
                 yield stage_pass  # type: ignore[misc]
-            except BaseException:
-                stage_pass.abandon()
+            except BaseException as exc:
+                stage_pass.abandon(exc)
                 raise
             stage_pass.finish()
         await record_train_loss(rt, state)
@@ -207,8 +208,17 @@ class TrainingPass:
             rt = self._rt
             rt.executor.finish_batch(rt.executor.fit_slot, self._state, rt.train_losses)
 
-    def abandon(self) -> None:
-        """The pass was interrupted: an uncommitted batch is undone (repeated on resume)."""
-        if self._current:
-            self._current = False
-            self._rt.abandon_batch(self._state, self._mark)
+    def abandon(self, exc: BaseException) -> None:
+        """The pass ended by ``exc``: a ``StopEpoch`` ends the current batch as consumed (as
+        ``Fit`` does); anything else undoes an uncommitted one (repeated when the run goes on)."""
+        if not self._current:
+            return
+        rt = self._rt
+        if isinstance(exc, StopEpoch):
+            if not rt.committed:
+                self._state.model.zero_grad(set_to_none=True)
+                rt.commit(self._state)
+            self.finish()
+            return
+        self._current = False
+        rt.abandon_batch(self._state, self._mark)

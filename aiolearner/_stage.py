@@ -146,7 +146,10 @@ def _check_methods(cls: type[Stage]) -> None:
     way round, nothing would run (a coroutine never awaited) or the error would come at the
     first batch, far from the class."""
     run = cls.__dict__.get("run")
-    if run is not None and callable(run) and not inspect.iscoroutinefunction(run):
+    if isinstance(run, staticmethod | classmethod):
+        run = run.__func__
+    # Plain functions only (a decorated run may return a coroutine from a plain wrapper).
+    if inspect.isfunction(run) and not inspect.iscoroutinefunction(inspect.unwrap(run)):
         raise TypeError(
             f"{cls.__name__}.run must be an `async def` (it awaits the sub-stages); put blocking "
             "work in a ComputeStage's plain `def compute(self, state)`"

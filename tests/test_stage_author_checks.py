@@ -22,6 +22,7 @@ from aiolearner import (
     StageError,
     State,
     StateView,
+    StopEpoch,
     StopFit,
     Update,
 )
@@ -270,3 +271,27 @@ async def test_a_fusable_stage_that_suspends_is_named(compute: str) -> None:
     )
     with pytest.raises(StageError, match=r"stage 'sleepy'.*fusable"):
         await learner.fit(1)
+
+
+class StopAtThird(PlainFit):
+    """Raises StopEpoch from its own loop at the third batch of each epoch, before its update."""
+
+    async def run(self, state: State) -> None:
+        async with self.context.open_pass(state, "train") as batches:
+            while (batch := await batches.next()) is not batches.END:
+                if state.batch_index == 2:
+                    raise StopEpoch("enough")
+                inputs, targets = batch
+                state.loss = state.loss_fn(state.train_model(inputs), targets)
+                state.loss.backward()  # type: ignore[no-untyped-call]
+                state.optimizer.step()
+                state.optimizer.zero_grad(set_to_none=True)
+                self.context.commit(state)
+
+
+async def test_a_stop_epoch_in_a_training_pass_consumes_the_batch_as_fit_does() -> None:
+    learner = make_learner(n_batches=4, with_validation=False, stages={"fit": StopAtThird()})
+    await learner.fit(2)
+    # Each epoch: two updates, the third batch consumed by the stop (counted, not trained on).
+    assert (learner.state.epoch, learner.state.step) == (2, 6)
+    assert all(p.grad is None for p in learner.model.parameters())
