@@ -87,8 +87,16 @@ def state_dict(
 ) -> dict[str, Any]:
     """``Learner.state_dict()`` under a strategy: a collective (every rank calls it).
 
-    ``snapshot``: as for the single-process ``state_dict`` (a concurrent validation's tail)."""
+    ``snapshot``: as for the single-process ``state_dict`` (a concurrent validation's tail):
+    then no collective runs and the result holds this rank's random and data states only. The
+    tails run next to training, each rank's at its own step: a blocking gather there would wait
+    for a rank whose event loop is busy in a training step that waits for this one. (Those
+    states are the live ones anyway, not the snapshot's: such a file resumes from its weights,
+    not exactly.)"""
     out = _persist.state_dict(learner, snapshot=snapshot)
+    if snapshot is not None:
+        out["ranks"] = {"world_size": strategy.world_size, "entries": None}
+        return out
     full = _full_states(strategy, learner)
     if full is not None:
         out["model"], out["optimizer"] = full
@@ -131,7 +139,13 @@ def load_state_dict(
     ckpt = dict(checkpoint)
     ranks = ckpt.get("ranks")
     pinned = None
-    if isinstance(ranks, Mapping) and ranks.get("world_size") == strategy.world_size:
+    if (
+        isinstance(ranks, Mapping)
+        and ranks.get("world_size") == strategy.world_size
+        and ranks.get("entries") is None
+    ):
+        pass  # written on a concurrent validation's snapshot: rank 0's states for every rank
+    elif isinstance(ranks, Mapping) and ranks.get("world_size") == strategy.world_size:
         entry = ranks["entries"][strategy.rank]
         ckpt["rng"] = entry["rng"]
         ckpt["epoch_rng"] = entry["epoch_rng"]

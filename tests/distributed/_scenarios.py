@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -412,6 +413,32 @@ def s_early_stop_concurrent(backend: str) -> Result:
     return {"step": learner.state.step, "reason": learner.state.stop_reason}
 
 
+def s_best_concurrent(backend: str, directory: Path) -> Result:
+    """Concurrent validation with a best file, an agreement every step (training's lane busy
+    all the time): the best file is written from the validation's tail, on the epochs the
+    tail judges best, without a collective; then a fresh learner resumes from it."""
+
+    def learner() -> Learner[Any]:
+        return make_learner(
+            val=DataLoader(dataset(40, seed=3), batch_size=10),
+            callbacks=(Checkpoint(directory, monitor="val_loss"),),
+            validate="concurrent",
+            strategy=DDP(timeout=TIMEOUT, agree_every=1),
+        )
+
+    first = learner()
+    first.fit_sync(4, backend=backend)  # type: ignore[arg-type]
+    out: Result = {"step": first.state.step, "best": len(list(directory.glob("best-*.pt")))}
+    again = learner()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again.fit_sync(5, resume="best", backend=backend)  # type: ignore[arg-type]
+    out["resumed_step"] = again.state.step
+    out["equal"] = equal_across_ranks(again.model)
+    out["warnings"] = [str(w.message) for w in caught if w.category is RuntimeWarning]
+    return out
+
+
 def s_skips(backend: str) -> Result:
     skip = RaiseAt("before_gradient", 3, 1, lambda: SkipBatch("rank-local skip"))
     before = make_learner(callbacks=(skip,))
@@ -682,6 +709,7 @@ SCENARIOS = [
     "validation",
     "early_stop_concurrent",
     "early_stop_concurrent@trio",
+    "best_concurrent",
     "skips",
     "guard",
     "sigterm",
@@ -708,7 +736,7 @@ def main() -> int:
         key = entry if entry not in results else f"{entry}#{index}"  # hunting a flake: twice
         start = time.perf_counter()
         try:
-            if fn in (s_checkpoint, s_fsdp, s_docs, s_example):
+            if fn in (s_checkpoint, s_fsdp, s_docs, s_example, s_best_concurrent):
                 directory = out / key
                 directory.mkdir(exist_ok=True)
                 results[key] = fn(backend, directory)

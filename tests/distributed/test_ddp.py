@@ -292,6 +292,18 @@ def test_concurrent_validation_stop_is_agreed(launch: str, ran: Results) -> None
     assert "early stopping" in r0["reason"]
 
 
+def test_a_best_file_judged_by_a_concurrent_validation_is_written_without_a_hang(
+    ran: Results,
+) -> None:
+    r0, r1 = both(ran, "best_concurrent")
+    assert r0["step"] == r1["step"] == 24
+    assert r0["best"] == 1  # written by rank 0
+    # Resumed from the best epoch's weights on every rank, then trained to epoch 5.
+    assert r0["resumed_step"] == r1["resumed_step"] == 30
+    assert r0["equal"]
+    assert r0["warnings"] == r1["warnings"] == []
+
+
 def test_data_ending_early_on_one_rank_ends_the_pass_on_every_rank(ran: Results) -> None:
     r0, r1 = both(ran, "uneven_data")
     assert r0["sized_step"] == r1["sized_step"] == 14  # 7 batches (the fewest) an epoch
