@@ -136,6 +136,10 @@ class Runtime:
         # progress
         self.target_epochs = 0
         self.pass_done = False
+        #: The current epoch's ``after_epoch`` has run (or went to a concurrent tail): a
+        #: ``StopFit`` counts the epoch only then, so that every epoch counted is recorded.
+        #: (Not in checkpoints: a stopped run's epoch is counted before its teardown saves.)
+        self.epoch_recorded = False
         #: The current epoch's validation (sequential, per epoch) has finished, ``after_validate``
         #: included: a resumed run goes on with ``after_epoch``, not with a second validation.
         self.val_done = False
@@ -381,6 +385,7 @@ class Runtime:
         state.epoch += 1
         state.batch_index = 0
         self.pass_done = False
+        self.epoch_recorded = False
         #: The current epoch's validation (sequential, per epoch) has finished, ``after_validate``
         #: included: a resumed run goes on with ``after_epoch``, not with a second validation.
         self.val_done = False

@@ -313,7 +313,14 @@ class Epoch(Stage):
     async def run(self, state: State) -> None:
         rt = self._built()
         if not rt.pass_done:
-            await self.fit(state)
+            try:
+                await self.fit(state)
+            except StopFit as flow:
+                if flow.raised_in is not None and flow.raised_in[1] == self.fit.hook_names[1]:
+                    # From after_fit, which every callback finished: the pass is done, and
+                    # the run continued later goes on with the epoch's validation.
+                    rt.pass_done = True
+                raise
             rt.pass_done = True
         if rt.has_val_data and rt.validator is None and not rt.val_done:
             stop = await validate_record(self.validate, state)
@@ -356,7 +363,12 @@ class Epoch(Stage):
                 handed, late = await validator.at_epoch_end(self, state, validate=ran)
                 stop = stop or late
             if not handed:
-                await self.finish(state, self._after)
+                try:
+                    await self.finish(state, self._after)
+                except StopFit:
+                    rt.epoch_recorded = True  # every after_epoch callback ran
+                    raise
+            rt.epoch_recorded = True
         finally:
             if observed:
                 rt.exit(self, state, start)
@@ -427,7 +439,9 @@ class FitRun(Stage):
             outcome = "completed"
         except BaseException as exc:
             if owned(self, state, exc):
-                if rt.pass_done:
+                if rt.pass_done and rt.epoch_recorded:
+                    # Stopped once the epoch was recorded; one stopped before (in after_fit,
+                    # in validation) is finished by the next fit: validation, after_epoch.
                     rt.end_epoch(state)
                 outcome = "stopped"
             elif isinstance(exc, anyio.get_cancelled_exc_class()):

@@ -324,13 +324,34 @@ async def test_stop_fit_from_before_fit_run() -> None:
 async def test_stop_fit_from_validation() -> None:
     learner, rec, outcome = setup({"before_validate_batch": StopFit()})
     await learner.fit(2)
-    assert rec.calls[-2:] == ["before_validate_batch@0:3", "after_fit_run@1:3"]
+    assert rec.calls[-2:] == ["before_validate_batch@0:3", "after_fit_run@0:3"]
     assert outcome.seen == [("stopped", "StopFit")]
-    # The training pass of epoch 0 was done, so the epoch counts as done.
-    assert (learner.state.epoch, learner.state.step) == (1, 3)
+    # Epoch 0's training pass was done, its after_epoch not: the epoch is not counted yet.
+    assert (learner.state.epoch, learner.state.step) == (0, 3)
     rec.calls.clear()
     await learner.fit(2)
-    assert rec.calls == ["before_fit_run@1:3", *epoch(1, 3), "after_fit_run@2:6"]
+    # The next fit finishes it (its validation and after_epoch, once), then goes on.
+    assert rec.calls == [
+        "before_fit_run@0:3",
+        "before_epoch@0:3",
+        *validation(0, 3),
+        "after_validate@0:3",
+        "after_epoch@0:3",
+        *epoch(1, 3),
+        "after_fit_run@2:6",
+    ]
+
+
+@pytest.mark.parametrize("validate", ["sequential", "concurrent"])
+async def test_stop_fit_from_after_fit_then_fit_again_runs_after_fit_once(validate: str) -> None:
+    learner, rec, _ = setup({"after_fit": StopFit()}, validate=validate)
+    await learner.fit(2)
+    assert (learner.state.epoch, learner.state.step) == (0, 3)
+    await learner.fit(2)
+    hooks = [call.split("@")[0] for call in rec.calls]
+    assert hooks.count("after_fit") == 2  # once an epoch
+    assert hooks.count("after_epoch") == 2
+    assert (learner.state.epoch, learner.state.step) == (2, 6)
 
 
 # -- errors ------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from ._files import (
     snapshot,
 )
 from ._files import atomic_write as atomic_write  # re-exported: a test watches the writes here
+from ._loggers import ExperimentLogger
 from ._optional import require
 
 __all__ = ["Checkpoint", "snapshot"]
@@ -135,6 +136,10 @@ class Checkpoint(Callback):
     """
 
     reads = frozenset({"model", "epoch", "step", "batch_index", "metrics", "outcome"})
+    # The loggers first, on the hooks both have: in after_fit_run their final flush opens the
+    # backend's run and writes the buffered rows, so the final file holds the run's id and no
+    # rows still to write (a resumed run continues that run instead of writing them again).
+    after = (ExperimentLogger,)
     # Under a distributed strategy a save point gathers every rank's state (a collective).
     collectives = True
 

@@ -47,7 +47,8 @@ def flatten_hparams(hparams: Mapping[str, Any], *, sep: str = ".") -> dict[str, 
         else:
             yield prefix, json.dumps(value)
 
-    return dict(walk("", hparams))
+    # No hparams: no params (an empty mapping would otherwise become a param with no name).
+    return dict(walk("", hparams)) if hparams else {}
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

@@ -19,6 +19,7 @@ from blockbuster import blockbuster_ctx
 
 from aiolearner import Callback, StateView
 from aiolearner.callbacks import (
+    Checkpoint,
     ExperimentLogger,
     Metrics,
     MLflowLogger,
@@ -26,6 +27,7 @@ from aiolearner.callbacks import (
     _loggers,
     flatten_hparams,
     is_rank_zero,
+    load_checkpoint_file,
 )
 from aiolearner.testing import make_learner
 
@@ -169,6 +171,40 @@ def test_flatten_hparams() -> None:
         "d": "x",
         "e": "{}",
     }
+    assert flatten_hparams({}) == {}
+
+
+async def test_mlflow_without_hparams_logs_no_params(mlflow_dir: Path) -> None:
+    logger = MLflowLogger("exp", save_dir=mlflow_dir)
+    learner = make_learner(callbacks=[logger], n_batches=2)
+    await learner.fit(1)
+    assert logger.run_id is not None
+    client = mlflow.MlflowClient(tracking_uri=logger.tracking_uri)
+    assert client.get_run(logger.run_id).data.params == {}
+
+
+async def test_the_final_checkpoint_holds_the_run_the_loggers_opened(
+    mlflow_dir: Path, tmp_path: Path
+) -> None:
+    """The run ends before the loggers' first write (one short epoch, rows buffered): the final
+    last.pt is written after their final flush, so it names the backend run and holds no rows
+    still to write; a fresh learner resumed from it continues that run, each row once."""
+    logger = MLflowLogger("exp", save_dir=mlflow_dir, every_n_steps=1)
+    checkpoint = Checkpoint(tmp_path / "ckpt")
+    learner = make_learner(callbacks=[checkpoint, logger], n_batches=2, hparams={"lr": 0.1})
+    await learner.fit(1)
+    saved = load_checkpoint_file(tmp_path / "ckpt" / "last.pt")["callbacks"]["MLflowLogger"]
+    assert saved["run_id"] == logger.run_id is not None
+    assert saved["pending"] == []
+    again = MLflowLogger("exp", save_dir=mlflow_dir, every_n_steps=1)
+    resumed = make_learner(
+        callbacks=[Checkpoint(tmp_path / "ckpt"), again], n_batches=2, hparams={"lr": 0.1}
+    )
+    await resumed.fit(2, resume="last")
+    assert again.run_id == logger.run_id
+    client = mlflow.MlflowClient(tracking_uri=logger.tracking_uri)
+    assert [s for s, _ in _history(client, logger.run_id, "loss")] == [1, 2, 3, 4]
+    assert len(client.search_runs([client.get_run(logger.run_id).info.experiment_id])) == 1
 
 
 # -- W&B --------------------------------------------------------------------------------------
