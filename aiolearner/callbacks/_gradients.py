@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ import torch
 from aiolearner import (
     Callback,
     ComputeStage,
+    FSDP,
     Fit,
     FitBatch,
     Stage,
@@ -76,6 +78,8 @@ class _AccumulatingFitBatch(FitBatch):
         #: stay out of ``.grad`` between micro-batches: the learner clears ``.grad`` when a
         #: batch is skipped or interrupted, which must drop that micro-batch's part only.
         self.window: list[torch.Tensor | None] | None = None
+        #: A group is in progress (its last micro-batch not yet run).
+        self.in_group = False
 
     def gather(self, state: State) -> None:
         """Move ``.grad`` (the micro-batch's part) into the group's gradients."""
@@ -171,6 +175,7 @@ class _AccumulatingFitBatch(FitBatch):
             with self.context.no_sync():
                 await self.gradient_stage(state)
         self.gather(state)
+        self.in_group = not last
         if last:
             self.put_back(state)
             _scale_gradients(self.stepped(state), 1.0 / self.every)
@@ -286,7 +291,17 @@ class GroupGradients(Callback):
     def state_dict(self) -> Mapping[str, Any]:
         if self._pending is not None:  # loaded, not yet put back
             return {"grads": self._pending}
-        window = self._fit_batch.window
+        fit_batch = self._fit_batch
+        if fit_batch.in_group and isinstance(fit_batch.context.strategy, FSDP):
+            warnings.warn(
+                "a checkpoint taken inside an accumulation group under FSDP does not hold the "
+                "group's gradients (FSDP accumulates them in its own buffers until the group's "
+                "last micro-batch): a run resumed from it is not exact; save at group "
+                "boundaries (every_n_steps a multiple of the group size)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        window = fit_batch.window
         if window is None or all(g is None for g in window):
             return {}
         return {"grads": [None if g is None else g.detach().clone() for g in window]}

@@ -562,10 +562,26 @@ def s_fsdp(backend: str, directory: Path) -> Result:
     resumed = build(False)
     resumed.fit_sync(2, resume=directory / "epoch-0001.pt", backend=backend)  # type: ignore[arg-type]
     again = torch.cat([p.full_tensor().reshape(-1) for p in resumed.model.parameters()])  # type: ignore[attr-defined]
+    # Accumulation under FSDP, stopped inside a group: FSDP holds the group's gradients in its
+    # own buffers, so a checkpoint taken there cannot hold them, and says so.
+    acc = AccumulateGradients(3)
+    grouped = make_learner(
+        model=make_model(),
+        val=val,
+        callbacks=(acc.checkpoint_callback(), RaiseAt("after_fit_batch", 2, 1, StopFit)),
+        stages={"fit": acc},
+        strategy=FSDP(timeout=TIMEOUT, wrap=(torch.nn.Linear,)),
+    )
+    grouped.fit_sync(1, backend=backend)  # type: ignore[arg-type]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grouped.state_dict()
     return {
         "max_diff_vs_ddp": float((gathered - full).abs().max()),
         "val_loss_diff": abs(fsdp.state.metrics["val_loss"] - ddp.state.metrics["val_loss"]),
         "resume_max_diff": float((again - gathered).abs().max()),
+        "mid_group_step": grouped.state.step,
+        "mid_group_warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
     }
 
 
