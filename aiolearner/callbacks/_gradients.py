@@ -22,9 +22,9 @@ from typing import Any, Literal
 import torch
 
 from aiolearner import (
+    FSDP,
     Callback,
     ComputeStage,
-    FSDP,
     Fit,
     FitBatch,
     Stage,
