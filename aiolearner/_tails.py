@@ -175,6 +175,10 @@ class TailWorker:
                     except StopFit as stop:
                         if self._stop is None:
                             self._stop = stop
+                        if item.validate:
+                            # Stopped inside its pass: it stays queued, with the tails after
+                            # it, for the next run (the run stops; see _run).
+                            return
                     except Exception as exc:
                         e, s = item.tag
                         exc.add_note(
@@ -212,9 +216,9 @@ class TailWorker:
                 self._share()
             except StopFit as exc:
                 if item.validate:
-                    # Stopped inside the pass: as in sequential mode, nothing after it runs.
-                    item.validate = False
-                    item.epoch_fields = None
+                    # Stopped inside the pass (before_validate, a batch): as in sequential
+                    # mode, nothing after it runs now, and the next run does this tail again,
+                    # from its validation (it stays queued, see _work).
                     raise
                 # From after_validate: after_epoch still runs, then the stop (kept on the
                 # item, so that a tail interrupted in after_epoch still stops when resumed).

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gc
+import shutil
 import weakref
+from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -17,7 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from aiolearner import Callback, Learner, StateView, StopFit, ValidateLoss
 from aiolearner._validation import Validator
-from aiolearner.testing import make_batches, make_learner
+from aiolearner.callbacks import Checkpoint as Checkpoints
+from aiolearner.testing import RecordingCallback, make_batches, make_learner
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -663,3 +667,49 @@ def test_one_learner_fits_under_asyncio_then_trio() -> None:
     learner.fit_sync(3, backend="asyncio")
     assert [s[0] for s in rec.seen] == [(0, 3), (1, 6), (2, 9)]
     assert learner.validate_sync(backend="trio") == learner.state.validation
+
+
+class StopOnceIn(Callback):
+    """A StopFit from ``hook`` in epoch 1's concurrent validation, once."""
+
+    reads = frozenset({"epoch"})
+
+    def __init__(self, hook: str) -> None:
+        self.hook = hook
+        self.fired = False
+
+    def hooks(self) -> Iterator[tuple[str, Any]]:
+        yield self.hook, self._check
+
+    def _check(self, state: StateView) -> None:
+        if state.epoch == 1 and not self.fired:
+            self.fired = True
+            raise StopFit(f"stop in {self.hook}")
+
+
+@pytest.mark.parametrize("hook", ["before_validate", "after_validate_batch"])
+async def test_a_tail_stopped_inside_its_pass_runs_again_in_the_next_fit(
+    hook: str, tmp_path: Path
+) -> None:
+    """Fit again does what a fresh learner resumed from the stop's checkpoint does: the stopped
+    tail's validation and after_epoch, once, then the rest; every epoch is recorded once."""
+    rec = RecordingCallback(hooks=("after_validate", "after_epoch"), with_counters=True)
+    learner = make_learner(
+        callbacks=[StopOnceIn(hook), rec, Checkpoints(tmp_path / "a")], validate="concurrent"
+    )
+    await learner.fit(4)
+    assert learner.state.stop_reason == f"stop in {hook}"
+    stopped = list(rec.calls)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    await learner.fit(4)
+    again = rec.calls[len(stopped) :]
+    fresh_rec = RecordingCallback(hooks=("after_validate", "after_epoch"), with_counters=True)
+    fresh = make_learner(
+        callbacks=[StopOnceIn(hook), fresh_rec, Checkpoints(tmp_path / "b")],
+        validate="concurrent",
+    )
+    fresh.callbacks[0].fired = True  # type: ignore[attr-defined]
+    await fresh.fit(4, resume="last")
+    assert again == fresh_rec.calls
+    epochs = [call for call in rec.calls if call.startswith("after_epoch")]
+    assert epochs == ["after_epoch@0:4", "after_epoch@1:8", "after_epoch@2:12", "after_epoch@3:16"]
