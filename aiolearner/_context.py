@@ -148,15 +148,22 @@ class StageContext:
             async with rt.open_pass(state, data) as batches:
                 yield batches
             return
+        stop: StopEpoch | None = None
         async with rt.open_pass(state, data) as batches:
             stage_pass = TrainingPass(batches, rt, state)
             try:
                 yield stage_pass  # type: ignore[misc]
+            except StopEpoch as exc:
+                stage_pass.abandon(exc)
+                stop = exc  # the pass ends as Fit's does: with the mean loss of its batches
             except BaseException as exc:
                 stage_pass.abandon(exc)
                 raise
-            stage_pass.finish()
+            else:
+                stage_pass.finish()
         await record_train_loss(rt, state)
+        if stop is not None:
+            raise stop
 
     def publish(self, kind: str, source: str, state: State, data: dict[str, Any]) -> None:
         """Publish an event on the learner's stream (a no-op while nobody listens)."""

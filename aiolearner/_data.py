@@ -168,7 +168,13 @@ class BatchSource:
                 self.position = forward
                 self.origin = origin
             fresh = forward == 0
-            if self.is_async:
+            if getattr(self.data, "_is_feed", False):
+                # A Feed serves records as they arrive, never the same twice: what it serves
+                # next comes after what was trained on, also for a fresh learner resumed from a
+                # checkpoint (its records of before are gone with the old process). Skipping
+                # would drop new ones.
+                self._it = aiter(self.data)
+            elif self.is_async:
                 self._it = aiter(self.data)
                 for _ in range(forward):
                     await anext(self._it)

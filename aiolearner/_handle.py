@@ -431,7 +431,12 @@ class FitHandle:
                         limiter.release()
             if scope.cancelled_caught:
                 self._state = RunState.CANCELLED
-            elif self._learner.state.epoch < self._epochs:
+            elif (
+                self._learner._rt.last_outcome == "stopped"
+                or self._learner.state.epoch < self._epochs
+            ):
+                # Also a stop in the last epoch's concurrent tail (the epoch already counted,
+                # its after_epoch left for the next fit).
                 self._state = RunState.STOPPED
             else:
                 self._state = RunState.COMPLETED

@@ -135,6 +135,8 @@ class Runtime:
         self._sharing_checked_at = -SHARING_RECHECK
         # progress
         self.target_epochs = 0
+        #: How the last fit run ended (``state.outcome`` of its ``after_fit_run``).
+        self.last_outcome = ""
         self.pass_done = False
         #: The current epoch's ``after_epoch`` has run (or went to a concurrent tail): a
         #: ``StopFit`` counts the epoch only then, so that every epoch counted is recorded.

@@ -454,6 +454,7 @@ class FitRun(Stage):
                 raise
         finally:
             state.outcome = outcome
+            rt.last_outcome = outcome
             try:
                 await self._teardown(state, outcome)
             finally:

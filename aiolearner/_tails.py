@@ -61,6 +61,9 @@ class TailWorker:
         self._main: State | None = None
         self._open = False
         self._closing = False
+        #: A tail was stopped inside its pass: no worker runs tails again until the next run
+        #: (the stopped tail, queued, would run at once: the run is stopping).
+        self._halted = False
         self._changed: anyio.Event | None = None
         self._worker_scope: anyio.CancelScope | None = None
         self._worker_done: anyio.Event | None = None
@@ -147,7 +150,7 @@ class TailWorker:
     # -- the worker -------------------------------------------------------------------------------
 
     def _start_worker(self) -> None:
-        if self._worker_done is not None:
+        if self._worker_done is not None or self._halted:
             return
         rt = self._rt
         assert rt is not None
@@ -178,6 +181,7 @@ class TailWorker:
                         if item.validate:
                             # Stopped inside its pass: it stays queued, with the tails after
                             # it, for the next run (the run stops; see _run).
+                            self._halted = True
                             return
                     except Exception as exc:
                         e, s = item.tag

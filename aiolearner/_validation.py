@@ -296,6 +296,7 @@ class Validator(TailWorker):
         self._main = state
         self._open = True
         self._closing = False
+        self._halted = False
         self._lane = Lane(rt.device)  # per run: its worker belongs to this event loop
         self._changed = anyio.Event()
         self._last_time = anyio.current_time()

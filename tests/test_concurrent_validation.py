@@ -18,7 +18,7 @@ import trio.testing
 from anyio import wait_all_tasks_blocked
 from torch.utils.data import DataLoader, TensorDataset
 
-from aiolearner import Callback, Learner, StateView, StopFit, ValidateLoss
+from aiolearner import Callback, FitHandle, Learner, RunState, StateView, StopFit, ValidateLoss
 from aiolearner._validation import Validator
 from aiolearner.callbacks import Checkpoint as Checkpoints
 from aiolearner.testing import RecordingCallback, make_batches, make_learner
@@ -713,3 +713,37 @@ async def test_a_tail_stopped_inside_its_pass_runs_again_in_the_next_fit(
     assert again == fresh_rec.calls
     epochs = [call for call in rec.calls if call.startswith("after_epoch")]
     assert epochs == ["after_epoch@0:4", "after_epoch@1:8", "after_epoch@2:12", "after_epoch@3:16"]
+
+
+class StopWhenTrainingWaits(Callback):
+    """In epoch 1's tail: waits until every other task is blocked (training, at the end of its
+    run or waiting for the snapshot slot), then stops the run."""
+
+    reads = frozenset({"epoch"})
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    async def before_validate(self, state: StateView) -> None:
+        if state.epoch == 1 and not self.fired:
+            self.fired = True
+            await wait_all_tasks_blocked()
+            raise StopFit("stop in the tail")
+
+
+@pytest.mark.parametrize("compute", ["inline", "thread", "auto"])
+async def test_a_tail_stopped_while_training_waits_stops_the_run_and_runs_next_fit(
+    compute: str,
+) -> None:
+    """The stop lands in the slot wait or the final drain: the run stops (no other tail runs
+    the stopped one in the meantime), and the next fit runs that tail once."""
+    rec = RecordingCallback(hooks=("after_epoch", "after_fit_run"), with_counters=True)
+    handle_learner = make_learner(
+        callbacks=[StopWhenTrainingWaits(), rec], validate="concurrent", compute=compute
+    )
+    handle = FitHandle(handle_learner, 3)
+    assert await handle.run() is RunState.STOPPED
+    assert handle_learner.state.stop_reason == "stop in the tail"
+    await handle_learner.fit(3)
+    epochs = [call for call in rec.calls if call.startswith("after_epoch")]
+    assert epochs == ["after_epoch@0:4", "after_epoch@1:8", "after_epoch@2:12"]

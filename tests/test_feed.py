@@ -5,13 +5,14 @@ from __future__ import annotations
 import gc
 import threading
 import warnings
+from typing import Any
 
 import anyio
 import pytest
 import torch
 from anyio import wait_all_tasks_blocked
 
-from aiolearner import Callback, Feed, FitHandle, RunState, StateView, StopFit
+from aiolearner import Callback, Feed, FitHandle, Learner, RunState, StateView, StopFit
 from aiolearner._prefetch import LoopFeed
 from aiolearner.testing import make_learner
 from bench import feed_soak
@@ -254,3 +255,29 @@ async def test_a_feed_live_stream_cancelled_and_fit_again_trains_every_record_on
     # Every record once, in order (a batch cut by the cancellation before its update, repeated).
     assert sorted(set(ids)) == list(range(24))
     assert learner.state.step == 12
+
+
+async def test_a_fresh_learner_resumed_on_a_new_feed_skips_none_of_its_records() -> None:
+    """A new process's Feed holds new records: resuming there from a checkpoint (the stream was
+    mid-way in the old process) trains them from the first, skipping none."""
+
+    def learner(feed: Feed[Record], seen: SeenRecords) -> Learner[Any]:
+        return make_learner(
+            train_data=feed, callbacks=[seen], with_validation=False, steps_per_epoch=2
+        )
+
+    first_feed, first_seen = Feed[Record](batch_size=2, buffer=8), SeenRecords()
+    first = learner(first_feed, first_seen)
+    for i in range(4):
+        await first_feed.send(record(i))
+    await first.fit(1)
+    saved = first.state_dict()
+    new_feed, new_seen = Feed[Record](batch_size=2, buffer=8), SeenRecords()
+    for i in range(100, 104):
+        await new_feed.send(record(i))
+    new_feed.close()  # (a stream that skipped records would end short, not wait forever)
+    fresh = learner(new_feed, new_seen)
+    fresh.load_state_dict(saved)
+    await fresh.fit(2)
+    assert first_seen.ids == [[0, 1], [2, 3]]
+    assert new_seen.ids == [[100, 101], [102, 103]]

@@ -295,3 +295,34 @@ async def test_a_stop_epoch_in_a_training_pass_consumes_the_batch_as_fit_does() 
     # Each epoch: two updates, the third batch consumed by the stop (counted, not trained on).
     assert (learner.state.epoch, learner.state.step) == (2, 6)
     assert all(p.grad is None for p in learner.model.parameters())
+
+
+class TrainLosses(Callback):
+    reads = frozenset({"metrics"})
+
+    def __init__(self) -> None:
+        self.losses: list[float | None] = []
+
+    def after_fit(self, state: StateView) -> None:
+        self.losses.append(state.metrics.get("train_loss"))
+
+
+class StopEpochAtThird(Callback):
+    reads = frozenset({"batch_index"})
+
+    def before_fit_batch(self, state: StateView) -> None:
+        if state.batch_index == 2:
+            raise StopEpoch("enough")
+
+
+async def test_a_stop_epoch_in_a_training_pass_sets_the_epochs_train_loss_as_fit_does() -> None:
+    by_fit, by_stage = TrainLosses(), TrainLosses()
+    fit = make_learner(n_batches=4, with_validation=False, callbacks=[by_fit, StopEpochAtThird()])
+    await fit.fit(2)
+    stage = make_learner(
+        n_batches=4, with_validation=False, callbacks=[by_stage], stages={"fit": StopAtThird()}
+    )
+    await stage.fit(2)
+    # The mean loss of each epoch's own two batches (not the previous epoch's, not missing).
+    assert by_stage.losses == by_fit.losses
+    assert all(loss is not None for loss in by_fit.losses)
