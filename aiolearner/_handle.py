@@ -32,6 +32,7 @@ import torch
 
 from ._checks import check_positive
 from ._events import EventStream
+from ._signals import Interrupted
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
@@ -441,6 +442,10 @@ class FitHandle:
             else:
                 self._state = RunState.COMPLETED
         except anyio.get_cancelled_exc_class():
+            self._state = RunState.CANCELLED
+            raise
+        except Interrupted:
+            # A signal stopped the run (under stop_on_signals): a cancellation of its own scope.
             self._state = RunState.CANCELLED
             raise
         except BaseException as exc:

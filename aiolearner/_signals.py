@@ -289,12 +289,29 @@ def stop_on_signals(
     except Interrupted as exc:
         _DISPATCH.exit(session)
         raise exit_for(exc.signal) from exc
+    except BaseExceptionGroup as group:
+        _DISPATCH.exit(session)
+        # fit (or a FitHandle) ran in a task group, which wrapped its Interrupted: nothing else
+        # went wrong, so the exit is the signal's, as without the group.
+        interrupted, rest = group.split(Interrupted)
+        if interrupted is not None and rest is None:
+            first = _first_leaf(interrupted)
+            raise exit_for(first.signal) from group
+        raise
     except BaseException:
         _DISPATCH.exit(session)
         raise
     _DISPATCH.exit(session)
     if session.received is not None:
         raise exit_for(session.received)
+
+
+def _first_leaf(group: BaseExceptionGroup[Interrupted]) -> Interrupted:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, Interrupted)
+    return leaf
 
 
 @contextlib.contextmanager

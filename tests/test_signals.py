@@ -16,10 +16,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import torch
 
-from aiolearner import Callback, Interrupted, Learner, StateView, stop_on_signals
+from aiolearner import (
+    Callback,
+    FitHandle,
+    Interrupted,
+    Learner,
+    RunState,
+    StateView,
+    stop_on_signals,
+)
 from aiolearner.testing import RecordingCallback, make_learner
 from bench import signal_soak
 
@@ -103,6 +112,28 @@ async def test_a_signal_stops_fit_at_a_batch_boundary_then_the_block_exits(compu
     assert all(
         torch.equal(a, b) for a, b in zip(weights(learner), weights(uninterrupted), strict=True)
     )
+
+
+@pytest.mark.parametrize("with_handle", [False, True])
+async def test_a_signal_stop_in_a_task_group_exits_as_without_it(with_handle: bool) -> None:
+    """fit (or a FitHandle) next to other tasks in a task group: the group wraps the run's
+    Interrupted, and the block still turns it into the signal's exit (143), not an error."""
+    learner = make_learner(n_batches=N_BATCHES, callbacks=[SignalAt(step=5)])
+    handle = FitHandle(learner, 1000)
+    with handler_kept(signal.SIGTERM), exits() as exit_info:
+        with stop_on_signals():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.sleep_forever)
+                if with_handle:
+                    await handle.run()
+                else:
+                    await learner.fit(1000)
+    assert exit_info[0].code == 143
+    assert isinstance(exit_info[0].__cause__, BaseExceptionGroup)
+    if with_handle:
+        assert handle.state is RunState.CANCELLED  # a signal stop cancels the run's own scope
+        assert handle.error is None
+    assert consistent(learner)
 
 
 async def test_interrupted_is_not_an_exception() -> None:
