@@ -220,12 +220,9 @@ class TrainingPass:
         ``Fit`` does); anything else undoes an uncommitted one (repeated when the run goes on)."""
         if not self._current:
             return
+        self._current = False
         rt = self._rt
         if isinstance(exc, StopEpoch):
-            if not rt.committed:
-                self._state.model.zero_grad(set_to_none=True)
-                rt.commit(self._state)
-            self.finish()
-            return
-        self._current = False
-        rt.abandon_batch(self._state, self._mark)
+            rt.executor.consume_batch(rt.executor.fit_slot, self._state)
+        else:
+            rt.abandon_batch(self._state, self._mark)

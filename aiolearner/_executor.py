@@ -406,12 +406,7 @@ class Executor:
                         await stage(state)
                 except BaseException as exc:
                     if isinstance(exc, ControlFlow) and isinstance(exc, fit.catches):
-                        if not rt.committed:
-                            # As for a skipped batch: its gradients must not leak into the next
-                            # epoch's first update. It is consumed all the same.
-                            state.model.zero_grad(set_to_none=True)
-                            rt.commit(state)
-                        finish(stage, state, losses)
+                        self.consume_batch(stage, state)
                         owned(fit, state, exc)
                         break
                     rt.abandon_batch(state, mark)
@@ -444,6 +439,16 @@ class Executor:
         inline while other learners share the loop); looked at again at every turn."""
         rt = self.rt
         return turn is not None and rt.worker.shared and not rt.policy.hopping
+
+    def consume_batch(self, stage: Stage, state: State) -> None:
+        """A batch cut short by a StopEpoch ends as consumed: uncommitted, its gradients are
+        dropped (as a skipped batch's: they must not leak into the next epoch's first update)
+        and it is committed all the same; then it is finished."""
+        rt = self.rt
+        if not rt.committed:
+            state.model.zero_grad(set_to_none=True)
+            rt.commit(state)
+        self.finish_batch(stage, state, rt.train_losses)
 
     def finish_batch(self, stage: Stage, state: State, losses: list[torch.Tensor]) -> None:
         """The batch is over: keep its loss for ``train_loss``, end its fields, check the commit."""

@@ -55,9 +55,10 @@ def _snake(name: str) -> str:
 
 _NOTED = "_aiolearner_noted"
 
-#: While a validation pass runs a batch: ``(set name or None, index of the batch in the pass)``,
-#: for the notes of errors raised there (the state's counters are training's).
-validating: ContextVar[tuple[str | None, int] | None] = ContextVar("validating", default=None)
+#: While a validation pass runs: ``[set name or None, index of its current batch]`` (set once a
+#: set, the index moved on by the pass), for the notes of errors raised there (the state's
+#: counters are training's).
+validating: ContextVar[list[Any] | None] = ContextVar("validating", default=None)
 
 
 def epoch_words(epoch: object) -> str:

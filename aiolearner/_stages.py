@@ -164,8 +164,8 @@ class Validate(Stage):
                 token = current_set.set(name)
                 state.validation_set = name
                 stopped = False
-                index = 0
-                noted = validating.set(None)
+                where: list[Any] = [name, 0]  # the set, and the index of its current batch
+                noted = validating.set(where)
                 try:
                     async with rt.open_pass(state, "validation") as batches:
                         while True:
@@ -179,8 +179,6 @@ class Validate(Stage):
                             state.batch = batch
                             if taking and not turn.held:  # type: ignore[union-attr]
                                 await rt.take_turn(turn)  # type: ignore[arg-type]
-                            validating.set((name, index))
-                            index += 1
                             try:
                                 await validate_batch(state)
                                 loss = d.get("loss")
@@ -195,6 +193,7 @@ class Validate(Stage):
                                 break
                             finally:
                                 state.invalidate(*expire)
+                                where[1] += 1
                             now = time.perf_counter()
                             if now - rt.last_yield >= rt.yield_every:
                                 await rt.give_turn(now, turn)
