@@ -33,7 +33,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-__all__ = ["Interrupted", "StoppableRun", "exit_for", "stop_on_signals"]
+__all__ = ["Interrupted", "StoppableRun", "exit_for", "kept_off_this_thread", "stop_on_signals"]
 
 Handler = Callable[[int, FrameType | None], Any] | int | None
 
@@ -120,9 +120,11 @@ class StoppableRun:
         self._token = anyio.lowlevel.current_token()
         self._scope.__enter__()
         _DISPATCH.add(self)
+        _MASK.block()
         return self
 
     def __exit__(self, *exc_info: Any) -> bool:
+        _MASK.unblock()
         _DISPATCH.discard(self)
         return bool(self._scope.__exit__(*exc_info))
 
@@ -150,6 +152,66 @@ class StoppableRun:
         assert token is not None
         with contextlib.suppress(RuntimeError):  # RunFinishedError: the loop has ended
             token.backend_class.run_sync_soon(self._scope.cancel, (), token.native_token)
+
+
+class _ThreadMask:
+    """While a run is in progress in a thread other than the main one, that thread blocks the
+    stop signals, and so do the threads it starts meanwhile (a new thread inherits its
+    creator's mask): anyio's worker threads, checkpoint writers.
+
+    Why: the kernel hands a process-directed signal to any thread that does not block it, and
+    Python's C-level handler, run in that thread, only flags the signal for the main thread.
+    A main thread blocked in ``thread.join()`` (the documented way to wait for a thread running
+    ``fit_sync``) is not woken by that flag and would wait for a run that never hears of its
+    signal. A thread that blocks the signal is never chosen, so the main thread is.
+    """
+
+    SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+    def __init__(self) -> None:
+        # thread ident -> (runs in progress in that thread, the mask before the first);
+        # each entry is read and written by its own thread only.
+        self._threads: dict[int, tuple[int, frozenset[int]]] = {}
+
+    def block(self) -> None:
+        if not hasattr(signal, "pthread_sigmask"):
+            return  # Windows: no per-thread masks (and no such delivery to other threads)
+        if threading.current_thread() is threading.main_thread():
+            return  # the thread that runs the handlers must receive the signals
+        ident = threading.get_ident()
+        count, before = self._threads.get(ident, (0, frozenset()))
+        if count == 0:
+            wanted = self.SIGNALS | _DISPATCH.handled()
+            before = frozenset(signal.pthread_sigmask(signal.SIG_BLOCK, wanted))
+        self._threads[ident] = (count + 1, before)
+
+    def unblock(self) -> None:
+        ident = threading.get_ident()
+        entry = self._threads.get(ident)
+        if entry is None:
+            return
+        count, before = entry
+        if count > 1:
+            self._threads[ident] = (count - 1, before)
+            return
+        del self._threads[ident]
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+_MASK = _ThreadMask()
+
+
+@contextlib.contextmanager
+def kept_off_this_thread() -> Iterator[None]:
+    """Block the stop signals in this (worker) thread while the block runs, as a run does in
+    a thread other than the main one (see :class:`_ThreadMask`): a learner's compute worker
+    is a thread borrowed from anyio's pool, which trio keeps across runs, so it does not
+    inherit the mask of the run's thread."""
+    _MASK.block()
+    try:
+        yield
+    finally:
+        _MASK.unblock()
 
 
 class _Session:
@@ -185,6 +247,10 @@ class _Dispatch:
 
     def discard(self, run: StoppableRun) -> None:
         self._runs.pop(id(run), None)
+
+    def handled(self) -> frozenset[int]:
+        """The signals a ``stop_on_signals()`` block handles now."""
+        return frozenset(self._installed)
 
     # -- blocks (main thread only) --
 

@@ -50,6 +50,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
+from ._signals import kept_off_this_thread
+
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
@@ -282,12 +284,13 @@ class ComputeWorker:
 
 def _work(jobs: queue.SimpleQueue[_Job | None]) -> None:
     set_done = anyio.from_thread.run_sync
-    while True:
-        job = jobs.get()
-        if job is None:
-            return
-        try:
-            job.result = job.context.run(job.fn, *job.args)
-        except BaseException as exc:  # handed to the waiting task, which re-raises it
-            job.error = exc
-        set_done(job.done.set)
+    with kept_off_this_thread():
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            try:
+                job.result = job.context.run(job.fn, *job.args)
+            except BaseException as exc:  # handed to the waiting task, which re-raises it
+                job.error = exc
+            set_done(job.done.set)

@@ -55,6 +55,8 @@ from aiolearner.callbacks import Checkpoint
 BATCHES = 6
 MODES = ("sync", "async", "thread")
 ROOT = Path(__file__).resolve().parent.parent
+#: Seconds a signalled child may take to end (it takes about one here).
+CHILD_TIMEOUT = 60
 #: Where the directories of torn trials are copied (--keep).
 KEEP: Path | None = None
 
@@ -162,7 +164,18 @@ def run_child(
                 proc.send_signal(signum)
                 sent = True
                 break
-        _, err = proc.communicate(timeout=120)
+        try:
+            _, err = proc.communicate(timeout=CHILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            # Hung: its threads' stacks (faulthandler, SIGUSR2) say where, for the report.
+            proc.send_signal(signal.SIGUSR2)
+            time.sleep(2)
+            proc.kill()
+            _, err = proc.communicate()
+            return proc.returncode, (
+                f"the child did not end within {CHILD_TIMEOUT} s of the signal; its threads:"
+                f"\n{err[-8000:]}"
+            )
     except BaseException:
         proc.kill()
         proc.wait()
@@ -241,7 +254,7 @@ def trial(
     result = Result(mode, backend, name, code, None, "")
     if code != expected_returncode(signum):
         result.problem = (
-            f"exit status {code}, expected {expected_returncode(signum)}: {err[-2000:]}"
+            f"exit status {code}, expected {expected_returncode(signum)}: {err[-9000:]}"
         )
         return result
     last = directory / "last.pt"
