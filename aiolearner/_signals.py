@@ -155,23 +155,28 @@ class StoppableRun:
 
 
 class _ThreadMask:
-    """While a run is in progress in a thread other than the main one, that thread blocks the
-    stop signals, and so do the threads it starts meanwhile (a new thread inherits its
-    creator's mask): anyio's worker threads, checkpoint writers.
+    """While a run is in progress in a thread other than the main one, under a
+    ``stop_on_signals()`` block, that thread blocks the stop signals, and so do the threads it
+    starts meanwhile (a new thread inherits its creator's mask): anyio's worker threads,
+    checkpoint writers.
 
     Why: the kernel hands a process-directed signal to any thread that does not block it, and
     Python's C-level handler, run in that thread, only flags the signal for the main thread.
     A main thread blocked in ``thread.join()`` (the documented way to wait for a thread running
     ``fit_sync``) is not woken by that flag and would wait for a run that never hears of its
     signal. A thread that blocks the signal is never chosen, so the main thread is.
+
+    Only under a block: a process started from the thread inherits its mask (an ``exec`` keeps
+    it), so nothing is blocked where nobody handles the signals. A forked child (a DataLoader's
+    workers by default on Linux) gets its mask back at once (:func:`_after_fork_in_child`).
     """
 
     SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
     def __init__(self) -> None:
-        # thread ident -> (runs in progress in that thread, the mask before the first);
-        # each entry is read and written by its own thread only.
-        self._threads: dict[int, tuple[int, frozenset[int]]] = {}
+        # thread ident -> (runs in progress in that thread, the mask before the first, or
+        # None when the first did not block); each entry is used by its own thread only.
+        self._threads: dict[int, tuple[int, frozenset[int] | None]] = {}
 
     def block(self) -> None:
         if not hasattr(signal, "pthread_sigmask"):
@@ -179,8 +184,8 @@ class _ThreadMask:
         if threading.current_thread() is threading.main_thread():
             return  # the thread that runs the handlers must receive the signals
         ident = threading.get_ident()
-        count, before = self._threads.get(ident, (0, frozenset()))
-        if count == 0:
+        count, before = self._threads.get(ident, (0, None))
+        if count == 0 and _DISPATCH.handling():
             wanted = self.SIGNALS | _DISPATCH.handled()
             before = frozenset(signal.pthread_sigmask(signal.SIG_BLOCK, wanted))
         self._threads[ident] = (count + 1, before)
@@ -195,10 +200,21 @@ class _ThreadMask:
             self._threads[ident] = (count - 1, before)
             return
         del self._threads[ident]
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        if before is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child: the forking thread's mask as it was before the runs (the child
+        runs none of them; it is a worker process, a subprocess being started)."""
+        entry = self._threads.get(threading.get_ident())
+        self._threads.clear()
+        if entry is not None and entry[1] is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, entry[1])
 
 
 _MASK = _ThreadMask()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_MASK.after_fork_in_child)
 
 
 @contextlib.contextmanager
@@ -251,6 +267,10 @@ class _Dispatch:
     def handled(self) -> frozenset[int]:
         """The signals a ``stop_on_signals()`` block handles now."""
         return frozenset(self._installed)
+
+    def handling(self) -> bool:
+        """Whether a ``stop_on_signals()`` block is active (``fit_sync`` enters one)."""
+        return bool(self._sessions)
 
     # -- blocks (main thread only) --
 

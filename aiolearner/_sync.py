@@ -105,7 +105,7 @@ def _run_on_thread(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], backe
         # (as soon as it starts) must not land in thread.start(), outside the handler.
         thread.start()
         run.go.set()
-        run.done.wait()
+        _wait(run.done)
     except KeyboardInterrupt:
         if not run.go.is_set():
             run.abandoned = True  # nothing ran; a thread that did start leaves at once
@@ -142,18 +142,28 @@ def _cancel(run: _Run) -> None:
     # active, as the caller's may be (sync code called from a trio task).
     helper = threading.Thread(target=deliver, name="aiolearner-sync-cancel", daemon=True)
     helper.start()
-    while True:
+    while helper.is_alive():
         try:
-            helper.join()
+            helper.join(WAKE_SECONDS)
         except KeyboardInterrupt:
             continue
-        return
+
+
+#: How long the waiting thread sleeps at a time. A signal the kernel hands to another thread
+#: only flags it for the main thread, which an untimed wait would not notice until the run
+#: ends (a notebook's interrupt button ignored); a timed one runs its handler within this.
+WAKE_SECONDS = 0.25
+
+
+def _wait(event: threading.Event) -> None:
+    while not event.wait(WAKE_SECONDS):
+        pass
 
 
 def _wait_ignoring_interrupts(event: threading.Event) -> None:
     while True:
         try:
-            event.wait()
+            _wait(event)
         except KeyboardInterrupt:
             continue
         return

@@ -8,8 +8,10 @@ to child processes that train with checkpoints (one trial of each kind that
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -202,8 +204,8 @@ def blocked() -> frozenset[int]:
 
 class MaskLog(Callback):
     """The signal masks of the threads a run uses: its loop thread, its compute worker (a
-    ``def`` hook of the fused batch, with ``compute="thread"``), anyio's worker threads and a
-    thread started during the run."""
+    ``def`` hook of the fused batch, with ``compute="thread"``), anyio's worker threads, a
+    thread started during the run, and a process forked during it."""
 
     def __init__(self) -> None:
         self.masks: dict[str, frozenset[int]] = {}
@@ -219,19 +221,30 @@ class MaskLog(Callback):
         thread.start()
         await anyio.to_thread.run_sync(thread.join)
         self.masks["new thread"] = started[0]
+        self.masks["forked"] = forked_mask()
 
 
-@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no per-thread signal masks")
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_a_run_outside_the_main_thread_leaves_the_stop_signals_to_the_main_thread(
-    backend: str,
-) -> None:
-    """The kernel hands a process signal to any thread that does not block it; Python's handler
-    then only flags it for the main thread, which a ``join()`` does not wake (a run that never
-    hears of its signal, a process that never ends). So a run in another thread blocks SIGINT
-    and SIGTERM there, and in the threads started during it, until it ends."""
-    log = MaskLog()
-    learner = make_learner(n_batches=N_BATCHES, callbacks=[log], compute="thread")
+def forked_mask() -> frozenset[int]:
+    """The mask of a process forked here (a DataLoader worker's, by default on Linux)."""
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:  # the child: report and leave at once, touching nothing else
+        os.write(write, ",".join(str(int(s)) for s in blocked()).encode() + b";")
+        os._exit(0)
+    os.close(write)
+    data = b""
+    while not data.endswith(b";"):
+        chunk = os.read(read, 1024)
+        assert chunk, "the forked child said nothing"
+        data += chunk
+    os.close(read)
+    os.waitpid(pid, 0)
+    return frozenset(int(s) for s in data[:-1].decode().split(",") if s)
+
+
+def train_in_a_thread(learner: Learner[Any], backend: str) -> dict[str, frozenset[int]]:
     seen: dict[str, frozenset[int]] = {}
 
     def work() -> None:
@@ -242,19 +255,47 @@ def test_a_run_outside_the_main_thread_leaves_the_stop_signals_to_the_main_threa
     thread = threading.Thread(target=work)
     thread.start()
     thread.join()
-    assert set(log.masks) == {"loop", "to_thread", "new thread", "fused hook"}
+    return seen
+
+
+STOPS = {signal.SIGINT, signal.SIGTERM}
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no per-thread signal masks")
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_run_outside_the_main_thread_leaves_the_stop_signals_to_the_main_thread(
+    backend: str,
+) -> None:
+    """The kernel hands a process signal to any thread that does not block it; Python's handler
+    then only flags it for the main thread, which a ``join()`` does not wake (a run that never
+    hears of its signal, a process that never ends). So under ``stop_on_signals()`` a run in
+    another thread blocks SIGINT and SIGTERM there, and in the threads started during it, until
+    it ends; a process forked meanwhile gets them back."""
+    log = MaskLog()
+    learner = make_learner(n_batches=N_BATCHES, callbacks=[log], compute="thread")
+    with handler_kept(signal.SIGINT), handler_kept(signal.SIGTERM), stop_on_signals():
+        seen = train_in_a_thread(learner, backend)
+    assert set(log.masks) == {"loop", "to_thread", "new thread", "fused hook", "forked"}
+    assert not STOPS & log.masks.pop("forked")
     if backend == "trio":
         # trio's threads are a cache of its own, kept across runs: one made by an earlier run
         # (of the main thread) does not inherit the mask, and the compute worker sets its own.
         del log.masks["to_thread"]
     for where, mask in log.masks.items():
-        assert {signal.SIGINT, signal.SIGTERM} <= mask, where
-    assert signal.SIGTERM not in seen["before"]
+        assert mask >= STOPS, where
+    assert not STOPS & seen["before"]
     assert seen["after"] == seen["before"]
+    # Without a block nobody handles the signals: the run's thread blocks nothing (a process
+    # started from it would inherit the mask). (trio's cached worker threads keep the mask
+    # they were made with: those made during the run above block them still.)
+    alone = MaskLog()
+    train_in_a_thread(make_learner(n_batches=N_BATCHES, callbacks=[alone]), backend)
+    for where in ("loop", "new thread", "forked"):
+        assert not STOPS & alone.masks[where], where
     # In the main thread, the one that runs the handlers, nothing is blocked.
     main = MaskLog()
     make_learner(n_batches=N_BATCHES, callbacks=[main]).fit_sync(1, backend=backend)  # type: ignore[arg-type]
-    assert signal.SIGTERM not in main.masks["loop"]
+    assert not STOPS & main.masks["loop"]
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

@@ -157,3 +157,42 @@ async def test_an_interrupt_cancels_the_run_which_then_continues(
     learner.fit_sync(target, backend=backend)
     assert learner.state.epoch == target
     assert learner.state.step == target * N_BATCHES
+
+
+class InterruptViaAnotherThread(Callback):
+    """At a step, has a thread of its own (started before the run, so SIGINT is not blocked
+    there) take SIGINT: the kernel may hand a process's signal to any such thread, and Python's
+    handler there only flags it for the main thread."""
+
+    reads = frozenset({"step"})
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.go = threading.Event()
+        self.thread = threading.Thread(target=self._take)
+        self.thread.start()
+
+    def _take(self) -> None:
+        self.go.wait()
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+    def after_fit_batch(self, state: StateView) -> None:
+        if state.step >= self.step:
+            self.go.set()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_interrupt_taken_by_another_thread_still_stops_the_run() -> None:
+    interrupt = InterruptViaAnotherThread(step=N_BATCHES + 2)
+    learner = make_learner(callbacks=[interrupt], n_batches=N_BATCHES)
+    try:
+        with kernel_like_sigint(), pytest.raises(KeyboardInterrupt):
+            learner.fit_sync(1000)
+    finally:
+        interrupt.go.set()
+        interrupt.thread.join()
+    # The waiting thread heard of it while the run went on (an untimed wait hears of it
+    # only when the run has ended), and the run stopped cleanly.
+    assert learner.status is LearnerStatus.IDLE
+    assert consistent(learner)
+    assert N_BATCHES + 2 <= learner.state.step < 1000 * N_BATCHES
