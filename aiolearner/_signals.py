@@ -168,7 +168,7 @@ class _ThreadMask:
 
     Only under a block: a process started from the thread inherits its mask (an ``exec`` keeps
     it), so nothing is blocked where nobody handles the signals. A forked child (a DataLoader's
-    workers by default on Linux) gets its mask back at once (:func:`_after_fork_in_child`).
+    workers by default on Linux) gets its mask back at once (:meth:`after_fork_in_child`).
     """
 
     SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
