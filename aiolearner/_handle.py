@@ -395,6 +395,9 @@ class FitHandle:
 
         Raises:
             RuntimeError: the handle has run already.
+            LearnerBusyError: the learner is running something else (another handle's
+                ``fit``, a ``validate``): this run does not start (``state`` is then
+                ``FAILED``), its finalizer does not run and its event streams end empty.
             Exception: what ``fit`` raised (``state`` is then ``FAILED``); a cancellation from
                 an enclosing scope propagates too (``state`` is then ``CANCELLED``).
         """
@@ -419,6 +422,9 @@ class FitHandle:
                     # A handle cancelled before it ran never starts fit.
                     await anyio.lowlevel.checkpoint_if_cancelled()
                 try:
+                    # A learner busy with another run refuses this one before it starts: no
+                    # finalizer while the other trains, none of the other's events here.
+                    self._learner._check_idle("fit")
                     self._state = RunState.RUNNING
                     started = True
                     hub = self._learner._hub

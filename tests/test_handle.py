@@ -16,6 +16,7 @@ from aiolearner import (
     Event,
     FitHandle,
     Learner,
+    LearnerBusyError,
     LearnerSnapshot,
     RunState,
     StateView,
@@ -288,3 +289,31 @@ async def test_events_of_a_pending_handle_are_its_own_run_not_the_one_before() -
         await first.wait_done()
         await second.run()
     assert seen == [("run_start", 2), ("metrics", 2), ("metrics", 3), ("run_end", 4)]
+
+
+async def test_a_handle_refused_by_a_busy_learner_neither_finalizes_nor_sees_its_run() -> None:
+    learner = make_learner(n_batches=2)
+    first = FitHandle(learner, 50)
+    finalized: list[str] = []
+
+    async def finalize(handle: FitHandle) -> None:
+        finalized.append(learner.status.value)
+
+    second = FitHandle(learner, 50, finalize=finalize)
+    seen: list[str] = []
+
+    async def watch(stream: Any) -> None:
+        async with stream:
+            async for event in stream:
+                seen.append(event.kind)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(first.run)
+        tg.start_soon(watch, second.events())
+        with pytest.raises(LearnerBusyError):
+            await second.run()
+        assert second.state is RunState.FAILED
+        first.cancel()
+    # The refused run did not start: nothing to finalize, and its stream ended empty.
+    assert finalized == []
+    assert seen == []
