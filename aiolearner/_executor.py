@@ -336,6 +336,7 @@ class Executor:
         clock = time.perf_counter
         take = batches.next_nowait
         first = True
+        save_every = rt.save_every
         self.fields_before = frozenset(state.__dict__)
         self.fields_seen = len(state.__dict__)
         pending: Any = None
@@ -356,6 +357,8 @@ class Executor:
                 # fetch that draws (augmentation) draws again from the same state.
                 mark = None if synchronous else batches.source.mark()
                 if pending is None:
+                    if save_every:
+                        self.mark_save_point(state, batches, mark)
                     batch = take()
                 else:
                     batch, pending = pending, None
@@ -439,6 +442,16 @@ class Executor:
         inline while other learners share the loop); looked at again at every turn."""
         rt = self.rt
         return turn is not None and rt.worker.shared and not rt.policy.hopping
+
+    def mark_save_point(
+        self, state: State, batches: Batches, mark: tuple[dict[str, Any], int] | None
+    ) -> None:
+        """Just before a batch is drawn: if a callback takes the learner's state before this
+        step (``StateView.save_points``), keep the random state from before the draw."""
+        rt = self.rt
+        step = state.step
+        if any(step % n == 0 for n in rt.save_every):
+            rt.pre_mark = (state.epoch, step, batches.source.mark() if mark is None else mark)
 
     def consume_batch(self, stage: Stage, state: State) -> None:
         """A batch cut short by a StopEpoch ends as consumed: uncommitted, its gradients are
@@ -568,6 +581,8 @@ def _burst(
             or (off_loop and batches.wants_producer)
         ):
             return None
+        if rt.save_every:
+            executor.mark_save_point(state, batches, None)
         batch = batches.next_nowait(off_loop=off_loop)
         if batch is WAIT or batch is END:
             return batch

@@ -59,6 +59,8 @@ async def running(learner: Learner[Any], status: LearnerStatus) -> AsyncIterator
     state = learner._state
     rt = learner._rt
     rt.teardown_timed_out = False
+    rt.save_every = ()
+    rt.pre_mark = None
     # run_start opens the run's event stream: publish it before the run's first state write.
     phase = verb(status)
     hub.publish("run_start", "learner", state.epoch, state.step, {"phase": phase})

@@ -60,6 +60,18 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
         rng = capture_rng()
         data_streams = capture_data_streams(train.data)
         drawn = train.drawn
+    pre = rt.pre_mark
+    if (
+        snapshot is None
+        and pre is not None
+        and pre[:2] == (state.epoch, state.step)
+        and not rt.pass_done
+    ):
+        # Taken before this step's batch is computed (a save point before the step): the
+        # random state from before the batch was drawn, which a resumed run draws it from
+        # again (augmentation drawn while fetching gets the same numbers, dropout after it).
+        # (Not once the pass has ended: that draw found no batch.)
+        rng, drawn = pre[2]
     callbacks: dict[str, Any] = {}
     for key, cb in callback_keys(learner._callbacks):
         callbacks[key] = dict(cb.state_dict())

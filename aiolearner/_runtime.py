@@ -156,6 +156,13 @@ class Runtime:
         #: ``HookPlan.run``); one dict for the learner's life (the plans point at it).
         self.hook_progress: HookProgress = {}
         self.train_losses: list[torch.Tensor] = []
+        #: Steps before whose batch a callback takes the learner's state (every n-th, for each
+        #: n here; ``StateView.save_points``), set for the run.
+        self.save_every: tuple[int, ...] = ()
+        #: ``(epoch, step, BatchSource.mark())`` read just before that step's batch was drawn,
+        #: when it is one of those: a state taken before the batch is computed holds the random
+        #: state from before the draw, so that a resumed run draws the batch again the same.
+        self.pre_mark: tuple[int, int, tuple[dict[str, Any], int]] | None = None
         #: The fields stages declared, by lifetime (see Stage.fields), set when the learner is
         #: built: each set is cleared when its batch, epoch or run ends.
         self.expiring: dict[str, tuple[str, ...]] = {"batch": (), "epoch": (), "run": ()}

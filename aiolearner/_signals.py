@@ -258,6 +258,10 @@ class _Dispatch:
     def add(self, run: StoppableRun) -> None:
         self._runs[id(run)] = run
         pending, self._pending = self._pending, None
+        if pending is None:
+            # A block that received a signal stops every run, also one that starts after it
+            # while others were stopping (two threads, one started late).
+            pending = next((s.received for s in self._sessions if s.received is not None), None)
         if pending is not None:
             run.stop(pending, here=True)
 
@@ -345,10 +349,11 @@ def stop_on_signals(
     the weights; ``after_fit_run`` (a final checkpoint) runs shielded, bounded by
     ``teardown_timeout``; then ``fit`` raises :class:`Interrupted`. When the block ends after a
     signal, it raises ``KeyboardInterrupt`` (SIGINT) or ``SystemExit(128 + signal number)``
-    (SIGTERM: exit status 143, what schedulers expect). A signal that arrives while no run is in
-    progress stops the next one at once (and the block raises it when it ends); the same signal
-    again while none is in progress acts as it would without this block. Signals while runs
-    are stopping change nothing.
+    (SIGTERM: exit status 143, what schedulers expect). Every run that starts in the block
+    after its signal stops at once too, before it begins (also when no run was in progress
+    when the signal came; the block raises it when it ends); the same signal again while none
+    is in progress acts as it would without this block. Signals while runs are stopping change
+    nothing.
 
     ``Learner.fit_sync`` does this by itself. Enter it in the main thread (Python handles
     signals there only), around ``anyio.run``, around ``await learner.fit(...)``, or around

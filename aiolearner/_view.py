@@ -218,6 +218,29 @@ class StateView:
         snapshot: dict[str, Any] = self._learner._state_dict_of(self._state)
         return snapshot
 
+    def save_points(self, every_n_steps: int) -> None:
+        """Say that this callback takes :meth:`state_dict` before every ``every_n_steps``-th
+        training step, in ``before_fit_batch`` (a periodic checkpoint); call it in
+        ``before_fit_run``, it lasts for the run.
+
+        The batch of a step is drawn before its ``before_fit_batch`` hooks run, so a state
+        taken there would hold the random state after the draw, and a run resumed from it
+        would draw that batch from elsewhere (a dataset drawing augmentation from the global
+        generators as it fetches would get other numbers once dropout has drawn too). Said
+        beforehand, the learner reads the random state just before it draws those steps'
+        batches, and a state taken before the batch is computed holds that one.
+
+        Raises:
+            ValueError: ``every_n_steps`` is not a positive int.
+        """
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
+            raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
+        rt = self._learner._rt
+        if every_n_steps not in rt.save_every:
+            rt.save_every = (*rt.save_every, every_n_steps)
+
     def start_soon(self, fn: Callable[..., Any], *args: object, name: str | None = None) -> None:
         """Run ``await fn(*args)`` in the learner's background task group.
 

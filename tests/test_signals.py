@@ -157,9 +157,29 @@ async def test_a_signal_before_fit_stops_the_next_fit_at_once() -> None:
             await learner.fit(2)
         assert not info.value.began
         assert learner.state.step == 0
-        # The stop is consumed: a later fit in the block runs.
+        # A later fit in the block stops at once too: the block ends in the signal's exit.
+        with pytest.raises(Interrupted, match="before the run began"):
+            await learner.fit(1)
+        assert learner.state.step == 0
+    # A new block starts afresh.
+    with stop_on_signals():
         await learner.fit(1)
-        assert learner.state.step == N_BATCHES
+    assert learner.state.step == N_BATCHES
+
+
+async def test_a_fit_that_starts_after_a_signal_stopped_another_stops_at_once() -> None:
+    """Two runs in the block, the second started after the signal stopped the first (another
+    thread's, started late): it must not train on while the process waits to exit."""
+    first = make_learner(n_batches=N_BATCHES, callbacks=[SignalAt(step=3)])
+    second = make_learner(n_batches=N_BATCHES)
+    with exits(), stop_on_signals():
+        with pytest.raises(Interrupted) as stopped:
+            await first.fit(1000)
+        assert stopped.value.began
+        with pytest.raises(Interrupted) as info:
+            await second.fit(50)
+        assert not info.value.began
+        assert second.state.step == 0
 
 
 def test_the_same_signal_again_while_no_fit_runs_acts_as_before() -> None:

@@ -287,6 +287,8 @@ class Checkpoint(Callback):
         self._writer = is_rank_zero()
         self._live = state.model
         self._ready = False
+        if self.every_n_steps is not None:  # the random state before those steps' draws
+            state.save_points(self.every_n_steps)
         if self._writer:  # (another rank's cleaning could remove a file rank 0 is writing)
             await anyio.to_thread.run_sync(self._prepare_directory)
         self._ready = True
@@ -531,8 +533,7 @@ class Checkpoint(Callback):
         return copy
 
     def _meta(self, state: StateView) -> dict[str, str]:
-        # The safetensors header's metadata (string to string); torch files carry the counters
-        # in the state dict already.
+        # The safetensors header's metadata (torch files carry the counters in the state dict).
         return {"format": "pt", "epoch": str(state.epoch), "step": str(state.step)}
 
     def _write_sync(

@@ -45,17 +45,29 @@ class CancelAt(Canceller):
             self.scope.cancel()
 
 
-def build(directory: Path, *extra: Callback) -> tuple[Learner[Any], Checkpoint]:
-    """A learner whose run depends on every RNG: a shuffling DataLoader and dropout."""
+class Augmented(torch.utils.data.TensorDataset):
+    """Augmentation drawn from the global generators (torch's, numpy's, Python's) as it
+    fetches."""
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        x, y = (t[i] for t in self.tensors)
+        noise = 0.01 * torch.rand(x.shape) + float(np.random.rand()) + random.random()
+        return x + noise, y
+
+
+def build(
+    directory: Path, *extra: Callback, augment: bool = False, **options: Any
+) -> tuple[Learner[Any], Checkpoint]:
+    """A learner whose run depends on every RNG: a shuffling DataLoader and dropout (and,
+    with ``augment``, a dataset drawing from the global generators as it fetches)."""
     torch.manual_seed(0)
     random.seed(0)
     np.random.seed(0)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(BATCHES * 5, 4, generator=gen)
     y = torch.randint(0, 3, (BATCHES * 5,), generator=gen)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x, y), batch_size=5, shuffle=True
-    )
+    dataset = (Augmented if augment else torch.utils.data.TensorDataset)(x, y)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5, shuffle=True)
     val = [(x[:10], y[:10])]
     model = torch.nn.Sequential(
         torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3)
@@ -71,6 +83,7 @@ def build(directory: Path, *extra: Callback) -> tuple[Learner[Any], Checkpoint]:
         val,
         callbacks=[ckpt, stop, *extra],
         yield_interval=0.0,
+        **options,
     )
     return learner, ckpt
 
@@ -183,6 +196,27 @@ async def test_resume_from_a_periodic_checkpoint_equals_uninterrupted(
     learner, _ = build(tmp_path / "other")
     await learner.fit(EPOCHS, resume=directory / name)
     assert_same(final_state(learner), expected)
+
+
+# fetch="inline": a producer thread (which "auto" starts for a source found slow) would draw
+# from the global generators while compute draws from them too, in an order that is a race.
+@pytest.mark.parametrize("compute", ["auto", "inline", "thread"])
+async def test_resume_from_a_periodic_checkpoint_of_augmented_data_equals_uninterrupted(
+    tmp_path: Path, compute: str
+) -> None:
+    """A periodic file is taken before its step's batch is computed, once the batch is drawn:
+    it must hold the random state from before the draw, or the resumed run draws that batch's
+    augmentation from where dropout had left the generators."""
+    options = {"fetch": "inline", "compute": compute}
+    learner, _ = build(tmp_path / "reference", augment=True, **options)
+    await learner.fit(EPOCHS)
+    expected = final_state(learner)
+    files = names(tmp_path / "reference", "step-*.pt") + names(tmp_path / "reference", "epoch-*")
+    assert len(files) == 8  # steps 3, 6, ..., 15 and epochs 1-3
+    for name in files:
+        resumed, _ = build(tmp_path / name, augment=True, **options)
+        await resumed.fit(EPOCHS, resume=tmp_path / "reference" / name)
+        assert_same(final_state(resumed), expected, name)
 
 
 async def test_files_written(tmp_path: Path) -> None:
@@ -548,3 +582,20 @@ def test_no_per_batch_hook_unless_saving_every_n_steps() -> None:
     learner = make_learner(callbacks=[Checkpoint("d"), JSONLinesLogger("x.jsonl")])
     assert "before_fit_batch" not in learner.describe()
     assert "after_fit_batch" not in learner.describe()
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True])
+async def test_save_points_takes_a_positive_int(bad: Any) -> None:
+    class Saves(Callback):
+        async def before_fit_run(self, state: StateView) -> None:
+            state.save_points(bad)
+
+    learner = make_learner(callbacks=[Saves()])
+    caught: list[BaseException] = []
+    try:
+        await learner.fit(1)
+    except* ValueError as group:
+        caught.extend(group.exceptions)
+    assert len(caught) == 1
+    assert f"every_n_steps must be a positive int, got {bad!r}" in str(caught[0])
+    assert learner.state.step == 0
