@@ -112,6 +112,12 @@ def start_background(
     tg = learner._rt.tg
     if tg is None:
         raise LearnerBusyError("start background work", "not running")
+    state = learner._state
+    fn = _noted(
+        fn,
+        f"aiolearner: raised by background task {name!r} (state.start_soon), "
+        f"started at epoch {state.epoch + 1} (state.epoch {state.epoch}), step {state.step}",
+    )
     if learner._strategy is not None:
         # Background work runs in an order of its own on each rank: no collectives there.
         from ._dist._strategy import mark_concurrent
@@ -121,6 +127,19 @@ def start_background(
         tg.start_soon(fn, *args, name=f"aiolearner.bg.{name}")
     else:
         anyio.from_thread.run_sync(tg.start_soon, fn, *args)
+
+
+def _noted(fn: Callable[..., Any], note: str) -> Callable[..., Any]:
+    """``fn`` whose errors say which background task raised them (not a cancellation)."""
+
+    async def task(*args: Any) -> None:
+        try:
+            await fn(*args)
+        except Exception as exc:
+            exc.add_note(note)
+            raise
+
+    return task
 
 
 async def fit(
@@ -147,12 +166,15 @@ async def fit(
             if strategy is None:
                 # Find and read the file in a worker thread: the loop may be serving other
                 # work.
-                checkpoint = await anyio.to_thread.run_sync(_resume_from, learner, resume)
+                path, checkpoint = await anyio.to_thread.run_sync(_resume_from, learner, resume)
             else:
                 from ._dist._persist import resume as agreed_resume
 
-                checkpoint = await agreed_resume(strategy, learner, resume)
-            learner.load_state_dict(checkpoint)  # checks again that nobody started meanwhile
+                path, checkpoint = resume, await agreed_resume(strategy, learner, resume)
+            try:
+                learner.load_state_dict(checkpoint)  # checks again that nobody started meanwhile
+            except ValueError as exc:  # (the learner is as it was)
+                raise ValueError(f"checkpoint file {str(path)!r}: {exc}") from exc
         learner._rt.target_epochs = epochs
         # The reason a previous call stopped for is not this call's.
         learner._state.invalidate("stop_reason")
@@ -191,6 +213,6 @@ def check_fit(learner: Learner[Any], epochs: int) -> None:
         _checks.check_passes(source.name, source.data, remaining)
 
 
-def _resume_from(learner: Learner[Any], resume: str | os.PathLike[str]) -> Any:
+def _resume_from(learner: Learner[Any], resume: str | os.PathLike[str]) -> tuple[Any, Any]:
     path = _persist.find_checkpoint(learner._callbacks, resume)
-    return _persist.read_checkpoint(path, learner._device)
+    return path, _persist.read_checkpoint(path, learner._device)

@@ -138,6 +138,16 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
 
 def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> None:
     """See :meth:`Learner.load_state_dict`: all or nothing."""
+    try:
+        _load_state_dict(learner, checkpoint)
+    except KeyError as exc:  # (what was loaded was put back, as for any failure)
+        raise ValueError(
+            f"the checkpoint lacks the entry {exc.args[0]!r} (damaged, or not written by "
+            "Learner.state_dict()); nothing was loaded"
+        ) from exc
+
+
+def _load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> None:
     if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != FORMAT:
         what = (
             f"a mapping with keys {sorted(map(str, checkpoint))[:6]}"

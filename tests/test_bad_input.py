@@ -209,7 +209,7 @@ async def test_a_checkpoint_of_another_architecture_changes_nothing(tmp_path: Pa
     before = snapshot(learner)
     with pytest.raises(ValueError, match=r"do not fit this model.*nothing was loaded"):
         learner.load_checkpoint(tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="do not fit this model"):
+    with pytest.raises(ValueError, match=r"other\.pt.*do not fit this model"):
         await learner.fit(2, resume=tmp_path / "other.pt")
     assert_untouched(before, learner)
     # And a checkpoint whose weights fit but whose optimizer does not: put back half way.
@@ -236,7 +236,9 @@ async def test_a_checkpoint_of_another_kind_of_optimizer_changes_nothing(tmp_pat
     # all the same, on the settings the optimizer needs.
     del checkpoint["optimizer_types"]
     torch.save(checkpoint, tmp_path / "adam.pt")
-    with pytest.raises(ValueError, match=r"another kind of optimizer\?\); nothing was loaded"):
+    with pytest.raises(
+        ValueError, match=r"adam\.pt.*another kind of optimizer\?\); nothing was loaded"
+    ):
         await learner.fit(2, resume=tmp_path / "adam.pt")
     assert_untouched(before, learner)
     # The other way round (torch's own load fails half way): a ValueError, nothing changed.
@@ -245,6 +247,27 @@ async def test_a_checkpoint_of_another_kind_of_optimizer_changes_nothing(tmp_pat
     with pytest.raises(ValueError, match=r"does not fit this torch.optim.adam.Adam.*SGD"):
         adam.load_state_dict(sgd_state)
     assert_untouched(adam_before, adam)
+
+
+@pytest.mark.parametrize("missing", ["model", "progress", "rng", "progress.pass_done"])
+async def test_a_checkpoint_missing_an_entry_names_it_and_the_file(
+    tmp_path: Path, missing: str
+) -> None:
+    learner = make_learner(callbacks=[EarlyStopping("val_loss")], n_batches=2)
+    await learner.fit(1)
+    checkpoint = learner.state_dict()
+    key = missing.split(".")[-1]
+    del (checkpoint["progress"] if missing.startswith("progress.") else checkpoint)[key]
+    torch.save(checkpoint, tmp_path / "hurt.pt")
+    before = snapshot(learner)
+    what = rf"lacks the entry '{key}'.*nothing was loaded"
+    with pytest.raises(ValueError, match=what):
+        learner.load_state_dict(checkpoint)
+    with pytest.raises(ValueError, match=rf"hurt\.pt.*{what}"):
+        learner.load_checkpoint(tmp_path / "hurt.pt")
+    with pytest.raises(ValueError, match=rf"hurt\.pt.*{what}"):
+        await learner.fit(2, resume=tmp_path / "hurt.pt")
+    assert_untouched(before, learner)
 
 
 async def test_a_checkpoint_directory_the_system_refuses(

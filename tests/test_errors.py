@@ -416,3 +416,26 @@ async def test_data_error_surfaces_bare_with_a_note() -> None:
         await learner.fit(1)
     assert any("train_data" in n for n in aiolearner_notes(info.value))
     assert learner.state.step == 1
+
+
+async def test_a_background_task_error_names_the_task_and_where_it_started() -> None:
+    async def upload(step: int) -> None:
+        raise ConnectionError(f"upload of step {step} failed")
+
+    class Uploads(Callback):
+        reads = frozenset({"step"})
+
+        def after_fit_batch(self, state: StateView) -> None:
+            if state.step == 3:
+                state.start_soon(upload, state.step)
+
+    learner = make_learner(callbacks=[Uploads()], n_batches=4)
+    caught: list[BaseException] = []
+    try:
+        await learner.fit(2)
+    except* ConnectionError as group:
+        caught.extend(group.exceptions)
+    assert len(caught) == 1
+    notes = "\n".join(getattr(caught[0], "__notes__", []))
+    assert "background task 'Uploads.after_fit_batch'" in notes
+    assert "step 3" in notes
