@@ -142,3 +142,36 @@ def load(opt: torch.optim.Optimizer, state: Any, saved_by: str | None) -> None:
                 f"the checkpoint's optimizer state does not fit this {_kind(opt)}: its "
                 f"parameter group {i} lacks {missing} ({by}); nothing was loaded"
             )
+        for j, param in enumerate(group["params"]):
+            for key, value in opt.state.get(param, {}).items():
+                if (
+                    key in _PER_ELEMENT
+                    and isinstance(value, torch.Tensor)
+                    and value.shape != param.shape
+                ):
+                    raise ValueError(
+                        f"the checkpoint's optimizer state does not fit this {_kind(opt)}: "
+                        f"{key!r} of parameter {j} of group {i} has shape {tuple(value.shape)},"
+                        f" the parameter {tuple(param.shape)} (parameters in another order?);"
+                        " nothing was loaded"
+                    )
+
+
+#: Per-parameter optimizer buffers with the parameter's shape (torch.optim's optimizers);
+#: others (a factored second moment, a step count) are not checked.
+_PER_ELEMENT = frozenset(
+    {
+        "momentum_buffer",
+        "exp_avg",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+        "square_avg",
+        "acc_delta",
+        "sum",
+        "ax",
+        "prev",
+        "step_size",
+        "grad_avg",
+        "exp_inf",
+    }
+)

@@ -292,3 +292,17 @@ def test_fit_sync_in_a_running_loop_is_documented() -> None:
     page = (Path(__file__).parent.parent / "docs" / "reliability.md").read_text()
     assert "fit_sync" in page
     assert "tests/test_sync.py::test_fit_sync_and_validate_sync_inside_a_running_loop" in page
+
+
+async def test_an_optimizer_state_that_does_not_fit_the_parameters_changes_nothing() -> None:
+    learner = make_learner(callbacks=[EarlyStopping("val_loss")], n_batches=2)
+    learner.optimizer.param_groups[0]["momentum"] = 0.9  # a momentum buffer per parameter
+    await learner.fit(1)
+    checkpoint = copy.deepcopy(learner.state_dict())
+    checkpoint["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(7)
+    before = snapshot(learner)
+    with pytest.raises(
+        ValueError, match=r"'momentum_buffer' of parameter 0.*shape \(7,\).*nothing"
+    ):
+        learner.load_state_dict(checkpoint)
+    assert_untouched(before, learner)
