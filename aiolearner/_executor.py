@@ -564,6 +564,7 @@ def _burst(
     until = min(clock() + seconds, policy.decision_due())
     record = policy.record
     finish = executor.finish_batch
+    save_every = rt.save_every
     while True:
         start = clock()
         try:
@@ -581,7 +582,7 @@ def _burst(
             or (off_loop and batches.wants_producer)
         ):
             return None
-        if rt.save_every:
+        if save_every:
             executor.mark_save_point(state, batches, None)
         batch = batches.next_nowait(off_loop=off_loop)
         if batch is WAIT or batch is END:

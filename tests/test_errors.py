@@ -430,12 +430,11 @@ async def test_a_background_task_error_names_the_task_and_where_it_started() -> 
                 state.start_soon(upload, state.step)
 
     learner = make_learner(callbacks=[Uploads()], n_batches=4)
-    caught: list[BaseException] = []
-    try:
+    with pytest.RaisesGroup(ConnectionError, allow_unwrapped=True, flatten_subgroups=True) as info:
         await learner.fit(2)
-    except* ConnectionError as group:
-        caught.extend(group.exceptions)
-    assert len(caught) == 1
-    notes = "\n".join(getattr(caught[0], "__notes__", []))
+    (error,) = (
+        info.value.exceptions if isinstance(info.value, BaseExceptionGroup) else (info.value,)
+    )
+    notes = "\n".join(aiolearner_notes(error))
     assert "background task 'Uploads.after_fit_batch'" in notes
     assert "step 3" in notes

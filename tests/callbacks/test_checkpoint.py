@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -591,11 +592,7 @@ async def test_save_points_takes_a_positive_int(bad: Any) -> None:
             state.save_points(bad)
 
     learner = make_learner(callbacks=[Saves()])
-    caught: list[BaseException] = []
-    try:
+    message = re.escape(f"every_n_steps must be a positive int, got {bad!r}")
+    with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match=message)):
         await learner.fit(1)
-    except* ValueError as group:
-        caught.extend(group.exceptions)
-    assert len(caught) == 1
-    assert f"every_n_steps must be a positive int, got {bad!r}" in str(caught[0])
     assert learner.state.step == 0
