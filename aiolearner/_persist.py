@@ -288,7 +288,11 @@ def _check_model(model: torch.nn.Module, weights: Any) -> None:
 
 
 def read_checkpoint(path: Path, device: torch.device) -> Any:
-    """The contents of a checkpoint file (``weights_only=True``), or a clear error naming it."""
+    """The contents of a checkpoint file (``weights_only=True``, its checksums compared first),
+    or a clear error naming it."""
+    from .callbacks._files import check_crcs  # the file helpers live with the Checkpoint
+
+    check_crcs(path)
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:

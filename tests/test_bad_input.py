@@ -199,6 +199,47 @@ async def test_a_truncated_checkpoint_names_the_file_and_changes_nothing(tmp_pat
     assert_untouched(before, learner)
 
 
+async def test_a_checkpoint_with_a_flipped_bit_is_refused_by_its_checksum(tmp_path: Path) -> None:
+    """torch.load does not compare a record's CRC: a bit flipped inside a tensor's data loaded
+    as a wrong weight. Every reader of a file compares them first."""
+    import zipfile
+
+    from aiolearner.callbacks import load_checkpoint_file, load_weights
+
+    saved = make_learner(callbacks=[Checkpoint(tmp_path / "a")], n_batches=2)
+    await saved.fit(1)
+    ckpt = Checkpoint(tmp_path / "b")
+    learner = make_learner(callbacks=[ckpt], n_batches=2)
+    await learner.fit(1)
+    good = tmp_path / "a" / "last.pt"
+    with zipfile.ZipFile(good) as archive:  # the largest tensor's data
+        tensors = [info for info in archive.infolist() if "/data/" in info.filename]
+        record = max(tensors, key=lambda info: info.file_size)
+    data = bytearray(good.read_bytes())
+    # The record's data starts after its local header: 30 bytes, then the name and the extra
+    # field (torch's alignment padding), whose lengths the header holds at offsets 26 and 28.
+    header = record.header_offset
+    lengths = (int.from_bytes(data[header + at : header + at + 2], "little") for at in (26, 28))
+    start = header + 30 + sum(lengths)
+    data[start + record.file_size // 2] ^= 0x10
+    damaged = tmp_path / "b" / "last.pt"
+    damaged.write_bytes(bytes(data))
+    assert torch.load(damaged, weights_only=True)["format"]  # what torch itself accepts
+    before = snapshot(learner)
+    pattern = rf"last\.pt.*damaged: its record '{record.filename}' does not match the checksum"
+    with pytest.raises(ValueError, match=pattern):
+        learner.load_checkpoint(damaged)
+    with pytest.raises(ValueError, match=pattern):
+        await learner.fit(3, resume="last")
+    assert_untouched(before, learner)
+    with pytest.raises(ValueError, match=pattern):
+        load_checkpoint_file(damaged)
+    with pytest.raises(ValueError, match=pattern):
+        load_weights(tiny_model(seed=1), damaged)
+    # The intact file reads as before.
+    learner.load_checkpoint(good)
+
+
 async def test_a_checkpoint_of_another_architecture_changes_nothing(tmp_path: Path) -> None:
     wide = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     other = build(model=wide, optimizer=torch.optim.SGD(wide.parameters(), lr=0.1))

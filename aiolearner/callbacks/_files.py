@@ -2,7 +2,8 @@
 
 * **Reading**: :func:`load_checkpoint_file` (``torch.load(weights_only=True)``, never arbitrary
   pickles, or the ``safetensors`` package) and :func:`load_weights`, which loads the weights of
-  any checkpoint into a model, compiled or not.
+  any checkpoint into a model, compiled or not. :func:`check_crcs` first compares every record of
+  a ``torch.save`` file with the checksum written beside it, which ``torch.load`` does not.
 * **Writing atomically**: :func:`atomic_write` and :func:`atomic_write_file` write a temporary file
   in the same directory, ``fsync`` it, ``os.replace`` it onto the target, then ``fsync`` the
   directory, so a crash leaves the old file or the new one. The loggers and the profiler write
@@ -23,6 +24,7 @@ import re
 import shutil
 import threading
 import uuid
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -65,6 +67,29 @@ def is_full_checkpoint(data: Mapping[str, Any]) -> bool:
     return "format" in data and isinstance(data.get("model"), Mapping)
 
 
+def check_crcs(path: str | os.PathLike[str]) -> None:
+    """Refuse a ``torch.save`` file whose data no longer matches its checksums.
+
+    ``torch.save`` writes a zip archive with a CRC-32 for each record, but ``torch.load`` never
+    compares them: a flipped bit inside a tensor's data loads as a wrong weight. Reading every
+    record once costs a pass over the file, small beside what loading it costs. A file that is
+    not a zip archive (truncated, another format) is left to ``torch.load``, which reports it.
+
+    Raises:
+        ValueError: naming the file and the first damaged record.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError):
+        return
+    if damaged is not None:
+        raise ValueError(
+            f"checkpoint file {str(path)!r} is damaged: its record {damaged!r} does not match "
+            "the checksum written with it (a disk or copy error); nothing was loaded"
+        )
+
+
 def load_checkpoint_file(
     path: str | os.PathLike[str], *, model: torch.nn.Module | None = None
 ) -> dict[str, Any]:
@@ -82,13 +107,15 @@ def load_checkpoint_file(
             :func:`aiolearner.match_state_dict`).
 
     Raises:
-        ValueError: the file holds no dict of a checkpoint or of weights.
+        ValueError: the file holds no dict of a checkpoint or of weights, or its data does not
+            match the checksums ``torch.save`` wrote with it (see :func:`check_crcs`).
     """
     path = Path(path)
     if path.suffix == SUFFIXES["safetensors"]:
         st = require("safetensors.torch", extra="safetensors", what="reading .safetensors files")
         data: Any = st.load_file(str(path), device="cpu")
     else:
+        check_crcs(path)
         data = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}, not a checkpoint or weights dict")
