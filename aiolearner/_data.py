@@ -110,6 +110,10 @@ class BatchSource:
         self._counts = type(data) not in (list, tuple)
         #: A :meth:`mark` to go back to when the pass closes (a batch was rolled back).
         self._rollback: tuple[dict[str, Any], int] | None = None
+        #: A batch drawn and then undone without a mark (a synchronous batch stopped before
+        #: its commit), in a 1-tuple: the rebuilt pass serves it again instead of drawing it
+        #: again (see :meth:`keep_undone`).
+        self.undone: tuple[Any] | None = None
         #: A new iterator that yields nothing is an error (the learner's training and
         #: validation data; not the data of predict).
         self.must_yield = False
@@ -217,6 +221,19 @@ class BatchSource:
             self._leftover.appendleft(batch)
             self.position -= 1
 
+    def keep_undone(self, batch: Any) -> None:
+        """A synchronous batch was undone before its commit, by a stop or an error raised in a
+        hook before its update, with no :meth:`mark` of where the generators were before it was
+        drawn (reading one per batch costs more than the batch's bookkeeping). Whatever drew
+        from the global generators since then (dropout) ran after the batch's own draws
+        (augmentation in ``__getitem__``), so those are kept as they are: the pass rebuilt over
+        the batches drawn serves this batch object again, where drawing it again from the
+        pass's start state would give other numbers. (The draws of a forward that ran before
+        the stop are not undone.) Not for a list or tuple, which draw nothing, nor for a live
+        stream, which serves the batch again itself (:meth:`put_back`)."""
+        if self._counts and not self.persistent:
+            self.undone = (batch,)
+
     def mark(self) -> tuple[dict[str, Any], int]:
         """The global random state and :attr:`drawn` at a batch's start, read between two
         draws of a producer thread, for :meth:`roll_back`."""
@@ -275,7 +292,7 @@ class BatchSource:
         if "generators" in start:
             restore_data_streams(self.data, start, what=self.name)
         try:
-            self._it = self._fast_forward(skip, ahead)
+            self._it = self._fast_forward(skip, ahead, self.undone if ahead else None)
         finally:
             restore_rng(now)
         self.begun = start
@@ -285,11 +302,15 @@ class BatchSource:
             self.drawn += 1
             yield batch
 
-    def _fast_forward(self, skip: int, ahead: int = 0) -> Iterator[Any]:
+    def _fast_forward(
+        self, skip: int, ahead: int = 0, undone: tuple[Any] | None = None
+    ) -> Iterator[Any]:
         """A new iterator past ``skip`` batches, with the ``ahead`` after them drawn now and
-        served first (with no ``skip``, at least the first: samplers draw their order then)."""
+        served first (with no ``skip``, at least the first: samplers draw their order then);
+        the first of those is ``undone[0]`` when given (see :meth:`keep_undone`)."""
         it: Iterator[Any] = iter(self.data)
         self.drawn = 0
+        self.undone = None
         if self._counts:
             it = self._counted(it)
         for i in range(skip):
@@ -300,6 +321,8 @@ class BatchSource:
                     f"cannot resume {self.name} at batch {skip}: it has only {i} batches now"
                 ) from None
         kept = list(itertools.islice(it, ahead if skip else max(1, ahead)))
+        if undone is not None and kept:
+            kept[0] = undone[0]
         if not kept:
             return it if skip else iter(())
         return itertools.chain(kept, it)
@@ -331,6 +354,7 @@ class BatchSource:
         self._leftover.clear()
         self._resume = stream
         self.drawn = drawn
+        self.undone = None
 
 
 async def _aclose(it: Any) -> None:

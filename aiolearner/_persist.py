@@ -72,6 +72,13 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
         # again (augmentation drawn while fetching gets the same numbers, dropout after it).
         # (Not once the pass has ended: that draw found no batch.)
         rng, drawn = pre[2]
+        undone = None
+    else:
+        # A batch undone without a mark, kept to be served again (BatchSource.keep_undone):
+        # the file holds it, so that a resumed run trains on the same numbers.
+        undone = (
+            train.undone if train.undone is not None and _batch_portable(train.undone[0]) else None
+        )
     callbacks: dict[str, Any] = {}
     for key, cb in callback_keys(learner._callbacks):
         callbacks[key] = dict(cb.state_dict())
@@ -111,6 +118,8 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
             "stream": _stream_to_portable(train.stream_state()),
             "drawn": drawn,
         }
+        if undone is not None:
+            progress["undone"] = undone[0]
         metrics = state.metrics
         # Concurrent validation: the epochs' tails still to run, with their snapshots.
         validation = None if rt.validator is None else rt.validator.state_dict()
@@ -253,6 +262,8 @@ def _load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> No
     # Iterators of an earlier run cannot continue a restored one; a stream that outlives
     # epochs (steps_per_epoch) restarts where the checkpoint's stream was.
     learner._train.restart(stream, int(checkpoint["progress"].get("drawn", 0)))
+    if "undone" in checkpoint["progress"]:
+        learner._train.keep_undone(checkpoint["progress"]["undone"])
 
 
 def _check_model(model: torch.nn.Module, weights: Any) -> None:
@@ -405,6 +416,19 @@ def _stream_from_portable(stream: Any) -> tuple[int, dict[str, Any] | None] | No
     if rng is None:
         return int(stream["origin"]), None
     return int(stream["origin"]), {"rng": rng_from_portable(rng), **(stream.get("own") or {})}
+
+
+def _batch_portable(batch: object) -> bool:
+    """Whether a batch goes into a checkpoint as it is: tensors, numbers and strings, in lists,
+    tuples and dicts with string keys (what ``torch.load(weights_only=True)`` reads back)."""
+    if isinstance(batch, torch.Tensor | int | float | str | bool | None):
+        return True
+    if type(batch) in (list, tuple):
+        return all(_batch_portable(item) for item in batch)  # type: ignore[attr-defined]
+    if type(batch) is dict:
+        items: dict[Any, Any] = batch
+        return all(isinstance(k, str) and _batch_portable(v) for k, v in items.items())
+    return False
 
 
 def _portable(value: object) -> bool:

@@ -370,6 +370,8 @@ class Runtime:
                 optimizer.zero_grad(set_to_none=True)
         if mark is not None:
             self.train.roll_back(mark)
+        elif batch is not None:
+            self.train.keep_undone(batch)
 
     #: Where the current epoch is: what a failed checkpoint load puts back.
     PROGRESS = (
