@@ -23,7 +23,8 @@ definition:
   is dropped once the loss is computed, as in a hand-written loop).
 
 While the learner is observed (a trace, an event subscriber), synchronous programs run the full
-definition, so every stage's entry and exit is seen.
+definition, so every stage's entry and exit is seen. A fused training batch (hooks in its flow)
+reads torch's generators as it begins, so that a hook stopping it puts its dropout back.
 
 The training pass (:meth:`Executor.train_pass`) takes a batch, runs its program and finishes the
 batch, until the pass ends. A synchronous program runs in *bursts* (:func:`_burst`, one body for
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._data import END, WAIT
 from ._exceptions import ControlFlow, StageError
+from ._rng import capture_torch_rng
 from ._runtime import DRIVING, NOT_RUN
 from ._stage import ComputeStage, Stage, owned
 from ._stages import Epoch, Fit, FitBatch, Gradient, Update, Validate, forward, optimizer_step
@@ -77,11 +79,12 @@ class BatchProgram:
         kind: ``"default"``, ``"flat"``, ``"fused"`` (synchronous programs) or ``"async"``.
         fast: the whole batch as one call by the shortest route with the same outcome (``None``
             for an awaited program).
+        full: what runs while observed: every stage's entry and exit seen (``drive``).
         locks: whether the batch holds the weights' write lock while it runs (a synchronous
             program with a compute stage that writes weights).
     """
 
-    __slots__ = ("fast", "kind", "locks", "rt", "signature", "stage")
+    __slots__ = ("fast", "full", "kind", "locks", "rt", "signature", "stage")
 
     def __init__(self, stage: Stage, rt: Runtime) -> None:
         self.stage = stage
@@ -98,9 +101,10 @@ class BatchProgram:
         elif self.kind == "flat":
             self.fast = self._flat_batch()
         elif self.kind == "fused":
-            self.fast = self.drive
+            self.fast = self._fused_training_batch() if isinstance(stage, FitBatch) else self.drive
         else:
             self.fast = None
+        self.full = self.fast if self.kind == "fused" else self.drive
 
     def __repr__(self) -> str:
         return f"<BatchProgram {self.kind} of {self.stage.name!r}>"
@@ -112,7 +116,7 @@ class BatchProgram:
 
     def now(self) -> Callable[[State], None]:
         """The call that runs one batch now: the full definition while observed."""
-        return self.drive if self.rt.observed else self.fast  # type: ignore[return-value]
+        return self.full if self.rt.observed else self.fast  # type: ignore[return-value]
 
     @staticmethod
     def driving() -> bool:
@@ -145,6 +149,17 @@ class BatchProgram:
         fn = self.now()
         if rt.run_inline(fn, state, locks=self.locks) is NOT_RUN:
             await rt.compute(fn, state, writes_weights=self.locks)
+
+    def _fused_training_batch(self) -> Callable[[State], None]:
+        """``drive``, reading torch's generators first: a hook stopping the batch after its
+        forward puts its dropout back (``Runtime.abandon_batch``)."""
+        drive, rt = self.drive, self.rt
+
+        def fused_batch(state: State) -> None:
+            rt.batch_rng = (state.__dict__.get("batch"), capture_torch_rng())
+            drive(state)
+
+        return fused_batch
 
     def _flat_batch(self) -> Callable[[State], None]:
         stage = self.stage
@@ -275,8 +290,8 @@ class Executor:
         self.programs: dict[int, BatchProgram] = {}
         #: Fields anything may set during a batch (built-ins, declared by stages or callbacks).
         self.known_fields: frozenset[str] = frozenset()
-        #: The state's fields when the training pass started, and how many it had after the
-        #: last batch: a batch after which the count changed is checked for undeclared fields.
+        #: The state's fields when the pass started, and how many after the last batch (a
+        #: change of the count has the new ones checked).
         self.fields_before: frozenset[str] = frozenset()
         self.fields_seen = 0
         #: The stage in Fit's place (the epoch's first): what a pass it opens names in errors.
@@ -316,16 +331,15 @@ class Executor:
     async def train_pass(self, fit: Stage, state: State, batches: Batches) -> None:
         """Take a batch, run its program, finish it; until the pass ends.
 
-        A :class:`~aiolearner.StopEpoch` from a batch ends the pass: the batch is finished (it
-        counts as consumed) and ``fit``, which owns it, acts on it.
-        """
+        A :class:`~aiolearner.StopEpoch` from a batch ends the pass: the batch is finished
+        (consumed) and ``fit``, which owns it, acts on it."""
         rt = self.rt
         program = self.program(fit.fit_batch)  # type: ignore[attr-defined]
         stage = program.stage
         losses = rt.train_losses
         validator = rt.validator
         policy = rt.policy
-        fast, drive = program.fast, program.drive
+        fast, drive = program.fast, program.full
         synchronous = fast is not None
         # Bursts need nothing of the loop between batches: no validation due between them.
         bursts = synchronous and validator is None
@@ -337,6 +351,7 @@ class Executor:
         take = batches.next_nowait
         first = True
         save_every = rt.save_every
+        rt.batch_rng = None  # (a fused batch of this pass's program sets it)
         self.fields_before = frozenset(state.__dict__)
         self.fields_seen = len(state.__dict__)
         pending: Any = None
@@ -351,10 +366,8 @@ class Executor:
             await validator.between_batches(state)
         try:
             while True:
-                # A synchronous batch cannot be interrupted half way by a cancellation; an
-                # awaited one can, and is then repeated on resume, drawing the same random
-                # numbers: the mark is taken before the batch is fetched, so that an inline
-                # fetch that draws (augmentation) draws again from the same state.
+                # An awaited batch can be cancelled half way, and is then repeated drawing the
+                # same random numbers: the mark is taken before an inline fetch that draws.
                 mark = None if synchronous else batches.source.mark()
                 if pending is None:
                     if save_every:
@@ -432,26 +445,23 @@ class Executor:
     @property
     def takes_turns(self) -> bool:
         """Whether this learner's batches take the loop's turn when they compute inline while
-        other learners share the loop: its batch programs are all synchronous (an awaited
-        batch runs on the loop between its awaits, without a turn)."""
+        other learners share the loop: its batch programs are all synchronous."""
         programs = self.programs.values()
         return bool(programs) and all(program.synchronous for program in programs)
 
     def taking_turns(self, turn: Turn | None) -> bool:
         """Whether the training loop's inline batches wait for the loop's turn now (it computes
         inline while other learners share the loop); looked at again at every turn."""
-        rt = self.rt
-        return turn is not None and rt.worker.shared and not rt.policy.hopping
+        return turn is not None and self.rt.worker.shared and not self.rt.policy.hopping
 
     def mark_save_point(
         self, state: State, batches: Batches, mark: tuple[dict[str, Any], int] | None
     ) -> None:
         """Just before a batch is drawn: if a callback takes the learner's state before this
         step (``StateView.save_points``), keep the random state from before the draw."""
-        rt = self.rt
         step = state.step
-        if any(step % n == 0 for n in rt.save_every):
-            rt.pre_mark = (state.epoch, step, batches.source.mark() if mark is None else mark)
+        if any(step % n == 0 for n in self.rt.save_every):
+            self.rt.pre_mark = (state.epoch, step, batches.source.mark() if mark is None else mark)
 
     def consume_batch(self, stage: Stage, state: State) -> None:
         """A batch cut short by a StopEpoch ends as consumed: uncommitted, its gradients are
@@ -508,15 +518,13 @@ class Executor:
     ) -> Any:
         """``state.batch`` and the batches after it, in one hop to the compute worker.
 
-        A hop costs two wake-ups of a sleeping thread, a few percent of a batch of several
-        milliseconds (docs/performance.md). A burst goes on in the worker with the next batch
-        while one is ready without the event loop, and hands back when the loop is needed: a
-        batch to await, the end of the pass, a cancellation (after the batch in progress), a
-        task waiting for the weights lock, auto's next decision, or ``BURST_SECONDS`` (less
-        while the loop's compute pool is shared, see ``_worker.py``). The loop
-        stays free all along; each batch is finished exactly as on the loop. Returns what the
-        loop takes next: ``None`` (take a batch), ``WAIT`` or ``END``.
-        """
+        A hop costs two wake-ups of a sleeping thread (docs/performance.md). A burst goes on
+        in the worker with the next batch while one is ready without the event loop, and hands
+        back when the loop is needed: a batch to await, the end of the pass, a cancellation
+        (after the batch in progress), a task waiting for the weights lock, auto's next
+        decision, or ``BURST_SECONDS`` (less while the loop's compute pool is shared, see
+        ``_worker.py``). Each batch is finished exactly as on the loop. Returns what the loop
+        takes next: ``None`` (take a batch), ``WAIT`` or ``END``."""
         rt = self.rt
         lock = rt.weights_lock if program.locks else None
         stop: list[bool] = []

@@ -22,6 +22,7 @@ from ._data import Batches, BatchSource
 from ._events import EventHub
 from ._locks import ReadWriteLock
 from ._policy import LONE_YIELD_FACTOR, SHARING_RECHECK, ComputePolicy, loop_is_shared
+from ._rng import restore_torch_rng
 from ._state import State
 from ._worker import ComputeWorker, Turn
 
@@ -163,6 +164,10 @@ class Runtime:
         #: when it is one of those: a state taken before the batch is computed holds the random
         #: state from before the draw, so that a resumed run draws the batch again the same.
         self.pre_mark: tuple[int, int, tuple[dict[str, Any], int]] | None = None
+        #: ``(batch, capture_torch_rng())`` read as a fused training batch with hooks began
+        #: (after its draw): what a stop or an error before its commit puts back, so that its
+        #: forward, run again, draws the same dropout (see ``BatchProgram``).
+        self.batch_rng: tuple[Any, tuple[torch.Tensor, list[torch.Tensor] | None]] | None = None
         #: The fields stages declared, by lifetime (see Stage.fields), set when the learner is
         #: built: each set is cleared when its batch, epoch or run ends.
         self.expiring: dict[str, tuple[str, ...]] = {"batch": (), "epoch": (), "run": ()}
@@ -372,6 +377,10 @@ class Runtime:
             self.train.roll_back(mark)
         elif batch is not None:
             self.train.keep_undone(batch)
+            began = self.batch_rng
+            if began is not None and began[0] is batch:
+                restore_torch_rng(began[1])  # the forward's draws (dropout), if it ran
+        self.batch_rng = None
 
     #: Where the current epoch is: what a failed checkpoint load puts back.
     PROGRESS = (

@@ -1,11 +1,13 @@
-"""A synchronous batch undone before its commit by a stop or an error raised in a hook before
-its forward (``before_fit_batch``, ``before_gradient``) is served again as it was drawn: the
-continued run, in the same process or from the file written at that stop, equals an
+"""A synchronous batch undone before its commit by a stop or an error raised in a hook of its
+flow is served again as it was drawn, and torch's generators go back to where they were when it
+began: the continued run, in the same process or from the file written at that stop, equals an
 uninterrupted one, bit for bit, with a dataset that draws augmentation from the global
 generators as it fetches and a model with dropout.
 
 Drawing the batch again from the pass's start state, as the rebuilt pass did, gave it other
-augmentation numbers: there, between the batches, dropout had drawn too.
+augmentation numbers (there, between the batches, dropout had drawn too); and a stop after the
+forward (``after_gradient``, ``before_update``) left its dropout drawn, so the forward run again
+drew other numbers, with any data.
 """
 
 from __future__ import annotations
@@ -132,8 +134,10 @@ async def stop_once(learner: Learner[Any], error: type[BaseException]) -> None:
 
 @pytest.mark.parametrize("compute", ["auto", "thread"])
 @pytest.mark.parametrize("error", [StopFit, RuntimeError], ids=["StopFit", "error"])
-@pytest.mark.parametrize("hook", ["before_fit_batch", "before_gradient"])
-async def test_a_batch_undone_before_its_forward_continues_exactly(
+@pytest.mark.parametrize(
+    "hook", ["before_fit_batch", "before_gradient", "after_gradient", "before_update"]
+)
+async def test_an_undone_batch_continues_exactly(
     tmp_path: Path,
     uninterrupted: dict[str, list[torch.Tensor]],
     hook: str,
