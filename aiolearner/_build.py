@@ -87,6 +87,13 @@ def build(learner: Learner[Any]) -> None:
                 )
             _check_signature(cb, hook, method)
             hooked[hook].append((cb, method))
+    for cb in learner._callbacks:
+        # A callback that acts through stages of its own (MixedPrecision, EMA's validation)
+        # says so when none of this learner's stages serves it: it would do nothing, silently.
+        check = getattr(cb, "_check_stages", None)
+        problem = None if check is None else check(stages)
+        if problem is not None:
+            raise ConfigurationError(f"{cb.name} {problem}", callbacks=(cb.name,))
     state = learner._state
     _check_optimizer_names(stages, state.optimizers)
     for stage in stages:

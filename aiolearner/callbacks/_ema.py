@@ -26,6 +26,7 @@ from aiolearner import Stage, State, StateView, ValidateBatch, ValidateLoss, spl
 
 from ._metrics import Metrics
 from ._per_optimizer import OptimizerCallback
+from ._precision import uses
 
 __all__ = ["EMA"]
 
@@ -105,6 +106,7 @@ class EMA(OptimizerCallback):
         self.every_n_steps = every_n_steps
         self.warmup = warmup
         specs = dict(metrics) if isinstance(metrics, Mapping) else {m: m for m in metrics}
+        self._metric_names = tuple(specs)
         # The average's validation results, kept by a Metrics of its own that reads the EMA
         # stages' fields and writes ema_<name> / val_ema_<name>; its hooks are called from ours.
         self._metrics = Metrics(
@@ -127,6 +129,16 @@ class EMA(OptimizerCallback):
         self._lock = threading.Lock()
         self._live: torch.nn.Module | None = None
         self._validated: torch.nn.Module | None = None
+
+    def _check_stages(self, stages: list[Stage]) -> str | None:
+        """At build: metrics of the average are computed by its validation stages."""
+        if not self._metric_names or uses(stages, self):
+            return None
+        return (
+            "was given metrics=..., which the average's validation stages compute, and none of "
+            "this learner's stages validates the average: pass stages=ema.stages() (or "
+            "leave out metrics= to keep the average alone)"
+        )
 
     def stages(self, validate: Literal["both", "ema"] = "both") -> dict[str, Stage]:
         """Validation stages for the average (pass them as ``Learner(stages=...)``)."""

@@ -279,6 +279,15 @@ class GroupGradients(Callback):
         self._fit_batch = fit_batch
         self._pending: list[torch.Tensor | None] | None = None
 
+    def _check_stages(self, stages: list[Stage]) -> str | None:
+        """At build: the group it carries is that of an AccumulateGradients stage."""
+        if any(stage is self._fit_batch for stage in stages):
+            return None
+        return (
+            "carries the gradients of an AccumulateGradients stage that is not in this "
+            "learner's stages: pass the AccumulateGradients it came from as stages=..."
+        )
+
     def before_fit_run(self, state: StateView) -> None:
         """Put back the group's gradients loaded from a checkpoint (on the model's device)."""
         pending, self._pending = self._pending, None

@@ -96,6 +96,16 @@ class MixedPrecision(Callback):
         )
         self._pending: Mapping[str, Any] | None = None
 
+    def _check_stages(self, stages: list[Stage]) -> str | None:
+        """At build: the autocast and the scaler act only through stages."""
+        if uses(stages, self):
+            return None
+        return (
+            "acts through its stages only, and none of this learner's stages uses it, so "
+            "training would run in full precision: pass stages=amp.stages() (or call "
+            "amp.autocast()/amp.backward() in a stage of your own)"
+        )
+
     def stages(self) -> dict[str, Stage]:
         """The stages to pass to the learner (``stages=amp.stages()``)."""
         out: dict[str, Stage] = {
@@ -155,6 +165,16 @@ class MixedPrecision(Callback):
             self.scaler.load_state_dict(dict(saved))
         else:
             self._pending = saved
+
+
+def uses(stages: list[Stage], helper: object) -> bool:
+    """Whether a stage of ``stages`` may act for ``helper`` (a callback whose work is done by
+    stages): one holds it, or one is of the user's own, which may call it from its code."""
+    return any(
+        any(value is helper for value in vars(stage).values())
+        or type(stage).__module__.partition(".")[0] != "aiolearner"
+        for stage in stages
+    )
 
 
 class AutocastGradient(Gradient):
