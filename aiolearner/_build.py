@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._callbacks import Callback, HookMethod
@@ -87,6 +88,7 @@ def build(learner: Learner[Any]) -> None:
                 )
             _check_signature(cb, hook, method)
             hooked[hook].append((cb, method))
+    _check_places(learner._callbacks)
     for cb in learner._callbacks:
         # A callback that acts through stages of its own (MixedPrecision, EMA's validation)
         # says so when none of this learner's stages serves it: it would do nothing, silently.
@@ -125,6 +127,24 @@ def build(learner: Learner[Any]) -> None:
     bind_states(learner)
     if rt.strategy is not None:
         rt.strategy._adapt(learner)  # where each plan's control flow is agreed
+
+
+def _check_places(callbacks: Iterable[Callback]) -> None:
+    """Two callbacks of one kind writing into one place (two Checkpoints in one directory, two
+    CSV loggers on one file) would overwrite, and prune, each other's files."""
+    seen: dict[tuple[type, Path], int] = {}
+    for i, cb in enumerate(callbacks):
+        place = getattr(cb, "_writes_into", None)
+        if place is None:
+            continue
+        first = seen.setdefault((type(cb), Path(place).resolve()), i)
+        if first != i:
+            raise ConfigurationError(
+                f"two {type(cb).__name__} callbacks (callbacks[{first}] and callbacks[{i}]) "
+                f"write into {str(place)!r}: they would overwrite each other's files; give "
+                "each its own place (or use one callback)",
+                callbacks=(cb.name,),
+            )
 
 
 def _check_optimizer_names(stages: Iterable[Stage], optimizers: Mapping[str, Any]) -> None:

@@ -52,6 +52,32 @@ def test_the_same_callback_twice() -> None:
         make_learner(callbacks=[cb, cb])
 
 
+def test_two_checkpoints_or_file_loggers_in_one_place(tmp_path: Path) -> None:
+    """They would overwrite (and prune) each other's files: refused at construction, naming
+    both callbacks and the place; other places, or different kinds in one place, are fine."""
+    from aiolearner.callbacks import CSVLogger, JSONLinesLogger
+
+    where = r"\(callbacks\[0\] and callbacks\[2\]\) write into '.*ckpt'"
+    with pytest.raises(ConfigurationError, match=rf"two Checkpoint callbacks {where}"):
+        make_learner(
+            callbacks=[
+                Checkpoint(tmp_path / "ckpt", monitor="val_loss"),
+                Callback(),
+                Checkpoint(tmp_path / "." / "ckpt", every_n_steps=2),
+            ]
+        )
+    with pytest.raises(ConfigurationError, match=r"two CSVLogger .* into .*log\.csv"):
+        make_learner(callbacks=[CSVLogger(tmp_path / "log.csv"), CSVLogger(tmp_path / "log.csv")])
+    make_learner(
+        callbacks=[
+            Checkpoint(tmp_path / "best", monitor="val_loss"),
+            Checkpoint(tmp_path / "periodic", every_n_steps=2),
+            CSVLogger(tmp_path / "log.csv"),
+            JSONLinesLogger(tmp_path / "log.jsonl"),
+        ]
+    ).fit_sync(1)
+
+
 @pytest.mark.parametrize(
     "data",
     [[], DataLoader(TensorDataset(torch.zeros(0, 7), torch.zeros(0).long()), batch_size=4)],

@@ -66,8 +66,6 @@ from ._optional import require
 
 __all__ = ["Checkpoint", "snapshot"]
 
-LAST = "last.pt"
-
 
 class Checkpoint(Callback):
     """Save checkpoints: the last one, the best by a metric (top-k), and every N steps/epochs.
@@ -136,6 +134,7 @@ class Checkpoint(Callback):
     """
 
     reads = frozenset({"model", "epoch", "step", "batch_index", "metrics", "outcome"})
+    _writes_into = property(lambda self: self.directory)  # one Checkpoint a directory
     # The loggers first, on the hooks both have: in after_fit_run their final flush opens the
     # backend's run and writes the buffered rows, so the final file holds the run's id and no
     # rows still to write (a resumed run continues that run instead of writing them again).

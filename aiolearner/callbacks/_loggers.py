@@ -334,6 +334,8 @@ class JSONLinesLogger(ExperimentLogger):
         {'kind': 'epoch', 'epoch': 9, 'step': 1000, 'train_loss': 0.12, ...}
     """
 
+    _writes_into = property(lambda self: self.path)  # one logger of a kind a file
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -399,6 +401,8 @@ class CSVLogger(ExperimentLogger):
         >>> await learner.fit(10)
         >>> list(csv.DictReader(open("runs/metrics.csv")))[-1]["val_loss"]
     """
+
+    _writes_into = property(lambda self: self.path)  # one logger of a kind a file
 
     def __init__(
         self,
@@ -481,6 +485,8 @@ class TensorBoardLogger(ExperimentLogger):
         >>> learner = Learner(..., callbacks=[TensorBoardLogger("runs/tb", every_n_steps=10)])
         >>> await learner.fit(10)       # then: tensorboard --logdir runs/tb
     """
+
+    _writes_into = property(lambda self: self.log_dir)  # one logger of a kind a directory
 
     def __init__(
         self,
