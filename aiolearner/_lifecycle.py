@@ -9,6 +9,7 @@ class keep the documented API and delegate here.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import os
 import threading
@@ -21,6 +22,7 @@ import anyio
 from . import _checks, _persist
 from ._exceptions import ConfigurationError, LearnerBusyError
 from ._signals import Interrupted, StoppableRun
+from ._state import split_declaration
 
 if TYPE_CHECKING:
     from ._learner import Learner
@@ -204,6 +206,7 @@ def check_fit(learner: Learner[Any], epochs: int) -> None:
                     " monitor a metric of the training pass",
                     callbacks=(cb.name,),
                 )
+    _check_monitors(learner)
     state = learner._state
     remaining = max(0, epochs - state.epoch)
     train = learner._train
@@ -211,6 +214,49 @@ def check_fit(learner: Learner[Any], epochs: int) -> None:
         _checks.check_passes("train_data", train.data, remaining)
     for source in learner._val_sets.values():
         _checks.check_passes(source.name, source.data, remaining)
+
+
+def _check_monitors(learner: Learner[Any]) -> None:
+    """A callback judging by a metric (EarlyStopping, Checkpoint's best files, a plateau
+    schedule) whose key nothing in the learner writes would fail only after the first epoch
+    trained: refuse the name now, when every writer of ``state.metrics`` is known."""
+    known = known_metrics(learner)
+    if known is None:
+        return
+    for cb in learner._callbacks:
+        monitored = getattr(cb, "_monitored", None)
+        if monitored is None or monitored in known:
+            continue
+        close = difflib.get_close_matches(monitored, known, n=1)
+        raise ConfigurationError(
+            f"{cb.name} judges by the metric {monitored!r}, which nothing in this learner writes"
+            f" into state.metrics (its metrics will be {sorted(known)})"
+            + (f"; did you mean {close[0]!r}?" if close else ""),
+            callbacks=(cb.name,),
+        )
+
+
+def known_metrics(learner: Learner[Any]) -> set[str] | None:
+    """The keys ``state.metrics`` gets during fit: the losses of the training and validation
+    passes, and the keys callbacks declare they write. ``None`` when that cannot be known: a
+    callback declaring all of ``metrics``, or a stage of the user's own (a stage may publish
+    any key)."""
+    if any(type(s).__module__.partition(".")[0] != "aiolearner" for s in learner._root.walk()):
+        return None
+    sets = [name for name in learner._val_sets if name is not None]
+    known = {"train_loss"}
+    validation = {"val_loss"} if learner._val_sets else set()
+    for cb in learner._callbacks:
+        for declared in cb.writes:
+            field, key = split_declaration(declared)
+            if field == "metrics" and key is None:
+                return None
+            if field == "metrics" and key is not None:
+                (validation if key.startswith("val_") else known).add(key)
+    for key in validation:
+        # Named validation sets: val_<set>_<name> in place of val_<name> (see declared_key).
+        known.update([f"val_{name}_{key[4:]}" for name in sets] or [key])
+    return known
 
 
 def _resume_from(learner: Learner[Any], resume: str | os.PathLike[str]) -> tuple[Any, Any]:

@@ -52,6 +52,47 @@ def test_the_same_callback_twice() -> None:
         make_learner(callbacks=[cb, cb])
 
 
+@pytest.mark.parametrize("who", ["EarlyStopping", "Checkpoint", "LRSchedule"])
+def test_a_monitored_metric_nothing_writes(tmp_path: Path, who: str) -> None:
+    """A typo in a monitored name failed only after the first epoch had trained (a KeyError in
+    an exception group): refused when fit starts, with the closest name."""
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+    from aiolearner.callbacks import LRSchedule, Metrics
+
+    model = tiny_model(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    judge = {
+        "EarlyStopping": lambda: EarlyStopping("val_acc", mode="max"),
+        "Checkpoint": lambda: Checkpoint(tmp_path, monitor="val_acc", mode="max"),
+        "LRSchedule": lambda: LRSchedule(
+            ReduceLROnPlateau(optimizer), interval="epoch", monitor="val_acc"
+        ),
+    }[who]()
+    learner = build(
+        model=model,
+        optimizer=optimizer,
+        val_data=make_batches(2, seed=2),
+        callbacks=[Metrics(["accuracy"]), judge],
+    )
+    message = rf"{who} judges by the metric 'val_acc'.*did you mean 'val_accuracy'\?"
+    with pytest.raises(ConfigurationError, match=message):
+        learner.fit_sync(2)
+    assert learner.state.step == 0
+
+
+def test_a_monitored_metric_of_a_named_validation_set() -> None:
+    """Named validation sets: their metrics are val_<set>_<name>."""
+    from aiolearner.callbacks import Metrics
+
+    sets = {"a": make_batches(2, seed=5), "b": make_batches(2, seed=6)}
+    stop = EarlyStopping("val_a_accuracy", mode="max")
+    build(val_data=sets, callbacks=[Metrics(["accuracy"]), stop]).fit_sync(1)
+    typo = EarlyStopping("val_a_acc", mode="max")
+    with pytest.raises(ConfigurationError, match="did you mean 'val_a_accuracy'"):
+        build(val_data=sets, callbacks=[Metrics(["accuracy"]), typo]).fit_sync(1)
+
+
 def test_two_checkpoints_or_file_loggers_in_one_place(tmp_path: Path) -> None:
     """They would overwrite (and prune) each other's files: refused at construction, naming
     both callbacks and the place; other places, or different kinds in one place, are fine."""

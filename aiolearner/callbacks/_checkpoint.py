@@ -135,6 +135,7 @@ class Checkpoint(Callback):
 
     reads = frozenset({"model", "epoch", "step", "batch_index", "metrics", "outcome"})
     _writes_into = property(lambda self: self.directory)  # one Checkpoint a directory
+    _monitored = property(lambda self: self.monitor)  # a name nothing writes: refused at start
     # The loggers first, on the hooks both have: in after_fit_run their final flush opens the
     # backend's run and writes the buffered rows, so the final file holds the run's id and no
     # rows still to write (a resumed run continues that run instead of writing them again).

@@ -166,6 +166,11 @@ class LRSchedule(OptimizerCallback):
             if self._counted % self.frequency == 0:
                 scheduler.step()
 
+    @property
+    def _monitored(self) -> str | None:
+        # Asked by fit (see _lifecycle.check_fit); a factory's scheduler is not known yet.
+        return self.monitor if isinstance(self.scheduler, ReduceLROnPlateau) else None
+
     def _on_validation(self) -> bool:
         # ReduceLROnPlateau on a validation metric steps as each validation result arrives:
         # that also works when validation runs concurrently with training.

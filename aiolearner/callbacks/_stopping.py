@@ -100,6 +100,11 @@ class EarlyStopping(Callback):
             if hook == wanted:
                 yield hook, method
 
+    @property
+    def _monitored(self) -> str | None:
+        # Asked by fit (see _lifecycle.check_fit): a name nothing writes is refused at start.
+        return self.monitor if self.strict else None
+
     def _needs_val_data(self) -> str | None:
         # Asked by fit on a learner without val_data (see _lifecycle.check_fit).
         if self.check_on != "validate":

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from aiolearner import Callback, Learner, StateView
+from aiolearner import Callback, ConfigurationError, Learner, StateView
 from aiolearner.callbacks import (
     Checkpoint,
     EarlyStopping,
@@ -283,7 +283,15 @@ async def test_keep_periodic_prunes_the_oldest(tmp_path: Path) -> None:
 
 
 async def test_missing_monitor_is_a_clear_error(tmp_path: Path) -> None:
+    # Nothing in the learner writes it: refused when fit starts, before any training.
     learner = make_learner(callbacks=[Checkpoint(tmp_path, monitor="nope")], n_batches=1)
+    with pytest.raises(ConfigurationError, match="'nope', which nothing in this learner writes"):
+        await learner.fit(1)
+    assert learner.state.step == 0
+    # A callback that may write any metric: the name is looked for when the epoch ends.
+    learner = make_learner(
+        callbacks=[Checkpoint(tmp_path, monitor="nope"), Scores([1.0])], n_batches=1
+    )
     with pytest.raises(ExceptionGroup) as info:
         await learner.fit(1)
     assert info.group_contains(KeyError, match="nope")

@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 import torch
 
-from aiolearner import Callback, Learner, StateView
+from aiolearner import Callback, ConfigurationError, Learner, StateView
 from aiolearner.callbacks import EarlyStopping, NonFiniteGuard, TimeLimit
 from aiolearner.testing import make_batches, make_learner, tiny_model
 
@@ -68,7 +68,18 @@ async def test_early_stopping_on_nan_and_missing_metric() -> None:
     assert learner.state.epoch == 2
     assert "score is nan in epoch 2" in learner.state.stop_reason
 
+    # Nothing in the learner writes it: refused when fit starts, before any training, with
+    # the metrics it will have.
     learner = make_learner(callbacks=[EarlyStopping("val_accuracy")], n_batches=1)
+    with pytest.raises(
+        ConfigurationError, match=r"'val_accuracy'.*will be \['train_loss', 'val_loss'\]"
+    ):
+        await learner.fit(2)
+    assert learner.state.step == 0
+    # A callback that may write any metric (ScriptedScore declares all of them): looked for
+    # when the epoch ends.
+    stop = EarlyStopping("val_accuracy")
+    learner = make_learner(callbacks=[ScriptedScore([1.0, 2.0]), stop], n_batches=1)
     with pytest.RaisesGroup(pytest.RaisesExc(KeyError, match="val_accuracy")):
         await learner.fit(2)
 
