@@ -62,13 +62,13 @@ def test_a_monitored_metric_nothing_writes(tmp_path: Path, who: str) -> None:
 
     model = tiny_model(seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    judge = {
-        "EarlyStopping": lambda: EarlyStopping("val_acc", mode="max"),
-        "Checkpoint": lambda: Checkpoint(tmp_path, monitor="val_acc", mode="max"),
-        "LRSchedule": lambda: LRSchedule(
-            ReduceLROnPlateau(optimizer), interval="epoch", monitor="val_acc"
-        ),
-    }[who]()
+    judge: Callback
+    if who == "EarlyStopping":
+        judge = EarlyStopping("val_acc", mode="max")
+    elif who == "Checkpoint":
+        judge = Checkpoint(tmp_path, monitor="val_acc", mode="max")
+    else:
+        judge = LRSchedule(ReduceLROnPlateau(optimizer), interval="epoch", monitor="val_acc")
     learner = build(
         model=model,
         optimizer=optimizer,
