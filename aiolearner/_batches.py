@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._prefetch import Failure, LoopFeed, Moved, ThreadFeed
+from ._rng import draw_marks, drawn_between
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -208,6 +209,11 @@ class Batches:
     def _fetch_inline(self, off_loop: bool = False) -> Any:
         """Fetch on the calling thread; what :meth:`next_nowait` returns (the batch counted as
         :meth:`_accept` counts one: it is done here, once a batch a call fewer)."""
+        source = self.source
+        auto = source.fetch == "auto" and source.kept_inline is None
+        # After a slow fetch, whether this one and what ran since the last one draw from the
+        # global generators (read only then: a slow fetch pays for it, a cheap one does not).
+        before = draw_marks() if auto and source.slow_fetches == 1 else None
         start = time.perf_counter()
         try:
             batch = next(self._it)
@@ -215,9 +221,8 @@ class Batches:
             return self._accept(END)
         except Exception as exc:
             raise self._failed(exc, self.index) from None
-        source = self.source
         source.fetched += 1
-        if source.fetch == "auto":
+        if auto:
             took = time.perf_counter() - start
             if took <= source.fetch_budget:
                 source.slow_fetches = 0
@@ -227,7 +232,9 @@ class Batches:
                 # usual time on a loaded machine), so even a long single fetch is not enough.
                 # Fetch ahead in a worker thread from now on.
                 source.slow_fetches += 1
-                if source.slow_fetches >= 2:
+                if source.slow_fetches == 1:
+                    source.after_slow = draw_marks()
+                elif before is None or self._draws_with_compute(source, before) is None:
                     source.slow = True
                     if not off_loop:  # a task can only be started from the loop
                         self._start_producer(handed=1)
@@ -239,6 +246,25 @@ class Batches:
         self.index += 1
         source.position += 1
         return moved
+
+    @staticmethod
+    def _draws_with_compute(source: BatchSource, before: dict[str, Any]) -> str | None:
+        """After the second slow fetch in a row: the global generators it drew from that what
+        ran since the first one (the batch's compute, its hooks) drew from too, or ``None``.
+        With some, the source stays inline: fetched ahead in a producer thread, its draws and
+        compute's would interleave as the threads happen to run, in another order every run."""
+        after, since = draw_marks(), source.after_slow
+        source.after_slow = None
+        if since is None:
+            return None
+        shared = drawn_between(before, after) & drawn_between(since, before)
+        if not shared:
+            return None
+        source.kept_inline = (
+            f"its fetches draw from the global {', '.join(sorted(shared))} generator"
+            f"{'s' if len(shared) > 1 else ''} as compute does"
+        )
+        return source.kept_inline
 
     # -- producer side ---------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from ._validation import bind_states
 from ._view import VIEW_ATTRIBUTES
 
 if TYPE_CHECKING:
+    from ._data import BatchSource
     from ._learner import Learner
 
 __all__ = ["build", "build_tree", "describe", "replace_in_tree"]
@@ -308,6 +309,17 @@ def _check_signature(cb: Callback, hook: str, method: Any) -> None:
         )
 
 
+def _fetching(source: BatchSource) -> str:
+    """How a source is fetched: its ``fetch`` option and, for ``"auto"``, what was decided."""
+    if source.is_async:
+        return "async iterable (a producer task)"
+    if source.fetch != "auto":
+        return f"fetch={source.fetch}"
+    if source.kept_inline is not None:
+        return f"fetch=auto: inline, found slow but kept inline ({source.kept_inline})"
+    return f"fetch=auto: {'a producer thread (found slow)' if source.slow else 'inline'}"
+
+
 def describe(learner: Learner[Any]) -> str:
     """A readable tree: stages, each hook's callbacks in run order, declared access."""
     lines = []
@@ -344,6 +356,9 @@ def describe(learner: Learner[Any]) -> str:
     walk(learner._root, 0)
     policy = learner._rt.policy
     lines.append(f"compute: {policy.mode} (max_blocking={policy.max_blocking}s)")
+    rt = learner._rt
+    for source in (rt.train, *rt.val_sets.values()):
+        lines.append(f"data: {source.name}: {_fetching(source)}")
     if learner._rt.strategy is not None:
         lines.append(learner._rt.strategy.describe())
     if learner._callbacks:

@@ -15,7 +15,9 @@ batches (a torch DataLoader included) or an async iterable. For each pass it han
 
 With ``fetch="auto"`` (the default) a sync source starts inline and moves to the producer as soon
 as two fetches in a row take longer than ``fetch_budget`` seconds; async iterables always use the
-producer.
+producer. A source whose fetches draw from a global generator (augmentation in ``__getitem__``)
+that compute draws from too (dropout) stays inline: a producer thread's draws and the compute
+thread's would interleave in a different order in every run (see :attr:`BatchSource.kept_inline`).
 
 Errors raised by the source surface in the stage that consumes the batch, as their own type, with a
 note naming the source and the batch index. Closing a pass cancels the producer and waits for it.
@@ -80,6 +82,11 @@ class BatchSource:
         self.slow = fetch == "thread"
         #: Consecutive inline fetches over ``fetch_budget`` (fetch="auto").
         self.slow_fetches = 0
+        #: With fetch="auto": the global generators the last slow fetch left (see
+        #: ``Batches._fetch_inline``), and, once the source was found slow, why it stays inline
+        #: (the generators its fetches and compute both draw from), or ``None``.
+        self.after_slow: dict[str, Any] | None = None
+        self.kept_inline: str | None = None
         # Persisting across passes: the live iterator (when steps_per_epoch cuts passes short)
         # and the batches fetched ahead but not consumed when a pass was interrupted.
         self._it: Any = None

@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["capture_data_streams", "capture_rng", "restore_data_streams", "restore_rng"]
+__all__ = [
+    "capture_data_streams",
+    "capture_rng",
+    "draw_marks",
+    "drawn_between",
+    "restore_data_streams",
+    "restore_rng",
+]
 
 #: The attributes followed from a data source to the objects that draw its order: a DataLoader's
 #: ``generator``, ``sampler`` and ``batch_sampler``, a BatchSampler's ``sampler``, a sampler's
@@ -66,6 +73,36 @@ def restore_torch_rng(states: tuple[torch.Tensor, list[torch.Tensor] | None]) ->
     torch.default_generator.set_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
+
+
+def draw_marks() -> dict[str, Any]:
+    """Where the global generators that data and compute can both draw from on the CPU are:
+    torch's, numpy's and Python's. Two of these tell which were drawn from in between
+    (:func:`drawn_between`). (CUDA's generators are left out: a model's dropout on the device
+    and augmentation on the CPU draw from different ones.)"""
+    marks: dict[str, Any] = {
+        "torch": torch.default_generator.get_state(),
+        "python": random.getstate(),
+    }
+    if _np is not None:
+        marks["numpy"] = _np.random.get_state()
+    return marks
+
+
+def drawn_between(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
+    """The generators of :func:`draw_marks` that moved from ``before`` to ``after``."""
+    moved = set()
+    if not torch.equal(before["torch"], after["torch"]):
+        moved.add("torch")
+    if before["python"] != after["python"]:
+        moved.add("python")
+    if "numpy" in before and "numpy" in after:
+        _, keys, pos, has_gauss, gauss = before["numpy"]
+        _, keys2, pos2, has_gauss2, gauss2 = after["numpy"]
+        same = (pos, has_gauss, gauss) == (pos2, has_gauss2, gauss2)
+        if not same or not _np.array_equal(keys, keys2):
+            moved.add("numpy")
+    return moved
 
 
 def restore_rng(states: dict[str, Any]) -> None:

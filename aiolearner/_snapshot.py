@@ -103,6 +103,7 @@ def preopened(
             fetch_budget=source.fetch_budget,
         )
         opened.slow = source.slow
+        opened.kept_inline = source.kept_inline
     return sources
 
 

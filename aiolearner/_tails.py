@@ -318,6 +318,7 @@ class TailWorker:
             if sources is not None:
                 for name, source in sets.items():
                     source.slow = source.slow or sources[name].slow
+                    source.kept_inline = source.kept_inline or sources[name].kept_inline
             results = d.get("validation")
             tag = d.get("validation_tag")
             if not after_only and results is not None and results is not previous and tag:
