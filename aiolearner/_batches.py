@@ -214,6 +214,7 @@ class Batches:
         # After a slow fetch, whether this one and what ran since the last one draw from the
         # global generators (read only then: a slow fetch pays for it, a cheap one does not).
         before = draw_marks() if auto and source.slow_fetches == 1 else None
+        drawn = source.drawn
         start = time.perf_counter()
         try:
             batch = next(self._it)
@@ -222,7 +223,9 @@ class Batches:
         except Exception as exc:
             raise self._failed(exc, self.index) from None
         source.fetched += 1
-        if auto:
+        # A batch drawn earlier (a rebuilt pass serves those its iterator had fetched ahead)
+        # says nothing of what fetching costs or draws.
+        if auto and (source.drawn != drawn or not source.counts):
             took = time.perf_counter() - start
             if took <= source.fetch_budget:
                 source.slow_fetches = 0

@@ -114,7 +114,8 @@ class BatchSource:
         #: so that a checkpoint reads the count and the random state at one point.
         self.drawn = 0
         self.draw_lock = threading.Lock()
-        self._counts = type(data) not in (list, tuple)
+        #: Whether :attr:`drawn` counts (drawing from a list or tuple takes no random numbers).
+        self.counts = type(data) not in (list, tuple)
         #: A :meth:`mark` to go back to when the pass closes (a batch was rolled back).
         self._rollback: tuple[dict[str, Any], int] | None = None
         #: A batch drawn and then undone without a mark (a synchronous batch stopped before
@@ -238,7 +239,7 @@ class BatchSource:
         pass's start state would give other numbers. (The draws of a forward that ran before
         the stop are not undone.) Not for a list or tuple, which draw nothing, nor for a live
         stream, which serves the batch again itself (:meth:`put_back`)."""
-        if self._counts and not self.persistent:
+        if self.counts and not self.persistent:
             self.undone = (batch,)
 
     def mark(self) -> tuple[dict[str, Any], int]:
@@ -318,7 +319,7 @@ class BatchSource:
         it: Iterator[Any] = iter(self.data)
         self.drawn = 0
         self.undone = None
-        if self._counts:
+        if self.counts:
             it = self._counted(it)
         for i in range(skip):
             try:

@@ -9,10 +9,12 @@ Each trial picks a set-up at random: the training data (a list; a DataLoader shu
 global generator; one shuffling from its own ``generator=``; a ``RandomSampler`` with its own
 generator, with or without replacement; a ``DistributedSampler`` whose epoch a callback sets),
 whether the dataset augments each sample with draws from the global generators (torch's,
-numpy's, Python's) as it is fetched, how batches are fetched (``fetch`` inline, thread or auto),
-where compute runs (``compute`` inline, thread or auto), and a model with dropout (so compute
-draws from the global generator too), left out where augmentation and compute could draw at
-the same time from two threads (fetch or compute not inline: a race, docs/reliability.md).
+numpy's, Python's) as it is fetched, how batches are fetched (``fetch`` inline, thread or auto;
+auto with ``fetch_budget=0`` half the time, which finds every fetch slow and so decides at once
+whether the source moves to a producer thread), where compute runs (``compute`` inline, thread
+or auto), and a model with dropout (so compute draws from the global generator too), left out
+where augmentation and compute would draw at the same time from two threads (``fetch="thread"``:
+a race, docs/reliability.md).
 It then cancels the run at a random point: at a hook of a random epoch and step (epoch starts
 included), from a ``def`` hook (the batch stays fused) or an ``async def`` one (the batch is
 awaited), or from outside after a random delay. Then two checks, against the same run
@@ -76,11 +78,15 @@ class Setup:
     compute: str
     #: The dataset draws from the global generators in ``__getitem__`` (not with "list").
     augment: bool = False
+    #: ``fetch_budget``: 0 finds every fetch slow, so ``fetch="auto"`` decides at once whether
+    #: the source moves to a producer thread (it must not when its draws are shared).
+    budget: float = 0.0005
 
     @property
     def dropout(self) -> bool:
-        """Compute draws too, unless augmentation could draw at the same time elsewhere."""
-        return not self.augment or (self.fetch == "inline" and self.compute == "inline")
+        """Compute draws too, unless augmentation could draw at the same time elsewhere (a
+        producer thread that ``fetch="thread"`` forces)."""
+        return not self.augment or self.fetch != "thread"
 
 
 class Augmented(TensorDataset):
@@ -165,6 +171,7 @@ def build(setup: Setup, callbacks: list[Callback]) -> Learner[Any]:
         val,
         callbacks=[*extra, *callbacks],
         fetch=setup.fetch,  # type: ignore[arg-type]
+        fetch_budget=setup.budget,
         compute=setup.compute,  # type: ignore[arg-type]
     )
 
@@ -286,7 +293,9 @@ async def trial(setup: Setup, cancel: Cancel) -> tuple[bool, bool, str]:
 def random_setup(rng: random.Random) -> Setup:
     data = rng.choice(DATA_KINDS)
     augment = data != "list" and rng.random() < 0.4
-    return Setup(data, rng.choice(FETCHES), rng.choice(COMPUTES), augment)
+    fetch = rng.choice(FETCHES)
+    budget = 0.0 if fetch == "auto" and rng.random() < 0.5 else 0.0005
+    return Setup(data, fetch, rng.choice(COMPUTES), augment, budget)
 
 
 async def soak(trials: int, seed: int, log: Callable[[str], None]) -> tuple[int, int]:

@@ -66,6 +66,15 @@ CASES = [
     # The same with default settings (fetch and compute "auto").
     (Setup("global", "auto", "auto", True), Cancel("async", "after_gradient", 1, 7)),
     (Setup("loader_generator", "auto", "auto", True), Cancel("def", "before_epoch", 2, 0)),
+    # Every fetch found slow (fetch_budget 0): fetch="auto" keeps the source inline, its draws
+    # shared with dropout's, also in a fresh learner whose rebuilt pass first serves batches
+    # drawn before the cancellation (those draw nothing as they are served).
+    (
+        Setup("sampler_generator", "auto", "auto", True, 0.0),
+        Cancel("async", "after_fit_batch", 0, 4),
+    ),
+    (Setup("dist", "auto", "thread", True, 0.0), Cancel("timer", delay=0.005)),
+    (Setup("global", "auto", "inline", True, 0.0), Cancel("def", "after_gradient", 1, 7)),
 ]
 
 
