@@ -9,6 +9,7 @@ stage runs) cost nothing per batch. ``describe()`` prints what was decided.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -71,6 +72,7 @@ def build(learner: Learner[Any]) -> None:
             )
         seen[id(cb)] = cb
         _check_declarations(cb)
+        _check_hook_names(cb, hook_owner)
         for hook, method in cb.hooks():
             if hook not in hook_owner:
                 known = ", ".join(sorted(hook_owner))
@@ -286,7 +288,96 @@ def _check_declarations(cb: Callback) -> None:
             )
 
 
+#: Hook methods of other libraries' callbacks (Lightning's, Keras'), with where the same code
+#: goes here (docs/coming-from.md): a ported callback keeping one would never be called.
+FOREIGN_HOOKS = {
+    "on_fit_start": "before_fit_run",
+    "on_fit_end": "after_fit_run",
+    "on_train_start": "before_fit_run",
+    "on_train_end": "after_fit_run",
+    "on_train_begin": "before_fit_run",
+    "on_train_epoch_start": "before_fit (the training pass) or before_epoch",
+    "on_train_epoch_end": "after_fit (the training pass) or after_epoch",
+    "on_epoch_begin": "before_epoch",
+    "on_epoch_end": "after_epoch",
+    "on_train_batch_start": "before_fit_batch",
+    "on_train_batch_begin": "before_fit_batch",
+    "on_train_batch_end": "after_fit_batch",
+    "on_batch_begin": "before_fit_batch",
+    "on_batch_end": "after_fit_batch",
+    "on_before_backward": "before_gradient",
+    "on_after_backward": "after_gradient",
+    "on_before_optimizer_step": "before_update",
+    "on_before_zero_grad": "before_update",
+    "on_validation_start": "before_validate",
+    "on_validation_end": "after_validate",
+    "on_validation_epoch_start": "before_validate",
+    "on_validation_epoch_end": "after_validate",
+    "on_validation_batch_start": "before_validate_batch",
+    "on_validation_batch_end": "after_validate_batch",
+    "on_test_begin": "before_validate",
+    "on_test_end": "after_validate",
+    "on_exception": "after_fit_run (state.outcome says how the run ended)",
+    "on_save_checkpoint": "the callback's state_dict()",
+    "on_load_checkpoint": "the callback's load_state_dict()",
+}
+
+
+def _normalized(name: str) -> str:
+    return name.replace("_", "").lower()
+
+
+def _check_hook_names(cb: Callback, hooks: Mapping[str, Stage]) -> None:
+    """A method meant as a hook that would never be called: one of another library's hook
+    names, a near miss of a hook's name (``befor_epoch``, ``afterEpoch``), or a hook name
+    bound to something that cannot be called."""
+    base = set(dir(Callback))
+    known = {_normalized(h): h for h in hooks}
+    for attr in dir(type(cb)):
+        if attr in base or attr.startswith("_"):
+            continue
+        value = getattr(type(cb), attr, None)
+        if attr.startswith(("before_", "after_")):
+            if not callable(value) and not isinstance(value, property):
+                raise ConfigurationError(
+                    f"{attr!r} of {cb.name} is named as a hook but is a "
+                    f"{type(value).__name__}, not a method: it would never be called",
+                    hook=attr,
+                    callbacks=(cb.name,),
+                )
+            continue
+        if not callable(value):
+            continue
+        if attr in FOREIGN_HOOKS:
+            hint = f"here: {FOREIGN_HOOKS[attr]}"
+        elif _normalized(attr) in known:
+            hint = f"did you mean {known[_normalized(attr)]!r}?"
+        else:
+            close = difflib.get_close_matches(attr, list(hooks), n=1, cutoff=0.85)
+            if not close:
+                continue
+            hint = f"did you mean {close[0]!r}?"
+        raise ConfigurationError(
+            f"{cb.name} has a method {attr!r}, which no stage calls: hooks are named "
+            f"before_<stage> / after_<stage>; {hint} (docs/coming-from.md lists the hooks of "
+            "other libraries' callbacks and where they go; rename a helper method with a "
+            "leading underscore)",
+            hook=attr,
+            callbacks=(cb.name,),
+        )
+
+
 def _check_signature(cb: Callback, hook: str, method: Any) -> None:
+    fn = method
+    while hasattr(fn, "func"):  # functools.partial
+        fn = fn.func
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise ConfigurationError(
+            f"hook {hook!r} of {cb.name} is a generator function (it contains 'yield'): calling "
+            "it would only make a generator, and its body would never run; remove the 'yield'",
+            hook=hook,
+            callbacks=(cb.name,),
+        )
     try:
         sig = inspect.signature(method)
     except (TypeError, ValueError):  # pragma: no cover - builtins

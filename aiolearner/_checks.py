@@ -27,13 +27,31 @@ def check_optimizer(
     nothing: the loss goes down on the other model, never on this one. Extra parameters (a
     learnable temperature in the loss) and frozen parts of the model are fine.
     """
+    what = "the optimizer" if name == "optimizer" else f"optimizer {name!r}"
+    for i, group in enumerate(optimizer.param_groups):
+        for key, value in group.items():
+            if key == "params" or isinstance(value, bool):
+                continue
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = float(value)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(
+                    f"{what} ({type(optimizer).__name__}) has {key}={value} in parameter "
+                    f"group {i}: every step would make the weights NaN or infinite; give a "
+                    "finite value"
+                )
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         return  # nothing to update anyway (a frozen model whose loss has parameters, say)
     mine = {id(p) for p in trainable}
     if any(id(p) in mine for group in optimizer.param_groups for p in group["params"]):
         return
-    what = "the optimizer" if name == "optimizer" else f"optimizer {name!r}"
+    if not any(group["params"] for group in optimizer.param_groups):
+        raise ValueError(
+            f"{what} ({type(optimizer).__name__}) has no parameters (its param_groups are "
+            "empty), so training would never change the model; build it from this model's "
+            f"parameters, e.g. {type(optimizer).__name__}(model.parameters(), ...)"
+        )
     raise ValueError(
         f"{what} ({type(optimizer).__name__}) updates none of the model's parameters:"
         " it was built over other tensors (another model, or a copy of this one), so training"

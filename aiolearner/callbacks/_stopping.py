@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -74,8 +75,8 @@ class EarlyStopping(Callback):
             raise ValueError(f"check_on must be 'validate' or 'epoch', got {check_on!r}")
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        if patience < 0:
-            raise ValueError(f"patience must be non-negative, got {patience}")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience must be a non-negative int (checks), got {patience!r}")
         if min_delta < 0:
             raise ValueError(f"min_delta must be non-negative, got {min_delta}")
         self.monitor = monitor
@@ -164,9 +165,27 @@ class EarlyStopping(Callback):
             )
 
     def state_dict(self) -> Mapping[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+        return {
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "wait": self.wait,
+            "monitor": self.monitor,
+            "mode": self.mode,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = (state.get("monitor", self.monitor), state.get("mode", self.mode))
+        if saved != (self.monitor, self.mode):
+            # The best value of another metric (or of the other direction) would be compared
+            # with this one's: start afresh instead, and say so.
+            warnings.warn(
+                f"EarlyStopping({self.monitor!r}, mode={self.mode!r}): the checkpoint's state is "
+                f"of EarlyStopping({saved[0]!r}, mode={saved[1]!r}); not loaded, the count "
+                "starts afresh",
+                stacklevel=2,
+            )
+            self.best, self.best_epoch, self.wait = None, None, 0
+            return
         best = state.get("best")
         self.best = None if best is None else float(best)
         best_epoch = state.get("best_epoch")

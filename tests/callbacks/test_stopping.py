@@ -47,7 +47,13 @@ async def test_early_stopping_stops_after_patience_epochs_without_improvement() 
     assert outcome == "stopped"
     assert "score has not improved" in reason
     assert "best 0.5 in epoch 3" in reason
-    assert stop.state_dict() == {"best": 0.5, "best_epoch": 2, "wait": 2}
+    assert stop.state_dict() == {
+        "best": 0.5,
+        "best_epoch": 2,
+        "wait": 2,
+        "monitor": "score",
+        "mode": "min",
+    }
 
 
 async def test_early_stopping_mode_max_and_state_round_trip() -> None:

@@ -1,0 +1,131 @@
+"""No silent bad input, continued: mistakes a user makes that were accepted, found late or
+answered from inside torch, pathlib or anyio; each now refused where it is first seen, naming
+the argument, the callback or the hook (docs/reliability.md, "Bad input")."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from aiolearner import Callback, ConfigurationError, Learner, StateView
+from aiolearner.callbacks import Checkpoint, EarlyStopping
+from aiolearner.testing import make_batches, make_learner, tiny_model
+
+# -- hooks that would never run ------------------------------------------------------------------
+
+
+class LightningStyle(Callback):
+    def on_train_batch_end(self, state: StateView) -> None:
+        pass
+
+
+class Misspelt(Callback):
+    def befor_epoch(self, state: StateView) -> None:
+        pass
+
+
+class CamelCase(Callback):
+    def afterEpoch(self, state: StateView) -> None:  # noqa: N802 (the mistake under test)
+        pass
+
+
+class NotCallable(Callback):
+    after_fit = 5
+
+
+class SyncGenerator(Callback):
+    def after_epoch(self, state: StateView) -> Iterator[None]:
+        yield
+
+
+class AsyncGenerator(Callback):
+    async def after_epoch(self, state: StateView) -> AsyncIterator[None]:
+        yield
+
+
+@pytest.mark.parametrize(
+    ("callback", "message"),
+    [
+        (LightningStyle, "'on_train_batch_end', which no stage calls.*here: after_fit_batch"),
+        (Misspelt, "'befor_epoch', which no stage calls.*did you mean 'before_epoch'"),
+        (CamelCase, "'afterEpoch', which no stage calls.*did you mean 'after_epoch'"),
+        (NotCallable, "'after_fit' of NotCallable is named as a hook but is a int"),
+        (SyncGenerator, "hook 'after_epoch' of SyncGenerator is a generator function"),
+        (AsyncGenerator, "hook 'after_epoch' of AsyncGenerator is a generator function"),
+    ],
+)
+def test_a_hook_that_would_never_run_is_refused(callback: type[Callback], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message) as caught:
+        make_learner(callbacks=[callback()])
+    assert caught.value.callbacks == (callback.__name__,)
+
+
+class Helpers(Callback):
+    """Methods of a callback that are not hooks, and are not near one, stay allowed."""
+
+    reads = frozenset({"epoch"})
+
+    def on_message(self, text: str) -> None:  # an on_ name no other library uses as a hook
+        pass
+
+    def summary(self) -> str:
+        return ""
+
+    def _befor_epoch(self) -> None:  # private: not a hook, whatever its name
+        pass
+
+    @property
+    def before_count(self) -> int:  # a property named like a hook
+        return 0
+
+    def after_epoch(self, state: StateView) -> None:
+        pass
+
+
+def test_helper_methods_of_a_callback_are_not_mistaken_for_hooks() -> None:
+    learner = make_learner(callbacks=[Helpers()])
+    assert "hooks after_epoch" in learner.describe()
+
+
+# -- values that train nothing, or NaN -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf")])
+def test_an_optimizer_with_a_non_finite_hyperparameter(lr: float) -> None:
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    with pytest.raises(ValueError, match=rf"has lr={lr} in parameter group 0"):
+        Learner(model, optimizer, torch.nn.functional.cross_entropy, make_batches(2))
+
+
+def test_an_optimizer_without_parameters_says_so() -> None:
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer.param_groups.clear()
+    with pytest.raises(ValueError, match=r"has no parameters \(its param_groups are empty\)"):
+        Learner(model, optimizer, torch.nn.functional.cross_entropy, make_batches(2))
+
+
+@pytest.mark.parametrize("patience", [2.5, True, "3"])
+def test_early_stopping_patience_must_be_an_int(patience: Any) -> None:
+    with pytest.raises(ValueError, match="patience must be a non-negative int"):
+        EarlyStopping("val_loss", patience=patience)
+
+
+async def test_early_stopping_state_of_another_monitor_is_not_loaded(tmp_path: Path) -> None:
+    first = EarlyStopping("val_loss", mode="min")
+    learner = make_learner(callbacks=[Checkpoint(tmp_path), first])
+    await learner.fit(2)
+    assert first.best is not None
+    changed = EarlyStopping("train_loss", mode="max")
+    again = make_learner(callbacks=[Checkpoint(tmp_path), changed])
+    with pytest.warns(UserWarning, match=r"state is of EarlyStopping\('val_loss', mode='min'\)"):
+        again.load_checkpoint(tmp_path / "last.pt")
+    assert (changed.best, changed.best_epoch, changed.wait) == (None, None, 0)
+    same = EarlyStopping("val_loss", mode="min")
+    make_learner(callbacks=[Checkpoint(tmp_path), same]).load_checkpoint(tmp_path / "last.pt")
+    assert (same.best, same.wait) == (first.best, first.wait)
