@@ -45,6 +45,18 @@ def check_arguments(
     optimizers = _optim.named_optimizers(optimizer)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if isinstance(loss_fn, type) and issubclass(loss_fn, torch.nn.Module):
+        raise TypeError(
+            f"loss_fn is the class {loss_fn.__name__}, not a loss: pass an instance, "
+            f"loss_fn={loss_fn.__name__}()"
+        )
+    on_meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if on_meta is not None:
+        raise ValueError(
+            f"the model's parameter {on_meta!r} is on the meta device (no values): materialize "
+            "the model first (model.to_empty(device=...) and initialize it, or build it off "
+            "the meta device)"
+        )
     if steps_per_epoch is not None:
         _checks.check_count("steps_per_epoch", steps_per_epoch)
     # Bad input fails here, clearly, rather than silently or half way through training.
@@ -59,6 +71,13 @@ def check_arguments(
 
 def check_callbacks(callbacks: Sequence[Callback]) -> tuple[Callback, ...]:
     """The callbacks as a tuple, each checked to be a :class:`Callback` instance."""
+    if isinstance(callbacks, Callback) or callbacks is None or isinstance(callbacks, str | bytes):
+        one = type(callbacks).__name__
+        raise TypeError(
+            f"callbacks must be a list of Callback instances, got {one}"
+            + (f": callbacks=[{one}(...)]" if isinstance(callbacks, Callback) else "")
+            + (" (for none, leave it out or pass [])" if callbacks is None else "")
+        )
     checked = tuple(callbacks)
     for cb in checked:
         if not isinstance(cb, Callback):
@@ -71,7 +90,20 @@ def check_callbacks(callbacks: Sequence[Callback]) -> tuple[Callback, ...]:
 
 def resolve_device(model: torch.nn.Module, device: torch.device | str | None) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        try:
+            resolved = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(
+                f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1', 'mps'):"
+                f" {exc}"
+            ) from None
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r}, but CUDA is not available here (this torch build "
+                f"{'has no CUDA' if torch.version.cuda is None else 'sees no GPU'}); use "
+                "device='cpu', or leave device out to keep the model where it is"
+            )
+        return resolved
     for p in model.parameters():
         return p.device
     return torch.device("cpu")

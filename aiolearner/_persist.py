@@ -10,6 +10,7 @@ failure half way puts everything back, so a failed load leaves the learner as it
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -303,6 +304,11 @@ def read_checkpoint(path: Path, device: torch.device) -> Any:
     or a clear error naming it."""
     from .callbacks._files import check_crcs  # the file helpers live with the Checkpoint
 
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"cannot read checkpoint {str(path)!r}: it is a directory; pass a checkpoint file "
+            f"in it (such as {str(path / 'last.pt')!r})"
+        )
     check_crcs(path)
     try:
         return torch.load(path, map_location=device, weights_only=True)
@@ -338,9 +344,20 @@ def find_checkpoint(callbacks: Sequence[Callback], resume: str | os.PathLike[str
             + (" with a monitor" if resume == "best" else "")
             + ") has written one yet"
         )
+    if not isinstance(resume, str | os.PathLike):
+        raise TypeError(
+            f"resume must be 'last', 'best' or a path to a checkpoint file, got "
+            f"{type(resume).__name__} {resume!r}"
+        )
     path = Path(resume)
     if not path.is_file():
-        raise FileNotFoundError(f"resume: no checkpoint file at {path}")
+        hint = ""
+        if path.is_dir():
+            hint = f" ({str(path)!r} is a directory: pass a file in it, such as its last.pt)"
+        elif isinstance(resume, str):
+            close = difflib.get_close_matches(resume, ["last", "best"], n=1, cutoff=0.6)
+            hint = f" (did you mean resume={close[0]!r}?)" if close else ""
+        raise FileNotFoundError(f"resume: no checkpoint file at {path}{hint}")
     return path
 
 

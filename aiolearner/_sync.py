@@ -58,6 +58,8 @@ def run_sync(
             cancelled and has finished.
         BaseException: whatever ``fn`` raised.
     """
+    if backend not in ("asyncio", "trio"):
+        raise ValueError(f"backend must be 'asyncio' or 'trio', got {backend!r}")
     if not event_loop_running():
         return anyio.run(fn, *args, backend=backend)
     return _run_on_thread(fn, args, backend)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from aiolearner import Callback, ConfigurationError, Learner, StateView
-from aiolearner.callbacks import Checkpoint, EarlyStopping
+from aiolearner.callbacks import Checkpoint, CSVLogger, EarlyStopping, JSONLinesLogger, Metrics
 from aiolearner.testing import make_batches, make_learner, tiny_model
 
 # -- hooks that would never run ------------------------------------------------------------------
@@ -129,3 +129,84 @@ async def test_early_stopping_state_of_another_monitor_is_not_loaded(tmp_path: P
     same = EarlyStopping("val_loss", mode="min")
     make_learner(callbacks=[Checkpoint(tmp_path), same]).load_checkpoint(tmp_path / "last.pt")
     assert (same.best, same.wait) == (first.best, first.wait)
+
+
+# -- arguments answered from inside torch, pathlib or anyio --------------------------------------
+
+
+def test_callbacks_that_are_not_a_list() -> None:
+    with pytest.raises(TypeError, match=r"callbacks must be a list of Callback instances, got "):
+        make_learner(callbacks=EarlyStopping())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"got NoneType \(for none, leave it out or pass \[\]\)"):
+        make_learner(callbacks=None)  # type: ignore[arg-type]
+
+
+def test_a_loss_class_instead_of_a_loss() -> None:
+    with pytest.raises(TypeError, match=r"loss_fn=CrossEntropyLoss\(\)"):
+        Learner(tiny_model(), _sgd(), torch.nn.CrossEntropyLoss, make_batches(2))  # type: ignore[arg-type]
+
+
+def _sgd() -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
+def test_a_model_on_the_meta_device() -> None:
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"parameter 'weight' is on the meta device"):
+        Learner(model, optimizer, torch.nn.functional.cross_entropy, make_batches(2))
+
+
+def test_a_device_that_is_not_one() -> None:
+    with pytest.raises(ValueError, match=r"device='gpu' is not a torch device"):
+        make_learner(device="gpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_a_cuda_device_without_cuda() -> None:
+    with pytest.raises(ValueError, match=r"device='cuda', but CUDA is not available here"):
+        make_learner(device="cuda")
+
+
+def test_fit_sync_with_an_unknown_backend() -> None:
+    learner = make_learner()
+    with pytest.raises(ValueError, match=r"backend must be 'asyncio' or 'trio', got 'uvloop'"):
+        learner.fit_sync(1, backend="uvloop")  # type: ignore[arg-type]
+    assert learner.state.step == 0
+
+
+async def test_resume_that_is_not_a_path_or_a_near_miss(tmp_path: Path) -> None:
+    learner = make_learner(callbacks=[Checkpoint(tmp_path)])
+    with pytest.raises(TypeError, match=r"resume must be 'last', 'best' or a path.*got int 123"):
+        await learner.fit(1, resume=123)  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError, match=r"did you mean resume='last'\?"):
+        await learner.fit(1, resume="lats")
+    with pytest.raises(FileNotFoundError, match=r"is a directory: pass a file in it"):
+        await learner.fit(1, resume=tmp_path)
+    assert learner.state.step == 0
+
+
+async def test_loading_a_directory_as_a_checkpoint(tmp_path: Path) -> None:
+    learner = make_learner()
+    with pytest.raises(IsADirectoryError, match=r"it is a directory; pass a checkpoint file in it"):
+        learner.load_checkpoint(tmp_path)
+
+
+def test_metrics_given_one_name_as_a_string() -> None:
+    with pytest.raises(TypeError, match=r"Metrics\(\['accuracy'\]\)"):
+        Metrics("accuracy")
+
+
+def test_a_place_for_files_that_is_not_a_path_or_is_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"Checkpoint: the directory must be a path.*got None"):
+        Checkpoint(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"CSVLogger: .* is a directory, not a file.*log\.csv"):
+        CSVLogger(tmp_path)
+    with pytest.raises(ValueError, match=r"JSONLinesLogger: .* is a directory, not a file"):
+        JSONLinesLogger(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"CSVLogger: cannot create directory"):
+        CSVLogger(blocker / "sub" / "log.csv")
+    CSVLogger(tmp_path / "new" / "log.csv")  # a directory still to be made is fine

@@ -181,9 +181,8 @@ class Checkpoint(Callback):
         if format == "safetensors":
             # Fail at construction, not at the first save halfway through training.
             require("safetensors.torch", extra="safetensors", what=SAFETENSORS_USER)
-        self.directory = Path(directory)
         # Here rather than at the first save, halfway through training.
-        check_directory(self.directory, "Checkpoint")
+        self.directory = check_directory(directory, "Checkpoint")
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs or None
         self.monitor = monitor

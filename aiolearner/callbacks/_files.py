@@ -40,7 +40,9 @@ __all__ = [
     "SUFFIXES",
     "atomic_write",
     "atomic_write_file",
+    "as_path",
     "check_directory",
+    "check_file",
     "check_name",
     "copy_into",
     "is_full_checkpoint",
@@ -210,13 +212,21 @@ def remove_stray_temporaries(directory: Path, targets: Iterable[str] | None = No
     return removed
 
 
-def check_directory(directory: Path, who: str) -> None:
+def as_path(value: object, who: str, what: str) -> Path:
+    """``value`` as a path, or a TypeError naming the argument (``None``, a number)."""
+    if not isinstance(value, str | os.PathLike):
+        raise TypeError(f"{who}: {what} must be a path (a str or a Path), got {value!r}")
+    return Path(value)
+
+
+def check_directory(directory: object, who: str) -> Path:
     """Refuse a directory that is a file, or that cannot be created (a file on its path, or a
-    parent this process may not write to)."""
+    parent this process may not write to); returns it as a path."""
+    directory = as_path(directory, who, "the directory")
     if directory.exists():
         if not directory.is_dir():
             raise ValueError(f"{who}: {str(directory)!r} is a file, not a directory")
-        return
+        return directory
     parent = directory.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -229,6 +239,19 @@ def check_directory(directory: Path, who: str) -> None:
             f"{who}: cannot create directory {str(directory)!r}: no permission to write in"
             f" {str(parent)!r}"
         )
+    return directory
+
+
+def check_file(path: object, who: str, example: str) -> Path:
+    """Refuse a file path that is a directory, or whose directory cannot be created."""
+    path = as_path(path, who, "the path")
+    if path.is_dir():
+        raise ValueError(
+            f"{who}: {str(path)!r} is a directory, not a file: give a file's path, such as "
+            f"{str(path / example)!r}"
+        )
+    check_directory(path.parent, who)
+    return path
 
 
 def check_name(name: object) -> str:

@@ -39,7 +39,7 @@ import torch
 from aiolearner import Callback, StateView
 
 from ._distributed import is_rank_zero
-from ._files import atomic_write, remove_stray_temporaries
+from ._files import atomic_write, check_directory, check_file, remove_stray_temporaries
 from ._optional import require
 
 __all__ = ["CSVLogger", "ExperimentLogger", "JSONLinesLogger", "OpenMode", "TensorBoardLogger"]
@@ -345,7 +345,7 @@ class JSONLinesLogger(ExperimentLogger):
         artifacts_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, flush_rows=flush_rows)
-        self.path = Path(path)
+        self.path = check_file(path, "JSONLinesLogger", "log.jsonl")
         self.artifacts_dir = Path(artifacts_dir or self.path.parent / "artifacts")
 
     def open(self, mode: OpenMode, rows: int) -> None:
@@ -413,7 +413,7 @@ class CSVLogger(ExperimentLogger):
         artifacts_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, flush_rows=flush_rows)
-        self.path = Path(path)
+        self.path = check_file(path, "CSVLogger", "log.csv")
         self.artifacts_dir = Path(artifacts_dir or self.path.parent / "artifacts")
         self._columns: list[str] = []
         self._all: list[Row] = []
@@ -497,7 +497,7 @@ class TensorBoardLogger(ExperimentLogger):
     ) -> None:
         require("tensorboard", extra="tensorboard", what="TensorBoardLogger")
         super().__init__(every_n_steps=every_n_steps, flush_rows=flush_rows)
-        self.log_dir = Path(log_dir)
+        self.log_dir = check_directory(log_dir, "TensorBoardLogger")
         self._writer: Any = None
         self._purge_step: int | None = None
 

@@ -359,6 +359,11 @@ class Metrics(Callback):
     ) -> None:
         if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be at least 1, got {log_every_n_steps}")
+        if isinstance(metrics, str):
+            raise TypeError(
+                f"Metrics takes a list of metrics (or a dict of named ones), got the string "
+                f"{metrics!r}: Metrics([{metrics!r}])"
+            )
         specs: dict[str, Any] = (
             dict(metrics) if isinstance(metrics, Mapping) else {name: name for name in metrics}
         )
