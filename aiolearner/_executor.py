@@ -18,23 +18,21 @@ definition:
   ``compute`` methods in order;
 * **default**: the default ``FitBatch(Gradient(), Update())`` with unchanged ``compute``
   methods and no hooks: the helpers ``Gradient.compute`` and ``Update.compute`` are written with
-  (:func:`~aiolearner._stages.forward`, :func:`~aiolearner._stages.optimizer_step`), minus the
-  state round trips nobody can observe (the loss goes straight to the epoch's losses, the output
-  is dropped once the loss is computed, as in a hand-written loop).
+  (``forward``, ``optimizer_step``), minus the state round trips nobody can observe (the loss
+  goes to the epoch's losses, the output is dropped once the loss is computed).
 
 While the learner is observed (a trace, an event subscriber), synchronous programs run the full
-definition, so every stage's entry and exit is seen. A fused training batch (hooks in its flow)
-reads torch's generators as it begins, so that a hook stopping it puts its dropout back.
+definition, so every stage's entry and exit is seen. A fused training batch with hooks reads
+torch's generators as it begins: a hook stopping it puts its dropout back.
 
 The training pass (:meth:`Executor.train_pass`) takes a batch, runs its program and finishes the
 batch, until the pass ends. A synchronous program runs in *bursts* (:func:`_burst`, one body for
 both): in thread mode the compute worker goes on with the next batch while one is ready without
-the event loop, so a pass of small batches costs a few hops instead of one per batch; inline,
-the batches up to the loop's next turn are one call, so a tiny model's step pays for the batch
-loop's bookkeeping once a turn rather than once a batch. A pass's first batch runs alone, timed
-by itself, so that ``auto`` can move a pass whose first batch is slow to the worker before a
-burst runs inline. After any batch that changed the state's set of fields, the new ones are
-checked against the declared fields (``Executor.check_fields``): one length comparison a batch.
+the event loop, so a pass of small batches costs a few hops, not one per batch; inline, the
+batches up to the loop's next turn are one call. A pass's first batch runs alone, timed by
+itself, so that ``auto`` can move a pass whose first batch is slow to the worker before a burst
+runs inline. A batch that changed the state's set of fields has the new ones checked
+(``Executor.check_fields``): one length comparison a batch.
 """
 
 from __future__ import annotations
@@ -49,6 +47,7 @@ from ._rng import capture_torch_rng
 from ._runtime import DRIVING, NOT_RUN
 from ._stage import ComputeStage, Stage, owned
 from ._stages import Epoch, Fit, FitBatch, Gradient, Update, Validate, forward, optimizer_step
+from ._train_stages import note_loss_problem
 from ._worker import SHARED_BURST_SECONDS
 
 if TYPE_CHECKING:
@@ -193,6 +192,8 @@ class BatchProgram:
                 optimizer_step(d["optimizer"])
                 rt.commit(state)
             except BaseException as exc:
+                if where is gradient and "loss" in locals():  # (no cost until an error)
+                    note_loss_problem(exc, loss, d["model"])
                 if not owned(stage, state, exc, where):
                     raise
                 return
@@ -481,9 +482,8 @@ class Executor:
         for name in rt.batch_fields:
             d.pop(name, None)
         if loss is not None:
-            # Detached: keeping the loss with its autograd graph alive until the end of the
-            # epoch slows every later step on a small model (allocator and graph bookkeeping).
-            # (After the fields end: a snapshot from another thread counts it once.)
+            # Detached: the loss with its graph alive until the epoch's end slows every later
+            # step (after the fields end: a snapshot from another thread counts it once).
             losses.append(loss.detach())
         if len(d) != self.fields_seen:
             self.check_fields(stage, state)

@@ -21,7 +21,15 @@ from ._state import State
 if TYPE_CHECKING:
     from ._runtime import Runtime
 
-__all__ = ["Fit", "FitBatch", "Gradient", "Update", "forward", "optimizer_step"]
+__all__ = [
+    "Fit",
+    "FitBatch",
+    "Gradient",
+    "Update",
+    "forward",
+    "note_loss_problem",
+    "optimizer_step",
+]
 
 
 def forward(
@@ -36,6 +44,35 @@ def forward(
         inputs, targets = split_batch(batch, stage)
     output = model(inputs)
     return output, loss_fn(output, targets)
+
+
+def note_loss_problem(exc: BaseException, loss: object, model: torch.nn.Module) -> None:
+    """On an error from ``loss.backward()``: a note saying what is wrong with the loss when it
+    is the cause (torch's own message does not name ``loss_fn``). Only on the error path."""
+    if not isinstance(exc, AttributeError | RuntimeError):
+        return
+    if not isinstance(loss, torch.Tensor):
+        problem = (
+            f"loss_fn returned a {type(loss).__name__}, not a tensor: it must return a scalar "
+            "tensor computed from the model's output (did it call .item() or float()?)"
+        )
+    elif loss.numel() != 1:
+        problem = (
+            f"loss_fn returned a tensor of shape {tuple(loss.shape)}, not a scalar: reduce it "
+            "(a mean or a sum; for torch's losses, reduction='mean')"
+        )
+    elif not loss.requires_grad:
+        trainable = any(p.requires_grad for p in model.parameters())
+        problem = "the loss does not depend on any trainable parameter: " + (
+            "loss_fn's result is cut off from the model's output (made with .detach(), "
+            ".item(), .data, or as a new tensor)"
+            if trainable
+            else "none of the model's parameters requires grad (a frozen model, or one "
+            "without parameters)"
+        )
+    else:
+        return
+    exc.add_note(f"aiolearner: {problem}")
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
@@ -53,7 +90,11 @@ class Gradient(ComputeStage):
     def compute(self, state: State) -> None:
         # train_model: the model, or under a strategy its wrapper (which all-reduces gradients).
         output, loss = forward(state.train_model, state.loss_fn, state.batch, self.name)
-        loss.backward()  # type: ignore[no-untyped-call]
+        try:
+            loss.backward()  # type: ignore[no-untyped-call]
+        except BaseException as exc:
+            note_loss_problem(exc, loss, state.model)
+            raise
         state.output = output
         state.loss = loss
 

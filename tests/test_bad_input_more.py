@@ -4,6 +4,7 @@ the argument, the callback or the hook (docs/reliability.md, "Bad input")."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from aiolearner import Callback, ConfigurationError, Learner, StateView
+from aiolearner import Callback, ConfigurationError, Gradient, Learner, StateView
 from aiolearner.callbacks import Checkpoint, CSVLogger, EarlyStopping, JSONLinesLogger, Metrics
 from aiolearner.testing import make_batches, make_learner, tiny_model
 
@@ -210,3 +211,60 @@ def test_a_place_for_files_that_is_not_a_path_or_is_a_directory(tmp_path: Path) 
     with pytest.raises(ValueError, match=r"CSVLogger: cannot create directory"):
         CSVLogger(blocker / "sub" / "log.csv")
     CSVLogger(tmp_path / "new" / "log.csv")  # a directory still to be made is fine
+
+
+# -- a loss that cannot be trained on: a note saying why -----------------------------------------
+
+
+class FrozenGradient(Gradient):
+    """The default step as a stage of its own (not the compiled default batch)."""
+
+
+def _float_loss(output: torch.Tensor, target: torch.Tensor) -> Any:
+    return torch.nn.functional.cross_entropy(output, target).item()
+
+
+def _per_sample(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(output, target, reduction="none")
+
+
+def _detached(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(output.detach(), target)
+
+
+@pytest.mark.parametrize("stage", ["default", "Gradient subclass", "with a hook"])
+@pytest.mark.parametrize(
+    ("loss_fn", "frozen", "note"),
+    [
+        (_float_loss, False, "loss_fn returned a float, not a tensor"),
+        (_per_sample, False, r"loss_fn returned a tensor of shape \(4,\), not a scalar"),
+        (_detached, False, "cut off from the model's output"),
+        (torch.nn.functional.cross_entropy, True, "none of the model's parameters requires grad"),
+    ],
+)
+async def test_a_loss_that_cannot_be_trained_on_is_explained(
+    loss_fn: Any, frozen: bool, note: str, stage: str
+) -> None:
+    model = tiny_model()
+    extra = torch.zeros(1, requires_grad=True)  # the optimizer needs a parameter
+    optimizer = torch.optim.SGD([*model.parameters(), extra], lr=0.1)
+    if frozen:
+        model.requires_grad_(False)
+
+    class Hook(Callback):
+        def after_gradient(self, state: StateView) -> None:
+            pass
+
+    learner = Learner(
+        model,
+        optimizer,
+        loss_fn,
+        make_batches(2, batch_size=4),
+        stages={"gradient": FrozenGradient()} if stage == "Gradient subclass" else None,
+        callbacks=[Hook()] if stage == "with a hook" else [],
+    )
+    with pytest.raises((AttributeError, RuntimeError)) as caught:
+        await learner.fit(1)
+    notes = "\n".join(caught.value.__notes__)
+    assert re.search(f"aiolearner: .*{note}", notes), notes
+    assert "raised in stage 'gradient'" in notes
