@@ -255,7 +255,7 @@ async def test_a_loss_that_cannot_be_trained_on_is_explained(
         def after_gradient(self, state: StateView) -> None:
             pass
 
-    learner = Learner(
+    learner: Learner[Any] = Learner(
         model,
         optimizer,
         loss_fn,
