@@ -223,9 +223,7 @@ class Batches:
         except Exception as exc:
             raise self._failed(exc, self.index) from None
         source.fetched += 1
-        # A batch drawn earlier (a rebuilt pass serves those its iterator had fetched ahead)
-        # says nothing of what fetching costs or draws.
-        if auto and (source.drawn != drawn or not source.counts):
+        if auto:
             took = time.perf_counter() - start
             if took <= source.fetch_budget:
                 source.slow_fetches = 0
@@ -235,7 +233,11 @@ class Batches:
                 # usual time on a loaded machine), so even a long single fetch is not enough.
                 # Fetch ahead in a worker thread from now on.
                 source.slow_fetches += 1
-                if source.slow_fetches == 1:
+                if source.slow_fetches == 1 or (source.counts and source.drawn == drawn):
+                    # The first slow fetch, or one that served a batch drawn earlier (a rebuilt
+                    # pass serves those its iterator had fetched ahead): what it draws says
+                    # nothing, the decision waits for a fetch that draws from the data.
+                    source.slow_fetches = 1
                     source.after_slow = draw_marks()
                 elif before is None or self._draws_with_compute(source, before) is None:
                     source.slow = True
