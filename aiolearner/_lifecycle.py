@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import inspect
 import os
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -20,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import _checks, _persist
-from ._exceptions import ConfigurationError, LearnerBusyError
+from ._exceptions import ConfigurationError, ControlFlow, LearnerBusyError, StageError
 from ._signals import Interrupted, StoppableRun
+from ._stage import split_batch
+from ._stages import ValidateLoss
 from ._state import split_declaration
 
 if TYPE_CHECKING:
@@ -111,12 +114,20 @@ def start_background(
     learner: Learner[Any], fn: Callable[..., Any], args: tuple[Any, ...], name: str
 ) -> None:
     """Start ``fn(*args)`` in the running learner's task group, from the loop or a thread."""
+    if inspect.iscoroutine(fn) or not callable(fn):
+        if inspect.iscoroutine(fn):
+            fn.close()  # (never awaited: no warning about it on top of this error)
+        raise TypeError(
+            f"state.start_soon takes an async function and its arguments, got "
+            f"{type(fn).__name__}: start_soon(upload, x) rather than start_soon(upload(x))"
+        )
     tg = learner._rt.tg
     if tg is None:
         raise LearnerBusyError("start background work", "not running")
     state = learner._state
     fn = _noted(
         fn,
+        name,
         f"aiolearner: raised by background task {name!r} (state.start_soon), "
         f"started at epoch {state.epoch + 1} (state.epoch {state.epoch}), step {state.step}",
     )
@@ -131,12 +142,28 @@ def start_background(
         anyio.from_thread.run_sync(tg.start_soon, fn, *args)
 
 
-def _noted(fn: Callable[..., Any], note: str) -> Callable[..., Any]:
-    """``fn`` whose errors say which background task raised them (not a cancellation)."""
+def _noted(fn: Callable[..., Any], name: str, note: str) -> Callable[..., Any]:
+    """``fn`` whose errors say which background task raised them (not a cancellation); one
+    that is not an async function, or that raises control flow, is told so."""
 
     async def task(*args: Any) -> None:
         try:
-            await fn(*args)
+            work = fn(*args)
+            if not inspect.isawaitable(work):
+                raise TypeError(
+                    f"state.start_soon: {fn!r} returned {type(work).__name__}, not an awaitable:"
+                    " it takes an async function (for blocking work, call"
+                    " anyio.to_thread.run_sync in one)"
+                )
+            await work
+        except ControlFlow as exc:
+            raise StageError(
+                f"{type(exc).__name__}({exc.reason!r}) was raised by background task {name!r}"
+                " (state.start_soon): background work runs beside the stages, so none of them"
+                " can act on it; to stop from there, set a flag in the task and raise it from a"
+                " hook that reads the flag",
+                stage="fit_run",
+            ) from exc
         except Exception as exc:
             exc.add_note(note)
             raise
@@ -207,6 +234,8 @@ def check_fit(learner: Learner[Any], epochs: int) -> None:
                     callbacks=(cb.name,),
                 )
     _check_monitors(learner)
+    _check_reads(learner)
+    _check_val_batches(learner)
     state = learner._state
     remaining = max(0, epochs - state.epoch)
     train = learner._train
@@ -234,6 +263,46 @@ def _check_monitors(learner: Learner[Any]) -> None:
             + (f"; did you mean {close[0]!r}?" if close else ""),
             callbacks=(cb.name,),
         )
+
+
+def _check_reads(learner: Learner[Any]) -> None:
+    """A callback told to read a field by name (``Metrics(output_field=...)``) reads it on
+    every batch: one that no stage or callback of the learner writes would fail there, after
+    training ran, so it is refused now. (Fields a callback's class declares in ``reads`` may
+    be read only where they are valid, ``state.is_valid``: those are not judged here.) Not
+    with a stage of the user's own, which may set fields outside its batches."""
+    if any(type(s).__module__.partition(".")[0] != "aiolearner" for s in learner._root.walk()):
+        return
+    known = learner._rt.executor.known_fields | {
+        k for k in learner._state.__dict__ if not k.startswith("_")
+    }
+    for cb in learner._callbacks:
+        for argument, field in getattr(cb, "_required_reads", {}).items():
+            if field in known:
+                continue
+            close = difflib.get_close_matches(field, sorted(known), n=1)
+            raise ConfigurationError(
+                f"{cb.name}({argument}={field!r}): no stage or callback of this learner writes "
+                f"the state field {field!r}" + (f"; did you mean {close[0]!r}?" if close else ""),
+                callbacks=(cb.name,),
+                field=field,
+            )
+
+
+def _check_val_batches(learner: Learner[Any]) -> None:
+    """Validation data kept in memory (a list or tuple of batches) whose first batch the
+    default validation stage cannot unpack would fail only after the first epoch trained:
+    its first batch is looked at now (nothing is drawn: the data is in memory)."""
+    stage = learner._stages.get("validate_loss")
+    if stage is None or getattr(type(stage), "compute", None) is not ValidateLoss.compute:
+        return  # a stage of the user's own unpacks batches its own way
+    for source in learner._val_sets.values():
+        data = source.data
+        if type(data) in (list, tuple) and data:
+            try:
+                split_batch(data[0], "validate_loss")
+            except TypeError as exc:
+                raise TypeError(f"{source.name}[0]: {exc}") from None
 
 
 def known_metrics(learner: Learner[Any]) -> set[str] | None:

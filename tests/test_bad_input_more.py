@@ -7,12 +7,20 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
 
-from aiolearner import Callback, ConfigurationError, Gradient, Learner, StateView
+from aiolearner import (
+    Callback,
+    ConfigurationError,
+    Gradient,
+    Learner,
+    StageError,
+    StateView,
+    StopFit,
+)
 from aiolearner.callbacks import Checkpoint, CSVLogger, EarlyStopping, JSONLinesLogger, Metrics
 from aiolearner.testing import make_batches, make_learner, tiny_model
 
@@ -268,3 +276,97 @@ async def test_a_loss_that_cannot_be_trained_on_is_explained(
     notes = "\n".join(caught.value.__notes__)
     assert re.search(f"aiolearner: .*{note}", notes), notes
     assert "raised in stage 'gradient'" in notes
+
+
+# -- found when fit starts rather than after an epoch trained ------------------------------------
+
+
+async def test_metrics_reading_a_field_nothing_writes() -> None:
+    learner = make_learner(callbacks=[Metrics(["accuracy"], output_field="logits")])
+    with pytest.raises(ConfigurationError, match=r"Metrics\(output_field='logits'\): no stage"):
+        await learner.fit(1)
+    assert learner.state.step == 0
+    renamed = make_learner(callbacks=[Metrics(["loss"], loss_field="los")])
+    with pytest.raises(ConfigurationError, match=r"loss_field='los'.*did you mean 'loss'\?"):
+        await renamed.fit(1)
+
+
+async def test_metrics_reading_a_field_a_stage_declares() -> None:
+    class Logits(Gradient):
+        fields: ClassVar[dict[str, str]] = {"output": "batch", "loss": "batch", "logits": "batch"}
+
+        def compute(self, state: Any) -> None:
+            super().compute(state)
+            state.logits = state.output
+
+    learner = make_learner(
+        stages={"gradient": Logits()},
+        callbacks=[Metrics(["accuracy"], output_field="logits", validate=False)],
+    )
+    await learner.fit(1)
+    assert "train_accuracy" in learner.state.metrics
+
+
+@pytest.mark.parametrize(
+    "val",
+    [
+        [(torch.zeros(2, 4), torch.zeros(2).long(), torch.zeros(2))],  # 3-tuples
+        [torch.zeros(2, 4)],  # bare tensors
+    ],
+)
+async def test_validation_batches_in_memory_that_cannot_be_unpacked(val: Any) -> None:
+    learner = make_learner(val_data=val)
+    with pytest.raises(TypeError, match=r"val_data\[0\]: stage 'validate_loss' expects each"):
+        await learner.fit(1)
+    assert learner.state.step == 0
+
+
+# -- background work given the wrong thing -------------------------------------------------------
+
+
+async def _upload() -> None:
+    pass
+
+
+async def _stop() -> None:
+    raise StopFit("from a background task")
+
+
+class StartsSoon(Callback):
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def after_epoch(self, state: StateView) -> None:
+        if self.how == "coroutine":
+            state.start_soon(_upload())  # type: ignore[arg-type]
+        elif self.how == "plain function":
+            state.start_soon(print, "")
+        else:
+            state.start_soon(_stop)
+
+
+@pytest.mark.parametrize(
+    ("how", "error", "message"),
+    [
+        ("coroutine", TypeError, r"start_soon\(upload, x\) rather than start_soon\(upload\(x\)\)"),
+        ("plain function", TypeError, r"returned NoneType, not an awaitable"),
+        ("control flow", StageError, r"StopFit\('from a background task'\) was raised by "),
+    ],
+)
+async def test_background_work_given_the_wrong_thing(
+    how: str, error: type[Exception], message: str
+) -> None:
+    learner = make_learner(callbacks=[StartsSoon(how)])
+    with pytest.RaisesGroup(pytest.RaisesExc(error, match=message), flatten_subgroups=True):
+        await learner.fit(1)
+
+
+async def test_a_metric_function_returning_one_value_per_sample() -> None:
+    def hits(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (output.argmax(1) == targets).float()  # not reduced
+
+    learner = make_learner(callbacks=[Metrics({"hits": hits})])
+    message = r"metric 'hits' returned a tensor of shape \(5,\), not one number for the batch"
+    with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match=message)):
+        await learner.fit(1)
+    assert learner.state.step == 1  # after the first batch, not after the epoch

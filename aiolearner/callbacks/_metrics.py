@@ -157,6 +157,11 @@ class _Tracker:
             value = self.fn(output, targets)
             if not isinstance(value, torch.Tensor):
                 value = torch.as_tensor(value)
+            if value.numel() != 1:
+                raise ValueError(
+                    f"metric {self.name!r} returned a tensor of shape {tuple(value.shape)}, not "
+                    "one number for the batch: reduce it in the function (e.g. .mean())"
+                )
         n = _batch_size(targets)
         self.device = value.device
         self.epoch.add(value, n)
@@ -378,6 +383,12 @@ class Metrics(Callback):
         self.__dict__["reads"] = frozenset(
             {"batch", output_field, loss_field, "validation_set", "phase"}
         )
+        # Read on every batch: the learner refuses a field nothing writes when fit starts.
+        losses = [isinstance(v, str) and v == "loss" for v in specs.values()]
+        self._required_reads = {
+            **({"output_field": output_field} if not all(losses) else {}),
+            **({"loss_field": loss_field} if any(losses) else {}),
+        }
         self._train: dict[str, _Tracker] = {}
         for name, spec in specs.items():
             if train:
