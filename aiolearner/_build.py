@@ -92,6 +92,8 @@ def build(learner: Learner[Any]) -> None:
             _check_signature(cb, hook, method)
             hooked[hook].append((cb, method))
     _check_places(learner._callbacks)
+    state = learner._state
+    _check_optimizer_names(stages, state.optimizers)
     for cb in learner._callbacks:
         # A callback that acts through stages of its own (MixedPrecision, EMA's validation)
         # says so when none of this learner's stages serves it: it would do nothing, silently.
@@ -99,8 +101,12 @@ def build(learner: Learner[Any]) -> None:
         problem = None if check is None else check(stages)
         if problem is not None:
             raise ConfigurationError(f"{cb.name} {problem}", callbacks=(cb.name,))
-    state = learner._state
-    _check_optimizer_names(stages, state.optimizers)
+        # One given what belongs to an optimizer (a scheduler, a hyperparameter's name) says
+        # when it does not fit the learner's, now rather than when fit starts.
+        check = getattr(cb, "_check_optimizers", None)
+        problem = None if check is None else check(state.optimizers)
+        if problem is not None:
+            raise ConfigurationError(f"{cb.name}: {problem}", callbacks=(cb.name,))
     for stage in stages:
         before, after = stage.hook_names
         stage._before = build_plan(before, stage.name, hooked[before], state, learner, rt.trace)

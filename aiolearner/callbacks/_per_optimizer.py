@@ -12,7 +12,8 @@ key in checkpoints) says which optimizer it serves: ``LRSchedule[d]``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -84,3 +85,10 @@ class OptimizerCallback(Callback):
 
     def _optimizer(self, state: StateView) -> torch.optim.Optimizer:
         return optimizer_named(state, self.optimizer, self.name)
+
+    def _chosen(self, optimizers: Mapping[str, torch.optim.Optimizer]) -> Any:
+        """The optimizer it acts on, of the learner's (``None`` for a name it does not have:
+        the learner says so of its update hooks)."""
+        if self.optimizer is None:
+            return next(iter(optimizers.values()), None)
+        return optimizers.get(self.optimizer)

@@ -13,6 +13,8 @@ optimizer="d")`` schedules ``state.optimizers["d"]`` and steps in ``after_update
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -28,6 +30,20 @@ __all__ = ["LRSchedule", "OneCycle", "ParamSchedule", "WarmupCosine"]
 
 Scheduler = LRScheduler | ReduceLROnPlateau
 SchedulerFactory = Callable[[torch.optim.Optimizer], Scheduler]
+
+
+def _required_after_first(cls: type) -> list[str]:
+    """The required arguments of ``cls(...)`` after the first (a scheduler's optimizer)."""
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return []
+    required = [
+        p.name
+        for p in params
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return required[1:]
 
 
 class LRSchedule(OptimizerCallback):
@@ -94,6 +110,14 @@ class LRSchedule(OptimizerCallback):
         self.scheduler: Scheduler | None = None
         if isinstance(scheduler, LRScheduler | ReduceLROnPlateau):
             self.scheduler = scheduler
+        elif isinstance(scheduler, type) and _required_after_first(scheduler):
+            name = scheduler.__name__
+            raise TypeError(
+                f"LRSchedule was given the class {name}, which needs more than the optimizer "
+                f"({', '.join(_required_after_first(scheduler))}): pass a scheduler, "
+                f"LRSchedule({name}(optimizer, ...)), or a factory, "
+                f"LRSchedule(lambda opt: {name}(opt, ...))"
+            )
         elif callable(scheduler):
             self._factory = scheduler
         else:
@@ -143,6 +167,18 @@ class LRSchedule(OptimizerCallback):
     def per_step(self) -> bool:
         """Whether it steps per optimizer step (``interval="step"``)."""
         return self.interval == "step"
+
+    def _check_optimizers(self, optimizers: Mapping[str, torch.optim.Optimizer]) -> str | None:
+        """At build: a scheduler given built must be on the optimizer it schedules."""
+        chosen = self._chosen(optimizers)
+        if self.scheduler is None or chosen is None or self.scheduler.optimizer is chosen:
+            return None
+        which = "the learner's" if self.optimizer is None else f"optimizer {self.optimizer!r}"
+        return (
+            f"its {type(self.scheduler).__name__} was built on another optimizer than {which}: "
+            "build it on the optimizer given to the Learner (or pass a factory, "
+            "lambda opt: ...)"
+        )
 
     def _count(self, *args: object, **kwargs: object) -> None:
         self._optimizer_steps += 1
@@ -392,14 +428,19 @@ class ParamSchedule(OptimizerCallback):
         for group in optimizer.param_groups:
             group[self.param] = value
 
-    def before_fit_run(self, state: StateView) -> None:
-        """Check the hyperparameter exists."""
-        for group in self._optimizer(state).param_groups:
+    def _check_optimizers(self, optimizers: Mapping[str, torch.optim.Optimizer]) -> str | None:
+        """At build: the hyperparameter must be one the optimizer has."""
+        chosen = self._chosen(optimizers)
+        for group in [] if chosen is None else chosen.param_groups:
             if self.param not in group:
-                raise KeyError(
-                    f"ParamSchedule: the optimizer has no hyperparameter {self.param!r} (it has"
-                    f" {sorted(k for k in group if k != 'params')})"
+                keys = sorted(k for k in group if k != "params")
+                close = difflib.get_close_matches(self.param, keys, n=1)
+                return (
+                    f"the optimizer ({type(chosen).__name__}) has no hyperparameter "
+                    f"{self.param!r} (it has {keys})"
+                    + (f"; did you mean {close[0]!r}?" if close else "")
                 )
+        return None
 
     def before_update(self, state: StateView) -> None:
         """Set the value for this optimizer step."""
