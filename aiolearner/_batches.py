@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 __all__ = ["END", "WAIT", "Batches"]
 
 
+#: Slow fetches in a row a source whose compute draws random numbers is watched for before it
+#: moves to a producer thread (see ``Batches._probed``).
+PROBE_FETCHES = 8
+
+
 class _End:
     def __repr__(self) -> str:
         return "END"
@@ -213,7 +218,7 @@ class Batches:
         auto = source.fetch == "auto" and source.kept_inline is None
         # After a slow fetch, whether this one and what ran since the last one draw from the
         # global generators (read only then: a slow fetch pays for it, a cheap one does not).
-        before = draw_marks() if auto and source.slow_fetches == 1 else None
+        before = draw_marks() if auto and source.slow_fetches >= 1 else None
         drawn = source.drawn
         start = time.perf_counter()
         try:
@@ -239,7 +244,7 @@ class Batches:
                     # nothing, the decision waits for a fetch that draws from the data.
                     source.slow_fetches = 1
                     source.after_slow = draw_marks()
-                elif before is None or self._draws_with_compute(source, before) is None:
+                elif before is None or self._probed(source, before):
                     source.slow = True
                     if not off_loop:  # a task can only be started from the loop
                         self._start_producer(handed=1)
@@ -253,23 +258,30 @@ class Batches:
         return moved
 
     @staticmethod
-    def _draws_with_compute(source: BatchSource, before: dict[str, Any]) -> str | None:
-        """After the second slow fetch in a row: the global generators it drew from that what
-        ran since the first one (the batch's compute, its hooks) drew from too, or ``None``.
-        With some, the source stays inline: fetched ahead in a producer thread, its draws and
-        compute's would interleave as the threads happen to run, in another order every run."""
+    def _probed(source: BatchSource, before: dict[str, Any]) -> bool:
+        """After a slow fetch that followed another: whether the source may move to a
+        producer thread. Not while its fetches and what ran between them (the batches'
+        compute, their hooks) draw from one global generator in common: fetched ahead, the
+        two threads' draws would interleave as the threads happen to run, in another order
+        every run, so it stays inline (:attr:`BatchSource.kept_inline`). With compute drawing,
+        the fetches are watched for ``PROBE_FETCHES`` before the move: a source whose batches
+        draw only now and then (augmentation applied at random) must be seen drawing."""
         after, since = draw_marks(), source.after_slow
-        source.after_slow = None
+        source.after_slow = after  # where the next look begins
         if since is None:
-            return None
-        shared = drawn_between(before, after) & drawn_between(since, before)
-        if not shared:
-            return None
-        source.kept_inline = (
-            f"its fetches draw from the global {', '.join(sorted(shared))} generator"
-            f"{'s' if len(shared) > 1 else ''} as compute does"
-        )
-        return source.kept_inline
+            return True
+        data = drawn_between(before, after)
+        source.data_draws = data if source.data_draws is None else source.data_draws | data
+        source.compute_draws |= drawn_between(since, before)
+        shared = source.data_draws & source.compute_draws
+        if shared:
+            source.kept_inline = (
+                f"its fetches draw from the global {', '.join(sorted(shared))} generator"
+                f"{'s' if len(shared) > 1 else ''} as compute does"
+            )
+            return False
+        source.probes += 1
+        return not source.compute_draws or source.probes >= PROBE_FETCHES
 
     # -- producer side ---------------------------------------------------------------------------
 

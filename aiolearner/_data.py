@@ -87,6 +87,11 @@ class BatchSource:
         #: (the generators its fetches and compute both draw from), or ``None``.
         self.after_slow: dict[str, Any] | None = None
         self.kept_inline: str | None = None
+        #: What those fetches were seen to draw from (``None``: never looked at), what ran
+        #: between them drew from, and how many were looked at.
+        self.data_draws: set[str] | None = None
+        self.compute_draws: set[str] = set()
+        self.probes = 0
         # Persisting across passes: the live iterator (when steps_per_epoch cuts passes short)
         # and the batches fetched ahead but not consumed when a pass was interrupted.
         self._it: Any = None
@@ -259,6 +264,11 @@ class BatchSource:
         if self._rollback is None:
             return
         (rng, drawn), self._rollback = self._rollback, None
+        if drawn != self.drawn and self.marks_after_fetch and self.data_draws:
+            # A one-pass stream's batches fetched ahead since the mark are served again, not
+            # drawn again: the generators its fetches draw from stay where those draws left
+            # them (compute draws from none of them, or the source would be kept inline).
+            rng = {k: v for k, v in rng.items() if k not in self.data_draws}
         restore_rng(rng)
         if drawn != self.drawn:
             if self.persistent and self._it is not None:
@@ -268,6 +278,13 @@ class BatchSource:
                 # is kept and served again instead.)
             else:
                 self.drawn = drawn
+
+    @property
+    def marks_after_fetch(self) -> bool:
+        """Whether an awaited batch's :meth:`mark` is taken after its fetch: a one-pass live
+        stream serves an undone batch again rather than drawing it again, so what its fetch
+        drew (augmentation) must stay drawn; only compute's draws are undone."""
+        return self.persistent and one_pass(self.data)
 
     def _create(self, skip: int, start: dict[str, Any] | None) -> None:
         """Create the live iterator, in whichever thread fetches, and take its first batch.

@@ -342,6 +342,7 @@ class Executor:
         policy = rt.policy
         fast, drive = program.fast, program.full
         synchronous = fast is not None
+        late = not synchronous and batches.source.marks_after_fetch
         # Bursts need nothing of the loop between batches: no validation due between them.
         bursts = synchronous and validator is None
         locks = program.locks
@@ -368,8 +369,9 @@ class Executor:
         try:
             while True:
                 # An awaited batch can be cancelled half way, and is then repeated drawing the
-                # same random numbers: the mark is taken before an inline fetch that draws.
-                mark = None if synchronous else batches.source.mark()
+                # same random numbers: the mark is taken before an inline fetch that draws
+                # (after it where the stream serves the batch again: marks_after_fetch).
+                mark = None if synchronous or late else batches.source.mark()
                 if pending is None:
                     if save_every:
                         self.mark_save_point(state, batches, mark)
@@ -382,6 +384,8 @@ class Executor:
                     batch = await batches.next()
                 if batch is END:
                     break
+                if late:
+                    mark = batches.source.mark()
                 state.batch = batch
                 context._committed = False
                 try:
@@ -533,14 +537,7 @@ class Executor:
         try:
             return await rt.compute(
                 _burst,
-                self,
-                program,
-                state,
-                batches,
-                losses,
-                lock,
-                stop,
-                seconds,
+                *(self, program, state, batches, losses, lock, stop, seconds),
                 writes_weights=program.locks,
                 timed=False,
                 on_cancel=lambda: stop.append(True),

@@ -106,9 +106,11 @@ def drawn_between(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
 
 
 def restore_rng(states: dict[str, Any]) -> None:
-    """Put back states from :func:`capture_rng`."""
-    torch.set_rng_state(states["torch"].cpu())
-    random.setstate(states["python"])
+    """Put back states from :func:`capture_rng` (those it holds)."""
+    if "torch" in states:
+        torch.set_rng_state(states["torch"].cpu())
+    if "python" in states:
+        random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     if "numpy" in states and _np is not None:

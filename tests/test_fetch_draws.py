@@ -12,6 +12,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import numpy as np
 import pytest
 import torch
@@ -20,7 +22,7 @@ from torch import nn
 from aiolearner import Callback, Learner, StateView
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-N_BATCHES = 6
+N_BATCHES = 16
 
 
 class Augmented:
@@ -164,3 +166,96 @@ async def test_fetch_thread_is_honoured_whatever_draws() -> None:
 def test_describe_names_how_a_source_is_fetched_before_any_fetch() -> None:
     learner, _ = learner_for("torch", dropout=True)
     assert "data: train_data: fetch=auto: inline" in learner.describe()
+
+
+class NowAndThen:
+    """Batches that draw from torch's generator as they are fetched one time in four (an
+    augmentation applied at random, say), ``n`` batches."""
+
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(5)
+        self.batches = [
+            (torch.randn(4, 3, generator=g), torch.randint(0, 2, (4,), generator=g))
+            for _ in range(n)
+        ]
+
+    def __iter__(self) -> Iterator[Batch]:
+        for i, (x, y) in enumerate(self.batches):
+            yield (x + torch.rand(x.shape) if i % 4 == 3 else x), y
+
+
+async def test_a_source_drawing_now_and_then_is_watched_before_it_moves() -> None:
+    # The first look (fetches 1 and 2) sees no draw; the fetch of batch 3 draws, as dropout
+    # does: the source stays inline.
+    model = Watched(dropout=True)
+    learner: Learner[Any] = Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nn.functional.cross_entropy,
+        NowAndThen(12),
+        fetch_budget=0.0,
+    )
+    await learner.fit(1)
+    assert "kept inline (its fetches draw from the global torch generator" in learner.describe()
+    # Without dropout nothing else draws: the move comes at the second slow fetch.
+    model = Watched(dropout=False)
+    learner = Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nn.functional.cross_entropy,
+        NowAndThen(12),
+        fetch_budget=0.0,
+    )
+    await learner.fit(1)
+    assert "a producer thread (found slow)" in learner.describe()
+
+
+def augmented_stream() -> Iterator[Batch]:
+    """A one-pass stream whose batches draw augmentation from torch's generator."""
+    g = torch.Generator().manual_seed(3)
+    while True:
+        x, y = torch.randn(4, 3, generator=g), torch.randint(0, 2, (4,), generator=g)
+        yield x + 0.1 * torch.rand(x.shape), y
+
+
+class CancelOnce(Callback):
+    """Cancels the run from an awaited hook (the batch is undone) at ``step``, once."""
+
+    reads = frozenset({"step"})
+
+    def __init__(self, step: int | None) -> None:
+        self.step = step
+        self.scope: anyio.CancelScope | None = None
+
+    async def after_gradient(self, state: StateView) -> None:
+        if state.step == self.step and self.scope is not None:
+            self.step = None
+            self.scope.cancel()
+        await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("budget", [0.0005, 0.0])  # 0: every fetch slow (a producer thread
+@pytest.mark.parametrize("dropout", [True, False])  # where compute draws nothing)
+async def test_a_stream_drawing_augmentation_goes_on_exactly_after_an_undone_batch(
+    dropout: bool, budget: float
+) -> None:
+    weights = []
+    for step in (None, 3):
+        torch.manual_seed(0)
+        model = Watched(dropout)
+        cancel = CancelOnce(step)
+        learner: Learner[Any] = Learner(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            nn.functional.cross_entropy,
+            augmented_stream(),
+            steps_per_epoch=5,
+            fetch_budget=budget,
+            callbacks=[cancel],
+        )
+        while learner.state.epoch < 2:
+            with anyio.CancelScope() as cancel.scope:
+                await learner.fit(2)
+        assert cancel.step is None or step is None
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
