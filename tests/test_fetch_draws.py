@@ -186,28 +186,22 @@ class NowAndThen:
 
 async def test_a_source_drawing_now_and_then_is_watched_before_it_moves() -> None:
     # The first look (fetches 1 and 2) sees no draw; the fetch of batch 3 draws, as dropout
-    # does: the source stays inline.
-    model = Watched(dropout=True)
-    learner: Learner[Any] = Learner(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        nn.functional.cross_entropy,
-        NowAndThen(12),
-        fetch_budget=0.0,
-    )
-    await learner.fit(1)
-    assert "kept inline (its fetches draw from the global torch generator" in learner.describe()
-    # Without dropout nothing else draws: the move comes at the second slow fetch.
-    model = Watched(dropout=False)
-    learner = Learner(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        nn.functional.cross_entropy,
-        NowAndThen(12),
-        fetch_budget=0.0,
-    )
-    await learner.fit(1)
-    assert "a producer thread (found slow)" in learner.describe()
+    # does: the source stays inline. Without dropout nothing else draws: the move comes at the
+    # second slow fetch.
+    for dropout, decided in [
+        (True, "kept inline (its fetches draw from the global torch generator"),
+        (False, "a producer thread (found slow)"),
+    ]:
+        model = Watched(dropout)
+        learner: Learner[Any] = Learner(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            nn.functional.cross_entropy,
+            NowAndThen(12),
+            fetch_budget=0.0,
+        )
+        await learner.fit(1)
+        assert decided in learner.describe()
 
 
 def augmented_stream() -> Iterator[Batch]:
