@@ -236,6 +236,7 @@ def check_fit(learner: Learner[Any], epochs: int) -> None:
     _check_monitors(learner)
     _check_reads(learner)
     _check_val_batches(learner)
+    _check_saved_states(learner)
     state = learner._state
     remaining = max(0, epochs - state.epoch)
     train = learner._train
@@ -303,6 +304,24 @@ def _check_val_batches(learner: Learner[Any]) -> None:
                 split_batch(data[0], "validate_loss")
             except TypeError as exc:
                 raise TypeError(f"{source.name}[0]: {exc}") from None
+
+
+def _check_saved_states(learner: Learner[Any]) -> None:
+    """With a callback that writes checkpoints: each callback's state must be something a
+    checkpoint can be loaded back with, or the first save fails (a lambda), or a resume does
+    (an object of a class of its own), after training ran."""
+    if not any(hasattr(cb, "find_checkpoint") for cb in learner._callbacks):
+        return
+    for cb in learner._callbacks:
+        found = _persist.unloadable(dict(cb.state_dict()), f"{cb.name}.state_dict()")
+        if found is not None:
+            raise ConfigurationError(
+                f"{found}, which a checkpoint could not be loaded back with "
+                "(torch.load(weights_only=True) reads tensors, numbers, strings, bytes, and "
+                "lists, tuples, sets and dicts of them): keep plain data in the callback's "
+                "state, or register the type with torch.serialization.add_safe_globals",
+                callbacks=(cb.name,),
+            )
 
 
 def known_metrics(learner: Learner[Any]) -> set[str] | None:

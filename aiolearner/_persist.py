@@ -9,6 +9,7 @@ failure half way puts everything back, so a failed load leaves the learner as it
 
 from __future__ import annotations
 
+import collections
 import copy
 import difflib
 import os
@@ -446,6 +447,45 @@ def _batch_portable(batch: object) -> bool:
         items: dict[Any, Any] = batch
         return all(isinstance(k, str) and _batch_portable(v) for k, v in items.items())
     return False
+
+
+#: What ``torch.load(weights_only=True)`` reads back, besides containers of it.
+_LOADABLE = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    torch.Tensor,
+    torch.Size,
+    torch.dtype,
+    torch.device,
+)
+
+
+def unloadable(value: object, where: str) -> str | None:
+    """Where in ``value`` (a callback's state) is something a checkpoint could not be loaded
+    back with (``torch.load(weights_only=True)``), and what: ``None`` if nothing is."""
+    if isinstance(value, _LOADABLE):
+        return None
+    if type(value) in (list, tuple, set):
+        items: Any = value
+        for i, item in enumerate(items):
+            found = unloadable(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, dict) and type(value) in (dict, collections.OrderedDict):
+        for key, item in value.items():
+            found = unloadable(key, f"{where} (a key)") or unloadable(item, f"{where}[{key!r}]")
+            if found is not None:
+                return found
+        return None
+    if type(value) in torch.serialization.get_safe_globals():
+        return None  # registered by the user (torch.serialization.add_safe_globals)
+    return f"{where}: a {type(value).__qualname__}"
 
 
 def _portable(value: object) -> bool:

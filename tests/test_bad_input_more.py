@@ -370,3 +370,42 @@ async def test_a_metric_function_returning_one_value_per_sample() -> None:
     with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match=message)):
         await learner.fit(1)
     assert learner.state.step == 1  # after the first batch, not after the epoch
+
+
+class Keeps(Callback):
+    """A callback whose state a checkpoint could not be loaded back with."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def after_epoch(self, state: StateView) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+
+class Opaque:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("state", "where"),
+    [
+        ({"fn": lambda: 1}, r"Keeps.state_dict\(\)\['fn'\]: a function"),
+        ({"seen": [1, Opaque()]}, r"Keeps.state_dict\(\)\['seen'\]\[1\]: a Opaque"),
+        ({"seen": frozenset({1})}, r"Keeps.state_dict\(\)\['seen'\]: a frozenset"),
+    ],
+)
+async def test_a_callback_state_a_checkpoint_could_not_load(
+    tmp_path: Path, state: dict[str, Any], where: str
+) -> None:
+    learner = make_learner(callbacks=[Keeps(state), Checkpoint(tmp_path)])
+    with pytest.raises(ConfigurationError, match=where):
+        await learner.fit(1)
+    assert learner.state.step == 0
+    # Plain data (tensors, numbers, strings, and containers of them) is fine, and so is any
+    # state without a callback writing checkpoints.
+    plain = {"n": 1, "t": torch.zeros(2), "s": {1, 2}, "d": {"k": (1.0, "x", None)}}
+    await make_learner(callbacks=[Keeps(plain), Checkpoint(tmp_path / "plain")]).fit(1)
+    await make_learner(callbacks=[Keeps(state)]).fit(1)
