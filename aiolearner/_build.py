@@ -344,7 +344,7 @@ def _check_hook_names(cb: Callback, hooks: Mapping[str, Stage]) -> None:
             continue
         value = getattr(type(cb), attr, None)
         if attr.startswith(("before_", "after_")):
-            if not callable(value) and not isinstance(value, property):
+            if attr in hooks and not callable(value) and not isinstance(value, property):
                 raise ConfigurationError(
                     f"{attr!r} of {cb.name} is named as a hook but is a "
                     f"{type(value).__name__}, not a method: it would never be called",

@@ -7,6 +7,7 @@ while running (an unsized iterable that yields nothing) is checked where it is s
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import AsyncIterator, Iterator
 from types import AsyncGeneratorType, GeneratorType
@@ -28,13 +29,26 @@ def check_optimizer(
     learnable temperature in the loss) and frozen parts of the model are fine.
     """
     what = "the optimizer" if name == "optimizer" else f"optimizer {name!r}"
+    try:
+        step = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):  # pragma: no cover - a step torch cannot describe
+        step = None
+    if step is not None and step.default is step.empty:
+        raise ValueError(
+            f"{what} ({type(optimizer).__name__}) needs a closure in step(closure) (it evaluates"
+            " the loss again), which the Update stage does not give; write a stage that calls"
+            " optimizer.step(closure) (docs/writing-stages.md)"
+        )
     for i, group in enumerate(optimizer.param_groups):
         for key, value in group.items():
-            if key == "params" or isinstance(value, bool):
+            # The optimizer's own hyperparameters (a key of the user's own may mean anything).
+            if key not in optimizer.defaults or isinstance(value, bool):
                 continue
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 value = float(value)
-            if isinstance(value, float) and not math.isfinite(value):
+            if isinstance(value, float) and (
+                math.isnan(value) or (math.isinf(value) and key == "lr")
+            ):
                 raise ValueError(
                     f"{what} ({type(optimizer).__name__}) has {key}={value} in parameter "
                     f"group {i}: every step would make the weights NaN or infinite; give a "

@@ -278,7 +278,8 @@ def _check_reads(learner: Learner[Any]) -> None:
         k for k in learner._state.__dict__ if not k.startswith("_")
     }
     for cb in learner._callbacks:
-        for argument, field in getattr(cb, "_required_reads", {}).items():
+        required = getattr(cb, "_required_reads", None)
+        for argument, field in required.items() if isinstance(required, dict) else ():
             if field in known:
                 continue
             close = difflib.get_close_matches(field, sorted(known), n=1)
@@ -297,6 +298,8 @@ def _check_val_batches(learner: Learner[Any]) -> None:
     stage = learner._stages.get("validate_loss")
     if stage is None or getattr(type(stage), "compute", None) is not ValidateLoss.compute:
         return  # a stage of the user's own unpacks batches its own way
+    if any(split_declaration(n)[0] == "batch" for cb in learner._callbacks for n in cb.writes):
+        return  # a callback rewrites the batches before the stage sees them
     for source in learner._val_sets.values():
         data = source.data
         if type(data) in (list, tuple) and data:
@@ -310,10 +313,14 @@ def _check_saved_states(learner: Learner[Any]) -> None:
     """With a callback that writes checkpoints: each callback's state must be something a
     checkpoint can be loaded back with, or the first save fails (a lambda), or a resume does
     (an object of a class of its own), after training ran."""
-    if not any(hasattr(cb, "find_checkpoint") for cb in learner._callbacks):
+    if not any(callable(getattr(type(cb), "find_checkpoint", None)) for cb in learner._callbacks):
         return
     for cb in learner._callbacks:
-        found = _persist.unloadable(dict(cb.state_dict()), f"{cb.name}.state_dict()")
+        try:
+            state = dict(cb.state_dict())
+        except Exception:  # a state built when training starts (see writing-callbacks.md)
+            continue
+        found = _persist.unloadable(state, f"{cb.name}.state_dict()")
         if found is not None:
             raise ConfigurationError(
                 f"{found}, which a checkpoint could not be loaded back with "
@@ -342,8 +349,9 @@ def known_metrics(learner: Learner[Any]) -> set[str] | None:
             if field == "metrics" and key is not None:
                 (validation if key.startswith("val_") else known).add(key)
     for key in validation:
-        # Named validation sets: val_<set>_<name> in place of val_<name> (see declared_key).
-        known.update([f"val_{name}_{key[4:]}" for name in sets] or [key])
+        # Named validation sets: val_<set>_<name> in place of val_<name> (see declared_key),
+        # or the key as it is (one value over all the sets).
+        known.update([key, *(f"val_{name}_{key[4:]}" for name in sets)])
     return known
 
 

@@ -449,43 +449,41 @@ def _batch_portable(batch: object) -> bool:
     return False
 
 
-#: What ``torch.load(weights_only=True)`` reads back, besides containers of it.
-_LOADABLE = (
-    type(None),
-    bool,
-    int,
-    float,
-    complex,
-    str,
-    bytes,
-    torch.Tensor,
-    torch.Size,
-    torch.dtype,
-    torch.device,
-)
+#: What ``torch.load(weights_only=True)`` reads back, besides containers of it: these types
+#: exactly (a subclass, numpy's float64 or an IntEnum, is refused by the loader), and tensors.
+_LOADABLE = frozenset({type(None), bool, int, float, complex, str, bytes, bytearray})
+_LOADABLE_KINDS = (torch.Tensor, torch.Size, torch.dtype, torch.device)
+_CONTAINERS = frozenset({list, tuple, set})
+_MAPPINGS = frozenset({dict, collections.OrderedDict, collections.Counter})
 
 
 def unloadable(value: object, where: str) -> str | None:
     """Where in ``value`` (a callback's state) is something a checkpoint could not be loaded
     back with (``torch.load(weights_only=True)``), and what: ``None`` if nothing is."""
-    if isinstance(value, _LOADABLE):
+    kind = type(value)
+    if kind in _LOADABLE or isinstance(value, _LOADABLE_KINDS):
         return None
-    if type(value) in (list, tuple, set):
+    if kind in _CONTAINERS:
         items: Any = value
         for i, item in enumerate(items):
             found = unloadable(item, f"{where}[{i}]")
             if found is not None:
                 return found
         return None
-    if isinstance(value, dict) and type(value) in (dict, collections.OrderedDict):
-        for key, item in value.items():
+    if kind in _MAPPINGS:
+        mapping: Any = value
+        for key, item in mapping.items():
             found = unloadable(key, f"{where} (a key)") or unloadable(item, f"{where}[{key!r}]")
             if found is not None:
                 return found
         return None
-    if type(value) in torch.serialization.get_safe_globals():
+    if kind in torch.serialization.get_safe_globals():
         return None  # registered by the user (torch.serialization.add_safe_globals)
-    return f"{where}: a {type(value).__qualname__}"
+    return (
+        f"{where}: a {kind.__module__}.{kind.__qualname__}"
+        if kind.__module__ != "builtins"
+        else f"{where}: a {kind.__qualname__}"
+    )
 
 
 def _portable(value: object) -> bool:

@@ -4,11 +4,16 @@ the argument, the callback or the hook (docs/reliability.md, "Bad input")."""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import enum
+import math
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,7 +26,7 @@ from aiolearner import (
     StateView,
     StopFit,
 )
-from aiolearner.callbacks import Checkpoint, CSVLogger, EarlyStopping, JSONLinesLogger, Metrics
+from aiolearner.callbacks import EMA, Checkpoint, CSVLogger, EarlyStopping, JSONLinesLogger, Metrics
 from aiolearner.testing import make_batches, make_learner, tiny_model
 
 # -- hooks that would never run ------------------------------------------------------------------
@@ -393,7 +398,7 @@ class Opaque:
     ("state", "where"),
     [
         ({"fn": lambda: 1}, r"Keeps.state_dict\(\)\['fn'\]: a function"),
-        ({"seen": [1, Opaque()]}, r"Keeps.state_dict\(\)\['seen'\]\[1\]: a Opaque"),
+        ({"seen": [1, Opaque()]}, r"Keeps.state_dict\(\)\['seen'\]\[1\]: a .*Opaque"),
         ({"seen": frozenset({1})}, r"Keeps.state_dict\(\)\['seen'\]: a frozenset"),
     ],
 )
@@ -409,3 +414,102 @@ async def test_a_callback_state_a_checkpoint_could_not_load(
     plain = {"n": 1, "t": torch.zeros(2), "s": {1, 2}, "d": {"k": (1.0, "x", None)}}
     await make_learner(callbacks=[Keeps(plain), Checkpoint(tmp_path / "plain")]).fit(1)
     await make_learner(callbacks=[Keeps(state)]).fit(1)
+
+
+# -- what the checks above must let through ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Warmup(Callback):
+    after_warmup: bool = False  # a flag named like a hook of no stage
+
+    def after_epoch(self, state: StateView) -> None:
+        pass
+
+
+class Configured(Callback):
+    """Options read through __getattr__, a missing one as None."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+
+    def __getattr__(self, name: str) -> Any:
+        return self.__dict__["_options"].get(name)
+
+    def after_epoch(self, state: StateView) -> None:
+        pass
+
+
+class FromDict(Callback):
+    """Validation data of dict batches, unpacked by a callback."""
+
+    writes = frozenset({"batch"})
+
+    def before_validate_batch(self, state: StateView) -> None:
+        batch = state.batch
+        state.batch = (batch["x"], batch["y"])
+
+
+class LateState(Callback):
+    """A state that exists once training starts (its scheduler is built then)."""
+
+    reads = frozenset({"optimizer"})
+
+    def __init__(self) -> None:
+        self.scheduler: Any = None
+
+    def before_fit_run(self, state: StateView) -> None:
+        self.scheduler = torch.optim.lr_scheduler.StepLR(state.optimizer, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict()}
+
+
+class MeanF1(Callback):
+    """One value over all the validation sets, written as it is."""
+
+    writes = frozenset({"metrics.val_f1"})
+
+    def after_validate(self, state: StateView) -> None:
+        state.metrics["val_f1"] = 0.5
+
+
+async def test_valid_set_ups_the_checks_let_through(tmp_path: Path) -> None:
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    await make_learner(callbacks=[Warmup(), Configured(every=2)]).fit(1)
+    await make_learner(val_data=[{"x": x, "y": y}] * 2, callbacks=[FromDict()]).fit(1)
+    await make_learner(callbacks=[LateState(), Checkpoint(tmp_path)]).fit(1)
+    states = [collections.Counter(a=1), bytearray(b"ab"), collections.OrderedDict(a=1)]
+    await make_learner(callbacks=[Keeps({"v": states}), Checkpoint(tmp_path / "b")]).fit(1)
+    sets = {"a": make_batches(2, seed=2), "b": make_batches(2, seed=3)}
+    await make_learner(val_data=sets, callbacks=[MeanF1(), EarlyStopping("val_f1")]).fit(1)
+    # A key of the user's own in a parameter group may be infinite (no clipping, say).
+    model = tiny_model()
+    groups = [{"params": model.parameters(), "max_grad_norm": math.inf}]
+    Learner(model, torch.optim.SGD(groups, lr=0.1), torch.nn.functional.cross_entropy, [(x, y)])
+
+
+async def test_metrics_of_the_average_with_its_stages() -> None:
+    ema = EMA(0.9)
+    metrics = Metrics(["accuracy"], output_field="ema_output", prefix="ema_", train=False)
+    learner = make_learner(callbacks=[ema, metrics], stages=ema.stages())
+    await learner.fit(1)
+    assert "val_ema_accuracy" in learner.state.metrics
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+
+
+@pytest.mark.parametrize("value", [np.float64(1.0), np.int64(1), Level.LOW])
+async def test_a_subclass_of_a_number_the_loader_refuses(tmp_path: Path, value: Any) -> None:
+    learner = make_learner(callbacks=[Keeps({"v": value}), Checkpoint(tmp_path)])
+    with pytest.raises(ConfigurationError, match=r"Keeps.state_dict\(\)\['v'\]: a "):
+        await learner.fit(1)
+
+
+def test_an_optimizer_that_needs_a_closure() -> None:
+    model = tiny_model()
+    optimizer = torch.optim.LBFGS(model.parameters())
+    with pytest.raises(ValueError, match=r"LBFGS\) needs a closure in step\(closure\)"):
+        Learner(model, optimizer, torch.nn.functional.cross_entropy, make_batches(2))

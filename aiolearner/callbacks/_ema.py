@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
@@ -273,6 +273,13 @@ class EMAValidateLoss(ValidateLoss):
 
 class _BothValidateLoss(ValidateLoss):
     """Validation on the model (``output``, ``loss``) and on the average (``ema_*``)."""
+
+    fields: ClassVar[dict[str, str]] = {
+        "output": "batch",
+        "loss": "batch",
+        "ema_output": "batch",
+        "ema_loss": "batch",
+    }
 
     def __init__(self, ema: EMA) -> None:
         super().__init__()

@@ -66,8 +66,12 @@ class LRSchedule(OptimizerCallback):
 
     Raises:
         ValueError: ``ReduceLROnPlateau`` with ``interval="step"``, or a bad ``interval``.
-        KeyError: (during ``fit``) the monitored metric is missing at the end of an epoch, or
-            the learner has no optimizer of that name.
+        TypeError: a scheduler class that needs more than the optimizer (pass a factory).
+        ConfigurationError: (when the Learner is built) a scheduler built on another optimizer,
+            or an ``optimizer`` name the learner has no update stage for; (when ``fit``
+            starts) a monitored metric nothing writes.
+        KeyError: (during ``fit``) the monitored metric is missing at the end of an epoch,
+            where the learner could not know its metrics in advance.
 
     The scheduler's state is part of :meth:`state_dict`, so checkpoints resume the schedule.
     ``ReduceLROnPlateau`` on a validation metric steps only while ``fit`` runs (not in
@@ -389,8 +393,8 @@ class ParamSchedule(OptimizerCallback):
 
     Raises:
         ValueError: a bad ``interval``.
-        KeyError: (when training starts) the optimizer has no such hyperparameter, or the
-            learner has no optimizer of that name.
+        ConfigurationError: (when the Learner is built) the optimizer has no such
+            hyperparameter, or the learner has no update stage for an ``optimizer`` name.
 
     Reads ``optimizer`` (``optimizers`` for a named one) and ``epoch``; writes nothing (it
     changes the optimizer's param groups). The count is in :meth:`state_dict`; per epoch it is
