@@ -24,7 +24,7 @@ from . import _checks, _persist
 from ._exceptions import ConfigurationError, ControlFlow, LearnerBusyError, StageError
 from ._signals import Interrupted, StoppableRun
 from ._stage import split_batch
-from ._stages import ValidateLoss
+from ._stages import Fit, FitBatch, Gradient, Update, ValidateLoss
 from ._state import split_declaration
 
 if TYPE_CHECKING:
@@ -237,6 +237,7 @@ def check_fit(learner: Learner[Any], epochs: int) -> None:
     _check_reads(learner)
     _check_val_batches(learner)
     _check_saved_states(learner)
+    _check_run_length(learner, epochs)
     state = learner._state
     remaining = max(0, epochs - state.epoch)
     train = learner._train
@@ -329,6 +330,39 @@ def _check_saved_states(learner: Learner[Any]) -> None:
                 "state, or register the type with torch.serialization.add_safe_globals",
                 callbacks=(cb.name,),
             )
+
+
+def _check_run_length(learner: Learner[Any], epochs: int) -> None:
+    """A callback that fails past a number of optimizer steps (``OneCycle``'s total) says so
+    now, when the run's number of steps is known: a batch is one optimizer step (the default
+    batch) and every epoch has the same number of batches (sized data, or a stream cut by
+    ``steps_per_epoch``)."""
+    checks: list[tuple[Any, Callable[[int, str], str | None]]] = [
+        (cb, cb._check_run_steps)  # type: ignore[attr-defined]
+        for cb in learner._callbacks
+        if callable(getattr(type(cb), "_check_run_steps", None))
+    ]
+    stages = learner._stages
+    batch, fit = stages.get("fit_batch"), stages.get("fit")
+    if not checks or type(fit) is not Fit or type(batch) is not FitBatch or batch is None:
+        return  # (accumulated gradients: steps are not batches)
+    if [type(c) for c in batch.children] != [Gradient, Update]:
+        return  # (several updates, a step of its own)
+    train = learner._train
+    if train.steps_per_epoch is not None:
+        if train.is_async or not _checks.one_pass(train.data):
+            return  # finite data cut in passes: the epochs' lengths vary
+        per_epoch = train.steps_per_epoch
+    else:
+        try:
+            per_epoch = len(train.data)
+        except TypeError:
+            return
+    steps = epochs * per_epoch
+    for cb, check in checks:
+        problem = check(steps, f"fit({epochs}): {epochs} epochs of {per_epoch} batches")
+        if problem is not None:
+            raise ConfigurationError(f"{cb.name}: {problem}", callbacks=(cb.name,))
 
 
 def known_metrics(learner: Learner[Any]) -> set[str] | None:

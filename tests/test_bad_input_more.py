@@ -26,7 +26,16 @@ from aiolearner import (
     StateView,
     StopFit,
 )
-from aiolearner.callbacks import EMA, Checkpoint, CSVLogger, EarlyStopping, JSONLinesLogger, Metrics
+from aiolearner.callbacks import (
+    EMA,
+    AccumulateGradients,
+    Checkpoint,
+    CSVLogger,
+    EarlyStopping,
+    JSONLinesLogger,
+    Metrics,
+    OneCycle,
+)
 from aiolearner.testing import make_batches, make_learner, tiny_model
 
 # -- hooks that would never run ------------------------------------------------------------------
@@ -513,3 +522,15 @@ def test_an_optimizer_that_needs_a_closure() -> None:
     optimizer = torch.optim.LBFGS(model.parameters())
     with pytest.raises(ValueError, match=r"LBFGS\) needs a closure in step\(closure\)"):
         Learner(model, optimizer, torch.nn.functional.cross_entropy, make_batches(2))
+
+
+async def test_a_one_cycle_schedule_shorter_than_the_run() -> None:
+    learner = make_learner(callbacks=[OneCycle(0.1, total_steps=3)], n_batches=4)
+    message = r"total_steps=3, but the run takes 8 optimizer steps \(fit\(2\): 2 epochs of 4"
+    with pytest.raises(ConfigurationError, match=message):
+        await learner.fit(2)
+    assert learner.state.step == 0
+    await make_learner(callbacks=[OneCycle(0.1, total_steps=8)], n_batches=4).fit(2)
+    # Accumulated gradients (fewer optimizer steps than batches): not judged.
+    accumulate: dict[str, Any] = {"fit": AccumulateGradients(2)}
+    await make_learner(callbacks=[OneCycle(0.1, total_steps=4)], stages=accumulate).fit(2)

@@ -299,6 +299,10 @@ class OneCycle(LRSchedule):
 
     Raises:
         ValueError: ``total_steps`` is not a positive int.
+        ConfigurationError: (when ``fit`` starts) the run takes more optimizer steps than
+            ``total_steps``, where that is known: a batch is one step (no accumulation, one
+            update) and the epochs have a length (sized data, or a stream cut by
+            ``steps_per_epoch``).
 
     Example:
         >>> learner = Learner(..., callbacks=[OneCycle(0.1, total_steps=epochs * len(loader))])
@@ -320,6 +324,15 @@ class OneCycle(LRSchedule):
 
         super().__init__(make, interval="step", optimizer=optimizer)
         self.total_steps = total_steps
+
+    def _check_run_steps(self, steps: int, run: str) -> str | None:
+        """At fit start, the run's optimizer steps when known: OneCycleLR fails past its total."""
+        if steps <= self.total_steps:
+            return None
+        return (
+            f"total_steps={self.total_steps}, but the run takes {steps} optimizer steps "
+            f"({run}) and the schedule fails past its total; give total_steps={steps}"
+        )
 
 
 def warmup_cosine_factor(
