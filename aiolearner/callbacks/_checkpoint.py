@@ -49,6 +49,7 @@ from ._files import (
     SUFFIXES,
     NamedPlan,
     atomic_write_file,
+    best_from_state,
     check_directory,
     check_name,
     copy_into,
@@ -570,18 +571,12 @@ class Checkpoint(Callback):
             "last_saved": None if self._last_saved is None else list(self._last_saved),
             "unqueued": plan_to_portable(self._unqueued),
             "removing": list(self._removing),
+            "monitor": self.monitor,
+            "mode": self.mode,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        best = [
-            {
-                "name": check_name(e["name"]),
-                "score": float(e["score"]),
-                "epoch": int(e["epoch"]),
-                "step": int(e["step"]),
-            }
-            for e in state.get("best", [])
-        ]
+        best = best_from_state(state, self.monitor, self.mode)
         periodic = [check_name(n) for n in state.get("periodic", [])]
         self.best = best
         self._periodic = periodic

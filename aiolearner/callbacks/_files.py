@@ -24,6 +24,7 @@ import re
 import shutil
 import threading
 import uuid
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_file",
     "as_path",
+    "best_from_state",
     "check_directory",
     "check_file",
     "check_name",
@@ -252,6 +254,32 @@ def check_file(path: object, who: str, example: str) -> Path:
         )
     check_directory(path.parent, who)
     return path
+
+
+def best_from_state(state: Mapping[str, Any], monitor: str | None, mode: str) -> list[Any]:
+    """The best files a Checkpoint's saved state lists (name, score, epoch, step), if they
+    were judged as this one judges; none (with a warning) if by another metric or direction:
+    their scores would be compared with this one's, and the wrong files kept and pruned. Their
+    files stay on disk, untouched."""
+    entries = state.get("best", [])
+    saved = (state.get("monitor", monitor), state.get("mode", mode))
+    if entries and saved != (monitor, mode):
+        warnings.warn(
+            f"Checkpoint(monitor={monitor!r}, mode={mode!r}): the checkpoint's best files were "
+            f"judged by {saved[0]!r} (mode {saved[1]!r}); they are not taken as this one's best"
+            " (their files stay where they are)",
+            stacklevel=3,
+        )
+        return []
+    return [
+        {
+            "name": check_name(e["name"]),
+            "score": float(e["score"]),
+            "epoch": int(e["epoch"]),
+            "step": int(e["step"]),
+        }
+        for e in entries
+    ]
 
 
 def check_name(name: object) -> str:
