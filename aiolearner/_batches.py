@@ -236,7 +236,8 @@ class Batches:
                 # Slow: two fetches in a row over budget. One alone may be a garbage collection
                 # or the machine being busy (a fetch of tensors in memory can take many times its
                 # usual time on a loaded machine), so even a long single fetch is not enough.
-                # Fetch ahead in a worker thread from now on.
+                # Fetch ahead in a worker thread from now on, unless its draws say otherwise
+                # (see _probed).
                 source.slow_fetches += 1
                 if source.slow_fetches == 1 or (source.counts and source.drawn == drawn):
                     # The first slow fetch, or one that served a batch drawn earlier (a rebuilt

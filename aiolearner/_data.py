@@ -17,7 +17,8 @@ With ``fetch="auto"`` (the default) a sync source starts inline and moves to the
 as two fetches in a row take longer than ``fetch_budget`` seconds; async iterables always use the
 producer. A source whose fetches draw from a global generator (augmentation in ``__getitem__``)
 that compute draws from too (dropout) stays inline: a producer thread's draws and the compute
-thread's would interleave in a different order in every run (see :attr:`BatchSource.kept_inline`).
+thread's would interleave in a different order in every run (see :attr:`BatchSource.kept_inline`;
+where compute draws, the fetches are watched for a few batches before the move).
 
 Errors raised by the source surface in the stage that consumes the batch, as their own type, with a
 note naming the source and the batch index. Closing a pass cancels the producer and waits for it.

@@ -536,17 +536,21 @@ async def test_a_one_cycle_schedule_shorter_than_the_run() -> None:
     await make_learner(callbacks=[OneCycle(0.1, total_steps=4)], stages=accumulate).fit(2)
 
 
+def _names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
 async def test_best_files_judged_by_another_metric_are_not_taken_as_best(tmp_path: Path) -> None:
     first = Checkpoint(tmp_path, monitor="val_loss", top_k=2)
     await make_learner(callbacks=[first]).fit(2)
-    kept = sorted(p.name for p in tmp_path.iterdir())
+    kept = _names(tmp_path)
     assert first.best
     changed = Checkpoint(tmp_path, monitor="train_loss", mode="max", top_k=2)
     learner = make_learner(callbacks=[changed])
     with pytest.warns(UserWarning, match=r"best files were judged by 'val_loss' \(mode 'min'\)"):
         learner.load_checkpoint(tmp_path / "last.pt")
     assert changed.best == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == kept  # nothing removed
+    assert _names(tmp_path) == kept  # nothing removed
     same = Checkpoint(tmp_path, monitor="val_loss", top_k=2)
     make_learner(callbacks=[same]).load_checkpoint(tmp_path / "last.pt")
     assert same.best == first.best
