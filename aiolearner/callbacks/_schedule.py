@@ -60,8 +60,9 @@ class LRSchedule(OptimizerCallback):
             at the end of each epoch otherwise.
         frequency: step the scheduler every this many steps or epochs.
         optimizer: the name of the optimizer it schedules, for a learner with several
-            (default: the first). A per-step schedule then steps in ``after_update_<name>``,
-            the hook of ``Update(optimizer=name)``, and the callback is named
+            (default: the first, stepped by the unnamed ``Update()``; where every update is
+            named, name one). A per-step schedule then steps in ``after_update_<name>``, the
+            hook of ``Update(optimizer=name)``, and the callback is named
             ``LRSchedule[<name>]``.
 
     Raises:
