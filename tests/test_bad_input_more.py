@@ -305,7 +305,7 @@ async def test_metrics_reading_a_field_nothing_writes() -> None:
         await renamed.fit(1)
 
 
-async def test_metrics_reading_a_field_a_stage_declares() -> None:
+async def test_metrics_reading_a_field_a_stage_of_ones_own_sets() -> None:
     class Logits(Gradient):
         fields: ClassVar[dict[str, str]] = {"output": "batch", "loss": "batch", "logits": "batch"}
 
