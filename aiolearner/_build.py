@@ -454,8 +454,13 @@ def describe(learner: Learner[Any]) -> str:
     policy = learner._rt.policy
     lines.append(f"compute: {policy.mode} (max_blocking={policy.max_blocking}s)")
     rt = learner._rt
+    beside = rt.validator is not None and rt.validator.concurrent
     for source in (rt.train, *rt.val_sets.values()):
-        lines.append(f"data: {source.name}: {_fetching(source)}")
+        line = f"data: {source.name}: {_fetching(source)}"
+        if beside and source is not rt.train:
+            # Inline or not, its fetches run while training computes (concurrent-validation.md).
+            line += "; validated concurrently, so what it draws is drawn beside training"
+        lines.append(line)
     if learner._rt.strategy is not None:
         lines.append(learner._rt.strategy.describe())
     if learner._callbacks:

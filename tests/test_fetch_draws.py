@@ -253,3 +253,18 @@ async def test_a_stream_drawing_augmentation_goes_on_exactly_after_an_undone_bat
         assert cancel.step is None or step is None
         weights.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
+
+
+def test_describe_says_a_concurrent_validation_set_draws_beside_training() -> None:
+    model = Watched(dropout=True)
+    learner: Learner[Any] = Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nn.functional.cross_entropy,
+        Augmented("torch", model),
+        Augmented("torch", model),
+        validate="concurrent",
+    )
+    text = learner.describe()
+    assert "data: val_data: fetch=auto: inline; validated concurrently, so what it draws" in text
+    assert "data: train_data: fetch=auto: inline\n" in text
