@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._prefetch import Failure, LoopFeed, Moved, ThreadFeed
-from ._rng import draw_marks, drawn_between
+from ._rng import capture_rng, drawn_between
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -218,7 +218,7 @@ class Batches:
         auto = source.fetch == "auto" and source.kept_inline is None
         # After a slow fetch, whether this one and what ran since the last one draw from the
         # global generators (read only then: a slow fetch pays for it, a cheap one does not).
-        before = draw_marks() if auto and source.slow_fetches >= 1 else None
+        before = capture_rng() if auto and source.slow_fetches >= 1 else None
         drawn = source.drawn
         start = time.perf_counter()
         try:
@@ -244,7 +244,7 @@ class Batches:
                     # pass serves those its iterator had fetched ahead): what it draws says
                     # nothing, the decision waits for a fetch that draws from the data.
                     source.slow_fetches = 1
-                    source.after_slow = draw_marks()
+                    source.after_slow = capture_rng()
                 elif before is None or self._probed(source, before):
                     source.slow = True
                     if not off_loop:  # a task can only be started from the loop
@@ -267,7 +267,7 @@ class Batches:
         every run, so it stays inline (:attr:`BatchSource.kept_inline`). With compute drawing,
         the fetches are watched for ``PROBE_FETCHES`` before the move: a source whose batches
         draw only now and then (augmentation applied at random) must be seen drawing."""
-        after, since = draw_marks(), source.after_slow
+        after, since = capture_rng(), source.after_slow
         source.after_slow = after  # where the next look begins
         if since is None:
             return True

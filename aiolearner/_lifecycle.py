@@ -267,13 +267,18 @@ def _check_monitors(learner: Learner[Any]) -> None:
         )
 
 
+def _has_own_stages(learner: Learner[Any]) -> bool:
+    """Whether a stage of the user's own is in the tree (it may set any field or metric)."""
+    return any(type(s).__module__.partition(".")[0] != "aiolearner" for s in learner._root.walk())
+
+
 def _check_reads(learner: Learner[Any]) -> None:
     """A callback told to read a field by name (``Metrics(output_field=...)``) reads it on
     every batch: one that no stage or callback of the learner writes would fail there, after
     training ran, so it is refused now. (Fields a callback's class declares in ``reads`` may
     be read only where they are valid, ``state.is_valid``: those are not judged here.) Not
     with a stage of the user's own, which may set fields outside its batches."""
-    if any(type(s).__module__.partition(".")[0] != "aiolearner" for s in learner._root.walk()):
+    if _has_own_stages(learner):
         return
     known = learner._rt.executor.known_fields | {
         k for k in learner._state.__dict__ if not k.startswith("_")
@@ -372,7 +377,7 @@ def known_metrics(learner: Learner[Any]) -> set[str] | None:
     passes, and the keys callbacks declare they write. ``None`` when that cannot be known: a
     callback declaring all of ``metrics``, or a stage of the user's own (a stage may publish
     any key)."""
-    if any(type(s).__module__.partition(".")[0] != "aiolearner" for s in learner._root.walk()):
+    if _has_own_stages(learner):
         return None
     sets = [name for name in learner._val_sets if name is not None]
     known = {"train_loss"}

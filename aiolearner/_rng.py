@@ -19,7 +19,6 @@ import torch
 __all__ = [
     "capture_data_streams",
     "capture_rng",
-    "draw_marks",
     "drawn_between",
     "restore_data_streams",
     "restore_rng",
@@ -75,22 +74,10 @@ def restore_torch_rng(states: tuple[torch.Tensor, list[torch.Tensor] | None]) ->
         torch.cuda.set_rng_state_all(cuda)
 
 
-def draw_marks() -> dict[str, Any]:
-    """Where the global generators that data and compute can both draw from on the CPU are:
-    torch's, numpy's and Python's. Two of these tell which were drawn from in between
-    (:func:`drawn_between`). (CUDA's generators are left out: a model's dropout on the device
-    and augmentation on the CPU draw from different ones.)"""
-    marks: dict[str, Any] = {
-        "torch": torch.default_generator.get_state(),
-        "python": random.getstate(),
-    }
-    if _np is not None:
-        marks["numpy"] = _np.random.get_state()
-    return marks
-
-
 def drawn_between(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
-    """The generators of :func:`draw_marks` that moved from ``before`` to ``after``."""
+    """Which of the global generators data and compute can both draw from on the CPU (torch's,
+    numpy's, Python's) moved between two :func:`capture_rng` states. (CUDA's are not
+    compared: dropout on the device and augmentation on the CPU draw from different ones.)"""
     moved = set()
     if not torch.equal(before["torch"], after["torch"]):
         moved.add("torch")
