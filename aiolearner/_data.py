@@ -280,6 +280,14 @@ class BatchSource:
             else:
                 self.drawn = drawn
 
+    def draws_ahead(self, generator: str) -> bool:
+        """Whether batches fetched ahead (a producer thread) draw from the global
+        ``generator`` as they are fetched: undoing a batch must not take that generator back,
+        or the batches fetched after it would draw numbers already drawn. (Compute draws none
+        of it: the source would have been kept inline. With ``fetch="thread"`` nothing is
+        watched, and ``False`` is the answer.)"""
+        return self.slow and self.data_draws is not None and generator in self.data_draws
+
     @property
     def marks_after_fetch(self) -> bool:
         """Whether an awaited batch's :meth:`mark` is taken after its fetch: a one-pass live

@@ -378,8 +378,10 @@ class Runtime:
         elif batch is not None:
             self.train.keep_undone(batch)
             began = self.batch_rng
-            if began is not None and began[0] is batch:
-                restore_torch_rng(began[1])  # the forward's draws (dropout), if it ran
+            # The forward's draws (dropout), if it ran; not where a producer thread's fetches
+            # draw from torch's generator too (their draws stay: compute draws none of it).
+            if began is not None and began[0] is batch and not self.train.draws_ahead("torch"):
+                restore_torch_rng(began[1])
         self.batch_rng = None
 
     #: Where the current epoch is: what a failed checkpoint load puts back.

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from aiolearner import Callback, Learner, StateView
+from aiolearner import Callback, Learner, StateView, StopFit
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 N_BATCHES = 16
@@ -212,45 +212,92 @@ def augmented_stream() -> Iterator[Batch]:
         yield x + 0.1 * torch.rand(x.shape), y
 
 
-class CancelOnce(Callback):
-    """Cancels the run from an awaited hook (the batch is undone) at ``step``, once."""
+class AugmentedSamples(torch.utils.data.Dataset[Batch]):
+    """Samples that draw augmentation from torch's generator as they are fetched."""
 
-    reads = frozenset({"step"})
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.x, self.y = torch.randn(64, 3, generator=g), torch.randint(0, 2, (64,), generator=g)
 
-    def __init__(self, step: int | None) -> None:
-        self.step = step
-        self.scope: anyio.CancelScope | None = None
+    def __len__(self) -> int:
+        return 64
 
-    async def after_gradient(self, state: StateView) -> None:
-        if state.step == self.step and self.scope is not None:
+    def __getitem__(self, i: int) -> Batch:
+        return self.x[i] + 0.1 * torch.rand(3), self.y[i]
+
+
+def augmented_loader() -> torch.utils.data.DataLoader[Batch]:
+    """A DataLoader shuffling from the global generator over augmenting samples."""
+    return torch.utils.data.DataLoader(AugmentedSamples(), batch_size=4, shuffle=True)
+
+
+def interrupting(hook: str, how: str, step: int | None) -> Callback:
+    """A callback that, at ``step`` and once, interrupts the batch from ``hook`` before its
+    commit: ``"cancel"`` cancels the run from an ``async def`` hook (the batch is awaited),
+    ``"stop"`` raises StopFit from a ``def`` hook (the batch stays fused)."""
+
+    class Interrupt(Callback):
+        reads = frozenset({"step"})
+
+        def __init__(self) -> None:
+            self.step = step
+            self.scope: anyio.CancelScope | None = None
+
+        def due(self, state: StateView) -> bool:
+            if state.step != self.step:
+                return False
             self.step = None
-            self.scope.cancel()
-        await anyio.lowlevel.checkpoint()
+            return True
+
+        async def cancel(self, state: StateView) -> None:
+            if self.due(state) and self.scope is not None:
+                self.scope.cancel()
+            await anyio.lowlevel.checkpoint()
+
+        def stop(self, state: StateView) -> None:
+            if self.due(state):
+                raise StopFit("interrupted")
+
+    setattr(Interrupt, hook, Interrupt.cancel if how == "cancel" else Interrupt.stop)
+    return Interrupt()
 
 
+@pytest.mark.parametrize(
+    ("hook", "how"),
+    [
+        ("before_fit_batch", "cancel"),
+        ("after_gradient", "cancel"),
+        ("before_update", "cancel"),
+        ("before_fit_batch", "stop"),
+        ("after_gradient", "stop"),
+        ("before_update", "stop"),
+    ],
+)
 @pytest.mark.parametrize("budget", [0.0005, 0.0])  # 0: every fetch slow (a producer thread
 @pytest.mark.parametrize("dropout", [True, False])  # where compute draws nothing)
-async def test_a_stream_drawing_augmentation_goes_on_exactly_after_an_undone_batch(
-    dropout: bool, budget: float
+@pytest.mark.parametrize("data", ["stream", "shuffling DataLoader"])
+async def test_augmentation_goes_on_exactly_after_an_undone_batch(
+    data: str, dropout: bool, budget: float, hook: str, how: str
 ) -> None:
     weights = []
     for step in (None, 3):
         torch.manual_seed(0)
         model = Watched(dropout)
-        cancel = CancelOnce(step)
+        interrupt: Any = interrupting(hook, how, step)
+        source: Any = augmented_stream() if data == "stream" else augmented_loader()
         learner: Learner[Any] = Learner(
             model,
             torch.optim.SGD(model.parameters(), lr=0.1),
             nn.functional.cross_entropy,
-            augmented_stream(),
-            steps_per_epoch=5,
+            source,
+            steps_per_epoch=5 if data == "stream" else None,
             fetch_budget=budget,
-            callbacks=[cancel],
+            callbacks=[interrupt],
         )
         while learner.state.epoch < 2:
-            with anyio.CancelScope() as cancel.scope:
+            with anyio.CancelScope() as interrupt.scope:
                 await learner.fit(2)
-        assert cancel.step is None or step is None
+        assert interrupt.step is None or step is None
         weights.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
 
