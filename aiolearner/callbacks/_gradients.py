@@ -45,6 +45,14 @@ def _stepped(state: State, update: Stage, default: str | None) -> torch.optim.Op
     return state.optimizer if name is None else state.optimizers[name]
 
 
+def _listed(window: list[torch.Tensor | None] | None) -> list[torch.Tensor | None] | None:
+    return None if window is None else list(window)
+
+
+def _copied(window: list[torch.Tensor | None] | None) -> list[torch.Tensor | None] | None:
+    return None if window is None else [None if g is None else g.clone() for g in window]
+
+
 def _scale_gradients(optimizer: torch.optim.Optimizer, factor: float) -> None:
     grads = [
         p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
@@ -163,6 +171,24 @@ class _AccumulatingFitBatch(FitBatch):
         # batch_index counts the epoch's batches done so far (also after a mid-epoch resume),
         # so groups stay aligned with the epoch whatever interrupted it.
         last = (state.batch_index + 1) % self.every == 0
+        if not last:
+            await self._micro_batch(state)
+            return
+        # From put_back on, the group's gradients are in .grad, which the learner clears when
+        # the batch is interrupted before its update commits: keep the earlier micro-batches'
+        # part (gather adds into the new micro-batch's tensors, not into these) to give back.
+        # Under a strategy put_back hands them to the backward, which may add into them.
+        kept = _copied(self.window) if self.context.strategy is not None else _listed(self.window)
+        try:
+            await self._micro_batch(state)
+        except BaseException as exc:
+            # What this stage catches (a skipped batch) is put right by acted().
+            if not self.context.committed and not isinstance(exc, self.catches):
+                self.window, self.in_group = kept, kept is not None
+            raise
+
+    async def _micro_batch(self, state: State) -> None:
+        last = (state.batch_index + 1) % self.every == 0
         if last:
             if self.context.strategy is not None:
                 # The strategy all-reduces .grad in this backward: the group's gradients must
@@ -254,6 +280,10 @@ class AccumulateGradients(Fit):
         fit_batch = self.fit_batch
         assert isinstance(fit_batch, _AccumulatingFitBatch)
         optimizer = fit_batch.stepped(state)
+        # The update is this pass's last act: interrupted before the optimizer steps, the group
+        # goes back to the stage, so that the pass's end applies it when the run goes on (and a
+        # checkpoint taken at the interruption holds it). A copy: it is scaled in .grad.
+        kept = _copied(fit_batch.window)
         fit_batch.put_back(state)
         strategy = self.context.strategy
         if strategy is not None:
@@ -264,7 +294,18 @@ class AccumulateGradients(Fit):
         # it, and its commit (Update commits with the weights) is that same commit, so the
         # counters stay where they are.
         assert self.context.committed
-        await fit_batch.update_stage(state)
+        stepped: list[bool] = []
+        hook = optimizer.register_step_post_hook(lambda *args: stepped.append(True))
+        try:
+            await fit_batch.update_stage(state)
+        except BaseException:
+            if not stepped:
+                # Not inside a batch: nobody else clears .grad, which holds the group, scaled.
+                state.model.zero_grad(set_to_none=True)
+                fit_batch.window, fit_batch.in_group = kept, kept is not None
+            raise
+        finally:
+            hook.remove()
 
 
 class GroupGradients(Callback):

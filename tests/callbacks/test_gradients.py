@@ -8,7 +8,7 @@ import anyio
 import pytest
 import torch
 
-from aiolearner import Callback, Learner, SkipBatch, StateView
+from aiolearner import Callback, Learner, SkipBatch, StateView, StopFit
 from aiolearner.callbacks import AccumulateGradients, Checkpoint, GradientClipping
 from aiolearner.testing import make_batches, make_learner, tiny_model
 
@@ -239,6 +239,16 @@ async def test_a_cancellation_inside_a_micro_batch_then_fit_again_is_exact() -> 
     )
 
 
+def checkpointed(directory: Path, *extra: Callback) -> Learner[Any]:
+    """Groups of 4 in 10 micro-batches, checkpointed with the group's gradients to ``directory``."""
+    acc = AccumulateGradients(4)
+    return make_learner(
+        n_batches=10,
+        stages={"fit": acc},
+        callbacks=[acc.checkpoint_callback(), Checkpoint(directory), *extra],
+    )
+
+
 class CancelAtStep(Callback):
     reads = frozenset({"step"})
 
@@ -257,21 +267,60 @@ async def test_resumed_between_the_last_micro_batch_and_the_short_group_s_update
     """Cancelled after the epoch's last micro-batch, before its short last group is applied: a
     fresh learner resumed from that point applies it and goes on exactly."""
 
-    def build(*extra: Callback) -> Learner[Any]:
-        acc = AccumulateGradients(4)
-        return make_learner(
-            n_batches=10,
-            stages={"fit": acc},
-            callbacks=[acc.checkpoint_callback(), Checkpoint(tmp_path), *extra],
-        )
-
     reference = make_learner(n_batches=10, stages={"fit": AccumulateGradients(4)})
     await reference.fit(2)
     with anyio.CancelScope() as scope:
-        await build(CancelAtStep(10, scope)).fit(2)
-    resumed = build()
+        await checkpointed(tmp_path, CancelAtStep(10, scope)).fit(2)
+    resumed = checkpointed(tmp_path)
     await resumed.fit(2, resume="last")
     assert all(
         torch.equal(a, b)
         for a, b in zip(resumed.model.parameters(), reference.model.parameters(), strict=True)
     )
+
+
+class InterruptBeforeUpdate(Callback):
+    """Interrupts the ``nth`` update (counting from 1) in ``before_update``, once: by cancelling
+    ``scope`` from an ``async def`` hook, or (``scope`` None) by raising ``StopFit``."""
+
+    def __init__(self, nth: int, scope: anyio.CancelScope | None) -> None:
+        self.nth, self.scope, self.calls = nth, scope, 0
+        if scope is None:
+            self.before_update = self._stop  # type: ignore[method-assign, assignment]
+
+    async def before_update(self, state: StateView) -> None:
+        self.calls += 1
+        if self.calls == self.nth and self.scope is not None:
+            self.scope.cancel()
+            await anyio.lowlevel.checkpoint()
+
+    def _stop(self, state: StateView) -> None:
+        self.calls += 1
+        if self.calls == self.nth:
+            raise StopFit("interrupted before the update")
+
+
+# Updates of 10 micro-batches in groups of 4: 1 and 4 end a full group, 3 is the epoch's short
+# group applied when the pass ends.
+@pytest.mark.parametrize("nth", [1, 3, 4])
+@pytest.mark.parametrize("how", ["cancel", "stop"])
+async def test_an_update_interrupted_before_it_applies_then_fit_again_or_resume_is_exact(
+    tmp_path: Path, nth: int, how: str
+) -> None:
+    """The group's gradients are out of the stage's keeping from ``before_update`` on: an
+    interruption there must give them back, not leave them in ``.grad`` to be cleared."""
+
+    reference = make_learner(n_batches=10, stages={"fit": AccumulateGradients(4)})
+    await reference.fit(2)
+    with anyio.CancelScope() as scope:
+        interrupt = InterruptBeforeUpdate(nth, scope if how == "cancel" else None)
+        learner = checkpointed(tmp_path, interrupt)
+        await learner.fit(2)
+    resumed = checkpointed(tmp_path)
+    await resumed.fit(2, resume="last")
+    await learner.fit(2)
+    for trained in (learner, resumed):
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(trained.model.parameters(), reference.model.parameters(), strict=True)
+        )
