@@ -37,6 +37,7 @@ from ._dist._comm import CONCURRENT
 from ._exceptions import ConfigurationError, ControlFlow, SkipBatch, StopEpoch, StopFit
 from ._stage import epoch_words
 from ._state import State, declared_key, split_declaration
+from ._sync import event_loop_running
 from ._view import StateView
 
 if TYPE_CHECKING:
@@ -83,6 +84,14 @@ def _note(exc: BaseException, entry: Entry, hook: str, stage: str) -> None:
         f"aiolearner: raised by callback {entry.name!r} in hook {hook!r} (stage {stage!r}) "
         f"at {epoch_words(d.get('epoch'))}, step {d.get('step')}"
     )
+    if isinstance(exc, RuntimeError) and not event_loop_running():
+        # Trio's cancel scopes, for one, refuse to be used from another thread.
+        exc.add_note(
+            "aiolearner: this def hook ran in the compute worker thread, off the event loop, "
+            "whose objects (a cancel scope, an event, a task group) it must not use: hand such "
+            "work to the loop with state.start_soon(...), stop the run with StopFit, or make "
+            "the hook async def (docs/writing-callbacks.md)"
+        )
 
 
 class HookPlan:

@@ -477,3 +477,51 @@ def test_a_callback_on_the_unnamed_update_among_named_ones_is_told_to_name_one()
                 "fit_batch": FitBatch(Gradient(), Update("body", commit=False), Update("head"))
             },
         )
+
+
+# -- a def hook in the compute worker thread and the event loop's objects -------------------------
+
+
+class CancelsFromDefHook(Callback):
+    """After the third update, cancels ``scope``: handed to the loop with ``state.start_soon``
+    (the documented way), or (``direct``) by using the event loop from the hook itself."""
+
+    def __init__(self, scope: anyio.CancelScope, *, direct: bool) -> None:
+        self.scope, self.direct, self.updates = scope, direct, 0
+
+    def after_update(self, state: StateView) -> None:
+        self.updates += 1
+        if self.updates != 3:
+            return
+        if self.direct:
+            anyio.lowlevel.current_token()  # what scope.cancel() does under trio: needs the loop
+            return
+        scope = self.scope
+
+        async def cancel() -> None:
+            scope.cancel()
+
+        state.start_soon(cancel)
+
+
+@pytest.mark.parametrize("compute", ["thread", "inline", "auto"])
+async def test_a_def_hook_cancels_the_caller_s_scope_through_start_soon(compute: str) -> None:
+    with anyio.CancelScope() as scope:
+        learner = make_learner(
+            n_batches=4, callbacks=[CancelsFromDefHook(scope, direct=False)], compute=compute
+        )
+        await learner.fit(50)
+    assert scope.cancelled_caught
+    assert 3 <= learner.state.step < 200
+
+
+async def test_a_def_hook_using_the_event_loop_from_the_worker_thread_is_told_why() -> None:
+    learner = make_learner(
+        n_batches=4,
+        callbacks=[CancelsFromDefHook(anyio.CancelScope(), direct=True)],
+        compute="thread",
+    )
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(RuntimeError, check=lambda e: "state.start_soon" in str(e.__notes__))
+    ):
+        await learner.fit(2)
