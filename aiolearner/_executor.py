@@ -41,6 +41,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from ._data import END, WAIT
 from ._exceptions import ControlFlow, StageError
 from ._rng import capture_torch_rng
@@ -64,8 +66,7 @@ __all__ = ["BURST_SECONDS", "BatchProgram", "Executor"]
 #: The longest a burst of batches keeps the compute worker before handing back to the loop.
 BURST_SECONDS = 0.05
 
-# The definitions the default program is compiled from, as they were when this module was
-# imported: a subclass or a patch that replaces either one runs as written, never this shortcut.
+# The default program's definitions at import: a subclass or a patch runs as written instead.
 _GRADIENT_COMPUTE = Gradient.compute
 _UPDATE_COMPUTE = Update.compute
 
@@ -81,9 +82,10 @@ class BatchProgram:
         full: what runs while observed: every stage's entry and exit seen (``drive``).
         locks: whether the batch holds the weights' write lock while it runs (a synchronous
             program with a compute stage that writes weights).
+        shielded: an awaited batch writing weights before its commit (``commit=False``).
     """
 
-    __slots__ = ("fast", "full", "kind", "locks", "rt", "signature", "stage")
+    __slots__ = ("fast", "full", "kind", "locks", "rt", "shielded", "signature", "stage")
 
     def __init__(self, stage: Stage, rt: Runtime) -> None:
         self.stage = stage
@@ -91,9 +93,9 @@ class BatchProgram:
         #: What the program was compiled from (see :func:`_signature`).
         self.signature = _signature(stage)
         self.kind = _kind(stage)
-        self.locks = self.kind != "async" and any(
-            isinstance(s, ComputeStage) and s.writes_weights for s in stage.walk()
-        )
+        writers = [s for s in stage.walk() if isinstance(s, ComputeStage) and s.writes_weights]
+        self.locks = self.kind != "async" and bool(writers)
+        self.shielded = self.kind == "async" and any(not getattr(s, "commit", 1) for s in writers)
         self.fast: Callable[[State], None] | None
         if self.kind == "default":
             self.fast = self._default_batch()
@@ -423,8 +425,9 @@ class Executor:
                                 pending = await self._burst(program, state, batches, losses)
                             else:
                                 await rt.compute(fn, state, writes_weights=locks)  # type: ignore[arg-type]
-                    else:
-                        await stage(state)
+                    else:  # (shielded: a cancellation lands once the weights are whole)
+                        with anyio.CancelScope(shield=program.shielded):
+                            await stage(state)
                 except BaseException as exc:
                     if isinstance(exc, ControlFlow) and isinstance(exc, fit.catches):
                         self.consume_batch(stage, state)

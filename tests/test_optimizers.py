@@ -400,3 +400,39 @@ async def test_mixed_precision_steps_each_optimizer_through_one_scaler(device: s
     assert all(torch.isfinite(p).all() for p in learner.model.parameters())
     assert clip.last_norm is not None
     assert torch.isfinite(clip.last_norm)
+
+
+# -- a batch of two updates, cancelled between them ---------------------------------------------
+
+
+class CancelsBetweenUpdates(Callback):
+    """Cancels ``scope`` from an ``async def after_update_a`` hook (the batch is awaited) in the
+    third batch, and awaits, so that the cancellation is delivered there."""
+
+    def __init__(self, scope: Any) -> None:
+        self.scope, self.calls = scope, 0
+
+    async def after_update_a(self, state: StateView) -> None:
+        import anyio
+
+        self.calls += 1
+        if self.calls == 3 and self.scope is not None:
+            self.scope.cancel()
+            await anyio.lowlevel.checkpoint()
+
+
+async def test_an_awaited_batch_cancelled_between_its_updates_is_finished_first() -> None:
+    """The first update's weights are written before the batch commits: the cancellation lands
+    once the batch is whole, so the counters match the weights and fit again is exact."""
+    import anyio
+
+    reference = two_optimizers(callbacks=(CancelsBetweenUpdates(None),))
+    await reference.fit(2)
+    with anyio.CancelScope() as scope:
+        learner = two_optimizers(callbacks=(CancelsBetweenUpdates(scope),))
+        await learner.fit(2)
+    assert scope.cancelled_caught
+    assert learner.state.step >= 3  # the third batch whole, at least
+    await learner.fit(2)
+    for a, b in zip(weights(learner), weights(reference), strict=True):
+        assert torch.equal(a, b)
