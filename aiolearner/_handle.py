@@ -289,6 +289,8 @@ class FitHandle:
         self._finished = False
         self._state = RunState.PENDING
         self._claimed = False
+        #: Waiting for a limiter's slot (see run): a cancel() then ends the handle at once.
+        self._queued = False
         self._error: BaseException | None = None
         self._streams: list[EventStream] = []
 
@@ -323,9 +325,9 @@ class FitHandle:
         return self._cancel_requested
 
     def cancel(self) -> None:
-        """Cancel the run. A handle whose :meth:`run` was not called yet is ``CANCELLED`` and
-        done at once (a later :meth:`run` returns at once, training nothing); one waiting for a
-        limiter's slot leaves the queue.
+        """Cancel the run. A handle whose :meth:`run` was not called yet, or that waits for a
+        limiter's slot, is ``CANCELLED`` and done at once: it trains nothing and its finalizer
+        does not run (a later :meth:`run` returns at once; a waiting one leaves the queue).
 
         Call it from the event loop the run is on. It returns at once; await
         :meth:`wait_done` to know when the run (and its finalizer) is over.
@@ -333,7 +335,7 @@ class FitHandle:
         self._cancel_requested = True
         if self._scope is not None:
             self._scope.cancel()
-        elif not self._claimed and not self._finished:
+        if self._queued or (not self._claimed and not self._finished):
             # Nothing ran, so there is nothing to finalize: done now.
             self._state = RunState.CANCELLED
             self._finished = True
@@ -417,11 +419,15 @@ class FitHandle:
         try:
             with scope:
                 if limiter is not None:
-                    await limiter.acquire()
-                else:
-                    # A handle cancelled before it ran never starts fit.
-                    await anyio.lowlevel.checkpoint_if_cancelled()
+                    self._queued = True
+                    try:
+                        await limiter.acquire()
+                    finally:
+                        self._queued = False
                 try:
+                    # A handle cancelled before it ran (or while it waited in the queue, the
+                    # slot given to it meanwhile) never starts fit.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
                     # A learner busy with another run refuses this one before it starts: no
                     # finalizer while the other trains, none of the other's events here.
                     self._learner._check_idle("fit")

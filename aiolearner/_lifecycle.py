@@ -187,9 +187,10 @@ async def fit(
     run = StoppableRun(None if strategy is None else strategy.request_stop)
     began = False
     with run:
-        if run.signal is not None:
-            # A signal came while no run was in progress: this one does not begin.
-            await anyio.lowlevel.checkpoint_if_cancelled()
+        # A run called in a scope cancelled already (a signal that came while no run was in
+        # progress, a caller cancelled meanwhile) does not begin: a first batch would otherwise
+        # train before the cancellation is seen.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         began = True
         if resume is not None:
             if strategy is None:

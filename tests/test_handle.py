@@ -88,6 +88,39 @@ async def test_cancel_while_queued_leaves_the_queue() -> None:
     assert queued.learner.state.step == 0
 
 
+async def test_cancel_as_the_queue_hands_the_slot_over_trains_nothing() -> None:
+    """The slot is given to the waiting handle, which is cancelled before its task resumes: it
+    is done at once, trains nothing, is not finalized, and gives the slot back."""
+    limiter = anyio.CapacityLimiter(1)
+    finalized: list[FitHandle] = []
+
+    async def finalize(handle: FitHandle) -> None:
+        finalized.append(handle)
+
+    queued = FitHandle(make_learner(compute="inline"), 1, finalize=finalize)
+    async with anyio.create_task_group() as tg:
+        await limiter.acquire()
+        tg.start_soon(lambda: queued.run(limiter=limiter))
+        await wait_all_tasks_blocked()
+        limiter.release()  # to the queued handle, whose task has not run since
+        queued.cancel()
+        assert queued.done
+        assert queued.state is RunState.CANCELLED
+    assert await queued.wait_done() is RunState.CANCELLED
+    assert finalized == []
+    assert queued.learner.state.step == 0
+    assert limiter.borrowed_tokens == 0
+
+
+async def test_fit_called_in_a_cancelled_scope_trains_nothing() -> None:
+    learner = make_learner(compute="inline")
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await learner.fit(2)
+    assert scope.cancelled_caught
+    assert learner.state.step == 0
+
+
 async def test_start_reports_when_fit_begins_and_queue_order() -> None:
     limiter = anyio.CapacityLimiter(1)
     a = FitHandle(make_learner(compute="inline"), 2)
