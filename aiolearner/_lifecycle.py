@@ -205,18 +205,36 @@ async def fit(
                 learner.load_state_dict(checkpoint)  # checks again that nobody started meanwhile
             except ValueError as exc:  # (the learner is as it was)
                 raise ValueError(f"checkpoint file {str(path)!r}: {exc}") from exc
-        learner._rt.target_epochs = epochs
+        rt = learner._rt
+        rt.target_epochs = epochs
         # The reason a previous call stopped for is not this call's.
         learner._state.invalidate("stop_reason")
-        async with running(learner, LearnerStatus.FITTING):
-            if strategy is None:
-                await learner._root(learner._state)
-            else:
-                await strategy._run_fit(learner)
+        rt.last_outcome = ""
+        try:
+            async with running(learner, LearnerStatus.FITTING):
+                if strategy is None:
+                    await learner._root(learner._state)
+                else:
+                    await strategy._run_fit(learner)
+        except anyio.get_cancelled_exc_class():
+            _stopped_unseen(learner)
+            raise
     if run.stopped:
         assert run.signal is not None
+        _stopped_unseen(learner)
         state = learner._state
         raise Interrupted(run.signal, epoch=state.epoch, step=state.step, began=began)
+
+
+def _stopped_unseen(learner: Learner[Any]) -> None:
+    """A cancellation or a signal that landed after the run had stopped (in its teardown):
+    keep the stop for the next fit (``Runtime.unseen_stop``). Not under a strategy, where an
+    outside cancellation of one rank is itself the stop every rank agrees on."""
+    state = learner._state
+    if learner._strategy is not None:
+        return
+    if learner._rt.last_outcome == "stopped" and state.is_valid("stop_reason"):
+        learner._rt.unseen_stop = state.stop_reason
 
 
 def check_fit(learner: Learner[Any], epochs: int) -> None:

@@ -113,6 +113,7 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
             "stop_after_epoch": (
                 None if rt.stop_after_epoch is None else rt.stop_after_epoch.reason
             ),
+            "unseen_stop": rt.unseen_stop,
             "hooks": progress_to_portable(rt.hook_progress),
             # Read again when the run resumes in an interrupted after_validate.
             "validation": _validation_to_portable(state),
@@ -220,6 +221,8 @@ def _load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> No
         rt.val_after = bool(progress.get("val_after", False))
         stop = progress.get("stop_after_epoch")
         rt.stop_after_epoch = None if stop is None else StopFit(str(stop))
+        unseen = progress.get("unseen_stop")
+        rt.unseen_stop = None if unseen is None else str(unseen)
         validation = progress.get("validation")
         if validation is not None:
             state.validation = dict(validation["results"])

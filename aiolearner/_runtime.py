@@ -138,6 +138,11 @@ class Runtime:
         self.target_epochs = 0
         #: How the last fit run ended (``state.outcome`` of its ``after_fit_run``).
         self.last_outcome = ""
+        #: The last run ended stopped (a StopFit acted on, its teardown done) but its caller
+        #: saw a cancellation (or a signal) that landed after: the stop's reason. The next fit
+        #: ends there as that run did (see FitRun.run), so that "fit again" after it finishes
+        #: as the uninterrupted run did.
+        self.unseen_stop: str | None = None
         self.pass_done = False
         #: The current epoch's ``after_epoch`` has run (or went to a concurrent tail): a
         #: ``StopFit`` counts the epoch only then, so that every epoch counted is recorded.
@@ -390,6 +395,7 @@ class Runtime:
         "val_done",
         "val_after",
         "stop_after_epoch",
+        "unseen_stop",
         "train_losses",
         "epoch_rng",
     )

@@ -415,6 +415,10 @@ class FitRun(Stage):
 
     async def run(self, state: State) -> None:
         rt = self._built()
+        if rt.unseen_stop is not None:
+            # The last run had stopped when its caller was cancelled: this one ends as it did.
+            reason, rt.unseen_stop = rt.unseen_stop, None
+            raise StopFit(reason)
         validator = rt.validator
         # Concurrent validations still running are awaited (their after_validate hooks too)
         # before after_fit_run, and cancelled if the run fails (see docs/concurrent-validation.md).

@@ -107,3 +107,49 @@ async def test_a_concurrent_validations_stop_survives_a_cancellation(
     await fresh.fit(EPOCHS)
     assert fresh.state.epoch <= STOP_EPOCH + 2
     assert fresh.state.stop_reason == "asked once"
+
+
+class CancelWithoutAwaiting(Callback):
+    """Cancels ``scope`` from a ``def`` hook of STOP_EPOCH: the cancellation lands at the next
+    await, which with these short epochs comes once the run has stopped (its teardown done)."""
+
+    reads = frozenset({"epoch"})
+
+    def __init__(self, hook: str) -> None:
+        self.hook = hook
+        self.scope: anyio.CancelScope | None = None
+
+    def _hit(self, state: StateView, hook: str) -> None:
+        if hook == self.hook and self.scope is not None and state.epoch == STOP_EPOCH:
+            self.scope.cancel()
+            self.scope = None
+
+    def after_validate(self, state: StateView) -> None:
+        self._hit(state, "after_validate")
+
+    def after_epoch(self, state: StateView) -> None:
+        self._hit(state, "after_epoch")
+
+
+@COMPUTES
+@pytest.mark.parametrize("hook", ["after_validate", "after_epoch"])
+async def test_a_cancellation_landing_after_the_stop_keeps_it_for_fit_again(
+    hook: str, compute: str
+) -> None:
+    """Wherever the cancellation lands, fit again (or a fresh learner loading the state dict)
+    ends where the uninterrupted run ended, with its reason, and trains no further."""
+    reference = build("sequential", compute)
+    await reference.fit(EPOCHS)
+    cancel = CancelWithoutAwaiting(hook)
+    learner = build("sequential", compute, cancel)
+    with anyio.CancelScope() as cancel.scope:
+        await learner.fit(EPOCHS)
+    saved = learner.state_dict()
+    fresh = build("sequential", compute)
+    fresh.load_state_dict(saved)
+    for again in (learner, fresh):
+        await again.fit(EPOCHS)
+        assert (again.state.epoch, again.state.step) == (STOP_EPOCH + 1, reference.state.step)
+        assert again.state.stop_reason == "asked once"
+    await learner.fit(EPOCHS)  # a fit after the stop was seen trains on, as after any stop
+    assert learner.state.epoch == EPOCHS
