@@ -49,7 +49,7 @@ from ._rng import capture_torch_rng
 from ._runtime import DRIVING, NOT_RUN
 from ._stage import ComputeStage, Stage, owned
 from ._stages import Epoch, Fit, FitBatch, Gradient, Update, Validate, forward, optimizer_step
-from ._train_stages import note_loss_problem
+from ._train_stages import note_loss_problem, record_interrupted
 from ._worker import SHARED_BURST_SECONDS
 
 if TYPE_CHECKING:
@@ -332,10 +332,8 @@ class Executor:
         return program
 
     async def train_pass(self, fit: Stage, state: State, batches: Batches) -> None:
-        """Take a batch, run its program, finish it; until the pass ends.
-
-        A :class:`~aiolearner.StopEpoch` from a batch ends the pass: the batch is finished
-        (consumed) and ``fit``, which owns it, acts on it."""
+        """Take a batch, run its program, finish it; until the pass ends. A StopEpoch from a
+        batch ends the pass: the batch is finished (consumed) and ``fit`` acts on it."""
         rt = self.rt
         program = self.program(fit.fit_batch)  # type: ignore[attr-defined]
         stage = program.stage
@@ -345,8 +343,7 @@ class Executor:
         fast, drive = program.fast, program.full
         synchronous = fast is not None
         late = not synchronous and batches.source.marks_after_fetch
-        # Bursts need nothing of the loop between batches: no validation due between them.
-        bursts = synchronous and validator is None
+        bursts = synchronous and validator is None  # (no validation due between batches)
         locks = program.locks
         run_inline = rt.run_inline
         context = rt.context
@@ -429,6 +426,8 @@ class Executor:
                         with anyio.CancelScope(shield=program.shielded):
                             await stage(state)
                 except BaseException as exc:
+                    if context.committed:
+                        await record_interrupted(stage, state, exc)
                     if isinstance(exc, ControlFlow) and isinstance(exc, fit.catches):
                         self.consume_batch(stage, state)
                         owned(fit, state, exc)

@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import anyio
 import torch
 
 from ._device import wait_ready
 from ._exceptions import ControlFlow, SkipBatch, StopEpoch
+from ._plan import HookPlan
 from ._stage import ComputeStage, Stage, split_batch
 from ._state import State
 
@@ -233,7 +235,11 @@ class Fit(Stage):
             # Take a batch, run the batch stage's program, finish the batch; until the pass
             # ends (or a StopEpoch ends it: acted on here, as this stage owns it).
             await rt.executor.train_pass(self, state, batches)
-        await record_train_loss(rt, state)
+        # Resumed in an after_fit that callbacks had begun: the metrics are as they left them
+        # (a callback may have written train_loss over the pass's own).
+        begun = rt.hook_progress.get(self.hook_names[1])
+        if begun is None or not begun[1] or begun[0][:2] != (state.epoch, state.step):
+            await record_train_loss(rt, state)
 
 
 async def record_train_loss(rt: Runtime, state: State) -> None:
@@ -247,3 +253,35 @@ async def record_train_loss(rt: Runtime, state: State) -> None:
             mean = torch.stack(losses).mean()  # detached as they were kept
         await wait_ready(mean)
         state.metrics["train_loss"] = float(mean)
+
+
+async def record_interrupted(stage: Stage, state: State, exc: BaseException) -> None:
+    """A committed batch interrupted before its ``after_fit_batch`` (a stop or a cancellation
+    in ``after_update``, say) is recorded all the same: every batch counted is seen by that
+    hook (the epoch's training metrics count it), as every epoch counted is by ``after_epoch``.
+    Not after an error (the run fails there), nor when the hook itself was interrupted (some of
+    its callbacks may have seen the batch already). Shielded: a cancellation has come."""
+    after = stage._after
+    if after is None:
+        return
+    if isinstance(exc, ControlFlow):
+        if exc.raised_in is not None and exc.raised_in[1] == after.hook:
+            return
+    elif not isinstance(exc, anyio.get_cancelled_exc_class()) or _raised_in(exc, after):
+        return
+    with anyio.CancelScope(shield=True):
+        try:
+            await after.run()
+        except ControlFlow:
+            pass  # the batch is being stopped already
+
+
+def _raised_in(exc: BaseException, plan: HookPlan) -> bool:
+    """Whether ``exc`` came through ``plan``'s run (its traceback goes through that frame)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code is HookPlan.run.__code__ and frame.f_locals.get("self") is plan:
+            return True
+        tb = tb.tb_next
+    return False

@@ -418,7 +418,9 @@ async def test_error_in_after_fit_run_itself() -> None:
             1,
             [*fit_batch(0, 1, until="after_gradient"), "after_fit_run@0:1"],
         ),
-        ("after_update", 2, [*fit_batch(0, 1, until="after_update"), "after_fit_run@0:2"]),
+        # The batch is committed: its after_fit_batch still runs (every batch counted is
+        # recorded), then the cancellation acts.
+        ("after_update", 2, [*fit_batch(0, 1), "after_fit_run@0:2"]),
     ],
 )
 async def test_cancellation_from_outside(hook: str, at_step: int, expected_tail: list[str]) -> None:

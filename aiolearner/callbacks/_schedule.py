@@ -256,7 +256,11 @@ class LRSchedule(OptimizerCallback):
             scheduler.step()
 
     def after_fit_run(self, state: StateView) -> None:
-        """Stop watching the optimizer."""
+        """Step for an update whose ``after_update`` was interrupted (a cancellation or a stop
+        there, after the optimizer stepped), before the final checkpoint saves the schedule;
+        stop watching the optimizer."""
+        if self._counted < self._optimizer_steps:
+            self.after_update(state)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -272,12 +276,13 @@ class LRSchedule(OptimizerCallback):
     def state_dict(self) -> Mapping[str, Any]:
         scheduler = self.scheduler
         saved = scheduler.state_dict() if scheduler is not None else self._pending
-        return {"scheduler": saved, "counted": self._counted}
+        # The optimizer's steps too: between an update and its after_update they differ.
+        return {"scheduler": saved, "counted": self._counted, "steps": self._optimizer_steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         saved = state.get("scheduler")
-        # Checkpoints are taken between batches, when every optimizer step has been handled.
-        self._counted = self._optimizer_steps = int(state.get("counted", 0))
+        self._counted = int(state.get("counted", 0))
+        self._optimizer_steps = int(state.get("steps", self._counted))
         if saved is None:
             return
         if self.scheduler is None:
