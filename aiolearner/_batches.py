@@ -8,6 +8,8 @@ fetches ahead: a worker thread for sync iterables, a task for async ones (see ``
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -98,6 +100,9 @@ class Batches:
         self._done: anyio.Event | None = None
         self._mover = source.mover
         self._inflight: Any = END
+        #: The async producer awaits the iterator's next batch; told to stop once it has it.
+        self._fetching = False
+        self._stop_after_fetch = False
         # Set when the producer was started by an inline fetch: next() gives it a turn first.
         self._producer_fresh = False
         if source.is_async or source.slow:
@@ -364,13 +369,18 @@ class Batches:
             with scope:
                 while True:
                     try:
+                        self._fetching = True
                         try:
                             raw = await anext(self._it)
                         except StopAsyncIteration:
                             buffer.finish()
                             return
+                        finally:
+                            self._fetching = False
                         self.source.fetched += 1
                         item = self._mover.move_inline(raw)
+                        if self._stop_after_fetch:
+                            return  # kept by aclose (in flight)
                     except Exception as exc:
                         item = END
                         await buffer.put(Failure(exc, index))
@@ -399,6 +409,14 @@ class Batches:
         if type(self._receive) is ThreadFeed:
             # The thread stops before its next fetch (or as soon as a full buffer has room).
             self._receive.stop()
+        elif self._fetching and self.source.persistent and inspect.isasyncgen(self._it):
+            # Cancelled inside its next batch, an async generator ends (its finally runs): a
+            # live stream goes on in the next pass, so the fetch under way finishes (kept in
+            # flight) unless this wait is cancelled.
+            self._stop_after_fetch = True
+            with contextlib.suppress(anyio.get_cancelled_exc_class()):
+                await self._done.wait()
+            # (A cancellation that came meanwhile is raised at the caller's next await.)
         self._scope.cancel()
         with anyio.CancelScope(shield=True):
             await self._done.wait()
@@ -408,7 +426,9 @@ class Batches:
                 item = self._receive.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream):
                 break
-            if item is not END and type(item) is not Failure:
+            if item is not END:
+                # A failed fetch too: the batch it stands for raises when it is taken (a
+                # one-pass stream's error would otherwise read as its end next pass).
                 leftover.append(item)
         if self._inflight is not END:
             leftover.append(self._inflight)

@@ -39,7 +39,15 @@ from ._device import wait_ready
 from ._exceptions import ControlFlow, SkipBatch, StopEpoch, StopFit
 from ._rng import capture_rng, restore_rng
 from ._runtime import current_set, join_lane, on_snapshot
-from ._stage import ComputeStage, Stage, batch_size, owned, unowned, validating
+from ._stage import (
+    ComputeStage,
+    Stage,
+    batch_size,
+    note_stage_error,
+    owned,
+    unowned,
+    validating,
+)
 from ._state import State
 from ._train_stages import Fit, FitBatch, Gradient, Update, forward, optimizer_step
 
@@ -198,6 +206,10 @@ class Validate(Stage):
                             if now - rt.last_yield >= rt.yield_every:
                                 await rt.give_turn(now, turn)
                                 taking = rt.executor.taking_turns(turn)
+                except Exception as exc:
+                    # Noted here, while the set and its batch are known (a failed fetch).
+                    note_stage_error(exc, self.name, state)
+                    raise
                 finally:
                     if turn is not None:
                         turn.give()

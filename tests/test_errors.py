@@ -279,6 +279,26 @@ async def test_a_validation_error_names_the_validation_batch_and_set(compute: st
     assert "(validating: batch 2 of validation set 'bad'" in aiolearner_notes(info.value)[0]
 
 
+async def test_a_failed_validation_fetch_names_the_validation_batch_and_set() -> None:
+    class Records(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
+        def __len__(self) -> int:
+            return 16
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            if i == 8:
+                raise ValueError("bad record 8")
+            return torch.randn(4), 1
+
+    loader = torch.utils.data.DataLoader(Records(), batch_size=8)
+    learner = make_learner(val_data={"clean": make_batches(1), "bad": loader}, n_batches=3)
+    with pytest.raises(ValueError, match="bad record 8") as info:
+        await learner.fit(1)
+    notes = aiolearner_notes(info.value)
+    assert "val_data['bad'] (DataLoader) while fetching batch 1 of this pass" in notes[0]
+    # Not training's "batch 3 of the epoch".
+    assert "(validating: batch 1 of validation set 'bad', phase 'fit')" in notes[1]
+
+
 # -- errors of callbacks: always in an ExceptionGroup -------------------------------------------
 
 

@@ -145,3 +145,84 @@ async def test_a_checkpoint_with_a_rolled_back_batch_resumes_exactly(
     resumed = learner_on(loader(), resumed_seen, Checkpoint(tmp_path))
     await resumed.fit(4, resume="last")
     assert first_seen.seen + resumed_seen.seen == reference.seen
+
+
+# -- a one-pass stream's error fetched ahead of an epoch's end ----------------------------------
+
+
+@pytest.mark.parametrize("fetch", ["auto", "inline", "thread"])
+async def test_a_stream_s_error_fetched_ahead_of_the_epoch_s_end_is_raised(fetch: str) -> None:
+    """Fetched ahead by the producer when the first epoch ended, the error waits with the
+    batches fetched before it, and is raised when its batch is taken, not read as the end."""
+
+    def batches() -> Any:
+        for i, batch in enumerate(make_batches(8)):
+            if i == 4:
+                raise OSError("the source went away at batch 4")
+            yield batch
+
+    model = tiny_model()
+    learner: Learner[Any] = Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.nn.functional.cross_entropy,
+        batches(),
+        steps_per_epoch=3,
+        fetch=fetch,  # type: ignore[arg-type]
+    )
+    with pytest.raises(OSError, match="went away") as info:
+        await learner.fit(2)
+    assert any("train_data" in note for note in info.value.__notes__)
+    assert learner.state.step == 4  # the second epoch's first batch; its second failed
+
+
+class BatchesPerEpoch(Callback):
+    reads = frozenset({"epoch"})
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+    def before_epoch(self, state: StateView) -> None:
+        self.counts.append(0)
+
+    def after_fit_batch(self, state: StateView) -> None:
+        self.counts[-1] += 1
+
+
+@pytest.mark.parametrize("fetch", ["auto", "inline", "thread"])
+async def test_an_endless_async_generator_goes_on_across_epochs(fetch: str) -> None:
+    """Its next batch awaited when an epoch ends, the generator is not cancelled there (that
+    would end it): the fetch finishes and the next epoch takes that batch first."""
+    served = make_batches(7)
+
+    async def stream() -> Any:
+        i = 0
+        while True:
+            await anyio.lowlevel.checkpoint()  # a fetch that awaits, as real ones do
+            yield served[i % 7]
+            i += 1
+
+    counts = BatchesPerEpoch()
+    model = tiny_model()
+    learner: Learner[Any] = Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.nn.functional.cross_entropy,
+        stream(),
+        steps_per_epoch=5,
+        callbacks=[counts],
+        fetch=fetch,  # type: ignore[arg-type]
+    )
+    await learner.fit(3)
+    assert counts.counts == [5, 5, 5]
+    assert learner.state.step == 15
+    reference = tiny_model()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for i in range(15):
+        x, y = served[i % 7]
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(reference(x), y).backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(), strict=True)
+    )
