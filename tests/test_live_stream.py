@@ -150,6 +150,20 @@ async def test_a_checkpoint_with_a_rolled_back_batch_resumes_exactly(
 # -- a one-pass stream's error fetched ahead of an epoch's end ----------------------------------
 
 
+def streaming(data: Any, steps: int, fetch: str, *callbacks: Callback) -> Learner[Any]:
+    """tiny_model trained on the one-pass stream ``data``, ``steps`` batches an epoch."""
+    model = tiny_model()
+    return Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.nn.functional.cross_entropy,
+        data,
+        steps_per_epoch=steps,
+        callbacks=list(callbacks),
+        fetch=fetch,  # type: ignore[arg-type]
+    )
+
+
 @pytest.mark.parametrize("fetch", ["auto", "inline", "thread"])
 async def test_a_stream_s_error_fetched_ahead_of_the_epoch_s_end_is_raised(fetch: str) -> None:
     """Fetched ahead by the producer when the first epoch ended, the error waits with the
@@ -161,15 +175,7 @@ async def test_a_stream_s_error_fetched_ahead_of_the_epoch_s_end_is_raised(fetch
                 raise OSError("the source went away at batch 4")
             yield batch
 
-    model = tiny_model()
-    learner: Learner[Any] = Learner(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        torch.nn.functional.cross_entropy,
-        batches(),
-        steps_per_epoch=3,
-        fetch=fetch,  # type: ignore[arg-type]
-    )
+    learner = streaming(batches(), 3, fetch)
     with pytest.raises(OSError, match="went away") as info:
         await learner.fit(2)
     assert any("train_data" in note for note in info.value.__notes__)
@@ -203,16 +209,8 @@ async def test_an_endless_async_generator_goes_on_across_epochs(fetch: str) -> N
             i += 1
 
     counts = BatchesPerEpoch()
-    model = tiny_model()
-    learner: Learner[Any] = Learner(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        torch.nn.functional.cross_entropy,
-        stream(),
-        steps_per_epoch=5,
-        callbacks=[counts],
-        fetch=fetch,  # type: ignore[arg-type]
-    )
+    learner = streaming(stream(), 5, fetch, counts)
+    model = learner.model
     await learner.fit(3)
     assert counts.counts == [5, 5, 5]
     assert learner.state.step == 15
