@@ -8,7 +8,6 @@ fetches ahead: a worker thread for sync iterables, a task for async ones (see ``
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -365,24 +364,51 @@ class Batches:
         index: int,
     ) -> None:
         item: Any = END
+        source = self.source
         try:
             with scope:
+                detached = source.detached
+                if detached is not None:
+                    # The last pass's fetch under way: its batch goes first.
+                    await detached[1].wait()
+                    source.detached = None
+                    handed, source.handoff = source.handoff, None
+                    if handed is END:
+                        buffer.finish()
+                        return
+                    if handed is not None:
+                        await buffer.put(handed)
+                        if type(handed) is Failure:
+                            buffer.finish()
+                            return
+                        index += 1
                 while True:
                     try:
                         self._fetching = True
                         try:
                             raw = await anext(self._it)
                         except StopAsyncIteration:
+                            if self._stop_after_fetch:
+                                source.handoff = END
+                                return
                             buffer.finish()
                             return
+                        except anyio.get_cancelled_exc_class():
+                            if self._it is source._it and inspect.isasyncgen(self._it):
+                                source.broken = True  # (raised when a pass goes on with it)
+                            raise
                         finally:
                             self._fetching = False
-                        self.source.fetched += 1
+                        source.fetched += 1
                         item = self._mover.move_inline(raw)
-                        if self._stop_after_fetch:
-                            return  # kept by aclose (in flight)
+                        if self._stop_after_fetch:  # detached: for the next pass
+                            source.handoff, item = item, END
+                            return
                     except Exception as exc:
                         item = END
+                        if self._stop_after_fetch:
+                            source.handoff = Failure(exc, index)
+                            return
                         await buffer.put(Failure(exc, index))
                         buffer.finish()
                         return
@@ -411,15 +437,14 @@ class Batches:
             self._receive.stop()
         elif self._fetching and self.source.persistent and inspect.isasyncgen(self._it):
             # Cancelled inside its next batch, an async generator ends (its finally runs): a
-            # live stream goes on in the next pass, so the fetch under way finishes (kept in
-            # flight) unless this wait is cancelled.
+            # live stream goes on in the next pass, so the fetch under way goes on, detached,
+            # and the next pass serves its batch first (see _produce). Nobody waits for it now.
             self._stop_after_fetch = True
-            with contextlib.suppress(anyio.get_cancelled_exc_class()):
+            self.source.detached = (self._scope, self._done)
+        if self.source.detached is None or self.source.detached[1] is not self._done:
+            self._scope.cancel()
+            with anyio.CancelScope(shield=True):
                 await self._done.wait()
-            # (A cancellation that came meanwhile is raised at the caller's next await.)
-        self._scope.cancel()
-        with anyio.CancelScope(shield=True):
-            await self._done.wait()
         leftover = self.source._leftover
         while True:
             try:

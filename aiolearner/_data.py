@@ -97,6 +97,15 @@ class BatchSource:
         # and the batches fetched ahead but not consumed when a pass was interrupted.
         self._it: Any = None
         self._leftover: deque[Any] = deque()
+        #: A pass's producer left awaiting an async generator's next batch when the pass
+        #: closed (cancelled there, the generator would end): its cancel scope and the event
+        #: set when it is over; what it fetched (a batch, a Failure, END) is in :attr:`handoff`,
+        #: which the next pass's producer serves first. The run's end cancels it.
+        self.detached: tuple[anyio.CancelScope, anyio.Event] | None = None
+        self.handoff: Any = None
+        #: The live iterator is an async generator a cancellation landed in (the run was
+        #: cancelled, or ended, while it fetched): it has ended, and cannot go on.
+        self.broken = False
         #: The random state the live iterator was created from (see :meth:`_create`): the
         #: global generators (``"rng"``) and the source's own streams (``"generators"``,
         #: ``"epochs"``, see ``_rng.capture_data_streams``); ``None`` before a pass begins.
@@ -159,6 +168,15 @@ class BatchSource:
         continues instead (or, after a checkpoint was loaded, restarts at its saved position).
         """
         persistent = self.persistent
+        if self.broken and persistent and self._it is not None:
+            raise RuntimeError(
+                f"{self.name} ({type(self._it).__name__}) cannot go on: a cancellation landed "
+                "in the async generator while it fetched a batch (the last run was cancelled, "
+                "or ended, while it waited for data), and an async generator ends there. To "
+                "continue a stream across fit calls, feed it through aiolearner.Feed (a task "
+                "sending into it) or an async iterator class whose __anext__ survives "
+                "cancellation"
+            )
         # Per pass: a limiter belongs to the event loop it was first used in, and the learner
         # may run under another loop (or backend) next time. One thread at a time works the
         # source's iterator (creating it, then the producer), off anyio's default limiter.
@@ -361,6 +379,12 @@ class BatchSource:
             return it if skip else iter(())
         return itertools.chain(kept, it)
 
+    def stop_detached(self) -> None:
+        """At the run's end: cancel a producer a pass left fetching (see :attr:`detached`)."""
+        detached, self.detached, self.handoff = self.detached, None, None
+        if detached is not None:
+            detached[0].cancel()
+
     def exhausted(self) -> None:
         """The live iterator ran out; the next pass starts a new one."""
         self._it = None
@@ -385,6 +409,7 @@ class BatchSource:
         :attr:`drawn`, to rebuild the pass as far as it had drawn."""
         self._it = None
         self._ended = False
+        self.broken = False
         self._leftover.clear()
         self._resume = stream
         self.drawn = drawn

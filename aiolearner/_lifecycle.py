@@ -86,6 +86,7 @@ async def running(learner: Learner[Any], status: LearnerStatus) -> AsyncIterator
                 failure = exc
                 tg.cancel_scope.cancel()
             finally:
+                rt.train.stop_detached()  # (its generator ends: it cannot outlive the run)
                 rt.policy.exit_run()
                 # The compute worker thread (if a hop started it) goes back to the pool.
                 rt.worker.stop()

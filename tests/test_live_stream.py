@@ -224,3 +224,59 @@ async def test_an_endless_async_generator_goes_on_across_epochs(fetch: str) -> N
     assert all(
         torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(), strict=True)
     )
+
+
+class ReleasesAfterEpoch(Callback):
+    """Sets ``event`` in the first epoch's ``after_epoch``."""
+
+    def __init__(self, event: anyio.Event) -> None:
+        self.event = event
+
+    def after_epoch(self, state: StateView) -> None:
+        self.event.set()
+
+
+@pytest.mark.parametrize("fetch", ["auto", "inline", "thread"])
+async def test_an_idle_async_generator_does_not_hold_up_the_epoch_s_end(fetch: str) -> None:
+    """The stream's next batch comes only once the first epoch has ended (waiting for it there
+    would never end); it is then the second epoch's first batch."""
+    served = make_batches(10)
+    released = anyio.Event()
+
+    async def stream() -> Any:
+        for batch in served[:5]:
+            await anyio.lowlevel.checkpoint()
+            yield batch
+        await released.wait()
+        for batch in served[5:]:
+            await anyio.lowlevel.checkpoint()
+            yield batch
+
+    learner = streaming(stream(), 5, fetch, ReleasesAfterEpoch(released))
+    with anyio.fail_after(60):  # (a guard: without the fix the first epoch never ends)
+        await learner.fit(2)
+    assert learner.state.step == 10
+    reference = streaming(iter(served), 5, fetch)
+    await reference.fit(2)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(learner.model.parameters(), reference.model.parameters(), strict=True)
+    )
+
+
+@pytest.mark.parametrize("fetch", ["auto", "inline", "thread"])
+async def test_an_async_generator_the_run_s_end_cancelled_cannot_go_on(fetch: str) -> None:
+    """The run ends while the generator waits for data: cancelled there, it has ended, and a
+    fit that would go on with it says so instead of training on nothing."""
+
+    async def stream() -> Any:
+        for batch in make_batches(5):
+            await anyio.lowlevel.checkpoint()
+            yield batch
+        await anyio.sleep_forever()  # no more data, for now
+
+    learner = streaming(stream(), 5, fetch)
+    await learner.fit(1)
+    assert learner.state.step == 5
+    with pytest.raises(RuntimeError, match="cannot go on"):
+        await learner.fit(2)
