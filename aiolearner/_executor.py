@@ -425,15 +425,14 @@ class Executor:
                     else:  # (shielded: a cancellation lands once the weights are whole)
                         with anyio.CancelScope(shield=program.shielded):
                             await stage(state)
-                except BaseException as exc:
-                    if context.committed:
-                        await record_interrupted(stage, state, exc)
+                except BaseException as caught:
+                    exc = await record_interrupted(stage, state, caught, context.committed)
                     if isinstance(exc, ControlFlow) and isinstance(exc, fit.catches):
                         self.consume_batch(stage, state)
                         owned(fit, state, exc)
                         break
                     rt.abandon_batch(state, mark)
-                    raise
+                    raise exc  # noqa: B904 (the one caught, or a stronger flow in its place)
                 finish(stage, state, losses)
                 first = False
                 if validator is not None:

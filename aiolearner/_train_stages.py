@@ -15,8 +15,8 @@ import anyio
 import torch
 
 from ._device import wait_ready
-from ._exceptions import ControlFlow, SkipBatch, StopEpoch
-from ._plan import HookPlan
+from ._exceptions import ControlFlow, SkipBatch, StopEpoch, StopFit
+from ._plan import HookPlan, stronger
 from ._stage import ComputeStage, Stage, split_batch
 from ._state import State
 
@@ -255,25 +255,37 @@ async def record_train_loss(rt: Runtime, state: State) -> None:
         state.metrics["train_loss"] = float(mean)
 
 
-async def record_interrupted(stage: Stage, state: State, exc: BaseException) -> None:
+async def record_interrupted(
+    stage: Stage, state: State, exc: BaseException, committed: bool
+) -> BaseException:
     """A committed batch interrupted before its ``after_fit_batch`` (a stop or a cancellation
     in ``after_update``, say) is recorded all the same: every batch counted is seen by that
     hook (the epoch's training metrics count it), as every epoch counted is by ``after_epoch``.
     Not after an error (the run fails there), nor when the hook itself was interrupted (some of
-    its callbacks may have seen the batch already). Shielded: a cancellation has come."""
+    its callbacks may have seen the batch already). Shielded: a cancellation has come.
+
+    Returns what to raise: ``exc``, or the stronger control flow the hook raised (a StopFit
+    over a StopEpoch). Under a cancellation a StopFit of the hook is kept for the next fit,
+    which ends there as the uninterrupted run did (``Runtime.unseen_stop``)."""
     after = stage._after
-    if after is None:
-        return
+    if after is None or not committed:
+        return exc
+    cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
     if isinstance(exc, ControlFlow):
         if exc.raised_in is not None and exc.raised_in[1] == after.hook:
-            return
-    elif not isinstance(exc, anyio.get_cancelled_exc_class()) or _raised_in(exc, after):
-        return
+            return exc
+    elif not cancelled or _raised_in(exc, after):
+        return exc
     with anyio.CancelScope(shield=True):
         try:
             await after.run()
-        except ControlFlow:
-            pass  # the batch is being stopped already
+        except ControlFlow as flow:
+            if isinstance(exc, ControlFlow):
+                return stronger(exc, flow)
+            rt = stage._built()
+            if isinstance(flow, StopFit) and rt.strategy is None:
+                rt.unseen_stop = flow.reason or type(flow).__name__
+    return exc
 
 
 def _raised_in(exc: BaseException, plan: HookPlan) -> bool:

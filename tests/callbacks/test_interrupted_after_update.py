@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from aiolearner import Callback, Learner, StateView, StopFit
+from aiolearner import Callback, Learner, StateView, StopEpoch, StopFit
 from aiolearner.callbacks import EMA, Checkpoint, LRSchedule, Metrics
 from aiolearner.testing import make_learner
 
@@ -120,3 +120,50 @@ async def test_fit_again_and_resume_after_an_interruption_after_the_update_are_e
     assert rows.rates[-len(rows_resumed.rates) :] == rows_resumed.rates
     assert rows.epochs == expected.epochs
     assert rows_resumed.epochs == expected.epochs[-len(rows_resumed.epochs) :]
+
+
+class StopAtStep(Callback):
+    """An early stop judged in ``after_fit_batch`` of step STEP (once)."""
+
+    reads = frozenset({"step"})
+
+    def __init__(self) -> None:
+        self.asked = False
+
+    def after_fit_batch(self, state: StateView) -> None:
+        if state.step == STEP and not self.asked:
+            self.asked = True
+            raise StopFit("early stop")
+
+
+class StopEpochAfterUpdate(Callback):
+    reads = frozenset({"step"})
+
+    def after_update(self, state: StateView) -> None:
+        if state.step == STEP:
+            raise StopEpoch
+
+
+@pytest.mark.parametrize("how", ["cancel", "stop_epoch"])
+async def test_a_stop_raised_by_the_after_fit_batch_of_an_interrupted_batch_is_kept(
+    how: str,
+) -> None:
+    """The batch's after_fit_batch runs for it and asks to stop: under a StopEpoch the stronger
+    StopFit acts; under a cancellation the next fit ends there, as the uninterrupted run did."""
+    reference = make_learner(n_batches=5, callbacks=[StopAtStep()])
+    await reference.fit(3)
+    assert (reference.state.epoch, reference.state.step) == (1, STEP)
+    with anyio.CancelScope() as scope:
+        first = (
+            Interrupt("after_update", "cancel", scope)
+            if how == "cancel"
+            else StopEpochAfterUpdate()
+        )
+        learner = make_learner(n_batches=5, callbacks=[first, StopAtStep()])
+        await learner.fit(3)
+    if how == "cancel":
+        assert scope.cancelled_caught
+        await learner.fit(3)
+    assert (learner.state.epoch, learner.state.step) == (1, STEP)
+    assert learner.state.stop_reason == "early stop"
+    assert same_weights(learner, reference)
