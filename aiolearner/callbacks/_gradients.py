@@ -88,6 +88,9 @@ class _AccumulatingFitBatch(FitBatch):
         self.window: list[torch.Tensor | None] | None = None
         #: A group is in progress (its last micro-batch not yet run).
         self.in_group = False
+        #: ``(epoch, step)`` where the pass's short last group was applied: a pass run again
+        #: there (interrupted after that update, in its ``after_update``) does not apply it twice.
+        self.flushed_at: tuple[int, int] | None = None
 
     def gather(self, state: State) -> None:
         """Move ``.grad`` (the micro-batch's part) into the group's gradients."""
@@ -273,7 +276,9 @@ class AccumulateGradients(Fit):
     async def run(self, state: State) -> None:
         await super().run(state)
         pending = state.batch_index % self.every
-        if pending:
+        fit_batch = self.fit_batch
+        assert isinstance(fit_batch, _AccumulatingFitBatch)
+        if pending and fit_batch.flushed_at != (state.epoch, state.step):
             await self._flush(state, pending)
 
     async def _flush(self, state: State, pending: int) -> None:
@@ -295,7 +300,12 @@ class AccumulateGradients(Fit):
         # counters stay where they are.
         assert self.context.committed
         stepped: list[bool] = []
-        hook = optimizer.register_step_post_hook(lambda *args: stepped.append(True))
+
+        def applied(*args: object) -> None:
+            stepped.append(True)
+            fit_batch.flushed_at = (state.epoch, state.step)
+
+        hook = optimizer.register_step_post_hook(applied)
         try:
             await fit_batch.update_stage(state)
         except BaseException:
@@ -351,14 +361,19 @@ class GroupGradients(Callback):
                 RuntimeWarning,
                 stacklevel=2,
             )
+        saved: dict[str, Any] = {}
+        if fit_batch.flushed_at is not None:
+            saved["flushed_at"] = list(fit_batch.flushed_at)
         window = fit_batch.window
         if window is None or all(g is None for g in window):
-            return {}
-        return {"grads": [None if g is None else g.detach().clone() for g in window]}
+            return saved
+        return {**saved, "grads": [None if g is None else g.detach().clone() for g in window]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         grads = state.get("grads")
         self._pending = None if grads is None else list(grads)
+        flushed = state.get("flushed_at")
+        self._fit_batch.flushed_at = None if flushed is None else (int(flushed[0]), int(flushed[1]))
 
 
 class GradientClipping(OptimizerCallback):

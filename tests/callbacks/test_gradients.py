@@ -7,9 +7,10 @@ from typing import Any
 import anyio
 import pytest
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from aiolearner import Callback, Learner, SkipBatch, StateView, StopFit
-from aiolearner.callbacks import AccumulateGradients, Checkpoint, GradientClipping
+from aiolearner.callbacks import AccumulateGradients, Checkpoint, GradientClipping, LRSchedule
 from aiolearner.testing import make_batches, make_learner, tiny_model
 
 
@@ -279,44 +280,62 @@ async def test_resumed_between_the_last_micro_batch_and_the_short_group_s_update
     )
 
 
-class InterruptBeforeUpdate(Callback):
-    """Interrupts the ``nth`` update (counting from 1) in ``before_update``, once: by cancelling
-    ``scope`` from an ``async def`` hook, or (``scope`` None) by raising ``StopFit``."""
+class InterruptUpdate(Callback):
+    """Interrupts the ``nth`` update (counting from 1) in ``hook`` (``before_update`` or
+    ``after_update``), once: by cancelling ``scope`` from an ``async def`` hook, or (``scope``
+    None) by raising ``StopFit`` from a ``def`` one."""
 
-    def __init__(self, nth: int, scope: anyio.CancelScope | None) -> None:
-        self.nth, self.scope, self.calls = nth, scope, 0
+    def __init__(self, nth: int, scope: anyio.CancelScope | None, hook: str) -> None:
+        self.nth, self.scope, self.hook, self.calls = nth, scope, hook, 0
+
+    def _due(self) -> bool:
+        self.calls += 1
+        return self.calls == self.nth
+
+    def hooks(self) -> Any:
+        scope = self.scope
         if scope is None:
-            self.before_update = self._stop  # type: ignore[method-assign, assignment]
 
-    async def before_update(self, state: StateView) -> None:
-        self.calls += 1
-        if self.calls == self.nth and self.scope is not None:
-            self.scope.cancel()
-            await anyio.lowlevel.checkpoint()
+            def stop(state: StateView) -> None:
+                if self._due():
+                    raise StopFit("interrupted at the update")
 
-    def _stop(self, state: StateView) -> None:
-        self.calls += 1
-        if self.calls == self.nth:
-            raise StopFit("interrupted before the update")
+            yield self.hook, stop
+        else:
+
+            async def cancel(state: StateView) -> None:
+                if self._due():
+                    scope.cancel()
+                    await anyio.lowlevel.checkpoint()
+
+            yield self.hook, cancel
 
 
 # Updates of 10 micro-batches in groups of 4: 1 and 4 end a full group, 3 is the epoch's short
 # group applied when the pass ends.
 @pytest.mark.parametrize("nth", [1, 3, 4])
 @pytest.mark.parametrize("how", ["cancel", "stop"])
-async def test_an_update_interrupted_before_it_applies_then_fit_again_or_resume_is_exact(
-    tmp_path: Path, nth: int, how: str
+@pytest.mark.parametrize("hook", ["before_update", "after_update"])
+async def test_an_update_interrupted_in_its_hooks_then_fit_again_or_resume_is_exact(
+    tmp_path: Path, nth: int, how: str, hook: str
 ) -> None:
     """The group's gradients are out of the stage's keeping from ``before_update`` on: an
-    interruption there must give them back, not leave them in ``.grad`` to be cleared."""
+    interruption there must give them back, not leave them in ``.grad`` to be cleared; one in
+    ``after_update`` of the pass's short last group must not apply that group again (a second
+    optimizer step: the schedule would count it)."""
 
-    reference = make_learner(n_batches=10, stages={"fit": AccumulateGradients(4)})
+    def schedule() -> LRSchedule:
+        return LRSchedule(lambda opt: LambdaLR(opt, lambda t: 0.9**t))
+
+    reference = make_learner(
+        n_batches=10, stages={"fit": AccumulateGradients(4)}, callbacks=[schedule()]
+    )
     await reference.fit(2)
     with anyio.CancelScope() as scope:
-        interrupt = InterruptBeforeUpdate(nth, scope if how == "cancel" else None)
-        learner = checkpointed(tmp_path, interrupt)
+        interrupt = InterruptUpdate(nth, scope if how == "cancel" else None, hook)
+        learner = checkpointed(tmp_path, interrupt, schedule())
         await learner.fit(2)
-    resumed = checkpointed(tmp_path)
+    resumed = checkpointed(tmp_path, schedule())
     await resumed.fit(2, resume="last")
     await learner.fit(2)
     for trained in (learner, resumed):
