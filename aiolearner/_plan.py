@@ -84,7 +84,7 @@ def _note(exc: BaseException, entry: Entry, hook: str, stage: str) -> None:
         f"aiolearner: raised by callback {entry.name!r} in hook {hook!r} (stage {stage!r}) "
         f"at {epoch_words(d.get('epoch'))}, step {d.get('step')}"
     )
-    if isinstance(exc, RuntimeError) and not event_loop_running():
+    if _loop_refused(exc) and not event_loop_running():
         # Trio's cancel scopes, for one, refuse to be used from another thread.
         exc.add_note(
             "aiolearner: this def hook ran in the compute worker thread, off the event loop, "
@@ -92,6 +92,13 @@ def _note(exc: BaseException, entry: Entry, hook: str, stage: str) -> None:
             "work to the loop with state.start_soon(...), stop the run with StopFit, or make "
             "the hook async def (docs/writing-callbacks.md)"
         )
+
+
+def _loop_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is an event loop refusing a call from outside it (trio's "must be called
+    from async context", anyio's and asyncio's "no event loop")."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("async context" in text or "event loop" in text)
 
 
 class HookPlan:

@@ -525,3 +525,16 @@ async def test_a_def_hook_using_the_event_loop_from_the_worker_thread_is_told_wh
         pytest.RaisesExc(RuntimeError, check=lambda e: "state.start_soon" in str(e.__notes__))
     ):
         await learner.fit(2)
+
+
+class FailsWithATorchError(Callback):
+    def after_update(self, state: StateView) -> None:
+        torch.zeros(2, 3) @ torch.zeros(2, 3)  # a RuntimeError of torch's, not the loop's
+
+
+async def test_another_runtime_error_of_a_def_hook_in_the_worker_gets_no_loop_note() -> None:
+    learner = make_learner(n_batches=2, callbacks=[FailsWithATorchError()], compute="thread")
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(RuntimeError, check=lambda e: "start_soon" not in str(e.__notes__))
+    ):
+        await learner.fit(1)
