@@ -262,7 +262,8 @@ async def record_interrupted(
     in ``after_update``, say) is recorded all the same: every batch counted is seen by that
     hook (the epoch's training metrics count it), as every epoch counted is by ``after_epoch``.
     Not after an error (the run fails there), nor when the hook itself was interrupted (some of
-    its callbacks may have seen the batch already). Shielded: a cancellation has come.
+    its callbacks may have seen the batch already). Shielded (a cancellation has come) and
+    bounded by ``teardown_timeout``, as the teardown is: a hook that hangs there is abandoned.
 
     Returns what to raise: ``exc``, or the stronger control flow the hook raised (a StopFit
     over a StopEpoch). Under a cancellation a StopFit of the hook is kept for the next fit,
@@ -276,13 +277,13 @@ async def record_interrupted(
             return exc
     elif not cancelled or _raised_in(exc, after):
         return exc
-    with anyio.CancelScope(shield=True):
+    rt = stage._built()
+    with anyio.move_on_after(rt.teardown_timeout, shield=True):
         try:
             await after.run()
         except ControlFlow as flow:
             if isinstance(exc, ControlFlow):
                 return stronger(exc, flow)
-            rt = stage._built()
             if isinstance(flow, StopFit) and rt.strategy is None:
                 rt.unseen_stop = flow.reason or type(flow).__name__
     return exc

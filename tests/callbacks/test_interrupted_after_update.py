@@ -167,3 +167,29 @@ async def test_a_stop_raised_by_the_after_fit_batch_of_an_interrupted_batch_is_k
     assert (learner.state.epoch, learner.state.step) == (1, STEP)
     assert learner.state.stop_reason == "early stop"
     assert same_weights(learner, reference)
+
+
+class HangsAtStep(Callback):
+    """An ``after_fit_batch`` that never returns for step STEP (it awaits an event nobody sets)."""
+
+    reads = frozenset({"step"})
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    async def after_fit_batch(self, state: StateView) -> None:
+        self.seen.append(state.step)
+        if state.step == STEP:
+            await anyio.Event().wait()
+
+
+async def test_the_after_fit_batch_of_a_cancelled_batch_is_bounded_by_teardown_timeout() -> None:
+    hangs = HangsAtStep()
+    with anyio.fail_after(60):  # (a guard: without the bound the cancellation never lands)
+        with anyio.CancelScope() as scope:
+            interrupt = Interrupt("after_update", "cancel", scope)
+            learner = make_learner(n_batches=5, callbacks=[interrupt, hangs], teardown_timeout=0.2)
+            await learner.fit(3)
+    assert scope.cancelled_caught
+    assert learner.state.step == STEP
+    assert hangs.seen[-1] == STEP  # it ran for the interrupted batch, and was abandoned
