@@ -274,10 +274,12 @@ class AccumulateGradients(Fit):
         return GroupGradients(fit_batch)
 
     async def run(self, state: State) -> None:
-        await super().run(state)
-        pending = state.batch_index % self.every
         fit_batch = self.fit_batch
         assert isinstance(fit_batch, _AccumulatingFitBatch)
+        if state.batch_index == 0:
+            fit_batch.flushed_at = None  # a pass from its start applies its own (a load rewound)
+        await super().run(state)
+        pending = state.batch_index % self.every
         if pending and fit_batch.flushed_at != (state.epoch, state.step):
             await self._flush(state, pending)
 
