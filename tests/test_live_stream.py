@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from aiolearner import Callback, Feed, Learner, StateView
 from aiolearner.callbacks import Checkpoint
-from aiolearner.testing import make_batches, tiny_model
+from aiolearner.testing import make_batches, make_learner, tiny_model
 
 
 class Seen(Callback):
@@ -151,16 +151,13 @@ async def test_a_checkpoint_with_a_rolled_back_batch_resumes_exactly(
 
 
 def streaming(data: Any, steps: int, fetch: str, *callbacks: Callback) -> Learner[Any]:
-    """tiny_model trained on the one-pass stream ``data``, ``steps`` batches an epoch."""
-    model = tiny_model()
-    return Learner(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        torch.nn.functional.cross_entropy,
-        data,
+    """make_learner's on the one-pass stream ``data``, ``steps`` batches an epoch."""
+    return make_learner(
+        train_data=data,
+        with_validation=False,
+        callbacks=callbacks,
         steps_per_epoch=steps,
-        callbacks=list(callbacks),
-        fetch=fetch,  # type: ignore[arg-type]
+        fetch=fetch,
     )
 
 
