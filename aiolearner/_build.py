@@ -71,6 +71,7 @@ def build(learner: Learner[Any]) -> None:
                 callbacks=(cb.name,),
             )
         seen[id(cb)] = cb
+        _check_state_methods(cb)
         _check_declarations(cb)
         _check_hook_names(cb, hook_owner)
         for hook, method in cb.hooks():
@@ -83,6 +84,13 @@ def build(learner: Learner[Any]) -> None:
                     if hook in ("before_update", "after_update") and named
                     else ""
                 )
+                if hook.startswith(("before_update_", "after_update_")) and not named:
+                    wanted = hook.split("_update_", 1)[1]
+                    hint = (
+                        f"; a callback given optimizer={wanted!r} hooks the update of that "
+                        "optimizer, but this learner has one optimizer, not a mapping of named"
+                        " ones: leave optimizer= out"
+                    )
                 raise ConfigurationError(
                     f"unknown hook {hook!r}: no stage of this learner is named "
                     f"{hook.split('_', 1)[1]!r} (hooks: {known}){hint}",
@@ -134,8 +142,24 @@ def build(learner: Learner[Any]) -> None:
     rt.executor.compile(learner._root, frozenset(FIELD_LIFETIMES) | set(lifetimes) | writes)
     learner._stages = names
     bind_states(learner)
+
     if rt.strategy is not None:
         rt.strategy._adapt(learner)  # where each plan's control flow is agreed
+
+
+def _check_state_methods(cb: Callback) -> None:
+    """A callback whose state a checkpoint saves must be able to take it back."""
+    kind = type(cb)
+    if (
+        kind.state_dict is not Callback.state_dict
+        and kind.load_state_dict is Callback.load_state_dict
+    ):
+        raise ConfigurationError(
+            f"callback {cb.name!r} defines state_dict() but not load_state_dict(): the state it "
+            "gives a checkpoint would never be restored when one is loaded; define "
+            "load_state_dict(self, state) to restore it",
+            callbacks=(cb.name,),
+        )
 
 
 def _check_places(callbacks: Iterable[Callback]) -> None:
@@ -203,6 +227,7 @@ def build_tree(stages: Mapping[str, Stage] | FitRun | None) -> Stage:
     for name, stage in stages.items():
         if not isinstance(stage, Stage):
             raise TypeError(f"stages[{name!r}] must be a Stage, got {type(stage).__name__}")
+        sum(1 for _ in stage.walk())  # (a stage whose __init__ skipped Stage's is refused)
         if name not in known:
             raise ConfigurationError(
                 f"stages: no stage named {name!r} in the default tree ({sorted(known)})"
@@ -223,6 +248,7 @@ def replace_stage(learner: Learner[Any], name: str, stage: Stage) -> None:
     learner as it was)."""
     if not isinstance(stage, Stage):
         raise TypeError(f"stage must be a Stage, got {type(stage).__name__} {stage!r}")
+    sum(1 for _ in stage.walk())  # (a stage whose __init__ skipped Stage's is refused)
     if name not in learner._stages:
         raise KeyError(f"no stage named {name!r}; stages: {sorted(learner._stages)}")
     old_root, old = learner._root, learner._stages[name]
@@ -286,6 +312,14 @@ def _check_declarations(cb: Callback) -> None:
             f"{clash[0]!r} is a name of the state view itself, not a field",
             callbacks=(cb.name,),
             field=clash[0],
+        )
+    if isinstance(cb.after, str | type):
+        raise ConfigurationError(
+            f"'after' must be a tuple or list of Callback classes, got {cb.after!r}"
+            + (" (a string: name the class itself, in a tuple: after = (Metrics,))")
+            if isinstance(cb.after, str)
+            else f" (write after = ({cb.after.__name__},))",
+            callbacks=(cb.name,),
         )
     for t in cb.after:
         if not (isinstance(t, type) and issubclass(t, Callback)):

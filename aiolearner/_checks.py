@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from types import AsyncGeneratorType, GeneratorType
 from typing import Any
 
 import torch
 
-__all__ = ["check_data", "check_optimizer", "check_passes", "check_positive"]
+__all__ = [
+    "check_data",
+    "check_hyperparameters",
+    "check_optimizer",
+    "check_passes",
+    "check_positive",
+    "check_source",
+]
 
 
 def check_optimizer(
@@ -39,21 +46,7 @@ def check_optimizer(
             " the loss again), which the Update stage does not give; write a stage that calls"
             " optimizer.step(closure) (docs/writing-stages.md)"
         )
-    for i, group in enumerate(optimizer.param_groups):
-        for key, value in group.items():
-            # The optimizer's own hyperparameters (a key of the user's own may mean anything).
-            if key not in optimizer.defaults or isinstance(value, bool):
-                continue
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = float(value)
-            if isinstance(value, float) and (
-                math.isnan(value) or (math.isinf(value) and key == "lr")
-            ):
-                raise ValueError(
-                    f"{what} ({type(optimizer).__name__}) has {key}={value} in parameter "
-                    f"group {i}: every step would make the weights NaN or infinite; give a "
-                    "finite value"
-                )
+    check_hyperparameters(optimizer, name)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         return  # nothing to update anyway (a frozen model whose loss has parameters, say)
@@ -72,6 +65,78 @@ def check_optimizer(
         " would never change the model; build it from this model's parameters, e.g."
         f" {type(optimizer).__name__}(model.parameters(), ...)"
     )
+
+
+def check_hyperparameters(optimizer: torch.optim.Optimizer, name: str = "optimizer") -> None:
+    """Every parameter group's numeric hyperparameters (the optimizer's own, ``lr`` first)
+    must be finite numbers, and ``lr`` not negative. Checked at construction and again when
+    fit starts (a group changed since): found by the update instead, a bad value of one group
+    fails its step after the groups before it were updated, and the weights are left half
+    updated."""
+    what = "the optimizer" if name == "optimizer" else f"optimizer {name!r}"
+    kind = type(optimizer).__name__
+    defaults = optimizer.defaults
+    for i, group in enumerate(optimizer.param_groups):
+        for key, value in group.items():
+            # The optimizer's own numeric hyperparameters (a key of the user's own may mean
+            # anything; a flag such as foreach may be None).
+            default = defaults.get(key)
+            if key not in defaults or isinstance(default, bool) or isinstance(value, bool):
+                continue
+            if not (key == "lr" or isinstance(default, int | float | torch.Tensor)):
+                continue
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = float(value)
+            where = f"{what} ({kind}) has {key}={value!r} in parameter group {i}"
+            if not isinstance(value, int | float):
+                raise TypeError(
+                    f"{where}, a {type(value).__name__}: it must be a number (a value read "
+                    "from a configuration file as text? convert it with float())"
+                )
+            if math.isnan(value) or (math.isinf(value) and key == "lr"):
+                raise ValueError(
+                    f"{where}: every step would make the weights NaN or infinite; give a "
+                    "finite value"
+                )
+            if key == "lr" and value < 0:
+                raise ValueError(
+                    f"{where}: a negative learning rate climbs the loss instead of descending "
+                    "it; give a non-negative value"
+                )
+
+
+def check_source(name: str, data: Any) -> None:
+    """Iterable things that are not a source of batches: iterated, they would give characters,
+    keys, or the rows of two tensors, and fail at the first batch with a message about the
+    batch instead of the argument."""
+    if isinstance(data, str | bytes):
+        raise TypeError(
+            f"{name} is a {type(data).__name__} ({data!r:.60}), not data: load the file into a "
+            "Dataset and pass a DataLoader over it (or a list of (inputs, targets) batches)"
+        )
+    if isinstance(data, type):
+        raise TypeError(
+            f"{name} is the class {data.__name__}, not data: pass an instance "
+            f"({data.__name__}(...))"
+        )
+    if isinstance(data, Mapping):
+        raise TypeError(
+            f"{name} is a {type(data).__name__}, which would be iterated over its keys: training"
+            " takes one source of batches (a DataLoader, a list of (inputs, targets) batches);"
+            " named sets are for val_data"
+        )
+    if (
+        isinstance(data, tuple)
+        and len(data) == 2
+        and all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in data)
+        and len(data[0]) == len(data[1])
+    ):
+        raise TypeError(
+            f"{name} is a tuple of two tensors of {len(data[0])} rows (inputs, targets?), which "
+            "would be iterated as two batches: pass DataLoader(TensorDataset(x, y), "
+            "batch_size=...) for batches of rows, [(x, y)] for one batch, or a list if these "
+            "are two batches"
+        )
 
 
 def check_data(name: str, data: Any) -> None:

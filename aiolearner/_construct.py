@@ -103,6 +103,11 @@ def resolve_device(model: torch.nn.Module, device: torch.device | str | None) ->
                 f"{'has no CUDA' if torch.version.cuda is None else 'sees no GPU'}); use "
                 "device='cpu', or leave device out to keep the model where it is"
             )
+        if resolved.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(
+                f"device={device!r}, but MPS (Apple's GPU) is not available here; use "
+                "device='cpu', or leave device out to keep the model where it is"
+            )
         return resolved
     for p in model.parameters():
         return p.device

@@ -38,7 +38,7 @@ import anyio
 from torch.utils.data import IterableDataset
 
 from ._batches import END, WAIT, Batches
-from ._checks import check_count, one_pass
+from ._checks import check_count, check_source, one_pass
 from ._device import DeviceMover
 from ._rng import capture_data_streams, capture_rng, restore_data_streams, restore_rng
 
@@ -70,6 +70,7 @@ class BatchSource:
                 f"{name} must be an iterable of batches (a torch DataLoader, a list, a generator)"
                 f" or an async iterable, got {type(data).__name__}"
             )
+        check_source(name, data)
         check_count("prefetch", prefetch)
         if fetch not in ("auto", "thread", "inline"):
             raise ValueError(f"fetch must be 'auto', 'thread' or 'inline', got {fetch!r}")

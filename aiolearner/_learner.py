@@ -577,6 +577,10 @@ class Learner(Generic[TBatch]):
             ValueError: the file is damaged or not a checkpoint (the message names it), or its
                 weights do not fit the model; the learner is left as it was.
         """
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(
+                f"load_checkpoint takes a checkpoint file's path, got {type(path).__name__}"
+            )
         checkpoint = _persist.read_checkpoint(Path(path), self._device)
         try:
             self.load_state_dict(checkpoint)

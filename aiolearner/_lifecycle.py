@@ -9,12 +9,14 @@ class keep the documented API and delegate here.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import enum
 import inspect
 import os
 import threading
-from collections.abc import AsyncIterator, Callable
+import weakref
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +59,7 @@ def verb(status: LearnerStatus) -> str:
 async def running(learner: Learner[Any], status: LearnerStatus) -> AsyncIterator[None]:
     """The scope of one run of ``learner`` with ``status`` (refused unless it is idle)."""
     learner._check_idle(verb(status))
+    _take_callbacks(learner)
     learner._status = status
     learner._loop_thread = threading.get_ident()
     hub = learner._hub
@@ -104,11 +107,39 @@ async def running(learner: Learner[Any], status: LearnerStatus) -> AsyncIterator
     finally:
         rt.tg = None
         learner._status = LearnerStatus.IDLE
+        _give_callbacks(learner)
         # Every stage field ends with the call, an epoch's too when the run stopped inside it:
         # a continued run (fit again, or a fresh learner resumed) starts without them alike.
         state.invalidate("phase", *rt.expiring["run"], *rt.expiring["epoch"])
         hub.publish("run_end", "learner", state.epoch, state.step, {"outcome": outcome})
         hub.close_all()
+
+
+def _take_callbacks(learner: Learner[Any]) -> None:
+    """A callback instance serves one run at a time: two learners running with it at once
+    would share its state (counts, best scores, a logger's rows and files). (Learners one
+    after another may share one: its state then goes on from one run to the next.)"""
+    for cb in learner._callbacks:
+        ref = getattr(cb, "_aiolearner_run", None)
+        other = None if ref is None else ref()
+        if other is not None and other is not learner and other._status is not LearnerStatus.IDLE:
+            raise ConfigurationError(
+                f"callback {cb.name!r} is in use by another learner's run right now (it is "
+                f"{other._status.value}): the two runs would share its state (counts, best "
+                f"scores, files); give each learner its own instance ({type(cb).__name__}(...))",
+                callbacks=(cb.name,),
+            )
+    for cb in learner._callbacks:
+        with contextlib.suppress(AttributeError):  # (a class with __slots__ of its own)
+            cb._aiolearner_run = weakref.ref(learner)  # type: ignore[attr-defined]
+
+
+def _give_callbacks(learner: Learner[Any]) -> None:
+    for cb in learner._callbacks:
+        ref = getattr(cb, "_aiolearner_run", None)
+        if ref is not None and ref() is learner:
+            with contextlib.suppress(AttributeError):
+                del cb._aiolearner_run  # type: ignore[attr-defined]
 
 
 def start_background(
@@ -253,6 +284,9 @@ def check_fit(learner: Learner[Any], epochs: int) -> None:
                     " monitor a metric of the training pass",
                     callbacks=(cb.name,),
                 )
+    optimizers = learner._state.optimizers
+    for name, optimizer in optimizers.items():
+        _checks.check_hyperparameters(optimizer, "optimizer" if len(optimizers) == 1 else name)
     _check_monitors(learner)
     _check_reads(learner)
     _check_val_batches(learner)
@@ -345,9 +379,17 @@ def _check_saved_states(learner: Learner[Any]) -> None:
         if type(cb).__module__.startswith("aiolearner."):
             continue  # the package's own (tested; some copy weights to give their state)
         try:
-            state = dict(cb.state_dict())
+            given = cb.state_dict()
         except Exception:  # a state built when training starts (see writing-callbacks.md)
             continue
+        if not isinstance(given, Mapping):
+            raise ConfigurationError(
+                f"{cb.name}.state_dict() returned a {type(given).__name__}, not a dict: a "
+                "checkpoint keeps each callback's state as a dict (of tensors, numbers, "
+                "strings, and lists and dicts of them); return {'name': value, ...}",
+                callbacks=(cb.name,),
+            )
+        state = dict(given)
         found = _persist.unloadable(state, f"{cb.name}.state_dict()")
         if found is not None:
             raise ConfigurationError(

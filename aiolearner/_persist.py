@@ -10,6 +10,7 @@ failure half way puts everything back, so a failed load leaves the learner as it
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import difflib
 import os
@@ -166,6 +167,16 @@ def _load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> No
             if isinstance(checkpoint, Mapping)
             else type(checkpoint).__name__
         )
+        if isinstance(checkpoint, Mapping) and "format" in checkpoint and "model" in checkpoint:
+            what = (
+                f"a checkpoint of format {checkpoint['format']!r}, written by another version "
+                "of aiolearner"
+            )
+        elif checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            what += (
+                ", only weights (a weights-only file, or a model's state_dict()): load them "
+                "with aiolearner.callbacks.load_weights(model, path)"
+            )
         raise ValueError(
             f"not an aiolearner checkpoint (Learner.state_dict() of this version, format "
             f"{FORMAT}): got {what}"
@@ -210,9 +221,9 @@ def _load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> No
             else {"rng": rng_from_portable(epoch_rng), **(checkpoint.get("epoch_streams") or {})}
         )
         rng = rng_from_portable(checkpoint["rng"])
-        state.epoch = int(progress["epoch"])
-        state.step = int(progress["step"])
-        state.batch_index = int(progress["batch_index"])
+        state.epoch, state.step, state.batch_index = (
+            _count(progress, key) for key in ("epoch", "step", "batch_index")
+        )
         rt.pass_done = bool(progress["pass_done"])
         # Every batch the counters count was committed: the last one too (a stage finishing
         # the pass after it, such as an accumulation's short last group, relies on that).
@@ -241,7 +252,14 @@ def _load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> No
         keys = callback_keys(learner._callbacks)
         for key, cb in keys:
             if key in stored:
-                cb.load_state_dict(stored[key])
+                try:
+                    cb.load_state_dict(stored[key])
+                except Exception as exc:
+                    raise ValueError(
+                        f"callback {cb.name!r} could not load its state from the checkpoint "
+                        f"({type(exc).__name__}: {exc}; the state saved for it has the keys "
+                        f"{sorted(map(str, stored[key]))[:8]}); nothing was loaded"
+                    ) from exc
         _warn_other_callbacks(stored, keys)
         stream = _stream_from_portable(progress.get("stream"))
         if validator is not None:
@@ -262,13 +280,26 @@ def _load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> No
         restore_rng(saved["rng"])
         restore_data_streams(learner._train.data, saved["data_streams"], what="train_data")
         for cb, cb_state in saved["callbacks"]:
-            cb.load_state_dict(cb_state)
+            # (One whose loading is what failed may fail again: the first error is the one.)
+            with contextlib.suppress(Exception):
+                cb.load_state_dict(cb_state)
         raise
     # Iterators of an earlier run cannot continue a restored one; a stream that outlives
     # epochs (steps_per_epoch) restarts where the checkpoint's stream was.
     learner._train.restart(stream, int(checkpoint["progress"].get("drawn", 0)))
     if "undone" in checkpoint["progress"]:
         learner._train.keep_undone(checkpoint["progress"]["undone"])
+
+
+def _count(progress: Mapping[str, Any], key: str) -> int:
+    """A counter of the checkpoint's progress: a whole number, not negative."""
+    value = progress[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"the checkpoint's progress has {key}={value!r}, not a count (damaged, or not "
+            "written by Learner.state_dict()); nothing was loaded"
+        )
+    return value
 
 
 def _check_model(model: torch.nn.Module, weights: Any) -> None:
@@ -306,23 +337,14 @@ def _check_model(model: torch.nn.Module, weights: Any) -> None:
 def read_checkpoint(path: Path, device: torch.device) -> Any:
     """The contents of a checkpoint file (``weights_only=True``, its checksums compared first),
     or a clear error naming it."""
-    from .callbacks._files import check_crcs  # the file helpers live with the Checkpoint
+    from .callbacks._files import read_torch_file  # the file helpers live with the Checkpoint
 
     if path.is_dir():
         raise IsADirectoryError(
             f"cannot read checkpoint {str(path)!r}: it is a directory; pass a checkpoint file "
             f"in it (such as {str(path / 'last.pt')!r})"
         )
-    check_crcs(path)
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise ValueError(
-            f"cannot read checkpoint file {str(path)!r}: it is damaged (truncated?) or not a "
-            f"checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
+    return read_torch_file(path, device)
 
 
 def find_checkpoint(callbacks: Sequence[Callback], resume: str | os.PathLike[str]) -> Path:

@@ -26,6 +26,7 @@ The rules for exceptions, decided once (docs/errors.md):
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -94,6 +95,28 @@ def _note(exc: BaseException, entry: Entry, hook: str, stage: str) -> None:
         )
 
 
+def _returned(result: object) -> None:
+    """A hook returned something (its value is otherwise ignored): an exception it meant to
+    raise, or a coroutine a ``def`` hook made and did not await, would silently do nothing.
+    (The error is noted with the callback and hook like any other.)"""
+    if isinstance(result, BaseException) or (
+        isinstance(result, type) and issubclass(result, BaseException)
+    ):
+        shown = result.__name__ if isinstance(result, type) else repr(result)
+        raise TypeError(
+            f"the hook returned {shown} instead of raising it, which would do nothing: write "
+            f"`raise {shown}`"
+        )
+    if inspect.isawaitable(result):
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()  # (no "never awaited" warning on top of this error)
+        raise TypeError(
+            f"the hook returned {type(result).__name__} {result!r} without awaiting it, so it "
+            "would never run: make the hook `async def` and `await` it"
+        )
+
+
 def _loop_refused(exc: BaseException) -> bool:
     """Whether ``exc`` is an event loop refusing a call from outside it (trio's "must be called
     from async context", anyio's and asyncio's "no event loop")."""
@@ -145,7 +168,9 @@ class HookPlan:
         trace = self.trace
         start = self._enter(entry) if trace is not None else 0.0
         try:
-            entry.fn(entry.view)
+            result = entry.fn(entry.view)
+            if result is not None:
+                _returned(result)
         except ControlFlow as flow:
             flow.raised_in = (entry.name, self.hook)
             return flow
@@ -176,7 +201,9 @@ class HookPlan:
         # distributed strategy refuses collectives here (a task's context is its own copy).
         marked = CONCURRENT.set(entry.name) if flows is not None else None
         try:
-            await entry.fn(entry.view)  # type: ignore[misc]
+            result = await entry.fn(entry.view)  # type: ignore[misc]
+            if result is not None:
+                _returned(result)
             if done is not None:
                 done[entry.index] = None
         except ControlFlow as flow:

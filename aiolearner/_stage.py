@@ -249,7 +249,14 @@ class Stage:
     def walk(self) -> Iterator[Stage]:
         """This stage and every stage under it, depth first."""
         yield self
-        for child in self.children:
+        try:
+            children = self.children
+        except AttributeError:
+            raise TypeError(
+                f"stage {type(self).__name__} was not initialized as a Stage: its __init__ must "
+                "call super().__init__() (with its sub-stages, if it has any)"
+            ) from None
+        for child in children:
             yield from child.walk()
 
     @property

@@ -28,6 +28,7 @@ epoch with its tail, and the run with its teardown.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -71,16 +72,50 @@ __all__ = [
 
 
 class ValidateLoss(ComputeStage):
-    """Forward and loss under ``torch.inference_mode``; sets ``state.output``, ``state.loss``."""
+    """Forward and loss under ``torch.inference_mode``; sets ``state.output``, ``state.loss``.
+
+    A subclass's own ``compute`` runs under ``inference_mode`` too (as Lightning's
+    ``validation_step`` runs without gradients): validation builds no autograd graph.
+    """
 
     name = "validate_loss"
     fields: ClassVar[dict[str, str]] = {"output": "batch", "loss": "batch"}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("compute")
+        if own is None or getattr(own, "_in_inference_mode", False):
+            return
+
+        @functools.wraps(own)
+        def compute(self: ValidateLoss, state: State) -> None:
+            with torch.inference_mode():
+                own(self, state)
+
+        compute._in_inference_mode = True  # type: ignore[attr-defined]
+        cls.compute = compute  # type: ignore[method-assign]
 
     def compute(self, state: State) -> None:
         with torch.inference_mode():
             output, loss = forward(state.model, state.loss_fn, state.batch, self.name)
         state.output = output
         state.loss = loss
+
+
+def _not_a_loss(loss: Any) -> None:
+    """A validation batch's ``loss`` the pass cannot average (a subclass of Tensor is fine)."""
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return
+    shape = (
+        f"a tensor of shape {tuple(loss.shape)}"
+        if isinstance(loss, torch.Tensor)
+        else (f"a {type(loss).__name__}")
+    )
+    raise ValueError(
+        f"the validation batch's loss is {shape}, not a scalar tensor: the pass averages one "
+        "loss per batch, weighted by its size; loss_fn must return the batch's mean loss as a "
+        "tensor (for torch's losses, reduction='mean'; not .item())"
+    )
 
 
 class ValidateBatch(Stage):
@@ -191,6 +226,8 @@ class Validate(Stage):
                                 await validate_batch(state)
                                 loss = d.get("loss")
                                 if loss is not None:
+                                    if type(loss) is not torch.Tensor or loss.numel() != 1:
+                                        _not_a_loss(loss)
                                     n = batch_size(batch)
                                     total.append(loss.detach() * n)
                                     count += n

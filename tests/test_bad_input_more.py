@@ -9,7 +9,7 @@ import dataclasses
 import enum
 import math
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -398,6 +398,9 @@ class Keeps(Callback):
     def state_dict(self) -> dict[str, Any]:
         return self.state
 
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.state = dict(state)
+
 
 class Opaque:
     pass
@@ -472,6 +475,9 @@ class LateState(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
 
 
 class MeanF1(Callback):

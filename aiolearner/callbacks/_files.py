@@ -50,6 +50,7 @@ __all__ = [
     "is_full_checkpoint",
     "load_checkpoint_file",
     "load_weights",
+    "read_torch_file",
     "read_weights",
     "remove_stray_temporaries",
     "snapshot",
@@ -94,6 +95,25 @@ def check_crcs(path: str | os.PathLike[str]) -> None:
         )
 
 
+def read_torch_file(path: Path, device: torch.device | str) -> Any:
+    """A ``torch.save`` file's contents (``weights_only=True``, its checksums compared first),
+    or a clear error naming it."""
+    check_crcs(path)
+    return _read(path, lambda: torch.load(path, map_location=device, weights_only=True))
+
+
+def _read(path: Path, reader: Callable[[], Any]) -> Any:
+    try:
+        return reader()
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as exc:
+        raise ValueError(
+            f"cannot read checkpoint file {str(path)!r}: it is damaged (truncated?) or not a "
+            f"checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
 def load_checkpoint_file(
     path: str | os.PathLike[str], *, model: torch.nn.Module | None = None
 ) -> dict[str, Any]:
@@ -114,13 +134,14 @@ def load_checkpoint_file(
         ValueError: the file holds no dict of a checkpoint or of weights, or its data does not
             match the checksums ``torch.save`` wrote with it (see :func:`check_crcs`).
     """
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a checkpoint file's path, got {type(path).__name__}")
     path = Path(path)
     if path.suffix == SUFFIXES["safetensors"]:
         st = require("safetensors.torch", extra="safetensors", what="reading .safetensors files")
-        data: Any = st.load_file(str(path), device="cpu")
+        data = _read(path, lambda: st.load_file(str(path), device="cpu"))
     else:
-        check_crcs(path)
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = read_torch_file(path, "cpu")
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}, not a checkpoint or weights dict")
     out: dict[str, Any] = data
@@ -148,14 +169,54 @@ def load_weights(
     Returns:
         What ``model.load_state_dict`` returns (the missing and unexpected keys).
 
+    Raises:
+        ValueError: the file cannot be read, or the weights do not fit the model (a shape that
+            differs; with ``strict``, a weight missing or extra); nothing is loaded then, the
+            model is as it was.
+
     Example:
         >>> model = make_model()                        # or torch.compile(make_model())
         >>> load_weights(model, "runs/ckpt/best-epoch-0007-step-00000700.pt")
         <All keys matched successfully>
     """
+    named = isinstance(source, str | os.PathLike)
     data = load_checkpoint_file(source) if isinstance(source, str | os.PathLike) else dict(source)
-    weights = data["model"] if is_full_checkpoint(data) else data
-    return model.load_state_dict(match_state_dict(model, weights), strict=strict)
+    weights = match_state_dict(model, data["model"] if is_full_checkpoint(data) else data)
+    where = f"checkpoint file {str(source)!r}" if named else "the weights given"
+    current = model.state_dict()
+    for key, value in weights.items():
+        mine = current.get(key)
+        if isinstance(value, torch.Tensor) and isinstance(mine, torch.Tensor):
+            if value.shape != mine.shape:
+                raise ValueError(
+                    f"{where} does not fit the model: {key!r} is {tuple(value.shape)} there and"
+                    f" {tuple(mine.shape)} in the model (another architecture?); nothing was "
+                    "loaded"
+                )
+    if strict:
+        missing = sorted(set(current) - set(weights))
+        unexpected = sorted(set(weights) - set(current))
+        if missing or unexpected:
+            raise ValueError(
+                f"{where} does not fit the model: "
+                + "; ".join(
+                    f"{what} {keys[:5]}{' ...' if len(keys) > 5 else ''}"
+                    for what, keys in (
+                        ("the model's weights it lacks:", missing),
+                        ("weights the model has no place for:", unexpected),
+                    )
+                    if keys
+                )
+                + "; nothing was loaded (strict=False loads the weights that fit)"
+            )
+    # All or nothing: what torch still refuses half way (a module's own loading rules) puts
+    # back the weights loaded before it.
+    kept = {k: v.detach().clone() for k, v in current.items()}
+    try:
+        return model.load_state_dict(weights, strict=strict)
+    except BaseException:
+        model.load_state_dict(kept)
+        raise
 
 
 def _fsync_dir(directory: Path) -> None:
