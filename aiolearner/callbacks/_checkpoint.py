@@ -43,6 +43,7 @@ import torch
 
 from aiolearner import Callback, StateView, plain_state_dict
 
+from ._args import optional_named, optional_whole, refuse_silent_checkpoint, usable_directory, whole
 from ._distributed import is_rank_zero
 from ._files import (
     SAFETENSORS_USER,
@@ -100,7 +101,7 @@ class Checkpoint(Callback):
     With ``format="safetensors"`` the files end in ``.safetensors`` instead of ``.pt``.
 
     Args:
-        directory: where the files go (created when needed).
+        directory: where the files go (created when needed; ``~`` is expanded).
         every_n_steps: also save before every N-th training step (``None``: never).
         every_n_epochs: save at the end of every N-th epoch (``None`` or 0: never).
         monitor: a key of ``state.metrics`` to keep the best checkpoints by (``None``: no best).
@@ -120,7 +121,9 @@ class Checkpoint(Callback):
             exactly where the run stopped.
 
     Raises:
-        ValueError: bad arguments, or a ``directory`` that is a file or cannot be created.
+        ValueError: bad arguments (one of the wrong type raises a ``TypeError`` that is also a
+            ``ValueError``), settings that would write no file, or a ``directory`` that is a
+            file or where no file can be written.
 
     Reads ``model``, ``epoch``, ``step``, ``batch_index``, ``metrics`` and ``outcome``; writes
     nothing (``load_best`` changes the model's weights under the weights lock's write side).
@@ -160,15 +163,13 @@ class Checkpoint(Callback):
         load_best: bool = False,
     ) -> None:
         if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
-        if every_n_epochs is not None and every_n_epochs < 0:
-            raise ValueError(f"every_n_epochs must be non-negative, got {every_n_epochs}")
-        if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}")
-        if keep_periodic is not None and keep_periodic < 0:
-            raise ValueError(f"keep_periodic must be None or non-negative, got {keep_periodic}")
+            raise ValueError(f"Checkpoint: mode must be 'min' or 'max', got {mode!r}")
+        every_n_steps = optional_whole("Checkpoint", "every_n_steps", every_n_steps, 1)
+        every_n_epochs = optional_whole("Checkpoint", "every_n_epochs", every_n_epochs, 0)
+        top_k = whole("Checkpoint", "top_k", top_k, 1)
+        keep_periodic = optional_whole("Checkpoint", "keep_periodic", keep_periodic, 0)
+        monitor = optional_named("Checkpoint", "monitor", monitor, "'val_loss'")
+        refuse_silent_checkpoint(save_last, monitor, every_n_steps, every_n_epochs, keep_periodic)
         if format not in SUFFIXES:
             raise ValueError(f"format must be 'torch' or 'safetensors', got {format!r}")
         if format == "safetensors" and not save_weights_only:
@@ -182,8 +183,8 @@ class Checkpoint(Callback):
         if format == "safetensors":
             # Fail at construction, not at the first save halfway through training.
             require("safetensors.torch", extra="safetensors", what=SAFETENSORS_USER)
-        # Here rather than at the first save, halfway through training.
-        self.directory = check_directory(directory, "Checkpoint")
+        # Here rather than at the first save, halfway through training ('~' expanded).
+        self.directory = usable_directory(directory, "Checkpoint")
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs or None
         self.monitor = monitor

@@ -24,6 +24,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from aiolearner import Stage, State, StateView, ValidateBatch, ValidateLoss, split_batch
 
+from ._args import real, whole
 from ._metrics import Metrics
 from ._per_optimizer import OptimizerCallback
 from ._precision import uses
@@ -69,7 +70,8 @@ class EMA(OptimizerCallback):
             optimizer's ``Update()``).
 
     Raises:
-        ValueError: ``decay`` not in ``[0, 1)`` or ``every_n_steps`` < 1.
+        ValueError: ``decay`` not a number in ``[0, 1)`` or ``every_n_steps`` not an int of at
+            least 1 (one of the wrong type raises a ``TypeError`` that is also a ``ValueError``).
 
     The average is in :meth:`state_dict`, so in checkpoints. Reads ``model``, ``step``,
     ``batch``, ``ema_output`` and ``ema_loss``; writes its own keys of ``metrics`` and
@@ -98,12 +100,9 @@ class EMA(OptimizerCallback):
         optimizer: str | None = None,
     ) -> None:
         self._target(optimizer)
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
-        self.decay = decay
-        self.every_n_steps = every_n_steps
+        hint = "0.999 averages over about 1000 updates"
+        self.decay = real(self.name, "decay", decay, low=0, high=1, high_open=True, hint=hint)
+        self.every_n_steps = whole(self.name, "every_n_steps", every_n_steps, 1)
         self.warmup = warmup
         specs = dict(metrics) if isinstance(metrics, Mapping) else {m: m for m in metrics}
         self._metric_names = tuple(specs)

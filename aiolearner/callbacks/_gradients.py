@@ -34,6 +34,7 @@ from aiolearner import (
     split_batch,
 )
 
+from ._args import optional_real, real, whole
 from ._per_optimizer import OptimizerCallback
 
 __all__ = ["AccumulateGradients", "GradientClipping", "GroupGradients"]
@@ -251,7 +252,8 @@ class AccumulateGradients(Fit):
             stage steps (an ``Update``'s own ``optimizer``, otherwise this one).
 
     Raises:
-        ValueError: ``every`` is less than 1.
+        ValueError: ``every`` is not an int of at least 1 (a float raises a ``TypeError`` that is
+            also a ``ValueError``).
     """
 
     def __init__(
@@ -262,8 +264,7 @@ class AccumulateGradients(Fit):
         update: Stage | None = None,
         optimizer: str | None = None,
     ) -> None:
-        if every < 1:
-            raise ValueError(f"every must be at least 1, got {every}")
+        every = whole("AccumulateGradients", "every", every, 1, hint="micro-batches per step")
         self.every = every
         super().__init__(_AccumulatingFitBatch(every, gradient, update, optimizer))
 
@@ -396,7 +397,9 @@ class GradientClipping(OptimizerCallback):
             ``Update(optimizer=name)``, and is named ``GradientClipping[<name>]``.
 
     Raises:
-        ValueError: neither ``max_norm`` nor ``max_value`` is given, or one is not positive.
+        ValueError: neither ``max_norm`` nor ``max_value`` is given, one is not a positive
+            finite number, or ``norm_type`` is not a positive number or ``"inf"`` (a value of
+            the wrong type raises a ``TypeError`` that is also a ``ValueError``).
 
     Reads ``optimizer`` (``optimizers`` for a named one) and ``grad_scaler``; writes nothing
     (it changes the gradients).
@@ -418,14 +421,17 @@ class GradientClipping(OptimizerCallback):
         optimizer: str | None = None,
     ) -> None:
         self._target(optimizer)
+        who = self.name
         if max_norm is None and max_value is None:
-            raise ValueError("give max_norm, max_value or both")
-        for label, value in (("max_norm", max_norm), ("max_value", max_value)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{label} must be positive, got {value}")
-        self.max_norm = max_norm
-        self.max_value = max_value
-        self.norm_type = math.inf if norm_type == "inf" else float(norm_type)
+            raise ValueError(f"{who}: give max_norm, max_value or both")
+        self.max_norm = optional_real(who, "max_norm", max_norm, low=0, low_open=True)
+        self.max_value = optional_real(who, "max_value", max_value, low=0, low_open=True)
+        if isinstance(norm_type, str) and norm_type == "inf":
+            norm_type = math.inf
+        hint = "2.0 for the Euclidean norm, math.inf (or 'inf') for the max-norm"
+        self.norm_type = real(
+            who, "norm_type", norm_type, low=0, low_open=True, finite=False, hint=hint
+        )
         #: The total gradient norm before the last clipping (a tensor on the device).
         self.last_norm: torch.Tensor | None = None
 

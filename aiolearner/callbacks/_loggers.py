@@ -38,8 +38,9 @@ import torch
 
 from aiolearner import Callback, StateView
 
+from ._args import optional_whole, ready_directory, usable_directory, usable_file, whole
 from ._distributed import is_rank_zero
-from ._files import atomic_write, check_directory, check_file, remove_stray_temporaries
+from ._files import atomic_write, remove_stray_temporaries
 from ._optional import require
 
 __all__ = ["CSVLogger", "ExperimentLogger", "JSONLinesLogger", "OpenMode", "TensorBoardLogger"]
@@ -79,7 +80,9 @@ class ExperimentLogger(Callback):
             end of every epoch).
 
     Raises:
-        ValueError: ``every_n_steps`` or ``flush_rows`` below 1.
+        ValueError: ``every_n_steps`` or ``flush_rows`` not an int of at least 1 (a float
+            raises a ``TypeError`` that is also a ``ValueError``); when a run starts, an output
+            directory that can no longer hold files.
 
     Reads ``metrics``, ``epoch``, ``step``, ``loss``, ``hparams`` and ``outcome``; writes
     nothing. Its checkpoint state is the number of rows logged (see :meth:`open`).
@@ -95,12 +98,9 @@ class ExperimentLogger(Callback):
     reads = frozenset({"metrics", "epoch", "step", "loss", "hparams", "outcome"})
 
     def __init__(self, *, every_n_steps: int | None = None, flush_rows: int = 256) -> None:
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
-        if flush_rows < 1:
-            raise ValueError(f"flush_rows must be at least 1, got {flush_rows}")
-        self.every_n_steps = every_n_steps
-        self.flush_rows = flush_rows
+        who = type(self).__name__
+        self.every_n_steps = optional_whole(who, "every_n_steps", every_n_steps, 1)
+        self.flush_rows = whole(who, "flush_rows", flush_rows, 1)
         # Deques: def hooks may append from the compute worker thread while a flush on the
         # event loop takes entries out (append and popleft are atomic).
         self._rows: deque[Row] = deque()
@@ -112,6 +112,7 @@ class ExperimentLogger(Callback):
         self._started = False  # opened at least once (or since a checkpoint was loaded)
         self._open = False  # opened in the current run, not finalized yet
         self._active = True  # rank 0 (or not distributed) in the current run
+        self._ready = False  # this run's before_fit_run found the output directories usable
         self._lock: anyio.Lock | None = None
         # Rows are added in hooks (maybe in the compute worker thread) and dropped once written
         # (on the loop): the checkpoint state must see one or the other, never both or neither.
@@ -151,6 +152,12 @@ class ExperimentLogger(Callback):
         """Close the output when a run ends (``outcome``: ``"completed"``, ``"stopped"``,
         ``"error"`` or ``"cancelled"``); a later run calls :meth:`open` again. Default: nothing."""
 
+    def _output_directories(self) -> list[tuple[Path, bool]]:
+        """The local directories the logger writes into, checked when a run starts (in a worker
+        thread, before any batch), each with whether to create it then: a run does not train
+        for hours to find at its first write that its log cannot be written. Default: none."""
+        return []
+
     # -- for users ---------------------------------------------------------------------------
 
     def log_artifact(self, path: str | os.PathLike[str], *, name: str | None = None) -> None:
@@ -160,7 +167,7 @@ class ExperimentLogger(Callback):
         latest the one in ``after_fit_run``, before :meth:`finalize`), so it must still exist then.
         Queued between runs, it goes with the next run's first write.
         """
-        self._artifacts.append((Path(path), name))
+        self._artifacts.append((Path(path).expanduser(), name))
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -170,11 +177,17 @@ class ExperimentLogger(Callback):
             if hook != "after_fit_batch" or self.every_n_steps is not None:
                 yield hook, method
 
-    def before_fit_run(self, state: StateView) -> None:
-        """Get ready to write (a fresh lock: the next run may use another event loop)."""
+    async def before_fit_run(self, state: StateView) -> None:
+        """Get ready to write (a fresh lock: the next run may use another event loop), and
+        check the output directories can still hold files (they may have gone since)."""
         self._active = is_rank_zero()
         self._lock = anyio.Lock()
         self._hparams = _plain(state.hparams) if state.is_valid("hparams") else {}
+        self._ready = False
+        directories = self._output_directories() if self._active else []
+        if directories:
+            await anyio.to_thread.run_sync(_check_directories, directories, self.name)
+        self._ready = True
 
     def after_fit_batch(self, state: StateView) -> None:
         """Every ``every_n_steps`` steps: buffer a step row with the batch loss."""
@@ -197,8 +210,9 @@ class ExperimentLogger(Callback):
 
     async def after_fit_run(self, state: StateView) -> None:
         """Write what is left, finalize the output, and wait for it."""
-        if not self._active:
-            return
+        ready, self._ready = self._ready, False
+        if not (self._active and ready):
+            return  # (an output directory that cannot hold files ended the run at its start)
         await self._flush(final=state.outcome if state.is_valid("outcome") else "completed")
 
     def _add(self, row: Row, state: StateView, *, flush: bool = False) -> None:
@@ -275,6 +289,11 @@ class ExperimentLogger(Callback):
         self._rows.extend(pending)
 
 
+def _check_directories(directories: list[tuple[Path, bool]], who: str) -> None:
+    for directory, create in directories:
+        ready_directory(directory, who, create)
+
+
 def _plain(value: Any) -> Any:
     """A plain copy of a value read through a state view (its read-only windows unwrapped)."""
     if isinstance(value, Mapping):
@@ -294,6 +313,11 @@ def _copy_artifact(path: Path, directory: Path, name: str) -> None:
         shutil.copytree(path, target, dirs_exist_ok=True)
     else:
         shutil.copy2(path, target)
+
+
+def _artifacts_dir(given: object, path: Path, who: str) -> Path:
+    """Where a file logger copies artifacts: ``given``, or ``artifacts`` beside its file."""
+    return usable_directory(given or path.parent / "artifacts", who)
 
 
 def _remove_own_temporaries(path: Path) -> None:
@@ -316,12 +340,16 @@ class JSONLinesLogger(ExperimentLogger):
     into ``artifacts_dir``.
 
     Args:
-        path: the ``.jsonl`` file.
+        path: the ``.jsonl`` file (``~`` is expanded).
         every_n_steps: also log the batch loss every N training steps.
         flush_rows: start a write once this many rows are buffered (rows are also written at the
             end of every epoch).
         artifacts_dir: where :meth:`~ExperimentLogger.log_artifact` copies files (default:
             ``artifacts`` beside the file).
+
+    Raises:
+        ValueError: a ``path`` that is a directory, or one (or an ``artifacts_dir``) where no
+            file can be written; checked again when a run starts.
 
     Reads ``metrics``, ``epoch``, ``step``, ``loss``, ``hparams`` and ``outcome``; writes
     nothing.
@@ -345,8 +373,11 @@ class JSONLinesLogger(ExperimentLogger):
         artifacts_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, flush_rows=flush_rows)
-        self.path = check_file(path, "JSONLinesLogger", "log.jsonl")
-        self.artifacts_dir = Path(artifacts_dir or self.path.parent / "artifacts")
+        self.path = usable_file(path, "JSONLinesLogger", "log.jsonl")
+        self.artifacts_dir = _artifacts_dir(artifacts_dir, self.path, "JSONLinesLogger")
+
+    def _output_directories(self) -> list[tuple[Path, bool]]:
+        return [(self.path.parent, True), (self.artifacts_dir, False)]
 
     def open(self, mode: OpenMode, rows: int) -> None:
         if mode == "continue":
@@ -386,11 +417,15 @@ class CSVLogger(ExperimentLogger):
     ``<path stem>.hparams.json`` beside it, and artifacts are copied into ``artifacts_dir``.
 
     Args:
-        path: the ``.csv`` file.
+        path: the ``.csv`` file (``~`` is expanded).
         every_n_steps: also log the batch loss every N training steps.
         flush_rows: start a write once this many rows are buffered.
         artifacts_dir: where :meth:`~ExperimentLogger.log_artifact` copies files (default:
             ``artifacts`` beside the file).
+
+    Raises:
+        ValueError: a ``path`` that is a directory, or one (or an ``artifacts_dir``) where no
+            file can be written; checked again when a run starts.
 
     Reads ``metrics``, ``epoch``, ``step``, ``loss``, ``hparams`` and ``outcome``; writes
     nothing.
@@ -413,10 +448,13 @@ class CSVLogger(ExperimentLogger):
         artifacts_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, flush_rows=flush_rows)
-        self.path = check_file(path, "CSVLogger", "log.csv")
-        self.artifacts_dir = Path(artifacts_dir or self.path.parent / "artifacts")
+        self.path = usable_file(path, "CSVLogger", "log.csv")
+        self.artifacts_dir = _artifacts_dir(artifacts_dir, self.path, "CSVLogger")
         self._columns: list[str] = []
         self._all: list[Row] = []
+
+    def _output_directories(self) -> list[tuple[Path, bool]]:
+        return [(self.path.parent, True), (self.artifacts_dir, False)]
 
     def open(self, mode: OpenMode, rows: int) -> None:
         if mode == "continue":
@@ -471,7 +509,7 @@ class TensorBoardLogger(ExperimentLogger):
     artifacts are copied into ``log_dir / "artifacts"``.
 
     Args:
-        log_dir: the directory for the event files.
+        log_dir: the directory for the event files (``~`` is expanded).
         every_n_steps: also log the batch loss every N training steps.
         flush_rows: start a write once this many rows are buffered.
 
@@ -497,9 +535,12 @@ class TensorBoardLogger(ExperimentLogger):
     ) -> None:
         require("tensorboard", extra="tensorboard", what="TensorBoardLogger")
         super().__init__(every_n_steps=every_n_steps, flush_rows=flush_rows)
-        self.log_dir = check_directory(log_dir, "TensorBoardLogger")
+        self.log_dir = usable_directory(log_dir, "TensorBoardLogger")
         self._writer: Any = None
         self._purge_step: int | None = None
+
+    def _output_directories(self) -> list[tuple[Path, bool]]:
+        return [(self.log_dir, True)]
 
     def open(self, mode: OpenMode, rows: int) -> None:
         if self._writer is None:

@@ -21,6 +21,7 @@ import torch
 
 from aiolearner import Callback, Learner, StateView, StopFit, capture_rng, restore_rng
 
+from ._args import real, whole
 from ._optional import require
 
 __all__ = ["LRFinderResult", "lr_find"]
@@ -74,7 +75,7 @@ class LRFinderResult:
             i = self.lrs.index(self.suggestion)
             ax.plot([self.suggestion], [self.losses[i]], "ro", label=f"{self.suggestion:.2e}")
         ax.legend()
-        out = Path(path)
+        out = Path(path).expanduser()
         fig.savefig(out, format="png", dpi=100)
         return out
 
@@ -186,17 +187,19 @@ async def lr_find(
         >>> result.suggestion, result.plot("lr_find.png")
         >>> for g in learner.optimizer.param_groups: g["lr"] = result.suggestion
     """
-    if not 0 < start_lr < end_lr:
-        raise ValueError(f"need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
-    if num_steps < 2:
-        raise ValueError(f"num_steps must be at least 2, got {num_steps}")
-    if not 0 < smooth <= 1:
-        raise ValueError(f"smooth must be in (0, 1], got {smooth}")
-    if diverge <= 1:
-        raise ValueError(f"diverge must be above 1, got {diverge}")
+    who = "lr_find"
+    start_lr = real(who, "start_lr", start_lr, low=0, low_open=True)
+    end_lr = real(who, "end_lr", end_lr, low=0, low_open=True)
+    if not start_lr < end_lr:
+        raise ValueError(f"lr_find: need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
+    num_steps = whole(who, "num_steps", num_steps, 2)
+    smooth = real(who, "smooth", smooth, low=0, high=1, low_open=True)
+    diverge = real(who, "diverge", diverge, low=1, low_open=True)
+    skip_start = whole(who, "skip_start", skip_start, None)
+    skip_end = whole(who, "skip_end", skip_end, None)
     if skip_start < 0 or skip_end < 0:
         raise ValueError(
-            f"skip_start and skip_end must be at least 0, got {skip_start} and {skip_end}"
+            f"lr_find: skip_start and skip_end must be at least 0, got {skip_start} and {skip_end}"
         )
     if learner.status.value != "idle":
         from aiolearner import LearnerBusyError

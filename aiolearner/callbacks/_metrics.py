@@ -15,6 +15,8 @@ import torch
 
 from aiolearner import Callback, StateView, split_batch
 
+from ._args import ArgumentTypeError, named, optional_whole, shown
+
 if TYPE_CHECKING:
     from torchmetrics import Metric as _TorchMetric
 
@@ -154,9 +156,15 @@ class _Tracker:
             value = loss
         else:
             assert self.fn is not None
-            value = self.fn(output, targets)
+            try:
+                value = self.fn(output, targets)
+            except Exception as exc:
+                exc.add_note(
+                    f"aiolearner: raised by metric {self.name!r} (its fn(output, targets))"
+                )
+                raise
             if not isinstance(value, torch.Tensor):
-                value = torch.as_tensor(value)
+                value = self._as_tensor(value)
             if value.numel() != 1:
                 raise ValueError(
                     f"metric {self.name!r} returned a tensor of shape {tuple(value.shape)}, not "
@@ -167,6 +175,18 @@ class _Tracker:
         self.epoch.add(value, n)
         if self.window is not None:
             self.window.add(value, n)
+
+    def _as_tensor(self, value: Any) -> torch.Tensor:
+        """A number a metric function returned, as a tensor; what is not one is refused by
+        name (torch's own error names neither the metric nor what it returned)."""
+        try:
+            return torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(
+                f"metric {self.name!r} returned {value!r} ({type(value).__name__}), not one number"
+                " for the batch: return a scalar tensor or a float (e.g. (out.argmax(1) =="
+                " y).float().mean())"
+            ) from exc
 
     @staticmethod
     def _computed(metric: _TorchMetric) -> Any:
@@ -327,7 +347,13 @@ class Metrics(Callback):
         prefix: prepended to every name (``prefix="ema_"`` gives ``val_ema_accuracy``).
 
     Raises:
-        TypeError: a metric that is none of the above.
+        TypeError: a metric that is none of the above, a metric's name or a field that is not
+            a non-empty str.
+        ValueError: no metric, ``train=False`` with ``validate=False`` (nothing to compute), or
+            a ``log_every_n_steps`` that is not an int of at least 1.
+
+    A metric function that raises gets a note naming the metric; one that returns something
+    other than a number (a string, ``None``) is refused by name.
 
     Reads ``batch``, ``output`` (or ``output_field``), ``loss`` (or ``loss_field``),
     ``validation_set`` and ``phase``; writes its own keys of ``metrics`` and ``validation``
@@ -362,8 +388,18 @@ class Metrics(Callback):
         loss_field: str = "loss",
         prefix: str = "",
     ) -> None:
-        if log_every_n_steps is not None and log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be at least 1, got {log_every_n_steps}")
+        log_every_n_steps = optional_whole("Metrics", "log_every_n_steps", log_every_n_steps, 1)
+        output_field = named("Metrics", "output_field", output_field, "'output'")
+        loss_field = named("Metrics", "loss_field", loss_field, "'loss'")
+        if not isinstance(prefix, str):
+            raise ArgumentTypeError(
+                f"Metrics: prefix must be a str ('' for none), got {shown(prefix)}"
+            )
+        if not (train or validate):
+            raise ValueError(
+                "Metrics(train=False, validate=False) would compute nothing: keep train=True,"
+                " validate=True or both"
+            )
         if isinstance(metrics, str):
             raise TypeError(
                 f"Metrics takes a list of metrics (or a dict of named ones), got the string "
@@ -374,6 +410,8 @@ class Metrics(Callback):
         )
         if not specs:
             raise ValueError("Metrics needs at least one metric")
+        for key in specs:
+            named("Metrics", "each metric's name", key, "'accuracy' (Metrics({'accuracy': fn}))")
         self.log_every_n_steps = log_every_n_steps
         self.output_field = output_field
         self.loss_field = loss_field

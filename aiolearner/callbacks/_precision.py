@@ -24,6 +24,8 @@ import torch
 
 from aiolearner import Callback, Gradient, Stage, State, Update, ValidateLoss, split_batch
 
+from ._args import ArgumentTypeError, autocast_device_type, shown
+
 __all__ = ["MixedPrecision"]
 
 _DTYPES = {
@@ -57,7 +59,9 @@ class MixedPrecision(Callback):
         validate: run validation under autocast as well.
 
     Raises:
-        ValueError: an unknown dtype.
+        ValueError: an unknown dtype, or a ``device_type`` torch's autocast does not know
+            (``"cpu"``, ``"cuda"``, ``"xpu"``, ``"mps"``, ...; the device need not be here).
+        TypeError: a ``scaler`` that is not a bool, ``None`` or a ``torch.amp.GradScaler``.
 
     With several optimizers (a GAN), one ``MixedPrecision`` serves them all: write the gradient
     stages with :meth:`autocast` and :meth:`backward`, and step each optimizer with
@@ -82,12 +86,19 @@ class MixedPrecision(Callback):
     ) -> None:
         if isinstance(dtype, torch.dtype):
             if dtype not in (torch.bfloat16, torch.float16):
-                raise ValueError(f"dtype must be bfloat16 or float16, got {dtype}")
+                raise ValueError(f"MixedPrecision: dtype must be bfloat16 or float16, got {dtype}")
             self.dtype = dtype
         else:
             if dtype not in _DTYPES:
-                raise ValueError(f"dtype must be 'bf16' or 'fp16', got {dtype!r}")
+                raise ValueError(f"MixedPrecision: dtype must be 'bf16' or 'fp16', got {dtype!r}")
             self.dtype = _DTYPES[dtype]
+        if device_type is not None:
+            device_type = autocast_device_type("MixedPrecision", device_type)
+        if scaler is not None and not isinstance(scaler, bool | torch.amp.GradScaler):
+            raise ArgumentTypeError(
+                "MixedPrecision: scaler must be None (for float16 only), True, False or a"
+                f" torch.amp.GradScaler, got {shown(scaler)}"
+            )
         self.device_type = device_type
         self.validate = validate
         self._scaler_option = scaler

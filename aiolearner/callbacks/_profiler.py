@@ -30,6 +30,7 @@ from torch.profiler import ProfilerAction, ProfilerActivity
 
 from aiolearner import Callback, StateView
 
+from ._args import named, ready_directory, usable_directory, whole
 from ._files import atomic_write_file
 
 __all__ = ["Profiler"]
@@ -116,8 +117,10 @@ class Profiler(Callback):
         worker_name: the trace files' prefix (default ``<host name>_<process id>``).
 
     Raises:
-        ValueError: bad arguments (a step range that is empty or has a stride, negative counts,
-            ``steps`` with schedule arguments, a name that is not a plain file name).
+        ValueError: bad arguments (a step range that is empty or has a stride, counts that are
+            not non-negative ints, ``steps`` with schedule arguments, a name that is not a plain
+            file name, a ``directory`` where no file can be written; ``~`` is expanded); when
+            the run starts, a ``directory`` that can no longer hold files.
 
     Only one ``torch.profiler`` may run in a process at a time: do not profile two learners at
     once. Reads ``step``; writes nothing.
@@ -170,16 +173,18 @@ class Profiler(Callback):
         else:
             defaults = {"wait": 1, "warmup": 1, "active": 3, "repeat": 1, "skip_first": 0}
             values = {name: defaults[name] if v is None else v for name, v in counts.items()}
-            for name, value in values.items():
-                if not isinstance(value, int) or value < 0:
-                    raise ValueError(f"Profiler: {name} must be a non-negative int, got {value!r}")
+            values = {name: whole("Profiler", name, v, 0) for name, v in values.items()}
             if values["active"] < 1:
-                raise ValueError(f"Profiler: active must be at least 1, got {values['active']}")
+                raise ValueError(
+                    f"Profiler: active must be at least 1 (steps recorded in each window), got"
+                    f" {values['active']}"
+                )
             self._schedule = _cycle_schedule(**values)
         name = worker_name if worker_name is not None else f"{socket.gethostname()}_{os.getpid()}"
-        if not name or "/" in name or "\\" in name or "\x00" in name or name in (".", ".."):
+        name = named("Profiler", "worker_name", name, "'worker0' (the trace files' prefix)")
+        if "/" in name or "\\" in name or "\x00" in name or name in (".", ".."):
             raise ValueError(f"Profiler: worker_name must be a plain file name, got {name!r}")
-        self.directory = Path(directory)
+        self.directory = usable_directory(directory, "Profiler")
         self.worker_name = name
         if activities is None:
             activities = [ProfilerActivity.CPU]
@@ -204,9 +209,11 @@ class Profiler(Callback):
 
     # -- hooks ---------------------------------------------------------------------------------
 
-    def before_fit_run(self, state: StateView) -> None:
-        """Start counting steps (and the profiler, when the first step is in a window)."""
+    async def before_fit_run(self, state: StateView) -> None:
+        """Check the directory can still hold traces (it may have gone since), then start
+        counting steps (and the profiler, when the first step is in a window)."""
         self._lock = anyio.Lock()
+        await anyio.to_thread.run_sync(ready_directory, self.directory, "Profiler", False)
         self._seen = state.step
         self._window = []
         self._begin(state.step)

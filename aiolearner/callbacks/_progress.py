@@ -25,6 +25,7 @@ import torch
 
 from aiolearner import Callback, StateView, batch_size
 
+from ._args import real, text_stream
 from ._distributed import is_rank_zero
 from ._optional import require
 
@@ -73,6 +74,9 @@ class ProgressBar(Callback):
 
     Raises:
         ImportError: the bar is wanted and rich is not installed.
+        ValueError: an interval that is not a positive number; (when the run starts) a
+            ``file`` that is closed.
+        TypeError: a ``file`` that is not a text stream (a path: open it first).
 
     Reads ``epoch``, ``step``, ``batch_index``, ``batch``, ``loss`` and ``metrics``; writes
     nothing.
@@ -96,13 +100,16 @@ class ProgressBar(Callback):
         file: TextIO | None = None,
         console: Any = None,
     ) -> None:
-        if refresh_interval <= 0 or log_interval <= 0:
-            raise ValueError("refresh_interval and log_interval must be positive")
+        who = "ProgressBar"
+        for what, value in (("refresh_interval", refresh_interval), ("log_interval", log_interval)):
+            real(who, what, value, low=0, low_open=True, hint="in seconds")
+        self.refresh_interval = float(refresh_interval)
+        self.log_interval = float(log_interval)
         if display not in ("auto", "notebook", "rich", "plain"):
-            raise ValueError(f"display must be auto, notebook, rich or plain, got {display!r}")
-        self.refresh_interval = refresh_interval
-        self.log_interval = log_interval
-        self._file = file
+            raise ValueError(
+                f"{who}: display must be auto, notebook, rich or plain, got {display!r}"
+            )
+        self._file = None if file is None else text_stream(who, "file", file)
         self._console = console
         if plain is not None:
             display = "plain" if plain else "rich"
@@ -160,6 +167,12 @@ class ProgressBar(Callback):
         self._active = is_rank_zero()
         if not self._active:
             return
+        if self._console is None and getattr(self.file, "closed", False):
+            # Here, not at the first line written (an epoch into the run, from a worker thread).
+            raise ValueError(
+                f"ProgressBar: its file {self.file!r} is closed: give an open text stream, such"
+                " as sys.stderr or open(path, 'w'), kept open while the run lasts"
+            )
         self._stop = anyio.Event()
         self._nudge = anyio.Event()
         self._loop_thread = threading.get_ident()

@@ -24,6 +24,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLR
 
 from aiolearner import StateView
 
+from ._args import function, named, real, scheduled_value, whole
 from ._per_optimizer import OptimizerCallback
 
 __all__ = ["LRSchedule", "OneCycle", "ParamSchedule", "WarmupCosine"]
@@ -66,8 +67,10 @@ class LRSchedule(OptimizerCallback):
             ``LRSchedule[<name>]``.
 
     Raises:
-        ValueError: ``ReduceLROnPlateau`` with ``interval="step"``, or a bad ``interval``.
-        TypeError: a scheduler class that needs more than the optimizer (pass a factory).
+        ValueError: ``ReduceLROnPlateau`` with ``interval="step"``, a bad ``interval``, or a
+            ``frequency`` that is not an int of at least 1.
+        TypeError: a scheduler class that needs more than the optimizer (pass a factory), or a
+            ``monitor`` that is not a non-empty str.
         ConfigurationError: (when the Learner is built) a scheduler built on another optimizer,
             or an ``optimizer`` name the learner has no update stage for; (when ``fit``
             starts) a monitored metric nothing writes.
@@ -101,9 +104,9 @@ class LRSchedule(OptimizerCallback):
     ) -> None:
         self._target(optimizer)
         if interval not in ("step", "epoch"):
-            raise ValueError(f"interval must be 'step' or 'epoch', got {interval!r}")
-        if frequency < 1:
-            raise ValueError(f"frequency must be at least 1, got {frequency}")
+            raise ValueError(f"{self.name}: interval must be 'step' or 'epoch', got {interval!r}")
+        frequency = whole(self.name, "frequency", frequency, 1)
+        monitor = named(self.name, "monitor", monitor, "'val_loss' (a key of state.metrics)")
         if isinstance(scheduler, ReduceLROnPlateau) and interval == "step":
             raise ValueError(
                 "ReduceLROnPlateau reacts to a metric computed once per epoch: use interval='epoch'"
@@ -304,7 +307,9 @@ class OneCycle(LRSchedule):
         **kwargs: passed to ``OneCycleLR`` (``pct_start``, ``anneal_strategy``, ...).
 
     Raises:
-        ValueError: ``total_steps`` is not a positive int.
+        ValueError: ``total_steps`` is not an int of at least 1, or ``max_lr`` (or one of its
+            items) is not a positive finite number (one of the wrong type raises a
+            ``TypeError`` that is also a ``ValueError``).
         ConfigurationError: (when ``fit`` starts) the run takes more optimizer steps than
             ``total_steps``, where that is known: a batch is one step (no accumulation, one
             update) and the epochs have a length (sized data, or a stream cut by
@@ -322,8 +327,21 @@ class OneCycle(LRSchedule):
         optimizer: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        who = "OneCycle" if optimizer is None else f"OneCycle[{optimizer}]"
+        total_steps = whole(who, "total_steps", total_steps, 1, hint="optimizer steps of the run")
+        if isinstance(max_lr, list | tuple) and max_lr:
+            max_lr = [
+                real(who, f"max_lr[{i}]", lr, low=0, low_open=True) for i, lr in enumerate(max_lr)
+            ]
+        else:
+            max_lr = real(
+                who,
+                "max_lr",
+                max_lr,
+                low=0,
+                low_open=True,
+                hint="the peak rate, or a list of one per group",
+            )
 
         def make(opt: torch.optim.Optimizer) -> Scheduler:
             return OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps, **kwargs)
@@ -363,6 +381,11 @@ class WarmupCosine(LRSchedule):
         optimizer: the name of the optimizer it schedules (default: the first); see
             :class:`LRSchedule`.
 
+    Raises:
+        ValueError: not ``0 <= warmup_steps < total_steps`` (both ints), or ``min_factor``
+            not a number in ``[0, 1]`` (one of the wrong type raises a ``TypeError`` that is
+            also a ``ValueError``).
+
     Example:
         >>> learner = Learner(..., callbacks=[WarmupCosine(500, total_steps=20_000)])
     """
@@ -375,12 +398,14 @@ class WarmupCosine(LRSchedule):
         min_factor: float = 0.0,
         optimizer: str | None = None,
     ) -> None:
+        who = "WarmupCosine" if optimizer is None else f"WarmupCosine[{optimizer}]"
+        warmup_steps = whole(who, "warmup_steps", warmup_steps, None)
+        total_steps = whole(who, "total_steps", total_steps, None)
         if warmup_steps < 0 or total_steps <= warmup_steps:
             raise ValueError(
-                f"need 0 <= warmup_steps < total_steps, got {warmup_steps} and {total_steps}"
+                f"{who}: need 0 <= warmup_steps < total_steps, got {warmup_steps} and {total_steps}"
             )
-        if not 0.0 <= min_factor <= 1.0:
-            raise ValueError(f"min_factor must be in [0, 1], got {min_factor}")
+        min_factor = real(who, "min_factor", min_factor, low=0, high=1)
 
         def make(opt: torch.optim.Optimizer) -> Scheduler:
             return LambdaLR(
@@ -412,8 +437,14 @@ class ParamSchedule(OptimizerCallback):
 
     Raises:
         ValueError: a bad ``interval``.
+        TypeError: a ``name`` that is not a non-empty str, or an ``fn`` that is not callable.
         ConfigurationError: (when the Learner is built) the optimizer has no such
             hyperparameter, or the learner has no update stage for an ``optimizer`` name.
+
+    A value ``fn`` returns is checked before it is set: one of another kind than the
+    optimizer's (a string or ``None`` for a number), NaN, infinite, negative for ``lr``,
+    ``weight_decay``, ``momentum``, ``dampening`` or ``eps``, or outside ``[0, 1)`` for
+    ``betas`` raises an error naming the step (or epoch), and no update runs with it.
 
     Reads ``optimizer`` (``optimizers`` for a named one) and ``epoch``; writes nothing (it
     changes the optimizer's param groups). The count is in :meth:`state_dict`; per epoch it is
@@ -433,11 +464,12 @@ class ParamSchedule(OptimizerCallback):
         interval: Literal["step", "epoch"] = "step",
         optimizer: str | None = None,
     ) -> None:
-        if interval not in ("step", "epoch"):
-            raise ValueError(f"interval must be 'step' or 'epoch', got {interval!r}")
         self._target(optimizer)
-        self.param = name
-        self.fn = fn
+        if interval not in ("step", "epoch"):
+            raise ValueError(f"{self.name}: interval must be 'step' or 'epoch', got {interval!r}")
+        self.param = named(self.name, "name", name, "'weight_decay' (a param-group key)")
+        hint = f"for a constant, pass lambda t: {fn!r}" if isinstance(fn, int | float) else ""
+        self.fn = function(self.name, "fn", fn, "fn(t) -> value", hint)
         self.interval = interval
         #: Updates (or epochs) done so far.
         self.count = 0
@@ -447,8 +479,13 @@ class ParamSchedule(OptimizerCallback):
         return self.interval == "step"
 
     def _apply(self, optimizer: torch.optim.Optimizer) -> None:
-        value = self.fn(self.count)
-        for group in optimizer.param_groups:
+        t = self.count
+        value = self.fn(t)
+        groups = optimizer.param_groups
+        if groups:  # refused before any group is set: the update then never runs with it
+            per_step = self.interval == "step"
+            scheduled_value(self.name, self.param, value, groups[0].get(self.param), t, per_step)
+        for group in groups:
             group[self.param] = value
 
     def _check_optimizers(self, optimizers: Mapping[str, torch.optim.Optimizer]) -> str | None:

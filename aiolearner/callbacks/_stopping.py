@@ -17,6 +17,8 @@ import torch
 
 from aiolearner import Callback, SkipBatch, StateView, StopFit
 
+from ._args import function, named, real, whole
+
 __all__ = ["EarlyStopping", "NonFiniteGuard", "TimeLimit"]
 
 
@@ -48,7 +50,9 @@ class EarlyStopping(Callback):
         check_on: ``"validate"`` or ``"epoch"`` to choose the hook (default: from ``monitor``).
 
     Raises:
-        ValueError: on a bad ``mode``, ``patience`` or ``min_delta``.
+        ValueError: on a bad ``mode``, ``patience`` or ``min_delta`` (NaN included).
+        TypeError: a ``monitor`` that is not a non-empty str, a ``patience`` that is not an int
+            or a ``min_delta`` that is not a number (also a ``ValueError``).
 
     Reads ``metrics``, ``epoch`` and ``phase``; writes nothing.
 
@@ -71,14 +75,14 @@ class EarlyStopping(Callback):
         stop_on_nan: bool = True,
         check_on: Literal["validate", "epoch"] | None = None,
     ) -> None:
+        who = "EarlyStopping"
+        monitor = named(who, "monitor", monitor, "'val_loss' (a key of state.metrics)")
         if check_on not in (None, "validate", "epoch"):
-            raise ValueError(f"check_on must be 'validate' or 'epoch', got {check_on!r}")
+            raise ValueError(f"{who}: check_on must be 'validate' or 'epoch', got {check_on!r}")
         if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise ValueError(f"patience must be a non-negative int (checks), got {patience!r}")
-        if min_delta < 0:
-            raise ValueError(f"min_delta must be non-negative, got {min_delta}")
+            raise ValueError(f"{who}: mode must be 'min' or 'max', got {mode!r}")
+        patience = whole(who, "patience", patience, 0, hint="it counts checks")
+        min_delta = real(who, "min_delta", min_delta, low=0)
         self.monitor = monitor
         self.mode = mode
         self.patience = patience
@@ -207,7 +211,9 @@ class TimeLimit(Callback):
         clock: a function returning seconds (default ``time.monotonic``); tests inject a fake.
 
     Raises:
-        ValueError: ``seconds`` is not positive.
+        ValueError: ``seconds`` is not a positive, finite number.
+        TypeError: ``seconds`` is not a number (also a ``ValueError``), or ``clock`` is not a
+            function.
 
     Reads ``epoch`` and ``step``; writes nothing.
 
@@ -219,10 +225,9 @@ class TimeLimit(Callback):
     reads = frozenset({"epoch", "step"})
 
     def __init__(self, seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
-        if not seconds > 0:
-            raise ValueError(f"seconds must be positive, got {seconds}")
-        self.seconds = float(seconds)
-        self.clock = clock
+        hint = "the budget in seconds, as TimeLimit(3600) for an hour"
+        self.seconds = real("TimeLimit", "seconds", seconds, low=0, low_open=True, hint=hint)
+        self.clock = function("TimeLimit", "clock", clock, "clock() -> seconds")
         self._spent = 0.0
         self._started: float | None = None
 
@@ -319,11 +324,8 @@ class NonFiniteGuard(Callback):
         check_grads: bool = False,
     ) -> None:
         if action not in ("stop", "skip"):
-            raise ValueError(f"action must be 'stop' or 'skip', got {action!r}")
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
-            raise TypeError(f"every_n_steps must be an int, got {every_n_steps!r}")
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
+            raise ValueError(f"NonFiniteGuard: action must be 'stop' or 'skip', got {action!r}")
+        every_n_steps = whole("NonFiniteGuard", "every_n_steps", every_n_steps, 1)
         if action == "skip" and every_n_steps != 1:
             raise ValueError("action='skip' must decide on every batch: use every_n_steps=1")
         self.action = action

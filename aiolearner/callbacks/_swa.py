@@ -20,6 +20,8 @@ from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
 from aiolearner import Callback, StateView
 
+from ._args import ArgumentTypeError, optional_real, shown, whole
+
 __all__ = ["SWA"]
 
 try:  # numpy is optional
@@ -72,7 +74,9 @@ class SWA(Callback):
         update_bn: recompute batch-norm statistics at the end of ``fit``.
 
     Raises:
-        ValueError: bad arguments; when training starts, a model with batch-norm layers and
+        ValueError: bad arguments (counts that are not ints, a ``swa_lr`` that is not a
+            positive number: one of the wrong type raises a ``TypeError`` that is also a
+            ``ValueError``); when training starts, a model with batch-norm layers and
             ``update_bn`` but no ``bn_data``.
 
     The average, its count and the scheduler are in :meth:`state_dict`, so a run resumed from a
@@ -99,18 +103,19 @@ class SWA(Callback):
         bn_data: Iterable[Any] | None = None,
         update_bn: bool = True,
     ) -> None:
-        if start_epoch < 0:
-            raise ValueError(f"start_epoch must be non-negative, got {start_epoch}")
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be at least 1, got {every_n_epochs}")
-        if anneal_epochs < 1:
-            raise ValueError(f"anneal_epochs must be at least 1, got {anneal_epochs}")
+        self.start_epoch = whole("SWA", "start_epoch", start_epoch, 0, hint="0 is the first")
+        self.every_n_epochs = whole("SWA", "every_n_epochs", every_n_epochs, 1)
+        self.swa_lr = optional_real("SWA", "swa_lr", swa_lr, low=0, low_open=True)
+        self.anneal_epochs = whole("SWA", "anneal_epochs", anneal_epochs, 1)
         if anneal_strategy not in ("cos", "linear"):
-            raise ValueError(f"anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}")
-        self.start_epoch = start_epoch
-        self.every_n_epochs = every_n_epochs
-        self.swa_lr = swa_lr
-        self.anneal_epochs = anneal_epochs
+            raise ValueError(
+                f"SWA: anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}"
+            )
+        if bn_data is not None and not isinstance(bn_data, Iterable):
+            raise ArgumentTypeError(
+                f"SWA: bn_data must be batches to iterate over (the training data), got"
+                f" {shown(bn_data)}"
+            )
         self.anneal_strategy = anneal_strategy
         self.bn_data = bn_data
         self.update_bn = update_bn

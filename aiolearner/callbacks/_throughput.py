@@ -22,6 +22,8 @@ from typing import Any
 
 from aiolearner import Callback, StateView, Trace, batch_size
 
+from ._args import function
+
 __all__ = ["Throughput", "stage_times"]
 
 
@@ -72,6 +74,13 @@ class Throughput(Callback):
     With concurrent validation an epoch's ``after_epoch`` comes while the next epoch trains: its
     figures are kept by epoch until then.
 
+    Args:
+        clock: a function returning seconds (default ``time.perf_counter``); tests inject a
+            fake.
+
+    Raises:
+        TypeError: a ``clock`` that is not a function.
+
     Reads ``batch`` and ``epoch``; writes nothing.
 
     Example:
@@ -85,7 +94,9 @@ class Throughput(Callback):
     reads = frozenset({"batch", "epoch"})
 
     def __init__(self, *, clock: Any = time.perf_counter) -> None:
-        self.clock = clock
+        self.clock = function(
+            "Throughput", "clock", clock, "clock() -> seconds, such as time.perf_counter"
+        )
         #: One dict per epoch (see the class docstring).
         self.epochs: list[dict[str, float]] = []
         self._reset_pass()

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._args import named, usable_directory
 from ._loggers import ExperimentLogger, OpenMode
 from ._optional import require, require_installed
 
@@ -89,6 +90,8 @@ class MLflowLogger(ExperimentLogger):
 
     Raises:
         ImportError: mlflow is not installed (the ``mlflow`` extra).
+        ValueError: a ``save_dir`` where no file can be written (``~`` is expanded); when a
+            run starts, one that can no longer hold files.
 
     Reads ``metrics``, ``epoch``, ``step``, ``loss``, ``hparams`` and ``outcome``; writes
     nothing. Under ``torch.distributed`` it logs on rank 0 only.
@@ -114,8 +117,8 @@ class MLflowLogger(ExperimentLogger):
     ) -> None:
         require_installed("mlflow", extra="mlflow", what="MLflowLogger")
         super().__init__(every_n_steps=every_n_steps, flush_rows=flush_rows)
-        self.experiment = experiment
-        self.save_dir = Path(save_dir)
+        self.experiment = named("MLflowLogger", "experiment", experiment, "'aiolearner'")
+        self.save_dir = usable_directory(save_dir, "MLflowLogger")
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             uri = f"sqlite:///{self.save_dir.resolve() / 'mlflow.db'}"
@@ -126,6 +129,9 @@ class MLflowLogger(ExperimentLogger):
         self.run_id = run_id
         self.tags = dict(tags or {})
         self._client: Any = None
+
+    def _output_directories(self) -> list[tuple[Path, bool]]:
+        return [(self.save_dir, True)]
 
     def open(self, mode: OpenMode, rows: int) -> None:
         if self._client is None:
@@ -228,6 +234,8 @@ class WandbLogger(ExperimentLogger):
 
     Raises:
         ImportError: wandb is not installed (the ``wandb`` extra).
+        ValueError: a ``dir`` where no file can be written (``~`` is expanded); when a run
+            starts, one that can no longer hold files.
 
     Reads ``metrics``, ``epoch``, ``step``, ``loss``, ``hparams`` and ``outcome``; writes
     nothing. Under ``torch.distributed`` it logs on rank 0 only.
@@ -253,12 +261,15 @@ class WandbLogger(ExperimentLogger):
         super().__init__(every_n_steps=every_n_steps, flush_rows=flush_rows)
         self.project = project
         self.run_name = name
-        self.dir = Path(dir)
+        self.dir = usable_directory(dir, "WandbLogger")
         #: The W&B run's id (``None`` until the first write of a new run).
         self.run_id = id
         self.init_kwargs = init_kwargs
         #: The ``wandb`` run object while a run is open.
         self.run: Any = None
+
+    def _output_directories(self) -> list[tuple[Path, bool]]:
+        return [(self.dir, True)]
 
     def open(self, mode: OpenMode, rows: int) -> None:
         wandb = require("wandb", extra="wandb", what="WandbLogger")

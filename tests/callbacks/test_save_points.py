@@ -115,7 +115,8 @@ def test_a_directory_that_cannot_be_used_is_refused_at_construction(tmp_path: Pa
 
 
 async def test_the_directory_is_created_when_the_run_starts(tmp_path: Path) -> None:
-    ckpt = Checkpoint(tmp_path / "a" / "b", every_n_epochs=None, save_last=False)
+    # (a step period the run does not reach: no file is written, the directory is made)
+    ckpt = Checkpoint(tmp_path / "a" / "b", every_n_epochs=None, save_last=False, every_n_steps=99)
     learner = make_learner(callbacks=[ckpt], n_batches=2)
     await learner.fit(1)
     assert (tmp_path / "a" / "b").is_dir()
