@@ -62,7 +62,8 @@ class _Switched(Exception):  # noqa: N818 (a signal, not an error)
 
 
 def _describe(data: object) -> str:
-    return type(data).__name__
+    described = getattr(data, "described", None)  # (a concurrent validation's opened data)
+    return described if isinstance(described, str) else type(data).__name__
 
 
 class Batches:

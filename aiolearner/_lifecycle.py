@@ -98,7 +98,9 @@ async def running(learner: Learner[Any], status: LearnerStatus) -> AsyncIterator
                 "cancelled" if isinstance(failure, anyio.get_cancelled_exc_class()) else "error"
             )
             raise failure
-        outcome = "completed"
+        # A fit that a StopFit ended returns normally: its teardown saw it as "stopped".
+        stopped = status is LearnerStatus.FITTING and rt.last_outcome == "stopped"
+        outcome = "stopped" if stopped else "completed"
     except anyio.get_cancelled_exc_class():
         # Also when closing the task group re-raises an enclosing scope's cancellation
         # (trio does) before the check above runs.

@@ -146,7 +146,37 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
         "callbacks": callbacks,
         "hparams": check_hparams(learner.hparams),
         "validation": validation,
+        "val_streams": _val_streams(learner, snapshot),
     }
+
+
+def _val_streams(learner: Learner[Any], snapshot: State | None) -> list[Any]:
+    """Each validation set's own random streams (a loader's ``generator``): where the next
+    validation draws its order from, or, for one a run left unfinished, where it began (see
+    ``Runtime.val_begun``). A concurrent tail's snapshot holds the streams its own pass left."""
+    rt = learner._rt
+    left = None if snapshot is None else snapshot.__dict__.get("_val_streams")
+    return [
+        [
+            name,
+            (left or {}).get(name) or rt.val_begun.get(name) or capture_data_streams(source.data),
+        ]
+        for name, source in rt.val_sets.items()
+    ]
+
+
+def _restore_val_streams(learner: Learner[Any], saved: Any) -> None:
+    """Undo :func:`_val_streams` (a checkpoint without them leaves the streams as they are)."""
+    rt = learner._rt
+    rt.val_begun.clear()
+    for name, streams in saved or ():
+        source = rt.val_sets.get(name)
+        if source is None:
+            raise ValueError(
+                f"the checkpoint has the random streams of a validation set {name!r} this "
+                f"learner does not have (its sets: {list(rt.val_sets)})"
+            )
+        restore_data_streams(source.data, streams, what=source.name)
 
 
 def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> None:
@@ -207,6 +237,10 @@ def _load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> No
         "validator": None if validator is None else validator.export(),
         "rng": capture_rng(),
         "data_streams": capture_data_streams(learner._train.data),
+        "val_streams": (
+            dict(rt.val_begun),
+            [(source, capture_data_streams(source.data)) for source in rt.val_sets.values()],
+        ),
         "callbacks": [(cb, dict(cb.state_dict())) for cb in learner._callbacks],
     }
     try:
@@ -248,6 +282,7 @@ def _load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> No
         if data_streams is not None:  # checkpoints from before they were captured have none
             restore_data_streams(learner._train.data, data_streams, what="train_data")
         rt.epoch_rng = new_epoch_rng
+        _restore_val_streams(learner, checkpoint.get("val_streams"))
         stored = checkpoint.get("callbacks", {})
         keys = callback_keys(learner._callbacks)
         for key, cb in keys:
@@ -279,6 +314,10 @@ def _load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> No
             validator.restore(saved["validator"])
         restore_rng(saved["rng"])
         restore_data_streams(learner._train.data, saved["data_streams"], what="train_data")
+        begun, val_streams = saved["val_streams"]
+        rt.val_begun = begun
+        for source, streams in val_streams:
+            restore_data_streams(source.data, streams, what=source.name)
         for cb, cb_state in saved["callbacks"]:
             # (One whose loading is what failed may fail again: the first error is the one.)
             with contextlib.suppress(Exception):
@@ -364,11 +403,18 @@ def find_checkpoint(callbacks: Sequence[Callback], resume: str | os.PathLike[str
                 found = _best_by_last(key, cb)
                 if found is not None:
                     return found
+        weights_only = any(getattr(cb, "save_weights_only", False) for cb in callbacks)
         raise FileNotFoundError(
             f"resume={resume!r} found no checkpoint: no callback (such as "
             "aiolearner.callbacks.Checkpoint"
             + (" with a monitor" if resume == "best" else "")
             + ") has written one yet"
+            + (
+                " (a Checkpoint with save_weights_only=True writes weights alone, which cannot "
+                "resume a run: load them with aiolearner.callbacks.load_weights)"
+                if weights_only
+                else ""
+            )
         )
     if not isinstance(resume, str | os.PathLike):
         raise TypeError(

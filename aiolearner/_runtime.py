@@ -143,6 +143,10 @@ class Runtime:
         #: ends there as that run did (see FitRun.run), so that "fit again" after it finishes
         #: as the uninterrupted run did.
         self.unseen_stop: str | None = None
+        #: The validation sets' own random streams (a loader's ``generator``) as the training
+        #: run's current validation began, by set, until it finishes: run again after an
+        #: interruption (or resumed from a checkpoint), it draws the same orders.
+        self.val_begun: dict[str | None, dict[str, Any]] = {}
         self.pass_done = False
         #: The current epoch's ``after_epoch`` has run (or went to a concurrent tail): a
         #: ``StopFit`` counts the epoch only then, so that every epoch counted is recorded.

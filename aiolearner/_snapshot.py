@@ -21,7 +21,14 @@ import torch
 from ._data import BatchSource
 from ._device import DeviceMover
 from ._exceptions import ControlFlow, SkipBatch, StopEpoch, StopFit
-from ._rng import capture_rng, restore_rng, rng_from_portable, rng_to_portable
+from ._rng import (
+    capture_data_streams,
+    capture_rng,
+    restore_data_streams,
+    restore_rng,
+    rng_from_portable,
+    rng_to_portable,
+)
 from ._weights import match_state_dict, plain_state_dict
 from ._worker import ComputeWorker
 
@@ -46,21 +53,30 @@ Sets = dict[str | None, BatchSource]
 
 
 class _Preopened:
-    """Data whose iterator was created already (when the snapshot was taken)."""
+    """Data whose iterator was created already (when the snapshot was taken); errors name
+    the data it stands for (``described``)."""
 
-    def __init__(self, it: Iterator[Any]) -> None:
+    def __init__(self, it: Iterator[Any], of: object) -> None:
         self._it = it
+        self.described = type(of).__name__
 
     def __iter__(self) -> Iterator[Any]:
         return self._it
 
 
 class _PreopenedAsync:
-    def __init__(self, it: Any) -> None:
+    def __init__(self, it: Any, of: object) -> None:
         self._it = it
+        self.described = type(of).__name__
 
     def __aiter__(self) -> Any:
         return self._it
+
+
+def _failing(exc: BaseException) -> Iterator[Any]:
+    """An iterator whose first fetch raises ``exc``."""
+    raise exc
+    yield  # (a generator)
 
 
 def _open(source: BatchSource) -> Any:
@@ -69,19 +85,34 @@ def _open(source: BatchSource) -> Any:
     and the draw must happen now, under the snapshot's random state, not during the pass."""
     if source.is_async:
         return aiter(source.data)
-    it = iter(source.data)
     try:
+        it = iter(source.data)
         first = next(it)
     except StopIteration:
         return iter(())
+    except Exception as exc:
+        # Raised by the tail's pass when it takes its first batch, as the sequential pass
+        # would raise it, with the notes of a failed fetch and of the snapshot (not from
+        # the training loop that took the snapshot).
+        return _failing(exc)
     return itertools.chain([first], it)
 
 
-def open_all(sets: Sets, rng: dict[str, Any]) -> dict[str | None, Any]:
-    """Each set's iterator, opened under ``rng``; the random state is put back afterwards."""
+def open_all(sets: Sets, item: Tail) -> dict[str | None, Any]:
+    """Each set's iterator for ``item``'s pass, opened under its snapshot's random state (the
+    global one is put back afterwards). The sets' own streams (a loader's ``generator``) are
+    kept as they were before the first opening, and put back there for a later one (a tail
+    run again after an interruption, or from a checkpoint): the pass draws the same orders."""
+    assert item.rng is not None
     now = capture_rng()
-    restore_rng(rng)
+    restore_rng(item.rng)
     try:
+        if item.streams is None:
+            item.streams = {name: capture_data_streams(s.data) for name, s in sets.items()}
+        else:
+            for name, source in sets.items():
+                if name in item.streams:
+                    restore_data_streams(source.data, item.streams[name], what=source.name)
         return {name: _open(source) for name, source in sets.items()}
     finally:
         restore_rng(now)
@@ -95,7 +126,7 @@ def preopened(
     for name, source in sets.items():
         it = iterators[name]
         sources[name] = opened = BatchSource(
-            _PreopenedAsync(it) if source.is_async else _Preopened(it),
+            _PreopenedAsync(it, source.data) if source.is_async else _Preopened(it, source.data),
             name=source.name,
             mover=mover(source.mover),
             prefetch=source.prefetch,
@@ -267,6 +298,7 @@ class Tail:
         "rng",
         "slot",
         "stop",
+        "streams",
         "validate",
     )
 
@@ -290,6 +322,9 @@ class Tail:
         self.epoch_before: dict[str, Any] | None = None
         self.hooks: HookProgress = {}
         self.stop: StopFit | None = None
+        #: The validation sets' own random streams before the pass's iterators were first
+        #: opened, by set (see :func:`open_all`).
+        self.streams: dict[str | None, dict[str, Any]] | None = None
 
     @property
     def tag(self) -> tuple[int, int]:
@@ -321,6 +356,7 @@ class Tail:
             "rng": None if self.rng is None else rng_to_portable(self.rng),
             "hooks": progress_to_portable(self.hooks),
             "stop": None if self.stop is None else self.stop.reason,
+            "streams": None if self.streams is None else list(self.streams.items()),
         }
 
     @classmethod
@@ -356,6 +392,8 @@ class Tail:
         tail.hooks = progress_from_portable(saved.get("hooks"))
         stop = saved.get("stop")
         tail.stop = None if stop is None else StopFit(str(stop))
+        streams = saved.get("streams")
+        tail.streams = None if streams is None else {name: s for name, s in streams}
         return tail
 
 

@@ -38,7 +38,7 @@ import torch
 from ._data import END, WAIT
 from ._device import wait_ready
 from ._exceptions import ControlFlow, SkipBatch, StopEpoch, StopFit
-from ._rng import capture_rng, restore_rng
+from ._rng import capture_data_streams, capture_rng, restore_data_streams, restore_rng
 from ._runtime import current_set, join_lane, on_snapshot
 from ._stage import (
     ComputeStage,
@@ -53,7 +53,9 @@ from ._state import State
 from ._train_stages import Fit, FitBatch, Gradient, Update, forward, optimizer_step
 
 if TYPE_CHECKING:
+    from ._data import BatchSource
     from ._plan import HookPlan
+    from ._runtime import Runtime
 
 __all__ = [
     "Epoch",
@@ -100,6 +102,18 @@ class ValidateLoss(ComputeStage):
             output, loss = forward(state.model, state.loss_fn, state.batch, self.name)
         state.output = output
         state.loss = loss
+
+
+def _streams_from_start(rt: Runtime, name: str | None, source: BatchSource) -> None:
+    """A training run's validation set about to be gone over: its own random streams (a
+    loader's ``generator``, which draws the pass's order) are kept as they are now, or, when
+    the validation runs again after an interruption (a cancellation in it, a resumed
+    checkpoint), put back where they were when it first began."""
+    kept = rt.val_begun.get(name)
+    if kept is None:
+        rt.val_begun[name] = capture_data_streams(source.data)
+    else:
+        restore_data_streams(source.data, kept, what=source.name)
 
 
 def _not_a_loss(loss: Any) -> None:
@@ -209,6 +223,8 @@ class Validate(Stage):
                 stopped = False
                 where: list[Any] = [name, 0]  # the set, and the index of its current batch
                 noted = validating.set(where)
+                if not snapshot and d.get("phase") == "fit":
+                    _streams_from_start(rt, name, sets[name])
                 try:
                     async with rt.open_pass(state, "validation") as batches:
                         while True:
@@ -255,6 +271,16 @@ class Validate(Stage):
                 sums[name] = (total, count)
                 if stopped:
                     break
+            if snapshot:
+                # Where the sets' own streams are once this pass is over (the next validation
+                # draws from there): what a checkpoint taken in the tail gives them.
+                object.__setattr__(
+                    state,
+                    "_val_streams",
+                    {n: capture_data_streams(s.data) for n, s in rt.val_sets.items()},
+                )
+            else:
+                rt.val_begun.clear()  # (the pass is over: the next begins where this one left)
         finally:
             state.invalidate("validation_set")
             model.train(was_training)

@@ -140,8 +140,10 @@ class TailWorker:
         rt = self._rt
         assert rt is not None
         for item in self._pending:
-            if item.validate and item.data is None and item.rng is not None:
-                item.data = open_all(rt.val_sets, item.rng)
+            # (Not one whose pass had finished: its after_validate alone runs again, and the
+            # data's own streams are already past the whole pass.)
+            if item.validate and item.data is None and item.rng is not None and not item.results:
+                item.data = open_all(rt.val_sets, item)
         self._queue.extendleft(reversed(self._pending))
         self._pending = []
         self._share()
@@ -279,6 +281,7 @@ class TailWorker:
         v = self.state
         d = v.__dict__
         self._fill(item.fields, slot.model, main)
+        object.__setattr__(v, "_val_streams", None)  # (set when the pass ends, see Validate)
         if item.before is None:
             item.before = self._overlay(item.fields["metrics"])
         after_only = item.results is not None
@@ -355,6 +358,8 @@ class TailWorker:
         assert shadow is not None
         plan = self._epoch_after
         self._fill(fields, shadow, main)
+        if not (fields is item.fields and item.slot is not None):
+            object.__setattr__(self.state, "_val_streams", None)  # (no pass of its own)
         if item.epoch_before is None:
             # The validation's own record has its results already; another record is brought
             # up to date.

@@ -396,7 +396,7 @@ class Validator(TailWorker):
         )
         # Opened here, where the sequential pass would open them: the same random draws, and
         # training's random streams are left as they were.
-        item.data = open_all(sets, rng)
+        item.data = open_all(sets, item)
         return item
 
     def _record(self, state: State) -> dict[str, Any]:

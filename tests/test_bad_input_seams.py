@@ -346,3 +346,10 @@ def test_an_optimizer_name_on_a_learner_of_one_optimizer_says_to_leave_it_out() 
 def test_a_device_that_is_not_here() -> None:
     with pytest.raises(ValueError, match=r"MPS \(Apple's GPU\) is not available here"):
         make_learner(device="mps")
+
+
+async def test_resume_last_with_weights_only_files_says_why(tmp_path: Path) -> None:
+    await make_learner(callbacks=[Checkpoint(tmp_path, save_weights_only=True)]).fit(1)
+    again = make_learner(callbacks=[Checkpoint(tmp_path, save_weights_only=True)])
+    with pytest.raises(FileNotFoundError, match=r"save_weights_only=True writes weights alone"):
+        await again.fit(2, resume="last")

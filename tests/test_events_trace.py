@@ -9,7 +9,15 @@ from typing import Any
 import anyio
 import pytest
 
-from aiolearner import Callback, Event, EventStream, SkipBatch, StateView, TraceRecord
+from aiolearner import (
+    Callback,
+    Event,
+    EventStream,
+    SkipBatch,
+    StateView,
+    StopFit,
+    TraceRecord,
+)
 from aiolearner.testing import make_batches, make_learner
 
 N_BATCHES = 3
@@ -336,6 +344,28 @@ async def test_run_end_tells_the_outcome_of_failed_and_cancelled_runs() -> None:
                 await waiter.reached.wait()
                 inner.cancel_scope.cancel()
     assert [dict(e.data) for e in events] == [{"outcome": "cancelled"}]
+
+
+class StopAtSecondBatch(Callback):
+    reads = frozenset({"step"})
+
+    def after_fit_batch(self, state: StateView) -> None:
+        if state.step == 2:
+            raise StopFit("enough")
+
+
+async def test_run_end_tells_a_stopped_run_and_a_later_validation_completed() -> None:
+    learner = make_learner(callbacks=[StopAtSecondBatch()])
+    events: list[Event] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(collect, learner.events(kinds={"run_end"}), events)
+        await learner.fit(2)
+    assert [dict(e.data) for e in events] == [{"outcome": "stopped"}]
+    events.clear()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(collect, learner.events(kinds={"run_end"}), events)
+        await learner.validate()
+    assert [dict(e.data) for e in events] == [{"outcome": "completed"}]
 
 
 async def test_events_of_validate_and_predict() -> None:
