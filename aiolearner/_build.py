@@ -314,11 +314,13 @@ def _check_declarations(cb: Callback) -> None:
             field=clash[0],
         )
     if isinstance(cb.after, str | type):
-        raise ConfigurationError(
-            f"'after' must be a tuple or list of Callback classes, got {cb.after!r}"
-            + (" (a string: name the class itself, in a tuple: after = (Metrics,))")
+        hint = (
+            " (a string: name the class itself, in a tuple: after = (Metrics,))"
             if isinstance(cb.after, str)
-            else f" (write after = ({cb.after.__name__},))",
+            else f" (write after = ({cb.after.__name__},))"
+        )
+        raise ConfigurationError(
+            f"'after' must be a tuple or list of Callback classes, got {cb.after!r}{hint}",
             callbacks=(cb.name,),
         )
     for t in cb.after:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import AsyncIterator, Iterator, Mapping
 from types import AsyncGeneratorType, GeneratorType
 from typing import Any
@@ -85,8 +86,12 @@ def check_hyperparameters(optimizer: torch.optim.Optimizer, name: str = "optimiz
                 continue
             if not (key == "lr" or isinstance(default, int | float | torch.Tensor)):
                 continue
+            if value is None and default is None:
+                continue  # (unset by the optimizer's own default: Adafactor's relative steps)
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 value = float(value)
+            elif isinstance(value, numbers.Real):
+                value = float(value)  # (a numpy number)
             where = f"{what} ({kind}) has {key}={value!r} in parameter group {i}"
             if not isinstance(value, int | float):
                 raise TypeError(
@@ -119,6 +124,8 @@ def check_source(name: str, data: Any) -> None:
             f"{name} is the class {data.__name__}, not data: pass an instance "
             f"({data.__name__}(...))"
         )
+    if name != "train_data":
+        return  # (other data: batches of inputs alone may come as a tuple; sets as a mapping)
     if isinstance(data, Mapping):
         raise TypeError(
             f"{name} is a {type(data).__name__}, which would be iterated over its keys: training"

@@ -9,7 +9,6 @@ class keep the documented API and delegate here.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import enum
 import inspect
@@ -122,7 +121,7 @@ def _take_callbacks(learner: Learner[Any]) -> None:
     would share its state (counts, best scores, a logger's rows and files). (Learners one
     after another may share one: its state then goes on from one run to the next.)"""
     for cb in learner._callbacks:
-        ref = getattr(cb, "_aiolearner_run", None)
+        ref = _IN_RUN.get(id(cb))
         other = None if ref is None else ref()
         if other is not None and other is not learner and other._status is not LearnerStatus.IDLE:
             raise ConfigurationError(
@@ -131,17 +130,22 @@ def _take_callbacks(learner: Learner[Any]) -> None:
                 f"scores, files); give each learner its own instance ({type(cb).__name__}(...))",
                 callbacks=(cb.name,),
             )
+    mine = weakref.ref(learner)
     for cb in learner._callbacks:
-        with contextlib.suppress(AttributeError):  # (a class with __slots__ of its own)
-            cb._aiolearner_run = weakref.ref(learner)  # type: ignore[attr-defined]
+        _IN_RUN[id(cb)] = mine
 
 
 def _give_callbacks(learner: Learner[Any]) -> None:
     for cb in learner._callbacks:
-        ref = getattr(cb, "_aiolearner_run", None)
+        ref = _IN_RUN.get(id(cb))
         if ref is not None and ref() is learner:
-            with contextlib.suppress(AttributeError):
-                del cb._aiolearner_run  # type: ignore[attr-defined]
+            del _IN_RUN[id(cb)]
+
+
+#: The learner whose run each callback serves now, by ``id`` (held only while that run is in
+#: progress, so an id is never another object's): kept outside the callback, whose attributes
+#: may be its state (``vars(self)``) and must stay picklable.
+_IN_RUN: dict[int, weakref.ref[Learner[Any]]] = {}
 
 
 def start_background(

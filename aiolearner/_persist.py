@@ -156,27 +156,33 @@ def _val_streams(learner: Learner[Any], snapshot: State | None) -> list[Any]:
     ``Runtime.val_begun``). A concurrent tail's snapshot holds the streams its own pass left."""
     rt = learner._rt
     left = None if snapshot is None else snapshot.__dict__.get("_val_streams")
-    return [
-        [
-            name,
-            (left or {}).get(name) or rt.val_begun.get(name) or capture_data_streams(source.data),
-        ]
-        for name, source in rt.val_sets.items()
-    ]
+    kept = []
+    for name, source in rt.val_sets.items():
+        streams = (left or {}).get(name) or rt.val_begun.get(name)
+        if streams is None:
+            streams = capture_data_streams(source.data)
+        if streams["generators"] or streams["epochs"]:  # (a list has none)
+            kept.append([name, streams])
+    return kept
 
 
 def _restore_val_streams(learner: Learner[Any], saved: Any) -> None:
-    """Undo :func:`_val_streams` (a checkpoint without them leaves the streams as they are)."""
+    """Undo :func:`_val_streams`. Validation data built differently (another set, a loader
+    without its generator; none at all, to predict) does not keep the checkpoint from loading:
+    only the orders its passes draw can differ, and a warning says so."""
     rt = learner._rt
     rt.val_begun.clear()
     for name, streams in saved or ():
         source = rt.val_sets.get(name)
         if source is None:
-            raise ValueError(
-                f"the checkpoint has the random streams of a validation set {name!r} this "
-                f"learner does not have (its sets: {list(rt.val_sets)})"
+            continue
+        try:
+            restore_data_streams(source.data, streams, what=source.name)
+        except ValueError as exc:
+            warnings.warn(
+                f"{exc}; its passes will draw other orders than the run that saved the checkpoint",
+                stacklevel=5,
             )
-        restore_data_streams(source.data, streams, what=source.name)
 
 
 def load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> None:
@@ -202,7 +208,11 @@ def _load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> No
                 f"a checkpoint of format {checkpoint['format']!r}, written by another version "
                 "of aiolearner"
             )
-        elif checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        elif (
+            isinstance(checkpoint, Mapping)
+            and checkpoint
+            and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+        ):
             what += (
                 ", only weights (a weights-only file, or a model's state_dict()): load them "
                 "with aiolearner.callbacks.load_weights(model, path)"

@@ -77,11 +77,16 @@ class ValidateLoss(ComputeStage):
     """Forward and loss under ``torch.inference_mode``; sets ``state.output``, ``state.loss``.
 
     A subclass's own ``compute`` runs under ``inference_mode`` too (as Lightning's
-    ``validation_step`` runs without gradients): validation builds no autograd graph.
+    ``validation_step`` runs without gradients): validation builds no autograd graph. One
+    that needs gradients (an adversarial evaluation with ``torch.enable_grad()``), or that
+    creates tensors it keeps for training (a model made on first use), sets the class
+    attribute ``inference_mode = False`` and manages it itself.
     """
 
     name = "validate_loss"
     fields: ClassVar[dict[str, str]] = {"output": "batch", "loss": "batch"}
+    #: Whether a subclass's own ``compute`` is called under ``torch.inference_mode``.
+    inference_mode: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -91,6 +96,9 @@ class ValidateLoss(ComputeStage):
 
         @functools.wraps(own)
         def compute(self: ValidateLoss, state: State) -> None:
+            if not self.inference_mode:
+                own(self, state)
+                return
             with torch.inference_mode():
                 own(self, state)
 

@@ -6,13 +6,16 @@ of batches, weights that load half way, a validation loss that is not one number
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from aiolearner import (
     Callback,
@@ -20,10 +23,18 @@ from aiolearner import (
     Gradient,
     Learner,
     SkipBatch,
+    State,
     StateView,
     StopFit,
+    ValidateLoss,
 )
-from aiolearner.callbacks import Checkpoint, GradientClipping, load_checkpoint_file, load_weights
+from aiolearner.callbacks import (
+    EMA,
+    Checkpoint,
+    GradientClipping,
+    load_checkpoint_file,
+    load_weights,
+)
 from aiolearner.testing import make_batches, make_learner, tiny_model
 
 
@@ -231,8 +242,9 @@ def test_weights_missing_a_key_load_nothing_when_strict(tmp_path: Path) -> None:
     partial = {k: v for k, v in model.state_dict().items() if not k.startswith("2.")}
     partial = {k: torch.zeros_like(v) for k, v in partial.items()}
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=r"lacks: \['2.bias', '2.weight'\].*nothing was loaded"):
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\)") as caught:
         load_weights(model, partial)
+    assert "the model's weights were put back" in caught.value.__notes__[-1]
     assert same(model.state_dict(), before)
     load_weights(model, partial, strict=False)  # the weights that fit
     assert torch.equal(model.state_dict()["0.weight"], torch.zeros(16, 4))
@@ -353,3 +365,138 @@ async def test_resume_last_with_weights_only_files_says_why(tmp_path: Path) -> N
     again = make_learner(callbacks=[Checkpoint(tmp_path, save_weights_only=True)])
     with pytest.raises(FileNotFoundError, match=r"save_weights_only=True writes weights alone"):
         await again.fit(2, resume="last")
+
+
+# -- legitimate uses the checks let through ------------------------------------------------------
+
+
+class Scheduled:
+    """An awaitable that is not a coroutine (a Task or a Future a hook started runs anyway)."""
+
+    def __await__(self) -> Any:
+        return iter(())
+
+
+class ReturnsAwaitable(Callback):
+    def after_fit_batch(self, state: StateView) -> Any:
+        return Scheduled()
+
+
+class StateIsAttributes(Callback):
+    """State kept as the callback's own attributes, saved and restored whole."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def after_fit_batch(self, state: StateView) -> None:
+        self.batches += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        vars(self).update(state)
+
+
+async def test_hooks_and_states_the_checks_let_through(tmp_path: Path) -> None:
+    kept = StateIsAttributes()
+    learner = make_learner(callbacks=[ReturnsAwaitable(), kept, Checkpoint(tmp_path)])
+    await learner.fit(2)
+    assert kept.batches == 8
+    again = StateIsAttributes()
+    same_kinds = [ReturnsAwaitable(), again, Checkpoint(tmp_path / "other")]
+    make_learner(callbacks=same_kinds).load_checkpoint(tmp_path / "last.pt")
+    assert vars(again) == {"batches": 8}
+
+
+class AdversarialLoss(ValidateLoss):
+    """Validation on inputs moved along the loss's gradient: it needs autograd."""
+
+    inference_mode = False
+
+    def compute(self, state: State) -> None:
+        inputs, targets = state.batch
+        with torch.enable_grad():
+            moved = inputs.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(state.loss_fn(state.model(moved), targets), moved)
+        with torch.inference_mode():
+            state.output = state.model(inputs + 0.1 * grad.sign())
+            state.loss = state.loss_fn(state.output, targets)
+
+
+async def test_a_validate_loss_needing_gradients_opts_out_of_inference_mode() -> None:
+    learner = make_learner(stages={"validate_loss": AdversarialLoss()})
+    results = await learner.validate()
+    assert math.isfinite(results["loss"])
+
+
+async def test_ema_validated_before_training() -> None:
+    ema = EMA(0.9, metrics=["loss"])
+    learner = make_learner(callbacks=[ema], stages=ema.stages())
+    await learner.validate()
+    await learner.fit(1)
+    assert learner.state.step == 4
+
+
+def test_weights_torch_loads_load_weights_loads(tmp_path: Path) -> None:
+    source = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    lazy = torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.ReLU(), torch.nn.LazyLinear(3))
+    load_weights(lazy, source.state_dict())
+    assert torch.equal(lazy.state_dict()["0.weight"], source.state_dict()["0.weight"])
+    norm = torch.nn.BatchNorm1d(4)
+    old = {k: v for k, v in norm.state_dict().items() if k != "num_batches_tracked"}
+    load_weights(torch.nn.BatchNorm1d(4), old)  # (torch fills the counter in)
+
+
+@pytest.mark.parametrize("thing", [[1, 2], (1, 2), torch.zeros(3)], ids=["list", "tuple", "tensor"])
+def test_loading_what_is_not_a_mapping_says_so(thing: Any) -> None:
+    with pytest.raises(ValueError, match="not an aiolearner checkpoint"):
+        make_learner().load_state_dict(thing)
+
+
+def test_hyperparameters_the_checks_let_through() -> None:
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=np.float32(0.01))  # type: ignore[arg-type]
+    Learner(model, optimizer, torch.nn.functional.cross_entropy, make_batches(2))
+
+
+async def test_predict_over_a_tuple_of_input_batches() -> None:
+    inputs = tuple(x for x, _ in make_batches(2))
+    outputs = await make_learner().predict(inputs)
+    assert outputs.shape[0] == sum(len(x) for x in inputs)
+
+
+async def test_a_checkpoint_loads_into_a_learner_with_other_validation_data(
+    tmp_path: Path,
+) -> None:
+    shuffled = DataLoader(
+        TensorDataset(torch.randn(12, 4), torch.randint(0, 3, (12,))),
+        batch_size=4,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    await make_learner(val_data=shuffled, callbacks=[Checkpoint(tmp_path)]).fit(1)
+    other = tmp_path / "other"
+    make_learner(with_validation=False, callbacks=[Checkpoint(other)]).load_checkpoint(
+        tmp_path / "last.pt"
+    )
+    plain = make_learner(
+        val_data=DataLoader(shuffled.dataset, batch_size=4), callbacks=[Checkpoint(other)]
+    )
+    with pytest.warns(UserWarning, match="passes will draw other orders"):
+        plain.load_checkpoint(tmp_path / "last.pt")
+    assert plain.state.epoch == 1
+
+
+class AfterAClass(Callback):
+    after = Checkpoint  # type: ignore[assignment]
+
+    def after_epoch(self, state: StateView) -> None:
+        pass
+
+
+def test_after_given_a_class_says_to_write_a_tuple() -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"'after' must be a tuple .* \(write after = \(Checkpoint,\)\)"
+    ):
+        make_learner(callbacks=[AfterAClass()])

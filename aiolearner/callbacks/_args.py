@@ -249,15 +249,20 @@ def expand(value: object) -> object:
     """A path argument with a leading ``~`` expanded (as a shell would); anything else as is
     (the checks of ``_files`` refuse it by name)."""
     if isinstance(value, str | os.PathLike):
-        return Path(value).expanduser()
+        try:
+            return Path(value).expanduser()
+        except RuntimeError as exc:  # ("~nosuchuser/...")
+            raise ValueError(f"cannot expand {str(value)!r}: {exc}") from None
     return value
 
 
-def usable_directory(directory: object, who: str) -> Path:
+def usable_directory(directory: object, who: str, *, probe: bool = True) -> Path:
     """A directory argument: ``~`` expanded, refused when it cannot hold files (see
-    :func:`check_directory`), or when it exists and no file can be created in it."""
+    :func:`check_directory`), or (``probe``) when it exists and no file can be created in it.
+    A callback that may be made only to read its directory (a Checkpoint finding the files of
+    a run on a read-only mount) leaves the probe to the run's start."""
     path = check_directory(expand(directory), who)
-    if path.is_dir():
+    if probe and path.is_dir():
         _probe(path, who, None)
     return path
 

@@ -184,7 +184,7 @@ class Checkpoint(Callback):
             # Fail at construction, not at the first save halfway through training.
             require("safetensors.torch", extra="safetensors", what=SAFETENSORS_USER)
         # Here rather than at the first save, halfway through training ('~' expanded).
-        self.directory = usable_directory(directory, "Checkpoint")
+        self.directory = usable_directory(directory, "Checkpoint", probe=False)
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs or None
         self.monitor = monitor

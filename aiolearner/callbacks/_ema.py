@@ -262,6 +262,9 @@ def _ema_forward(ema: EMA, state: State, stage: str) -> tuple[Any, torch.Tensor]
 class EMAValidateLoss(ValidateLoss):
     """Validation forward and loss on the averaged model instead of the model."""
 
+    # (The average is made on first use, outside inference mode: training updates it.)
+    inference_mode = False
+
     def __init__(self, ema: EMA) -> None:
         super().__init__()
         self.ema = ema
@@ -272,6 +275,9 @@ class EMAValidateLoss(ValidateLoss):
 
 class _BothValidateLoss(ValidateLoss):
     """Validation on the model (``output``, ``loss``) and on the average (``ema_*``)."""
+
+    # (The average is made on first use, outside inference mode: training updates it.)
+    inference_mode = False
 
     fields: ClassVar[dict[str, str]] = {
         "output": "batch",

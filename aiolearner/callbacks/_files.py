@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+from torch.nn.parameter import is_lazy
 
 from aiolearner import match_state_dict
 
@@ -170,9 +171,10 @@ def load_weights(
         What ``model.load_state_dict`` returns (the missing and unexpected keys).
 
     Raises:
-        ValueError: the file cannot be read, or the weights do not fit the model (a shape that
-            differs; with ``strict``, a weight missing or extra); nothing is loaded then, the
-            model is as it was.
+        ValueError: the file cannot be read, or a weight's shape differs from the model's;
+            nothing is loaded.
+        RuntimeError: torch's, for weights missing or extra with ``strict``; the weights loaded
+            before it are put back.
 
     Example:
         >>> model = make_model()                        # or torch.compile(make_model())
@@ -186,36 +188,29 @@ def load_weights(
     current = model.state_dict()
     for key, value in weights.items():
         mine = current.get(key)
-        if isinstance(value, torch.Tensor) and isinstance(mine, torch.Tensor):
-            if value.shape != mine.shape:
-                raise ValueError(
-                    f"{where} does not fit the model: {key!r} is {tuple(value.shape)} there and"
-                    f" {tuple(mine.shape)} in the model (another architecture?); nothing was "
-                    "loaded"
-                )
-    if strict:
-        missing = sorted(set(current) - set(weights))
-        unexpected = sorted(set(weights) - set(current))
-        if missing or unexpected:
+        if (
+            isinstance(value, torch.Tensor)
+            and isinstance(mine, torch.Tensor)
+            and not is_lazy(mine)  # (a lazy module takes its shape from the weights)
+            and value.shape != mine.shape
+        ):
             raise ValueError(
-                f"{where} does not fit the model: "
-                + "; ".join(
-                    f"{what} {keys[:5]}{' ...' if len(keys) > 5 else ''}"
-                    for what, keys in (
-                        ("the model's weights it lacks:", missing),
-                        ("weights the model has no place for:", unexpected),
-                    )
-                    if keys
-                )
-                + "; nothing was loaded (strict=False loads the weights that fit)"
+                f"{where} does not fit the model: {key!r} is {tuple(value.shape)} there and"
+                f" {tuple(mine.shape)} in the model (another architecture?); nothing was loaded"
             )
-    # All or nothing: what torch still refuses half way (a module's own loading rules) puts
-    # back the weights loaded before it.
-    kept = {k: v.detach().clone() for k, v in current.items()}
+    # All or nothing: what torch refuses half way (a missing weight with ``strict``, a module's
+    # own loading rules) puts back the weights copied in before it (kept on the CPU).
+    kept = {
+        k: v.detach().to("cpu", copy=True)
+        for k, v in current.items()
+        if isinstance(v, torch.Tensor) and not is_lazy(v)
+    }
     try:
         return model.load_state_dict(weights, strict=strict)
-    except BaseException:
-        model.load_state_dict(kept)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            model.load_state_dict(kept, strict=False)
+        exc.add_note(f"aiolearner: loading {where} failed; the model's weights were put back")
         raise
 
 

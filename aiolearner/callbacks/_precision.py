@@ -250,6 +250,8 @@ class ScaledUpdate(Update):
 class AutocastValidateLoss(ValidateLoss):
     """Validation forward and loss under ``inference_mode`` and autocast."""
 
+    inference_mode = False  # (entered by compute itself, with autocast)
+
     def __init__(self, precision: MixedPrecision) -> None:
         super().__init__()
         self.precision = precision

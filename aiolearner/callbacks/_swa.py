@@ -20,7 +20,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
 from aiolearner import Callback, StateView
 
-from ._args import ArgumentTypeError, optional_real, shown, whole
+from ._args import ArgumentTypeError, optional_real, real, shown, whole
 
 __all__ = ["SWA"]
 
@@ -65,7 +65,8 @@ class SWA(Callback):
     Args:
         start_epoch: the first epoch whose end is averaged.
         every_n_epochs: average every this many epochs from ``start_epoch``.
-        swa_lr: anneal the learning rate to this value (``None``: leave it alone).
+        swa_lr: anneal the learning rate to this value, or to one value per parameter group (a
+            list; ``None``: leave it alone).
         anneal_epochs: over how many epochs to anneal.
         anneal_strategy: ``"cos"`` or ``"linear"``.
         bn_data: batches for the batch-norm update (usually the training data: an iterable of
@@ -97,7 +98,7 @@ class SWA(Callback):
         start_epoch: int,
         *,
         every_n_epochs: int = 1,
-        swa_lr: float | None = None,
+        swa_lr: float | list[float] | None = None,
         anneal_epochs: int = 5,
         anneal_strategy: Literal["cos", "linear"] = "cos",
         bn_data: Iterable[Any] | None = None,
@@ -105,7 +106,12 @@ class SWA(Callback):
     ) -> None:
         self.start_epoch = whole("SWA", "start_epoch", start_epoch, 0, hint="0 is the first")
         self.every_n_epochs = whole("SWA", "every_n_epochs", every_n_epochs, 1)
-        self.swa_lr = optional_real("SWA", "swa_lr", swa_lr, low=0, low_open=True)
+        # One rate, or one per parameter group (as torch's SWALR takes them).
+        self.swa_lr: float | list[float] | None = (
+            [real("SWA", f"swa_lr[{i}]", lr, low=0, low_open=True) for i, lr in enumerate(swa_lr)]
+            if isinstance(swa_lr, list | tuple)
+            else optional_real("SWA", "swa_lr", swa_lr, low=0, low_open=True)
+        )
         self.anneal_epochs = whole("SWA", "anneal_epochs", anneal_epochs, 1)
         if anneal_strategy not in ("cos", "linear"):
             raise ValueError(
@@ -145,7 +151,7 @@ class SWA(Callback):
         # be restored must not change them (they come from the checkpoint's optimizer).
         return SWALR(
             optimizer,
-            swa_lr=self.swa_lr,
+            swa_lr=self.swa_lr,  # type: ignore[arg-type]  # (torch takes a list too)
             anneal_epochs=self.anneal_epochs,
             anneal_strategy=self.anneal_strategy,
         )

@@ -454,6 +454,7 @@ VALID: dict[str, Callable[[], object]] = {
     "ProgressBar file=StringIO": lambda: ProgressBar(file=io.StringIO()),
     "Metrics validate=False": lambda: Metrics(validate=False),
     "SWA swa_lr=0.05": lambda: SWA(0, swa_lr=0.05),
+    "SWA swa_lr per group": lambda: SWA(0, swa_lr=[0.05, 0.005]),
     "TimeLimit(1)": lambda: TimeLimit(1),
 }
 
@@ -542,11 +543,6 @@ UNWRITABLE: dict[str, Case] = {
         lambda: Profiler("/sys"),
         ValueError,
         r"^Profiler: cannot write files: no file can be created in '/sys'",
-    ),
-    "Checkpoint('/proc')": (
-        lambda: Checkpoint("/proc"),
-        ValueError,
-        r"^Checkpoint: cannot write files: no file can be created in '/proc'",
     ),
 }
 
