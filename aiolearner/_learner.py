@@ -7,6 +7,7 @@ their own: construction in ``_construct.py``, runs (status, run scope, ``fit``) 
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -471,6 +472,12 @@ class Learner(Generic[TBatch]):
         first dimension (a list of per-batch outputs when they are not tensors).
         """
         return await _evaluation.predict(self, data)
+
+    def predict_sync(
+        self, data: Iterable[Any] | Any, *, backend: Literal["asyncio", "trio"] = "asyncio"
+    ) -> Any:
+        """:meth:`predict` for scripts and notebooks (see :meth:`fit_sync`)."""
+        return run_sync(functools.partial(self.predict, data), backend=backend)
 
     # -- observing ----------------------------------------------------------------------------
 

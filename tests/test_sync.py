@@ -104,6 +104,14 @@ async def test_the_run_happens_on_another_thread() -> None:
     assert run_sync(where, backend="trio") != caller
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_predict_sync_gives_what_predict_gives(backend: Literal["asyncio", "trio"]) -> None:
+    learner = make_learner()
+    inputs = [torch.randn(3, 4), torch.randn(2, 4)]
+    outputs = learner.predict_sync(inputs, backend=backend)
+    assert torch.equal(outputs, torch.cat([learner.model.eval()(x) for x in inputs]).detach())
+
+
 def test_without_a_loop_the_run_stays_on_this_thread() -> None:
     caller = threading.get_ident()
 
