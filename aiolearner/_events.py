@@ -7,6 +7,15 @@ those kinds only (``learner.events(kinds={"metrics"})``), which keeps its buffer
 
 Events published from the compute worker thread are held and published on the event loop right
 after the thread hop (memory streams are not thread-safe).
+
+A subscriber may also live on another event loop than the run: a notebook's watcher task on the
+kernel's loop while ``fit_sync`` trains on a thread with a loop of its own (see ``_sync.py``). Its
+memory stream belongs to its own loop, which must be the only one to touch it, so each stream made
+inside a loop keeps its *home* (thread and a way to call into that loop from elsewhere): an event
+from another thread waits in a small locked inbox, and one scheduled call at a time moves the
+inbox into the memory stream on the home loop. The home loop may be blocked for the whole run (the
+kernel's thread waits in ``fit_sync``), so the inbox is bounded by the stream's buffer and there is
+never more than one call pending, however many events arrive.
 """
 
 from __future__ import annotations
@@ -14,12 +23,14 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 __all__ = ["Event", "EventStream"]
@@ -51,8 +62,12 @@ class Event:
         epoch: the epoch counter then.
         step: the step counter then.
         time: ``time.time()`` then (wall clock, for display).
-        data: details: the metrics for ``metrics``/``validation``, ``{"field": ...}`` for
-            ``state_write``, ``{"outcome": ...}`` for ``run_end``, ...
+        data: details: the metrics for ``metrics``; for ``validation``, the pass's results
+            (its losses), published when the pass ends, before the ``after_validate`` hooks
+            (a callback's metrics, such as ``Metrics``' ``val_accuracy``, are in the epoch's
+            ``metrics`` event, after ``after_epoch``); ``{"field": ...}`` for ``state_write``;
+            ``{"outcome": ...}`` for ``run_end`` (``completed``, ``stopped``, ``cancelled`` or
+            ``error``), ...
         dropped: how many events this subscriber lost, because its buffer was full, just before
             this one.
     """
@@ -86,6 +101,36 @@ class EventStream:
         self._hub = hub
         self.kinds = kinds
         self.dropped = 0
+        self._buffer = buffer
+        # Home: the thread of the loop it was made in and how to call into that loop from another
+        # thread; None outside any loop (then whichever thread publishes delivers, as for a
+        # stream read by the same loop that runs the learner).
+        self._home: int | None = None
+        self._call_home: Callable[[Callable[[], None]], object] | None = None
+        try:
+            # anyio's own test of which loop runs here (the one anyio.run makes). Its native
+            # token is the asyncio loop or the TrioToken, which both schedule a call without
+            # waiting (anyio's from_thread calls wait for the result); duck-typed, as the
+            # package imports neither library.
+            token: Any = anyio.lowlevel.current_token().native_token
+        except RuntimeError:  # NoEventLoopError: no loop runs in this thread
+            pass
+        else:
+            self._home = threading.get_ident()
+            if hasattr(token, "call_soon_threadsafe"):  # an asyncio loop
+                self._call_home = token.call_soon_threadsafe
+            else:
+                self._call_home = token.run_sync_soon
+        # What other threads hand over (under _lock): (events lost just before, event) pairs,
+        # the events lost since the last pair, whether a drain is scheduled, whether the
+        # stream is to end after the inbox. _gone: the consumer or its loop has left, and the
+        # publishing thread is to forget this stream.
+        self._lock = threading.Lock()
+        self._inbox: deque[tuple[int, Event]] = deque()
+        self._lost = 0
+        self._drain_pending = False
+        self._ending = False
+        self._gone = False
 
     def __aiter__(self) -> EventStream:
         return self
@@ -122,13 +167,17 @@ class EventStream:
 
     async def aclose(self) -> None:
         """Stop receiving events and free the buffer."""
-        self._hub.unsubscribe(self)
+        self._leave()
         self._send.close()
         self._receive.close()
         await anyio.lowlevel.checkpoint()
 
     def _offer(self, event: Event) -> None:
+        """Deliver ``event`` (called on the hub's publishing thread, and by :meth:`_drain`)."""
         if self.kinds is not None and event.kind not in self.kinds:
+            return
+        if threading.get_ident() != self._home and self._home is not None:
+            self._offer_from_afar(event)
             return
         if self.dropped:
             event = Event(
@@ -145,9 +194,81 @@ class EventStream:
         except anyio.WouldBlock:
             self.dropped += 1
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self._hub.unsubscribe(self)
+            self._leave()
         else:
             self.dropped = 0
+
+    def _offer_from_afar(self, event: Event) -> None:
+        """Hand ``event`` to the home loop; never waits, never touches the memory stream."""
+        if self._gone:
+            self._hub.unsubscribe(self)  # (on the hub's publishing thread, where it belongs)
+            return
+        with self._lock:
+            if len(self._inbox) >= self._buffer:
+                self._lost += 1  # the buffer-full rule, before the home loop has seen them
+                return
+            self._inbox.append((self._lost, event))
+            self._lost = 0
+            if self._drain_pending:
+                return
+            self._drain_pending = True
+        self._schedule_drain()
+
+    def _end(self) -> None:
+        """End the stream once what it holds is delivered; from any thread."""
+        if threading.get_ident() == self._home or self._home is None:
+            self._send.close()
+            return
+        with self._lock:
+            self._ending = True
+            if self._drain_pending:
+                return  # the pending drain ends it
+            self._drain_pending = True
+        self._schedule_drain()
+
+    def _schedule_drain(self) -> None:
+        assert self._call_home is not None
+        try:
+            self._call_home(self._drain)
+        except RuntimeError:
+            # The home loop has ended (asyncio: closed; trio: RunFinishedError): nobody is left
+            # to read; stop collecting.
+            self._gone = True
+            with self._lock:
+                self._inbox.clear()
+
+    def _drain(self) -> None:
+        """On the home loop: deliver the inbox with the usual rules, then end if asked to.
+
+        Under trio an exception here would crash the home run: the memory stream's errors are
+        all handled in :meth:`_offer`.
+        """
+        with self._lock:
+            inbox, self._inbox = self._inbox, deque()
+            lost, self._lost = self._lost, 0
+            ending = self._ending
+            self._drain_pending = False
+        for lost_before, event in inbox:
+            self.dropped += lost_before
+            self._offer(event)
+        # Lost after the last event handed over: carried by the next one delivered, or left
+        # in ``dropped`` once the stream has ended.
+        self.dropped += lost
+        if ending:
+            self._send.close()
+
+    def _leave(self) -> None:
+        """The hub forgets this stream, on the thread that publishes to it.
+
+        From the home thread of a stream fed by a run on another thread, unsubscribing there
+        would switch the learner's observation off under the running thread's feet; the flag
+        makes that thread forget the stream at its next event (or at the run's end).
+        """
+        publisher = self._hub._loop_thread
+        if self._home is None or publisher is None or threading.get_ident() == publisher:
+            self._hub.unsubscribe(self)
+        else:
+            self._gone = True
 
 
 class EventHub:
@@ -170,12 +291,20 @@ class EventHub:
 
     def stream(self, kinds: Iterable[str] | None, buffer: int) -> EventStream:
         """A stream of this hub's events, not receiving any until :meth:`attach`."""
+        # A str is iterable: kinds="log" would otherwise be refused as the kinds g, l and o.
+        if isinstance(kinds, str) or not isinstance(kinds, Iterable | None):
+            raise TypeError(
+                "kinds must be a collection of kind names such as {'log'}, got the "
+                f"{type(kinds).__name__} {kinds!r}"
+            )
         chosen = None if kinds is None else frozenset(kinds)
         if chosen is not None and not chosen <= EVENT_KINDS:
-            unknown = ", ".join(sorted(chosen - EVENT_KINDS))
+            unknown = ", ".join(sorted(map(str, chosen - EVENT_KINDS)))
             raise ValueError(f"unknown event kinds: {unknown}; known: {sorted(EVENT_KINDS)}")
-        if buffer < 1 and buffer != math.inf:
-            raise ValueError(f"buffer must be at least 1, got {buffer}")
+        if isinstance(buffer, bool) or not (isinstance(buffer, int) or buffer == math.inf):
+            raise TypeError(f"buffer must be an int of at least 1, or math.inf, got {buffer!r}")
+        if buffer < 1:
+            raise ValueError(f"buffer must be an int of at least 1, or math.inf, got {buffer}")
         return EventStream(self, chosen, buffer)
 
     def attach(self, stream: EventStream) -> None:
@@ -222,6 +351,6 @@ class EventHub:
         """End every subscriber's stream (at the end of a run)."""
         self.flush()
         for stream in self._subscribers:
-            stream._send.close()
+            stream._end()
         self._subscribers.clear()
         self._on_change(False)

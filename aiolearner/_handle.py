@@ -484,4 +484,4 @@ class FitHandle:
 def _end(stream: EventStream) -> None:
     """End a subscriber's stream now (what it has buffered is still delivered)."""
     stream._hub.unsubscribe(stream)
-    stream._send.close()
+    stream._end()  # (on the stream's own loop, whichever thread ends it)
