@@ -10,8 +10,10 @@ after the thread hop (memory streams are not thread-safe).
 
 A subscriber may also live on another event loop than the run: a notebook's watcher task on the
 kernel's loop while ``fit_sync`` trains on a thread with a loop of its own (see ``_sync.py``). Its
-memory stream belongs to its own loop, which must be the only one to touch it, so each stream made
-inside a loop keeps its *home* (thread and a way to call into that loop from elsewhere): an event
+memory stream belongs to its own loop, which must be the only one to touch it, so each stream keeps
+its *home*, the loop that reads it (thread and a way to call into that loop from elsewhere, set
+when it first waits for an event; before that no reader waits to be woken, and the publishing
+thread fills its buffer directly): an event
 from another thread waits in a small locked inbox, and one scheduled call at a time moves the
 inbox into the memory stream on the home loop. The home loop may be blocked for the whole run (the
 kernel's thread waits in ``fit_sync``), so the inbox is bounded by the stream's buffer and there is
@@ -102,25 +104,11 @@ class EventStream:
         self.kinds = kinds
         self.dropped = 0
         self._buffer = buffer
-        # Home: the thread of the loop it was made in and how to call into that loop from another
-        # thread; None outside any loop (then whichever thread publishes delivers, as for a
-        # stream read by the same loop that runs the learner).
+        # Home: the thread of the loop that reads it (set when it first waits for an event,
+        # see _settle) and how to call into that loop from another thread. Until then (None),
+        # the publishing thread delivers into the buffer, where no reader waits to be woken.
         self._home: int | None = None
         self._call_home: Callable[[Callable[[], None]], object] | None = None
-        try:
-            # anyio's own test of which loop runs here (the one anyio.run makes). Its native
-            # token is the asyncio loop or the TrioToken, which both schedule a call without
-            # waiting (anyio's from_thread calls wait for the result); duck-typed, as the
-            # package imports neither library.
-            token: Any = anyio.lowlevel.current_token().native_token
-        except RuntimeError:  # NoEventLoopError: no loop runs in this thread
-            pass
-        else:
-            self._home = threading.get_ident()
-            if hasattr(token, "call_soon_threadsafe"):  # an asyncio loop
-                self._call_home = token.call_soon_threadsafe
-            else:
-                self._call_home = token.run_sync_soon
         # What other threads hand over (under _lock): (events lost just before, event) pairs,
         # the events lost since the last pair, whether a drain is scheduled, whether the
         # stream is to end after the inbox. _gone: the consumer or its loop has left, and the
@@ -143,7 +131,24 @@ class EventStream:
             if side is not None:
                 side.close()
 
+    def _settle(self) -> None:
+        """The reading loop is this stream's home: events from another thread go through it."""
+        # anyio's own test of which loop runs here (the one anyio.run makes). Its native token
+        # is the asyncio loop or the TrioToken, which both schedule a call without waiting
+        # (anyio's from_thread calls wait for the result); duck-typed, as the package imports
+        # neither library.
+        token: Any = anyio.lowlevel.current_token().native_token
+        with self._lock:  # (a publisher delivering directly is done, or sees the home)
+            self._call_home = (
+                token.call_soon_threadsafe
+                if hasattr(token, "call_soon_threadsafe")  # an asyncio loop
+                else token.run_sync_soon
+            )
+            self._home = threading.get_ident()
+
     async def __anext__(self) -> Event:
+        if self._home is None:
+            self._settle()
         try:
             return await self._receive.receive()
         except anyio.EndOfStream:
@@ -176,9 +181,19 @@ class EventStream:
         """Deliver ``event`` (called on the hub's publishing thread, and by :meth:`_drain`)."""
         if self.kinds is not None and event.kind not in self.kinds:
             return
-        if threading.get_ident() != self._home and self._home is not None:
+        home = self._home
+        if home is None:
+            with self._lock:
+                if self._home is None:  # no reader waits yet: into the buffer from here
+                    self._deliver(event)
+                    return
+            home = self._home
+        if threading.get_ident() != home:
             self._offer_from_afar(event)
             return
+        self._deliver(event)
+
+    def _deliver(self, event: Event) -> None:
         if self.dropped:
             event = Event(
                 event.kind,
@@ -216,10 +231,13 @@ class EventStream:
 
     def _end(self) -> None:
         """End the stream once what it holds is delivered; from any thread."""
-        if threading.get_ident() == self._home or self._home is None:
+        if threading.get_ident() == self._home:
             self._send.close()
             return
         with self._lock:
+            if self._home is None:  # no reader waits yet
+                self._send.close()
+                return
             self._ending = True
             if self._drain_pending:
                 return  # the pending drain ends it
@@ -354,3 +372,4 @@ class EventHub:
             stream._end()
         self._subscribers.clear()
         self._on_change(False)
+        self._loop_thread = None  # (idle: a stream closed now is forgotten at once)

@@ -160,21 +160,56 @@ async def run_here(learner: Learner[Any]) -> list[Event]:
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_a_subscriber_whose_loop_has_ended(backend: Literal["asyncio", "trio"]) -> None:
-    """Events for a loop that is gone are dropped; the run goes on and forgets the stream."""
+def test_a_stream_made_on_a_loop_that_has_ended(backend: Literal["asyncio", "trio"]) -> None:
+    """Made on a loop that ended before reading it: its home is where it is read, so the run
+    fills its buffer from its own thread and ends it; the hub forgets it."""
     learner = make_learner(n_batches=N_BATCHES)
     made: list[EventStream] = []
 
     async def subscribe() -> None:
-        made.append(learner.events())
+        made.append(learner.events(kinds={"run_start", "run_end"}))
 
     thread = threading.Thread(target=anyio.run, args=(subscribe,), kwargs={"backend": backend})
     thread.start()
     thread.join()
     learner.fit_sync(1)
     assert learner.state.epoch == 1
-    assert made[0]._gone  # (forgotten at the run's next event after the first)
-    assert not made[0]._inbox
+    assert not learner._hub.active
+
+    async def read() -> list[str]:
+        return [event.kind async for event in made[0]]
+
+    assert anyio.run(read, backend=backend) == ["run_start", "run_end"]
+
+
+async def test_a_stream_made_here_and_read_by_the_run_on_another_loop() -> None:
+    """Made on this loop, read by a task of the run's own loop on another thread (a callback
+    handing it to state.start_soon, say), while this loop is blocked: delivered there."""
+    learner = make_learner(n_batches=N_BATCHES)
+    stream = learner.events(kinds={"run_start", "run_end"})
+    got: list[str] = []
+
+    async def run_and_read() -> None:
+        async def read() -> None:
+            async for event in stream:
+                got.append(event.kind)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            await learner.fit(1)
+
+    thread = threading.Thread(target=anyio.run, args=(run_and_read,))
+    thread.start()
+    thread.join()  # (this loop blocked while the run reads: the notebook's shape)
+    assert got == ["run_start", "run_end"]
+
+
+async def test_streams_closed_while_idle_after_a_run_elsewhere_are_forgotten() -> None:
+    learner = make_learner(n_batches=N_BATCHES)
+    learner.fit_sync(1)  # (on a thread of its own: this loop is running)
+    for _ in range(3):
+        async with learner.events():
+            pass
     assert not learner._hub.active
 
 
