@@ -227,7 +227,7 @@ def build_tree(stages: Mapping[str, Stage] | FitRun | None) -> Stage:
     for name, stage in stages.items():
         if not isinstance(stage, Stage):
             raise TypeError(f"stages[{name!r}] must be a Stage, got {type(stage).__name__}")
-        sum(1 for _ in stage.walk())  # (a stage whose __init__ skipped Stage's is refused)
+        _check_initialized(stage)
         if name not in known:
             raise ConfigurationError(
                 f"stages: no stage named {name!r} in the default tree ({sorted(known)})"
@@ -243,12 +243,19 @@ def build_tree(stages: Mapping[str, Stage] | FitRun | None) -> Stage:
     return root
 
 
+def _check_initialized(stage: Stage) -> None:
+    """Walk the stage's tree now: one whose ``__init__`` skipped Stage's is refused with a
+    message saying so (``Stage.walk``), before the tree is changed."""
+    for _ in stage.walk():
+        pass
+
+
 def replace_stage(learner: Learner[Any], name: str, stage: Stage) -> None:
     """The body of :meth:`Learner.replace_stage`: all or nothing (a refused tree leaves the
     learner as it was)."""
     if not isinstance(stage, Stage):
         raise TypeError(f"stage must be a Stage, got {type(stage).__name__} {stage!r}")
-    sum(1 for _ in stage.walk())  # (a stage whose __init__ skipped Stage's is refused)
+    _check_initialized(stage)
     if name not in learner._stages:
         raise KeyError(f"no stage named {name!r}; stages: {sorted(learner._stages)}")
     old_root, old = learner._root, learner._stages[name]
