@@ -23,7 +23,8 @@ EPOCHS = 4
 
 
 class Losses(Callback):
-    """Keeps every validation's loss; cancels ``scope`` at the ``at``-th call of ``hook``."""
+    """Keeps every validation's loss; at the ``at``-th call of ``hook``, cancels ``scope`` (or
+    raises, with ``fail``)."""
 
     reads = frozenset({"metrics"})
 
@@ -31,12 +32,15 @@ class Losses(Callback):
         self.values: list[float] = []
         self.hook, self.at, self.calls = hook, at, 0
         self.scope: anyio.CancelScope | None = None
+        self.fail = False
 
     async def _maybe_cancel(self, hook: str) -> None:
         if hook != self.hook or self.scope is None:
             return
         self.calls += 1
         if self.calls == self.at:
+            if self.fail:
+                raise RuntimeError("interrupted")
             self.scope.cancel()
             await anyio.lowlevel.checkpoint()
 
@@ -74,18 +78,24 @@ def make(mode: Any, directory: Path, losses: Losses) -> Learner[Any]:
 @pytest.mark.parametrize("mode", ["sequential", "concurrent"])
 @pytest.mark.parametrize("hook", ["after_validate", "after_validate_batch"])
 @pytest.mark.parametrize("how", ["fit again", "state_dict", "checkpoint file"])
+@pytest.mark.parametrize("interruption", ["cancel", "error"])
 async def test_validation_orders_survive_an_interruption(
-    tmp_path: Path, mode: str, hook: str, how: str
+    tmp_path: Path, mode: str, hook: str, how: str, interruption: str
 ) -> None:
     reference = Losses()
     await make(mode, tmp_path / "reference", reference).fit(EPOCHS)
     # The second validation, at its end or half way through its pass.
     losses = Losses(hook, at=2 if hook == "after_validate" else 13)
     learner = make(mode, tmp_path / "run", losses)
+    losses.fail = interruption == "error"
     with anyio.CancelScope() as scope:
         losses.scope = scope
-        await learner.fit(EPOCHS)
-    assert scope.cancelled_caught
+        if losses.fail:
+            with pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="interrupted")):
+                await learner.fit(EPOCHS)
+        else:
+            await learner.fit(EPOCHS)
+    assert scope.cancelled_caught is not losses.fail
     losses.scope = None
     if how == "fit again":
         await learner.fit(EPOCHS)
