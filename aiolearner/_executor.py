@@ -38,6 +38,7 @@ runs inline. A batch that changed the state's set of fields has the new ones che
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -45,10 +46,11 @@ import anyio
 
 from ._data import END, WAIT
 from ._exceptions import ControlFlow, StageError
+from ._program_kinds import kind, signature, suspended_in
 from ._rng import capture_torch_rng
 from ._runtime import DRIVING, NOT_RUN
 from ._stage import ComputeStage, Stage, owned
-from ._stages import Epoch, Fit, FitBatch, Gradient, Update, Validate, forward, optimizer_step
+from ._stages import Epoch, Fit, FitBatch, Update, Validate, forward, optimizer_step
 from ._train_stages import note_loss_problem, record_interrupted
 from ._worker import SHARED_BURST_SECONDS
 
@@ -66,10 +68,6 @@ __all__ = ["BURST_SECONDS", "BatchProgram", "Executor"]
 #: The longest a burst of batches keeps the compute worker before handing back to the loop.
 BURST_SECONDS = 0.05
 
-# The default program's definitions at import: a subclass or a patch runs as written instead.
-_GRADIENT_COMPUTE = Gradient.compute
-_UPDATE_COMPUTE = Update.compute
-
 
 class BatchProgram:
     """A batch stage compiled for the executor, once, when the learner is built.
@@ -82,7 +80,8 @@ class BatchProgram:
         full: what runs while observed: every stage's entry and exit seen (``drive``).
         locks: whether the batch holds the weights' write lock while it runs (a synchronous
             program with a compute stage that writes weights).
-        shielded: an awaited batch writing weights before its commit (``commit=False``).
+        shielded: an awaited batch that may write weights before its commit (an update with
+            ``commit=False``, a stage of its own that writes them, several writers).
     """
 
     __slots__ = ("fast", "full", "kind", "locks", "rt", "shielded", "signature", "stage")
@@ -91,11 +90,16 @@ class BatchProgram:
         self.stage = stage
         self.rt = rt
         #: What the program was compiled from (see :func:`_signature`).
-        self.signature = _signature(stage)
-        self.kind = _kind(stage)
+        self.signature = signature(stage)
+        self.kind = kind(stage)
         writers = [s for s in stage.walk() if isinstance(s, ComputeStage) and s.writes_weights]
         self.locks = self.kind != "async" and bool(writers)
-        self.shielded = self.kind == "async" and any(not getattr(s, "commit", 1) for s in writers)
+        # Shielded where a cancellation could land between a write and the commit: any writer
+        # but a lone committing Update (which writes and commits in one call), e.g. an update
+        # with commit=False, or a stage that perturbs the weights and a later one restoring them.
+        self.shielded = self.kind == "async" and (
+            len(writers) > 1 or any(not (isinstance(s, Update) and s.commit) for s in writers)
+        )
         self.fast: Callable[[State], None] | None
         if self.kind == "default":
             self.fast = self._default_batch()
@@ -133,7 +137,17 @@ class BatchProgram:
                 coro.send(None)
             except StopIteration:
                 return
-            awaiting = _suspended_in(coro) or self.stage
+            except RuntimeError as exc:
+                # An event loop library's call (anyio.sleep, say) in the compute worker thread.
+                if self.rt.policy.off_loop_thread() and _raised_by_a_loop_library(exc):
+                    exc.add_note(
+                        f"aiolearner: batch stage {self.stage.name!r} ran in the compute worker "
+                        "thread, without the event loop (it is fusable): if one of its stages "
+                        "awaits something other than its sub-stages and `context.compute`, set "
+                        "`fusable = False` on it"
+                    )
+                raise
+            awaiting = suspended_in(coro) or self.stage
             coro.close()
             raise StageError(
                 "its batch runs without the event loop (the stage is fusable) but it awaited "
@@ -167,8 +181,12 @@ class BatchProgram:
         leaves = tuple((leaf.name, leaf.compute) for leaf in stage.children)  # type: ignore[attr-defined]
 
         first = stage.name
+        rt = self.rt
 
         def flat_batch(state: State) -> None:
+            # A stage of its own may stop the batch after one drew random numbers (noise,
+            # dropout): the batch is then undone, and its draws put back (Runtime.abandon_batch).
+            rt.batch_rng = (state.__dict__.get("batch"), capture_torch_rng())
             where = first
             try:
                 for where, compute in leaves:  # noqa: B007 (the handler names the leaf)
@@ -204,85 +222,24 @@ class BatchProgram:
         return default_batch
 
 
-def _suspended_in(coro: Any) -> Stage | None:
-    """The innermost stage whose coroutine ``coro``'s chain of awaits is suspended in."""
-    found = None
-    while coro is not None:
-        frame = getattr(coro, "cr_frame", None)
-        if frame is not None:
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, Stage):
-                found = owner
-        coro = getattr(coro, "cr_await", None)
-    return found
+def _raised_by_a_loop_library(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = "" if tb is None else str(tb.tb_frame.f_globals.get("__name__", ""))
+    return module.split(".")[0] in ("anyio", "asyncio", "trio", "sniffio")
 
 
-def _kind(stage: Stage) -> str:
-    if not _synchronous(stage):
-        return "async"
-    if _flat(stage):
-        children = stage.children
-        if (
-            type(stage) is FitBatch
-            and len(children) == 2
-            and type(children[0]) is Gradient
-            and type(children[1]) is Update
-            # The default step: the first optimizer, committing with it.
-            and children[1].optimizer is None
-            and children[1].commit
-            and Gradient.compute is _GRADIENT_COMPUTE
-            and Update.compute is _UPDATE_COMPUTE
-        ):
-            return "default"
-        return "flat"
-    return "fused"
-
-
-def _signature(stage: Stage) -> tuple[Any, ...]:
-    """The methods a batch stage's program is compiled from: every stage's ``run`` and
-    ``compute`` (its class's, and one set on the instance) and ``fusable``. A program whose
-    signature changed since it was compiled (a method patched after the learner was built) is
-    compiled again when a pass starts, so a patch runs as written, fused or not."""
-    return tuple(
-        (
-            type(s).run,
-            getattr(type(s), "compute", None),
-            s.__dict__.get("run"),
-            s.__dict__.get("compute"),
-            s.fusable,
-        )
-        for s in stage.walk()
-    )
-
-
-def _synchronous(stage: Stage) -> bool:
-    """Whether the stage's whole call can run without the event loop."""
-    for plan in (stage._before, stage._after):
-        if plan is not None and plan.has_async:
-            return False
-    if type(stage).__call__ is not Stage.__call__:
-        return False
-    fusable = stage.fusable
-    if fusable is None:
-        default_run = ComputeStage.run if isinstance(stage, ComputeStage) else Stage.run
-        fusable = type(stage).run is default_run
-    return fusable and all(_synchronous(child) for child in stage.children)
-
-
-def _flat(stage: Stage) -> bool:
-    """Whether a batch is nothing but its compute leaves' ``compute`` in order: no hooks, the
-    default ``run``, and leaves that own no control flow and have no sub-stages."""
-    if stage._before is not None or stage._after is not None or type(stage).run is not Stage.run:
-        return False
-    return all(
-        isinstance(child, ComputeStage)
-        and type(child).run is ComputeStage.run
-        and not child.children
-        and not child.catches
-        and child._before is None
-        and child._after is None
-        for child in stage.children
-    )
+def _stepped(stage: Stage) -> frozenset[str] | None:
+    """The names of the optimizers the batch stage's updates step (``""``: the first one,
+    ``state.optimizer``); None where a stage of another kind writes the weights."""
+    names: set[str] = set()
+    for s in stage.walk():
+        if isinstance(s, ComputeStage) and s.writes_weights:
+            if not isinstance(s, Update):
+                return None
+            names.add(s.optimizer if s.optimizer is not None else "")
+    return frozenset(names)
 
 
 class Executor:
@@ -297,6 +254,10 @@ class Executor:
         #: change of the count has the new ones checked).
         self.fields_before: frozenset[str] = frozenset()
         self.fields_seen = 0
+        #: How many more batches of the pass are looked at for gradients left to the next, and
+        #: the optimizers its updates step (None: any, a stage of its own writes weights).
+        self.grad_checks = 0
+        self.stepped: frozenset[str] | None = None
         #: The stage in Fit's place (the epoch's first): what a pass it opens names in errors.
         self.fit_slot: Stage = Fit()
 
@@ -326,7 +287,7 @@ class Executor:
         build did not see the stage, or again if a method it was compiled from has changed
         since (a class patched after the learner was built)."""
         program = self.programs.get(id(stage))
-        if program is None or program.signature != _signature(stage):
+        if program is None or program.signature != signature(stage):
             program = self.programs[id(stage)] = BatchProgram(stage, self.rt)
             stage._program = program if program.synchronous else None
         return program
@@ -353,6 +314,10 @@ class Executor:
         first = True
         save_every = rt.save_every
         rt.batch_rng = None  # (a fused batch of this pass's program sets it)
+        # A batch stage of its own may leave gradients in .grad for the next batch: looked for
+        # after the pass's first two batches (see carried_gradients).
+        self.grad_checks = 0 if program.kind == "default" or rt.warned_carried else 2
+        self.stepped = _stepped(stage)
         self.fields_before = frozenset(state.__dict__)
         self.fields_seen = len(state.__dict__)
         pending: Any = None
@@ -492,12 +457,48 @@ class Executor:
             losses.append(loss.detach())
         if len(d) != self.fields_seen:
             self.check_fields(stage, state)
+        if self.grad_checks:
+            self.grad_checks -= 1
+            self.carried_gradients(stage, state)
         if not rt.committed:
             raise StageError(
                 "the training batch ended without being committed: the stage that applies the "
                 "batch's update must call `self.context.commit(state)` with it (Update does), "
                 "so that the counters match the weights",
                 stage=stage.name,
+            )
+
+    def carried_gradients(self, stage: Stage, state: State) -> None:
+        """Warn (once a learner) where a committed batch leaves gradients in ``.grad`` of a
+        parameter its updates step, for the next batch: the learner drops all of ``.grad``
+        when a batch is skipped, stopped or undone, the earlier batches' part included."""
+        rt = self.rt
+        d = state.__dict__
+        optimizers = d.get("optimizers") or {"": d.get("optimizer")}
+        if self.stepped is not None:  # (None: any optimizer, a stage of its own writes)
+            first = d.get("optimizer")
+            optimizers = {
+                k: v
+                for k, v in optimizers.items()
+                if k in self.stepped or ("" in self.stepped and v is first)
+            }
+        if rt.committed and any(
+            p.grad is not None
+            for optimizer in optimizers.values()
+            if optimizer is not None
+            for group in optimizer.param_groups
+            for p in group["params"]
+        ):
+            rt.warned_carried = True
+            self.grad_checks = 0
+            warnings.warn(
+                f"batch stage {stage.name!r} leaves gradients in `.grad` after a committed batch, "
+                "for the next batch to add to: a batch that is skipped, stopped or interrupted "
+                "drops all of `.grad`, the earlier batches' part included, so the run is not "
+                "exact then; accumulate over batches with `AccumulateGradients`, or keep the "
+                "running sum out of `.grad` between batches (docs/writing-stages.md)",
+                UserWarning,
+                stacklevel=2,
             )
 
     def check_fields(self, stage: Stage, state: State) -> None:

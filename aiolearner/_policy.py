@@ -168,6 +168,10 @@ class ComputePolicy:
         with _RUNNING_LOCK:
             _RUNNING.add(self)
 
+    def off_loop_thread(self) -> bool:
+        """Whether this is called from another thread than the running run's event loop's."""
+        return self._loop_thread is not None and self._loop_thread != threading.get_ident()
+
     def exit_run(self) -> None:
         """The run is over."""
         with _RUNNING_LOCK:

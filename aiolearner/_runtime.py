@@ -176,6 +176,8 @@ class Runtime:
         #: ``(batch, capture_torch_rng())`` read as a fused training batch with hooks began
         #: (after its draw): what a stop or an error before its commit puts back, so that its
         #: forward, run again, draws the same dropout (see ``BatchProgram``).
+        #: Whether the learner warned that a batch stage leaves gradients for the next batch.
+        self.warned_carried = False
         self.batch_rng: tuple[Any, tuple[torch.Tensor, list[torch.Tensor] | None]] | None = None
         #: The fields stages declared, by lifetime (see Stage.fields), set when the learner is
         #: built: each set is cleared when its batch, epoch or run ends.
