@@ -574,6 +574,10 @@ class Learner(Generic[TBatch]):
 
             load_state_dict(self._strategy, self, checkpoint)
             return
+        if isinstance(checkpoint, Mapping) and checkpoint.get("ranks") is not None:
+            from ._dist._persist import on_another_world_size  # saved by several ranks
+
+            checkpoint = on_another_world_size(dict(checkpoint), 1)
         _persist.load_state_dict(self, checkpoint)
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:

@@ -160,15 +160,8 @@ def load_state_dict(
         ckpt["callbacks"] = {**ckpt.get("callbacks", {}), **entry["callbacks"]}
         if entry["stream"] is not None:
             pinned = entry.get("sampler_epoch")
-    elif strategy.world_size > 1 and "format" in ckpt:
-        saved = ranks.get("world_size") if isinstance(ranks, Mapping) else 1
-        warnings.warn(
-            f"this checkpoint was saved by {saved} rank(s) and is resumed by "
-            f"{strategy.world_size}: every rank takes rank 0's random state, and the data is "
-            "split differently, so the run does not continue exactly as it would have",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    else:
+        ckpt = on_another_world_size(ckpt, strategy.world_size)
     from ._models import FSDP
 
     if isinstance(strategy, FSDP) and "model" in ckpt:
@@ -176,6 +169,45 @@ def load_state_dict(
         return
     _persist.load_state_dict(learner, ckpt)
     strategy._pinned_epoch = pinned
+
+
+def on_another_world_size(ckpt: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """A checkpoint saved by another number of ranks than ``world_size`` (one process without
+    a strategy is one rank), as this world resumes it, with a warning: every rank takes rank 0's
+    random state, and an epoch interrupted half way goes on from the same share of its batches
+    (batch 9 of 16 on one rank is batch 4 of 8 on two), as each rank's share of the data has
+    another length now."""
+    if "format" not in ckpt:
+        return ckpt
+    ranks = ckpt.get("ranks")
+    saved = ranks.get("world_size") if isinstance(ranks, Mapping) else 1
+    if not isinstance(saved, int) or saved < 1 or saved == world_size:
+        return ckpt
+    progress = ckpt.get("progress")
+    moved = ""
+    # (A live stream, steps_per_epoch, goes on from where it was: its position is its own.)
+    if (
+        isinstance(progress, Mapping)
+        and not progress.get("pass_done")
+        and not progress.get("stream")
+    ):
+        index = progress.get("batch_index")
+        if isinstance(index, int) and index > 0:
+            now = index * saved // world_size
+            ckpt = dict(ckpt)
+            ckpt["progress"] = {k: v for k, v in progress.items() if k != "undone"} | {
+                "batch_index": now,
+                "drawn": now,
+            }
+            moved = f"; the interrupted epoch goes on from batch {now} (batch {index} of theirs)"
+    warnings.warn(
+        f"this checkpoint was saved by {saved} rank(s) and is resumed by {world_size}: every "
+        "rank takes rank 0's random state, and the data is split differently, so the run does "
+        f"not continue exactly as it would have{moved}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return ckpt
 
 
 def _load_fsdp(learner: Learner[Any], ckpt: dict[str, Any]) -> None:
