@@ -17,6 +17,7 @@ Anything else cannot be sharded safely here and is refused with the way out: a D
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -148,6 +149,15 @@ def shard_train(
             raise ConfigurationError(
                 "train_data samples with replacement (or a num_samples of its own), which the "
                 "strategy cannot split across ranks: " + _how_to("train_data")
+            )
+        own = sampler.generator if isinstance(sampler, RandomSampler) else None
+        if own is not None and own is not loader.generator:
+            warnings.warn(
+                "train_data's RandomSampler has a generator of its own, which the strategy does "
+                "not use: the loader is re-created with a DistributedSampler that shuffles from "
+                f"sampler_seed ({seed}); give the strategy sampler_seed= to choose the order",
+                UserWarning,
+                stacklevel=2,
             )
         inner = DistributedSampler(
             loader.dataset,

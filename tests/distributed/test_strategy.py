@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from torch.utils.data import (
     DataLoader,
     DistributedSampler,
     IterableDataset,
+    RandomSampler,
 )
 
 from aiolearner import (
@@ -120,6 +122,18 @@ def test_the_training_sampler_follows_the_learners_epoch() -> None:
     assert first != second
     assert len(first) == len(second) == 16
     assert len(train) == 4  # 16 of the 32 samples, in batches of 4
+
+
+def test_a_random_samplers_own_generator_is_replaced_with_a_warning() -> None:
+    chosen = torch.Generator().manual_seed(1)
+    own = DataLoader(data(32), batch_size=4, sampler=RandomSampler(data(32), generator=chosen))
+    with pytest.warns(UserWarning, match="generator of its own.*sampler_seed"):
+        shard_train(own, rank=0, world_size=2, seed=3, epoch_of=lambda: 0)
+    # The loader's own generator (shuffle=True, generator=...) still seeds its workers: no word.
+    given = DataLoader(data(32), batch_size=4, shuffle=True, generator=chosen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shard_train(given, rank=0, world_size=2, seed=3, epoch_of=lambda: 0)
 
 
 # -- on a process group of one rank (in a process of its own) --------------------------------------
