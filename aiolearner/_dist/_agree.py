@@ -289,9 +289,9 @@ class Agreement:
         if w[POINT] != -w[NEG_POINT]:
             here = self._point_name(point)
             raise DistributedError(
-                f"the ranks reached different agreement points (this rank: {here}): the "
-                "callbacks and stages must be the same on every rank, and stage code must not "
-                "stop one rank alone",
+                f"the ranks reached different agreement points (this rank: {here}): every "
+                "rank must call fit with the same arguments (epochs, resume) and have the same "
+                "callbacks and stages, and stage code must not stop one rank alone",
                 rank=s.rank,
                 epoch=self.state.epoch,
                 step=step,

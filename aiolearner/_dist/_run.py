@@ -131,7 +131,9 @@ def distributed_error(
     if found is None and exc is not None:
         problem += (
             "; no rank reported an error, so a rank was probably killed or its machine "
-            "lost (or it stopped answering for the group's timeout)"
+            "lost, or it stopped answering for the group's timeout, or it left this "
+            "collective's run (every rank must call the same learner methods, with the same "
+            "arguments, in the same order)"
         )
     return DistributedError(
         problem,
