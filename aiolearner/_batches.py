@@ -373,12 +373,15 @@ class Batches:
                     # The last pass's fetch under way: its batch goes first.
                     await detached[1].wait()
                     source.detached = None
+                if source.handoff is not None:  # (also one the last run's end let finish)
                     handed, source.handoff = source.handoff, None
                     if handed is END:
                         buffer.finish()
                         return
                     if handed is not None:
+                        item = handed  # (in flight until put: a pass closed at once keeps it)
                         await buffer.put(handed)
+                        item = END
                         if type(handed) is Failure:
                             buffer.finish()
                             return

@@ -81,6 +81,7 @@ class BatchSource:
         self.fetch = fetch
         self.fetch_budget = fetch_budget
         self.steps_per_epoch = steps_per_epoch
+        self._one_pass = one_pass(data) and not getattr(data, "_is_feed", False)
         self.slow = fetch == "thread"
         #: Consecutive inline fetches over ``fetch_budget`` (fetch="auto").
         self.slow_fetches = 0
@@ -144,8 +145,11 @@ class BatchSource:
 
     @property
     def persistent(self) -> bool:
-        """Whether the live iterator outlives a pass (steps_per_epoch)."""
-        return self.steps_per_epoch is not None
+        """Whether the live iterator outlives a pass: with steps_per_epoch, and for one-pass
+        data (a generator, an iterator; not a Feed, which serves what arrives), whose iterator
+        is the data itself: a pass interrupted half way goes on in it, rather than skipping
+        what it served in a new one, which would be the same, advanced, iterator."""
+        return self.steps_per_epoch is not None or self._one_pass
 
     def __len__(self) -> int:
         """The batches of the current (or next) pass: with a live stream, what the data has
@@ -381,8 +385,10 @@ class BatchSource:
         return itertools.chain(kept, it)
 
     def stop_detached(self) -> None:
-        """At the run's end: cancel a producer a pass left fetching (see :attr:`detached`)."""
-        detached, self.detached, self.handoff = self.detached, None, None
+        """At the run's end: cancel a producer a pass left fetching (see :attr:`detached`).
+        A batch it has fetched (now, or before the cancellation reaches it) stays in
+        :attr:`handoff`, served first by the next run's pass: dropping it lost a batch."""
+        detached, self.detached = self.detached, None
         if detached is not None:
             detached[0].cancel()
 
@@ -412,6 +418,7 @@ class BatchSource:
         self._ended = False
         self.broken = False
         self._leftover.clear()
+        self.handoff = None
         self._resume = stream
         self.drawn = drawn
         self.undone = None

@@ -1,0 +1,136 @@
+"""Generators (sync and async) as training data, interrupted and continued.
+
+* A generator without ``steps_per_epoch`` is one pass. Cancelled half way, ``fit`` again goes on
+  in the same generator: every batch is trained once, in order. It used to make the pass's
+  iterator again, which for a generator is the same iterator, already past the batches it
+  served, and skip as many again: they were never trained, and the epoch ended short with no
+  error.
+* A live stream (``steps_per_epoch``) over an async generator: the batch a producer was
+  fetching ahead when an epoch ended is served first by the next epoch; when the run ended
+  (cancelled) after that fetch had finished, the batch was dropped, and the next run trained
+  on the one after it, silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import torch
+
+from aiolearner import Callback, Learner, StateView
+from aiolearner.testing import tiny_model
+
+BATCHES = [(torch.full((2, 4), float(i)), torch.zeros(2, dtype=torch.long)) for i in range(12)]
+
+
+def ids(seen: list[Any]) -> list[int]:
+    return [int(batch[0][0, 0]) for batch in seen]
+
+
+class Seen(Callback):
+    reads = frozenset({"batch"})
+
+    def __init__(self) -> None:
+        self.batches: list[Any] = []
+
+    def after_fit_batch(self, state: StateView) -> None:
+        self.batches.append(state.batch)
+
+
+class CancelAt(Callback):
+    reads = frozenset({"step"})
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.scope: anyio.CancelScope | None = None
+
+    async def after_fit_batch(self, state: StateView) -> None:
+        if self.scope is not None and state.step == self.step:
+            self.scope.cancel()
+            self.scope = None
+            await anyio.lowlevel.checkpoint()
+
+
+def learner(data: Any, callbacks: list[Callback], **options: Any) -> Learner[Any]:
+    model = tiny_model(seed=0)
+    return Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.nn.functional.cross_entropy,
+        data,
+        callbacks=callbacks,
+        **options,
+    )
+
+
+def generator() -> Iterator[Any]:
+    yield from BATCHES
+
+
+async def async_generator() -> AsyncIterator[Any]:
+    for batch in BATCHES:
+        yield batch  # (never suspends: a cancellation cannot land in it)
+
+
+async def test_a_generator_cancelled_half_way_goes_on_where_it_stopped() -> None:
+    for make in (generator, async_generator):
+        seen, cancel = Seen(), CancelAt(3)
+        run = learner(make(), [seen, cancel])
+        with anyio.CancelScope() as cancel.scope:
+            await run.fit(1)
+        assert run.state.step == 3
+        await run.fit(1)
+        assert ids(seen.batches) == list(range(12)), make.__name__
+        assert (run.state.epoch, run.state.step) == (1, 12)
+
+        reference = learner(make(), [])
+        await reference.fit(1)
+        for a, b in zip(run.model.parameters(), reference.model.parameters(), strict=True):
+            assert torch.equal(a, b)
+
+
+class FetchedAhead:
+    """An async generator whose fifth batch (the second epoch's first, fetched ahead as the
+    first epoch ends) waits until the test lets it through, and says when it has it."""
+
+    def __init__(self) -> None:
+        self.gate = anyio.Event()
+        self.fetched = anyio.Event()
+
+    async def stream(self) -> AsyncIterator[Any]:
+        for i, batch in enumerate(BATCHES):
+            if i == 4:
+                await self.gate.wait()
+                self.fetched.set()
+            yield batch
+
+
+class EndRunWithTheFetchDone(Callback):
+    """At the first epoch's end: the batch fetched ahead arrives, then the run is cancelled."""
+
+    def __init__(self, source: FetchedAhead) -> None:
+        self.source = source
+        self.scope: anyio.CancelScope | None = None
+
+    async def after_fit(self, state: StateView) -> None:
+        if self.scope is not None:
+            self.source.gate.set()
+            await self.source.fetched.wait()
+            self.scope.cancel()
+            self.scope = None
+            await anyio.lowlevel.checkpoint()
+
+
+async def test_a_batch_fetched_ahead_when_a_run_ends_is_the_next_runs_first() -> None:
+    source = FetchedAhead()
+    seen, end = Seen(), EndRunWithTheFetchDone(source)
+    run = learner(source.stream(), [seen, end], steps_per_epoch=4)
+    with anyio.CancelScope() as end.scope:
+        await run.fit(3)
+    assert run.state.step == 4
+    await run.fit(3)
+    assert ids(seen.batches) == list(range(12))
+    assert run.state.step == 12
