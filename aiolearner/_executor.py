@@ -513,7 +513,8 @@ class Executor:
         if unknown:
             raise StageError(
                 f"state field {unknown[0]!r} was set during a batch but no stage declares it; "
-                f"add it to the `fields` of the stage that sets it, with its lifetime "
+                f"add it to the `fields` of the stage that sets it (one of "
+                f"{[s.name for s in stage.walk()]}), with its lifetime "
                 f"(e.g. fields = {{{unknown[0]!r}: 'batch'}}), so it expires instead of "
                 "going stale",
                 stage=stage.name,

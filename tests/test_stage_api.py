@@ -353,8 +353,10 @@ async def test_a_field_no_stage_declares_is_a_stage_error() -> None:
         with_validation=False,
         stages={"fit_batch": FitBatch(Gradient(), Undeclared(), Update())},
     )
-    with pytest.raises(StageError, match=r"'secret'.*no stage declares it"):
+    with pytest.raises(StageError, match=r"'secret'.*no stage declares it") as caught:
         await learner.fit(1)
+    # Which stage of the batch set it cannot be known: the batch's stages are named.
+    assert "'undeclared'" in str(caught.value)
 
 
 def test_a_lifetime_that_is_not_one_is_refused_when_the_class_is_made() -> None:
