@@ -124,6 +124,8 @@ class Batches:
         source = self.source
         if source._leftover:
             item = source._leftover.popleft()
+            if source.undone is not None and item is source.undone[0]:
+                source.undone = None  # served again (see BatchSource.put_back)
         elif self._receive is None:
             try:
                 return self._fetch_inline(off_loop)

@@ -119,6 +119,9 @@ class BatchSource:
         #: :attr:`begun`, to rebuild the stream exactly).
         self.position = 0
         self.origin = 0
+        #: Where the current (or last) epoch's pass began: the origin stays that until the
+        #: epoch's counters roll over, also once the pass has ended (see :meth:`stream_state`).
+        self.pass_origin = 0
         self._resume: tuple[int, dict[str, Any] | None] | None = None
         # The live stream ran out in the current pass (see open()).
         self._ended = False
@@ -190,7 +193,7 @@ class BatchSource:
         if persistent and self._ended and skip:
             # The live stream ended in this epoch's pass, interrupted before it closed: the
             # pass has nothing left (a new stream would serve the next epoch's batches).
-            self._it = iter(())
+            self._it = _nothing() if self.is_async else iter(())
         self._ended = False
         if persistent and self._it is not None and skip == 0 and self._at_end():
             self.exhausted()  # the last pass took the data's last batch: start it again
@@ -207,7 +210,7 @@ class BatchSource:
                     forward = origin + skip
                 self._resume = None
                 self.position = forward
-                self.origin = origin
+                self.origin = self.pass_origin = origin
             fresh = forward == 0
             if getattr(self.data, "_is_feed", False):
                 # A Feed serves records as they arrive, never the same twice: what it serves
@@ -224,7 +227,7 @@ class BatchSource:
             else:
                 self._create(0, start)
         elif skip == 0:
-            self.origin = self.position  # a new epoch on the live stream
+            self.origin = self.pass_origin = self.position  # a new epoch on the live stream
         batches = Batches(self, self._it, tg, skip, limiter, fresh=fresh)
         try:
             yield batches
@@ -257,6 +260,10 @@ class BatchSource:
         if self.persistent and self._it is not None:
             self._leftover.appendleft(batch)
             self.position -= 1
+            if self._one_pass and self.steps_per_epoch is None and self.counts:
+                # A checkpoint holds it (as keep_undone's): a fresh run resumed from it with
+                # a new generator serves this batch, not the same one drawn again.
+                self.undone = (batch,)
 
     def keep_undone(self, batch: Any) -> None:
         """A synchronous batch was undone before its commit, by a stop or an error raised in a
@@ -267,8 +274,9 @@ class BatchSource:
         the batches drawn serves this batch object again, where drawing it again from the
         pass's start state would give other numbers. (The draws of a forward that ran before
         the stop are not undone.) Not for a list or tuple, which draw nothing, nor for a live
-        stream, which serves the batch again itself (:meth:`put_back`)."""
-        if self.counts and not self.persistent:
+        stream with steps_per_epoch, which serves the batch again itself (:meth:`put_back`;
+        one-pass data without it keeps the batch here too, for a checkpoint to hold)."""
+        if self.counts and (not self.persistent or (self._one_pass and not self.steps_per_epoch)):
             self.undone = (batch,)
 
     def mark(self) -> tuple[dict[str, Any], int]:
@@ -297,7 +305,8 @@ class BatchSource:
         if drawn != self.drawn:
             if self.persistent and self._it is not None:
                 if not one_pass(self.data):
-                    self.restart(self.stream_state(), drawn)  # rebuilt from the stream's start
+                    # Rebuilt from the stream's start, to this pass's batch.
+                    self.restart((self.pass_origin, self.begun), drawn)
                 # (A one-pass stream cannot be drawn again: what it served and fetched ahead
                 # is kept and served again instead.)
             else:
@@ -399,14 +408,17 @@ class BatchSource:
         self.position = 0
         self.drawn = 0
 
-    def stream_state(self) -> tuple[int, dict[str, Any] | None] | None:
-        """With steps_per_epoch: ``(where this epoch's pass began in the stream, the random
-        state the stream began from)``; None without a live stream."""
+    def stream_state(self, batch_index: int = 0) -> tuple[int, dict[str, Any] | None] | None:
+        """With a live stream: ``(where the pass of the epoch at ``batch_index`` began in the
+        stream, the random state the stream began from)``; None without one. With batches of
+        the epoch counted, that is where its pass began, even once the pass has ended (a run
+        stopped in ``after_fit`` resumes that epoch at ``batch_index``); with none, where the
+        next pass begins."""
         if not self.persistent:
             return None
         if self._it is None:
             return self._resume  # a rebuild pending (a batch was rolled back), if any
-        return self.origin, self.begun
+        return (self.pass_origin if batch_index else self.origin), self.begun
 
     def restart(
         self, stream: tuple[int, dict[str, Any] | None] | None = None, drawn: int = 0
@@ -422,6 +434,12 @@ class BatchSource:
         self._resume = stream
         self.drawn = drawn
         self.undone = None
+
+
+async def _nothing() -> AsyncIterator[Any]:
+    """An async iterator that yields nothing."""
+    return
+    yield
 
 
 async def _aclose(it: Any) -> None:

@@ -119,7 +119,7 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
             # Read again when the run resumes in an interrupted after_validate.
             "validation": _validation_to_portable(state),
             "train_losses": [x.detach().float().cpu().reshape(()) for x in rt.train_losses],
-            "stream": _stream_to_portable(train.stream_state()),
+            "stream": _stream_to_portable(train.stream_state(state.batch_index)),
             "drawn": drawn,
         }
         if undone is not None:
