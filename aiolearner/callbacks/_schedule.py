@@ -58,7 +58,8 @@ class LRSchedule(OptimizerCallback):
             training pass; ``ReduceLROnPlateau`` after the epoch's validation or ``after_epoch``).
         monitor: for ``ReduceLROnPlateau`` only: the key in ``state.metrics`` passed to its
             ``step`` (``"val_loss"`` by default): after each validation for a ``val_`` metric,
-            at the end of each epoch otherwise.
+            at the end of each epoch otherwise. Given with a factory, it is checked at ``fit``
+            start as a ``ReduceLROnPlateau``'s is (the factory's scheduler is built then).
         frequency: step the scheduler every this many steps or epochs.
         optimizer: the name of the optimizer it schedules, for a learner with several
             (default: the first, stepped by the unnamed ``Update()``; where every update is
@@ -98,11 +99,15 @@ class LRSchedule(OptimizerCallback):
         scheduler: Scheduler | SchedulerFactory,
         *,
         interval: Literal["step", "epoch"] = "step",
-        monitor: str = "val_loss",
+        monitor: str | None = None,
         frequency: int = 1,
         optimizer: str | None = None,
     ) -> None:
         self._target(optimizer)
+        # Given, with a factory (whose scheduler is built at fit), it is checked at fit start
+        # as a ReduceLROnPlateau's would be: what else would it be given for.
+        self._monitor_given = monitor is not None
+        monitor = "val_loss" if monitor is None else monitor
         if interval not in ("step", "epoch"):
             raise ValueError(f"{self.name}: interval must be 'step' or 'epoch', got {interval!r}")
         frequency = whole(self.name, "frequency", frequency, 1)
@@ -213,7 +218,11 @@ class LRSchedule(OptimizerCallback):
     @property
     def _monitored(self) -> str | None:
         # Asked by fit (see _lifecycle.check_fit); a factory's scheduler is not known yet.
-        return self.monitor if isinstance(self.scheduler, ReduceLROnPlateau) else None
+        if isinstance(self.scheduler, ReduceLROnPlateau):
+            return self.monitor
+        if self.scheduler is None and self._monitor_given and self.interval == "epoch":
+            return self.monitor
+        return None
 
     def _on_validation(self) -> bool:
         # ReduceLROnPlateau on a validation metric steps as each validation result arrives:

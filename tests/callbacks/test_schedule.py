@@ -78,14 +78,33 @@ async def test_reduce_on_plateau_follows_the_monitored_metric() -> None:
 
 
 async def test_missing_monitored_metric_is_an_error() -> None:
+    # Given as a factory (its scheduler is built at fit), the monitored name is checked at fit
+    # start as a scheduler's is: it used to fail after the first epoch had trained, with a
+    # KeyError, and a learner without val_data never stepped on "val_loss", silently.
     learner = make_learner(
         callbacks=[
             LRSchedule(lambda opt: ReduceLROnPlateau(opt), interval="epoch", monitor="nope")
         ],
         n_batches=1,
     )
-    with pytest.RaisesGroup(pytest.RaisesExc(KeyError, match="nope")):
+    with pytest.raises(ConfigurationError, match="'nope'"):
         await learner.fit(1)
+    assert learner.state.step == 0
+    no_validation = make_learner(
+        callbacks=[
+            LRSchedule(lambda opt: ReduceLROnPlateau(opt), interval="epoch", monitor="val_loss")
+        ],
+        with_validation=False,
+    )
+    with pytest.raises(ConfigurationError, match="'val_loss'"):
+        await no_validation.fit(1)
+    # Without monitor= (the default, "val_loss"), a factory of another scheduler is not held
+    # to it.
+    plain = make_learner(
+        callbacks=[LRSchedule(lambda opt: StepLR(opt, 1), interval="epoch")],
+        with_validation=False,
+    )
+    await plain.fit(1)
 
 
 async def test_one_cycle_and_warmup_cosine_schedules() -> None:
