@@ -178,8 +178,9 @@ class Checkpoint(Callback):
                 " tensors, not optimizer states, counters or RNG states): pass"
                 " save_weights_only=True, or use format='torch' for resumable checkpoints"
             )
-        if load_best and monitor is None:
-            raise ValueError("Checkpoint(load_best=True) needs a monitor= metric to judge by")
+        if monitor is None and (load_best or top_k > 1):
+            what = "load_best=True" if load_best else f"top_k={top_k}"
+            raise ValueError(f"Checkpoint({what}) needs a monitor= metric to judge by")
         if format == "safetensors":
             # Fail at construction, not at the first save halfway through training.
             require("safetensors.torch", extra="safetensors", what=SAFETENSORS_USER)

@@ -33,6 +33,15 @@ Scheduler = LRScheduler | ReduceLROnPlateau
 SchedulerFactory = Callable[[torch.optim.Optimizer], Scheduler]
 
 
+class _Default(str):
+    """A default argument, told apart from the same value given."""
+
+    __slots__ = ()
+
+
+_VAL_LOSS = _Default("val_loss")
+
+
 def _required_after_first(cls: type) -> list[str]:
     """The required arguments of ``cls(...)`` after the first (a scheduler's optimizer)."""
     try:
@@ -99,19 +108,18 @@ class LRSchedule(OptimizerCallback):
         scheduler: Scheduler | SchedulerFactory,
         *,
         interval: Literal["step", "epoch"] = "step",
-        monitor: str | None = None,
+        monitor: str = _VAL_LOSS,
         frequency: int = 1,
         optimizer: str | None = None,
     ) -> None:
         self._target(optimizer)
         # Given, with a factory (whose scheduler is built at fit), it is checked at fit start
         # as a ReduceLROnPlateau's would be: what else would it be given for.
-        self._monitor_given = monitor is not None
-        monitor = "val_loss" if monitor is None else monitor
+        self._monitor_given = type(monitor) is not _Default
         if interval not in ("step", "epoch"):
             raise ValueError(f"{self.name}: interval must be 'step' or 'epoch', got {interval!r}")
         frequency = whole(self.name, "frequency", frequency, 1)
-        monitor = named(self.name, "monitor", monitor, "'val_loss' (a key of state.metrics)")
+        monitor = str(named(self.name, "monitor", monitor, "'val_loss' (a key of state.metrics)"))
         if isinstance(scheduler, ReduceLROnPlateau) and interval == "step":
             raise ValueError(
                 "ReduceLROnPlateau reacts to a metric computed once per epoch: use interval='epoch'"

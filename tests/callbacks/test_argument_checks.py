@@ -63,6 +63,11 @@ CASES: dict[str, Case] = {
         TypeError,
         r"^Checkpoint: top_k must be a whole number \(an int\) of at least 1, got 2\.5 \(float\)$",
     ),
+    "Checkpoint top_k=5 without monitor (it would keep nothing by any score)": (
+        lambda: Checkpoint(HERE, top_k=5),
+        ValueError,
+        r"Checkpoint\(top_k=5\) needs a monitor= metric",
+    ),
     "Checkpoint keep_periodic=1.5": (
         lambda: Checkpoint(HERE, keep_periodic=1.5),  # type: ignore[arg-type]
         TypeError,
