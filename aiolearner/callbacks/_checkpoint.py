@@ -106,7 +106,7 @@ class Checkpoint(Callback):
         every_n_epochs: save at the end of every N-th epoch (``None`` or 0: never).
         monitor: a key of ``state.metrics`` to keep the best checkpoints by (``None``: no best).
         mode: ``"min"`` when lower is better, ``"max"`` when higher is.
-        top_k: how many best checkpoints to keep.
+        top_k: how many best checkpoints to keep (above 1, it needs ``monitor``).
         save_last: keep ``last.pt`` up to date.
         keep_periodic: how many epoch/step-periodic files to keep (``None``: all; 0: none).
         save_weights_only: write the model's weights alone (keys of the uncompiled model): files
