@@ -22,8 +22,9 @@ definition:
   goes to the epoch's losses, the output is dropped once the loss is computed).
 
 While the learner is observed (a trace, an event subscriber), synchronous programs run the full
-definition, so every stage's entry and exit is seen. A fused training batch with hooks reads
-torch's generators as it begins: a hook stopping it puts its dropout back.
+definition, so every stage's entry and exit is seen. A fused training batch with hooks, and a
+flat one, read torch's generators as they begin: a hook or a stage stopping the batch puts its
+dropout back.
 
 The training pass (:meth:`Executor.train_pass`) takes a batch, runs its program and finishes the
 batch, until the pass ends. A synchronous program runs in *bursts* (:func:`_burst`, one body for
@@ -46,7 +47,7 @@ import anyio
 
 from ._data import END, WAIT
 from ._exceptions import ControlFlow, StageError
-from ._program_kinds import kind, signature, suspended_in
+from ._program_kinds import kind, signature, stepped_optimizers, suspended_in
 from ._rng import capture_torch_rng
 from ._runtime import DRIVING, NOT_RUN
 from ._stage import ComputeStage, Stage, owned
@@ -89,7 +90,7 @@ class BatchProgram:
     def __init__(self, stage: Stage, rt: Runtime) -> None:
         self.stage = stage
         self.rt = rt
-        #: What the program was compiled from (see :func:`_signature`).
+        #: What the program was compiled from (see ``_program_kinds.signature``).
         self.signature = signature(stage)
         self.kind = kind(stage)
         writers = [s for s in stage.walk() if isinstance(s, ComputeStage) and s.writes_weights]
@@ -182,11 +183,13 @@ class BatchProgram:
 
         first = stage.name
         rt = self.rt
+        # A stage of its own may stop a training batch after one drew random numbers (noise,
+        # dropout): the batch is then undone, and its draws put back (Runtime.abandon_batch).
+        training = isinstance(stage, FitBatch)
 
         def flat_batch(state: State) -> None:
-            # A stage of its own may stop the batch after one drew random numbers (noise,
-            # dropout): the batch is then undone, and its draws put back (Runtime.abandon_batch).
-            rt.batch_rng = (state.__dict__.get("batch"), capture_torch_rng())
+            if training:
+                rt.batch_rng = (state.__dict__.get("batch"), capture_torch_rng())
             where = first
             try:
                 for where, compute in leaves:  # noqa: B007 (the handler names the leaf)
@@ -228,18 +231,6 @@ def _raised_by_a_loop_library(exc: BaseException) -> bool:
         tb = tb.tb_next
     module = "" if tb is None else str(tb.tb_frame.f_globals.get("__name__", ""))
     return module.split(".")[0] in ("anyio", "asyncio", "trio", "sniffio")
-
-
-def _stepped(stage: Stage) -> frozenset[str] | None:
-    """The names of the optimizers the batch stage's updates step (``""``: the first one,
-    ``state.optimizer``); None where a stage of another kind writes the weights."""
-    names: set[str] = set()
-    for s in stage.walk():
-        if isinstance(s, ComputeStage) and s.writes_weights:
-            if not isinstance(s, Update):
-                return None
-            names.add(s.optimizer if s.optimizer is not None else "")
-    return frozenset(names)
 
 
 class Executor:
@@ -317,7 +308,7 @@ class Executor:
         # A batch stage of its own may leave gradients in .grad for the next batch: looked for
         # after the pass's first two batches (see carried_gradients).
         self.grad_checks = 0 if program.kind == "default" or rt.warned_carried else 2
-        self.stepped = _stepped(stage)
+        self.stepped = stepped_optimizers(stage)
         self.fields_before = frozenset(state.__dict__)
         self.fields_seen = len(state.__dict__)
         pending: Any = None

@@ -18,7 +18,7 @@ from typing import Any
 from ._stage import ComputeStage, Stage
 from ._stages import FitBatch, Gradient, Update
 
-__all__ = ["flat", "kind", "signature", "suspended_in", "synchronous"]
+__all__ = ["flat", "kind", "signature", "stepped_optimizers", "suspended_in", "synchronous"]
 
 # The default program's definitions at import: a subclass or a patch runs as written instead.
 _GRADIENT_COMPUTE = Gradient.compute
@@ -104,3 +104,15 @@ def flat(stage: Stage) -> bool:
         and child._after is None
         for child in stage.children
     )
+
+
+def stepped_optimizers(stage: Stage) -> frozenset[str] | None:
+    """The names of the optimizers the batch stage's updates step (``""``: the first one,
+    ``state.optimizer``); None where a stage of another kind writes the weights."""
+    names: set[str] = set()
+    for s in stage.walk():
+        if isinstance(s, ComputeStage) and s.writes_weights:
+            if not isinstance(s, Update):
+                return None
+            names.add(s.optimizer if s.optimizer is not None else "")
+    return frozenset(names)
