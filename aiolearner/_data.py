@@ -420,6 +420,28 @@ class BatchSource:
             return self._resume  # a rebuild pending (a batch was rolled back), if any
         return (self.pass_origin if batch_index else self.origin), self.begun
 
+    def goes_on_at(self, here: tuple[int, ...], there: tuple[int, ...]) -> bool:
+        """Loading a checkpoint at the counters ``there`` (epoch, step, batch_index) into a
+        learner at ``here``: whether the data is a generator (or another one-pass iterator,
+        not a Feed) this learner has drawn from, at the point the checkpoint was taken; it
+        then goes on as it is. At another point it cannot be taken back there (drawn again from
+        its start it would be the same, advanced, generator): refused, before anything is
+        loaded.
+
+        Raises:
+            ValueError: such data, at another point.
+        """
+        if not (self._one_pass and self._it is not None):
+            return False
+        if here == there:
+            return True
+        raise ValueError(
+            f"{self.name} is a {type(self.data).__name__} this learner has already drawn from "
+            f"(to epoch {here[0] + 1}, step {here[1]}); the checkpoint is at epoch "
+            f"{there[0] + 1}, step {there[1]}, and a generator cannot be taken back there: "
+            "resume in a new learner given a new generator of the same data; nothing was loaded"
+        )
+
     def restart(
         self, stream: tuple[int, dict[str, Any] | None] | None = None, drawn: int = 0
     ) -> None:

@@ -232,6 +232,10 @@ def _load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> No
             " with a learner built with validate='concurrent'; nothing was loaded"
         )
     optimizers = _optim.from_checkpoint(state.optimizers, checkpoint)
+    live = learner._train.goes_on_at(
+        (state.epoch, state.step, state.batch_index),
+        tuple(_count(checkpoint["progress"], k) for k in ("epoch", "step", "batch_index")),
+    )
     # What a failure half way must put back (the optimizer states are copied: load_state_dict
     # replaces them, but the tensors of the old ones may be shared with nobody else).
     saved: dict[str, Any] = {
@@ -333,6 +337,8 @@ def _load_state_dict(learner: Learner[Any], checkpoint: Mapping[str, Any]) -> No
             with contextlib.suppress(Exception):
                 cb.load_state_dict(cb_state)
         raise
+    if live:
+        return  # the generator goes on where it is, which is where the checkpoint was taken
     # Iterators of an earlier run cannot continue a restored one; a stream that outlives
     # epochs (steps_per_epoch) restarts where the checkpoint's stream was.
     learner._train.restart(stream, int(checkpoint["progress"].get("drawn", 0)))

@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import pytest
 import torch
 
 from aiolearner import Callback, Learner, StateView, StopFit
@@ -228,3 +229,27 @@ async def test_a_stream_stopped_after_its_pass_resumes_at_that_epochs_end() -> N
     await resumed.fit(3)
     assert ids(seen.batches) == list(range(4, 12))
     assert resumed.state.step == 12
+
+
+async def test_a_generator_resumed_in_its_own_learner_goes_on_or_is_refused(
+    tmp_path: Path,
+) -> None:
+    # resume="last" right after the stop that wrote last.pt: the generator goes on where it is
+    # (it used to be drawn again "from its start", skipping as many batches as were trained).
+    seen, stop = Seen(), StopBefore()
+    run = learner(generator(), [seen, stop, Checkpoint(tmp_path, every_n_steps=2)])
+    await run.fit(1)
+    assert run.state.step == 5
+    await run.fit(1, resume="last")
+    assert ids(seen.batches) == list(range(12))
+
+    # An earlier file cannot take the generator back: refused, nothing loaded.
+    seen, stop = Seen(), StopBefore()
+    run = learner(generator(), [seen, stop, Checkpoint(tmp_path / "b", every_n_steps=2)])
+    await run.fit(1)
+    earlier = tmp_path / "b" / "step-00000004.pt"
+    weights = [p.detach().clone() for p in run.model.parameters()]
+    with pytest.raises(ValueError, match="generator this learner has already drawn from"):
+        run.load_checkpoint(earlier)
+    assert run.state.step == 5
+    assert all(torch.equal(a, b) for a, b in zip(weights, run.model.parameters(), strict=True))
