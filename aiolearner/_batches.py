@@ -198,7 +198,7 @@ class Batches:
         )
         return ValueError(
             f"{source.name} ({_describe(source.data)}) yielded no batch: a pass over it would "
-            f"train on nothing{hint}"
+            f"{'train' if source.name == 'train_data' else 'evaluate'} on nothing{hint}"
         )
 
     def _failed(self, exc: BaseException, index: int) -> BaseException:

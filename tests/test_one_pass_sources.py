@@ -253,3 +253,10 @@ async def test_a_generator_resumed_in_its_own_learner_goes_on_or_is_refused(
         run.load_checkpoint(earlier)
     assert run.state.step == 5
     assert all(torch.equal(a, b) for a, b in zip(weights, run.model.parameters(), strict=True))
+
+
+async def test_a_used_up_validation_generator_says_it_would_evaluate_on_nothing() -> None:
+    run = learner(BATCHES[:4], [], val_data=generator())
+    await run.validate()
+    with pytest.raises(ValueError, match=r"val_data \(generator\) yielded no batch.*evaluate on"):
+        await run.validate()
