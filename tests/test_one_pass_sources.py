@@ -59,8 +59,10 @@ class CancelAt(Callback):
             await anyio.lowlevel.checkpoint()
 
 
-def learner(data: Any, callbacks: list[Callback], **options: Any) -> Learner[Any]:
-    model = tiny_model(seed=0)
+def learner(
+    data: Any, callbacks: list[Callback], model: torch.nn.Module | None = None, **options: Any
+) -> Learner[Any]:
+    model = tiny_model(seed=0) if model is None else model
     return Learner(
         model,
         torch.optim.SGD(model.parameters(), lr=0.1),
@@ -152,13 +154,7 @@ def dropout_learner(data: Any, callbacks: list[Callback]) -> Learner[Any]:
     model = torch.nn.Sequential(
         torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(8, 3)
     )
-    return Learner(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        torch.nn.functional.cross_entropy,
-        data,
-        callbacks=callbacks,
-    )
+    return learner(data, callbacks, model)
 
 
 class StopBefore(Callback):
