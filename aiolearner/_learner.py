@@ -166,7 +166,7 @@ class Learner(Generic[TBatch]):
                     f" got {type(strategy).__name__} {strategy!r}"
                 )
             # Join the process group, then this rank's shard of the data.
-            device = strategy._connect(device)
+            device = strategy._connect(device, model, optimizers)
             train_data, val_data = strategy._shard(train_data, val_data)
         self._device = _construct.resolve_device(model, device)
         if any(p.device != self._device for p in model.parameters()):

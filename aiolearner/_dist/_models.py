@@ -66,6 +66,9 @@ class DDP(Strategy):
         )
         self.module: torch.nn.parallel.DistributedDataParallel | None = None
 
+    def _settings(self) -> dict[str, Any]:
+        return {f"DDP's {key}": value for key, value in self.ddp_kwargs.items()}
+
     def wrap(
         self,
         model: torch.nn.Module,
@@ -157,6 +160,12 @@ class FSDP(Strategy):
         self.reshard_after_forward = reshard_after_forward
         self.mixed_precision = mixed_precision
         self.module: torch.nn.Module | None = None
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "FSDP's reshard_after_forward": self.reshard_after_forward,
+            "FSDP's mixed_precision": self.mixed_precision,
+        }
 
     def _units(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         policy = self.wrap_policy

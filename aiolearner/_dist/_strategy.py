@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -43,6 +43,7 @@ from ._comm import CONCURRENT, FailureReports, guard, wait_work
 from ._data import EpochSampler, shard_train, shard_val
 from ._group import connect
 from ._run import distributed_error, run_fit
+from ._settings import compare_settings
 
 if TYPE_CHECKING:
     from .._learner import Learner
@@ -190,10 +191,21 @@ class Strategy:
 
     # -- set-up (Learner.__init__) -----------------------------------------------------------------
 
-    def _connect(self, device: torch.device | str | None) -> torch.device | str | None:
-        """Join (or create) the process group and make the lanes; the device to train on
-        (``_group.py``)."""
-        return connect(self, device)
+    def _connect(
+        self,
+        device: torch.device | str | None,
+        model: torch.nn.Module,
+        optimizers: Mapping[str, torch.optim.Optimizer],
+    ) -> torch.device | str | None:
+        """Join (or create) the process group and make the lanes (``_group.py``); check that
+        every rank makes its learner alike (``_settings.py``); the device to train on."""
+        device = connect(self, device)
+        compare_settings(self, model, optimizers)
+        return device
+
+    def _settings(self) -> dict[str, Any]:
+        """This strategy's own options that must be the same on every rank (name: value)."""
+        return {}
 
     def _shard(self, train_data: Any, val_data: Any) -> tuple[Any, Any]:
         """The data of this rank (see ``_data.py``)."""

@@ -32,6 +32,7 @@ from aiolearner import (
     FSDP,
     Callback,
     CollectiveError,
+    ConfigurationError,
     DistributedError,
     Learner,
     SkipBatch,
@@ -478,6 +479,31 @@ def s_guard(backend: str) -> Result:
     }
 
 
+def s_settings(backend: str) -> Result:
+    """Ranks that make their learners differently: refused alike on every rank, at once."""
+    seen: Result = {}
+    cases: dict[str, Callable[[], Learner[Any]]] = {
+        "agree_every": lambda: make_learner(strategy=DDP(timeout=TIMEOUT, agree_every=2 + RANK)),
+        "model": lambda: make_learner(
+            model=torch.nn.Sequential(
+                torch.nn.Linear(8, 6 + 2 * RANK), torch.nn.Linear(6 + 2 * RANK, 3)
+            )
+        ),
+    }
+    for name, make in cases.items():
+        start = time.perf_counter()
+        try:
+            make()
+            seen[name] = None
+        except ConfigurationError as exc:
+            seen[name] = str(exc)
+        seen[f"{name} seconds"] = time.perf_counter() - start
+    learner = make_learner()  # the group is still good for the next learner
+    learner.fit_sync(1, backend=backend)  # type: ignore[arg-type]
+    seen["step after"] = learner.state.step
+    return seen
+
+
 def s_sigterm(backend: str) -> Result:
     class Kill(Callback):
         reads = frozenset({"step"})
@@ -728,6 +754,7 @@ SCENARIOS = [
     "best_concurrent",
     "skips",
     "guard",
+    "settings",
     "sigterm",
     "uneven_data",
     "accumulate",

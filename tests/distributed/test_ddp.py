@@ -334,6 +334,19 @@ def test_a_collective_from_concurrent_callbacks_names_them(ran: Results) -> None
         assert "declare `collectives = True`" in result["raised"][0]
 
 
+def test_ranks_that_make_their_learners_differently_are_told_alike_at_once(ran: Results) -> None:
+    r0, r1 = both(ran, "settings")
+    for result in (r0, r1):
+        assert "agree_every (rank 0: 2, rank 1: 3)" in result["agree_every"]
+        assert (
+            "model parameter '0.weight' (rank 0: '(6, 8) float32', rank 1: '(8, 8) float32')"
+            in (result["model"])
+        )
+        assert result["step after"] == 6
+    # The same message on both ranks but for the rank it names.
+    assert r0["model"].replace("rank 0 of", "rank 1 of") == r1["model"]
+
+
 # -- checkpoints, metrics --------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ from aiolearner import (
     StateView,
 )
 from aiolearner._dist._data import EpochSampler, ShardSampler, shard_train, shard_val
+from aiolearner._dist._settings import differences, settings_of
 from aiolearner._plan import HookPlan
 from aiolearner.testing import make_batches
 
@@ -150,6 +151,28 @@ def test_on_a_group_of_one_rank_in_a_process_of_its_own() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-2000:]
+
+
+def test_the_settings_ranks_compare_name_each_difference_with_every_ranks_value() -> None:
+    """What ``Learner(...)`` gathers from every rank before it wraps the model (the 2-rank
+    launch in test_ddp.py raises it on both ranks)."""
+
+    def found(hidden: int, lr: float, layers: int) -> dict[str, Any]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*(torch.nn.Linear(4, hidden) for _ in range(layers)))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        return settings_of(DDP(agree_every=3), model, {"main": optimizer})
+
+    assert differences([found(4, 0.1, 1), found(4, 0.1, 1)]) == []
+    assert differences([found(4, 0.1, 1), found(5, 0.2, 2)]) == [
+        "the model's number of parameters (rank 0: 2, rank 1: 4)",
+        "model parameter '0.weight' (rank 0: '(4, 4) float32', rank 1: '(5, 4) float32')",
+        "model parameter '0.bias' (rank 0: '(4,) float32', rank 1: '(5,) float32')",
+        "the optimizer's parameter groups (rank 0: (2,), rank 1: (4,))",
+        "the optimizer's lr (group 0) (rank 0: 0.1, rank 1: 0.2)",
+        "model parameter '1.weight' (rank 0: (none), rank 1: '(5, 4) float32')",
+        "model parameter '1.bias' (rank 0: (none), rank 1: '(5,) float32')",
+    ]
 
 
 # -- found while testing the strategies ------------------------------------------------------------

@@ -1,0 +1,105 @@
+"""The ranks' settings, compared once as the learner is made.
+
+Every rank must make its learner alike: the same strategy settings, a model of the same
+parameters and optimizers of the same kind. A difference found later is a hang or an obscure
+error: ranks with different ``agree_every`` meet at different agreement points and wait for the
+group's timeout; a model of other shapes fails inside DDP's construction on one rank, with a
+bare transport error on the others. So the first thing a strategy does once it has joined the
+group (:func:`compare_settings`) is to gather each rank's settings (one ``all_gather_object`` on
+the training lane) and, where they differ, raise on every rank the same
+:class:`~aiolearner.ConfigurationError`, naming each difference with every rank's value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from .._exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from ._strategy import Strategy
+
+__all__ = ["compare_settings", "settings_of"]
+
+#: At most this many differences are listed in the error.
+SHOWN = 5
+
+
+def _plain(value: Any) -> Any:
+    """``value`` where comparing it across ranks is meaningful, otherwise its type's name."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, tuple | list):
+        return tuple(_plain(v) for v in value)
+    return type(value).__name__
+
+
+def settings_of(
+    strategy: Strategy, model: torch.nn.Module, optimizers: Mapping[str, torch.optim.Optimizer]
+) -> dict[str, Any]:
+    """What must be the same on every rank, as plain values (name: value)."""
+    found: dict[str, Any] = {
+        "strategy": type(strategy).__name__,
+        "agree_every": strategy.agree_every,
+        "shard_data": strategy.shard_data,
+        "sampler_seed": strategy.sampler_seed,
+    }
+    for key, value in sorted(strategy._settings().items()):
+        found[key] = _plain(value)
+    parameters = list(model.named_parameters())
+    found["the model's number of parameters"] = len(parameters)
+    for name, p in parameters:
+        found[f"model parameter {name!r}"] = f"{tuple(p.shape)} {p.dtype}".replace("torch.", "")
+    found["the optimizers"] = tuple(optimizers)
+    for key, optimizer in optimizers.items():
+        where = "the optimizer" if len(optimizers) == 1 else f"optimizer {key!r}"
+        found[f"{where}'s type"] = type(optimizer).__name__
+        found[f"{where}'s parameter groups"] = tuple(
+            len(group["params"]) for group in optimizer.param_groups
+        )
+        for i, group in enumerate(optimizer.param_groups):
+            for option, value in sorted(group.items()):
+                if option != "params":
+                    found[f"{where}'s {option} (group {i})"] = _plain(value)
+    return found
+
+
+def differences(gathered: list[dict[str, Any]]) -> list[str]:
+    """One line for each setting whose value is not the same on every rank."""
+    keys = list(gathered[0])
+    for other in gathered[1:]:
+        keys += [key for key in other if key not in gathered[0]]
+    missing = object()
+    lines = []
+    for key in dict.fromkeys(keys):
+        values = [found.get(key, missing) for found in gathered]
+        if all(v == values[0] for v in values[1:]):
+            continue
+        per_rank = ", ".join(
+            f"rank {rank}: {'(none)' if v is missing else repr(v)}" for rank, v in enumerate(values)
+        )
+        lines.append(f"{key} ({per_rank})")
+    return lines
+
+
+def compare_settings(
+    strategy: Strategy, model: torch.nn.Module, optimizers: Mapping[str, torch.optim.Optimizer]
+) -> None:
+    """Gather every rank's settings; raise on every rank alike where they differ."""
+    mine = settings_of(strategy, model, optimizers)
+    gathered: list[Any] = [None] * strategy._world_size
+    dist.all_gather_object(gathered, mine, group=strategy.train_group)
+    found = differences(gathered)
+    if not found:
+        return
+    shown = "; ".join(found[:SHOWN])
+    more = f"; and {len(found) - SHOWN} more" if len(found) > SHOWN else ""
+    raise ConfigurationError(
+        f"the ranks made their learners differently: {shown}{more}. Every rank must make its "
+        f"Learner with the same model, optimizers and {type(strategy).__name__}(...) settings "
+        f"(this is rank {strategy._rank} of {strategy._world_size})"
+    )
