@@ -22,7 +22,15 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from aiolearner import Stage, State, StateView, ValidateBatch, ValidateLoss, split_batch
+from aiolearner import (
+    ConfigurationError,
+    Stage,
+    State,
+    StateView,
+    ValidateBatch,
+    ValidateLoss,
+    split_batch,
+)
 
 from ._args import real, whole
 from ._metrics import Metrics
@@ -128,6 +136,9 @@ class EMA(OptimizerCallback):
         self._lock = threading.Lock()
         self._live: torch.nn.Module | None = None
         self._validated: torch.nn.Module | None = None
+        # Whether a learner ran this callback's before_validate: its stages without it would
+        # validate a copy of the first weights that no update ever reaches.
+        self._registered = False
 
     def _check_stages(self, stages: list[Stage]) -> str | None:
         """At build: metrics of the average are computed by its validation stages."""
@@ -200,6 +211,12 @@ class EMA(OptimizerCallback):
 
     def for_validation(self, model: torch.nn.Module) -> torch.nn.Module:
         """The averaged model a validation pass of ``model`` should use (stage API)."""
+        if not self._registered:
+            raise ConfigurationError(
+                "EMA.stages() are in the learner's stages but the EMA callback is not in its "
+                "callbacks: nothing would update the average (the validation would use a copy "
+                "of the starting weights); pass the same EMA to Learner(callbacks=[ema, ...])"
+            )
         validated = self._validated
         return validated if validated is not None else self.ensure(model)
 
@@ -211,6 +228,7 @@ class EMA(OptimizerCallback):
         so training can go on updating the average; the copy is of the average at the start of
         the pass, which may be some steps after the model's snapshot was taken.
         """
+        self._registered = True
         live = self._live
         if self.model is not None and live is not None and state.model is not live:
             with self._lock:

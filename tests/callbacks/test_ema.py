@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from aiolearner import Callback, StateView
+from aiolearner import Callback, ConfigurationError, StateView
 from aiolearner.callbacks import EMA, Metrics, accuracy
 from aiolearner.testing import make_batches, make_learner
 
@@ -96,6 +96,27 @@ async def test_validating_the_average_only() -> None:
     assert "val_ema_loss" not in learner.state.metrics
     with pytest.raises(ValueError, match="both"):
         ema.stages(validate="raw")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("validate", ["both", "ema"])
+async def test_the_averages_stages_without_the_callback_are_refused(validate: Any) -> None:
+    """Nothing would update the average: the validation would use the first weights."""
+    ema = EMA(0.5)
+    learner = make_learner(
+        stages=ema.stages(validate=validate), val_data=make_batches(2, seed=11), n_batches=3
+    )
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(ConfigurationError, match=r"not in its callbacks.*callbacks=\[ema"),
+        flatten_subgroups=True,
+        allow_unwrapped=True,
+    ):
+        await learner.fit(1)
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(ConfigurationError, match="EMA callback is not in its callbacks"),
+        flatten_subgroups=True,
+        allow_unwrapped=True,
+    ):
+        await learner.validate()
 
 
 async def test_average_is_checkpointed() -> None:
