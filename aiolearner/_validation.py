@@ -253,7 +253,10 @@ class Validator(TailWorker):
         raise once the epoch is over.
         """
         self._raise_failure()
-        if validate and self.per_epoch and self._stop is None and self.stage is not None:
+        # (A stop request from an after_validate: the epoch counts, without a validation of its
+        # own. One from inside a pass: the epoch's snapshot is taken for the next run.)
+        stopping = self._stop is not None and not self._halted
+        if validate and self.per_epoch and not stopping and self.stage is not None:
             item = await self._submit(state, epoch_end=True)
             if item is not None:
                 return True, self._take_stop()
@@ -351,6 +354,13 @@ class Validator(TailWorker):
         request arrived while training waited for a slot)."""
         slot = self._acquire()
         while slot is None:
+            if epoch_end and self._halted:
+                # A tail was stopped inside its pass: the next run does it again, and then
+                # this epoch's, as the uninterrupted run does them. So this epoch's snapshot
+                # is taken now, where that run takes it, in a slot beyond max_snapshots (the
+                # run is stopping: no worker takes a slot back before it ends).
+                slot = Slot()
+                break
             if self.policy == "skip":
                 self.skipped += 1
                 rt = self._rt
@@ -366,9 +376,10 @@ class Validator(TailWorker):
             await self._wait_change()
             self._raise_failure()
             if self._stop is not None:
-                if epoch_end:
+                if not epoch_end:
+                    self._check()
+                if not self._halted:
                     return None  # the caller hands the epoch's end on, then stops
-                self._check()
             slot = self._acquire()
         rt = self._rt
         assert rt is not None

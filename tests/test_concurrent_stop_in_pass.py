@@ -1,0 +1,114 @@
+"""A ``StopFit`` from inside a concurrent validation's pass, landing after the next epoch's
+training pass: that epoch's validation is not lost.
+
+With ``validate="concurrent"`` (one snapshot slot, the default), epoch 0's validation runs while
+epoch 1 trains. Here a callback holds epoch 0's validation until epoch 1's training pass is
+over, then stops the fit from inside that pass (``before_validate`` or a validation batch).
+Epoch 1 has trained and counts; its validation must still come, in the next run, as in the
+uninterrupted one: fit again, or a fresh learner from ``state_dict()``, ends with the same
+validation and epoch records, the same metrics and the same weights. (Epoch 1's validation was
+dropped, and its record held epoch 0's ``val_loss``.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+from aiolearner import Callback, Learner, StateView, StopFit
+from aiolearner.callbacks import Recorder
+from aiolearner.testing import make_batches, tiny_model
+
+EPOCHS = 4
+
+
+class Rows(Callback):
+    """What each validation and each epoch's end saw."""
+
+    reads = frozenset({"metrics", "epoch", "step", "validation", "validation_tag"})
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+
+    def after_validate(self, state: StateView) -> None:
+        self.rows.append(("V", state.epoch, state.step, state.validation_tag, state.validation))
+
+    def after_epoch(self, state: StateView) -> None:
+        self.rows.append(("E", state.epoch, state.step, state.metrics["val_loss"]))
+
+
+class HoldThenStop(Callback):
+    """Holds epoch 0's validation until epoch 1's training pass has ended, then raises
+    StopFit in ``hook`` (once)."""
+
+    reads = frozenset({"epoch"})
+
+    def __init__(self, hook: str) -> None:
+        self.hook = hook
+        self.passed = anyio.Event()
+        self.fired = False
+
+    def hooks(self) -> Any:
+        yield "after_fit", self._passed
+        yield self.hook, self._stop
+
+    def _passed(self, state: StateView) -> None:
+        if state.epoch == 1:
+            self.passed.set()
+
+    async def _stop(self, state: StateView) -> None:
+        if not self.fired and state.epoch == 0:
+            self.fired = True
+            await self.passed.wait()
+            raise StopFit("stopped from inside the validation pass")
+
+
+def make(*extra: Callback) -> tuple[Learner[Any], Rows, Recorder]:
+    torch.manual_seed(0)
+    model = tiny_model(4, 3)
+    rows, recorder = Rows(), Recorder()
+    learner = Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.nn.functional.cross_entropy,
+        make_batches(5, batch_size=8, n_out=3, seed=1),
+        make_batches(3, batch_size=7, n_out=3, seed=2),
+        callbacks=[rows, recorder, *extra],
+        validate="concurrent",
+    )
+    return learner, rows, recorder
+
+
+def weights(learner: Learner[Any]) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in learner.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("hook", ["before_validate", "after_validate_batch"])
+@pytest.mark.parametrize("then", ["fit again", "fresh learner"])
+async def test_the_epoch_trained_meanwhile_is_validated_by_the_next_run(
+    hook: str, then: str
+) -> None:
+    reference, ref_rows, ref_recorder = make()
+    await reference.fit(EPOCHS)
+
+    learner, rows, recorder = make(HoldThenStop(hook))
+    await learner.fit(EPOCHS)
+    # Epoch 1 trained during epoch 0's validation: it counts; neither was validated yet.
+    assert (learner.state.epoch, learner.state.step) == (2, 10)
+    assert learner.state.stop_reason == "stopped from inside the validation pass"
+    assert rows.rows == []
+    if then == "fresh learner":
+        saved = learner.state_dict()
+        learner, rows, recorder = make()
+        learner.load_state_dict(saved)
+    await learner.fit(EPOCHS)
+
+    assert [row[:4] for row in rows.rows] == [row[:4] for row in ref_rows.rows]
+    assert rows.rows == ref_rows.rows
+    assert recorder.history["epochs"] == ref_recorder.history["epochs"]
+    assert learner.state.metrics == reference.state.metrics
+    expected = weights(reference)
+    assert all(torch.equal(v, expected[k]) for k, v in weights(learner).items())
