@@ -70,7 +70,7 @@ def make(*extra: Callback) -> tuple[Learner[Any], Rows, Recorder]:
     torch.manual_seed(0)
     model = tiny_model(4, 3)
     rows, recorder = Rows(), Recorder()
-    learner = Learner(
+    learner: Learner[Any] = Learner(
         model,
         torch.optim.SGD(model.parameters(), lr=0.1),
         torch.nn.functional.cross_entropy,
