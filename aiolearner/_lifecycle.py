@@ -449,7 +449,10 @@ def known_metrics(learner: Learner[Any]) -> set[str] | None:
         return None
     sets = [name for name in learner._val_sets if name is not None]
     known = {"train_loss"}
-    validation = {"val_loss"} if learner._val_sets else set()
+    if learner._val_sets:
+        # The validation loss: val_loss, or with named sets val_<set>_loss alone.
+        known.update([f"val_{name}_loss" for name in sets] if sets else ["val_loss"])
+    validation: set[str] = set()
     for cb in learner._callbacks:
         for declared in cb.writes:
             field, key = split_declaration(declared)
