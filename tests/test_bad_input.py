@@ -93,7 +93,9 @@ def test_a_monitored_metric_of_a_named_validation_set() -> None:
         build(val_data=sets, callbacks=[Metrics(["accuracy"]), typo]).fit_sync(1)
     # With named sets there is no plain val_loss: refused before anything trains.
     plain = build(val_data=sets, callbacks=[EarlyStopping("val_loss")])
-    with pytest.raises(ConfigurationError, match=r"'val_loss', which nothing.*'val_a_loss', 'val_b_loss'"):
+    with pytest.raises(
+        ConfigurationError, match=r"'val_loss', which nothing.*'val_a_loss', 'val_b_loss'"
+    ):
         plain.fit_sync(1)
     assert plain.state.step == 0
 

@@ -412,6 +412,15 @@ class Metrics(Callback):
             raise ValueError("Metrics needs at least one metric")
         for key in specs:
             named("Metrics", "each metric's name", key, "'accuracy' (Metrics({'accuracy': fn}))")
+        spec = specs.get("loss", "loss") if prefix == "" else "loss"
+        if not (isinstance(spec, str) and spec == "loss"):
+            raise ValueError(
+                "Metrics: a metric named 'loss' that is not the loss would take the place of "
+                "the learner's own train_loss, val_loss and validation['loss'] (what "
+                "EarlyStopping, Checkpoint and plateau schedules judge by): give it a name of "
+                "its own (Metrics({'mae': fn})); Metrics(['loss']) is the batch-size-weighted "
+                "loss itself"
+            )
         self.log_every_n_steps = log_every_n_steps
         self.output_field = output_field
         self.loss_field = loss_field

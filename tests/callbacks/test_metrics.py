@@ -154,6 +154,13 @@ def test_bad_metrics_are_rejected() -> None:
         Metrics([])
     with pytest.raises(ValueError, match="log_every_n_steps"):
         Metrics(log_every_n_steps=0)
+    # A metric named 'loss' that is not the loss would replace train_loss and val_loss.
+    with pytest.raises(ValueError, match=r"named 'loss' .* train_loss, val_loss"):
+        Metrics({"loss": lambda output, targets: (output - 1).abs().mean()})
+    with pytest.raises(ValueError, match="named 'loss'"):
+        Metrics({"loss": "accuracy"})
+    Metrics({"loss": "loss"})  # the size-weighted loss itself
+    Metrics({"loss": lambda output, targets: (output - 1).abs().mean()}, prefix="ema_")
 
 
 def test_torchmetrics_stays_optional() -> None:
