@@ -19,6 +19,7 @@ from ._device import DeviceMover
 from ._exceptions import ConfigurationError, ControlFlow
 from ._lifecycle import LearnerStatus, running
 from ._plan import check_sets
+from ._rng import capture_rng, restore_rng
 from ._runtime import validation_sources
 from ._stage import split_batch, unowned
 from ._stages import Epoch
@@ -180,6 +181,9 @@ async def predict(learner: Learner[Any], data: Iterable[Any] | Any) -> Any:
     async with running(learner, LearnerStatus.PREDICTING):
         assert rt.tg is not None
         was_training = model.training
+        # As validation: training's random streams are left as they were (a DataLoader draws
+        # its seed, and its order, as its iterator is made).
+        rng = capture_rng()
         async with rt.weights_lock.read():
             model.eval()
             try:
@@ -199,6 +203,7 @@ async def predict(learner: Learner[Any], data: Iterable[Any] | Any) -> Any:
                         await anyio.lowlevel.checkpoint()
             finally:
                 model.train(was_training)
+                restore_rng(rng)
     if outputs and all(isinstance(o, torch.Tensor) for o in outputs):
         return torch.cat(outputs)
     return outputs

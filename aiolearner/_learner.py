@@ -467,9 +467,9 @@ class Learner(Generic[TBatch]):
         (a DataLoader over ``TensorDataset(inputs)``) or of inputs alone; a tensor is one batch
         of inputs.
 
-        Runs under ``inference_mode`` with the model in eval mode, on fully updated weights, in
-        the compute worker when the policy says so. Returns the outputs concatenated along the
-        first dimension (a list of per-batch outputs when they are not tensors).
+        Runs under ``inference_mode`` in eval mode, on fully updated weights, in the compute
+        worker when the policy says so; training's random streams are left as they were. Returns
+        the outputs concatenated along the first dimension (a list when they are not tensors).
         """
         return await _evaluation.predict(self, data)
 

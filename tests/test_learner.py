@@ -274,6 +274,18 @@ async def test_predict_takes_one_tensor_and_single_input_batches() -> None:
     assert torch.allclose(from_loader, expected)
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+async def test_predict_leaves_trainings_random_streams_alone(shuffle: bool) -> None:
+    """As validate and test do: a DataLoader draws its seed as its iterator is made, which
+    would change the order and the dropout of the training after it."""
+    learner = make_learner()
+    inputs = torch.cat([x for x, _ in make_batches(3, batch_size=4)])
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    await learner.predict(DataLoader(TensorDataset(inputs), batch_size=5, shuffle=shuffle))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 async def test_an_error_in_predict_names_the_batch() -> None:
     learner = make_learner()
     data = [x for x, _ in make_batches(3, batch_size=4)]
