@@ -245,8 +245,10 @@ async def fit(
                 raise ValueError(f"checkpoint file {str(path)!r}: {exc}") from exc
         rt = learner._rt
         rt.target_epochs = epochs
-        # The reason a previous call stopped for is not this call's.
+        # The reason a previous call stopped for is not this call's, nor are the results of a
+        # test before it (they would be in every record of this run, measured on old weights).
         learner._state.invalidate("stop_reason")
+        forget_test_results(learner)
         rt.last_outcome = ""
         try:
             async with running(learner, LearnerStatus.FITTING):
@@ -470,3 +472,14 @@ def known_metrics(learner: Learner[Any]) -> set[str] | None:
 def _resume_from(learner: Learner[Any], resume: str | os.PathLike[str]) -> tuple[Any, Any]:
     path = _persist.find_checkpoint(learner._callbacks, resume)
     return path, _persist.read_checkpoint(path, learner._device)
+
+
+def forget_test_results(learner: Learner[Any]) -> None:
+    """Drop the ``test_`` keys of ``state.metrics`` (and of what concurrent validation lands
+    into later records): a test's results belong to the weights it was run on."""
+    metrics = learner._state.__dict__.get("metrics")
+    validator = learner._rt.validator
+    for held in (metrics, None if validator is None else validator.overlay):
+        if held:
+            for key in [k for k in held if isinstance(k, str) and k.startswith("test_")]:
+                del held[key]

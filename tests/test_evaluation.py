@@ -80,6 +80,23 @@ async def test_test_returns_test_metrics_and_leaves_validation_alone(mode: str) 
 
 
 @pytest.mark.parametrize("mode", MODES)
+async def test_a_tests_results_stay_until_the_next_fit(mode: str) -> None:
+    """They were measured on the weights of the test: the next run's records leave them out."""
+    from aiolearner.callbacks import Recorder
+
+    recorder = Recorder()
+    learner = make_learner(callbacks=[Metrics(["accuracy"]), recorder], validate=mode)
+    await learner.fit(1)
+    results = await learner.test(make_batches(3, seed=11))
+    assert {k: learner.state.metrics[k] for k in results} == results
+    await learner.fit(3)
+    assert not [k for k in learner.state.metrics if k.startswith("test_")]
+    for record in recorder.history["epochs"]:
+        assert not [k for k in record if k.startswith("test_")], record
+    assert len(recorder.history["epochs"]) == 3
+
+
+@pytest.mark.parametrize("mode", MODES)
 async def test_named_validation_sets(mode: str, tmp_path: Path) -> None:
     sets = {"clean": make_batches(2, seed=2), "noisy": make_batches(3, seed=3)}
     phases = Phases()
