@@ -434,7 +434,7 @@ class Learner(Generic[TBatch]):
         The Validate stage runs over ``data`` with the same callbacks as a validation (its
         hooks, ``before_validate`` ... ``after_validate``), while ``state.phase == "test"``:
         results go to ``test_`` keys of ``state.metrics`` until the next ``fit`` (``test_loss``,
-        a :class:`Metrics` callback's ``test_accuracy``; ``test_<name>_...`` for sets), and callbacks
+        a :class:`Metrics` callback's ``test_accuracy``; ``test_<name>_...`` for sets); callbacks
         that act on validation results during training (early stopping, schedulers) leave
         them alone. ``state.validation`` keeps the latest *validation* results.
 
