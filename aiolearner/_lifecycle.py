@@ -314,6 +314,12 @@ def _check_monitors(learner: Learner[Any]) -> None:
     schedule) whose key nothing in the learner writes would fail only after the first epoch
     trained: refuse the name now, when every writer of ``state.metrics`` is known."""
     known = known_metrics(learner)
+    for cb in learner._callbacks:
+        # A callback whose metric is known only once its run begins (a schedule's factory
+        # making a plateau schedule) checks it then against what fit found here.
+        tell = getattr(cb, "_metrics_known", None)
+        if tell is not None:
+            tell(known)
     if known is None:
         return
     for cb in learner._callbacks:

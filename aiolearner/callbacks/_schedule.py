@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
-from aiolearner import StateView
+from aiolearner import ConfigurationError, StateView
 
 from ._args import function, named, real, scheduled_value, whole
 from ._per_optimizer import OptimizerCallback
@@ -116,6 +116,7 @@ class LRSchedule(OptimizerCallback):
         # Given, with a factory (whose scheduler is built at fit), it is checked at fit start
         # as a ReduceLROnPlateau's would be: what else would it be given for.
         self._monitor_given = type(monitor) is not _Default
+        self._known: frozenset[str] | None = None
         if interval not in ("step", "epoch"):
             raise ValueError(f"{self.name}: interval must be 'step' or 'epoch', got {interval!r}")
         frequency = whole(self.name, "frequency", frequency, 1)
@@ -173,6 +174,21 @@ class LRSchedule(OptimizerCallback):
                     "ReduceLROnPlateau reacts to a metric computed once per epoch: use"
                     " interval='epoch'"
                 )
+            known = self._known
+            if (
+                isinstance(scheduler, ReduceLROnPlateau)
+                and known is not None
+                and self.monitor not in known
+            ):
+                close = difflib.get_close_matches(self.monitor, known, n=1)
+                raise ConfigurationError(
+                    f"the scheduler factory made a ReduceLROnPlateau, which judges by the metric "
+                    f"{self.monitor!r}, but nothing in this learner writes it into state.metrics "
+                    f"(its metrics will be {sorted(known)}), so the schedule would never step: "
+                    "pass LRSchedule(..., monitor=...)"
+                    + (f" (did you mean {close[0]!r}?)" if close else "")
+                    + " or give the learner val_data"
+                )
             self.scheduler = scheduler
         if self.scheduler.optimizer is not optimizer:
             which = "the learner's" if self.optimizer is None else f"optimizer {self.optimizer!r}"
@@ -200,6 +216,11 @@ class LRSchedule(OptimizerCallback):
             "build it on the optimizer given to the Learner (or pass a factory, "
             "lambda opt: ...)"
         )
+
+    def _metrics_known(self, known: set[str] | None) -> None:
+        # Told by fit as it starts (None: not knowable); a factory's scheduler is checked when
+        # it is made (_build), the others by fit itself (_monitored).
+        self._known = None if known is None else frozenset(known)
 
     def _count(self, *args: object, **kwargs: object) -> None:
         self._optimizer_steps += 1

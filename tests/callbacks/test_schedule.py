@@ -105,6 +105,21 @@ async def test_missing_monitored_metric_is_an_error() -> None:
         with_validation=False,
     )
     await plain.fit(1)
+    # ... but a factory that makes a plateau schedule is, once it has made it: before anything
+    # trains (it never stepped, silently).
+    default = make_learner(
+        callbacks=[LRSchedule(lambda opt: ReduceLROnPlateau(opt), interval="epoch")],
+        with_validation=False,
+    )
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(
+            ConfigurationError,
+            match=r"factory made a ReduceLROnPlateau, which judges by the metric 'val_loss'.*"
+            r"never step: pass LRSchedule\(..., monitor=...\) \(did you mean 'train_loss'\?\)",
+        )
+    ):
+        await default.fit(1)
+    assert default.state.step == 0
 
 
 async def test_one_cycle_and_warmup_cosine_schedules() -> None:
