@@ -18,6 +18,7 @@ from aiolearner import Callback, StateView
 
 from ._distributed import is_rank_zero
 from ._optional import require
+from ._schedule import ParamSchedule
 
 __all__ = ["Recorder", "plot_history"]
 
@@ -54,6 +55,8 @@ class Recorder(Callback):
     """
 
     reads = frozenset({"loss", "optimizer", "metrics", "epoch", "step"})
+    # A per-step ParamSchedule sets the rate in before_update, where this one reads it again.
+    after = (ParamSchedule,)
 
     def __init__(self) -> None:
         self._steps: list[int] = []
@@ -67,6 +70,10 @@ class Recorder(Callback):
 
     def before_fit_batch(self, state: StateView) -> None:
         """Note the learning rates this batch's update will use."""
+        self._lr_now = _lrs(state.optimizer)
+
+    def before_update(self, state: StateView) -> None:
+        """Note them again where a per-step schedule of a hyperparameter sets them."""
         self._lr_now = _lrs(state.optimizer)
 
     def after_fit_batch(self, state: StateView) -> None:

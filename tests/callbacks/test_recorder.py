@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aiolearner.callbacks import Checkpoint, LRSchedule, Recorder, plot_history
+from aiolearner.callbacks import Checkpoint, LRSchedule, ParamSchedule, Recorder, plot_history
 from aiolearner.testing import make_learner
 
 
@@ -33,6 +33,19 @@ async def test_records_the_learning_rate_each_update_used() -> None:
     learner = make_learner(callbacks=[recorder, sched], n_batches=2)
     await learner.fit(2)
     assert recorder.history["lr"] == [[0.1], [0.05], [0.025], [0.0125]]
+
+
+@pytest.mark.parametrize("recorder_first", [True, False])
+async def test_records_the_rate_a_per_step_param_schedule_set(recorder_first: bool) -> None:
+    """ParamSchedule sets the rate in before_update, after the batch began: in either order
+    of the callbacks, the history has the rate each update used."""
+    recorder = Recorder()
+    schedule = ParamSchedule("lr", lambda t: 0.1 * (t + 1))
+    callbacks = [recorder, schedule] if recorder_first else [schedule, recorder]
+    learner = make_learner(callbacks=callbacks, n_batches=2, with_validation=False)
+    await learner.fit(2)
+    used = [[round(lr, 6) for lr in rates] for rates in recorder.history["lr"]]
+    assert used == [[0.1], [0.2], [0.3], [0.4]]
 
 
 async def test_history_survives_a_checkpoint_resume(tmp_path: Path) -> None:
