@@ -67,7 +67,8 @@ class EMA(OptimizerCallback):
 
     Args:
         decay: the weight of the old average per update (0.999 averages over ~1000 steps).
-        every_n_steps: update the average every this many steps.
+        every_n_steps: update the average every this many optimizer steps (under
+            ``AccumulateGradients``, updates of the weights, not micro-batches).
         warmup: use ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so the average
             does not remember the random initial weights for long.
         metrics: metrics for the average in ``validate="both"`` mode, given as to
@@ -81,7 +82,7 @@ class EMA(OptimizerCallback):
         ValueError: ``decay`` not a number in ``[0, 1)`` or ``every_n_steps`` not an int of at
             least 1 (one of the wrong type raises a ``TypeError`` that is also a ``ValueError``).
 
-    The average is in :meth:`state_dict`, so in checkpoints. Reads ``model``, ``step``,
+    The average is in :meth:`state_dict`, so in checkpoints. Reads ``model``,
     ``batch``, ``ema_output`` and ``ema_loss``; writes its own keys of ``metrics`` and
     ``validation`` (``val_ema_loss``, ``ema_loss``, ...), so it needs no order with
     :class:`Metrics`.
@@ -93,9 +94,7 @@ class EMA(OptimizerCallback):
         >>> learner.state.metrics["val_ema_loss"], ema.model    # the averaged nn.Module
     """
 
-    reads = frozenset(
-        {"model", "step", "batch", "ema_output", "ema_loss", "validation_set", "phase"}
-    )
+    reads = frozenset({"model", "batch", "ema_output", "ema_loss", "validation_set", "phase"})
     writes = frozenset({"metrics", "validation"})  # per instance: the keys it writes
 
     def __init__(
@@ -130,6 +129,8 @@ class EMA(OptimizerCallback):
         self.model: torch.nn.Module | None = None
         #: How many times the average was updated.
         self.updates = 0
+        #: How many optimizer steps it has seen (``every_n_steps`` counts these).
+        self.steps = 0
         self._pending: Mapping[str, Any] | None = None
         # Guards the average against being read (copied for a concurrent validation, saved)
         # while after_update changes it, possibly on another thread (uncontended, it is cheap).
@@ -184,8 +185,9 @@ class EMA(OptimizerCallback):
                 self.ensure(state.model)
 
     def after_update(self, state: StateView) -> None:
-        """Move the average towards the new weights."""
-        if state.step % self.every_n_steps != 0:
+        """Move the average towards the new weights (every ``every_n_steps`` updates)."""
+        self.steps += 1
+        if self.steps % self.every_n_steps != 0:
             return
         ema = self.ensure(state.model)
         decay = self.current_decay()
@@ -251,14 +253,16 @@ class EMA(OptimizerCallback):
 
     def state_dict(self) -> Mapping[str, Any]:
         if self.model is None:
-            return {"model": self._pending, "updates": self.updates}
+            return {"model": self._pending, "updates": self.updates, "steps": self.steps}
         # A copy: a checkpoint may be written out while training goes on updating the average.
         with self._lock:
             weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        return {"model": weights, "updates": self.updates}
+        return {"model": weights, "updates": self.updates, "steps": self.steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.updates = int(state.get("updates", 0))
+        # (A checkpoint of before the count: exact for every_n_steps=1, the default.)
+        self.steps = int(state.get("steps", self.updates * self.every_n_steps))
         weights = state.get("model")
         if weights is None:
             return

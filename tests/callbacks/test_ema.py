@@ -65,6 +65,28 @@ async def test_warmup_and_every_n_steps() -> None:
     assert ema.current_decay() == pytest.approx(3 / 12)
 
 
+@pytest.mark.parametrize(("batches", "group", "every", "updates"), [(8, 2, 2, 4), (10, 4, 3, 2)])
+async def test_every_n_steps_counts_optimizer_steps_under_accumulation(
+    batches: int, group: int, every: int, updates: int
+) -> None:
+    """10 micro-batches in groups of 4 are 6 optimizer steps over two epochs (the last group
+    of each is short): every 3rd is 2 updates of the average (counting micro-batches, whose
+    count the short groups shift, gave 1)."""
+    from aiolearner.callbacks import AccumulateGradients
+
+    ema = EMA(0.5, every_n_steps=every)
+    learner = make_learner(
+        callbacks=[ema],
+        stages={"fit": AccumulateGradients(group)},
+        n_batches=batches,
+        with_validation=False,
+    )
+    await learner.fit(2)
+    assert ema.steps == 2 * -(-batches // group)
+    assert ema.updates == updates
+    assert dict(ema.state_dict())["steps"] == ema.steps
+
+
 async def test_validating_both_models() -> None:
     val = make_batches(3, batch_size=4, seed=11)
     ema = EMA(0.5, metrics=["accuracy"])
