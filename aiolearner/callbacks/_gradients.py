@@ -385,8 +385,9 @@ class GradientClipping(OptimizerCallback):
     It runs in ``before_update``, when the gradients are complete: after the last micro-batch
     of a group under :class:`AccumulateGradients`, and after unscaling under
     :class:`MixedPrecision` (it unscales through the ``grad_scaler`` field when that stage set
-    one). The total norm before clipping is kept, as a tensor (no host sync), in
-    :attr:`last_norm`.
+    one). With ``max_norm``, the total norm that clipping by norm found is kept, as a tensor
+    (no host sync), in :attr:`last_norm`: the norm before clipping, or with ``max_value`` too,
+    the norm after the values were clipped (they are clipped first).
 
     Args:
         max_norm: clip the total norm of all gradients to this (``None``: no norm clipping).
@@ -432,7 +433,8 @@ class GradientClipping(OptimizerCallback):
         self.norm_type = real(
             who, "norm_type", norm_type, low=0, low_open=True, finite=False, hint=hint
         )
-        #: The total gradient norm before the last clipping (a tensor on the device).
+        #: The total gradient norm the last clipping by norm found (a tensor on the device;
+        #: after clipping by value, with ``max_value`` too; ``None`` without ``max_norm``).
         self.last_norm: torch.Tensor | None = None
 
     def before_update(self, state: StateView) -> None:
