@@ -322,6 +322,8 @@ class Validate(Stage):
         state.validation = results
         state.validation_tag = (state.epoch, state.step)
         if rt.observed:
+            for key in results:
+                state._record_write(f"metrics.{prefix}{key}", self.name)
             rt.publish("validation", self.name, state, dict(results))
 
 

@@ -169,11 +169,13 @@ class State:
         self._record_write(name, who)
 
     def _record_write(self, name: str, who: str) -> None:
+        """Record a write of field ``name`` (``"metrics.val_loss"`` for one key of a dict
+        field) by ``who`` when tracing or publishing."""
         d = self.__dict__
-        trace = d["_trace"]
+        trace = d.get("_trace")
         if trace is not None:
             trace.write(who, name, d.get("epoch"), d.get("step"))
-        publish = d["_publish"]
+        publish = d.get("_publish")
         if publish is not None:
             publish("state_write", who, {"field": name})
 
@@ -385,21 +387,29 @@ class KeyedDict(Mapping[str, Any]):
     def __repr__(self) -> str:
         return f"KeyedDict({ {k: self._data[k] for k in self}!r})"
 
+    def _recorded(self, key: str) -> None:
+        """A key written: recorded as ``"<field>.<key>"`` by the callback, when observed."""
+        view = self._view
+        if view is not None:
+            view._state._record_write(f"{self._field}.{key}", view._callback)
+
     def __setitem__(self, key: str, value: Any) -> None:
         self._check_write(key)
-        # Not recorded in the trace: like any in-place change of a dict field, it is a change
-        # of the field's value, not an assignment of the field.
         self._data[key] = value
+        self._recorded(key)
 
     def __delitem__(self, key: str) -> None:
         self._check_write(key)
         del self._data[key]
+        self._recorded(key)
 
     def update(self, other: Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
         items = {**(other or {}), **kwargs}
         for key in items:
             self._check_write(key)  # every key before any is set
         self._data.update(items)
+        for key in items:
+            self._recorded(key)
 
     def __ior__(self, other: Mapping[str, Any]) -> KeyedDict:
         self.update(other)
@@ -418,7 +428,11 @@ class KeyedDict(Mapping[str, Any]):
 
     def pop(self, key: str, *default: Any) -> Any:
         self._check_write(key)
-        return self._data.pop(key, *default)
+        had = key in self._data
+        value = self._data.pop(key, *default)
+        if had:
+            self._recorded(key)
+        return value
 
     def clear(self) -> None:
         """Remove every key: allowed when every key present is one this callback writes."""
@@ -427,6 +441,7 @@ class KeyedDict(Mapping[str, Any]):
             self._check_write(key)
         for key in keys:
             del self._data[key]
+            self._recorded(key)
 
 
 def declared_key(field: str, key: str, phase: str | None, sets: Sequence[str]) -> str:

@@ -253,6 +253,8 @@ async def record_train_loss(rt: Runtime, state: State) -> None:
             mean = torch.stack(losses).mean()  # detached as they were kept
         await wait_ready(mean)
         state.metrics["train_loss"] = float(mean)
+    if rt.observed and "train_loss" in state.metrics:
+        state._record_write("metrics.train_loss", "fit")
 
 
 async def record_interrupted(

@@ -292,6 +292,50 @@ async def test_trace_records_stages_hooks_writes_and_control(compute: str) -> No
     assert all(isinstance(r, TraceRecord) for r in trace)
 
 
+@pytest.mark.parametrize("observe", ["trace", "events"])
+async def test_keys_of_metrics_and_validation_are_recorded_by_who_wrote_them(
+    observe: str,
+) -> None:
+    """``state.metrics["w"] = ...`` by a callback declaring the key, Metrics' keys and the
+    stages' own losses: each as ``"<field>.<key>"`` with its writer."""
+    from aiolearner.callbacks import Metrics
+
+    class Logs(Callback):
+        writes = frozenset({"metrics.w"})
+
+        def after_epoch(self, state: StateView) -> None:
+            state.metrics["w"] = 1.0
+
+    learner = make_learner(
+        callbacks=[Logs(), Metrics(["accuracy"])], n_batches=2, trace=observe == "trace"
+    )
+    seen: list[tuple[str, str]] = []
+    if observe == "trace":
+        await learner.fit(1)
+        seen = [(r.name, r.field or "") for r in learner.trace.writes() if "." in (r.field or "")]
+    else:
+        async with anyio.create_task_group() as tg:
+            stream = learner.events(kinds=["state_write"])
+
+            async def consume() -> None:
+                async for event in stream:
+                    if "." in event.data["field"]:
+                        seen.append((event.source, event.data["field"]))
+
+            tg.start_soon(consume)
+            await learner.fit(1)
+    assert sorted(seen) == [
+        ("Logs", "metrics.w"),
+        ("Metrics", "metrics.train_accuracy"),
+        ("Metrics", "metrics.val_accuracy"),
+        ("Metrics", "validation.accuracy"),
+        ("fit", "metrics.train_loss"),
+        ("validate", "metrics.val_loss"),
+    ]
+    if observe == "trace":
+        assert [r.step for r in learner.trace.writes("metrics.w")] == [2]
+
+
 async def test_trace_requires_trace_mode() -> None:
     learner = make_learner()
     with pytest.raises(RuntimeError, match="trace=True"):
