@@ -65,8 +65,15 @@ async def test_a_pass_of_fused_batches_is_one_hop() -> None:
 async def test_a_cancellation_stops_a_burst_after_the_batch_in_progress() -> None:
     with anyio.CancelScope() as scope:
         hook = AtStep(3, lambda: anyio.from_thread.run_sync(scope.cancel))
+        # The loop delivers the cancellation to the task waiting for the burst while the burst
+        # goes on: the next batches each wait for a turn of the loop, so that it has come by
+        # the end of the data however slow the loop is to get the CPU.
+        turns = [AtStep(n, lambda: anyio.from_thread.run_sync(lambda: None)) for n in (4, 5, 6)]
         learner = make_learner(
-            train_data=make_batches(20), with_validation=False, compute="thread", callbacks=[hook]
+            train_data=make_batches(20),
+            with_validation=False,
+            compute="thread",
+            callbacks=[hook, *turns],
         )
         await learner.fit(1)
     assert scope.cancelled_caught
