@@ -104,9 +104,11 @@ class StateAccessError(AiolearnerError, AttributeError):
         self.callback = callback
         self.hook = hook
         self.reason = reason
-        who = f"callback {callback!r}" if callback is not None else "stage code"
+        # Without a callback: a stage, or code reading learner.state (outside any hook).
+        who = f"callback {callback!r}" if callback is not None else ""
         at = f" in hook {hook!r}" if hook is not None else ""
-        super().__init__(f"{who}{at} cannot access state field {field!r}: {reason}")
+        text = f"{who}{at} cannot access state field {field!r}: {reason}".lstrip()
+        super().__init__(text[0].upper() + text[1:] if callback is None else text)
 
 
 class StateKeyError(StateAccessError, KeyError):

@@ -122,6 +122,8 @@ class LearnerSnapshot:
             while an epoch trains: the mean training loss of the epoch's batches so far (when
             the losses are on the CPU; on an accelerator it would cost a device sync).
         validation: the latest ``state.validation``, likewise.
+        outcome: how the last ``fit`` ended (``"completed"``, ``"stopped"``, ``"error"`` or
+            ``"cancelled"``; ``""`` before the first, and while one runs).
     """
 
     status: str
@@ -130,6 +132,7 @@ class LearnerSnapshot:
     batch_index: int
     metrics: Mapping[str, int | float | str | bool] = field(default_factory=dict)
     validation: Mapping[str, int | float | str | bool] = field(default_factory=dict)
+    outcome: str = ""
 
     @classmethod
     def of(cls, learner: Learner[Any]) -> LearnerSnapshot:
@@ -146,6 +149,7 @@ class LearnerSnapshot:
             batch_index=int(d.get("batch_index", 0)),
             metrics=metrics,
             validation=_plain_mapping(d.get("validation")),
+            outcome=learner._rt.last_outcome,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -157,6 +161,7 @@ class LearnerSnapshot:
             "batch_index": self.batch_index,
             "metrics": _finite(self.metrics),
             "validation": _finite(self.validation),
+            "outcome": self.outcome,
         }
 
 
@@ -185,6 +190,7 @@ class FitSnapshot:
         batch_index: ``learner.batch_index``, committed batches of the current epoch.
         metrics: ``learner.metrics``.
         validation: ``learner.validation``.
+        outcome: ``learner.outcome``, how the learner's last ``fit`` ended.
     """
 
     state: str
@@ -218,6 +224,10 @@ class FitSnapshot:
     @property
     def validation(self) -> Mapping[str, int | float | str | bool]:
         return self.learner.validation
+
+    @property
+    def outcome(self) -> str:
+        return self.learner.outcome
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: the learner's fields, flattened, plus the handle's."""

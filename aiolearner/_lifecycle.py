@@ -26,7 +26,7 @@ from ._exceptions import ConfigurationError, ControlFlow, LearnerBusyError, Stag
 from ._signals import Interrupted, StoppableRun
 from ._stage import split_batch
 from ._stages import Fit, FitBatch, Gradient, Update, ValidateLoss
-from ._state import split_declaration
+from ._state import FIELD_LIFETIMES, split_declaration
 
 if TYPE_CHECKING:
     from ._learner import Learner
@@ -297,6 +297,7 @@ def check_fit(learner: Learner[Any], epochs: int) -> None:
         _checks.check_hyperparameters(optimizer, "optimizer" if len(optimizers) == 1 else name)
     _check_monitors(learner)
     _check_reads(learner)
+    _check_declared_names(learner)
     _check_val_batches(learner)
     _check_saved_states(learner)
     _check_run_length(learner, epochs)
@@ -363,6 +364,44 @@ def _check_reads(learner: Learner[Any]) -> None:
                 callbacks=(cb.name,),
                 field=field,
             )
+
+
+def _check_declared_names(learner: Learner[Any]) -> None:
+    """A field a callback declares in ``reads`` that nothing of the learner writes may be
+    optional (read where ``state.is_valid``), but one a letter or two from a field the learner
+    has (``"validaton"``, ``"los"``; ``"metric.best"`` in ``writes``) is a typo that would fail
+    only where it is read, with a message about the field, not the declaration: refused now.
+    Not with a stage of the user's own, which may set any field."""
+    if _has_own_stages(learner):
+        return
+    callbacks = learner._callbacks
+    # The built-in fields, those the stages declare, those there are now and the fields
+    # callbacks write whole (not a field only keys are declared of: that may be the typo).
+    d = learner._state.__dict__
+    known = sorted(
+        set(FIELD_LIFETIMES)
+        | set(d.get("_lifetimes") or ())
+        | {k for k in d if not k.startswith("_")}
+        | {split_declaration(n)[0] for cb in callbacks for n in cb.writes if "." not in n}
+    )
+    for cb in callbacks:
+        declared = [("reads", n) for n in cb.reads] + [
+            ("writes", n)
+            for n in cb.writes
+            if "." in n  # keys of a dict something makes
+        ]
+        for where, name in sorted(declared):
+            field = split_declaration(name)[0]
+            if field in known:
+                continue
+            close = difflib.get_close_matches(field, known, n=1, cutoff=0.85)
+            if close:
+                raise ConfigurationError(
+                    f"{cb.name} declares {name!r} in {where!r}, but this learner has no field "
+                    f"{field!r}: did you mean {close[0]!r}?",
+                    callbacks=(cb.name,),
+                    field=field,
+                )
 
 
 def _check_val_batches(learner: Learner[Any]) -> None:

@@ -73,7 +73,7 @@ FIELD_LIFETIMES: dict[str, str] = {
     "validation_tag": "it is set by Validate together with 'validation'",
     "outcome": (
         "it is set when the run ends ('completed', 'stopped', 'error' or 'cancelled'), so it is "
-        "valid in after_fit_run only"
+        "valid in after_fit_run only (after the run: learner.snapshot().outcome)"
     ),
     "stop_reason": "it is set when a StopFit, StopEpoch or SkipBatch is acted on",
 }

@@ -114,6 +114,46 @@ def test_helper_methods_of_a_callback_are_not_mistaken_for_hooks() -> None:
     assert "hooks after_epoch" in learner.describe()
 
 
+@pytest.mark.parametrize(
+    ("reads", "writes", "message"),
+    [
+        ({"validaton"}, set(), r"declares 'validaton' in 'reads'.*did you mean 'validation'\?"),
+        ({"los"}, set(), r"declares 'los' in 'reads'.*no field 'los': did you mean 'loss'\?"),
+        (set(), {"metric.best"}, r"declares 'metric.best' in 'writes'.*mean 'metrics'\?"),
+    ],
+)
+def test_a_misspelled_declaration_is_refused_before_training(
+    reads: set[str], writes: set[str], message: str
+) -> None:
+    """It would fail only where the field is read, with a message about the field."""
+
+    class Typo(Callback):
+        def after_epoch(self, state: StateView) -> None:
+            pass
+
+    typo = Typo()
+    typo.reads, typo.writes = frozenset(reads), frozenset(writes)  # type: ignore[misc]
+    learner = make_learner(callbacks=[typo])
+    with pytest.raises(ConfigurationError, match=message):
+        learner.fit_sync(1)
+    assert learner.state.step == 0
+
+
+def test_optional_fields_and_new_ones_are_not_taken_for_typos() -> None:
+    """A field read where it is valid (another callback's, a stage's that is not in this
+    learner) or written new is no typo."""
+
+    class Optional(Callback):
+        reads = frozenset({"grad_scaler", "ema_loss"})
+        writes = frozenset({"note", "metrics.best"})
+
+        def after_epoch(self, state: StateView) -> None:
+            state.note = state.is_valid("grad_scaler")
+
+    learner = make_learner(callbacks=[Optional()])
+    learner.fit_sync(1)
+
+
 # -- values that train nothing, or NaN -----------------------------------------------------------
 
 

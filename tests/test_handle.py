@@ -19,6 +19,7 @@ from aiolearner import (
     LearnerBusyError,
     LearnerSnapshot,
     RunState,
+    StateAccessError,
     StateView,
     StopFit,
 )
@@ -190,6 +191,26 @@ def test_snapshot_is_plain_and_json_ready() -> None:
     assert FitHandle(learner, 3).snapshot().as_dict()["state"] == "pending"
     with pytest.raises(ValueError, match="epochs"):
         FitHandle(learner, -1)
+
+
+async def test_the_snapshot_tells_how_the_last_fit_ended() -> None:
+    """``state.outcome`` is valid in after_fit_run only; afterwards the snapshot says it."""
+    learner = make_learner(n_batches=2)
+    assert learner.snapshot().outcome == ""
+    await learner.fit(1)
+    assert learner.snapshot().outcome == "completed"
+    assert learner.snapshot().as_dict()["outcome"] == "completed"
+    with pytest.raises(StateAccessError, match=r"^Cannot access .*learner.snapshot\(\).outcome"):
+        learner.state.outcome  # noqa: B018
+
+    class Stop(Callback):
+        def after_fit_batch(self, state: StateView) -> None:
+            raise StopFit("enough")
+
+    stopping = make_learner(n_batches=2, callbacks=[Stop()])
+    await stopping.fit(2)
+    handle = FitHandle(stopping, 2)
+    assert handle.snapshot().outcome == stopping.snapshot().outcome == "stopped"
 
 
 async def test_run_end_says_cancelled_when_another_task_cancels() -> None:
