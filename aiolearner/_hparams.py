@@ -10,6 +10,17 @@ from typing import Any
 __all__ = ["check_hparams"]
 
 
+def _numbers(value: Any) -> Any:
+    """``value`` with numpy's scalars (``np.int64(3)``, ``np.bool_(True)``) as Python's."""
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        return value.item()
+    if isinstance(value, list | tuple):
+        return type(value)(_numbers(item) for item in value)
+    if isinstance(value, Mapping):
+        return {key: _numbers(item) for key, item in value.items()}
+    return value
+
+
 def _check(value: object, where: str) -> None:
     if value is None or isinstance(value, bool | int | str):
         return
@@ -41,6 +52,8 @@ def _check(value: object, where: str) -> None:
 def check_hparams(hparams: Mapping[str, Any] | None) -> dict[str, Any]:
     """``hparams`` as its JSON form (a fresh dict: tuples become lists), or ``{}`` for ``None``.
 
+    numpy's scalars become Python's numbers and bools.
+
     Raises:
         TypeError: not a mapping, a key that is not a string, or a value JSON cannot hold (the
             message names where it is, as ``hparams['optim']['betas'][0]``).
@@ -50,6 +63,7 @@ def check_hparams(hparams: Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     if not isinstance(hparams, Mapping):
         raise TypeError(f"hparams must be a mapping, got {type(hparams).__name__}")
-    _check(hparams, "hparams")
-    copied: dict[str, Any] = json.loads(json.dumps(hparams))
+    plain = _numbers(hparams)
+    _check(plain, "hparams")
+    copied: dict[str, Any] = json.loads(json.dumps(plain))
     return copied

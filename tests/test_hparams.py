@@ -27,6 +27,18 @@ def test_hparams_are_kept_in_their_json_form() -> None:
     assert make_learner().hparams == {}
 
 
+def test_numpys_scalars_are_taken_as_numbers() -> None:
+    """A value from a numpy sweep (np.float64 is a float, np.int64 is no int)."""
+    import numpy as np
+
+    given = {"width": np.int64(16), "p": np.float32(0.5), "on": [np.bool_(True)]}
+    assert make_learner(hparams=given).hparams == {"width": 16, "p": 0.5, "on": [True]}
+    with pytest.raises(ValueError, match=r"hparams\['lr'\] is nan"):
+        make_learner(hparams={"lr": np.float32("nan")})
+    with pytest.raises(TypeError, match=r"hparams\['w'\] is a ndarray"):
+        make_learner(hparams={"w": np.zeros(2)})
+
+
 @pytest.mark.parametrize(
     ("hparams", "error", "match"),
     [
