@@ -112,3 +112,26 @@ async def test_the_epoch_trained_meanwhile_is_validated_by_the_next_run(
     assert learner.state.metrics == reference.state.metrics
     expected = weights(reference)
     assert all(torch.equal(v, expected[k]) for k, v in weights(learner).items())
+
+
+@pytest.mark.parametrize("hook", ["after_validate", "after_epoch"])
+async def test_a_stop_request_from_the_tail_counts_that_epoch_without_a_validation(
+    hook: str,
+) -> None:
+    """From after_validate or after_epoch the StopFit is a stop request: the epoch that trained
+    meanwhile counts, its after_epoch runs with the latest results (epoch 0's), and fit again
+    goes on from there with the same weights (docs/errors.md)."""
+    reference, ref_rows, _ = make()
+    await reference.fit(EPOCHS)
+
+    learner, rows, _ = make(HoldThenStop(hook))
+    await learner.fit(EPOCHS)
+    assert (learner.state.epoch, learner.state.step) == (2, 10)
+    await learner.fit(EPOCHS)
+
+    expected = [row for row in ref_rows.rows if row[:2] != ("V", 1)]
+    epoch_1 = next(i for i, row in enumerate(expected) if row[:2] == ("E", 1))
+    expected[epoch_1] = ("E", 1, 10, ref_rows.rows[0][4]["loss"])  # epoch 0's val_loss
+    assert rows.rows == expected
+    ref_weights = weights(reference)
+    assert all(torch.equal(v, ref_weights[k]) for k, v in weights(learner).items())
