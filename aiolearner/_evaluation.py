@@ -19,7 +19,6 @@ from ._device import DeviceMover
 from ._exceptions import ConfigurationError, ControlFlow
 from ._lifecycle import LearnerStatus, running
 from ._plan import check_sets
-from ._rng import capture_rng, restore_rng
 from ._runtime import validation_sources
 from ._stage import split_batch, unowned
 from ._stages import Epoch
@@ -103,11 +102,17 @@ async def test(learner: Learner[Any], data: Iterable[Any] | Mapping[str, Any]) -
     kept: dict[str, Any] = {k: d[k] for k in ("validation", "validation_tag") if k in d}
     validator = learner._rt.validator
     latest = None if validator is None else validator.latest
+    metrics_before = dict(state.metrics)
     async with running(learner, LearnerStatus.TESTING):
         try:
             await evaluate(learner, sets)
             results = results_of(d, kept.get("validation"))
         finally:
+            learner._rt.tested = {
+                k: v
+                for k, v in state.metrics.items()
+                if k.startswith("test_") and (k not in metrics_before or metrics_before[k] is not v)
+            }
             # A test is not a validation: the latest validation stays what it was.
             state.invalidate("validation", "validation_tag")
             d.update(kept)
@@ -181,9 +186,6 @@ async def predict(learner: Learner[Any], data: Iterable[Any] | Any) -> Any:
     async with running(learner, LearnerStatus.PREDICTING):
         assert rt.tg is not None
         was_training = model.training
-        # As validation: training's random streams are left as they were (a DataLoader draws
-        # its seed, and its order, as its iterator is made).
-        rng = capture_rng()
         async with rt.weights_lock.read():
             model.eval()
             try:
@@ -203,7 +205,6 @@ async def predict(learner: Learner[Any], data: Iterable[Any] | Any) -> Any:
                         await anyio.lowlevel.checkpoint()
             finally:
                 model.train(was_training)
-                restore_rng(rng)
     if outputs and all(isinstance(o, torch.Tensor) for o in outputs):
         return torch.cat(outputs)
     return outputs

@@ -463,13 +463,13 @@ class Learner(Generic[TBatch]):
         return run_sync(main, backend=backend)
 
     async def predict(self, data: Iterable[Any] | Any) -> Any:
-        """The model's outputs for ``data``: batches of ``(inputs, targets)``, of ``(inputs,)``
-        (a DataLoader over ``TensorDataset(inputs)``) or of inputs alone; a tensor is one batch
-        of inputs.
+        """The model's outputs for ``data``: batches of ``(inputs, targets)``, of ``(inputs,)`` (a
+        DataLoader over ``TensorDataset(inputs)``) or of inputs alone (a tensor: one batch).
 
         Runs under ``inference_mode`` in eval mode, on fully updated weights, in the compute
-        worker when the policy says so; training's random streams are left as they were. Returns
-        the outputs concatenated along the first dimension (a list when they are not tensors).
+        worker when the policy says so; it draws from the global generators as torch code does
+        (each call anew: a DataLoader's seed, a model sampling in ``forward``). Returns the
+        outputs concatenated along the first dimension (a list when they are not tensors).
         """
         return await _evaluation.predict(self, data)
 

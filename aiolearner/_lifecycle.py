@@ -520,11 +520,15 @@ def _resume_from(learner: Learner[Any], resume: str | os.PathLike[str]) -> tuple
 
 
 def forget_test_results(learner: Learner[Any]) -> None:
-    """Drop the ``test_`` keys of ``state.metrics`` (and of what concurrent validation lands
-    into later records): a test's results belong to the weights it was run on."""
+    """Drop the keys the last ``test()`` wrote into ``state.metrics`` (and into what concurrent
+    validation lands into later records), where nothing wrote them since: a test's results
+    belong to the weights it was run on. (``test_`` keys a callback writes are its own.)"""
+    rt = learner._rt
+    tested, rt.tested = rt.tested, {}
     metrics = learner._state.__dict__.get("metrics")
-    validator = learner._rt.validator
+    validator = rt.validator
     for held in (metrics, None if validator is None else validator.overlay):
         if held:
-            for key in [k for k in held if isinstance(k, str) and k.startswith("test_")]:
-                del held[key]
+            for key, value in tested.items():
+                if key in held and held[key] is value:
+                    del held[key]

@@ -84,15 +84,25 @@ async def test_a_tests_results_stay_until_the_next_fit(mode: str) -> None:
     """They were measured on the weights of the test: the next run's records leave them out."""
     from aiolearner.callbacks import Recorder
 
+    class Mine(Callback):
+        """A key of its own that happens to start with test_: it stays."""
+
+        reads = frozenset({"epoch"})
+        writes = frozenset({"metrics.test_mine"})
+
+        def after_epoch(self, state: StateView) -> None:
+            if state.epoch == 0:
+                state.metrics["test_mine"] = 7.0
+
     recorder = Recorder()
-    learner = make_learner(callbacks=[Metrics(["accuracy"]), recorder], validate=mode)
+    learner = make_learner(callbacks=[Metrics(["accuracy"]), Mine(), recorder], validate=mode)
     await learner.fit(1)
     results = await learner.test(make_batches(3, seed=11))
     assert {k: learner.state.metrics[k] for k in results} == results
     await learner.fit(3)
-    assert not [k for k in learner.state.metrics if k.startswith("test_")]
+    assert [k for k in learner.state.metrics if k.startswith("test_")] == ["test_mine"]
     for record in recorder.history["epochs"]:
-        assert not [k for k in record if k.startswith("test_")], record
+        assert [k for k in record if k.startswith("test_")] == ["test_mine"], record
     assert len(recorder.history["epochs"]) == 3
 
 

@@ -274,16 +274,27 @@ async def test_predict_takes_one_tensor_and_single_input_batches() -> None:
     assert torch.allclose(from_loader, expected)
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
-async def test_predict_leaves_trainings_random_streams_alone(shuffle: bool) -> None:
-    """As validate and test do: a DataLoader draws its seed as its iterator is made, which
-    would change the order and the dropout of the training after it."""
-    learner = make_learner()
-    inputs = torch.cat([x for x, _ in make_batches(3, batch_size=4)])
-    torch.manual_seed(5)
-    before = torch.get_rng_state()
-    await learner.predict(DataLoader(TensorDataset(inputs), batch_size=5, shuffle=shuffle))
-    assert torch.equal(torch.get_rng_state(), before)
+async def test_predict_draws_anew_each_call_for_a_model_that_samples() -> None:
+    """Monte Carlo dropout (dropout kept on in eval mode): every call draws from the global
+    generators as torch code does, so repeated calls give the spread the method measures."""
+
+    class MCDropout(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.dropout(self.linear(x), 0.5, training=True)
+
+    torch.manual_seed(0)
+    model = MCDropout()
+    learner = Learner(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.functional.mse_loss, [()]
+    )
+    inputs = torch.cat([x for x, _ in make_batches(2, batch_size=4)])
+    outputs = [await learner.predict(inputs) for _ in range(3)]
+    assert not torch.equal(outputs[0], outputs[1])
+    assert not torch.equal(outputs[1], outputs[2])
 
 
 async def test_an_error_in_predict_names_the_batch() -> None:
