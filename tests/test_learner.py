@@ -288,7 +288,7 @@ async def test_predict_draws_anew_each_call_for_a_model_that_samples() -> None:
 
     torch.manual_seed(0)
     model = MCDropout()
-    learner = Learner(
+    learner: Learner[Any] = Learner(
         model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.functional.mse_loss, [()]
     )
     inputs = torch.cat([x for x, _ in make_batches(2, batch_size=4)])
