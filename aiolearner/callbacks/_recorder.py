@@ -18,7 +18,6 @@ from aiolearner import Callback, StateView
 
 from ._distributed import is_rank_zero
 from ._optional import require
-from ._schedule import ParamSchedule
 
 __all__ = ["Recorder", "plot_history"]
 
@@ -55,8 +54,6 @@ class Recorder(Callback):
     """
 
     reads = frozenset({"loss", "optimizer", "metrics", "epoch", "step"})
-    # A per-step ParamSchedule sets the rate in before_update, where this one reads it again.
-    after = (ParamSchedule,)
 
     def __init__(self) -> None:
         self._steps: list[int] = []
@@ -65,15 +62,24 @@ class Recorder(Callback):
         self._epochs: list[dict[str, float]] = []
         self._pending: list[torch.Tensor | None] = []
         self._lr_now: list[float] = []
+        # An update after the batch's row was kept (an epoch's short last group of micro-batches).
+        self._late = False
+        self._hook: Any = None
 
     # -- hooks ---------------------------------------------------------------------------------
 
-    def before_fit_batch(self, state: StateView) -> None:
-        """Note the learning rates this batch's update will use."""
-        self._lr_now = _lrs(state.optimizer)
+    def before_fit_run(self, state: StateView) -> None:
+        """Watch the optimizer's steps: the rates are read as each one begins, after whatever
+        set them for it (a schedule, a per-step ``ParamSchedule``, a stage of one's own)."""
+        if self._hook is None:
+            self._hook = state.optimizer.register_step_pre_hook(self._stepping)
 
-    def before_update(self, state: StateView) -> None:
-        """Note them again where a per-step schedule of a hyperparameter sets them."""
+    def _stepping(self, optimizer: torch.optim.Optimizer, *_: object) -> None:
+        self._lr_now = _lrs(optimizer)
+        self._late = True
+
+    def before_fit_batch(self, state: StateView) -> None:
+        """Note the learning rates now (a batch that only accumulates gradients keeps these)."""
         self._lr_now = _lrs(state.optimizer)
 
     def after_fit_batch(self, state: StateView) -> None:
@@ -82,10 +88,21 @@ class Recorder(Callback):
         self._pending.append(state.loss.detach() if state.is_valid("loss") else None)
         self._steps.append(state.step)
         self._lrs.append(self._lr_now)
+        self._late = False
 
     def after_fit(self, state: StateView) -> None:
-        """Turn the pass's losses into floats (one transfer per epoch)."""
+        """Turn the pass's losses into floats (one transfer per epoch); an update that ran
+        after the pass's last row (its short last group) gives that row its rates."""
+        if self._late and self._lrs:
+            self._lrs[-1] = self._lr_now
+        self._late = False
         self._flush()
+
+    def after_fit_run(self, state: StateView) -> None:
+        """Stop watching the optimizer."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def after_epoch(self, state: StateView) -> None:
         """Keep the epoch's metrics."""

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from aiolearner.callbacks import Checkpoint, LRSchedule, ParamSchedule, Recorder, plot_history
-from aiolearner.testing import make_learner
+from aiolearner import Learner
+from aiolearner.testing import make_batches, make_learner
 
 
 async def test_records_every_step_and_epoch() -> None:
@@ -46,6 +47,46 @@ async def test_records_the_rate_a_per_step_param_schedule_set(recorder_first: bo
     await learner.fit(2)
     used = [[round(lr, 6) for lr in rates] for rates in recorder.history["lr"]]
     assert used == [[0.1], [0.2], [0.3], [0.4]]
+
+
+async def test_under_accumulation_a_row_has_the_rate_of_the_update_its_batch_ran() -> None:
+    """5 micro-batches in groups of 2: updates at the 2nd, 4th and (the short group) 5th; a
+    batch that only accumulates has the rate at its start."""
+    from aiolearner.callbacks import AccumulateGradients
+
+    recorder = Recorder()
+    schedule = ParamSchedule("lr", lambda t: 0.1 / (t + 1))
+    learner = make_learner(
+        callbacks=[recorder, schedule],
+        stages={"fit": AccumulateGradients(2)},
+        n_batches=5,
+        with_validation=False,
+    )
+    await learner.fit(1)
+    used = [round(rates[0], 4) for rates in recorder.history["lr"]]
+    assert used == [0.1, 0.1, 0.1, 0.05, 0.0333]
+
+
+async def test_a_learner_whose_updates_are_named_records_too() -> None:
+    """No stage is named 'update' (two optimizers, Update("d") and Update("g")): the rates are
+    read where the first optimizer steps."""
+    from aiolearner import FitBatch, Gradient, Update
+    from aiolearner.testing import tiny_model
+
+    model = tiny_model()
+    first = torch.optim.SGD(model[0].parameters(), lr=0.01)
+    second = torch.optim.SGD(model[2].parameters(), lr=0.02)
+    recorder = Recorder()
+    learner = Learner(
+        model,
+        {"d": first, "g": second},
+        torch.nn.functional.cross_entropy,
+        make_batches(3),
+        callbacks=[recorder],
+        stages={"fit_batch": FitBatch(Gradient(), Update("d", commit=False), Update("g"))},
+    )
+    await learner.fit(1)
+    assert recorder.history["lr"] == [[0.01]] * 3
 
 
 async def test_history_survives_a_checkpoint_resume(tmp_path: Path) -> None:
