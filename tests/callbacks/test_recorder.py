@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from aiolearner.callbacks import Checkpoint, LRSchedule, ParamSchedule, Recorder, plot_history
 from aiolearner import Learner
+from aiolearner.callbacks import Checkpoint, LRSchedule, ParamSchedule, Recorder, plot_history
 from aiolearner.testing import make_batches, make_learner
 
 
@@ -74,10 +75,11 @@ async def test_a_learner_whose_updates_are_named_records_too() -> None:
     from aiolearner.testing import tiny_model
 
     model = tiny_model()
-    first = torch.optim.SGD(model[0].parameters(), lr=0.01)
-    second = torch.optim.SGD(model[2].parameters(), lr=0.02)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    first = torch.optim.SGD(layers[0].parameters(), lr=0.01)
+    second = torch.optim.SGD(layers[-1].parameters(), lr=0.02)
     recorder = Recorder()
-    learner = Learner(
+    learner: Learner[Any] = Learner(
         model,
         {"d": first, "g": second},
         torch.nn.functional.cross_entropy,
