@@ -13,9 +13,11 @@ __all__ = ["check_hparams"]
 def _numbers(value: Any) -> Any:
     """``value`` with numpy's scalars (``np.int64(3)``, ``np.bool_(True)``) as Python's."""
     if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
-        return value.item()
+        item = value.item()
+        # (Not a date or bytes: those are refused, by their numpy type's name.)
+        return item if isinstance(item, bool | int | float) else value
     if isinstance(value, list | tuple):
-        return type(value)(_numbers(item) for item in value)
+        return [_numbers(item) for item in value]  # (as JSON keeps any sequence, a namedtuple too)
     if isinstance(value, Mapping):
         return {key: _numbers(item) for key, item in value.items()}
     return value

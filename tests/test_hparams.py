@@ -37,6 +37,18 @@ def test_numpys_scalars_are_taken_as_numbers() -> None:
         make_learner(hparams={"lr": np.float32("nan")})
     with pytest.raises(TypeError, match=r"hparams\['w'\] is a ndarray"):
         make_learner(hparams={"w": np.zeros(2)})
+    with pytest.raises(TypeError, match=r"hparams\['when'\] is a datetime64"):
+        make_learner(hparams={"when": np.datetime64("2026-12-03")})
+
+
+def test_a_namedtuple_is_kept_as_a_list() -> None:
+    from typing import NamedTuple
+
+    class Betas(NamedTuple):
+        b1: float
+        b2: float
+
+    assert make_learner(hparams={"betas": Betas(0.9, 0.99)}).hparams == {"betas": [0.9, 0.99]}
 
 
 @pytest.mark.parametrize(
