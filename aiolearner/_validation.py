@@ -491,10 +491,10 @@ class Validator(TailWorker):
                 weights = entry.get("model")
                 slot = None
                 if weights is not None:
-                    slot = self._acquire()
-                    if slot is None:  # more in the checkpoint than max_snapshots allows now
-                        slot = Slot()
-                        self._slots.append(slot)
+                    # More in the checkpoint than max_snapshots allows (a run that stopped
+                    # inside a validation pass took one more; a learner made with fewer): a
+                    # slot for that tail only, dropped once it is done (see _release).
+                    slot = self._acquire() or Slot()
                     acquired.append(slot)
                     slot.load(state.model, weights)
                 base = {k: v for k, v in state.__dict__.items() if k[0] != "_" and k != "model"}

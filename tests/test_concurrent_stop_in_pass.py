@@ -112,6 +112,10 @@ async def test_the_epoch_trained_meanwhile_is_validated_by_the_next_run(
     assert learner.state.metrics == reference.state.metrics
     expected = weights(reference)
     assert all(torch.equal(v, expected[k]) for k, v in weights(learner).items())
+    # The slot taken beyond max_snapshots was for that tail only.
+    validator = learner._rt.validator
+    assert validator is not None
+    assert len(validator.shadow_models) == 1
 
 
 @pytest.mark.parametrize("hook", ["after_validate", "after_epoch"])
