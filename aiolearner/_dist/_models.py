@@ -67,7 +67,12 @@ class DDP(Strategy):
         self.module: torch.nn.parallel.DistributedDataParallel | None = None
 
     def _settings(self) -> dict[str, Any]:
-        return {f"DDP's {key}": value for key, value in self.ddp_kwargs.items()}
+        # Not the devices: each rank has its own (output_device=local_rank, device_ids).
+        return {
+            f"DDP's {key}": value
+            for key, value in self.ddp_kwargs.items()
+            if key not in ("output_device", "device_ids")
+        }
 
     def wrap(
         self,

@@ -28,6 +28,9 @@ __all__ = ["compare_settings", "settings_of"]
 #: At most this many differences are listed in the error.
 SHOWN = 5
 
+#: Optimizer options that choose an implementation, not the update: they may differ per rank.
+IMPLEMENTATION = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
 
 def _plain(value: Any) -> Any:
     """``value`` where comparing it across ranks is meaningful, otherwise its type's name."""
@@ -53,7 +56,11 @@ def settings_of(
     parameters = list(model.named_parameters())
     found["the model's number of parameters"] = len(parameters)
     for name, p in parameters:
-        found[f"model parameter {name!r}"] = f"{tuple(p.shape)} {p.dtype}".replace("torch.", "")
+        if isinstance(p, torch.nn.parameter.UninitializedParameter):
+            shape = "uninitialized"  # (a lazy module: DDP says what to do about it)
+        else:
+            shape = f"{tuple(p.shape)} {p.dtype}".replace("torch.", "")
+        found[f"model parameter {name!r}"] = shape
     found["the optimizers"] = tuple(optimizers)
     for key, optimizer in optimizers.items():
         where = "the optimizer" if len(optimizers) == 1 else f"optimizer {key!r}"
@@ -63,7 +70,7 @@ def settings_of(
         )
         for i, group in enumerate(optimizer.param_groups):
             for option, value in sorted(group.items()):
-                if option != "params":
+                if option != "params" and option not in IMPLEMENTATION:
                     found[f"{where}'s {option} (group {i})"] = _plain(value)
     return found
 
@@ -77,13 +84,20 @@ def differences(gathered: list[dict[str, Any]]) -> list[str]:
     lines = []
     for key in dict.fromkeys(keys):
         values = [found.get(key, missing) for found in gathered]
-        if all(v == values[0] for v in values[1:]):
+        if all(_same(v, values[0]) for v in values[1:]):
             continue
         per_rank = ", ".join(
             f"rank {rank}: {'(none)' if v is missing else repr(v)}" for rank, v in enumerate(values)
         )
         lines.append(f"{key} ({per_rank})")
     return lines
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, a NaN counting as equal to a NaN (a NaN hyperparameter on every rank is alike)."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b) or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
 
 
 def compare_settings(

@@ -174,6 +174,16 @@ def test_the_settings_ranks_compare_name_each_difference_with_every_ranks_value(
         "model parameter '1.bias' (rank 0: (none), rank 1: '(5,) float32')",
     ]
 
+    # Alike: a NaN on every rank, an implementation option, a device of each rank's own.
+    def options(foreach: bool, device: int) -> dict[str, Any]:
+        model = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=float("nan"), foreach=foreach)
+        return settings_of(DDP(output_device=device), model, {"main": optimizer})
+
+    assert differences([options(True, 0), options(False, 1)]) == []
+    lazy = settings_of(DDP(), torch.nn.LazyLinear(2), {"main": torch.optim.SGD([torch.ones(1)])})
+    assert lazy["model parameter 'weight'"] == "uninitialized"
+
 
 # -- found while testing the strategies ------------------------------------------------------------
 
