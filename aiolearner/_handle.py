@@ -122,8 +122,10 @@ class LearnerSnapshot:
             while an epoch trains: the mean training loss of the epoch's batches so far (when
             the losses are on the CPU; on an accelerator it would cost a device sync).
         validation: the latest ``state.validation``, likewise.
-        outcome: how the last ``fit`` ended (``"completed"``, ``"stopped"``, ``"error"`` or
-            ``"cancelled"``; ``""`` before the first, and while one runs).
+        outcome: how the learner's last run ended (``"completed"``, ``"stopped"``, ``"error"``
+            or ``"cancelled"``; ``""`` before the first, and while one runs). A ``fit`` refused
+            before its run began (bad arguments, a checkpoint that cannot be loaded) raised to
+            its caller and leaves this as it was.
     """
 
     status: str

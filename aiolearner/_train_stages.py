@@ -245,6 +245,7 @@ class Fit(Stage):
 async def record_train_loss(rt: Runtime, state: State) -> None:
     """``metrics["train_loss"]``: the mean of the pass's kept losses (one host sync)."""
     losses = rt.train_losses
+    before = state.metrics.get("train_loss")
     if rt.strategy is not None:
         # The mean over every rank's batches (one reduction; every rank, even without any).
         await rt.strategy._reduce_train_loss(state, losses)
@@ -253,7 +254,7 @@ async def record_train_loss(rt: Runtime, state: State) -> None:
             mean = torch.stack(losses).mean()  # detached as they were kept
         await wait_ready(mean)
         state.metrics["train_loss"] = float(mean)
-    if rt.observed and "train_loss" in state.metrics:
+    if rt.observed and state.metrics.get("train_loss") is not before:  # (a pass with a loss)
         state._record_write("metrics.train_loss", "fit")
 
 

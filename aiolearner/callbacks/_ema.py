@@ -112,6 +112,12 @@ class EMA(OptimizerCallback):
         self.every_n_steps = whole(self.name, "every_n_steps", every_n_steps, 1)
         self.warmup = warmup
         specs = dict(metrics) if isinstance(metrics, Mapping) else {m: m for m in metrics}
+        spec = specs.get("loss", "loss")
+        if not (isinstance(spec, str) and spec == "loss"):
+            raise ValueError(
+                f"{self.name}: a metric named 'loss' that is not the loss would take the place "
+                "of the average's own loss (ema_loss, val_ema_loss): give it a name of its own"
+            )
         self._metric_names = tuple(specs)
         # The average's validation results, kept by a Metrics of its own that reads the EMA
         # stages' fields and writes ema_<name> / val_ema_<name>; its hooks are called from ours.

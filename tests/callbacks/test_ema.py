@@ -166,6 +166,9 @@ def test_bad_arguments() -> None:
         EMA(1.0)
     with pytest.raises(ValueError, match="every_n_steps"):
         EMA(every_n_steps=0)
+    with pytest.raises(ValueError, match=r"named 'loss' .* \(ema_loss, val_ema_loss\)"):
+        EMA(metrics={"loss": "accuracy"})
+    EMA(metrics=["loss", "accuracy"])  # the average's loss itself
 
 
 @pytest.mark.parametrize("mode", ["both", "ema"])
