@@ -108,8 +108,8 @@ async def test(learner: Learner[Any], data: Iterable[Any] | Mapping[str, Any]) -
             await evaluate(learner, sets)
             results = results_of(d, kept.get("validation"))
         finally:
-            learner._rt.tested = {
-                k: v
+            learner._rt.tested |= {
+                k
                 for k, v in state.metrics.items()
                 if k.startswith("test_") and (k not in metrics_before or metrics_before[k] is not v)
             }

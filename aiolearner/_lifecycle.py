@@ -520,15 +520,14 @@ def _resume_from(learner: Learner[Any], resume: str | os.PathLike[str]) -> tuple
 
 
 def forget_test_results(learner: Learner[Any]) -> None:
-    """Drop the keys the last ``test()`` wrote into ``state.metrics`` (and into what concurrent
-    validation lands into later records), where nothing wrote them since: a test's results
-    belong to the weights it was run on. (``test_`` keys a callback writes are its own.)"""
+    """Drop the keys tests wrote into ``state.metrics`` since the last fit started (and from
+    what concurrent validation lands into later records): a test's results belong to the
+    weights it was run on. (``test_`` keys only callbacks write in training are theirs.)"""
     rt = learner._rt
-    tested, rt.tested = rt.tested, {}
+    tested, rt.tested = rt.tested, set()
     metrics = learner._state.__dict__.get("metrics")
     validator = rt.validator
     for held in (metrics, None if validator is None else validator.overlay):
         if held:
-            for key, value in tested.items():
-                if key in held and held[key] is value:
-                    del held[key]
+            for key in tested:
+                held.pop(key, None)

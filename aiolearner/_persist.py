@@ -127,6 +127,10 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
         metrics = state.metrics
         # Concurrent validation: the epochs' tails still to run, with their snapshots.
         validation = None if rt.validator is None else rt.validator.state_dict()
+        if validation is not None and rt.tested:
+            validation["overlay"] = {
+                k: v for k, v in validation["overlay"].items() if k not in rt.tested
+            }
     epoch_rng = None if snapshot is not None else rt.epoch_rng
     return {
         "format": FORMAT,
@@ -135,7 +139,8 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
         # "optimizer" for one optimizer (as always), "optimizers" by name for several.
         **_optim.to_checkpoint(state.optimizers),
         "progress": progress,
-        "metrics": {k: v for k, v in metrics.items() if _portable(v)},
+        # (Not a test's results: they belong to the weights tested, and end when fit starts.)
+        "metrics": {k: v for k, v in metrics.items() if _portable(v) and k not in rt.tested},
         "rng": rng_to_portable(rng),
         # The training data's own generators and epoch samplers now (an epoch that starts
         # after this point draws from them), and the whole random state the current epoch's

@@ -138,9 +138,9 @@ class Runtime:
         self.target_epochs = 0
         #: How the last fit run ended (``state.outcome`` of its ``after_fit_run``).
         self.last_outcome = ""
-        #: The ``test_`` keys of ``state.metrics`` the last ``test()`` wrote, with their values
-        #: (dropped when the next fit starts, if nothing wrote them since).
-        self.tested: dict[str, Any] = {}
+        #: The ``test_`` keys of ``state.metrics`` that tests wrote since the last fit started
+        #: (dropped when the next one starts; left out of checkpoints).
+        self.tested: set[str] = set()
         #: The last run ended stopped (a StopFit acted on, its teardown done) but its caller
         #: saw a cancellation (or a signal) that landed after: the stop's reason. The next fit
         #: ends there as that run did (see FitRun.run), so that "fit again" after it finishes

@@ -97,8 +97,15 @@ async def test_a_tests_results_stay_until_the_next_fit(mode: str) -> None:
     recorder = Recorder()
     learner = make_learner(callbacks=[Metrics(["accuracy"]), Mine(), recorder], validate=mode)
     await learner.fit(1)
-    results = await learner.test(make_batches(3, seed=11))
+    await learner.test({"a": make_batches(2, seed=12)})
+    data = make_batches(3, seed=11)
+    await learner.test(data)
+    results = await learner.test(data)  # the same values again (concurrent: not rewritten)
     assert {k: learner.state.metrics[k] for k in results} == results
+    assert "test_a_loss" in learner.state.metrics
+    # Not in checkpoints: a learner that loads one does not carry them into its records.
+    saved = learner.state_dict()
+    assert [k for k in saved["metrics"] if k.startswith("test_")] == ["test_mine"]
     await learner.fit(3)
     assert [k for k in learner.state.metrics if k.startswith("test_")] == ["test_mine"]
     for record in recorder.history["epochs"]:
