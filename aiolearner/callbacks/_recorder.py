@@ -62,8 +62,12 @@ class Recorder(Callback):
         self._epochs: list[dict[str, float]] = []
         self._pending: list[torch.Tensor | None] = []
         self._lr_now: list[float] = []
-        # An update after the batch's row was kept (an epoch's short last group of micro-batches).
-        self._late = False
+        # Batches begun in this pass, and the one an update after the last row ran in: the
+        # same as the last row's for an epoch's short last group of micro-batches, applied
+        # after its last batch; not for a batch skipped after its update (it has no row).
+        self._begun = 0
+        self._row_at = 0
+        self._late: int | None = None
         self._hook: Any = None
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -76,10 +80,11 @@ class Recorder(Callback):
 
     def _stepping(self, optimizer: torch.optim.Optimizer, *_: object) -> None:
         self._lr_now = _lrs(optimizer)
-        self._late = True
+        self._late = self._begun
 
     def before_fit_batch(self, state: StateView) -> None:
         """Note the learning rates now (a batch that only accumulates gradients keeps these)."""
+        self._begun += 1
         self._lr_now = _lrs(state.optimizer)
 
     def after_fit_batch(self, state: StateView) -> None:
@@ -88,14 +93,16 @@ class Recorder(Callback):
         self._pending.append(state.loss.detach() if state.is_valid("loss") else None)
         self._steps.append(state.step)
         self._lrs.append(self._lr_now)
-        self._late = False
+        self._row_at = self._begun
+        self._late = None
 
     def after_fit(self, state: StateView) -> None:
         """Turn the pass's losses into floats (one transfer per epoch); an update that ran
         after the pass's last row (its short last group) gives that row its rates."""
-        if self._late and self._lrs:
+        if self._late is not None and self._late == self._row_at and self._lrs:
             self._lrs[-1] = self._lr_now
-        self._late = False
+        self._late = None
+        self._begun = self._row_at = 0
         self._flush()
 
     def after_fit_run(self, state: StateView) -> None:

@@ -68,6 +68,27 @@ async def test_under_accumulation_a_row_has_the_rate_of_the_update_its_batch_ran
     assert used == [0.1, 0.1, 0.1, 0.05, 0.0333]
 
 
+async def test_a_last_batch_skipped_after_its_update_leaves_the_rows_before_alone() -> None:
+    """It has no row; its update is not the short group's, which would give the last row its
+    rates."""
+    from aiolearner import Callback, SkipBatch, StateView
+
+    class SkipLast(Callback):
+        reads = frozenset({"batch_index"})
+
+        def after_update(self, state: StateView) -> None:
+            if state.batch_index == 3:  # (counted once the update committed it)
+                raise SkipBatch("after its update")
+
+    recorder = Recorder()
+    schedule = LRSchedule(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
+    learner = make_learner(
+        callbacks=[recorder, schedule, SkipLast()], n_batches=3, with_validation=False
+    )
+    await learner.fit(1)
+    assert recorder.history["lr"] == [[0.1], [0.05]]
+
+
 async def test_a_learner_whose_updates_are_named_records_too() -> None:
     """No stage is named 'update' (two optimizers, Update("d") and Update("g")): the rates are
     read where the first optimizer steps."""
