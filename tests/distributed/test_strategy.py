@@ -183,6 +183,8 @@ def test_the_settings_ranks_compare_name_each_difference_with_every_ranks_value(
     assert differences([options(True, 0), options(False, 1)]) == []
     lazy = settings_of(DDP(), torch.nn.LazyLinear(2), {"main": torch.optim.SGD([torch.ones(1)])})
     assert lazy["model parameter 'weight'"] == "uninitialized"
+    norm = settings_of(DDP(), torch.nn.BatchNorm1d(3), {"main": torch.optim.SGD([torch.ones(1)])})
+    assert norm["model buffer 'running_mean'"] == "(3,) float32"
 
 
 # -- found while testing the strategies ------------------------------------------------------------
