@@ -61,9 +61,13 @@ def settings_of(
         else:
             shape = f"{tuple(p.shape)} {p.dtype}".replace("torch.", "")
         found[f"model parameter {name!r}"] = shape
-    for name, b in model.named_buffers():
-        # (Their values may differ: DDP broadcasts rank 0's.)
-        found[f"model buffer {name!r}"] = f"{tuple(b.shape)} {b.dtype}".replace("torch.", "")
+    # Buffers the strategy broadcasts (their values may differ: rank 0's are sent to all).
+    broadcast = getattr(strategy, "ddp_kwargs", {}).get("broadcast_buffers", True)
+    for name, b in model.named_buffers() if broadcast else ():
+        if isinstance(b, torch.nn.parameter.UninitializedBuffer):
+            found[f"model buffer {name!r}"] = "uninitialized"
+        else:
+            found[f"model buffer {name!r}"] = f"{tuple(b.shape)} {b.dtype}".replace("torch.", "")
     found["the optimizers"] = tuple(optimizers)
     for key, optimizer in optimizers.items():
         where = "the optimizer" if len(optimizers) == 1 else f"optimizer {key!r}"

@@ -185,6 +185,14 @@ def test_the_settings_ranks_compare_name_each_difference_with_every_ranks_value(
     assert lazy["model parameter 'weight'"] == "uninitialized"
     norm = settings_of(DDP(), torch.nn.BatchNorm1d(3), {"main": torch.optim.SGD([torch.ones(1)])})
     assert norm["model buffer 'running_mean'"] == "(3,) float32"
+    lazy_norm = settings_of(
+        DDP(), torch.nn.LazyBatchNorm1d(), {"main": torch.optim.SGD([torch.ones(1)])}
+    )
+    assert lazy_norm["model buffer 'running_mean'"] == "uninitialized"
+    # Buffers DDP is told not to broadcast may be each rank's own.
+    unsent = DDP(broadcast_buffers=False)
+    kept = settings_of(unsent, torch.nn.BatchNorm1d(3), {"main": torch.optim.SGD([torch.ones(1)])})
+    assert not [key for key in kept if key.startswith("model buffer")]
 
 
 # -- found while testing the strategies ------------------------------------------------------------
