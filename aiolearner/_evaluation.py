@@ -102,17 +102,15 @@ async def test(learner: Learner[Any], data: Iterable[Any] | Mapping[str, Any]) -
     kept: dict[str, Any] = {k: d[k] for k in ("validation", "validation_tag") if k in d}
     validator = learner._rt.validator
     latest = None if validator is None else validator.latest
-    metrics_before = dict(state.metrics)
+    rt = learner._rt
+    rt.testing = dict(state.metrics)
     async with running(learner, LearnerStatus.TESTING):
         try:
             await evaluate(learner, sets)
             results = results_of(d, kept.get("validation"))
         finally:
-            learner._rt.tested |= {
-                k
-                for k, v in state.metrics.items()
-                if k.startswith("test_") and (k not in metrics_before or metrics_before[k] is not v)
-            }
+            rt.tested = rt.tested_keys(state.metrics)
+            rt.testing = None
             # A test is not a validation: the latest validation stays what it was.
             state.invalidate("validation", "validation_tag")
             d.update(kept)

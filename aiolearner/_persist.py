@@ -102,6 +102,7 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
         }
         metrics = snapshot.metrics
         validation = None
+        tested = rt.tested_keys(metrics)
     else:
         model = learner.model
         progress = {
@@ -127,9 +128,10 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
         metrics = state.metrics
         # Concurrent validation: the epochs' tails still to run, with their snapshots.
         validation = None if rt.validator is None else rt.validator.state_dict()
-        if validation is not None and rt.tested:
+        tested = rt.tested_keys(metrics)
+        if validation is not None and tested:
             validation["overlay"] = {
-                k: v for k, v in validation["overlay"].items() if k not in rt.tested
+                k: v for k, v in validation["overlay"].items() if k not in tested
             }
     epoch_rng = None if snapshot is not None else rt.epoch_rng
     return {
@@ -140,7 +142,7 @@ def state_dict(learner: Learner[Any], snapshot: State | None = None) -> dict[str
         **_optim.to_checkpoint(state.optimizers),
         "progress": progress,
         # (Not a test's results: they belong to the weights tested, and end when fit starts.)
-        "metrics": {k: v for k, v in metrics.items() if _portable(v) and k not in rt.tested},
+        "metrics": {k: v for k, v in metrics.items() if _portable(v) and k not in tested},
         "rng": rng_to_portable(rng),
         # The training data's own generators and epoch samplers now (an epoch that starts
         # after this point draws from them), and the whole random state the current epoch's

@@ -141,6 +141,8 @@ class Runtime:
         #: The ``test_`` keys of ``state.metrics`` that tests wrote since the last fit started
         #: (dropped when the next one starts; left out of checkpoints).
         self.tested: set[str] = set()
+        #: While a test runs: ``state.metrics`` as it was when it began (see tested_keys).
+        self.testing: dict[str, Any] | None = None
         #: The last run ended stopped (a StopFit acted on, its teardown done) but its caller
         #: saw a cancellation (or a signal) that landed after: the stop's reason. The next fit
         #: ends there as that run did (see FitRun.run), so that "fit again" after it finishes
@@ -360,6 +362,18 @@ class Runtime:
                 self.yield_every = self.yield_interval * LONE_YIELD_FACTOR
 
     # -- progress -----------------------------------------------------------------------------
+
+    def tested_keys(self, metrics: dict[str, Any]) -> set[str]:
+        """The ``test_`` keys of ``metrics`` tests wrote since the last fit began, the running
+        test's included (those it has written so far)."""
+        before = self.testing
+        if before is None:
+            return self.tested
+        return self.tested | {
+            k
+            for k, v in metrics.items()
+            if k.startswith("test_") and (k not in before or before[k] is not v)
+        }
 
     @property
     def committed(self) -> bool:

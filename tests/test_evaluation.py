@@ -106,6 +106,24 @@ async def test_a_tests_results_stay_until_the_next_fit(mode: str) -> None:
     # Not in checkpoints: a learner that loads one does not carry them into its records.
     saved = learner.state_dict()
     assert [k for k in saved["metrics"] if k.startswith("test_")] == ["test_mine"]
+
+    class SaveDuringTest(Callback):
+        """Takes the learner's state in the test's after_validate."""
+
+        reads = frozenset({"phase"})
+
+        def __init__(self) -> None:
+            self.saved: dict[str, Any] = {}
+
+        def after_validate(self, state: StateView) -> None:
+            if state.phase == "test":
+                self.saved = state.state_dict()
+
+    during = SaveDuringTest()
+    other = make_learner(callbacks=[Metrics(["accuracy"]), during], validate=mode)
+    await other.fit(1)
+    await other.test(make_batches(2, seed=13))
+    assert not [k for k in during.saved["metrics"] if k.startswith("test_")]
     await learner.fit(3)
     assert [k for k in learner.state.metrics if k.startswith("test_")] == ["test_mine"]
     for record in recorder.history["epochs"]:
