@@ -283,6 +283,11 @@ class AccumulateGradients(Fit):
         pending = state.batch_index % self.every
         if pending and fit_batch.flushed_at != (state.epoch, state.step):
             await self._flush(state, pending)
+        elif not pending and fit_batch.window is not None:
+            # The group's last micro-batch was consumed without its gradient (a StopEpoch
+            # before it): as when it is skipped, the group's update is skipped, its gradients
+            # dropped, not carried into the next epoch's first group.
+            fit_batch.window, fit_batch.in_group = None, False
 
     async def _flush(self, state: State, pending: int) -> None:
         fit_batch = self.fit_batch

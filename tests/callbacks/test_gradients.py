@@ -99,6 +99,34 @@ async def test_accumulation_resumes_mid_epoch_on_group_boundaries() -> None:
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("at", [1, 2])
+async def test_a_stop_epoch_in_a_group_applies_or_drops_it_as_the_pass_ends(at: int) -> None:
+    """A StopEpoch before micro-batch ``at`` of a group of 3 consumes that batch. Before its
+    middle one: the group is the pass's short last one, applied (scaled by 1/2, the consumed
+    batch counting as a zero). Before its last one: as a skipped last micro-batch, the group's
+    update is skipped. Either way nothing is carried into the next epoch's first group."""
+    from aiolearner import Callback, StopEpoch
+
+    class StopAt(Callback):
+        reads = frozenset({"batch_index", "epoch"})
+
+        def before_fit_batch(self, state: StateView) -> None:
+            if state.epoch == 0 and state.batch_index == at:
+                raise StopEpoch("enough of this epoch")
+
+    acc = AccumulateGradients(3)
+    learner = make_learner(
+        callbacks=[StopAt()], stages={"fit": acc}, n_batches=5, with_validation=False
+    )
+    updates: list[int] = []
+    learner.optimizer.register_step_post_hook(lambda *_: updates.append(1))
+    await learner.fit(1)
+    assert getattr(acc.fit_batch, "window", "missing") is None  # nothing carried over
+    assert len(updates) == (1 if at == 1 else 0)
+    await learner.fit(2)
+    assert len(updates) == (1 if at == 1 else 0) + 2  # epoch 1: a group of 3, a short one of 2
+
+
 def test_accumulation_rejects_bad_every() -> None:
     with pytest.raises(ValueError, match="every"):
         AccumulateGradients(0)
