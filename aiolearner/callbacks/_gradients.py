@@ -316,6 +316,7 @@ class AccumulateGradients(Fit):
         hook = optimizer.register_step_post_hook(applied)
         try:
             await fit_batch.update_stage(state)
+            fit_batch.in_group = False  # (the short group is applied: no group is in progress)
         except BaseException:
             if not stepped:
                 # Not inside a batch: nobody else clears .grad, which holds the group, scaled.

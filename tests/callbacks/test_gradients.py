@@ -125,6 +125,8 @@ async def test_a_stop_epoch_in_a_group_applies_or_drops_it_as_the_pass_ends(at: 
     assert len(updates) == (1 if at == 1 else 0)
     await learner.fit(2)
     assert len(updates) == (1 if at == 1 else 0) + 2  # epoch 1: a group of 3, a short one of 2
+    # No group in progress once the short one is applied (a checkpoint under FSDP would warn).
+    assert getattr(acc.fit_batch, "in_group", "missing") is False
 
 
 def test_accumulation_rejects_bad_every() -> None:
