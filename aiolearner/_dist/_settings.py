@@ -41,6 +41,15 @@ def _plain(value: Any) -> Any:
     return type(value).__name__
 
 
+def _shape(tensor: torch.Tensor) -> str:
+    """``"(6, 4) float32"``; ``"uninitialized"`` for a lazy module's (DDP says what to do)."""
+    if isinstance(
+        tensor, torch.nn.parameter.UninitializedParameter | torch.nn.parameter.UninitializedBuffer
+    ):
+        return "uninitialized"
+    return f"{tuple(tensor.shape)} {tensor.dtype}".replace("torch.", "")
+
+
 def settings_of(
     strategy: Strategy, model: torch.nn.Module, optimizers: Mapping[str, torch.optim.Optimizer]
 ) -> dict[str, Any]:
@@ -56,18 +65,11 @@ def settings_of(
     parameters = list(model.named_parameters())
     found["the model's number of parameters"] = len(parameters)
     for name, p in parameters:
-        if isinstance(p, torch.nn.parameter.UninitializedParameter):
-            shape = "uninitialized"  # (a lazy module: DDP says what to do about it)
-        else:
-            shape = f"{tuple(p.shape)} {p.dtype}".replace("torch.", "")
-        found[f"model parameter {name!r}"] = shape
+        found[f"model parameter {name!r}"] = _shape(p)
     # Buffers the strategy broadcasts (their values may differ: rank 0's are sent to all).
     broadcast = getattr(strategy, "ddp_kwargs", {}).get("broadcast_buffers", True)
     for name, b in model.named_buffers() if broadcast else ():
-        if isinstance(b, torch.nn.parameter.UninitializedBuffer):
-            found[f"model buffer {name!r}"] = "uninitialized"
-        else:
-            found[f"model buffer {name!r}"] = f"{tuple(b.shape)} {b.dtype}".replace("torch.", "")
+        found[f"model buffer {name!r}"] = _shape(b)
     found["the optimizers"] = tuple(optimizers)
     for key, optimizer in optimizers.items():
         where = "the optimizer" if len(optimizers) == 1 else f"optimizer {key!r}"
