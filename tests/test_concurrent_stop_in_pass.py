@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from aiolearner import Callback, Learner, StateView, StopFit
 from aiolearner.callbacks import Recorder
@@ -66,16 +67,25 @@ class HoldThenStop(Callback):
             raise StopFit("stopped from inside the validation pass")
 
 
-def make(*extra: Callback) -> tuple[Learner[Any], Rows, Recorder]:
+def shuffled(batches: list[tuple[torch.Tensor, torch.Tensor]], size: int) -> DataLoader[Any]:
+    inputs, targets = (torch.cat(parts) for parts in zip(*batches, strict=True))
+    return DataLoader(TensorDataset(inputs, targets), batch_size=size, shuffle=True)
+
+
+def make(*extra: Callback, data: str = "lists") -> tuple[Learner[Any], Rows, Recorder]:
     torch.manual_seed(0)
     model = tiny_model(4, 3)
+    if data == "loaders":  # shuffling DataLoaders, and dropout: any draw out of place shows
+        model = torch.nn.Sequential(torch.nn.Dropout(0.2), model)
     rows, recorder = Rows(), Recorder()
+    train = make_batches(5, batch_size=8, n_out=3, seed=1)
+    val = make_batches(3, batch_size=7, n_out=3, seed=2)
     learner: Learner[Any] = Learner(
         model,
         torch.optim.SGD(model.parameters(), lr=0.1),
         torch.nn.functional.cross_entropy,
-        make_batches(5, batch_size=8, n_out=3, seed=1),
-        make_batches(3, batch_size=7, n_out=3, seed=2),
+        shuffled(train, 8) if data == "loaders" else train,
+        shuffled(val, 7) if data == "loaders" else val,
         callbacks=[rows, recorder, *extra],
         validate="concurrent",
     )
@@ -86,15 +96,16 @@ def weights(learner: Learner[Any]) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in learner.model.state_dict().items()}
 
 
+@pytest.mark.parametrize("data", ["lists", "loaders"])
 @pytest.mark.parametrize("hook", ["before_validate", "after_validate_batch"])
 @pytest.mark.parametrize("then", ["fit again", "fresh learner"])
 async def test_the_epoch_trained_meanwhile_is_validated_by_the_next_run(
-    hook: str, then: str
+    hook: str, then: str, data: str
 ) -> None:
-    reference, ref_rows, ref_recorder = make()
+    reference, ref_rows, ref_recorder = make(data=data)
     await reference.fit(EPOCHS)
 
-    learner, rows, recorder = make(HoldThenStop(hook))
+    learner, rows, recorder = make(HoldThenStop(hook), data=data)
     await learner.fit(EPOCHS)
     # Epoch 1 trained during epoch 0's validation: it counts; neither was validated yet.
     assert (learner.state.epoch, learner.state.step) == (2, 10)
@@ -102,7 +113,7 @@ async def test_the_epoch_trained_meanwhile_is_validated_by_the_next_run(
     assert rows.rows == []
     if then == "fresh learner":
         saved = learner.state_dict()
-        learner, rows, recorder = make()
+        learner, rows, recorder = make(data=data)
         learner.load_state_dict(saved)
     await learner.fit(EPOCHS)
 
