@@ -53,6 +53,9 @@ def kind(stage: Stage) -> str:
             and children[1].commit
             and Gradient.compute is _GRADIENT_COMPUTE
             and Update.compute is _UPDATE_COMPUTE
+            # (a compute set on the instance runs as written: the flat program calls it)
+            and "compute" not in children[0].__dict__
+            and "compute" not in children[1].__dict__
         ):
             return "default"
         return "flat"
@@ -86,18 +89,25 @@ def synchronous(stage: Stage) -> bool:
     fusable = stage.fusable
     if fusable is None:
         default_run = ComputeStage.run if isinstance(stage, ComputeStage) else Stage.run
-        fusable = type(stage).run is default_run
+        # A run set on the instance overrides the class's as a subclass's does.
+        fusable = type(stage).run is default_run and "run" not in stage.__dict__
     return fusable and all(synchronous(child) for child in stage.children)
 
 
 def flat(stage: Stage) -> bool:
     """Whether a batch is nothing but its compute leaves' ``compute`` in order: no hooks, the
     default ``run``, and leaves that own no control flow and have no sub-stages."""
-    if stage._before is not None or stage._after is not None or type(stage).run is not Stage.run:
+    if (
+        stage._before is not None
+        or stage._after is not None
+        or type(stage).run is not Stage.run
+        or "run" in stage.__dict__  # (set on the instance: it runs as written)
+    ):
         return False
     return all(
         isinstance(child, ComputeStage)
         and type(child).run is ComputeStage.run
+        and "run" not in child.__dict__
         and not child.children
         and not child.catches
         and child._before is None

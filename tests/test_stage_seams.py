@@ -87,6 +87,53 @@ async def test_a_patch_after_the_build_reaches_a_flat_batch(
     assert calls == [2, 3]
 
 
+@pytest.mark.parametrize("compute", COMPUTES)
+@pytest.mark.parametrize("where", ["gradient", "update"])
+async def test_a_compute_set_on_an_instance_runs_in_the_default_batch(
+    compute: str, where: str
+) -> None:
+    # As unittest.mock.patch.object would set it: the instance's compute, not the class's.
+    gradient, update = Gradient(), Update()
+    stage = gradient if where == "gradient" else update
+    original = stage.compute
+    calls: list[int] = []
+
+    def patched(state: State) -> None:
+        calls.append(state.batch_index)
+        original(state)
+
+    stage.compute = patched  # type: ignore[method-assign]
+    learner = make_learner(
+        n_batches=3,
+        compute=compute,
+        with_validation=False,
+        stages={"fit_batch": FitBatch(gradient, update)},
+    )
+    await learner.fit(1)
+    assert calls == [0, 1, 2]
+    assert learner._rt.executor.program(learner.stage("fit_batch")).kind == "flat"
+
+
+@pytest.mark.parametrize("compute", COMPUTES)
+async def test_a_run_set_on_an_instance_runs_as_a_subclass_s_does(compute: str) -> None:
+    fit_batch = FitBatch(Gradient(), Noise(), Update())
+    original = fit_batch.run
+    calls: list[int] = []
+
+    async def logged(state: State) -> None:
+        calls.append(state.batch_index)
+        await original(state)
+
+    fit_batch.run = logged  # type: ignore[method-assign]
+    learner = make_learner(
+        n_batches=3, compute=compute, with_validation=False, stages={"fit_batch": fit_batch}
+    )
+    await learner.fit(1)
+    assert calls == [0, 1, 2]
+    # Like a subclass overriding run without `fusable = True`: awaited, not fused.
+    assert learner._rt.executor.program(fit_batch).kind == "async"
+
+
 async def test_a_patch_after_the_build_reaches_validation(monkeypatch: pytest.MonkeyPatch) -> None:
     learner = make_learner(n_batches=2)
     await learner.fit(1)
