@@ -44,6 +44,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 from ._data import END, WAIT
 from ._exceptions import ControlFlow, StageError
@@ -297,6 +298,7 @@ class Executor:
         late = not synchronous and batches.source.marks_after_fetch
         bursts = synchronous and validator is None  # (no validation due between batches)
         locks = program.locks
+        shielded = program.shielded
         run_inline = rt.run_inline
         context = rt.context
         finish = self.finish_batch
@@ -379,7 +381,7 @@ class Executor:
                             else:
                                 await rt.compute(fn, state, writes_weights=locks)  # type: ignore[arg-type]
                     else:  # (shielded: a cancellation lands once the weights are whole)
-                        with anyio.CancelScope(shield=program.shielded):
+                        with anyio.CancelScope(shield=shielded):
                             await stage(state)
                 except BaseException as caught:
                     exc = await record_interrupted(stage, state, caught, context.committed)
@@ -391,6 +393,10 @@ class Executor:
                     raise exc  # noqa: B904 (the one caught, or a stronger flow in its place)
                 finish(stage, state, losses)
                 first = False
+                if shielded:
+                    # A cancellation that arrived while the batch was shielded lands now, not at
+                    # the next turn (a hop resets the turn's clock: in thread mode none is due).
+                    await anyio.lowlevel.checkpoint_if_cancelled()
                 if validator is not None:
                     if turn is not None:
                         turn.give()

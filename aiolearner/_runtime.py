@@ -278,9 +278,12 @@ class Runtime:
                 if lock is None or on_cancel is not None:
                     return await self._hop(fn, args, timed, on_cancel)
                 # Shielded: the thread cannot be interrupted anyway, and the counters written
-                # with the update must land with it before a cancellation is raised.
+                # with the update must land with it before a cancellation is raised, which it
+                # is then, here (the hop gave the loop its turn, so no turn is due soon).
                 with anyio.CancelScope(shield=True):
-                    return await self._hop(fn, args, timed, None)
+                    result = await self._hop(fn, args, timed, None)
+                await anyio.lowlevel.checkpoint_if_cancelled()
+                return result
             clock = time.perf_counter
             start = clock()
             try:
