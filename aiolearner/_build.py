@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ._callbacks import Callback, HookMethod
 from ._exceptions import ConfigurationError
 from ._plan import HookPlan, build_plan, describe_access
-from ._stage import ComputeStage, Stage
+from ._stage import ComputeStage, Stage, not_a_stage
 from ._stages import FitRun, Update
 from ._state import FIELD_LIFETIMES, STAGE_OWNED, split_declaration
 from ._validation import bind_states
@@ -226,7 +226,7 @@ def build_tree(stages: Mapping[str, Stage] | FitRun | None) -> Stage:
     known = {s.name: s for s in root.walk()}
     for name, stage in stages.items():
         if not isinstance(stage, Stage):
-            raise TypeError(f"stages[{name!r}] must be a Stage, got {type(stage).__name__}")
+            raise TypeError(f"stages[{name!r}] must be a Stage, got {not_a_stage(stage)}")
         _check_initialized(stage)
         if name not in known:
             raise ConfigurationError(
@@ -254,7 +254,7 @@ def replace_stage(learner: Learner[Any], name: str, stage: Stage) -> None:
     """The body of :meth:`Learner.replace_stage`: all or nothing (a refused tree leaves the
     learner as it was)."""
     if not isinstance(stage, Stage):
-        raise TypeError(f"stage must be a Stage, got {type(stage).__name__} {stage!r}")
+        raise TypeError(f"stage must be a Stage, got {not_a_stage(stage)}: {stage!r}")
     _check_initialized(stage)
     if name not in learner._stages:
         raise KeyError(f"no stage named {name!r}; stages: {sorted(learner._stages)}")

@@ -35,6 +35,7 @@ __all__ = [
     "Stage",
     "batch_size",
     "epoch_words",
+    "not_a_stage",
     "note_stage_error",
     "owned",
     "split_batch",
@@ -168,6 +169,14 @@ def _check_methods(cls: type[Stage]) -> None:
         )
 
 
+def not_a_stage(value: object) -> str:
+    """What was given where a stage object is needed, for the ``TypeError`` saying so: a stage
+    class itself (``Gradient`` for ``Gradient()``) gets the call it is missing."""
+    if isinstance(value, type) and issubclass(value, Stage):
+        return f"the class {value.__name__} itself (pass a stage object: {value.__name__}())"
+    return type(value).__name__
+
+
 class Stage:
     """Base class of stages: one coroutine that transforms the state, awaiting its sub-stages.
 
@@ -234,7 +243,7 @@ class Stage:
         for child in children:
             if not isinstance(child, Stage):
                 raise TypeError(
-                    f"{type(self).__name__} takes stages as children, got {type(child).__name__}"
+                    f"{type(self).__name__} takes stages as children, got {not_a_stage(child)}"
                 )
         self.children: tuple[Stage, ...] = children
         self._before = None

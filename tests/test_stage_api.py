@@ -86,6 +86,20 @@ def test_fit_batch_refuses_positional_and_keyword_stages_together() -> None:
         FitBatch(Gradient(), "update")  # type: ignore[arg-type]
 
 
+def test_a_stage_class_given_for_a_stage_object_is_named_with_the_call_it_misses() -> None:
+    with pytest.raises(
+        TypeError, match=r"the class Gradient itself \(pass a stage object: Gradient\(\)\)"
+    ):
+        FitBatch(Gradient, Update())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"stages\['fit_batch'\].*the class FitBatch itself"):
+        make_learner(stages={"fit_batch": FitBatch})  # type: ignore[dict-item]
+    learner = make_learner()
+    with pytest.raises(
+        TypeError, match=r"the class Update itself \(pass a stage object: Update\(\)\)"
+    ):
+        learner.replace_stage("update", Update)  # type: ignore[arg-type]
+
+
 async def test_patching_gradient_compute_on_the_class_reaches_the_default_batch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
