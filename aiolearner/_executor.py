@@ -289,16 +289,13 @@ class Executor:
         batch ends the pass: the batch is finished (consumed) and ``fit`` acts on it."""
         rt = self.rt
         program = self.program(fit.fit_batch)  # type: ignore[attr-defined]
-        stage = program.stage
-        losses = rt.train_losses
-        validator = rt.validator
-        policy = rt.policy
-        fast, drive = program.fast, program.full
+        stage, fast, drive = program.stage, program.fast, program.full
+        losses, validator, policy = rt.train_losses, rt.validator, rt.policy
         synchronous = fast is not None
         late = not synchronous and batches.source.marks_after_fetch
         bursts = synchronous and validator is None  # (no validation due between batches)
         locks = program.locks
-        shielded = program.shielded
+        shielded, hopped = program.shielded, False  # (hopped: in one shielded hop)
         run_inline = rt.run_inline
         context = rt.context
         finish = self.finish_batch
@@ -379,7 +376,13 @@ class Executor:
                             if bursts and policy.hopping:
                                 pending = await self._burst(program, state, batches, losses)
                             else:
-                                await rt.compute(fn, state, writes_weights=locks)  # type: ignore[arg-type]
+                                hopped = True  # (a cancellation lands once it is finished)
+                                await rt.compute(
+                                    fn,  # type: ignore[arg-type]
+                                    state,
+                                    writes_weights=locks,
+                                    raise_cancel=False,
+                                )
                     else:  # (shielded: a cancellation lands once the weights are whole)
                         with anyio.CancelScope(shield=shielded):
                             await stage(state)
@@ -393,9 +396,8 @@ class Executor:
                     raise exc  # noqa: B904 (the one caught, or a stronger flow in its place)
                 finish(stage, state, losses)
                 first = False
-                if shielded:
-                    # A cancellation that arrived while the batch was shielded lands now, not at
-                    # the next turn (a hop resets the turn's clock: in thread mode none is due).
+                if shielded or hopped:  # (not at the next turn: a hop resets the turn's clock)
+                    hopped = False
                     await anyio.lowlevel.checkpoint_if_cancelled()
                 if validator is not None:
                     if turn is not None:

@@ -261,11 +261,14 @@ class Runtime:
         writes_weights: bool = False,
         timed: bool = True,
         on_cancel: Callable[[], object] | None = None,
+        raise_cancel: bool = True,
     ) -> Any:
         """``fn(*args)`` where the policy says, under the weights' write lock if asked.
 
         ``timed=False``: ``fn`` records its batches' times itself (a burst of several batches).
-        ``on_cancel``: see :meth:`ComputeWorker.run`.
+        ``on_cancel``: see :meth:`ComputeWorker.run`. ``raise_cancel=False``: a cancellation
+        that came during a shielded hop is left for the caller's next checkpoint (a whole
+        batch, hooks included, that the training loop finishes first).
         """
         if DRIVING.get():
             return fn(*args)
@@ -282,7 +285,8 @@ class Runtime:
                 # is then, here (the hop gave the loop its turn, so no turn is due soon).
                 with anyio.CancelScope(shield=True):
                     result = await self._hop(fn, args, timed, None)
-                await anyio.lowlevel.checkpoint_if_cancelled()
+                if raise_cancel:
+                    await anyio.lowlevel.checkpoint_if_cancelled()
                 return result
             clock = time.perf_counter
             start = clock()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from aiolearner import Callback, Fit, FitBatch, Gradient, Learner, State, StateView, Update
+from aiolearner.callbacks import Metrics
 from aiolearner.testing import make_batches, tiny_model
 
 N = 40
@@ -120,3 +121,61 @@ async def test_a_cancel_inside_a_shielded_batch_lands_once_it_is_committed(compu
     assert scope.cancelled_caught
     # The fourth batch (its first update's writes) is whole and committed, and is the last.
     assert learner.state.step == 4
+
+
+class CancelAfterBatch(Callback):
+    """A ``def`` hook of the batch (it runs with the fused batch, in the compute worker in
+    thread mode) that counts the batches it sees and cancels the test's scope in the fourth;
+    and the epochs' training accuracy."""
+
+    reads = frozenset({"step", "metrics", "epoch"})
+
+    def __init__(self) -> None:
+        self.scope: anyio.CancelScope | None = None
+        self.accuracy: dict[int, float] = {}
+        self.batches_seen = 0
+
+    def after_fit_batch(self, state: StateView) -> None:
+        self.batches_seen += 1
+        if self.scope is not None and state.step == 4:
+            cancel(self.scope)
+            self.scope = None
+
+    def after_epoch(self, state: StateView) -> None:
+        self.accuracy[state.epoch] = state.metrics["train_accuracy"]
+
+
+def learner_with(hook: CancelAfterBatch, compute: str) -> Learner[Any]:
+    torch.manual_seed(0)
+    model = tiny_model(seed=0)
+    return Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.nn.functional.cross_entropy,
+        make_batches(6, seed=1),
+        make_batches(2, seed=2),
+        callbacks=[Metrics(["accuracy"]), hook],
+        compute=compute,  # type: ignore[arg-type]
+        validate="concurrent",
+    )
+
+
+@pytest.mark.parametrize("compute", COMPUTES)
+async def test_a_cancel_during_a_whole_batch_s_hop_counts_the_batch_once(compute: str) -> None:
+    # With a concurrent validation each fused batch is one shielded hop in thread mode: the
+    # cancellation lands once the batch is finished; its after_fit_batch is not run again.
+    plain = learner_with(CancelAfterBatch(), compute)
+    await plain.fit(2)
+    hook = CancelAfterBatch()
+    learner = learner_with(hook, compute)
+    with anyio.CancelScope() as scope:
+        hook.scope = scope
+        await learner.fit(2)
+    assert scope.cancelled_caught
+    if compute == "thread":  # (inline, at the loop's next turn: see the first test)
+        assert learner.state.step == 4
+    await learner.fit(2)
+    assert hook.batches_seen == 12  # every batch once, the one interrupted included
+    assert hook.accuracy == plain.callbacks[1].accuracy  # type: ignore[attr-defined]
+    for a, b in zip(learner.model.parameters(), plain.model.parameters(), strict=True):
+        assert torch.equal(a, b)
