@@ -214,14 +214,14 @@ class BatchProgram:
                 loss.backward()  # type: ignore[no-untyped-call]
                 where = update
                 optimizer_step(d["optimizer"])
+                # Kept before the commit: a snapshot counting the batch finds its loss.
+                rt.train_losses.append(loss.detach())
                 rt.commit(state)
             except BaseException as exc:
                 if where is gradient and "loss" in locals():  # (no cost until an error)
                     note_loss_problem(exc, loss, d["model"])
                 if not owned(stage, state, exc, where):
                     raise
-                return
-            rt.train_losses.append(loss.detach())
 
         return default_batch
 

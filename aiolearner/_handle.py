@@ -66,6 +66,8 @@ class RunState(enum.Enum):
 
 #: The key of the running training loss in :attr:`LearnerSnapshot.metrics`.
 RUNNING_LOSS = "train_loss_running"
+#: How many times a snapshot reads the learner again when a batch was committed while it read.
+_SNAPSHOT_TRIES = 5
 
 
 def _plain(value: object) -> int | float | str | bool | None:
@@ -90,15 +92,23 @@ def _plain_mapping(data: object) -> dict[str, int | float | str | bool]:
     return out
 
 
-def _running_train_loss(learner: Learner[Any]) -> float | None:
-    """The mean training loss of the current epoch so far, for :class:`LearnerSnapshot`;
-    ``None`` before the epoch's first batch, or when the losses live on an accelerator (a
-    status request must not wait for the device)."""
+def _running_train_loss(learner: Learner[Any], batch_index: int) -> float | None:
+    """The mean training loss of the current epoch's first ``batch_index`` batches, for
+    :class:`LearnerSnapshot`; ``None`` before the epoch's first batch, or when the losses live
+    on an accelerator (a status request must not wait for the device)."""
     rt = learner._rt
-    losses = list(rt.train_losses)  # a copy: the compute thread may append meanwhile
+    # A copy: the compute thread may append meanwhile. The default batch keeps its loss before
+    # its commit, so the losses of the batches that batch_index counts are all there; a batch
+    # kept after it (by the end of the batch) may be one more.
+    losses = list(rt.train_losses)[:batch_index]
     d = learner._state.__dict__
     current = d.get("loss")
-    if current is not None and rt.committed and "validation_set" not in d:
+    if (
+        len(losses) < batch_index
+        and current is not None
+        and rt.committed
+        and "validation_set" not in d
+    ):
         # A training batch committed and not yet over (its after_fit_batch): it counts in
         # batch_index already, so its loss counts here too.
         losses.append(current.detach())
@@ -138,17 +148,24 @@ class LearnerSnapshot:
 
     @classmethod
     def of(cls, learner: Learner[Any]) -> LearnerSnapshot:
-        """Take the snapshot (no lock, no await: counters are written by the event loop)."""
+        """Take the snapshot (no lock, no await). The compute worker thread may commit a
+        batch meanwhile: the counters are read before and after the running loss, again
+        (a few times at most) until they agree."""
         d = learner.state.__dict__
-        metrics = _plain_mapping(d.get("metrics"))
-        running = _running_train_loss(learner)
+        for _ in range(_SNAPSHOT_TRIES):
+            counters = (d.get("epoch", 0), d.get("step", 0), d.get("batch_index", 0))
+            metrics = _plain_mapping(d.get("metrics"))
+            running = _running_train_loss(learner, int(counters[2]))
+            if counters == (d.get("epoch", 0), d.get("step", 0), d.get("batch_index", 0)):
+                break
         if running is not None:
             metrics[RUNNING_LOSS] = running
+        epoch, step, batch_index = counters
         return cls(
             status=learner.status.value,
-            epoch=int(d.get("epoch", 0)),
-            step=int(d.get("step", 0)),
-            batch_index=int(d.get("batch_index", 0)),
+            epoch=int(epoch),
+            step=int(step),
+            batch_index=int(batch_index),
             metrics=metrics,
             validation=_plain_mapping(d.get("validation")),
             outcome=learner._rt.last_outcome,

@@ -19,6 +19,7 @@ from aiolearner import (
     LearnerBusyError,
     LearnerSnapshot,
     RunState,
+    State,
     StateAccessError,
     StateView,
     StopFit,
@@ -324,6 +325,37 @@ async def test_snapshot_has_a_running_training_loss_before_the_first_epoch_ends(
     final = learner.snapshot().metrics
     assert "train_loss_running" not in final
     assert final["train_loss"] == pytest.approx(sum(watch.losses[1]) / 4, rel=1e-6)
+
+
+@pytest.mark.parametrize("compute", ["inline", "thread"])
+async def test_a_snapshot_taken_around_a_commit_has_the_running_loss_of_the_batches_it_counts(
+    compute: str,
+) -> None:
+    # In thread mode a snapshot may be taken at any instant of the default batch, in the
+    # worker: just before its commit and just after, the running loss covers exactly the
+    # batches that batch_index counts (it covered one fewer just after a commit).
+    learner = make_learner(n_batches=4, compute=compute, with_validation=False)
+    rt = learner._rt
+    commit = rt.commit
+    seen: list[tuple[int, object]] = []
+    losses: list[float] = []  # the epoch's, as the batches keep them
+
+    def commit_seen_by_snapshots(state: State) -> None:
+        before = learner.snapshot()
+        seen.append((before.batch_index, before.metrics.get("train_loss_running")))
+        commit(state)
+        after = learner.snapshot()
+        seen.append((after.batch_index, after.metrics.get("train_loss_running")))
+        losses[:] = [float(x) for x in rt.train_losses]
+
+    rt.commit = commit_seen_by_snapshots
+    await learner.fit(1)
+    assert [index for index, _ in seen] == [0, 1, 1, 2, 2, 3, 3, 4]
+    for index, running in seen:
+        if index == 0:
+            assert running is None
+        else:
+            assert running == pytest.approx(sum(losses[:index]) / index, rel=1e-6), index
 
 
 async def test_events_of_a_pending_handle_are_its_own_run_not_the_one_before() -> None:
