@@ -286,6 +286,22 @@ class HookPlan:
         if pending is not None:
             raise pending
 
+    async def run_within(self, seconds: float) -> list[str]:
+        """Run the plan shielded from cancellation and cut off after ``seconds``; the names of
+        the callbacks whose hook had not finished when it was cut off (none: it finished)."""
+        outer = self.progress
+        progress: HookProgress = {} if outer is None else outer
+        self.progress = progress  # (tracked for this run: which callbacks are done)
+        try:
+            with anyio.move_on_after(seconds, shield=True) as scope:
+                await self.run()
+        finally:
+            self.progress = outer
+        if not scope.cancelled_caught:
+            return []
+        done = progress.get(self.hook, (None, {}))[1]
+        return [entry.name for entry in self.entries if entry.index not in done]
+
 
 #: What the tracked hooks of a record have done: hook -> ((epoch, step, phase), callbacks done,
 #: by their index in the learner's callbacks, with the control flow each raised, if any).

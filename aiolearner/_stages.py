@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import warnings
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
@@ -563,10 +564,18 @@ class FitRun(Stage):
             # final checkpoint is written (a caller's timeout, Ctrl-C right at the end of a
             # completed run) must not lose it, and a teardown that hangs must not hold the
             # caller past teardown_timeout. The cancellation is delivered once it is done.
-            with anyio.move_on_after(rt.teardown_timeout, shield=True) as scope:
-                await after.run()
-            if scope.cancelled_caught:
+            cut = await after.run_within(rt.teardown_timeout)
+            if cut:
                 rt.teardown_timed_out = True
+                message = (
+                    f"after_fit_run did not finish within teardown_timeout={rt.teardown_timeout}"
+                    f" s: the hook of {', '.join(cut)} was cut off unfinished (what it had left"
+                    " to do is lost: a Checkpoint's final save, and the files of its last save"
+                    " point stay); raise teardown_timeout, or find what hangs there"
+                )
+                if rt.observed:
+                    rt.publish("log", self.name, state, {"message": message})
+                warnings.warn(message, UserWarning, stacklevel=2)
         except StopFit as flow:
             self.acted(state, flow)  # its owner's own after_ hook: nothing is left to stop
         except ControlFlow as flow:

@@ -18,7 +18,6 @@ from ._loggers import CSVLogger as CSVLogger
 from ._loggers import ExperimentLogger as ExperimentLogger
 from ._loggers import JSONLinesLogger as JSONLinesLogger
 from ._loggers import OpenMode as OpenMode
-from ._loggers import TensorBoardLogger as TensorBoardLogger
 from ._lr_finder import LRFinderResult as LRFinderResult
 from ._lr_finder import lr_find as lr_find
 from ._metrics import MetricFn as MetricFn
@@ -40,6 +39,7 @@ from ._summary import LayerSummary as LayerSummary
 from ._summary import ModelSummary as ModelSummary
 from ._summary import model_summary as model_summary
 from ._swa import SWA as SWA
+from ._tensorboard import TensorBoardLogger as TensorBoardLogger
 from ._throughput import Throughput as Throughput
 from ._throughput import stage_times as stage_times
 from ._tracking import MLflowLogger as MLflowLogger

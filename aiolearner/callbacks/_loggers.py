@@ -41,9 +41,8 @@ from aiolearner import Callback, StateView
 from ._args import optional_whole, ready_directory, usable_directory, usable_file, whole
 from ._distributed import is_rank_zero
 from ._files import atomic_write, remove_stray_temporaries
-from ._optional import require
 
-__all__ = ["CSVLogger", "ExperimentLogger", "JSONLinesLogger", "OpenMode", "TensorBoardLogger"]
+__all__ = ["CSVLogger", "ExperimentLogger", "JSONLinesLogger", "OpenMode"]
 
 Row = dict[str, Any]
 
@@ -117,6 +116,9 @@ class ExperimentLogger(Callback):
         # Rows are added in hooks (maybe in the compute worker thread) and dropped once written
         # (on the loop): the checkpoint state must see one or the other, never both or neither.
         self._guard = threading.Lock()
+        # Held by the thread that writes to the backend: a write abandoned by a cancellation
+        # (a hung backend past teardown_timeout) and a later one never use the backend at once.
+        self._backend = threading.Lock()
 
     # -- the protocol (run in a worker thread) ---------------------------------------------------
 
@@ -234,11 +236,27 @@ class ExperimentLogger(Callback):
             # that gets the lock after the final one finds nothing to do: it never reopens.
             rows = list(self._rows)
             artifacts = list(self._artifacts)
+            if not (rows or artifacts or final is not None):
+                return
+            handoff = _Handoff()
+
+            def write() -> None:
+                if handoff.take():
+                    with self._backend:
+                        self._write(rows, artifacts, final)
+
             try:
-                if rows or artifacts or final is not None:
-                    await anyio.to_thread.run_sync(self._write, rows, artifacts, final)
+                # Abandoned when cancelled (a bounded teardown, a cancelled run): a backend that
+                # hangs must not hold fit past teardown_timeout. The thread writes on.
+                await anyio.to_thread.run_sync(write, abandon_on_cancel=True)
             except Exception:
                 self._drop(len(rows), len(artifacts))
+                raise
+            except BaseException:
+                # Cancelled: the entries stay buffered unless the thread has them (it writes
+                # them; written again they would be twice in the log).
+                if not handoff.withdraw():
+                    self._drop(len(rows), len(artifacts))
                 raise
             self._drop(len(rows), len(artifacts))
 
@@ -500,90 +518,28 @@ class CSVLogger(ExperimentLogger):
         _copy_artifact(path, self.artifacts_dir, name)
 
 
-class TensorBoardLogger(ExperimentLogger):
-    """Log scalars for TensorBoard (needs the ``tensorboard`` package: the ``tensorboard`` extra).
+class _Handoff:
+    """Entries handed to a writer thread: either the thread takes them (and writes them) or the
+    event loop withdraws them (the write was abandoned before the thread started), never both."""
 
-    Epoch rows are logged as ``epoch/<metric>`` and step rows as ``step/loss``, at the training
-    step. Resumed from a checkpoint, it purges the events logged after it (``purge_step``). The
-    hyperparameters are logged as JSON text under the tag ``hparams`` (TensorBoard's Text tab);
-    artifacts are copied into ``log_dir / "artifacts"``.
+    __slots__ = ("_lock", "_state")
 
-    Args:
-        log_dir: the directory for the event files (``~`` is expanded).
-        every_n_steps: also log the batch loss every N training steps.
-        flush_rows: start a write once this many rows are buffered.
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = ""
 
-    Raises:
-        ImportError: tensorboard is not installed.
+    def take(self) -> bool:
+        """In the thread: whether it may write them (they were not withdrawn)."""
+        with self._lock:
+            if self._state:
+                return False
+            self._state = "taken"
+            return True
 
-    Reads ``metrics``, ``epoch``, ``step``, ``loss``, ``hparams`` and ``outcome``; writes
-    nothing.
-
-    Example:
-        >>> learner = Learner(..., callbacks=[TensorBoardLogger("runs/tb", every_n_steps=10)])
-        >>> await learner.fit(10)       # then: tensorboard --logdir runs/tb
-    """
-
-    _writes_into = property(lambda self: self.log_dir)  # one logger of a kind a directory
-
-    def __init__(
-        self,
-        log_dir: str | os.PathLike[str],
-        *,
-        every_n_steps: int | None = None,
-        flush_rows: int = 256,
-    ) -> None:
-        require("tensorboard", extra="tensorboard", what="TensorBoardLogger")
-        super().__init__(every_n_steps=every_n_steps, flush_rows=flush_rows)
-        self.log_dir = usable_directory(log_dir, "TensorBoardLogger")
-        self._writer: Any = None
-        self._purge_step: int | None = None
-
-    def _output_directories(self) -> list[tuple[Path, bool]]:
-        return [(self.log_dir, True)]
-
-    def open(self, mode: OpenMode, rows: int) -> None:
-        if self._writer is None:
-            tb = require("torch.utils.tensorboard", extra="tensorboard", what="TensorBoardLogger")
-            purge = self._purge_step if mode == "resume" else None
-            self._writer = tb.SummaryWriter(str(self.log_dir), purge_step=purge)
-            self._purge_step = None
-
-    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        if hparams:
-            text = json.dumps(hparams, indent=2, sort_keys=True)
-            # Markdown: indented by four spaces, the JSON shows as a code block.
-            self._writer.add_text("hparams", "    " + text.replace("\n", "\n    "))
-
-    def write_metrics(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        writer = self._writer
-        for row in rows:
-            step = int(row["step"])
-            prefix = row["kind"]
-            for key, value in row.items():
-                if key in ("kind", "epoch", "step"):
-                    continue
-                writer.add_scalar(f"{prefix}/{key}", float(value), global_step=step)
-        writer.flush()
-
-    def write_artifact(self, path: Path, name: str) -> None:
-        _copy_artifact(path, self.log_dir / "artifacts", name)
-
-    def finalize(self, outcome: str) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        # Events after the checkpoint's last logged step belong to the lost part of the run,
-        # and those of the rows not yet written then are written again (first).
-        first = next(iter(self._rows), None)
-        if first is not None:
-            self._purge_step = int(first["step"])
-        else:
-            self._purge_step = self._last_step + 1 if self._last_step >= 0 else None
-        self._close()
+    def withdraw(self) -> bool:
+        """On the loop: whether they were withdrawn (False: the thread has taken them)."""
+        with self._lock:
+            if self._state == "taken":
+                return False
+            self._state = "withdrawn"
+            return True

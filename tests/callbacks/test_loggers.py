@@ -14,6 +14,7 @@ from aiolearner import Callback, StateView
 from aiolearner.callbacks import (
     Checkpoint,
     CSVLogger,
+    ExperimentLogger,
     JSONLinesLogger,
     Metrics,
     TensorBoardLogger,
@@ -243,3 +244,50 @@ async def test_csv_files_are_the_same_with_concurrent_validation(tmp_path: Path)
         texts.append(path.read_text())
     assert texts[0] == texts[1]
     assert texts[0].splitlines()[0] == "kind,epoch,step,train_loss,val_loss"
+
+
+class HangingBackend(ExperimentLogger):
+    """A backend whose finalize blocks until the test lets it go (a server that stopped
+    answering); the rows it was given, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.finalized = threading.Event()
+        self.rows: list[tuple[str, int]] = []
+
+    def open(self, mode: Any, rows: int) -> None:
+        pass
+
+    def write_hparams(self, hparams: Any) -> None:
+        pass
+
+    def write_metrics(self, rows: Any) -> None:
+        self.rows.extend((row["kind"], row["step"]) for row in rows)
+
+    def finalize(self, outcome: str) -> None:
+        self.release.wait()
+        self.finalized.set()
+
+
+async def test_a_backend_that_hangs_in_finalize_does_not_hold_fit_past_teardown_timeout(
+    tmp_path: Path,
+) -> None:
+    backend = HangingBackend()
+    learner = make_learner(
+        callbacks=[backend, Checkpoint(tmp_path)], n_batches=2, teardown_timeout=0.2
+    )
+    # The logger's final write is abandoned at the bound (its thread goes on); the Checkpoint
+    # after it never ran: both are named.
+    with (
+        anyio.fail_after(20),
+        pytest.warns(UserWarning, match="the hook of HangingBackend, Checkpoint was cut off"),
+    ):
+        await learner.fit(2)
+    assert learner._rt.teardown_timed_out
+    assert not backend.finalized.is_set()
+    backend.release.set()
+    # The next run's writes wait for the abandoned one; every row is written once.
+    await learner.fit(3)
+    assert backend.finalized.is_set()
+    assert backend.rows == [("epoch", 2), ("epoch", 4), ("epoch", 6)]

@@ -75,7 +75,10 @@ async def test_teardown_is_bounded_by_teardown_timeout_in_every_outcome(tmp_path
     learner = make_learner(
         callbacks=[Checkpoint(tmp_path), Stall()], n_batches=N_BATCHES, teardown_timeout=0.05
     )
-    with anyio.fail_after(30):
+    with (
+        anyio.fail_after(30),
+        pytest.warns(UserWarning, match=r"teardown_timeout=0.05 s: the hook of Stall was cut off"),
+    ):
         await learner.fit(1)
     assert learner._rt.teardown_timed_out
     assert load_checkpoint_file(tmp_path / "last.pt")["progress"]["step"] == N_BATCHES
