@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -316,6 +317,7 @@ class FitHandle:
         self._done: anyio.Event | None = None
         self._cancel_requested = False
         self._finished = False
+        self._finalized = False
         self._state = RunState.PENDING
         self._claimed = False
         #: Waiting for a limiter's slot (see run): a cancel() then ends the handle at once.
@@ -342,6 +344,12 @@ class FitHandle:
     def done(self) -> bool:
         """Whether the run is over, its finalizer included."""
         return self._finished
+
+    @property
+    def finalized(self) -> bool:
+        """Whether ``finalize`` ran to its end (``False`` before, without one, when it raised,
+        or when ``finalize_timeout`` cut it off: a ``UserWarning`` says so then)."""
+        return self._finalized
 
     @property
     def error(self) -> BaseException | None:
@@ -496,8 +504,18 @@ class FitHandle:
         finally:
             try:
                 if started and self._finalize is not None:
-                    with anyio.move_on_after(self._finalize_timeout, shield=True):
+                    with anyio.move_on_after(self._finalize_timeout, shield=True) as bound:
                         await self._finalize(self)
+                    self._finalized = not bound.cancelled_caught
+                    if bound.cancelled_caught:
+                        warnings.warn(
+                            f"the handle's finalize did not finish within finalize_timeout="
+                            f"{self._finalize_timeout} s and was cut off: what it had left to do "
+                            "(a final save) is not done; raise finalize_timeout, or find what "
+                            "hangs there",
+                            UserWarning,
+                            stacklevel=2,
+                        )
             finally:
                 for stream in self._streams:
                     _end(stream)

@@ -403,3 +403,30 @@ async def test_a_handle_refused_by_a_busy_learner_neither_finalizes_nor_sees_its
     # The refused run did not start: nothing to finalize, and its stream ended empty.
     assert finalized == []
     assert seen == []
+
+
+async def test_a_finalizer_cut_off_by_finalize_timeout_says_so() -> None:
+    learner = make_learner(n_batches=2)
+    finished: list[bool] = []
+
+    async def stuck(handle: FitHandle) -> None:
+        await anyio.sleep_forever()
+        finished.append(True)
+
+    handle = FitHandle(learner, 1, finalize=stuck, finalize_timeout=0.05)
+    with anyio.fail_after(20), pytest.warns(UserWarning, match="finalize_timeout=0.05 s"):
+        assert await handle.run() is RunState.COMPLETED
+    assert handle.done
+    assert not handle.finalized
+    assert not finished
+
+    saved: list[int] = []
+
+    async def save(handle: FitHandle) -> None:
+        saved.append(handle.learner.state.step)
+
+    second = FitHandle(learner, 2, finalize=save)
+    assert not second.finalized
+    await second.run()
+    assert second.finalized
+    assert saved == [4]
