@@ -165,8 +165,8 @@ class Learner(Generic[TBatch]):
                     "strategy must be a distributed strategy (aiolearner.DDP(), aiolearner.FSDP()),"
                     f" got {type(strategy).__name__} {strategy!r}"
                 )
-            # Join the process group, then this rank's shard of the data.
-            device = strategy._connect(device, model, optimizers)
+            parts = (callbacks, stages, train_data)  # (joins the group; then this rank's shard)
+            device = strategy._connect(device, model, optimizers, parts)
             train_data, val_data = strategy._shard(train_data, val_data)
         self._device = _construct.resolve_device(model, device)
         if any(p.device != self._device for p in model.parameters()):

@@ -1,12 +1,13 @@
 """The ranks' settings, compared once as the learner is made.
 
 Every rank must make its learner alike: the same strategy settings, a model of the same
-parameters and optimizers of the same kind. A difference found later is a hang or an obscure
-error: ranks with different ``agree_every`` meet at different agreement points and wait for the
-group's timeout; a model of other shapes fails inside DDP's construction on one rank, with a
-bare transport error on the others. So the first thing a strategy does once it has joined the
-group (:func:`compare_settings`) is to gather each rank's settings (one ``all_gather_object`` on
-the training lane) and, where they differ, raise on every rank the same
+parameters, optimizers of the same kind, the same callbacks and stages in the same order, and a
+training DataLoader of the same batch size, sampler and ``drop_last``. A difference found later
+is a hang or an obscure error: ranks with different ``agree_every`` meet at different agreement
+points and wait for the group's timeout; a model of other shapes fails inside DDP's construction
+on one rank, with a bare transport error on the others. So the first thing a strategy does once
+it has joined the group (:func:`compare_settings`) is to gather each rank's settings (one
+``all_gather_object`` on the training lane) and, where they differ, raise on every rank the same
 :class:`~aiolearner.ConfigurationError`, naming each difference with every rank's value.
 """
 
@@ -19,11 +20,15 @@ import torch
 import torch.distributed as dist
 
 from .._exceptions import ConfigurationError
+from .._stage import Stage
 
 if TYPE_CHECKING:
     from ._strategy import Strategy
 
 __all__ = ["compare_settings", "settings_of"]
+
+#: The learner's callbacks, stages and training data, as given to ``Learner``.
+Parts = tuple[Any, Any, Any]
 
 #: At most this many differences are listed in the error.
 SHOWN = 5
@@ -51,9 +56,13 @@ def _shape(tensor: torch.Tensor) -> str:
 
 
 def settings_of(
-    strategy: Strategy, model: torch.nn.Module, optimizers: Mapping[str, torch.optim.Optimizer]
+    strategy: Strategy,
+    model: torch.nn.Module,
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    parts: Parts = (None, None, None),
 ) -> dict[str, Any]:
-    """What must be the same on every rank, as plain values (name: value)."""
+    """What must be the same on every rank, as plain values (name: value). ``parts``: the
+    learner's callbacks, stages and training data, as given to ``Learner``."""
     found: dict[str, Any] = {
         "strategy": type(strategy).__name__,
         "agree_every": strategy.agree_every,
@@ -81,6 +90,24 @@ def settings_of(
             for option, value in sorted(group.items()):
                 if option != "params" and option not in IMPLEMENTATION:
                     found[f"{where}'s {option} (group {i})"] = _plain(value)
+    callbacks, stages, train_data = parts
+    # Hooks run, and agree, in the callbacks' order: the same callbacks in the same order.
+    found["the callbacks"] = tuple(type(c).__qualname__ for c in callbacks or ())
+    if stages is not None:
+        given = stages.items() if isinstance(stages, Mapping) else [("fit_run", stages)]
+        found["the stages"] = tuple(
+            (name, tuple((s.name, type(s).__qualname__) for s in stage.walk()))
+            if isinstance(stage, Stage)
+            else (name, type(stage).__qualname__)
+            for name, stage in given
+        )
+    if isinstance(train_data, torch.utils.data.DataLoader):
+        # Each rank takes the fewest batches any rank has: a rank of larger batches (or of
+        # another order) would train on part of its shard.
+        found["train_data's batch_size"] = train_data.batch_size
+        found["train_data's drop_last"] = train_data.drop_last
+        found["train_data's sampler"] = type(train_data.sampler).__qualname__
+        found["train_data's batch_sampler"] = type(train_data.batch_sampler).__qualname__
     return found
 
 
@@ -110,10 +137,13 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def compare_settings(
-    strategy: Strategy, model: torch.nn.Module, optimizers: Mapping[str, torch.optim.Optimizer]
+    strategy: Strategy,
+    model: torch.nn.Module,
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    parts: Parts = (None, None, None),
 ) -> None:
     """Gather every rank's settings; raise on every rank alike where they differ."""
-    mine = settings_of(strategy, model, optimizers)
+    mine = settings_of(strategy, model, optimizers, parts)
     gathered: list[Any] = [None] * strategy._world_size
     dist.all_gather_object(gathered, mine, group=strategy.train_group)
     found = differences(gathered)
@@ -123,6 +153,7 @@ def compare_settings(
     more = f"; and {len(found) - SHOWN} more" if len(found) > SHOWN else ""
     raise ConfigurationError(
         f"the ranks made their learners differently: {shown}{more}. Every rank must make its "
-        f"Learner with the same model, optimizers and {type(strategy).__name__}(...) settings "
+        f"Learner with the same model, optimizers, callbacks, stages, training DataLoader "
+        f"settings and {type(strategy).__name__}(...) settings "
         f"(this is rank {strategy._rank} of {strategy._world_size})"
     )

@@ -43,7 +43,7 @@ from ._comm import CONCURRENT, FailureReports, guard, wait_work
 from ._data import EpochSampler, shard_train, shard_val
 from ._group import connect
 from ._run import distributed_error, run_fit
-from ._settings import compare_settings
+from ._settings import Parts, compare_settings
 
 if TYPE_CHECKING:
     from .._learner import Learner
@@ -196,11 +196,13 @@ class Strategy:
         device: torch.device | str | None,
         model: torch.nn.Module,
         optimizers: Mapping[str, torch.optim.Optimizer],
+        parts: Parts = (None, None, None),
     ) -> torch.device | str | None:
         """Join (or create) the process group and make the lanes (``_group.py``); check that
-        every rank makes its learner alike (``_settings.py``); the device to train on."""
+        every rank makes its learner alike (``_settings.py``; ``parts``: the learner's
+        callbacks, stages and training data); the device to train on."""
         device = connect(self, device)
-        compare_settings(self, model, optimizers)
+        compare_settings(self, model, optimizers, parts)
         return device
 
     def _settings(self) -> dict[str, Any]:

@@ -40,7 +40,14 @@ from aiolearner import (
     StopEpoch,
     StopFit,
 )
-from aiolearner.callbacks import AccumulateGradients, Checkpoint, EarlyStopping, Metrics, TimeLimit
+from aiolearner.callbacks import (
+    AccumulateGradients,
+    Checkpoint,
+    EarlyStopping,
+    Metrics,
+    Recorder,
+    TimeLimit,
+)
 
 torch.set_num_threads(1)
 RANK = int(os.environ["RANK"])
@@ -488,6 +495,17 @@ def s_settings(backend: str) -> Result:
             model=torch.nn.Sequential(
                 torch.nn.Linear(8, 6 + 2 * RANK), torch.nn.Linear(6 + 2 * RANK, 3)
             )
+        ),
+        # A callback on one rank only; the same callbacks in another order.
+        "callbacks": lambda: make_learner(
+            callbacks=(Metrics(["accuracy"]),) + ((EarlyStopping("train_loss"),) if RANK else ())
+        ),
+        "order": lambda: make_learner(
+            callbacks=(Metrics(["accuracy"]), Recorder())[:: 1 if RANK == 0 else -1]
+        ),
+        "batch size": lambda: make_learner(batch=8 if RANK == 0 else 4),
+        "shuffle": lambda: make_learner(
+            train=DataLoader(dataset(), batch_size=8, shuffle=RANK == 0)
         ),
     }
     for name, make in cases.items():

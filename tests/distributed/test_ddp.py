@@ -342,6 +342,19 @@ def test_ranks_that_make_their_learners_differently_are_told_alike_at_once(ran: 
             "model parameter '0.weight' (rank 0: '(6, 8) float32', rank 1: '(8, 8) float32')"
             in (result["model"])
         )
+        assert (
+            "the callbacks (rank 0: ('Metrics',), rank 1: ('Metrics', 'EarlyStopping'))"
+            in (result["callbacks"])
+        )
+        assert (
+            "the callbacks (rank 0: ('Metrics', 'Recorder'), rank 1: ('Recorder', 'Metrics'))"
+            in (result["order"])
+        )
+        assert "train_data's batch_size (rank 0: 8, rank 1: 4)" in result["batch size"]
+        assert (
+            "train_data's sampler (rank 0: 'RandomSampler', rank 1: 'SequentialSampler')"
+            in result["shuffle"]
+        )
         assert result["step after"] == 6
     # The same message on both ranks but for the rank it names.
     assert r0["model"].replace("rank 0 of", "rank 1 of") == r1["model"]
