@@ -75,11 +75,21 @@ def _full_states(strategy: Strategy, learner: Learner[Any]) -> tuple[Any, Any] |
     )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model = learner.model
-    return (
-        get_model_state_dict(model, options=options),
-        get_optimizer_state_dict(model, learner.optimizer, options=options),
-    )
+    model, optimizer = learner.model, learner.optimizer
+    if optimizer.state:
+        optim = get_optimizer_state_dict(model, optimizer, options=options)
+    else:
+        # No state (plain SGD, or before the first step): torch's reader would make some with
+        # a step of zero gradients, whose step hooks a schedule or an average would count.
+        names = {id(p): name for name, p in model.named_parameters()}
+        optim = {
+            "state": {},
+            "param_groups": [
+                {**group, "params": [names[id(p)] for p in group["params"]]}
+                for group in optimizer.param_groups
+            ],
+        }
+    return get_model_state_dict(model, options=options), optim
 
 
 def state_dict(
@@ -226,7 +236,17 @@ def _load_fsdp(learner: Learner[Any], ckpt: dict[str, Any]) -> None:
     _persist.load_state_dict(learner, ckpt)
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(model, optimizer, optim, options=options)
+    # The groups' hyperparameters first, as Optimizer.load_state_dict takes them: torch's loader
+    # wants the same keys in the live groups (a schedule made at fit start adds `initial_lr`)
+    # and a tensor in the state (plain SGD has none: then there is nothing more to load).
+    saved_groups = optim.get("param_groups", [])
+    if len(saved_groups) == len(optimizer.param_groups):
+        for live, saved in zip(optimizer.param_groups, saved_groups, strict=True):
+            live.update({k: v for k, v in saved.items() if k != "params"})
+    if any(
+        isinstance(v, torch.Tensor) for s in optim.get("state", {}).values() for v in s.values()
+    ):
+        set_optimizer_state_dict(model, optimizer, optim, options=options)
 
 
 async def resume(strategy: Strategy, learner: Learner[Any], which: Any) -> Any:

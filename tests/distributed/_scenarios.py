@@ -44,6 +44,7 @@ from aiolearner.callbacks import (
     AccumulateGradients,
     Checkpoint,
     EarlyStopping,
+    LRSchedule,
     Metrics,
     Recorder,
     TimeLimit,
@@ -620,7 +621,35 @@ def s_fsdp(backend: str, directory: Path) -> Result:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         grouped.state_dict()
+
+    # Plain SGD (no optimizer state at all) and a schedule made at fit start (it adds
+    # `initial_lr` to the groups a fresh optimizer lacks): resumed exactly all the same.
+    def plain(ckpt: bool) -> Learner[Any]:
+        model = make_model()
+        schedule = LRSchedule(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
+        return Learner(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            torch.nn.functional.cross_entropy,
+            DataLoader(dataset(), batch_size=8, shuffle=True),
+            callbacks=[schedule, *([Checkpoint(directory / "plain")] if ckpt else [])],
+            strategy=FSDP(timeout=TIMEOUT, wrap=(torch.nn.Linear,)),
+        )
+
+    straight = plain(True)
+    straight.fit_sync(2, backend=backend)  # type: ignore[arg-type]
+    plain_resumed = plain(False)
+    plain_resumed.fit_sync(2, resume=directory / "plain" / "epoch-0001.pt", backend=backend)  # type: ignore[arg-type]
+    plain_diff = max(
+        float((a.full_tensor() - b.full_tensor()).abs().max())  # type: ignore[attr-defined]
+        for a, b in zip(straight.model.parameters(), plain_resumed.model.parameters(), strict=True)
+    )
     return {
+        "plain_resume_max_diff": plain_diff,
+        "plain_lr": (
+            straight.optimizer.param_groups[0]["lr"],
+            plain_resumed.optimizer.param_groups[0]["lr"],
+        ),
         "max_diff_vs_ddp": float((gathered - full).abs().max()),
         "val_loss_diff": abs(fsdp.state.metrics["val_loss"] - ddp.state.metrics["val_loss"]),
         "resume_max_diff": float((again - gathered).abs().max()),

@@ -391,6 +391,9 @@ def test_fsdp_matches_ddp_validates_sequentially_and_resumes(ran: Results) -> No
         assert result["max_diff_vs_ddp"] <= 1e-6
         assert result["val_loss_diff"] <= 1e-6
         assert result["resume_max_diff"] == 0.0
+        assert result["plain_resume_max_diff"] == 0.0
+        straight, resumed = result["plain_lr"]  # (scheduled every step: halved each one)
+        assert straight == resumed < 0.1
         # Stopped at step 2, inside a group of 3: the checkpoint warns it cannot hold the group.
         assert result["mid_group_step"] == 2
         assert len(result["mid_group_warnings"]) == 1
