@@ -157,7 +157,10 @@ class TailWorker:
         rt = self._rt
         assert rt is not None
         assert rt.tg is not None
-        self._worker_scope = anyio.CancelScope()
+        # Under a strategy an outside cancellation of one rank becomes a stop every rank agrees
+        # on (the run is shielded, _dist/_run.py): the tails go on too, or this rank would
+        # leave their reductions to the others. The run cancels them itself (_abort).
+        self._worker_scope = anyio.CancelScope(shield=rt.strategy is not None)
         self._worker_done = anyio.Event()
         rt.tg.start_soon(
             self._work, self._worker_scope, self._worker_done, name="aiolearner.validation"

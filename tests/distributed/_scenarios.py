@@ -324,6 +324,33 @@ def s_cancel(backend: str) -> Result:
         whole = make_learner(strategy=DDP(timeout=TIMEOUT, agree_every=2))
         await whole.fit(2)
         out["continued_equal"] = torch.equal(flat(learner.model), flat(whole.model))
+
+        # Rank 1 cancelled as a concurrent validation's pass begins (its reductions ahead):
+        # the pass goes on on every rank, then the agreed stop; fit again finishes exactly.
+        inside = anyio.CancelScope()
+
+        class CancelInValidation(Callback):
+            reads = frozenset({"epoch"})
+
+            async def before_validate(self, state: StateView) -> None:
+                if RANK == 1 and state.epoch == 0:
+                    inside.cancel()
+                await anyio.lowlevel.checkpoint()
+
+        val = DataLoader(dataset(40, seed=5), batch_size=5)
+        options: dict[str, Any] = {"val": val, "validate": "concurrent"}
+        strategy = DDP(timeout=TIMEOUT, agree_every=2)
+        cut = make_learner(callbacks=(CancelInValidation(),), strategy=strategy, **options)
+        with inside:
+            await cut.fit(3)
+        out["in_validation_cancelled"] = inside.cancelled_caught
+        await cut.fit(3)
+        straight = make_learner(strategy=DDP(timeout=TIMEOUT, agree_every=2), **options)
+        await straight.fit(3)
+        out["in_validation_equal"] = torch.equal(flat(cut.model), flat(straight.model))
+        out["in_validation_val_loss"] = [
+            learner.state.metrics["val_loss"] for learner in (cut, straight)
+        ]
         return out
 
     result: Result = run(main, backend)

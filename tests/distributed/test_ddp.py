@@ -273,6 +273,12 @@ def test_an_outside_cancellation_of_one_rank_is_agreed_and_fit_continues_exactly
     assert r1["reason"].startswith("rank 0 was cancelled")
     assert r0["continued_equal"]
     assert r1["continued_equal"]
+    # Cancelled as a concurrent validation begins (it hung until the group's timeout).
+    assert r1["in_validation_cancelled"]
+    for result in (r0, r1):
+        assert result["in_validation_equal"]
+        cut, straight = result["in_validation_val_loss"]
+        assert cut == straight
 
 
 def test_sigterm_at_different_steps_stops_both_at_the_same_step(ran: Results) -> None:
