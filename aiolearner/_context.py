@@ -108,7 +108,9 @@ class StageContext:
         Inside a batch that runs without the event loop (a fused batch) it simply calls ``fn``:
         the batch already holds the lock and runs where the policy says.
         """
-        result: T = await self._rt.compute(fn, *args, writes_weights=writes_weights)
+        result: T = await self._rt.compute(
+            fn, *args, writes_weights=writes_weights, raise_cancel=True
+        )
         return result
 
     @property

@@ -377,16 +377,14 @@ class Executor:
                                 pending = await self._burst(program, state, batches, losses)
                             else:
                                 hopped = True  # (a cancellation lands once it is finished)
-                                await rt.compute(
-                                    fn,  # type: ignore[arg-type]
-                                    state,
-                                    writes_weights=locks,
-                                    raise_cancel=False,
-                                )
+                                await rt.compute(fn, state, writes_weights=locks)  # type: ignore[arg-type]
                     else:  # (shielded: a cancellation lands once the weights are whole)
                         with anyio.CancelScope(shield=shielded):
                             await stage(state)
                 except BaseException as caught:
+                    cancelled = isinstance(caught, anyio.get_cancelled_exc_class())
+                    if cancelled and "batch" not in state.__dict__:
+                        raise  # (after a burst's finished batch: between two batches)
                     exc = await record_interrupted(stage, state, caught, context.committed)
                     if isinstance(exc, ControlFlow) and isinstance(exc, fit.catches):
                         self.consume_batch(stage, state)

@@ -261,14 +261,16 @@ class Runtime:
         writes_weights: bool = False,
         timed: bool = True,
         on_cancel: Callable[[], object] | None = None,
-        raise_cancel: bool = True,
+        raise_cancel: bool = False,
     ) -> Any:
         """``fn(*args)`` where the policy says, under the weights' write lock if asked.
 
         ``timed=False``: ``fn`` records its batches' times itself (a burst of several batches).
-        ``on_cancel``: see :meth:`ComputeWorker.run`. ``raise_cancel=False``: a cancellation
-        that came during a shielded hop is left for the caller's next checkpoint (a whole
-        batch, hooks included, that the training loop finishes first).
+        ``on_cancel``: see :meth:`ComputeWorker.run`. A cancellation that comes during a
+        shielded hop (one that writes weights) is left for the caller's next await: the stage
+        that called goes on to its end, its ``after_`` hooks included (a committed batch is
+        recorded whole); ``raise_cancel=True`` raises it at once, after the hop (a stage
+        author's ``context.compute``, which says so).
         """
         if DRIVING.get():
             return fn(*args)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from aiolearner import Callback, Fit, FitBatch, Gradient, Learner, State, StateView, Update
-from aiolearner.callbacks import Metrics
+from aiolearner.callbacks import AccumulateGradients, Metrics, ParamSchedule
 from aiolearner.testing import make_batches, tiny_model
 
 N = 40
@@ -145,7 +145,7 @@ class CancelAfterBatch(Callback):
         self.accuracy[state.epoch] = state.metrics["train_accuracy"]
 
 
-def learner_with(hook: CancelAfterBatch, compute: str) -> Learner[Any]:
+def learner_with(hook: CancelAfterBatch, compute: str, validate: str) -> Learner[Any]:
     torch.manual_seed(0)
     model = tiny_model(seed=0)
     return Learner(
@@ -156,26 +156,98 @@ def learner_with(hook: CancelAfterBatch, compute: str) -> Learner[Any]:
         make_batches(2, seed=2),
         callbacks=[Metrics(["accuracy"]), hook],
         compute=compute,  # type: ignore[arg-type]
-        validate="concurrent",
+        validate=validate,  # type: ignore[arg-type]
     )
 
 
 @pytest.mark.parametrize("compute", COMPUTES)
-async def test_a_cancel_during_a_whole_batch_s_hop_counts_the_batch_once(compute: str) -> None:
-    # With a concurrent validation each fused batch is one shielded hop in thread mode: the
-    # cancellation lands once the batch is finished; its after_fit_batch is not run again.
-    plain = learner_with(CancelAfterBatch(), compute)
+@pytest.mark.parametrize("validate", ["concurrent", "sequential"])
+async def test_a_cancel_during_a_whole_batch_s_hop_counts_the_batch_once(
+    compute: str, validate: str
+) -> None:
+    # In thread mode, with a concurrent validation each fused batch is one shielded hop, and
+    # without one the batches run in bursts: either way the cancellation lands once the batch
+    # is finished; its after_fit_batch is not run again.
+    plain = learner_with(CancelAfterBatch(), compute, validate)
     await plain.fit(2)
     hook = CancelAfterBatch()
-    learner = learner_with(hook, compute)
+    learner = learner_with(hook, compute, validate)
     with anyio.CancelScope() as scope:
         hook.scope = scope
         await learner.fit(2)
     assert scope.cancelled_caught
-    if compute == "thread":  # (inline, at the loop's next turn: see the first test)
+    if compute == "thread" and validate == "concurrent":
+        # (inline, at the loop's next turn, see the first test; a burst ends at the batch the
+        # cancellation reaches it in)
         assert learner.state.step == 4
     await learner.fit(2)
     assert hook.batches_seen == 12  # every batch once, the one interrupted included
     assert hook.accuracy == plain.callbacks[1].accuracy  # type: ignore[attr-defined]
+    for a, b in zip(learner.model.parameters(), plain.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+class AfterUpdates(Callback):
+    """The steps ``after_update`` saw; an ``async def`` hook makes the batch awaited."""
+
+    reads = frozenset({"step"})
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def after_update(self, state: StateView) -> None:
+        self.steps.append(state.step)
+
+    async def before_fit_batch(self, state: StateView) -> None:
+        await anyio.lowlevel.checkpoint()
+
+
+def learner_counting(
+    seen: AfterUpdates, compute: str, accumulate: bool
+) -> tuple[Learner[Any], torch.optim.Optimizer, ParamSchedule]:
+    torch.manual_seed(0)
+    model = tiny_model(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = ParamSchedule("lr", lambda t: 0.1 / (1 + t))  # (counts its after_update calls)
+    learner: Learner[Any] = Learner(
+        model,
+        optimizer,
+        torch.nn.functional.cross_entropy,
+        make_batches(6, seed=1),
+        callbacks=[schedule, seen],
+        compute=compute,  # type: ignore[arg-type]
+        stages={"fit": AccumulateGradients(4)} if accumulate else None,
+    )
+    return learner, optimizer, schedule
+
+
+@pytest.mark.parametrize("compute", COMPUTES)
+@pytest.mark.parametrize("accumulate", [False, True])
+async def test_a_cancel_during_an_update_s_hop_leaves_its_after_update_to_run(
+    compute: str, accumulate: bool
+) -> None:
+    # The update (an awaited batch's, or AccumulateGradients' flush of the pass's short last
+    # group) commits inside its hop; a cancellation arriving meanwhile is raised once the
+    # update stage is over, after its after_update hooks: every committed step is seen by them.
+    plain_seen = AfterUpdates()
+    plain, _, plain_schedule = learner_counting(plain_seen, compute, accumulate)
+    await plain.fit(2)
+    seen = AfterUpdates()
+    learner, optimizer, schedule = learner_counting(seen, compute, accumulate)
+    steps = [0]
+    with anyio.CancelScope() as scope:
+
+        def cancel_in_the_second_step(*args: Any) -> None:
+            steps[0] += 1
+            if steps[0] == 2:
+                cancel(scope)
+
+        hook = optimizer.register_step_post_hook(cancel_in_the_second_step)
+        await learner.fit(2)
+    hook.remove()
+    assert scope.cancelled_caught
+    await learner.fit(2)
+    assert seen.steps == plain_seen.steps
+    assert schedule.count == plain_schedule.count
     for a, b in zip(learner.model.parameters(), plain.model.parameters(), strict=True):
         assert torch.equal(a, b)
