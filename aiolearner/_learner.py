@@ -156,6 +156,7 @@ class Learner(Generic[TBatch]):
             fetch_budget=fetch_budget,
         )
         self._hparams = check_hparams(hparams)
+        self._callbacks = _construct.check_callbacks(callbacks)  # (once: it may be an iterator)
         self._strategy = strategy
         if strategy is not None:
             from ._dist._strategy import Strategy as StrategyType
@@ -165,7 +166,7 @@ class Learner(Generic[TBatch]):
                     "strategy must be a distributed strategy (aiolearner.DDP(), aiolearner.FSDP()),"
                     f" got {type(strategy).__name__} {strategy!r}"
                 )
-            parts = (callbacks, stages, train_data)  # (joins the group; then this rank's shard)
+            parts = (self._callbacks, stages, train_data)  # (joins; then this rank's shard)
             device = strategy._connect(device, model, optimizers, parts)
             train_data, val_data = strategy._shard(train_data, val_data)
         self._device = _construct.resolve_device(model, device)
@@ -187,7 +188,6 @@ class Learner(Generic[TBatch]):
         self._val_sets = (
             _evaluation.sets_for(self, val_data, "val_data") if val_data is not None else {}
         )
-        self._callbacks = _construct.check_callbacks(callbacks)
         self._trace = Trace() if trace else None
         self._hub = EventHub(self._events_changed)
         self._status = LearnerStatus.IDLE

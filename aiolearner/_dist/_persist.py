@@ -247,6 +247,8 @@ def _load_fsdp(learner: Learner[Any], ckpt: dict[str, Any]) -> None:
         isinstance(v, torch.Tensor) for s in optim.get("state", {}).values() for v in s.values()
     ):
         set_optimizer_state_dict(model, optimizer, optim, options=options)
+    else:
+        optimizer.state.clear()  # (as Optimizer.load_state_dict of an empty state leaves it)
 
 
 async def resume(strategy: Strategy, learner: Learner[Any], which: Any) -> Any:

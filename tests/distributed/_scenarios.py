@@ -547,6 +547,16 @@ def s_settings(backend: str) -> Result:
     learner = make_learner()  # the group is still good for the next learner
     learner.fit_sync(1, backend=backend)  # type: ignore[arg-type]
     seen["step after"] = learner.state.step
+    model = make_model()
+    given: Learner[Any] = Learner(  # callbacks as any iterable, as without a strategy
+        model,
+        sgd(model),
+        torch.nn.functional.cross_entropy,
+        DataLoader(dataset(), batch_size=8),
+        callbacks=(c for c in [Metrics(["accuracy"])]),  # type: ignore[arg-type]
+        strategy=DDP(timeout=TIMEOUT),
+    )
+    seen["callbacks from a generator"] = [type(c).__name__ for c in given.callbacks]
     return seen
 
 
@@ -663,6 +673,24 @@ def s_fsdp(backend: str, directory: Path) -> Result:
             strategy=FSDP(timeout=TIMEOUT, wrap=(torch.nn.Linear,)),
         )
 
+    # A checkpoint without optimizer state (taken before the first step) loaded into a learner
+    # whose optimizer has some: the state is dropped, as Optimizer.load_state_dict does.
+    model = make_model()
+    adam: Learner[Any] = Learner(
+        model,
+        torch.optim.Adam(model.parameters(), lr=0.01),
+        torch.nn.functional.cross_entropy,
+        DataLoader(dataset(), batch_size=8, shuffle=True),
+        strategy=FSDP(timeout=TIMEOUT, wrap=(torch.nn.Linear,)),
+    )
+    start = adam.state_dict()  # (a collective: the full state on rank 0)
+    if RANK == 0:
+        torch.save(start, directory / "adam-start.pt")
+    dist.barrier()
+    adam.fit_sync(1, backend=backend)  # type: ignore[arg-type]
+    adam.load_checkpoint(directory / "adam-start.pt")
+    stale = len(adam.optimizer.state)
+
     straight = plain(True)
     straight.fit_sync(2, backend=backend)  # type: ignore[arg-type]
     plain_resumed = plain(False)
@@ -673,6 +701,7 @@ def s_fsdp(backend: str, directory: Path) -> Result:
     )
     return {
         "plain_resume_max_diff": plain_diff,
+        "stale_optimizer_state": stale,
         "plain_lr": (
             straight.optimizer.param_groups[0]["lr"],
             plain_resumed.optimizer.param_groups[0]["lr"],

@@ -362,6 +362,7 @@ def test_ranks_that_make_their_learners_differently_are_told_alike_at_once(ran: 
             in result["shuffle"]
         )
         assert result["step after"] == 6
+        assert result["callbacks from a generator"] == ["Metrics"]
     # The same message on both ranks but for the rank it names.
     assert r0["model"].replace("rank 0 of", "rank 1 of") == r1["model"]
 
@@ -398,6 +399,7 @@ def test_fsdp_matches_ddp_validates_sequentially_and_resumes(ran: Results) -> No
         assert result["val_loss_diff"] <= 1e-6
         assert result["resume_max_diff"] == 0.0
         assert result["plain_resume_max_diff"] == 0.0
+        assert result["stale_optimizer_state"] == 0
         straight, resumed = result["plain_lr"]  # (scheduled every step: halved each one)
         assert straight == resumed < 0.1
         # Stopped at step 2, inside a group of 3: the checkpoint warns it cannot hold the group.
