@@ -242,8 +242,7 @@ class Executor:
         self.programs: dict[int, BatchProgram] = {}
         #: Fields anything may set during a batch (built-ins, declared by stages or callbacks).
         self.known_fields: frozenset[str] = frozenset()
-        #: The state's fields when the pass started, and how many after the last batch (a
-        #: change of the count has the new ones checked).
+        #: The state's fields when the pass started, and how many after the last batch.
         self.fields_before: frozenset[str] = frozenset()
         self.fields_seen = 0
         #: How many more batches of the pass are looked at for gradients left to the next, and
@@ -252,6 +251,7 @@ class Executor:
         self.stepped: frozenset[str] | None = None
         #: The stage in Fit's place (the epoch's first): what a pass it opens names in errors.
         self.fit_slot: Stage = Fit()
+        self.cancelled_between = False  # (a burst cancelled between batches, see _burst)
 
     def compile(self, root: Stage, known_fields: frozenset[str]) -> None:
         """Compile every batch stage of the tree (called at the end of every build)."""
@@ -382,9 +382,9 @@ class Executor:
                         with anyio.CancelScope(shield=shielded):
                             await stage(state)
                 except BaseException as caught:
-                    cancelled = isinstance(caught, anyio.get_cancelled_exc_class())
-                    if cancelled and "batch" not in state.__dict__:
-                        raise  # (after a burst's finished batch: between two batches)
+                    if self.cancelled_between:  # (after a burst's batches, all finished)
+                        self.cancelled_between = False
+                        raise
                     exc = await record_interrupted(stage, state, caught, context.committed)
                     if isinstance(exc, ControlFlow) and isinstance(exc, fit.catches):
                         self.consume_batch(stage, state)
@@ -542,6 +542,9 @@ class Executor:
                 timed=False,
                 on_cancel=lambda: stop.append(True),
             )
+        except anyio.get_cancelled_exc_class():  # (once the burst's batches are all finished:
+            self.cancelled_between = True  # a batch's error is raised in its place)
+            raise
         finally:
             batches.start_producer_if_slow()
 

@@ -256,7 +256,10 @@ class ComputeWorker:
                     on_cancel()
                 with anyio.CancelScope(shield=True):
                     await job.done.wait()
-                raise
+                if job.error is None:
+                    raise
+                # The job's own error (a StopEpoch of its batch) says how it ended: raised in
+                # the cancellation's place, which lands at the caller's next await.
         finally:
             if limiter is not None:
                 limiter.release()

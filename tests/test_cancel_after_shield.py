@@ -12,7 +12,17 @@ import anyio.from_thread
 import pytest
 import torch
 
-from aiolearner import Callback, Fit, FitBatch, Gradient, Learner, State, StateView, Update
+from aiolearner import (
+    Callback,
+    Fit,
+    FitBatch,
+    Gradient,
+    Learner,
+    State,
+    StateView,
+    StopEpoch,
+    Update,
+)
 from aiolearner.callbacks import AccumulateGradients, Metrics, ParamSchedule
 from aiolearner.testing import make_batches, tiny_model
 
@@ -249,5 +259,88 @@ async def test_a_cancel_during_an_update_s_hop_leaves_its_after_update_to_run(
     await learner.fit(2)
     assert seen.steps == plain_seen.steps
     assert schedule.count == plain_schedule.count
+    for a, b in zip(learner.model.parameters(), plain.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+class FreeingGradient(Gradient):
+    """Frees ``state.batch`` once its backward is done (``state.invalidate``), and cancels the
+    test's scope in the fourth batch, before that batch's commit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scope: anyio.CancelScope | None = None
+
+    def compute(self, state: State) -> None:
+        super().compute(state)
+        state.invalidate("batch")
+        if self.scope is not None and state.step == 3:
+            cancel(self.scope)
+            self.scope = None
+
+
+class StopAndCancel(Callback):
+    """In the fourth batch, raises StopEpoch, and cancels the test's scope from the same hook."""
+
+    reads = frozenset({"step"})
+
+    def __init__(self) -> None:
+        self.scope: anyio.CancelScope | None = None
+        self.seen: list[int] = []
+        self.stopped = False
+
+    def after_fit_batch(self, state: StateView) -> None:
+        self.seen.append(state.step)
+        if state.step == 4 and not self.stopped:  # (once: the plain run stops there too)
+            self.stopped = True
+            if self.scope is not None:
+                cancel(self.scope)
+            raise StopEpoch("enough")
+
+
+def learner_of(kind: str, compute: str) -> tuple[Learner[Any], Any]:
+    torch.manual_seed(0)
+    model = tiny_model(seed=0)
+    part: Any
+    if kind == "freeing":
+        part = FreeingGradient()
+        callbacks: list[Callback] = [AfterUpdates()]  # (an async hook: the batch is awaited)
+        stages: Any = {"fit_batch": FitBatch(part, Update())}
+    else:
+        part = StopAndCancel()
+        callbacks, stages = [part], None
+    learner: Learner[Any] = Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        torch.nn.functional.cross_entropy,
+        make_batches(8, seed=1),
+        make_batches(2, seed=2),
+        callbacks=callbacks,
+        compute=compute,  # type: ignore[arg-type]
+        stages=stages,
+    )
+    return learner, part
+
+
+@pytest.mark.parametrize("compute", COMPUTES)
+@pytest.mark.parametrize("kind", ["freeing", "stop"])
+async def test_a_cancel_with_the_batch_field_freed_or_a_stop_epoch_continues_exactly(
+    compute: str, kind: str
+) -> None:
+    # A batch whose stage freed state.batch is still unfinished when a cancellation lands in
+    # it (it is undone); a StopEpoch raised in the batch a cancellation lands after is acted on
+    # (the batch's hooks are not run again).
+    plain, plain_part = learner_of(kind, compute)
+    await plain.fit(2)
+    learner, part = learner_of(kind, compute)
+    with anyio.CancelScope() as scope:
+        part.scope = scope
+        await learner.fit(2)
+    assert scope.cancelled_caught
+    assert all(p.grad is None for p in learner.model.parameters())
+    await learner.fit(2)
+    assert learner.state.step == plain.state.step
+    if kind == "stop":
+        assert part.seen == plain_part.seen
     for a, b in zip(learner.model.parameters(), plain.model.parameters(), strict=True):
         assert torch.equal(a, b)
