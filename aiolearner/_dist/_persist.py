@@ -229,6 +229,15 @@ def _load_fsdp(learner: Learner[Any], ckpt: dict[str, Any]) -> None:
 
     model, optimizer = learner.model, learner.optimizer
     weights, optim = ckpt["model"], ckpt["optimizer"]
+    saved_groups = optim.get("param_groups", [])
+    sizes = [len(group["params"]) for group in saved_groups]
+    if sizes != [len(group["params"]) for group in optimizer.param_groups]:
+        # Refused before anything is loaded, as Optimizer.load_state_dict refuses it.
+        raise ValueError(
+            f"the checkpoint's optimizer has parameter groups of {sizes} parameters, this "
+            f"learner's of {[len(group['params']) for group in optimizer.param_groups]}: "
+            "build the optimizer as the run that saved it did"
+        )
     # The rest (counters, random states, callbacks) through the all-or-nothing load, with this
     # rank's own shards standing in for the weights; then the full weights are sharded in.
     ckpt["model"] = model.state_dict()
@@ -239,16 +248,17 @@ def _load_fsdp(learner: Learner[Any], ckpt: dict[str, Any]) -> None:
     # The groups' hyperparameters first, as Optimizer.load_state_dict takes them: torch's loader
     # wants the same keys in the live groups (a schedule made at fit start adds `initial_lr`)
     # and a tensor in the state (plain SGD has none: then there is nothing more to load).
-    saved_groups = optim.get("param_groups", [])
-    if len(saved_groups) == len(optimizer.param_groups):
-        for live, saved in zip(optimizer.param_groups, saved_groups, strict=True):
-            live.update({k: v for k, v in saved.items() if k != "params"})
-    if any(
-        isinstance(v, torch.Tensor) for s in optim.get("state", {}).values() for v in s.values()
-    ):
+    for live, saved in zip(optimizer.param_groups, saved_groups, strict=True):
+        live.update({k: v for k, v in saved.items() if k != "params"})
+    states = optim.get("state", {})
+    if any(isinstance(v, torch.Tensor) for s in states.values() for v in s.values()):
         set_optimizer_state_dict(model, optimizer, optim, options=options)
-    else:
-        optimizer.state.clear()  # (as Optimizer.load_state_dict of an empty state leaves it)
+        return
+    # No tensor to shard (none at all, or plain values such as a counter): by name, whole.
+    parameters = dict(model.named_parameters())
+    optimizer.state.clear()
+    for name, values in states.items():
+        optimizer.state[parameters[name]] = dict(values)
 
 
 async def resume(strategy: Strategy, learner: Learner[Any], which: Any) -> Any:

@@ -695,6 +695,22 @@ def s_fsdp(backend: str, directory: Path) -> Result:
     straight.fit_sync(2, backend=backend)  # type: ignore[arg-type]
     plain_resumed = plain(False)
     plain_resumed.fit_sync(2, resume=directory / "plain" / "epoch-0001.pt", backend=backend)  # type: ignore[arg-type]
+    # Into an optimizer of other parameter groups: refused, as Optimizer.load_state_dict does.
+    model = make_model()
+    layers = list(model.children())
+    groups = [{"params": layers[0].parameters()}, {"params": layers[-1].parameters()}]
+    split: Learner[Any] = Learner(
+        model,
+        torch.optim.SGD(groups, lr=0.1),
+        torch.nn.functional.cross_entropy,
+        DataLoader(dataset(), batch_size=8),
+        strategy=FSDP(timeout=TIMEOUT, wrap=(torch.nn.Linear,)),
+    )
+    try:
+        split.load_checkpoint(directory / "plain" / "epoch-0001.pt")
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
     plain_diff = max(
         float((a.full_tensor() - b.full_tensor()).abs().max())  # type: ignore[attr-defined]
         for a, b in zip(straight.model.parameters(), plain_resumed.model.parameters(), strict=True)
@@ -702,6 +718,7 @@ def s_fsdp(backend: str, directory: Path) -> Result:
     return {
         "plain_resume_max_diff": plain_diff,
         "stale_optimizer_state": stale,
+        "other_groups_refused": refused,
         "plain_lr": (
             straight.optimizer.param_groups[0]["lr"],
             plain_resumed.optimizer.param_groups[0]["lr"],

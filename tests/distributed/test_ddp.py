@@ -400,6 +400,10 @@ def test_fsdp_matches_ddp_validates_sequentially_and_resumes(ran: Results) -> No
         assert result["resume_max_diff"] == 0.0
         assert result["plain_resume_max_diff"] == 0.0
         assert result["stale_optimizer_state"] == 0
+        assert (
+            "parameter groups of [4] parameters, this learner's of [2, 2]"
+            in (result["other_groups_refused"])
+        )
         straight, resumed = result["plain_lr"]  # (scheduled every step: halved each one)
         assert straight == resumed < 0.1
         # Stopped at step 2, inside a group of 3: the checkpoint warns it cannot hold the group.
