@@ -283,8 +283,8 @@ class Runtime:
                 if lock is None or on_cancel is not None:
                     return await self._hop(fn, args, timed, on_cancel)
                 # Shielded: the thread cannot be interrupted anyway, and the counters written
-                # with the update must land with it before a cancellation is raised, which it
-                # is then, here (the hop gave the loop its turn, so no turn is due soon).
+                # with the update must land with it before a cancellation is raised: here when
+                # the caller asks (raise_cancel), else at the caller's next await.
                 with anyio.CancelScope(shield=True):
                     result = await self._hop(fn, args, timed, None)
                 if raise_cancel:
