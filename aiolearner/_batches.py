@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -105,6 +105,10 @@ class Batches:
         self._stop_after_fetch = False
         # Set when the producer was started by an inline fetch: next() gives it a turn first.
         self._producer_fresh = False
+        # A list or a tuple of batches, fetched on the calling thread: its batches are made,
+        # so a fetch is a step of its iterator, never slow (not timed, never a producer), and a
+        # burst takes them from the iterator itself (see plain()).
+        self._plain = not source.counts and not source.slow and self._limit is None
         if source.is_async or source.slow:
             self._start_producer()
 
@@ -118,10 +122,10 @@ class Batches:
         ``WAIT`` wherever going on needs the event loop (an async source's stream), and a source
         found slow gets its producer once the loop calls :meth:`start_producer_if_slow`.
         """
+        source = self.source
         if self._limit is not None and self._taken >= self._limit:
             self.finished = True
             return END
-        source = self.source
         if source._leftover:
             item = source._leftover.popleft()
             if source.undone is not None and item is source.undone[0]:
@@ -144,6 +148,27 @@ class Batches:
             except anyio.EndOfStream:
                 item = END
         return self._accept(item)
+
+    def plain(self) -> Iterator[Any] | None:
+        """The pass's iterator where taking a batch is taking its next item (see ``_plain``,
+        nothing put back waits to be served first), else ``None``: for a burst of batches,
+        which moves each item it takes (:attr:`move`) and counts them (:meth:`count_taken`)
+        before it ends and before it takes a batch by :meth:`next_nowait`."""
+        return self._it if self._plain and not self.source._leftover else None
+
+    def count_taken(self, n: int) -> None:
+        """``n`` batches more were taken from the pass's iterator."""
+        source = self.source
+        source.fetched += n
+        source.position += n
+        self._taken += n
+        self.index += n
+
+    @property
+    def move(self) -> Callable[[Any], Any] | None:
+        """Moves a batch taken on the calling thread to the training device; ``None`` where a
+        move is the batch itself (``DeviceMover.identity``)."""
+        return None if self._mover.identity else self._mover.move_inline
 
     async def next(self) -> Any:
         """The next batch, on the device, or ``END``."""
@@ -222,7 +247,7 @@ class Batches:
         """Fetch on the calling thread; what :meth:`next_nowait` returns (the batch counted as
         :meth:`_accept` counts one: it is done here, once a batch a call fewer)."""
         source = self.source
-        auto = source.fetch == "auto" and source.kept_inline is None
+        auto = source.fetch == "auto" and source.kept_inline is None and not self._plain
         # After a slow fetch, whether this one and what ran since the last one draw from the
         # global generators (read only then: a slow fetch pays for it, a cheap one does not).
         before = capture_rng() if auto and source.slow_fetches >= 1 else None

@@ -26,12 +26,22 @@ class DeviceMover:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
+        #: Training on the CPU where no other device is available: every batch is on the CPU
+        #: already, so a move is the batch itself, with nothing to look at (unless
+        #: ``move_inline`` was replaced, which then runs as written).
+        self.identity = (
+            device.type == "cpu"
+            and type(self).move_inline is _MOVE_INLINE
+            and not _accelerator_available()
+        )
         self._stream: Any = None
         if self.cuda:
             self._stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
 
     def move_inline(self, batch: Any) -> Any:
         """Move on the current stream (used on the event loop / the consumer's side)."""
+        if self.identity:
+            return batch
         if self.cuda:
             return _map(batch, lambda t: t.to(self.device, non_blocking=t.is_pinned()))
         # The common case (CPU training on CPU tensors) returns the batch itself: rebuilding
@@ -92,6 +102,23 @@ async def wait_ready(tensor: torch.Tensor, *, poll: float = 0.0005) -> None:
     # would cost more than a few sleeps.
     while not event.query():  # type: ignore[no-untyped-call]  # noqa: ASYNC110
         await anyio.sleep(poll)
+
+
+_MOVE_INLINE = DeviceMover.move_inline
+
+
+def _accelerator_available() -> bool:
+    """Whether this process may hold tensors on a device other than the CPU (a meta
+    tensor aside, which no training step takes)."""
+    accelerator = getattr(torch, "accelerator", None)  # (torch 2.6 and later)
+    if accelerator is not None and accelerator.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(
+        torch.cuda.is_available()
+        or torch.backends.mps.is_available()
+        or (xpu is not None and xpu.is_available())
+    )
 
 
 def _to_cpu(t: torch.Tensor) -> torch.Tensor:

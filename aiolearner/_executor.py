@@ -27,25 +27,26 @@ flat one, read torch's generators as they begin: a hook or a stage stopping the 
 dropout back.
 
 The training pass (:meth:`Executor.train_pass`) takes a batch, runs its program and finishes the
-batch, until the pass ends. A synchronous program runs in *bursts* (:func:`_burst`, one body for
-both): in thread mode the compute worker goes on with the next batch while one is ready without
-the event loop, so a pass of small batches costs a few hops, not one per batch; inline, the
-batches up to the loop's next turn are one call. A pass's first batch runs alone, timed by
+batch, until the pass ends. A synchronous program runs in *bursts* (:func:`run_batches`, one
+body for both): in thread mode the compute worker goes on with the next batch while one is ready
+without the event loop, so a pass of small batches costs a few hops, not one per batch; inline,
+the batches up to the loop's next turn are one call. A pass's first batch runs alone, timed by
 itself, so that ``auto`` can move a pass whose first batch is slow to the worker before a burst
 runs inline. A batch that changed the state's set of fields has the new ones checked
-(``Executor.check_fields``): one length comparison a batch.
+(``_batch_checks.check_fields``): one length comparison a batch.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
 
+from ._batch_checks import carried_gradients, check_fields
 from ._data import END, WAIT
 from ._exceptions import ControlFlow, StageError
 from ._program_kinds import kind, signature, stepped_optimizers, suspended_in
@@ -80,13 +81,27 @@ class BatchProgram:
         fast: the whole batch as one call by the shortest route with the same outcome (``None``
             for an awaited program).
         full: what runs while observed: every stage's entry and exit seen (``drive``).
+        default: the default program's one batch (``fast`` as compiled; else ``None``): while
+            ``fast`` is that, a burst runs the default step written in :func:`run_batches`
+            instead of calling it for each batch.
         locks: whether the batch holds the weights' write lock while it runs (a synchronous
             program with a compute stage that writes weights).
         shielded: an awaited batch that may write weights before its commit (an update with
             ``commit=False``, a stage of its own that writes them, several writers).
     """
 
-    __slots__ = ("fast", "full", "kind", "locks", "rt", "shielded", "signature", "stage")
+    __slots__ = (
+        "default",
+        "fast",
+        "full",
+        "kind",
+        "locks",
+        "rt",
+        "shielded",
+        "signature",
+        "stage",
+        "steps",
+    )
 
     def __init__(self, stage: Stage, rt: Runtime) -> None:
         self.stage = stage
@@ -94,6 +109,8 @@ class BatchProgram:
         #: What the program was compiled from (see ``_program_kinds.signature``).
         self.signature = signature(stage)
         self.kind = kind(stage)
+        #: The default program's gradient and update stages' names (what its errors name).
+        self.steps = tuple(child.name for child in stage.children) if self.kind == "default" else ()
         writers = [s for s in stage.walk() if isinstance(s, ComputeStage) and s.writes_weights]
         self.locks = self.kind != "async" and bool(writers)
         # Shielded where a cancellation could land between a write and the commit: any writer
@@ -103,8 +120,9 @@ class BatchProgram:
             len(writers) > 1 or any(not (isinstance(s, Update) and s.commit) for s in writers)
         )
         self.fast: Callable[[State], None] | None
+        self.default: Callable[[State], None] | None = None
         if self.kind == "default":
-            self.fast = self._default_batch()
+            self.fast = self.default = functools.partial(run_batches, self)  # (a burst of one)
         elif self.kind == "flat":
             self.fast = self._flat_batch()
         elif self.kind == "fused":
@@ -201,30 +219,6 @@ class BatchProgram:
 
         return flat_batch
 
-    def _default_batch(self) -> Callable[[State], None]:
-        stage = self.stage
-        rt = self.rt
-        gradient, update = (child.name for child in stage.children)
-
-        def default_batch(state: State) -> None:
-            d = state.__dict__
-            where = gradient
-            try:
-                loss = forward(d["train_model"], d["loss_fn"], d["batch"], gradient)[1]
-                loss.backward()  # type: ignore[no-untyped-call]
-                where = update
-                optimizer_step(d["optimizer"])
-                # Kept before the commit: a snapshot counting the batch finds its loss.
-                rt.train_losses.append(loss.detach())
-                rt.commit(state)
-            except BaseException as exc:
-                if where is gradient and "loss" in locals():  # (no cost until an error)
-                    note_loss_problem(exc, loss, d["model"])
-                if not owned(stage, state, exc, where):
-                    raise
-
-        return default_batch
-
 
 def _raised_by_a_loop_library(exc: BaseException) -> bool:
     tb = exc.__traceback__
@@ -305,7 +299,7 @@ class Executor:
         save_every = rt.save_every
         rt.batch_rng = None  # (a fused batch of this pass's program sets it)
         # A batch stage of its own may leave gradients in .grad for the next batch: looked for
-        # after the pass's first two batches (see carried_gradients).
+        # after the pass's first two batches (see _batch_checks.carried_gradients).
         self.grad_checks = 0 if program.kind == "default" or rt.warned_carried else 2
         self.stepped = stepped_optimizers(stage)
         self.fields_before = frozenset(state.__dict__)
@@ -350,14 +344,12 @@ class Executor:
                         fn = drive if rt.observed else fast
                         if bursts and not first:
                             # Inline, the batches up to the loop's next turn in one call (the
-                            # same burst as in the worker; see _burst).
+                            # same burst as in the worker; see run_batches).
                             pending = run_inline(
-                                _burst,
-                                self,
+                                run_batches,
                                 program,
                                 state,
                                 batches,
-                                losses,
                                 None,
                                 no_stop,
                                 rt.last_yield + rt.yield_every - clock(),
@@ -374,7 +366,7 @@ class Executor:
                             if turn is not None:
                                 turn.give()
                             if bursts and policy.hopping:
-                                pending = await self._burst(program, state, batches, losses)
+                                pending = await self._burst(program, state, batches)
                             else:
                                 hopped = True  # (a cancellation lands once it is finished)
                                 await rt.compute(fn, state, writes_weights=locks)  # type: ignore[arg-type]
@@ -453,10 +445,10 @@ class Executor:
             # step (after the fields end: a snapshot from another thread counts it once).
             losses.append(loss.detach())
         if len(d) != self.fields_seen:
-            self.check_fields(stage, state)
+            check_fields(self, stage, state)
         if self.grad_checks:
             self.grad_checks -= 1
-            self.carried_gradients(stage, state)
+            carried_gradients(self, stage, state)
         if not rt.committed:
             raise StageError(
                 "the training batch ended without being committed: the stage that applies the "
@@ -465,61 +457,7 @@ class Executor:
                 stage=stage.name,
             )
 
-    def carried_gradients(self, stage: Stage, state: State) -> None:
-        """Warn (once a learner) where a committed batch leaves gradients in ``.grad`` of a
-        parameter its updates step, for the next batch: the learner drops all of ``.grad``
-        when a batch is skipped, stopped or undone, the earlier batches' part included."""
-        rt = self.rt
-        d = state.__dict__
-        optimizers = d.get("optimizers") or {"": d.get("optimizer")}
-        if self.stepped is not None:  # (None: any optimizer, a stage of its own writes)
-            first = d.get("optimizer")
-            optimizers = {
-                k: v
-                for k, v in optimizers.items()
-                if k in self.stepped or ("" in self.stepped and v is first)
-            }
-        if rt.committed and any(
-            p.grad is not None
-            for optimizer in optimizers.values()
-            if optimizer is not None
-            for group in optimizer.param_groups
-            for p in group["params"]
-        ):
-            rt.warned_carried = True
-            self.grad_checks = 0
-            warnings.warn(
-                f"batch stage {stage.name!r} leaves gradients in `.grad` after a committed batch, "
-                "for the next batch to add to: a batch that is skipped, stopped or interrupted "
-                "drops all of `.grad`, the earlier batches' part included, so the run is not "
-                "exact then; accumulate over batches with `AccumulateGradients`, or keep the "
-                "running sum out of `.grad` between batches (docs/writing-stages.md)",
-                UserWarning,
-                stacklevel=2,
-            )
-
-    def check_fields(self, stage: Stage, state: State) -> None:
-        """After a batch that changed the state's fields: a field set by stage code must be
-        declared somewhere (a stale value would be read otherwise)."""
-        before = self.fields_before
-        known = self.known_fields
-        unknown = sorted(
-            k for k in state.__dict__ if k not in before and k[0] != "_" and k not in known
-        )
-        self.fields_seen = len(state.__dict__)
-        if unknown:
-            raise StageError(
-                f"state field {unknown[0]!r} was set during a batch but no stage declares it; "
-                f"add it to the `fields` of the stage that sets it (one of "
-                f"{[s.name for s in stage.walk()]}), with its lifetime "
-                f"(e.g. fields = {{{unknown[0]!r}: 'batch'}}), so it expires instead of "
-                "going stale",
-                stage=stage.name,
-            )
-
-    async def _burst(
-        self, program: BatchProgram, state: State, batches: Batches, losses: list[torch.Tensor]
-    ) -> Any:
+    async def _burst(self, program: BatchProgram, state: State, batches: Batches) -> Any:
         """``state.batch`` and the batches after it, in one hop to the compute worker.
 
         A hop costs two wake-ups of a sleeping thread (docs/performance.md). A burst goes on
@@ -536,8 +474,8 @@ class Executor:
         seconds = min(BURST_SECONDS, SHARED_BURST_SECONDS) if rt.worker.shared else BURST_SECONDS
         try:
             return await rt.compute(
-                _burst,
-                *(self, program, state, batches, losses, lock, stop, seconds),
+                run_batches,
+                *(program, state, batches, lock, stop, seconds),
                 writes_weights=program.locks,
                 timed=False,
                 on_cancel=lambda: stop.append(True),
@@ -549,51 +487,112 @@ class Executor:
             batches.start_producer_if_slow()
 
 
-def _burst(
-    executor: Executor,
+def run_batches(
     program: BatchProgram,
     state: State,
-    batches: Batches,
-    losses: list[torch.Tensor],
-    lock: ReadWriteLock | None,
-    stop: list[bool],
-    seconds: float,
+    batches: Batches | None = None,
+    lock: ReadWriteLock | None = None,
+    stop: list[bool] | None = None,
+    seconds: float = 0.0,
     off_loop: bool = True,
 ) -> Any:
-    """Batches in one call: the body of :meth:`Executor._burst` in the compute worker thread,
-    and, with ``off_loop=False``, of an inline run of batches up to the event loop's next turn
-    (:meth:`Executor.train_pass`). Returns what the loop takes next (see ``Executor._burst``)."""
-    rt = executor.rt
-    policy = rt.policy
+    """``state.batch`` by ``program``; with ``batches``, a burst: the batches after it too.
+
+    The one body of a burst in the compute worker thread (:meth:`Executor._burst`) and of an
+    inline run of the batches up to the event loop's next turn (``off_loop=False``,
+    :meth:`Executor.train_pass`), each batch finished as the loop finishes one; it returns what
+    the loop takes next: ``None`` (take a batch), ``WAIT`` or ``END``. An error or a StopEpoch
+    leaves its batch to the loop, as for a single batch. Without ``batches`` it is the default
+    program's one batch, which its caller times and finishes.
+
+    The default program's step is written here, once, with the helpers ``Gradient.compute``
+    and ``Update.compute`` are written with, minus the state round trips nobody can observe:
+    the output is dropped once the loss is computed, and the loss goes to the epoch's losses
+    (before the commit: a snapshot counting the batch finds it), so the batch ends by dropping
+    ``state.batch``. Written out in the loop rather than called: on a tiny model, every call
+    between two steps costs about twice its own time in the torch calls around it
+    (docs/performance.md)."""
+    rt = program.rt
     stage = program.stage
     fn = program.now()
-    clock = time.perf_counter
-    # Ends by auto's next decision too (taken on the loop).
-    until = min(clock() + seconds, policy.decision_due())
-    record = policy.record
-    finish = executor.finish_batch
-    save_every = rt.save_every
-    while True:
+    # One batch is the default program's own (``program.default``); a burst runs the default
+    # step while that is the program's ``fast`` call (not while observed, nor once replaced).
+    default = batches is None or fn is program.default
+    d = state.__dict__
+    if default:
+        gradient, update = program.steps
+        model, loss_fn, optimizer = d["train_model"], d["loss_fn"], d["optimizer"]
+        keep, commit = rt.train_losses.append, rt.commit
+    taken = 0  # (batches taken from a list's iterator, counted when the burst ends)
+    if batches is not None:
+        executor, policy, context, clock = rt.executor, rt.policy, rt.context, time.perf_counter
+        finish, losses = executor.finish_batch, rt.train_losses
+        take, save_every = batches.next_nowait, rt.save_every
+        items, move = batches.plain(), batches.move  # (see Batches.plain)
         start = clock()
-        try:
-            fn(state)
-        finally:
+        # Ends by auto's next decision too (taken on the loop).
+        until = min(start + seconds, policy.decision_due())
+        done = 0
+    try:
+        while True:
+            stepped = default
+            if default:
+                where = gradient
+                try:
+                    loss = forward(model, loss_fn, d["batch"], gradient)[1]
+                    try:
+                        loss.backward()  # type: ignore[no-untyped-call]
+                    except BaseException as exc:
+                        note_loss_problem(exc, loss, d["model"])
+                        raise
+                    where = update
+                    optimizer_step(optimizer)
+                    keep(loss.detach())
+                    commit(state)
+                except BaseException as exc:
+                    if not owned(stage, state, exc, where):
+                        raise
+                    stepped = False  # (acted on: the batch ends as any other)
+            else:
+                fn(state)
+            if batches is None:
+                return None
             now = clock()
-            record(now - start)
-        # Errors and StopEpoch leave the batch to the loop (train_pass), as for a single batch.
-        finish(stage, state, losses)
-        if (
-            stop
-            or now >= until
-            or (lock is not None and lock.waiting)
-            # Inline, a slow source's producer is started by the fetch itself.
-            or (off_loop and batches.wants_producer)
-        ):
-            return None
-        if save_every:
-            executor.mark_save_point(state, batches, None)
-        batch = batches.next_nowait(off_loop=off_loop)
-        if batch is WAIT or batch is END:
+            done += 1
+            if stepped:
+                d.pop("batch", None)  # (the default step sets no other field)
+                if len(d) != executor.fields_seen:
+                    check_fields(executor, stage, state)
+            else:
+                finish(stage, state, losses)
+            if (
+                stop
+                or now >= until
+                or (lock is not None and lock.waiting)
+                # Inline, a slow source's producer is started by the fetch itself.
+                or (off_loop and batches.wants_producer)
+            ):
+                batch = None
+            else:
+                if save_every:
+                    executor.mark_save_point(state, batches, None)
+                batch = END if items is None else next(items, END)
+                if batch is END:  # (not a list's, or its end: taken with its bookkeeping)
+                    if taken:
+                        batches.count_taken(taken)
+                        taken = 0
+                    batch = take(off_loop=off_loop)
+                else:
+                    taken += 1
+                    if move is not None:
+                        batch = move(batch)
+                if batch is not WAIT and batch is not END:
+                    state.batch = batch  # (a write, while observed)
+                    context._committed = False
+                    continue
+            # The batches' mean time, fetches included, as that many records (a call a burst).
+            policy.record((now - start) / done, done)
             return batch
-        state.batch = batch
-        rt.context._committed = False
+    finally:
+        if taken:
+            batches.count_taken(taken)  # type: ignore[union-attr]

@@ -126,10 +126,12 @@ class ComputePolicy:
             f" max_blocking={self.max_blocking * 1e3:g} ms, hops={self.hops})"
         )
 
-    def record(self, seconds: float) -> None:
-        """Record how long one batch (or compute stage) took; safe from the worker thread."""
+    def record(self, seconds: float, count: int = 1) -> None:
+        """Record how long one batch (or compute stage) took, or (``count``) each of that many
+        batches on average, as that many records would; safe from the worker thread."""
         typical = self._typical
-        self._typical = seconds if typical is None else 0.8 * typical + 0.2 * seconds
+        kept = 0.8**count
+        self._typical = seconds if typical is None else kept * typical + (1 - kept) * seconds
 
     def observe(self, seconds: float, now: float | None = None) -> None:
         """Record a duration and maybe change the decision (on the event loop only).

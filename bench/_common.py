@@ -2,10 +2,11 @@
 
 Every benchmark builds its model and data from fixed seeds, runs its variants interleaved (one
 repetition of every variant, then the next repetition), and reports medians. Timing uses
-:class:`StampedData`, which records the time at which each batch is *requested*: the time between
-the request of batch ``k`` and batch ``n - k`` covers ``n - 2k`` whole steps and leaves out each
-framework's setup and teardown (Lightning's Trainer spends ~100 ms there), so per-step figures are
-comparable across frameworks.
+:class:`StampedData`, which records the time at which each batch is *requested*, or
+:class:`StampedModel`, which records the time at which each step's forward starts (so the data
+can stay a plain list): the time between the stamps of batch ``k`` and batch ``n - k`` covers
+``n - 2k`` whole steps and leaves out each framework's setup and teardown (Lightning's Trainer
+spends ~100 ms there), so per-step figures are comparable across frameworks.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 __all__ = [
     "Batch",
     "StampedData",
+    "StampedModel",
     "machine",
     "make_data",
     "make_mlp",
@@ -98,6 +100,29 @@ class StampedData:
         if len(self.stamps) < n - skip + 1:
             raise RuntimeError(f"expected at least {n - skip + 1} stamps, got {len(self.stamps)}")
         return (self.stamps[n - skip] - self.stamps[skip]) / (n - 2 * skip)
+
+
+class StampedModel(torch.nn.Module):
+    """The model, recording ``time.perf_counter()`` as each forward starts (one a step)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.stamps: list[float] = []
+        self._stamp = self.stamps.append
+        self._clock = time.perf_counter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._stamp(self._clock())
+        return self.inner(x)  # type: ignore[no-any-return]
+
+    def per_step(self, skip: int) -> float:
+        """Seconds per step between the forwards of step ``skip`` and of step ``n - 1 - skip``
+        (``n`` forwards in all)."""
+        n = len(self.stamps)
+        if n < 2 * skip + 2:
+            raise RuntimeError(f"expected more than {2 * skip + 1} forwards, got {n}")
+        return (self.stamps[n - 1 - skip] - self.stamps[skip]) / (n - 1 - 2 * skip)
 
 
 #: The ticker's period: a task that stands for a web handler sharing the training's event loop.

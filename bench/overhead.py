@@ -9,16 +9,24 @@ Run (the whole benchmark, all models, all variants, interleaved repetitions)::
     # the null row against the bare Engine only, with enough repetitions to narrow its interval:
     .venv/bin/python -m bench.overhead --models null --reps 201 \
         --variants "aiolearner auto (default),Ignite bare Engine"
+    # the same, on an iterable that is not a list (a dataset of one's own):
+    .venv/bin/python -m bench.overhead --models null --reps 61 --data iterable \
+        --variants "aiolearner auto (default),Ignite bare Engine"
 
 Every variant trains a fresh copy of the same model (same seed) with SGD on the same batches, one
 epoch, with default settings: aiolearner with no callbacks (``compute`` inline / thread / auto, the
 default, on asyncio, and auto on trio); Ignite's ``create_supervised_trainer`` and its bare
 ``Engine(process_function)`` running the raw step; Lightning's ``Trainer`` with logger,
-checkpointing, progress bar and model summary off. Per-step time is measured between the
-requests of batch ``k`` and ``n - k`` (see ``bench/_common.py``), so setup and teardown are left
-out. The variants run in a rotated order in each repetition. The final model of every variant
-must give bit for bit the loss the raw loop's model gives on a held-out batch; the script exits
-with status 1 otherwise.
+checkpointing, progress bar and model summary off. Per-step time is measured between steps
+``k`` and ``n - k`` (see ``bench/_common.py``), so setup and teardown are left out: by default
+every variant trains on the list of batches, and the time is stamped as each step's forward
+starts; with ``--data iterable`` it trains on an iterable over the list that is not a list (a
+generator's, as a dataset of one's own is), stamped as each batch is requested. The two differ
+for aiolearner: a list's batches are made, so its fetch is a step of the list's iterator, while
+any other iterable's fetches are timed (``fetch="auto"`` moves a slow source to a producer
+thread) and counted (for an exact resume), which costs more a batch. The variants run in a
+rotated order in each repetition. The final model of every variant must give bit for bit the
+loss the raw loop's model gives on a held-out batch; the script exits with status 1 otherwise.
 """
 
 from __future__ import annotations
@@ -35,7 +43,17 @@ from typing import Any
 import torch
 
 from aiolearner import Learner
-from bench._common import Batch, StampedData, machine, make_data, make_mlp, median, raw_step, table
+from bench._common import (
+    Batch,
+    StampedData,
+    StampedModel,
+    machine,
+    make_data,
+    make_mlp,
+    median,
+    raw_step,
+    table,
+)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LOSS: LossFn = torch.nn.functional.cross_entropy
@@ -54,21 +72,39 @@ def _sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.01)
 
 
+#: What every variant trains on (``--data``): ``"list"``, the list of batches itself, with the
+#: time stamped as each step's forward starts; or ``"iterable"``, an iterable over it that is not
+#: a list (a generator's), stamped as each batch is requested.
+DATA = "list"
+
+
+def instrument(
+    model: torch.nn.Module, data: list[Batch]
+) -> tuple[torch.nn.Module, Any, Callable[[int], float]]:
+    """What a variant trains (the model, or the model stamping its forwards), what it trains
+    on, and the per-step time once it has run (see ``DATA``)."""
+    if DATA == "list":
+        stamped = StampedModel(model)
+        return stamped, data, stamped.per_step
+    feed = StampedData(data, time.perf_counter)
+    return model, feed, feed.per_step
+
+
 def run_raw(model: torch.nn.Module, data: list[Batch], skip: int) -> float:
+    net, feed, per_step = instrument(model, data)
     optimizer = _sgd(model)
-    stamped = StampedData(data, time.perf_counter)
-    model.train()
-    for x, y in stamped:
-        raw_step(model, optimizer, LOSS, x, y)
-    return stamped.per_step(skip)
+    net.train()
+    for x, y in feed:
+        raw_step(net, optimizer, LOSS, x, y)
+    return per_step(skip)
 
 
 def aiolearner_runner(compute: Any, backend: Any) -> Runner:
     def run(model: torch.nn.Module, data: list[Batch], skip: int) -> float:
-        stamped = StampedData(data, time.perf_counter)
-        learner: Learner[Batch] = Learner(model, _sgd(model), LOSS, stamped, compute=compute)
+        net, feed, per_step = instrument(model, data)
+        learner: Learner[Batch] = Learner(net, _sgd(model), LOSS, feed, compute=compute)
         learner.fit_sync(1, backend=backend)
-        return stamped.per_step(skip)
+        return per_step(skip)
 
     return run
 
@@ -76,26 +112,26 @@ def aiolearner_runner(compute: Any, backend: Any) -> Runner:
 def run_ignite(model: torch.nn.Module, data: list[Batch], skip: int) -> float:
     from ignite.engine import create_supervised_trainer
 
-    stamped = StampedData(data, time.perf_counter)
-    trainer = create_supervised_trainer(model, _sgd(model), LOSS)
-    trainer.run(stamped, max_epochs=1)
-    return stamped.per_step(skip)
+    net, feed, per_step = instrument(model, data)
+    trainer = create_supervised_trainer(net, _sgd(model), LOSS)
+    trainer.run(feed, max_epochs=1)
+    return per_step(skip)
 
 
 def run_ignite_bare(model: torch.nn.Module, data: list[Batch], skip: int) -> float:
     """Ignite's bare ``Engine(process_function)``: its loop and events, no supervised helpers."""
     from ignite.engine import Engine
 
+    net, feed, per_step = instrument(model, data)
     optimizer = _sgd(model)
-    stamped = StampedData(data, time.perf_counter)
-    model.train()
+    net.train()
 
     def process(engine: Any, batch: Batch) -> float:
-        raw_step(model, optimizer, LOSS, batch[0], batch[1])
+        raw_step(net, optimizer, LOSS, batch[0], batch[1])
         return 0.0
 
-    Engine(process).run(stamped, max_epochs=1)
-    return stamped.per_step(skip)
+    Engine(process).run(feed, max_epochs=1)
+    return per_step(skip)
 
 
 def run_lightning(model: torch.nn.Module, data: list[Batch], skip: int) -> float:
@@ -105,10 +141,12 @@ def run_lightning(model: torch.nn.Module, data: list[Batch], skip: int) -> float
         if name.startswith(("lightning", "pytorch_lightning")):
             logging.getLogger(name).setLevel(logging.ERROR)  # "GPU available: False", tips
 
+    net, feed, per_step = instrument(model, data)
+
     class Module(lightning.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = model
+            self.model = net
 
         def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
             x, y = batch
@@ -117,7 +155,6 @@ def run_lightning(model: torch.nn.Module, data: list[Batch], skip: int) -> float
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return _sgd(self.model)
 
-    stamped = StampedData(data, time.perf_counter)
     trainer = lightning.Trainer(
         max_epochs=1,
         accelerator="cpu",
@@ -128,8 +165,8 @@ def run_lightning(model: torch.nn.Module, data: list[Batch], skip: int) -> float
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(Module(), train_dataloaders=stamped)
-    return stamped.per_step(skip)
+    trainer.fit(Module(), train_dataloaders=feed)
+    return per_step(skip)
 
 
 def final_loss(model: torch.nn.Module, probe: Batch) -> torch.Tensor:
@@ -169,12 +206,21 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--no-peers", action="store_true", help="skip Ignite and Lightning")
     parser.add_argument(
+        "--data",
+        choices=("list", "iterable"),
+        default="list",
+        help="what the variants train on: the list of batches (stamped at each forward), or an "
+        "iterable over it that is not a list (stamped at each request); default: list",
+    )
+    parser.add_argument(
         "--variants",
         default="",
         help="comma-separated names of the variants to run (the raw loop always runs), e.g. "
         "'aiolearner auto (default),Ignite bare Engine'; all when empty",
     )
     args = parser.parse_args()
+    global DATA
+    DATA = args.data
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -243,7 +289,7 @@ def main() -> int:
             )
         print(
             f"\n{model_name} MLP {'->'.join(map(str, sizes))}, batch {batch}: {steps} steps "
-            f"(timed {steps - 2 * skip}), {reps} interleaved repetitions, medians"
+            f"(timed {steps - 2 * skip}), {reps} interleaved repetitions, medians; data: {DATA}"
         )
         print(table(["variant", "us/step", "overhead us/step", "time / raw", "final loss"], rows))
         if "aiolearner auto (default)" in times and light:

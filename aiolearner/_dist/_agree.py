@@ -423,6 +423,11 @@ class AgreedBatches:
     def start_producer_if_slow(self) -> None:
         self._inner.start_producer_if_slow()
 
+    def plain(self) -> None:
+        """Never a plain iterator (see ``Batches.plain``): each batch is taken by
+        :meth:`next_nowait`, which is where an agreement falls due."""
+        return None
+
     def next_nowait(self, *, off_loop: bool = False) -> Any:
         if self._state.step >= self._due:
             return WAIT

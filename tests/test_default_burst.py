@@ -1,0 +1,168 @@
+"""The default program in a burst: its step written once in ``run_batches``, a list's batches
+taken straight from the list's iterator and counted when the burst ends.
+
+An error raised by the model in the middle of a burst must leave the pass exactly where a batch
+by batch run would: the batch undone, the ones before it done and counted, so that fitting
+again ends with the weights of a run that was never interrupted; for every kind of data (a list
+and a tuple take the short route, other iterables the general one) and both compute policies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from aiolearner import Learner, StageError
+from aiolearner._device import DeviceMover
+from aiolearner._policy import ComputePolicy
+from aiolearner.testing import make_batches, tiny_model
+
+BATCHES = 8
+EPOCHS = 2
+
+
+class Crash(Exception):  # noqa: N818 (what the test raises)
+    pass
+
+
+class CrashingModel(torch.nn.Module):
+    """``tiny_model``, raising :class:`Crash` on its ``at``-th training forward (once)."""
+
+    def __init__(self, at: int | None) -> None:
+        super().__init__()
+        self.inner = tiny_model(seed=0)
+        self.at = at
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                raise Crash(f"forward {self.calls}")
+        return self.inner(x)  # type: ignore[no-any-return]
+
+
+class Batches:
+    """A sized, re-iterable sequence of batches that is not a list (the general fetch route)."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self.batches
+
+
+def data_of(kind: str) -> Any:
+    batches = make_batches(BATCHES, seed=1)
+    if kind == "list":
+        return batches
+    if kind == "tuple":
+        return tuple(batches)
+    if kind == "iterable":
+        return Batches(batches)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    return DataLoader(TensorDataset(x, y), batch_size=len(batches[0][0]))
+
+
+def learner_of(kind: str, compute: Any, at: int | None) -> Learner[Any]:
+    model = CrashingModel(at)
+    return Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.nn.functional.cross_entropy,
+        data_of(kind),
+        compute=compute,
+    )
+
+
+@pytest.mark.parametrize("compute", ["inline", "thread"])
+@pytest.mark.parametrize("kind", ["list", "tuple", "iterable", "loader"])
+async def test_an_error_in_a_burst_leaves_the_pass_where_it_was(kind: str, compute: Any) -> None:
+    whole = learner_of(kind, compute, at=None)
+    await whole.fit(EPOCHS)
+
+    at = BATCHES + 5  # the second epoch's fifth batch: well inside a burst
+    learner = learner_of(kind, compute, at=at)
+    with pytest.raises(Crash, match=f"forward {at}") as caught:
+        await learner.fit(EPOCHS)
+    notes = "\n".join(caught.value.__notes__)
+    assert "batch 4 of the epoch" in notes
+    assert (learner.state.epoch, learner.state.step) == (1, at - 1)
+    source = learner._rt.train
+    assert source.fetched == BATCHES + 5  # counted, the batch that failed included
+
+    await learner.fit(EPOCHS)  # goes on from the batch that failed
+    assert learner.state.step == whole.state.step == EPOCHS * BATCHES
+    assert source.fetched == EPOCHS * BATCHES + 1  # the failed batch was taken twice
+    for a, b in zip(learner.model.parameters(), whole.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert learner.state.metrics == whole.state.metrics
+
+
+class Smuggles(torch.nn.Module):
+    """A model setting a state field no stage declares, on its fourth forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = tiny_model(seed=0)
+        self.calls = 0
+        self.state: Any = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 4:
+            self.state.smuggled = 1
+        return self.inner(x)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("compute", ["inline", "thread"])
+async def test_a_field_set_in_a_burst_that_no_stage_declares_is_refused(compute: Any) -> None:
+    model = Smuggles()
+    learner: Learner[Any] = Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.nn.functional.cross_entropy,
+        make_batches(BATCHES, seed=1),
+        compute=compute,
+    )
+    model.state = learner._state
+    with pytest.raises(StageError, match=r"'smuggled'.*no stage declares it"):
+        await learner.fit(1)
+    assert learner.state.step == 4  # at the end of the batch that set it
+    assert learner._rt.executor.program(learner.stage("fit_batch")).kind == "default"
+
+
+def test_a_cpu_mover_is_the_identity_only_where_nothing_else_can_hold_a_tensor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiolearner import _device
+
+    assert DeviceMover(torch.device("cpu")).identity == (not _device._accelerator_available())
+    monkeypatch.setattr(_device, "_accelerator_available", lambda: True)
+    assert not DeviceMover(torch.device("cpu")).identity
+
+    monkeypatch.setattr(_device, "_accelerator_available", lambda: False)
+    assert DeviceMover(torch.device("cpu")).identity
+    moved: list[Any] = []
+    monkeypatch.setattr(DeviceMover, "move_inline", lambda self, batch: moved.append(batch))
+    # A replaced move runs as written (a test's stand-in for a device copy).
+    assert not DeviceMover(torch.device("cpu")).identity
+
+
+def test_a_burst_records_its_mean_as_that_many_batches() -> None:
+    one = ComputePolicy("auto", max_blocking=0.002)
+    many = ComputePolicy("auto", max_blocking=0.002)
+    for policy in (one, many):
+        policy.record(0.010)
+    for _ in range(5):
+        one.record(0.002)
+    many.record(0.002, 5)
+    assert one._typical == pytest.approx(many._typical)
