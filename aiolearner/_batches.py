@@ -105,10 +105,12 @@ class Batches:
         self._stop_after_fetch = False
         # Set when the producer was started by an inline fetch: next() gives it a turn first.
         self._producer_fresh = False
-        # A list or a tuple of batches, fetched on the calling thread: its batches are made,
-        # so a fetch is a step of its iterator, never slow (not timed, never a producer), and a
-        # burst takes them from the iterator itself (see plain()).
-        self._plain = not source.counts and not source.slow and self._limit is None
+        # A list or a tuple of batches: they are made, so a fetch is a step of its iterator,
+        # never slow (not timed, never a producer); fetched on the calling thread and all of
+        # them in the pass, a burst takes them from the iterator itself (see plain()).
+        made = not source.counts
+        self._timed = source.fetch == "auto" and not made
+        self._plain = made and not source.slow and self._limit is None
         if source.is_async or source.slow:
             self._start_producer()
 
@@ -247,7 +249,7 @@ class Batches:
         """Fetch on the calling thread; what :meth:`next_nowait` returns (the batch counted as
         :meth:`_accept` counts one: it is done here, once a batch a call fewer)."""
         source = self.source
-        auto = source.fetch == "auto" and source.kept_inline is None and not self._plain
+        auto = self._timed and source.kept_inline is None
         # After a slow fetch, whether this one and what ran since the last one draw from the
         # global generators (read only then: a slow fetch pays for it, a cheap one does not).
         before = capture_rng() if auto and source.slow_fetches >= 1 else None

@@ -19,7 +19,8 @@ definition:
 * **default**: the default ``FitBatch(Gradient(), Update())`` with unchanged ``compute``
   methods and no hooks: the helpers ``Gradient.compute`` and ``Update.compute`` are written with
   (``forward``, ``optimizer_step``), minus the state round trips nobody can observe (the loss
-  goes to the epoch's losses, the output is dropped once the loss is computed).
+  goes to the epoch's losses, the output is dropped once the loss is computed), called in the
+  burst loop itself (:func:`run_batches`).
 
 While the learner is observed (a trace, an event subscriber), synchronous programs run the full
 definition, so every stage's entry and exit is seen. A fused training batch with hooks, and a
@@ -290,13 +291,8 @@ class Executor:
         bursts = synchronous and validator is None  # (no validation due between batches)
         locks = program.locks
         shielded, hopped = program.shielded, False  # (hopped: in one shielded hop)
-        run_inline = rt.run_inline
-        context = rt.context
-        finish = self.finish_batch
-        clock = time.perf_counter
-        take = batches.next_nowait
-        first = True
-        save_every = rt.save_every
+        run_inline, context, finish = rt.run_inline, rt.context, self.finish_batch
+        clock, take, save_every, first = time.perf_counter, batches.next_nowait, rt.save_every, True
         rt.batch_rng = None  # (a fused batch of this pass's program sets it)
         # A batch stage of its own may leave gradients in .grad for the next batch: looked for
         # after the pass's first two batches (see _batch_checks.carried_gradients).
@@ -498,20 +494,18 @@ def run_batches(
 ) -> Any:
     """``state.batch`` by ``program``; with ``batches``, a burst: the batches after it too.
 
-    The one body of a burst in the compute worker thread (:meth:`Executor._burst`) and of an
-    inline run of the batches up to the event loop's next turn (``off_loop=False``,
-    :meth:`Executor.train_pass`), each batch finished as the loop finishes one; it returns what
-    the loop takes next: ``None`` (take a batch), ``WAIT`` or ``END``. An error or a StopEpoch
-    leaves its batch to the loop, as for a single batch. Without ``batches`` it is the default
-    program's one batch, which its caller times and finishes.
+    The one body of a burst in the compute worker (:meth:`Executor._burst`) and inline up to the
+    loop's next turn (``off_loop=False``, :meth:`Executor.train_pass`): each batch finished as
+    the loop finishes one, an error or a StopEpoch left to the loop with its batch; it returns
+    what the loop takes next (``None``: take a batch; ``WAIT``, ``END``) and records the
+    batches' mean time, fetches included (what they held the loop or the worker for). Without
+    ``batches``: the default program's one batch, which its caller times and finishes.
 
-    The default program's step is written here, once, with the helpers ``Gradient.compute``
-    and ``Update.compute`` are written with, minus the state round trips nobody can observe:
-    the output is dropped once the loss is computed, and the loss goes to the epoch's losses
-    (before the commit: a snapshot counting the batch finds it), so the batch ends by dropping
-    ``state.batch``. Written out in the loop rather than called: on a tiny model, every call
-    between two steps costs about twice its own time in the torch calls around it
-    (docs/performance.md)."""
+    The default program's step is written here, once, with the helpers of ``Gradient.compute``
+    and ``Update.compute``, minus the state round trips nobody can observe: the output dropped
+    once the loss is computed, the loss kept for the epoch's mean before the commit (a snapshot
+    counting the batch finds it). Written out in the loop, not called: on a tiny model every
+    call between two steps costs about twice its own time in the torch calls around it."""
     rt = program.rt
     stage = program.stage
     fn = program.now()
@@ -529,6 +523,7 @@ def run_batches(
         finish, losses = executor.finish_batch, rt.train_losses
         take, save_every = batches.next_nowait, rt.save_every
         items, move = batches.plain(), batches.move  # (see Batches.plain)
+        watched = lock is not None or off_loop  # (a waiter on the lock, a slow source)
         start = clock()
         # Ends by auto's next decision too (taken on the loop).
         until = min(start + seconds, policy.decision_due())
@@ -560,7 +555,7 @@ def run_batches(
             now = clock()
             done += 1
             if stepped:
-                d.pop("batch", None)  # (the default step sets no other field)
+                del d["batch"]  # (the default step sets no other field)
                 if len(d) != executor.fields_seen:
                     check_fields(executor, stage, state)
             else:
@@ -568,9 +563,14 @@ def run_batches(
             if (
                 stop
                 or now >= until
-                or (lock is not None and lock.waiting)
-                # Inline, a slow source's producer is started by the fetch itself.
-                or (off_loop and batches.wants_producer)
+                or (
+                    watched
+                    and (
+                        (lock is not None and lock.waiting)
+                        # Inline, a slow source's producer is started by the fetch itself.
+                        or (off_loop and batches.wants_producer)
+                    )
+                )
             ):
                 batch = None
             else:

@@ -222,7 +222,8 @@ class ComputePolicy:
 
     @property
     def typical_seconds(self) -> float | None:
-        """The smoothed duration of a batch's compute, as measured."""
+        """The smoothed duration of a batch, as measured: its compute, and in a burst of
+        batches its fetch and end too (what it holds the loop, or the worker, for)."""
         return self._typical
 
 

@@ -37,7 +37,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -88,6 +88,19 @@ def instrument(
         return stamped, data, stamped.per_step
     feed = StampedData(data, time.perf_counter)
     return model, feed, feed.per_step
+
+
+class OneLoader:
+    """A list of batches as one loader, for Lightning (which reads a list as several)."""
+
+    def __init__(self, batches: list[Batch]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.batches)
 
 
 def run_raw(model: torch.nn.Module, data: list[Batch], skip: int) -> float:
@@ -165,7 +178,8 @@ def run_lightning(model: torch.nn.Module, data: list[Batch], skip: int) -> float
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(Module(), train_dataloaders=feed)
+    # (Lightning reads a list as a collection of loaders: the batches go in a one-loader view.)
+    trainer.fit(Module(), train_dataloaders=OneLoader(feed) if type(feed) is list else feed)
     return per_step(skip)
 
 

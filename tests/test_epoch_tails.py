@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -438,12 +439,25 @@ async def test_a_validation_pass_whose_source_turns_slow_keeps_every_batch() -> 
         def after_validate_batch(self, state: StateView) -> None:
             self.seen.append(float(state.batch[0].sum()))
 
+    class Sized:
+        """Batches that are not a list or a tuple: their fetches are timed."""
+
+        def __init__(self, items: list[Any]) -> None:
+            self.items = items
+
+        def __len__(self) -> int:
+            return len(self.items)
+
+        def __iter__(self) -> Iterator[Any]:
+            return iter(self.items)
+
     data = make_batches(3, seed=4)
     for n in (2, 3):
         order = Order()
-        learner = make_learner(callbacks=[order], val_data=data[:n], fetch_budget=0.0)
+        learner = make_learner(callbacks=[order], val_data=Sized(data[:n]), fetch_budget=0.0)
         await learner.validate()
         assert order.seen == [float(x.sum()) for x, _ in data[:n]]
+        assert "val_data: fetch=auto: a producer thread (found slow)" in learner.describe()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

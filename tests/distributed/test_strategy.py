@@ -209,7 +209,19 @@ async def test_a_pass_handed_to_its_producer_on_its_last_batch_keeps_it() -> Non
         def after_validate_batch(self, state: StateView) -> None:
             seen.append(len(state.batch[1]))
 
-    val = make_batches(2, batch_size=3, n_out=2)
+    class Sized:
+        """Batches that are not a list or a tuple: their fetches are timed."""
+
+        def __init__(self, items: list[Any]) -> None:
+            self.items = items
+
+        def __len__(self) -> int:
+            return len(self.items)
+
+        def __iter__(self) -> Iterator[Any]:
+            return iter(self.items)
+
+    val = Sized(make_batches(2, batch_size=3, n_out=2))
     # Every fetch is over a zero budget: the second one of a pass switches to the producer.
     learner = make(
         train=make_batches(2, n_out=2), val_data=val, fetch_budget=0.0, callbacks=[Count()]
@@ -217,3 +229,4 @@ async def test_a_pass_handed_to_its_producer_on_its_last_batch_keeps_it() -> Non
     await learner.validate()
     await learner.validate()
     assert seen == [3, 3, 3, 3]
+    assert "val_data: fetch=auto: a producer thread (found slow)" in learner.describe()
