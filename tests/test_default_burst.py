@@ -9,11 +9,11 @@ and a tuple take the short route, other iterables the general one) and both comp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
+from data_helpers import Sized
 from torch.utils.data import DataLoader, TensorDataset
 
 from aiolearner import Learner, StageError
@@ -46,19 +46,6 @@ class CrashingModel(torch.nn.Module):
         return self.inner(x)  # type: ignore[no-any-return]
 
 
-class Batches:
-    """A sized, re-iterable sequence of batches that is not a list (the general fetch route)."""
-
-    def __init__(self, batches: list[Any]) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[Any]:
-        yield from self.batches
-
-
 def data_of(kind: str) -> Any:
     batches = make_batches(BATCHES, seed=1)
     if kind == "list":
@@ -66,7 +53,7 @@ def data_of(kind: str) -> Any:
     if kind == "tuple":
         return tuple(batches)
     if kind == "iterable":
-        return Batches(batches)
+        return Sized(batches)
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     return DataLoader(TensorDataset(x, y), batch_size=len(batches[0][0]))

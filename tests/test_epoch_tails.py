@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import anyio
 import pytest
 import torch
 from anyio import wait_all_tasks_blocked
+from data_helpers import Sized
 from torch.utils.data import DataLoader, TensorDataset
 
 from aiolearner import Callback, Learner, StateView, StopFit, _worker
@@ -438,18 +438,6 @@ async def test_a_validation_pass_whose_source_turns_slow_keeps_every_batch() -> 
 
         def after_validate_batch(self, state: StateView) -> None:
             self.seen.append(float(state.batch[0].sum()))
-
-    class Sized:
-        """Batches that are not a list or a tuple: their fetches are timed."""
-
-        def __init__(self, items: list[Any]) -> None:
-            self.items = items
-
-        def __len__(self) -> int:
-            return len(self.items)
-
-        def __iter__(self) -> Iterator[Any]:
-            return iter(self.items)
 
     data = make_batches(3, seed=4)
     for n in (2, 3):

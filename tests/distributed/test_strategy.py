@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from data_helpers import Sized
 from torch.utils.data import (
     DataLoader,
     DistributedSampler,
@@ -208,18 +209,6 @@ async def test_a_pass_handed_to_its_producer_on_its_last_batch_keeps_it() -> Non
 
         def after_validate_batch(self, state: StateView) -> None:
             seen.append(len(state.batch[1]))
-
-    class Sized:
-        """Batches that are not a list or a tuple: their fetches are timed."""
-
-        def __init__(self, items: list[Any]) -> None:
-            self.items = items
-
-        def __len__(self) -> int:
-            return len(self.items)
-
-        def __iter__(self) -> Iterator[Any]:
-            return iter(self.items)
 
     val = Sized(make_batches(2, batch_size=3, n_out=2))
     # Every fetch is over a zero budget: the second one of a pass switches to the producer.
