@@ -577,17 +577,17 @@ def run_batches(
                 if save_every:
                     executor.mark_save_point(state, batches, None)
                 batch = END if items is None else next(items, END)
-                if batch is END:  # (not a list's, or its end: taken with its bookkeeping)
-                    if taken:
-                        batches.count_taken(taken)
-                        taken = 0
-                    batch = take(off_loop=off_loop)
-                else:
+                if batch is not END:  # (a list's)
                     taken += 1
-                    if move is not None:
-                        batch = move(batch)
+                    state.batch = batch if move is None else move(batch)  # (observed: a write)
+                    context._committed = False
+                    continue
+                if taken:  # (not a list's, or its end: taken with its bookkeeping)
+                    batches.count_taken(taken)
+                    taken = 0
+                batch = take(off_loop=off_loop)
                 if batch is not WAIT and batch is not END:
-                    state.batch = batch  # (a write, while observed)
+                    state.batch = batch
                     context._committed = False
                     continue
             # The batches' mean time, fetches included, as that many records (a call a burst).
