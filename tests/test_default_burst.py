@@ -5,12 +5,17 @@ An error raised by the model in the middle of a burst must leave the pass exactl
 by batch run would: the batch undone, the ones before it done and counted, so that fitting
 again ends with the weights of a run that was never interrupted; for every kind of data (a list
 and a tuple take the short route, other iterables the general one) and both compute policies.
+The same for a cancellation from outside that lands in a burst.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
+import anyio
+import anyio.from_thread
 import pytest
 import torch
 from data_helpers import Sized
@@ -46,8 +51,8 @@ class CrashingModel(torch.nn.Module):
         return self.inner(x)  # type: ignore[no-any-return]
 
 
-def data_of(kind: str) -> Any:
-    batches = make_batches(BATCHES, seed=1)
+def data_of(kind: str, n: int = BATCHES) -> Any:
+    batches = make_batches(n, seed=1)
     if kind == "list":
         return batches
     if kind == "tuple":
@@ -59,13 +64,15 @@ def data_of(kind: str) -> Any:
     return DataLoader(TensorDataset(x, y), batch_size=len(batches[0][0]))
 
 
-def learner_of(kind: str, compute: Any, at: int | None) -> Learner[Any]:
-    model = CrashingModel(at)
+def learner_of(
+    kind: str, compute: Any, at: int | None, model: torch.nn.Module | None = None, n: int = BATCHES
+) -> Learner[Any]:
+    model = CrashingModel(at) if model is None else model
     return Learner(
         model,
         torch.optim.SGD(model.parameters(), lr=0.1),
         torch.nn.functional.cross_entropy,
-        data_of(kind),
+        data_of(kind, n),
         compute=compute,
     )
 
@@ -89,6 +96,62 @@ async def test_an_error_in_a_burst_leaves_the_pass_where_it_was(kind: str, compu
     await learner.fit(EPOCHS)  # goes on from the batch that failed
     assert learner.state.step == whole.state.step == EPOCHS * BATCHES
     assert source.fetched == EPOCHS * BATCHES + 1  # the failed batch was taken twice
+    for a, b in zip(learner.model.parameters(), whole.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert learner.state.metrics == whole.state.metrics
+
+
+class CancellingModel(torch.nn.Module):
+    """``tiny_model``, calling ``cancel`` on its ``at``-th training forward (once): a model is
+    not a hook, so the batch keeps the default program."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.inner = tiny_model(seed=0)
+        self.at = at
+        self.calls = 0
+        self.cancel: Callable[[], None] = lambda: None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                self.cancel()
+        return self.inner(x)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("compute", ["inline", "thread"])
+@pytest.mark.parametrize("kind", ["list", "loader"])
+async def test_a_cancellation_in_a_burst_resumes_exactly(kind: str, compute: Any) -> None:
+    # Inline, a cancellation asked for inside a batch lands at the loop's next turn or the
+    # epoch's end (docs/reliability.md): epochs long enough for it to land inside one, mostly.
+    n = 400
+    whole = learner_of(kind, compute, at=None, n=n)
+    await whole.fit(EPOCHS)
+
+    model = CancellingModel(at=n + 3)
+    learner = learner_of(kind, compute, at=None, model=model, n=n)
+    loop_thread = threading.get_ident()
+    with anyio.CancelScope() as scope:
+
+        def cancel() -> None:
+            if threading.get_ident() == loop_thread:
+                scope.cancel()
+            else:  # (the model runs in the compute worker)
+                anyio.from_thread.run_sync(scope.cancel)
+
+        model.cancel = cancel
+        await learner.fit(EPOCHS)
+    assert scope.cancelled_caught
+    assert learner._rt.executor.program(learner.stage("fit_batch")).kind == "default"
+    assert n + 3 <= learner.state.step <= EPOCHS * n  # after the batch that asked for it
+    source = learner._rt.train
+    # Every batch run was counted as taken (one fetched ahead and put back, at most).
+    assert learner.state.step <= source.fetched <= learner.state.step + 1, source.fetched
+
+    await learner.fit(EPOCHS)  # goes on from where the cancellation landed
+    assert learner.state.step == whole.state.step == EPOCHS * n
+    assert EPOCHS * n <= source.fetched <= EPOCHS * n + 1
     for a, b in zip(learner.model.parameters(), whole.model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert learner.state.metrics == whole.state.metrics
