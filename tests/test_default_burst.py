@@ -4,7 +4,8 @@ taken straight from the list's iterator and counted when the burst ends.
 An error raised by the model in the middle of a burst must leave the pass exactly where a batch
 by batch run would: the batch undone, the ones before it done and counted, so that fitting
 again ends with the weights of a run that was never interrupted; for every kind of data (a list
-and a tuple take the short route, other iterables the general one) and both compute policies.
+and a tuple take the short route; another iterable and a DataLoader, in order or shuffling, the
+general one) and both compute policies.
 The same for a cancellation from outside that lands in a burst.
 """
 
@@ -61,13 +62,15 @@ def data_of(kind: str, n: int = BATCHES) -> Any:
         return Sized(batches)
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
-    return DataLoader(TensorDataset(x, y), batch_size=len(batches[0][0]))
+    size = len(batches[0][0])
+    return DataLoader(TensorDataset(x, y), batch_size=size, shuffle=kind == "shuffled")
 
 
 def learner_of(
     kind: str, compute: Any, at: int | None, model: torch.nn.Module | None = None, n: int = BATCHES
 ) -> Learner[Any]:
     model = CrashingModel(at) if model is None else model
+    torch.manual_seed(1234)  # a shuffling DataLoader draws its orders from here on
     return Learner(
         model,
         torch.optim.SGD(model.parameters(), lr=0.1),
@@ -78,7 +81,7 @@ def learner_of(
 
 
 @pytest.mark.parametrize("compute", ["inline", "thread"])
-@pytest.mark.parametrize("kind", ["list", "tuple", "iterable", "loader"])
+@pytest.mark.parametrize("kind", ["list", "tuple", "iterable", "loader", "shuffled"])
 async def test_an_error_in_a_burst_leaves_the_pass_where_it_was(kind: str, compute: Any) -> None:
     whole = learner_of(kind, compute, at=None)
     await whole.fit(EPOCHS)
@@ -121,7 +124,7 @@ class CancellingModel(torch.nn.Module):
 
 
 @pytest.mark.parametrize("compute", ["inline", "thread"])
-@pytest.mark.parametrize("kind", ["list", "loader"])
+@pytest.mark.parametrize("kind", ["list", "loader", "shuffled"])
 async def test_a_cancellation_in_a_burst_resumes_exactly(kind: str, compute: Any) -> None:
     # Inline, a cancellation asked for inside a batch lands at the loop's next turn or the
     # epoch's end (docs/reliability.md): epochs long enough for it to land inside one, mostly.
