@@ -106,11 +106,11 @@ class Batches:
         # Set when the producer was started by an inline fetch: next() gives it a turn first.
         self._producer_fresh = False
         # A list or a tuple of batches: they are made, so a fetch is a step of its iterator,
-        # never slow (not timed, never a producer); fetched on the calling thread and all of
-        # them in the pass, a burst takes them from the iterator itself (see plain()).
+        # never slow (not timed, never a producer). Fetched on the calling thread and all of
+        # them in the pass, a burst takes batches from the iterator itself (see direct()).
         made = not source.counts
         self._timed = source.fetch == "auto" and not made
-        self._plain = made and not source.slow and self._limit is None
+        self._direct = self._limit is None
         if source.is_async or source.slow:
             self._start_producer()
 
@@ -151,12 +151,38 @@ class Batches:
                 item = END
         return self._accept(item)
 
-    def plain(self) -> Iterator[Any] | None:
-        """The pass's iterator where taking a batch is taking its next item (see ``_plain``,
-        nothing put back waits to be served first), else ``None``: for a burst of batches,
-        which moves each item it takes (:attr:`move`) and counts them (:meth:`count_taken`)
-        before it ends and before it takes a batch by :meth:`next_nowait`."""
-        return self._it if self._plain and not self.source._leftover else None
+    def direct(self) -> tuple[Iterator[Any], float | None] | None:
+        """For a burst of batches, where taking a batch is taking the next item of the pass's
+        iterator on the calling thread (no producer, nothing put back waiting to be served
+        first, no step limit, no slow fetch being watched): that iterator and the seconds a
+        fetch may take (``None``: not timed), else ``None``.
+
+        The burst moves each item it takes (:attr:`move`), counts them (:meth:`count_taken`)
+        before it ends or takes a batch by :meth:`next_nowait`, notes a failed fetch with
+        :meth:`failed`, the end with :meth:`end`, and a fetch over budget with
+        :meth:`slow_fetch`, after which it takes its batches by :meth:`next_nowait`: what a
+        second slow fetch in a row decides is that method's (see ``_fetch_inline``)."""
+        source = self.source
+        if not self._direct or source.slow or source._leftover or self._receive is not None:
+            return None
+        if not self._timed or source.kept_inline is not None:
+            return self._it, None
+        return (self._it, source.fetch_budget) if not source.slow_fetches else None
+
+    def slow_fetch(self) -> None:
+        """A fetch taken by a burst (see :meth:`direct`) took over the budget, the first in a
+        row: as :meth:`_fetch_inline` notes one."""
+        self.source.slow_fetches = 1
+        self.source.after_slow = capture_rng()
+
+    def failed(self, exc: Exception, taken: int = 0) -> BaseException:
+        """``exc``, raised by the iterator while fetching the pass's next batch, ``taken``
+        batches after those counted (by a burst, see :meth:`direct`), with a note saying which."""
+        return self._failed(exc, self.index + taken)
+
+    def end(self) -> Any:
+        """The pass's iterator ran out (taken by a burst, see :meth:`direct`): ``END``."""
+        return self._accept(END)
 
     def count_taken(self, n: int) -> None:
         """``n`` batches more were taken from the pass's iterator."""

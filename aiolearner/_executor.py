@@ -23,18 +23,17 @@ definition:
   burst loop itself (:func:`run_batches`).
 
 While the learner is observed (a trace, an event subscriber), synchronous programs run the full
-definition, so every stage's entry and exit is seen. A fused training batch with hooks, and a
-flat one, read torch's generators as they begin: a hook or a stage stopping the batch puts its
-dropout back.
+definition. A fused or flat training batch reads torch's generators as it begins: a hook or a
+stage stopping the batch puts its dropout back.
 
 The training pass (:meth:`Executor.train_pass`) takes a batch, runs its program and finishes the
 batch, until the pass ends. A synchronous program runs in *bursts* (:func:`run_batches`, one
 body for both): in thread mode the compute worker goes on with the next batch while one is ready
 without the event loop, so a pass of small batches costs a few hops, not one per batch; inline,
-the batches up to the loop's next turn are one call. A pass's first batch runs alone, timed by
-itself, so that ``auto`` can move a pass whose first batch is slow to the worker before a burst
-runs inline. A batch that changed the state's set of fields has the new ones checked
-(``_batch_checks.check_fields``): one length comparison a batch.
+the batches up to the loop's next turn are one call; a burst takes batches from the pass's
+iterator itself where it can (``Batches.direct``). A pass's first batch runs alone, timed by
+itself, so that ``auto`` can move a slow one to the worker before a burst runs inline. A batch
+that changed the state's set of fields has them checked (``_batch_checks.check_fields``).
 """
 
 from __future__ import annotations
@@ -50,7 +49,13 @@ import anyio.lowlevel
 from ._batch_checks import carried_gradients, check_fields
 from ._data import END, WAIT
 from ._exceptions import ControlFlow, StageError
-from ._program_kinds import kind, signature, stepped_optimizers, suspended_in
+from ._program_kinds import (
+    kind,
+    raised_by_a_loop_library,
+    signature,
+    stepped_optimizers,
+    suspended_in,
+)
 from ._rng import capture_torch_rng
 from ._runtime import DRIVING, NOT_RUN
 from ._stage import ComputeStage, Stage, owned
@@ -160,7 +165,7 @@ class BatchProgram:
                 return
             except RuntimeError as exc:
                 # An event loop library's call (anyio.sleep, say) in the compute worker thread.
-                if self.rt.policy.off_loop_thread() and _raised_by_a_loop_library(exc):
+                if self.rt.policy.off_loop_thread() and raised_by_a_loop_library(exc):
                     exc.add_note(
                         f"aiolearner: batch stage {self.stage.name!r} ran in the compute worker "
                         "thread, without the event loop (it is fusable): if one of its stages "
@@ -219,14 +224,6 @@ class BatchProgram:
                     raise
 
         return flat_batch
-
-
-def _raised_by_a_loop_library(exc: BaseException) -> bool:
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    module = "" if tb is None else str(tb.tb_frame.f_globals.get("__name__", ""))
-    return module.split(".")[0] in ("anyio", "asyncio", "trio", "sniffio")
 
 
 class Executor:
@@ -506,28 +503,24 @@ def run_batches(
     once the loss is computed, the loss kept for the epoch's mean before the commit (a snapshot
     counting the batch finds it). Written out in the loop, not called: on a tiny model every
     call between two steps costs about twice its own time in the torch calls around it."""
-    rt = program.rt
-    stage = program.stage
-    fn = program.now()
+    rt, stage, fn = program.rt, program.stage, program.now()
     # One batch is the default program's own (``program.default``); a burst runs the default
     # step while that is the program's ``fast`` call (not while observed, nor once replaced).
-    default = batches is None or fn is program.default
-    d = state.__dict__
+    default, d = batches is None or fn is program.default, state.__dict__
     if default:
         gradient, update = program.steps
         model, loss_fn, optimizer = d["train_model"], d["loss_fn"], d["optimizer"]
         keep, commit = rt.train_losses.append, rt.commit
-    taken = 0  # (batches taken from a list's iterator, counted when the burst ends)
+    taken = 0  # (batches taken from the pass's iterator, counted when the burst ends)
     if batches is not None:
         executor, policy, context, clock = rt.executor, rt.policy, rt.context, time.perf_counter
         finish, losses = executor.finish_batch, rt.train_losses
         take, save_every = batches.next_nowait, rt.save_every
-        items, move = batches.plain(), batches.move  # (see Batches.plain)
+        direct, move = batches.direct(), batches.move  # (see Batches.direct)
+        items, budget = (None, None) if direct is None else direct
         watched = lock is not None or off_loop  # (a waiter on the lock, a slow source)
-        start = clock()
-        # Ends by auto's next decision too (taken on the loop).
-        until = min(start + seconds, policy.decision_due())
-        done = 0
+        start, done = clock(), 0
+        until = min(start + seconds, policy.decision_due())  # (auto's decision: on the loop)
     try:
         while True:
             stepped = default
@@ -576,16 +569,24 @@ def run_batches(
             else:
                 if save_every:
                     executor.mark_save_point(state, batches, None)
-                batch = END if items is None else next(items, END)
-                if batch is not END:  # (a list's)
-                    taken += 1
-                    state.batch = batch if move is None else move(batch)  # (observed: a write)
-                    context._committed = False
-                    continue
-                if taken:  # (not a list's, or its end: taken with its bookkeeping)
+                if items is not None:
+                    try:
+                        fetched = clock() if budget is not None else 0.0
+                        batch = next(items, END)
+                    except Exception as exc:  # (the batches taken are counted by the finally)
+                        raise batches.failed(exc, taken) from None
+                    if batch is not END:
+                        taken += 1
+                        if budget is not None and clock() - fetched > budget:
+                            batches.slow_fetch()
+                            items = None  # (the next fetches are watched: see direct())
+                        state.batch = batch if move is None else move(batch)  # (a write)
+                        context._committed = False
+                        continue
+                if taken:  # (counted before a batch is taken with its bookkeeping)
                     batches.count_taken(taken)
                     taken = 0
-                batch = take(off_loop=off_loop)
+                batch = take(off_loop=off_loop) if items is None else batches.end()
                 if batch is not WAIT and batch is not END:
                     state.batch = batch
                     context._committed = False

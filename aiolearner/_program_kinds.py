@@ -18,7 +18,15 @@ from typing import Any
 from ._stage import ComputeStage, Stage
 from ._stages import FitBatch, Gradient, Update
 
-__all__ = ["flat", "kind", "signature", "stepped_optimizers", "suspended_in", "synchronous"]
+__all__ = [
+    "flat",
+    "kind",
+    "raised_by_a_loop_library",
+    "signature",
+    "stepped_optimizers",
+    "suspended_in",
+    "synchronous",
+]
 
 # The default program's definitions at import: a subclass or a patch runs as written instead.
 _GRADIENT_COMPUTE = Gradient.compute
@@ -36,6 +44,16 @@ def suspended_in(coro: Any) -> Stage | None:
                 found = owner
         coro = getattr(coro, "cr_await", None)
     return found
+
+
+def raised_by_a_loop_library(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside an event loop library (a call that needs the loop,
+    made by a synchronous program in the compute worker thread)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = "" if tb is None else str(tb.tb_frame.f_globals.get("__name__", ""))
+    return module.split(".")[0] in ("anyio", "asyncio", "trio", "sniffio")
 
 
 def kind(stage: Stage) -> str:

@@ -1,18 +1,19 @@
-"""The default program in a burst: its step written once in ``run_batches``, a list's batches
-taken straight from the list's iterator and counted when the burst ends.
+"""The default program in a burst: its step written once in ``run_batches``, the batches taken
+straight from the pass's iterator (``Batches.direct``) and counted when the burst ends.
 
 An error raised by the model in the middle of a burst must leave the pass exactly where a batch
 by batch run would: the batch undone, the ones before it done and counted, so that fitting
-again ends with the weights of a run that was never interrupted; for every kind of data (a list
-and a tuple take the short route; another iterable and a DataLoader, in order or shuffling, the
-general one) and both compute policies.
-The same for a cancellation from outside that lands in a burst.
+again ends with the weights of a run that was never interrupted; for every kind of data (a list,
+a tuple, another iterable, a DataLoader in order or shuffling) and both compute policies.
+The same for a cancellation from outside that lands in a burst, for an error raised by the
+data's iterator, and for a source that turns slow in the middle of a burst.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -23,6 +24,7 @@ from data_helpers import Sized
 from torch.utils.data import DataLoader, TensorDataset
 
 from aiolearner import Learner, StageError
+from aiolearner._batches import Batches
 from aiolearner._device import DeviceMover
 from aiolearner._policy import ComputePolicy
 from aiolearner.testing import make_batches, tiny_model
@@ -67,7 +69,12 @@ def data_of(kind: str, n: int = BATCHES) -> Any:
 
 
 def learner_of(
-    kind: str, compute: Any, at: int | None, model: torch.nn.Module | None = None, n: int = BATCHES
+    kind: str,
+    compute: Any,
+    at: int | None,
+    model: torch.nn.Module | None = None,
+    n: int = BATCHES,
+    **options: Any,
 ) -> Learner[Any]:
     model = CrashingModel(at) if model is None else model
     torch.manual_seed(1234)  # a shuffling DataLoader draws its orders from here on
@@ -77,6 +84,7 @@ def learner_of(
         torch.nn.functional.cross_entropy,
         data_of(kind, n),
         compute=compute,
+        **options,
     )
 
 
@@ -219,3 +227,148 @@ def test_a_burst_records_its_mean_as_that_many_batches() -> None:
         one.record(0.002)
     many.record(0.002, 5)
     assert one._typical == pytest.approx(many._typical)
+
+
+class FailsOnce(Sized):
+    """``Sized`` whose iterator raises :class:`Crash` instead of serving item ``at`` (once)."""
+
+    def __init__(self, items: list[Any], at: int) -> None:
+        super().__init__(items)
+        self.at: int | None = at
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, item in enumerate(self.items):
+            if i == self.at:
+                self.at = None
+                raise Crash(f"fetch {i}")
+            yield item
+
+
+class RecordFailsOnce(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, at: int) -> None:
+        self.x, self.y, self.at = x, y, at
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i == self.at:
+            self.at = -1
+            raise Crash(f"record {i}")
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("compute", ["inline", "thread"])
+@pytest.mark.parametrize("kind", ["iterable", "loader"])
+async def test_a_fetch_failing_in_a_burst_names_its_batch_and_resumes_exactly(
+    kind: str, compute: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole = learner_of(kind, compute, at=None)
+    await whole.fit(EPOCHS)
+
+    # The first pass's sixth batch fails: inside the pass's one burst (which starts with its
+    # second batch, inline up to the loop's next turn: not before the pass's end here).
+    learner = learner_of(kind, compute, at=None, yield_interval=60.0)
+    source = learner._rt.train
+    batches = make_batches(BATCHES, seed=1)
+    if kind == "iterable":
+        source.data = FailsOnce(batches, at=5)
+    else:
+        size = len(batches[0][0])
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        source.data = DataLoader(RecordFailsOnce(x, y, at=5 * size), batch_size=size)
+    failed: list[int] = []
+    real_failed = Batches.failed
+
+    def spy(self: Batches, exc: Exception, taken: int = 0) -> BaseException:
+        failed.append(self.index + taken)
+        return real_failed(self, exc, taken)
+
+    monkeypatch.setattr(Batches, "failed", spy)
+    with pytest.raises(Crash) as caught:
+        await learner.fit(EPOCHS)
+    assert failed == [5]  # raised by the burst's own fetch
+    assert "while fetching batch 5 of this pass" in "\n".join(caught.value.__notes__)
+    assert (learner.state.epoch, learner.state.step) == (0, 5)
+    assert source.fetched == 5  # the failed fetch served nothing
+
+    await learner.fit(EPOCHS)  # the pass is rebuilt at the batch that failed
+    assert learner.state.step == whole.state.step == EPOCHS * BATCHES
+    for a, b in zip(learner.model.parameters(), whole.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert learner.state.metrics == whole.state.metrics
+
+
+class SlowsDown(Sized):
+    """``Sized`` whose fetches from item ``at`` on each take ``seconds`` (busy, as a decode)."""
+
+    def __init__(self, items: list[Any], at: int, seconds: float) -> None:
+        super().__init__(items)
+        self.at, self.seconds = at, seconds
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, item in enumerate(self.items):
+            if i >= self.at:
+                end = time.perf_counter() + self.seconds
+                while time.perf_counter() < end:
+                    pass
+            yield item
+
+
+@pytest.mark.parametrize("compute", ["inline", "thread"])
+async def test_a_source_turning_slow_in_a_burst_moves_to_its_producer(
+    compute: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n, at = 7, 4  # (the pass's first batch runs alone; its second starts the burst)
+    whole = learner_of("list", compute, at=None, n=n)
+    await whole.fit(1)
+
+    slow: list[int] = []
+    real_slow = Batches.slow_fetch
+
+    def spy(self: Batches) -> None:
+        slow.append(self.index)
+        real_slow(self)
+
+    monkeypatch.setattr(Batches, "slow_fetch", spy)
+    model = CrashingModel(at=None)
+    torch.manual_seed(1234)
+    learner: Learner[Any] = Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.nn.functional.cross_entropy,
+        SlowsDown(make_batches(n, seed=1), at=at, seconds=0.06),
+        compute=compute,
+        fetch_budget=0.02,
+        yield_interval=60.0,  # (inline: one burst for the whole pass)
+    )
+    await learner.fit(1)
+    # Noted by the burst, the batches the loop took counted, the burst's not yet (inline the
+    # pass's first batch runs alone, the burst starts with its second; in the worker, with its
+    # first). The next fetch, the second slow one in a row, moved the source to its producer.
+    assert slow == [2 if compute == "inline" else 1]
+    assert "train_data: fetch=auto: a producer thread (found slow)" in learner.describe()
+    assert learner.state.step == n
+    assert learner._rt.train.fetched == n
+    for a, b in zip(learner.model.parameters(), whole.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["iterable", "loader"])
+async def test_a_burst_takes_batches_from_the_pass_iterator_itself(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Inline, one burst a pass: the pass's first batch, the burst's first and the end are
+    # taken with next_nowait; the others straight from the iterator.
+    taken: list[int] = []
+    real_next_nowait = Batches.next_nowait
+
+    def spy(self: Batches, *, off_loop: bool = False) -> Any:
+        taken.append(self.index)
+        return real_next_nowait(self, off_loop=off_loop)
+
+    monkeypatch.setattr(Batches, "next_nowait", spy)
+    learner = learner_of(kind, "inline", at=None, n=32, yield_interval=60.0)
+    await learner.fit(1)
+    assert learner.state.step == 32
+    assert len(taken) <= 4, taken

@@ -423,8 +423,8 @@ class AgreedBatches:
     def start_producer_if_slow(self) -> None:
         self._inner.start_producer_if_slow()
 
-    def plain(self) -> None:
-        """Never a plain iterator (see ``Batches.plain``): each batch is taken by
+    def direct(self) -> None:
+        """Never the iterator itself (see ``Batches.direct``): each batch is taken by
         :meth:`next_nowait`, which is where an agreement falls due."""
         return None
 
