@@ -21,10 +21,11 @@ checkpointing, progress bar and model summary off. Per-step time is measured bet
 ``k`` and ``n - k`` (see ``bench/_common.py``), so setup and teardown are left out: by default
 every variant trains on the list of batches, and the time is stamped as each step's forward
 starts; with ``--data iterable`` it trains on an iterable over the list that is not a list (a
-generator's, as a dataset of one's own is), stamped as each batch is requested. The two differ
-for aiolearner: a list's batches are made, so its fetch is a step of the list's iterator, while
-any other iterable's fetches are timed (``fetch="auto"`` moves a slow source to a producer
-thread) and counted (for an exact resume), which costs more a batch. The variants run in a
+generator's, as a dataset of one's own is), stamped as each batch is requested. For aiolearner
+the two differ by little: in a burst of batches it takes either's next batch from the pass's
+iterator itself; an iterable that is not a list is also timed (``fetch="auto"`` moves a slow
+source to a producer thread) and its draws counted (for an exact resume): a clock read and a
+generator's step a batch. The variants run in a
 rotated order in each repetition. The final model of every variant must give bit for bit the
 loss the raw loop's model gives on a held-out batch; the script exits with status 1 otherwise.
 """
