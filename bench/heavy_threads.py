@@ -10,6 +10,9 @@ run, thread mode a little more than the others. This script separates the two se
 * ``kept``: one event loop for the whole script, each learner fitting one more epoch in every
   repetition (its worker thread kept from one epoch to the next, as in a long run or a service).
 
+The raw loop also runs on a thread of its own, a new one for every run (``fresh``) or one kept
+(``kept``): what a thread costs a heavy step with no framework at all.
+
 Each variant's steps are timed between forwards as ``bench/overhead.py`` times them (setup and
 teardown left out), with the process's minor faults read at the same points (a heavy step
 allocates and frees megabytes: where the C allocator hands memory back between steps, the next
@@ -27,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import resource
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import anyio
 import torch
@@ -45,7 +50,7 @@ from bench._common import (
 )
 
 SIZES, BATCH = [512, 1024, 1024, 10], 256
-VARIANTS = ("raw loop", "aiolearner inline", "aiolearner thread")
+VARIANTS = ("raw loop", "raw loop, another thread", "aiolearner inline", "aiolearner thread")
 
 
 def _faults() -> int:
@@ -87,8 +92,15 @@ def _raw(model: torch.nn.Module, data: list[Batch]) -> Callable[[], None]:
     return run
 
 
+def _in_a_new_thread(fn: Callable[[], None]) -> None:
+    thread = threading.Thread(target=fn)
+    thread.start()
+    thread.join()
+
+
 def measure(setup: str, reps: int, data: list[Batch]) -> dict[str, list[tuple[float, float]]]:
-    """Per variant, a (seconds a step, faults a step) pair for each repetition."""
+    """Per variant, a (seconds a step, faults a step) pair for each repetition. The raw loop
+    runs on the main thread, and on another: a new one every run (``fresh``), or one kept."""
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in VARIANTS}
     skip = max(2, len(data) // 20)  # (as bench/overhead.py leaves out)
     if setup == "fresh":
@@ -97,27 +109,32 @@ def measure(setup: str, reps: int, data: list[Batch]) -> dict[str, list[tuple[fl
                 model = Stamped(make_mlp(SIZES))
                 if name == "raw loop":
                     _raw(model, data)()
+                elif name == "raw loop, another thread":
+                    _in_a_new_thread(_raw(model, data))
                 else:
                     learner = _learner(model, data, name.split()[1])
                     anyio.run(learner.fit, 1)
                 results[name].append(model.measured(0, skip))
         return results
 
-    async def kept() -> None:
+    async def kept(thread: ThreadPoolExecutor) -> None:
         models = {name: Stamped(make_mlp(SIZES)) for name in VARIANTS}
-        raw = _raw(models["raw loop"], data)
+        raw = {name: _raw(models[name], data) for name in VARIANTS if name.startswith("raw")}
         learners = {c: _learner(models[f"aiolearner {c}"], data, c) for c in ("inline", "thread")}
         for rep in range(reps + 1):  # (the first repetition warms every variant up, not kept)
             for name in VARIANTS:
                 first = len(models[name].stamps)
                 if name == "raw loop":
-                    raw()
+                    raw[name]()
+                elif name == "raw loop, another thread":
+                    thread.submit(raw[name]).result()
                 else:
                     await learners[name.split()[1]].fit(rep + 1)
                 if rep:
                     results[name].append(models[name].measured(first, skip))
 
-    anyio.run(kept)
+    with ThreadPoolExecutor(1) as thread:
+        anyio.run(kept, thread)
     return results
 
 
