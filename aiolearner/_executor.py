@@ -569,15 +569,15 @@ def run_batches(
             else:
                 if save_every:
                     executor.mark_save_point(state, batches, None)
-                    now = clock()  # (where the fetch's time starts)
                 if items is not None:
-                    try:
+                    try:  # (the fetch alone is timed: a batch's end may free much, slowly)
+                        fetched = clock() if budget is not None else 0.0
                         batch = next(items, END)
                     except Exception as exc:  # (the batches taken are counted by the finally)
                         raise batches.failed(exc, taken) from None
                     if batch is not END:
                         taken += 1
-                        if budget is not None and clock() - now > budget:
+                        if budget is not None and clock() - fetched > budget:
                             batches.slow_fetch()
                             items = None  # (the next fetches are watched: see direct())
                         state.batch = batch if move is None else move(batch)  # (a write)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import anyio.from_thread
@@ -23,7 +23,7 @@ import torch
 from data_helpers import Sized
 from torch.utils.data import DataLoader, TensorDataset
 
-from aiolearner import Learner, StageError
+from aiolearner import ComputeStage, FitBatch, Gradient, Learner, StageError, State, Update
 from aiolearner._batches import Batches
 from aiolearner._device import DeviceMover
 from aiolearner._policy import ComputePolicy
@@ -372,3 +372,47 @@ async def test_a_burst_takes_batches_from_the_pass_iterator_itself(
     await learner.fit(1)
     assert learner.state.step == 32
     assert len(taken) <= 4, taken
+
+
+class SlowToFree:
+    """Takes ``seconds`` (busy) to be freed: a field whose end is slow, as a large output's."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __del__(self) -> None:
+        end = time.perf_counter() + self.seconds
+        while time.perf_counter() < end:
+            pass
+
+
+class Lingering(ComputeStage):
+    fields: ClassVar[dict[str, str]] = {"lingering": "batch"}
+
+    def compute(self, state: State) -> None:
+        state.lingering = SlowToFree(0.05)
+
+
+@pytest.mark.parametrize("compute", ["inline", "thread"])
+async def test_a_slow_end_of_a_batch_is_not_timed_as_the_next_fetch(
+    compute: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each batch's end frees a field slowly (50 ms); the fetches themselves are a list's
+    # iterator's (a sized iterable: timed by fetch="auto"), far under the 20 ms budget.
+    slow: list[int] = []
+    monkeypatch.setattr(Batches, "slow_fetch", lambda self: slow.append(self.index))
+    model = tiny_model(seed=0)
+    learner: Learner[Any] = Learner(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.nn.functional.cross_entropy,
+        Sized(make_batches(6, seed=1)),
+        stages={"fit_batch": FitBatch(Gradient(), Update(), Lingering())},
+        compute=compute,
+        fetch_budget=0.02,
+        yield_interval=60.0,  # (inline: one burst for the whole pass)
+    )
+    await learner.fit(1)
+    assert learner.state.step == 6
+    assert slow == []
+    assert "train_data: fetch=auto: inline" in learner.describe()
