@@ -24,8 +24,8 @@ starts; with ``--data iterable`` it trains on an iterable over the list that is 
 generator's, as a dataset of one's own is), stamped as each batch is requested. For aiolearner
 the two differ by little: in a burst of batches it takes either's next batch from the pass's
 iterator itself; an iterable that is not a list is also timed (``fetch="auto"`` moves a slow
-source to a producer thread) and its draws counted (for an exact resume): a clock read and a
-generator's step a batch. The variants run in a
+source to a producer thread) and its draws counted (for an exact resume): two clock reads and
+a generator's step a batch. The variants run in a
 rotated order in each repetition. The final model of every variant must give bit for bit the
 loss the raw loop's model gives on a held-out batch; the script exits with status 1 otherwise.
 """
