@@ -8,7 +8,9 @@
 * ``"async"``: the rest, awaited on the event loop.
 
 A program is compiled again when its :func:`signature` changed (a method patched after the
-learner was built), so a patch runs as written.
+learner was built), so a patch runs as written. What a synchronous program that awaited
+something is told: :func:`suspended_in` (where), :func:`raised_by_a_loop_library` (an event
+loop's call made off the loop).
 """
 
 from __future__ import annotations
