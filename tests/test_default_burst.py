@@ -6,7 +6,8 @@ by batch run would: the batch undone, the ones before it done and counted, so th
 again ends with the weights of a run that was never interrupted; for every kind of data (a list,
 a tuple, another iterable, a DataLoader in order or shuffling) and both compute policies.
 The same for a cancellation from outside that lands in a burst, for an error raised by the
-data's iterator, and for a source that turns slow in the middle of a burst.
+data's iterator, and for a source that turns slow in the middle of a burst (and only the fetch
+is timed, not the end of the batch before it).
 """
 
 from __future__ import annotations
