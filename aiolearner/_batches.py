@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from ._data import BatchSource
 
-__all__ = ["END", "WAIT", "Batches"]
+__all__ = ["END", "WAIT", "Batches", "fetch_note"]
 
 
 #: Slow fetches in a row a source whose compute draws random numbers is watched for before it
@@ -64,6 +64,14 @@ class _Switched(Exception):  # noqa: N818 (a signal, not an error)
 def _describe(data: object) -> str:
     described = getattr(data, "described", None)  # (a concurrent validation's opened data)
     return described if isinstance(described, str) else type(data).__name__
+
+
+def fetch_note(source: BatchSource, index: int) -> str:
+    """The note an error raised by a source's iterator gets: which source, which batch."""
+    return (
+        f"aiolearner: raised by {source.name} ({_describe(source.data)}) while fetching batch "
+        f"{index} of this pass"
+    )
 
 
 class Batches:
@@ -255,10 +263,7 @@ class Batches:
         )
 
     def _failed(self, exc: BaseException, index: int) -> BaseException:
-        exc.add_note(
-            f"aiolearner: raised by {self.source.name} ({_describe(self.source.data)}) while "
-            f"fetching batch {index} of this pass"
-        )
+        exc.add_note(fetch_note(self.source, index))
         return exc
 
     @property

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 from torch.utils.data import IterableDataset
 
-from ._batches import END, WAIT, Batches
+from ._batches import END, WAIT, Batches, fetch_note
 from ._checks import check_count, check_source, one_pass
 from ._device import DeviceMover
 from ._rng import capture_data_streams, capture_rng, restore_data_streams, restore_rng
@@ -347,10 +347,16 @@ class BatchSource:
         the same numbers for every batch as in the run that was interrupted.
         """
         if start is None:
-            begun = capture_rng()
-            streams = capture_data_streams(self.data)
-            self._it = self._fast_forward(skip)
-            self.begun = {"rng": begun, **streams}
+            begun = {"rng": capture_rng(), **capture_data_streams(self.data)}
+            try:
+                self._it = self._fast_forward(skip)
+            except BaseException:
+                # Failed (a batch that cannot be fetched): what the attempt drew is put back, so
+                # that the pass made again once the data is fixed draws as this one would have.
+                restore_rng(begun["rng"])
+                restore_data_streams(self.data, begun, what=self.name)
+                raise
+            self.begun = begun
             return
         ahead = max(0, self.drawn - skip)
         now = capture_rng()
@@ -379,14 +385,21 @@ class BatchSource:
         self.undone = None
         if self.counts:
             it = self._counted(it)
-        for i in range(skip):
+        kept: list[Any] = []
+        for i in range(skip + (ahead if skip else max(1, ahead))):
             try:
-                next(it)
+                batch = next(it)
             except StopIteration:
-                raise RuntimeError(
-                    f"cannot resume {self.name} at batch {skip}: it has only {i} batches now"
-                ) from None
-        kept = list(itertools.islice(it, ahead if skip else max(1, ahead)))
+                if i < skip:
+                    raise RuntimeError(
+                        f"cannot resume {self.name} at batch {skip}: it has only {i} batches now"
+                    ) from None
+                break
+            except Exception as exc:
+                exc.add_note(fetch_note(self, i))
+                raise
+            if i >= skip:
+                kept.append(batch)
         if undone is not None and kept:
             kept[0] = undone[0]
         if not kept:

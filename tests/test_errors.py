@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 import torch
@@ -458,3 +460,50 @@ async def test_a_background_task_error_names_the_task_and_where_it_started() -> 
     notes = "\n".join(aiolearner_notes(error))
     assert "background task 'Uploads.after_fit_batch'" in notes
     assert "step 3" in notes
+
+
+class BreaksOnce(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """16 samples that draw augmentation from torch's global generator; the ``at``-th call of
+    ``__getitem__`` (counting from 1) raises once."""
+
+    def __init__(self, at: int | None) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.x, self.y = torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)
+        self.at, self.calls = at, 0
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        if self.calls == self.at:
+            raise ValueError(f"record {i} unreadable")
+        return self.x[i] + 0.1 * torch.randn(4), self.y[i]
+
+
+def _shuffled_learner(at: int | None, compute: str) -> Any:
+    torch.manual_seed(7)
+    loader = torch.utils.data.DataLoader(BreaksOnce(at), batch_size=4, shuffle=True)
+    return make_learner(train_data=loader, compute=compute)
+
+
+@pytest.mark.parametrize("compute", ["inline", "thread"])
+@pytest.mark.parametrize("at", [1, 17])  # the first sample of the first and the second pass
+async def test_a_pass_whose_first_batch_cannot_be_fetched_is_named_and_puts_its_draws_back(
+    at: int, compute: str
+) -> None:
+    whole = _shuffled_learner(None, compute)
+    await whole.fit(2)
+
+    learner = _shuffled_learner(at, compute)
+    with pytest.raises(ValueError, match="unreadable") as info:
+        await learner.fit(2)
+    assert aiolearner_notes(info.value)[0] == (
+        "aiolearner: raised by train_data (DataLoader) while fetching batch 0 of this pass"
+    )
+    assert learner.state.step == (at - 1) // 4
+    # The pass was made again from the random state it was first made from: the same order,
+    # the same augmentation, as a run that never failed.
+    await learner.fit(2)
+    for a, b in zip(learner.model.parameters(), whole.model.parameters(), strict=True):
+        assert torch.equal(a, b)
