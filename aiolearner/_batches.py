@@ -114,11 +114,8 @@ class Batches:
         # Set when the producer was started by an inline fetch: next() gives it a turn first.
         self._producer_fresh = False
         # A list or a tuple of batches: they are made, so a fetch is a step of its iterator,
-        # never slow (not timed, never a producer). Fetched on the calling thread and all of
-        # them in the pass, a burst takes batches from the iterator itself (see direct()).
-        made = not source.counts
-        self._timed = source.fetch == "auto" and not made
-        self._direct = self._limit is None
+        # never slow (not timed, never a producer).
+        self._timed = source.fetch == "auto" and source.counts
         if source.is_async or source.slow:
             self._start_producer()
 
@@ -171,7 +168,7 @@ class Batches:
         :meth:`slow_fetch`, after which it takes its batches by :meth:`next_nowait`: what a
         second slow fetch in a row decides is that method's (see ``_fetch_inline``)."""
         source = self.source
-        if not self._direct or source.slow or source._leftover or self._receive is not None:
+        if self._limit is not None or source.slow or source._leftover or self._receive is not None:
             return None
         if not self._timed or source.kept_inline is not None:
             return self._it, None
